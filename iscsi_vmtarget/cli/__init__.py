@@ -1,0 +1,5 @@
+"""Command-line interface (a thin layer over the server and management model)."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,400 @@
+"""A small blocking iSCSI initiator built on the sans-I/O codec (RFC 7143, client role).
+
+It logs in (AuthMethod None or CHAP, optionally mutual), negotiates digests and burst
+sizes, runs SCSI commands one at a time (immediate data, R2T/Data-Out, Data-In),
+and can send raw PDUs for protocol tests. Used by tests and tools, and by replication.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field
+
+from ..iscsi import pdu as P
+from ..iscsi.framing import PduReader, encode_pdu
+
+DEFAULT_INITIATOR = "iqn.2026-11.org.iscsi-vmtarget:initiator"
+
+
+class InitiatorError(Exception):
+    pass
+
+
+class LoginFailed(InitiatorError):
+    def __init__(self, status_class: int, status_detail: int, text: str = "") -> None:
+        super().__init__(
+            f"login failed: class 0x{status_class:02x} detail 0x{status_detail:02x} {text}"
+        )
+        self.status_class = status_class
+        self.status_detail = status_detail
+
+
+@dataclass
+class ScsiResult:
+    status: int
+    data: bytes = b""
+    sense: bytes = b""
+    residual: int = 0
+    overflow: bool = False
+    underflow: bool = False
+
+    @property
+    def sense_key(self) -> int:
+        if not self.sense:
+            return 0
+        return (
+            self.sense[1] & 0x0F if self.sense[0] & 0x7F in (0x72, 0x73) else self.sense[2] & 0x0F
+        )
+
+    @property
+    def asc_ascq(self) -> tuple[int, int]:
+        if not self.sense:
+            return (0, 0)
+        if self.sense[0] & 0x7F in (0x72, 0x73):
+            return (self.sense[2], self.sense[3])
+        return (self.sense[12], self.sense[13])
+
+
+def _text(pairs: list[tuple[str, str]]) -> bytes:
+    return b"".join(f"{k}={v}".encode() + b"\x00" for k, v in pairs)
+
+
+def _parse(data: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in bytes(data).split(b"\x00"):
+        if item:
+            k, _, v = item.decode().partition("=")
+            out[k] = v
+    return out
+
+
+def _hex_or_b64(value: str) -> bytes:
+    import base64
+
+    if value[:2].lower() == "0x":
+        return bytes.fromhex(value[2:])
+    if value[:2].lower() == "0b":
+        return base64.b64decode(value[2:])
+    raise InitiatorError(f"bad CHAP value {value!r}")
+
+
+@dataclass
+class Initiator:
+    """One session over one connection to ``host:port``."""
+
+    host: str = "127.0.0.1"
+    port: int = 3260
+    initiator_name: str = DEFAULT_INITIATOR
+    target_name: str | None = None  # None: discovery session
+    chap_user: str | None = None
+    chap_secret: bytes | None = None
+    mutual_secret: bytes | None = None  # expect the target to prove this
+    header_digest: bool = False
+    data_digest: bool = False
+    isid: bytes = bytes.fromhex("400001370000")
+    tsih: int = 0
+    max_recv_data_segment_length: int = 262144
+    immediate_data: bool = True
+    initial_r2t: bool = False
+    timeout: float = 10.0
+    params: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.reader = PduReader(max_data_length=1 << 24)
+        self.cmdsn = 1
+        self.expstatsn = 0
+        self.itt = 1
+        self._hd = self._dd = False
+
+    # -- transport ----------------------------------------------------------------------
+    def connect(self) -> Initiator:
+        self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def __enter__(self) -> Initiator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send_pdu(self, pdu: P.Pdu) -> None:
+        assert self.sock is not None
+        self.sock.sendall(b"".join(bytes(b) for b in encode_pdu(pdu, self._hd, self._dd)))
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.sock is not None
+        self.sock.sendall(data)
+
+    def recv_pdu(self) -> P.Pdu:
+        """The next PDU from the target; InitiatorError on a closed connection."""
+        assert self.sock is not None
+        while True:
+            raw = self.reader.next_pdu()
+            if raw is not None:
+                pdu = raw.decode()
+                statsn = getattr(pdu, "statsn", None)
+                if statsn is not None and not isinstance(pdu, (P.R2T,)):
+                    self.expstatsn = (statsn + 1) & 0xFFFFFFFF
+                return pdu
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise InitiatorError("connection closed by target")
+            self.reader.feed(chunk)
+
+    def next_itt(self) -> int:
+        self.itt = (self.itt + 1) & 0x7FFFFFFF
+        return self.itt
+
+    # -- login (RFC 7143 §6) ---------------------------------------------------------------
+    def login(self, extra: list[tuple[str, str]] | None = None) -> dict[str, str]:
+        if self.sock is None:
+            self.connect()
+        first = [("InitiatorName", self.initiator_name)]
+        if self.target_name:
+            first += [("SessionType", "Normal"), ("TargetName", self.target_name)]
+        else:
+            first += [("SessionType", "Discovery")]
+        itt = self.next_itt()
+        if self.chap_secret is not None:
+            rsp = self._login_step(itt, 0, 0, False, first + [("AuthMethod", "CHAP,None")])
+            if rsp.get("AuthMethod") == "CHAP":
+                rsp = self._login_step(itt, 0, 0, False, [("CHAP_A", "5")])
+                ident = int(rsp["CHAP_I"])
+                challenge = _hex_or_b64(rsp["CHAP_C"])
+                resp = hashlib.md5(bytes([ident]) + self.chap_secret + challenge).digest()
+                pairs = [
+                    ("CHAP_N", self.chap_user or self.initiator_name),
+                    ("CHAP_R", "0x" + resp.hex()),
+                ]
+                my_ident, my_chal = 0x42, os.urandom(16)
+                if self.mutual_secret is not None:
+                    pairs += [("CHAP_I", str(my_ident)), ("CHAP_C", "0x" + my_chal.hex())]
+                rsp = self._login_step(itt, 0, 1, True, pairs)
+                if self.mutual_secret is not None:
+                    want = hashlib.md5(bytes([my_ident]) + self.mutual_secret + my_chal).digest()
+                    if _hex_or_b64(rsp.get("CHAP_R", "0x")) != want:
+                        raise InitiatorError("target failed mutual CHAP")
+                first = []
+        else:
+            rsp = self._login_step(itt, 0, 1, True, first + [("AuthMethod", "None")])
+            first = []
+        ops = first + [
+            ("HeaderDigest", "CRC32C" if self.header_digest else "None"),
+            ("DataDigest", "CRC32C" if self.data_digest else "None"),
+            ("MaxRecvDataSegmentLength", str(self.max_recv_data_segment_length)),
+            ("DefaultTime2Wait", "2"),
+            ("DefaultTime2Retain", "0"),
+            ("ErrorRecoveryLevel", "0"),
+        ]
+        if self.target_name:
+            ops += [
+                ("InitialR2T", "Yes" if self.initial_r2t else "No"),
+                ("ImmediateData", "Yes" if self.immediate_data else "No"),
+                ("MaxBurstLength", "1048576"),
+                ("FirstBurstLength", "262144"),
+                ("MaxOutstandingR2T", "1"),
+                ("MaxConnections", "1"),
+                ("DataPDUInOrder", "Yes"),
+                ("DataSequenceInOrder", "Yes"),
+            ]
+        ops += extra or []
+        rsp = self._login_step(itt, 1, 3, True, ops)
+        self.params.update(rsp)
+        while not self._final:
+            rsp = self._login_step(itt, 1, 3, True, [])
+            self.params.update(rsp)
+        self._hd = self.params.get("HeaderDigest") == "CRC32C"
+        self._dd = self.params.get("DataDigest") == "CRC32C"
+        self.reader.header_digest, self.reader.data_digest = self._hd, self._dd
+        return self.params
+
+    def _login_step(
+        self, itt: int, csg: int, nsg: int, transit: bool, pairs: list[tuple[str, str]]
+    ) -> dict[str, str]:
+        self.send_pdu(
+            P.LoginRequest(
+                itt=itt,
+                transit=transit,
+                csg=csg,
+                nsg=nsg,
+                isid=self.isid,
+                tsih=self.tsih,
+                cmdsn=self.cmdsn,
+                expstatsn=self.expstatsn,
+                data=_text(pairs),
+            )
+        )
+        text = b""
+        while True:
+            rsp = self.recv_pdu()
+            if not isinstance(rsp, P.LoginResponse):
+                raise InitiatorError(f"unexpected {type(rsp).__name__} during login")
+            if rsp.status_class:
+                raise LoginFailed(rsp.status_class, rsp.status_detail)
+            text += bytes(rsp.data)
+            if not rsp.cont:
+                break
+            self.send_pdu(
+                P.LoginRequest(
+                    itt=itt,
+                    csg=csg,
+                    nsg=nsg,
+                    isid=self.isid,
+                    tsih=self.tsih,
+                    cmdsn=self.cmdsn,
+                    expstatsn=self.expstatsn,
+                )
+            )
+        self.tsih = rsp.tsih
+        self._final = rsp.transit and rsp.nsg == 3
+        return _parse(text)
+
+    # -- full feature phase --------------------------------------------------------------------
+    def text_request(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        itt = self.next_itt()
+        self.send_pdu(
+            P.TextRequest(itt=itt, cmdsn=self.cmdsn, expstatsn=self.expstatsn, data=_text(pairs))
+        )
+        self.cmdsn += 1
+        text = b""
+        while True:
+            rsp = self.recv_pdu()
+            if not isinstance(rsp, P.TextResponse):
+                raise InitiatorError(f"expected Text Response, got {rsp}")
+            text += bytes(rsp.data)
+            if rsp.final:
+                break
+            self.send_pdu(
+                P.TextRequest(
+                    itt=itt, ttt=rsp.ttt, immediate=True, cmdsn=self.cmdsn, expstatsn=self.expstatsn
+                )
+            )
+        return [(k, v) for k, _, v in (i.decode().partition("=") for i in text.split(b"\x00") if i)]
+
+    def send_targets(self, value: str = "All") -> list[tuple[str, str]]:
+        return self.text_request([("SendTargets", value)])
+
+    def command(
+        self,
+        cdb: bytes,
+        lun: int = 0,
+        data_out: bytes = b"",
+        read_length: int = 0,
+        expected_length: int | None = None,
+    ) -> ScsiResult:
+        """Run one SCSI command to completion."""
+        itt = self.next_itt()
+        edtl = expected_length if expected_length is not None else (len(data_out) or read_length)
+        first_burst = int(self.params.get("FirstBurstLength", "65536"))
+        mrdsl = int(self.params.get("MaxRecvDataSegmentLength", "8192"))
+        immediate = b""
+        if data_out and self.params.get("ImmediateData") == "Yes":
+            immediate = data_out[: min(first_burst, mrdsl, edtl)]
+        lun_bytes = (
+            lun.to_bytes(2, "big") if lun < 256 else (0x4000 | lun).to_bytes(2, "big")
+        ) + bytes(6)
+        self.send_pdu(
+            P.ScsiCommand(
+                itt=itt,
+                read=read_length > 0,
+                write=bool(data_out),
+                lun=lun_bytes,
+                expected_length=edtl,
+                cmdsn=self.cmdsn,
+                expstatsn=self.expstatsn,
+                cdb=cdb,
+                data=immediate,
+            )
+        )
+        self.cmdsn += 1
+        sent = len(immediate)
+        if data_out and self.params.get("InitialR2T") == "No" and sent < min(first_burst, edtl):
+            end = min(first_burst, edtl, len(data_out))
+            sent = self._send_data(itt, lun_bytes, data_out, sent, end - sent, P.RESERVED_TAG)
+        buf = bytearray()
+        while True:
+            rsp = self.recv_pdu()
+            if isinstance(rsp, P.R2T):
+                self._send_data(
+                    itt, lun_bytes, data_out, rsp.buffer_offset, rsp.desired_length, rsp.ttt
+                )
+            elif isinstance(rsp, P.DataIn):
+                end = rsp.buffer_offset + len(rsp.data)
+                if len(buf) < end:
+                    buf.extend(bytes(end - len(buf)))
+                buf[rsp.buffer_offset : end] = rsp.data
+                if rsp.status_present:
+                    return ScsiResult(
+                        rsp.status, bytes(buf), b"", rsp.residual, rsp.overflow, rsp.underflow
+                    )
+            elif isinstance(rsp, P.ScsiResponsePdu):
+                return ScsiResult(
+                    rsp.status, bytes(buf), rsp.sense, rsp.residual, rsp.overflow, rsp.underflow
+                )
+            elif isinstance(rsp, P.NopIn) and rsp.ttt != P.RESERVED_TAG:
+                self.send_pdu(
+                    P.NopOut(
+                        immediate=True, ttt=rsp.ttt, cmdsn=self.cmdsn, expstatsn=self.expstatsn
+                    )
+                )
+            elif isinstance(rsp, P.Reject):
+                raise InitiatorError(f"command rejected, reason 0x{rsp.reason:02x}")
+
+    def _send_data(
+        self, itt: int, lun: bytes, data: bytes, offset: int, length: int, ttt: int
+    ) -> int:
+        mrdsl = int(self.params.get("MaxRecvDataSegmentLength", "8192"))
+        end = offset + length
+        datasn = 0
+        while offset < end:
+            n = min(mrdsl, end - offset)
+            self.send_pdu(
+                P.DataOut(
+                    itt=itt,
+                    lun=lun,
+                    ttt=ttt,
+                    final=offset + n >= end,
+                    expstatsn=self.expstatsn,
+                    datasn=datasn,
+                    buffer_offset=offset,
+                    data=data[offset : offset + n],
+                )
+            )
+            offset += n
+            datasn += 1
+        return offset
+
+    def nop(self, data: bytes = b"") -> bytes:
+        itt = self.next_itt()
+        self.send_pdu(
+            P.NopOut(itt=itt, immediate=True, cmdsn=self.cmdsn, expstatsn=self.expstatsn, data=data)
+        )
+        rsp = self.recv_pdu()
+        if not isinstance(rsp, P.NopIn) or rsp.itt != itt:
+            raise InitiatorError(f"expected NOP-In, got {rsp}")
+        return bytes(rsp.data)
+
+    def logout(self, reason: int = 0) -> int:
+        self.send_pdu(
+            P.LogoutRequest(
+                itt=self.next_itt(),
+                reason=reason,
+                immediate=True,
+                cmdsn=self.cmdsn,
+                expstatsn=self.expstatsn,
+            )
+        )
+        rsp = self.recv_pdu()
+        if not isinstance(rsp, P.LogoutResponse):
+            raise InitiatorError(f"expected Logout Response, got {rsp}")
+        self.close()
+        return rsp.response

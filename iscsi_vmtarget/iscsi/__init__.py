@@ -1,0 +1,1 @@
+"""The iSCSI protocol (RFC 7143), sans-I/O: codec, negotiation, login, sessions."""

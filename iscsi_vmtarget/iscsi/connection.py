@@ -1,0 +1,629 @@
+"""The target side of one iSCSI connection, sans-I/O (RFC 7143, ErrorRecoveryLevel 0).
+
+Bytes in (:meth:`TargetConnection.receive_data`), events out (:meth:`next_event`),
+completions in (:meth:`command_completed`, :meth:`task_management_completed`), bytes
+out (:meth:`data_to_send`). No sockets, clocks or randomness: the server drives it.
+
+Phases (one table, :data:`HANDLERS`): LOGIN until the login machine reaches full
+feature phase, then FULL_FEATURE; LOGGED_OUT / CLOSED are terminal. A PDU whose
+(phase, opcode) pair has no row is a protocol error: a Reject in full feature phase
+(§11.17), a closed connection during login (§6.3).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from . import pdu as P
+from .events import ConnectionClosing, Event, ExecuteCommand, LoginComplete, ResetRequested
+from .framing import FramingError, PduReader, encode_pdu
+from .serial import in_window, sn_add, sn_lt
+from .task import Burst, DataOutError, DataSequenceError, Task
+
+if TYPE_CHECKING:
+    from ..scsi.task import ScsiResponse
+    from .login import LoginMachine, LoginResult
+
+# SAM LUN decoding lives with the SCSI layer (SAM-5 §4.7); injected to keep us pure.
+LunDecoder = Callable[[bytes], int]
+
+# Task Management function codes (RFC 7143 §11.5.1) and responses (§11.6.1).
+TMF_ABORT_TASK = 1
+TMF_ABORT_TASK_SET = 2
+TMF_CLEAR_ACA = 3
+TMF_CLEAR_TASK_SET = 4
+TMF_LUN_RESET = 5
+TMF_TARGET_WARM_RESET = 6
+TMF_TARGET_COLD_RESET = 7
+TMF_TASK_REASSIGN = 8
+TMF_RSP_COMPLETE = 0
+TMF_RSP_NO_TASK = 1
+TMF_RSP_NO_LUN = 2
+TMF_RSP_REASSIGN_UNSUPPORTED = 4
+TMF_RSP_NOT_SUPPORTED = 5
+TMF_RSP_REJECTED = 255
+
+LOGOUT_CLOSE_SESSION = 0
+LOGOUT_CLOSE_CONNECTION = 1
+LOGOUT_REMOVE_FOR_RECOVERY = 2
+
+
+class Phase(Enum):
+    LOGIN = "login"
+    FULL_FEATURE = "full_feature"
+    LOGGED_OUT = "logged_out"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class ConnectionSettings:
+    """Target-side knobs that are not negotiated."""
+
+    cmd_window: int = 128  # MaxCmdSN - ExpCmdSN + 1 (§4.2.2.1)
+    max_text_response: int = 65536
+
+
+class TargetConnection:
+    """One connection of one session (MaxConnections=1, so also the session)."""
+
+    def __init__(
+        self,
+        login: LoginMachine,
+        decode_lun: LunDecoder,
+        settings: ConnectionSettings | None = None,
+        send_targets: Callable[[str, str | None], list[tuple[str, str]]] | None = None,
+    ) -> None:
+        self.phase = Phase.LOGIN
+        self.login = login
+        self.decode_lun = decode_lun
+        self.settings = settings or ConnectionSettings()
+        self._send_targets = send_targets
+        self.reader = PduReader(max_data_length=8192)
+        self.result: LoginResult | None = None
+        self._out: list[P.Payload] = []
+        self._events: deque[Event] = deque()
+        self._header_digest = False
+        self._data_digest = False
+        self.statsn = 0
+        self.expcmdsn = 0
+        self._pending: dict[int, P.Pdu] = {}  # out-of-order non-immediate PDUs by CmdSN
+        self.tasks: dict[int, Task] = {}  # by ITT
+        self._next_ttt = 1
+        self._ping_ttt: int | None = None
+        self._text: _TextExchange | None = None
+        self._logout_pdu: P.LogoutRequest | None = None
+        self.closing = False
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def maxcmdsn(self) -> int:
+        return sn_add(self.expcmdsn, self.settings.cmd_window - 1)
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the socket; handles every complete PDU in them."""
+        if self.phase in (Phase.CLOSED, Phase.LOGGED_OUT):
+            return
+        self.reader.feed(data)
+        while self.phase not in (Phase.CLOSED, Phase.LOGGED_OUT):
+            try:
+                raw = self.reader.next_pdu()
+            except FramingError as exc:
+                self._close(f"framing error: {exc}")
+                return
+            if raw is None:
+                return
+            self._handle_raw(raw)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def data_to_send(self) -> list[P.Payload]:
+        out, self._out = self._out, []
+        return out
+
+    def command_completed(self, task: Task, response: ScsiResponse) -> None:
+        """The SCSI layer finished ``task``: queue Data-In and status (§11.4, §11.7)."""
+        task.dispatched = True
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
+        if task.aborted or self.phase is not Phase.FULL_FEATURE:
+            self._maybe_finish_logout()
+            return
+        self._send_status(task, response)
+        self._maybe_finish_logout()
+
+    def task_management_completed(self, itt: int, response: int) -> None:
+        self._send(P.TaskMgmtResponse(itt=itt, response=response, **self._status_fields()))
+
+    def abort_tasks(self, lun: int | None = None) -> None:
+        """Abort every task (of one LUN): used for resets arriving from other sessions."""
+        for task in list(self.tasks.values()):
+            if lun is None or task.lun == lun:
+                task.aborted = True
+                if not task.dispatched:
+                    del self.tasks[task.itt]
+
+    def ping(self) -> None:
+        """Send a NOP-In that asks for a NOP-Out (target-initiated ping, §11.19)."""
+        if self.phase is not Phase.FULL_FEATURE or self._ping_ttt is not None:
+            return
+        self._ping_ttt = self._new_ttt()
+        self._send(
+            P.NopIn(
+                ttt=self._ping_ttt,
+                statsn=self.statsn,
+                expcmdsn=self.expcmdsn,
+                maxcmdsn=self.maxcmdsn,
+            )
+        )
+
+    @property
+    def ping_outstanding(self) -> bool:
+        return self._ping_ttt is not None
+
+    def close(self, reason: str) -> None:
+        self._close(reason)
+
+    # ------------------------------------------------------------------ dispatch
+    def _handle_raw(self, raw: P.RawPdu) -> None:
+        opcode = P.opcode_of(raw.bhs)
+        handler = HANDLERS.get((self.phase, opcode))
+        if self.phase is Phase.LOGIN and handler is None:
+            self._close(f"opcode 0x{opcode:02x} during login")
+            return
+        try:
+            pdu = raw.decode()
+        except P.PduFormatError as exc:
+            self._reject(raw.bhs, exc.reason)
+            return
+        if raw.digest_error:
+            # §7.8: answer with a Reject (Data-Digest-Error) and discard the PDU.
+            self._reject(raw.bhs, P.RejectReason.DATA_DIGEST_ERROR)
+            return
+        if handler is None:
+            self._reject(raw.bhs, P.RejectReason.PROTOCOL_ERROR)
+            return
+        handler(self, pdu, raw.bhs)
+
+    def _handle_login(self, pdu: P.Pdu, bhs: bytes) -> None:
+        assert isinstance(pdu, P.LoginRequest)
+        response = self.login.receive(pdu)
+        self._send(response)
+        if self.login.failed:
+            self._close("login failed")
+            return
+        if self.login.done:
+            result = self.login.result
+            assert result is not None
+            self.result = result
+            params = result.params
+            self.statsn = result.statsn
+            self.expcmdsn = result.exp_cmdsn
+            self._header_digest = params.header_digest
+            self._data_digest = params.data_digest
+            self.reader.header_digest = params.header_digest
+            self.reader.data_digest = params.data_digest
+            self.reader.max_data_length = params.target_max_recv_data_segment_length
+            self.phase = Phase.FULL_FEATURE
+            self._events.append(LoginComplete(result))
+
+    def _handle_sequenced(self, pdu: P.Pdu, bhs: bytes) -> None:
+        """CmdSN ordering for every PDU that carries a CmdSN (§4.2.2.1, §4.2.2.2)."""
+        if pdu.immediate:
+            self._deliver(pdu, bhs)
+            return
+        cmdsn: int = pdu.cmdsn  # type: ignore[attr-defined]
+        if not in_window(cmdsn, self.expcmdsn, self.maxcmdsn):
+            return  # outside the window: silently discarded (§4.2.2.1)
+        if cmdsn != self.expcmdsn:
+            self._pending.setdefault(cmdsn, pdu)
+            if isinstance(pdu, P.ScsiCommand):
+                self._start_command(pdu, bhs, delivered=False)
+            return
+        self._deliver(pdu, bhs)
+        self.expcmdsn = sn_add(self.expcmdsn, 1)
+        while self.expcmdsn in self._pending and self.phase is Phase.FULL_FEATURE:
+            nxt = self._pending.pop(self.expcmdsn)
+            self.expcmdsn = sn_add(self.expcmdsn, 1)
+            self._deliver(nxt, None)
+
+    def _deliver(self, pdu: P.Pdu, bhs: bytes | None) -> None:
+        """A PDU whose turn has come (bhs is None when it was held back)."""
+        if isinstance(pdu, P.ScsiCommand):
+            task = self.tasks.get(pdu.itt)
+            if bhs is None and task is not None:
+                task.delivered = True
+                self._maybe_dispatch(task)
+            elif bhs is not None:
+                self._start_command(pdu, bhs, delivered=True)
+        elif isinstance(pdu, P.NopOut):
+            self._nop_out(pdu)
+        elif isinstance(pdu, P.TextRequest):
+            self._text_request(pdu, bhs)
+        elif isinstance(pdu, P.TaskMgmtRequest):
+            self._task_management(pdu)
+        elif isinstance(pdu, P.LogoutRequest):
+            self._logout(pdu)
+
+    # ------------------------------------------------------------------ SCSI commands
+    def _start_command(self, cmd: P.ScsiCommand, bhs: bytes, delivered: bool) -> None:
+        result = self.result
+        assert result is not None
+        params = result.params
+        if params.session_type.lower() == "discovery":
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            return
+        if cmd.itt in self.tasks:
+            self._reject(bhs, P.RejectReason.TASK_IN_PROGRESS)
+            return
+        try:
+            lun = self.decode_lun(cmd.lun)
+        except ValueError:
+            lun = -1  # the SCSI layer answers LOGICAL UNIT NOT SUPPORTED
+        edtl = cmd.expected_length
+        immediate_len = len(cmd.data)
+        if immediate_len and (not cmd.write or not params.immediate_data):
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            return
+        if immediate_len > min(params.first_burst_length, edtl):
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            return
+        task = Task(
+            itt=cmd.itt,
+            cmdsn=cmd.cmdsn,
+            lun=lun,
+            lun_raw=cmd.lun,
+            cdb=cmd.cdb,
+            read=cmd.read,
+            write=cmd.write,
+            expected_length=edtl,
+            immediate=cmd.immediate,
+            delivered=delivered,
+        )
+        if cmd.write and edtl:
+            task.buffer = bytearray(edtl)
+            if params.initial_r2t:
+                task.unsolicited_end = immediate_len
+            else:
+                task.unsolicited_end = min(params.first_burst_length, edtl)
+            if immediate_len:
+                task.accept_data(0, cmd.data, P.RESERVED_TAG)
+            # Data beyond the unsolicited part is solicited with R2Ts (§11.8).
+            task.next_r2t_offset = task.unsolicited_end
+        else:
+            task.write = False
+        self.tasks[cmd.itt] = task
+        self._issue_r2ts(task)
+        self._maybe_dispatch(task)
+
+    def _issue_r2ts(self, task: Task) -> None:
+        params = self.result.params  # type: ignore[union-attr]
+        while (
+            task.next_r2t_offset < task.expected_length
+            and len(task.bursts) < params.max_outstanding_r2t
+        ):
+            length = min(params.max_burst_length, task.expected_length - task.next_r2t_offset)
+            ttt = self._new_ttt()
+            task.bursts[ttt] = Burst(task.r2tsn, task.next_r2t_offset, length)
+            self._send(
+                P.R2T(
+                    lun=task.lun_raw,
+                    itt=task.itt,
+                    ttt=ttt,
+                    statsn=self.statsn,
+                    expcmdsn=self.expcmdsn,
+                    maxcmdsn=self.maxcmdsn,
+                    r2tsn=task.r2tsn,
+                    buffer_offset=task.next_r2t_offset,
+                    desired_length=length,
+                )
+            )
+            task.r2tsn += 1
+            task.next_r2t_offset += length
+
+    def _handle_data_out(self, pdu: P.Pdu, bhs: bytes) -> None:
+        assert isinstance(pdu, P.DataOut)
+        task = self.tasks.get(pdu.itt)
+        if task is None or task.aborted:
+            return  # a task we aborted or completed: its late data is dropped (§4.2.3.3)
+        try:
+            task.accept_data(pdu.buffer_offset, pdu.data, pdu.ttt, pdu.datasn)
+        except DataSequenceError as exc:
+            # ERL 0 has no within-command recovery: reject, then fail the connection.
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            self._close(f"Data-Out sequence error: {exc}")
+            return
+        except DataOutError:
+            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
+            return
+        if pdu.ttt != P.RESERVED_TAG:
+            burst = task.bursts[pdu.ttt]
+            if pdu.final or burst.received >= burst.length:
+                del task.bursts[pdu.ttt]
+                self._issue_r2ts(task)
+        self._maybe_dispatch(task)
+
+    def _maybe_dispatch(self, task: Task) -> None:
+        if task.ready:
+            task.dispatched = True
+            self._events.append(ExecuteCommand(task))
+
+    def _send_status(self, task: Task, rsp: ScsiResponse) -> None:
+        """Data-In PDUs, then status: collapsed into the last Data-In when GOOD (§11.7.4)."""
+        params = self.result.params  # type: ignore[union-attr]
+        edtl = task.expected_length
+        data = rsp.data_in
+        produced = len(data)
+        overflow = underflow = False
+        residual = 0
+        if task.write and not task.read:
+            wanted = rsp.data_out_length
+            if wanted > edtl:
+                overflow, residual = True, wanted - edtl
+            elif wanted < edtl:
+                underflow, residual = True, edtl - wanted
+        else:
+            limit = edtl if task.read else 0
+            if produced > limit:
+                overflow, residual = True, produced - limit
+            elif produced < limit:
+                underflow, residual = True, limit - produced
+            produced = min(produced, limit)
+        status = int(rsp.status)
+        collapse = status == 0 and not rsp.sense
+        if produced:
+            view = (
+                memoryview(data).cast("B")[:produced]
+                if not isinstance(data, memoryview)
+                else data[:produced]
+            )
+            seg = params.max_recv_data_segment_length
+            burst = params.max_burst_length
+            offset = 0
+            datasn = 0
+            while offset < produced:
+                n = min(seg, produced - offset, burst - offset % burst)
+                last = offset + n >= produced
+                end_of_burst = last or (offset + n) % burst == 0
+                status_here = last and collapse
+                din = P.DataIn(
+                    itt=task.itt,
+                    final=end_of_burst,
+                    status_present=status_here,
+                    status=status if status_here else 0,
+                    overflow=overflow and status_here,
+                    underflow=underflow and status_here,
+                    residual=residual if status_here else 0,
+                    lun=task.lun_raw if not status_here else bytes(8),
+                    statsn=self.statsn if status_here else 0,
+                    expcmdsn=self.expcmdsn,
+                    maxcmdsn=self.maxcmdsn,
+                    datasn=datasn,
+                    buffer_offset=offset,
+                    data=view[offset : offset + n],
+                )
+                if status_here:
+                    self.statsn = sn_add(self.statsn, 1)
+                self._send(din)
+                offset += n
+                datasn += 1
+            if collapse:
+                return
+            expdatasn = datasn
+        else:
+            expdatasn = 0
+        sense = rsp.sense
+        body = len(sense).to_bytes(2, "big") + sense if sense else b""
+        self._send(
+            P.ScsiResponsePdu(
+                itt=task.itt,
+                status=status,
+                overflow=overflow,
+                underflow=underflow,
+                residual=residual,
+                expdatasn=expdatasn if task.read else task.r2tsn,
+                data=body,
+                **self._status_fields(),
+            )
+        )
+
+    # ------------------------------------------------------------------ other requests
+    def _nop_out(self, pdu: P.NopOut) -> None:
+        """NOP-Out (§11.18): answer pings; a reply to our ping ends it."""
+        if pdu.itt == P.RESERVED_TAG:
+            if pdu.ttt == self._ping_ttt:
+                self._ping_ttt = None
+            return
+        self._send(P.NopIn(itt=pdu.itt, lun=pdu.lun, data=pdu.data, **self._status_fields()))
+
+    def _text_request(self, pdu: P.TextRequest, bhs: bytes | None) -> None:
+        """Text Request in full feature phase (§11.10): SendTargets, with continuation."""
+        from .text import TextFormatError, encode_text, parse_text
+
+        ex = self._text
+        if ex is not None and pdu.ttt != P.RESERVED_TAG:
+            if pdu.ttt != ex.ttt or pdu.itt != ex.itt:
+                self._reject(bhs or pdu.encode_bhs(), P.RejectReason.INVALID_PDU_FIELD)
+                return
+            self._send_text_chunk(ex)
+            return
+        if pdu.ttt != P.RESERVED_TAG:
+            self._reject(bhs or pdu.encode_bhs(), P.RejectReason.INVALID_PDU_FIELD)
+            return
+        if ex is None or ex.itt != pdu.itt:
+            ex = self._text = _TextExchange(itt=pdu.itt, ttt=P.RESERVED_TAG)
+        ex.request += bytes(pdu.data)
+        if len(ex.request) > self.settings.max_text_response:
+            self._text = None
+            self._reject(bhs or pdu.encode_bhs(), P.RejectReason.PROTOCOL_ERROR)
+            return
+        if pdu.cont:
+            # More request text follows: acknowledge with an empty response (§11.10.2).
+            ex.ttt = self._new_ttt()
+            self._send(
+                P.TextResponse(itt=pdu.itt, final=False, ttt=ex.ttt, **self._status_fields())
+            )
+            return
+        try:
+            pairs = parse_text(ex.request)
+        except TextFormatError:
+            self._text = None
+            self._reject(bhs or pdu.encode_bhs(), P.RejectReason.PROTOCOL_ERROR)
+            return
+        answer: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets" and self._send_targets is not None:
+                assert self.result is not None
+                answer += self._send_targets(value, self._session_target_name())
+            else:
+                answer.append((key, "NotUnderstood"))
+        ex.response = encode_text(answer)
+        ex.sent = 0
+        self._send_text_chunk(ex)
+
+    def _session_target_name(self) -> str | None:
+        target = self.result.target if self.result else None
+        return target.name if target is not None else None
+
+    def _send_text_chunk(self, ex: _TextExchange) -> None:
+        limit = self.result.params.max_recv_data_segment_length  # type: ignore[union-attr]
+        chunk = ex.response[ex.sent : ex.sent + limit]
+        ex.sent += len(chunk)
+        more = ex.sent < len(ex.response)
+        if more:
+            ex.ttt = self._new_ttt()
+        else:
+            self._text = None
+        self._send(
+            P.TextResponse(
+                itt=ex.itt,
+                final=not more,
+                cont=more,
+                ttt=ex.ttt if more else P.RESERVED_TAG,
+                data=chunk,
+                **self._status_fields(),
+            )
+        )
+
+    def _task_management(self, pdu: P.TaskMgmtRequest) -> None:
+        """Task management (§11.5); resets go to the server, aborts stay here."""
+        fn = pdu.function
+        try:
+            lun = self.decode_lun(pdu.lun)
+        except ValueError:
+            lun = -1
+        if fn == TMF_ABORT_TASK:
+            task = self.tasks.get(pdu.referenced_task_tag)
+            if task is not None and task.lun == lun:
+                self._abort(task)
+                rsp = TMF_RSP_COMPLETE
+            elif in_window(pdu.refcmdsn, self.expcmdsn, self.maxcmdsn) or sn_lt(
+                pdu.refcmdsn, pdu.cmdsn
+            ):
+                # §11.5.1: not received yet but within the window: consider it received.
+                self._pending.pop(pdu.refcmdsn, None)
+                rsp = TMF_RSP_COMPLETE if task is None else TMF_RSP_NO_TASK
+            else:
+                rsp = TMF_RSP_NO_TASK
+            self.task_management_completed(pdu.itt, rsp)
+        elif fn in (TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET):
+            for task in list(self.tasks.values()):
+                if task.lun == lun and task.itt != pdu.itt:
+                    self._abort(task)
+            self.task_management_completed(pdu.itt, TMF_RSP_COMPLETE)
+        elif fn in (TMF_LUN_RESET, TMF_TARGET_WARM_RESET, TMF_TARGET_COLD_RESET):
+            self.abort_tasks(lun if fn == TMF_LUN_RESET else None)
+            self._events.append(ResetRequested(pdu.itt, fn, lun))
+        elif fn == TMF_TASK_REASSIGN:
+            self.task_management_completed(pdu.itt, TMF_RSP_REASSIGN_UNSUPPORTED)
+        else:  # CLEAR ACA (we never establish an ACA) and unknown functions
+            self.task_management_completed(pdu.itt, TMF_RSP_NOT_SUPPORTED)
+
+    def _abort(self, task: Task) -> None:
+        task.aborted = True
+        if not task.dispatched:
+            self.tasks.pop(task.itt, None)
+        self._pending.pop(task.cmdsn, None)
+
+    def _logout(self, pdu: P.LogoutRequest) -> None:
+        """Logout (§11.14): answer once every running task is done, then close."""
+        self._logout_pdu = pdu
+        for task in list(self.tasks.values()):
+            if not task.dispatched:
+                self._abort(task)
+        self._maybe_finish_logout()
+
+    def _maybe_finish_logout(self) -> None:
+        pdu = self._logout_pdu
+        if pdu is None or any(t.dispatched for t in self.tasks.values()):
+            return
+        self._logout_pdu = None
+        response = 0
+        if pdu.reason == LOGOUT_REMOVE_FOR_RECOVERY:
+            response = 2  # connection recovery is not supported (ERL 0)
+        elif pdu.reason not in (LOGOUT_CLOSE_SESSION, LOGOUT_CLOSE_CONNECTION):
+            response = 3  # cleanup failed for various reasons
+        self._send(P.LogoutResponse(itt=pdu.itt, response=response, **self._status_fields()))
+        self.phase = Phase.LOGGED_OUT
+        self.closing = True
+        self._events.append(ConnectionClosing("logout"))
+
+    def _snack(self, pdu: P.Pdu, bhs: bytes) -> None:
+        self._reject(bhs, P.RejectReason.SNACK_REJECT)  # no SNACK at ErrorRecoveryLevel 0
+
+    # ------------------------------------------------------------------ helpers
+    def _status_fields(self) -> dict[str, int]:
+        """StatSN (advanced), ExpCmdSN, MaxCmdSN for a PDU that carries status."""
+        statsn = self.statsn
+        self.statsn = sn_add(statsn, 1)
+        return {"statsn": statsn, "expcmdsn": self.expcmdsn, "maxcmdsn": self.maxcmdsn}
+
+    def _reject(self, bhs: bytes, reason: int) -> None:
+        self._send(P.Reject(reason=reason, data=bytes(bhs), **self._status_fields()))
+
+    def _send(self, pdu: P.Pdu) -> None:
+        self._out += encode_pdu(pdu, self._header_digest, self._data_digest)
+
+    def _new_ttt(self) -> int:
+        ttt = self._next_ttt
+        self._next_ttt = (ttt % 0x7FFFFFFF) + 1
+        return ttt
+
+    def _close(self, reason: str) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self.closing = True
+        for task in self.tasks.values():
+            task.aborted = True
+        self._events.append(ConnectionClosing(reason))
+
+
+@dataclass(slots=True)
+class _TextExchange:
+    """A multi-PDU text exchange in progress (§11.10, continuation by TTT)."""
+
+    itt: int
+    ttt: int
+    request: bytes = b""
+    response: bytes = b""
+    sent: int = 0
+
+
+_Handler = Callable[[TargetConnection, P.Pdu, bytes], None]
+
+# The (phase, opcode) table. A missing pair is a protocol error (see module docstring).
+HANDLERS: dict[tuple[Phase, int], _Handler] = {
+    (Phase.LOGIN, P.Opcode.LOGIN_REQUEST): TargetConnection._handle_login,
+    (Phase.FULL_FEATURE, P.Opcode.SCSI_COMMAND): TargetConnection._handle_sequenced,
+    (Phase.FULL_FEATURE, P.Opcode.NOP_OUT): TargetConnection._handle_sequenced,
+    (Phase.FULL_FEATURE, P.Opcode.TEXT_REQUEST): TargetConnection._handle_sequenced,
+    (Phase.FULL_FEATURE, P.Opcode.TASK_MGMT_REQUEST): TargetConnection._handle_sequenced,
+    (Phase.FULL_FEATURE, P.Opcode.LOGOUT_REQUEST): TargetConnection._handle_sequenced,
+    (Phase.FULL_FEATURE, P.Opcode.DATA_OUT): TargetConnection._handle_data_out,
+    (Phase.FULL_FEATURE, P.Opcode.SNACK_REQUEST): TargetConnection._snack,
+}

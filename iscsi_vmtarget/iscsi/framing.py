@@ -1,0 +1,105 @@
+"""Framing of PDUs on a byte stream (RFC 7143 §11.2): BHS, AHS, header digest, data
+segment, padding to 4 bytes, data digest.
+
+:class:`PduReader` is sans-I/O: feed it bytes as they arrive, take whole PDUs out.
+:func:`encode_pdu` turns a PDU into the buffers to write (scatter-gather, no join).
+"""
+
+from __future__ import annotations
+
+from .digest import DIGEST_LEN, digest_bytes
+from .pdu import BHS_LEN, Payload, Pdu, RawPdu, peek_lengths
+
+_PAD = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
+
+
+def pad_len(n: int) -> int:
+    """Bytes of padding after a segment of ``n`` bytes (§11.2.3)."""
+    return -n & 3
+
+
+class FramingError(Exception):
+    """The stream cannot be resynchronised: the connection must be dropped."""
+
+
+class PduReader:
+    """Cuts a TCP byte stream into :class:`RawPdu` s.
+
+    A header digest mismatch or an oversized data segment is a :class:`FramingError`
+    (at ErrorRecoveryLevel 0 the connection is closed, §7.8). A data digest mismatch
+    yields the PDU with ``digest_error`` set, so the session can Reject it (§7.8).
+    """
+
+    def __init__(
+        self,
+        max_data_length: int = 8192,
+        header_digest: bool = False,
+        data_digest: bool = False,
+    ) -> None:
+        self.max_data_length = max_data_length
+        self.header_digest = header_digest
+        self.data_digest = data_digest
+        self._buf = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > 1 << 20:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_pdu(self) -> RawPdu | None:
+        """The next complete PDU, or None when more bytes are needed."""
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < BHS_LEN:
+            return None
+        bhs = bytes(buf[pos : pos + BHS_LEN])
+        ahs_len, data_len = peek_lengths(bhs)
+        if data_len > self.max_data_length:
+            raise FramingError(
+                f"data segment of {data_len} bytes exceeds MaxRecvDataSegmentLength "
+                f"{self.max_data_length}"
+            )
+        hd = DIGEST_LEN if self.header_digest else 0
+        dd = DIGEST_LEN if (self.data_digest and data_len) else 0
+        total = BHS_LEN + ahs_len + hd + data_len + pad_len(data_len) + dd
+        if avail < total:
+            return None
+        p = pos + BHS_LEN
+        ahs = bytes(buf[p : p + ahs_len])
+        p += ahs_len
+        if hd:
+            if buf[p : p + hd] != digest_bytes(bhs, ahs):
+                raise FramingError("header digest mismatch")
+            p += hd
+        data = bytes(buf[p : p + data_len])
+        p += data_len + pad_len(data_len)
+        bad = False
+        if dd:
+            bad = buf[p : p + dd] != digest_bytes(data, _PAD[data_len & 3])
+        self._pos = pos + total
+        return RawPdu(bhs=bhs, ahs=ahs, data=data, digest_error=bad)
+
+
+def encode_pdu(pdu: Pdu, header_digest: bool = False, data_digest: bool = False) -> list[Payload]:
+    """The buffers that put ``pdu`` on the wire, in order (no joining of payload)."""
+    bhs = pdu.encode_bhs()
+    head: bytes = bhs + pdu.ahs if pdu.ahs else bhs
+    if header_digest:
+        head += digest_bytes(head)
+    data = pdu.data
+    n = len(data)
+    if not n:
+        return [head]
+    pad = _PAD[n & 3]
+    tail = pad + digest_bytes(data, pad) if data_digest else pad
+    return [head, data, tail] if tail else [head, data]

@@ -1,0 +1,86 @@
+"""What the SCSI layer receives and returns: transport-independent task types.
+
+The SCSI layer knows nothing of iSCSI. A transport (our iSCSI session) collects a
+command's Data-Out, then calls :meth:`ScsiTarget.execute` with an I_T nexus, a LUN,
+the CDB and the data; it gets back status, Data-In and sense (SAM-5 §5.1, the
+"Execute Command" remote procedure call).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """SAM-5 §5.3 status codes."""
+
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+    CONDITION_MET = 0x04
+    BUSY = 0x08
+    RESERVATION_CONFLICT = 0x18
+    TASK_SET_FULL = 0x28
+    ACA_ACTIVE = 0x30
+    TASK_ABORTED = 0x40
+
+
+class TmfFunction(IntEnum):
+    """Task management functions (SAM-5 §7; numbering as RFC 7143 §11.5.1)."""
+
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LOGICAL_UNIT_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    TASK_REASSIGN = 8
+
+
+class TmfResult(IntEnum):
+    """Task management responses (RFC 7143 §11.6.1)."""
+
+    COMPLETE = 0
+    TASK_DOES_NOT_EXIST = 1
+    LUN_DOES_NOT_EXIST = 2
+    TASK_STILL_ALLEGIANT = 3
+    REASSIGN_NOT_SUPPORTED = 4
+    NOT_SUPPORTED = 5
+    AUTHORIZATION_FAILED = 6
+    REJECTED = 255
+
+
+@dataclass(frozen=True)
+class Nexus:
+    """An I_T nexus (SAM-5 §3.1.45): initiator port and target port.
+
+    ``initiator_port`` is the SCSI initiator port name (for iSCSI
+    ``<iqn>,i,0x<isid>``), ``initiator_name`` the bare device name used for ACLs,
+    ``target_port`` the target port name (``<iqn>,t,0x<tpgt>``) and
+    ``relative_port`` the relative target port identifier (VPD 0x83).
+    """
+
+    initiator_name: str
+    initiator_port: str
+    target_name: str
+    target_port: str
+    relative_port: int = 1
+    transport_id: bytes = b""  # SPC-4 §7.6.4.6 iSCSI TransportID, for PR
+
+
+@dataclass
+class ScsiResponse:
+    """Completion of one command.
+
+    ``data_in`` holds at most what the CDB's allocation/transfer length asked for;
+    the transport trims it to its own expected length and computes residuals.
+    ``data_out_length`` is how many Data-Out bytes the CDB described (for write
+    residuals), 0 for commands without Data-Out.
+    """
+
+    status: Status = Status.GOOD
+    data_in: bytes | bytearray | memoryview = b""
+    sense: bytes = b""
+    data_out_length: int = 0
+    extra: dict[str, object] = field(default_factory=dict)

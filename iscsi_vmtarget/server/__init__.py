@@ -1,0 +1,1 @@
+"""The asyncio server: sockets, threads and configuration around the pure layers."""

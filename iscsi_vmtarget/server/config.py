@@ -1,0 +1,213 @@
+"""Serve configuration: a typed model loaded from TOML (``conf/target.example.toml``).
+
+Only what the operator wrote is used; nothing is created unless a LUN names a
+``size`` for a file that does not exist yet, and an existing file is never truncated.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..iscsi.directory import ChapSecret, Portal, TargetEntry
+from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
+from ..sizes import parse_size
+from ..storage import BackendError, FileBackend, create_sparse_file
+from .registry import Registry, Target
+
+BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
+DEFAULT_PORTAL = "127.0.0.1:3260"
+DEMO_SIZE = 1 << 30
+_ID_NAMESPACE = uuid.UUID("5b0e1c52-8f6e-4d0a-9d3e-2f1f3c6a7b10")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator."""
+
+
+@dataclass
+class LunConfig:
+    number: int
+    path: str
+    size: int | None = None
+    read_only: bool = False
+    block_size: int = 512
+    serial: str | None = None
+
+
+@dataclass
+class TargetConfig:
+    name: str
+    alias: str | None = None
+    tpgt: int = 1
+    luns: list[LunConfig] = field(default_factory=list)
+    chap: ChapSecret | None = None
+    mutual_chap: ChapSecret | None = None
+    initiators: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServeConfig:
+    state_dir: str = "./var/iscsi-vmtarget"
+    portals: list[Portal] = field(default_factory=list)
+    targets: list[TargetConfig] = field(default_factory=list)
+    discovery_chap: ChapSecret | None = None
+    discovery_mutual_chap: ChapSecret | None = None
+    nop_interval: float = 30.0
+
+
+def parse_portal(text: str, tpgt: int = 1) -> Portal:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> :class:`Portal`; ValueError naming the problem."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"portal {text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"portal {text!r} has a bad port")
+    return Portal(host, int(port), tpgt)
+
+
+def _chap(section: Any, where: str) -> ChapSecret | None:
+    if section is None:
+        return None
+    try:
+        return ChapSecret(str(section["user"]), str(section["secret"]).encode())
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{where}: needs 'user' and 'secret'") from exc
+
+
+def load_config(path: str) -> ServeConfig:
+    """Read a TOML serve configuration; ConfigError names the file and the key."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path!r}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path!r} is not valid TOML: {exc}") from exc
+    base = os.path.dirname(os.path.abspath(path))
+    cfg = ServeConfig()
+    try:
+        cfg.state_dir = str(doc.get("state_dir", cfg.state_dir))
+        cfg.nop_interval = float(doc.get("nop_interval", cfg.nop_interval))
+        cfg.portals = [
+            parse_portal(str(p["listen"]), int(p.get("tpgt", 1))) for p in doc.get("portal", [])
+        ]
+        cfg.discovery_chap = _chap(doc.get("discovery", {}).get("chap"), "discovery.chap")
+        cfg.discovery_mutual_chap = _chap(
+            doc.get("discovery", {}).get("mutual_chap"), "discovery.mutual_chap"
+        )
+        for t in doc.get("target", []):
+            tc = TargetConfig(
+                name=str(t["name"]),
+                alias=t.get("alias"),
+                tpgt=int(t.get("tpgt", 1)),
+                chap=_chap(t.get("chap"), f"target {t['name']}.chap"),
+                mutual_chap=_chap(t.get("mutual_chap"), f"target {t['name']}.mutual_chap"),
+                initiators=[str(i) for i in t.get("initiators", [])],
+            )
+            for lun in t.get("lun", []):
+                lpath = str(lun["path"])
+                tc.luns.append(
+                    LunConfig(
+                        number=int(lun["number"]),
+                        path=lpath if os.path.isabs(lpath) else os.path.join(base, lpath),
+                        size=parse_size(lun["size"]) if "size" in lun else None,
+                        read_only=bool(lun.get("read_only", False)),
+                        block_size=int(lun.get("block_size", 512)),
+                        serial=lun.get("serial"),
+                    )
+                )
+            cfg.targets.append(tc)
+    except KeyError as exc:
+        raise ConfigError(f"config {path!r}: missing key {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"config {path!r}: {exc}") from exc
+    return cfg
+
+
+def demo_config(state_dir: str) -> ServeConfig:
+    """The no-config default: one 1 GiB sparse LUN in the default pool."""
+    pool = os.path.join(state_dir, "pools", "default")
+    return ServeConfig(
+        state_dir=state_dir,
+        targets=[
+            TargetConfig(
+                name=f"{BASE_IQN}:demo",
+                alias="demo",
+                luns=[LunConfig(0, os.path.join(pool, "demo-lun0.img"), DEMO_SIZE)],
+            )
+        ],
+    )
+
+
+def _open_lun(target: TargetConfig, lun: LunConfig) -> LogicalUnit:
+    if lun.block_size not in (512, 1024, 2048, 4096):
+        raise ConfigError(f"LUN {lun.number} of {target.name}: bad block_size {lun.block_size}")
+    if not os.path.exists(lun.path):
+        if lun.size is None:
+            raise ConfigError(
+                f"LUN {lun.number} of {target.name}: backing file {lun.path!r} does not exist "
+                "(give a size to create it)"
+            )
+        if lun.size == 0 or lun.size % lun.block_size:
+            raise ConfigError(
+                f"LUN {lun.number} of {target.name}: size {lun.size} is not a positive "
+                f"multiple of the block size {lun.block_size}"
+            )
+        os.makedirs(os.path.dirname(lun.path) or ".", exist_ok=True)
+        create_sparse_file(lun.path, lun.size)
+    try:
+        backend = FileBackend(lun.path, read_only=lun.read_only)
+    except BackendError as exc:
+        raise ConfigError(f"LUN {lun.number} of {target.name}: {exc}") from exc
+    if lun.size is not None and backend.size != lun.size:
+        backend.close()
+        raise ConfigError(
+            f"LUN {lun.number} of {target.name}: {lun.path!r} holds {backend.size} bytes, "
+            f"config says {lun.size}; refusing to resize it"
+        )
+    if backend.size < lun.block_size:
+        backend.close()
+        raise ConfigError(f"LUN {lun.number} of {target.name}: {lun.path!r} is empty")
+    unit_id = uuid.uuid5(_ID_NAMESPACE, f"{target.name.lower()}/{os.path.abspath(lun.path)}")
+    identity = UnitIdentity.from_uuid(unit_id, lun.serial or unit_id.hex[:16])
+    return LogicalUnit(backend, identity, block_size=lun.block_size, read_only=lun.read_only)
+
+
+def build_registry(cfg: ServeConfig) -> Registry:
+    """Open every LUN and build the runtime registry; ConfigError on any problem."""
+    registry = Registry(
+        portals=list(cfg.portals) or [parse_portal(DEFAULT_PORTAL)],
+        discovery_auth=cfg.discovery_chap,
+        discovery_mutual=cfg.discovery_mutual_chap,
+    )
+    opened: list[LogicalUnit] = []
+    try:
+        for t in cfg.targets:
+            luns: dict[int, LogicalUnit] = {}
+            for lun in t.luns:
+                if lun.number in luns:
+                    raise ConfigError(f"target {t.name}: LUN {lun.number} defined twice")
+                luns[lun.number] = _open_lun(t, lun)
+                opened.append(luns[lun.number])
+            entry = TargetEntry(
+                name=t.name,
+                alias=t.alias,
+                tpgt=t.tpgt,
+                chap=t.chap,
+                mutual_chap=t.mutual_chap,
+                initiators=frozenset(i.lower() for i in t.initiators),
+            )
+            try:
+                registry.add_target(Target(entry, ScsiTarget(luns)))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+    except ConfigError:
+        for lu in opened:
+            lu.backend.close()
+        raise
+    return registry

@@ -1,0 +1,285 @@
+"""The thin asyncio layer: accept TCP connections and pump bytes through the
+sans-I/O :class:`~iscsi_vmtarget.iscsi.connection.TargetConnection`.
+
+Everything protocol-shaped happens in ``iscsi/``; this module only moves bytes,
+runs SCSI commands (in a thread when they may block on fsync), keeps the NOP-In
+ping timer, and closes sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+from ..iscsi import discovery
+from ..iscsi.connection import (
+    TMF_RSP_COMPLETE,
+    TMF_RSP_NO_LUN,
+    TMF_TARGET_COLD_RESET,
+    TargetConnection,
+)
+from ..iscsi.directory import Portal
+from ..iscsi.events import ConnectionClosing, ExecuteCommand, LoginComplete, ResetRequested
+from ..iscsi.login import LoginMachine, TargetPreferences
+from ..iscsi.task import Task
+from ..scsi import ScsiTarget, TmfFunction, TmfResult, decode_lun
+from ..scsi.task import Nexus
+from .registry import Registry
+
+log = logging.getLogger("iscsi_vmtarget")
+
+
+class ConnectionHandler(asyncio.Protocol):
+    """One TCP connection: feeds bytes in, writes bytes out, executes commands."""
+
+    def __init__(self, server: TargetServer, portal: Portal) -> None:
+        self.server = server
+        self.portal = portal
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.conn = TargetConnection(
+            LoginMachine(
+                directory=server.registry,
+                sessions=server.registry.sessions,
+                portal=portal,
+                random_bytes=os.urandom,
+                prefs=server.prefs,
+            ),
+            decode_lun=decode_lun,
+            send_targets=self._send_targets,
+        )
+        self.tsih = 0
+        self.target_name = ""
+        self.scsi: ScsiTarget | None = None
+        self.nexus: Nexus | None = None
+        self._idle = True
+        self._ping_handle: asyncio.TimerHandle | None = None
+        self.running = 0
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.server.handlers.add(self)
+        self._arm_ping()
+
+    def data_received(self, data: bytes) -> None:
+        self._idle = False
+        self.conn.receive_data(data)
+        self._pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.handlers.discard(self)
+        if self._ping_handle is not None:
+            self._ping_handle.cancel()
+        self.conn.close("connection lost")
+        self._end_session()
+
+    # -- event pump --------------------------------------------------------------------
+    def _pump(self) -> None:
+        conn = self.conn
+        while (event := conn.next_event()) is not None:
+            if isinstance(event, ExecuteCommand):
+                self._execute(event.task)
+            elif isinstance(event, LoginComplete):
+                self._logged_in(event)
+            elif isinstance(event, ResetRequested):
+                self._reset(event)
+            elif isinstance(event, ConnectionClosing):
+                self._flush()
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def _execute(self, task: Task) -> None:
+        scsi, nexus = self.scsi, self.nexus
+        assert scsi is not None and nexus is not None
+        data = memoryview(task.buffer) if task.buffer is not None else None
+        if scsi.may_block(task.cdb):
+            self.running += 1
+            fut = asyncio.get_running_loop().run_in_executor(
+                self.server.executor, scsi.execute, nexus, task.lun, task.cdb, data
+            )
+            fut.add_done_callback(lambda f: self._threaded_done(task, f))
+            return
+        self.conn.command_completed(task, scsi.execute(nexus, task.lun, task.cdb, data))
+
+    def _threaded_done(self, task: Task, fut: asyncio.Future) -> None:  # type: ignore[type-arg]
+        self.running -= 1
+        exc = fut.exception()
+        if exc is not None:
+            log.error("command 0x%02x failed: %r", task.cdb[0], exc)
+            self.conn.close("internal error")
+        else:
+            self.conn.command_completed(task, fut.result())
+        self._pump()
+
+    def _logged_in(self, event: LoginComplete) -> None:
+        result = event.result
+        params = result.params
+        registry = self.server.registry
+        if result.reinstated_tsih:
+            old = registry.connections.get(result.reinstated_tsih)
+            if old is not None:
+                log.info("session reinstatement: closing old session tsih=%d", old.tsih)
+                old.abort_session("session reinstated")
+        self.tsih = result.tsih
+        registry.connections[self.tsih] = self
+        isid = result.isid.hex()
+        kind = params.session_type
+        if result.target is not None:
+            self.target_name = result.target.name.lower()
+            self.scsi = registry.scsi_for(result.target.name)
+            tpgt = result.target.tpgt
+            self.nexus = Nexus(
+                initiator_name=params.initiator_name,
+                initiator_port=f"{params.initiator_name},i,0x{isid}",
+                target_name=result.target.name,
+                target_port=f"{result.target.name},t,0x{tpgt:04x}",
+                relative_port=tpgt,
+                transport_id=_iscsi_transport_id(params.initiator_name, isid),
+            )
+            if self.scsi is not None:
+                self.scsi.nexus_added(self.nexus)
+        log.info(
+            "login: %s session tsih=%d initiator=%s isid=%s target=%s from %s "
+            "(HeaderDigest=%s DataDigest=%s MaxRecvDataSegmentLength=%d)",
+            kind,
+            self.tsih,
+            params.initiator_name,
+            isid,
+            result.target.name if result.target else "-",
+            self.peer,
+            "CRC32C" if params.header_digest else "None",
+            "CRC32C" if params.data_digest else "None",
+            params.max_recv_data_segment_length,
+        )
+
+    def _reset(self, event: ResetRequested) -> None:
+        scsi, nexus = self.scsi, self.nexus
+        if scsi is None or nexus is None:
+            self.conn.task_management_completed(event.itt, TMF_RSP_NO_LUN)
+            return
+        fn = TmfFunction(event.function)
+        result = scsi.task_management(nexus, fn, event.lun)
+        if result == TmfResult.COMPLETE:
+            lun = event.lun if fn == TmfFunction.LOGICAL_UNIT_RESET else None
+            for other in self.server.registry.connections_of(self.target_name):
+                if other is not self:
+                    other.conn.abort_tasks(lun)
+        self.conn.task_management_completed(event.itt, int(result))
+        if event.function == TMF_TARGET_COLD_RESET and result == TMF_RSP_COMPLETE:
+            # A cold reset ends every session of the target (RFC 7143 §11.5.1).
+            self._flush()
+            for other in self.server.registry.connections_of(self.target_name):
+                other.abort_session("target cold reset")
+
+    def abort_session(self, reason: str) -> None:
+        self.conn.close(reason)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _end_session(self) -> None:
+        registry = self.server.registry
+        if self.tsih and registry.connections.get(self.tsih) is self:
+            del registry.connections[self.tsih]
+            registry.sessions.remove(self.tsih)
+            if self.scsi is not None and self.nexus is not None:
+                self.scsi.nexus_removed(self.nexus)
+            log.info("logout: session tsih=%d initiator=%s", self.tsih, self._initiator())
+        self.tsih = 0
+
+    def _initiator(self) -> str:
+        return self.nexus.initiator_name if self.nexus else "-"
+
+    def _send_targets(self, value: str, session_target: str | None) -> list[tuple[str, str]]:
+        initiator = self.conn.result.params.initiator_name if self.conn.result else ""
+        return discovery.send_targets(self.server.registry, initiator, value, session_target)
+
+    # -- NOP-In keepalive (RFC 7143 §11.19) ------------------------------------------------
+    def _arm_ping(self) -> None:
+        interval = self.server.nop_interval
+        if interval > 0:
+            loop = asyncio.get_running_loop()
+            self._ping_handle = loop.call_later(interval, self._ping_tick)
+
+    def _ping_tick(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.conn.ping_outstanding and self._idle:
+            log.warning("no NOP-Out answer from %s: closing connection", self.peer)
+            self.abort_session("ping timeout")
+            return
+        if self._idle:
+            self.conn.ping()
+            self._flush()
+        self._idle = True
+        self._arm_ping()
+
+
+def _iscsi_transport_id(name: str, isid: str) -> bytes:
+    """SPC-4 §7.6.4.6 iSCSI TransportID, format 01b (initiator port)."""
+    body = f"{name},i,0x{isid}".encode() + b"\x00"
+    body += b"\x00" * (-len(body) % 4)
+    return bytes((0x45, 0)) + len(body).to_bytes(2, "big") + body
+
+
+class TargetServer:
+    """Listens on every portal and serves the registry's targets."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        prefs: TargetPreferences | None = None,
+        nop_interval: float = 30.0,
+    ) -> None:
+        self.registry = registry
+        self.prefs = prefs or TargetPreferences()
+        self.nop_interval = nop_interval
+        self.handlers: set[ConnectionHandler] = set()
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scsi-io")
+        self._servers: list[asyncio.base_events.Server] = []
+
+    async def start(self) -> list[Portal]:
+        """Bind every portal; returns them with their actual ports (port 0 = any)."""
+        loop = asyncio.get_running_loop()
+        bound: list[Portal] = []
+        for portal in self.registry.portals:
+            holder: dict[str, Portal] = {}
+            srv = await loop.create_server(
+                lambda holder=holder: ConnectionHandler(self, holder["portal"]),
+                host=portal.host,
+                port=portal.port,
+                reuse_address=True,
+            )
+            port = srv.sockets[0].getsockname()[1]
+            actual = Portal(portal.host, port, portal.tpgt)
+            holder["portal"] = actual
+            bound.append(actual)
+            self._servers.append(srv)
+        self.registry.portals = bound
+        return bound
+
+    async def stop(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for handler in list(self.handlers):
+            handler.abort_session("target shutting down")
+        for srv in self._servers:
+            await srv.wait_closed()
+        self.executor.shutdown(wait=True)

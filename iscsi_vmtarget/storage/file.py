@@ -1,0 +1,155 @@
+"""Sparse-file and raw block-device backends (pread/pwrite on one descriptor)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from .backend import BackendError, check_range
+
+try:  # Linux: punch holes so UNMAP really frees space and reads zeros after.
+    import fcntl  # noqa: F401
+
+    _FALLOC_FL_KEEP_SIZE = 0x01
+    _FALLOC_FL_PUNCH_HOLE = 0x02
+except ImportError:  # pragma: no cover
+    pass
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE) through libc; False when unsupported."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    rc = libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        raise BackendError(f"fallocate punch hole failed: {os.strerror(err)}")
+    return True
+
+
+class FileBackend:
+    """A regular (normally sparse) file, or a block device, used as a flat store.
+
+    Opening never creates or truncates: :func:`create_sparse_file` does that, so a
+    wrong path at start is a clear error and nothing existing is overwritten.
+    """
+
+    def __init__(self, path: str, read_only: bool = False) -> None:
+        self.path = path
+        self._read_only = read_only
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        try:
+            self._fd = os.open(path, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BackendError(f"cannot open backing store {path!r}: {exc.strerror}") from exc
+        st = os.fstat(self._fd)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        if not (self.is_block_device or stat.S_ISREG(st.st_mode)):
+            os.close(self._fd)
+            raise BackendError(f"backing store {path!r} is neither a regular file nor a block device")
+        self._size = self._measure()
+
+    def _measure(self) -> int:
+        if self.is_block_device:
+            return os.lseek(self._fd, 0, os.SEEK_END)
+        return os.fstat(self._fd).st_size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        check_range(self._size, offset, len(buf))
+        done = 0
+        total = len(buf)
+        while done < total:
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n <= 0:  # short file (should not happen): holes past EOF read as zeros
+                buf[done:] = bytes(total - done)
+                return
+            done += n
+
+    def read(self, offset: int, length: int) -> bytearray:
+        out = bytearray(length)
+        self.read_into(offset, memoryview(out))
+        return out
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._read_only:
+            raise BackendError("backend is read-only")
+        view = memoryview(data).cast("B")
+        check_range(self._size, offset, len(view))
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self._fd, [view[done:]], offset + done)
+
+    def flush(self) -> None:
+        if not self._read_only:
+            os.fdatasync(self._fd)
+
+    def unmap(self, offset: int, length: int) -> None:
+        check_range(self._size, offset, length)
+        if self._read_only or length == 0:
+            return
+        if self.is_block_device or not _punch_hole(self._fd, offset, length):
+            self.write_zeros(offset, length)
+
+    def write_zeros(self, offset: int, length: int) -> None:
+        chunk = bytes(min(length, 1 << 20))
+        while length > 0:
+            n = min(length, len(chunk))
+            self.write(offset, memoryview(chunk)[:n])
+            offset += n
+            length -= n
+
+    def resize(self, size: int) -> None:
+        if self.is_block_device:
+            raise BackendError("a block device cannot be resized")
+        os.ftruncate(self._fd, size)
+        self._size = size
+
+    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Mapped (data) extents within a range, from SEEK_DATA/SEEK_HOLE."""
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
+            out.append((data, hole - data))
+            pos = hole
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def create_sparse_file(path: str, size: int) -> None:
+    """Create a new sparse file of ``size`` bytes; refuses to touch an existing file."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

@@ -1,0 +1,96 @@
+"""Shared fixtures: the real target, started as a subprocess on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+INITIATOR = "iqn.2026-11.org.iscsi-vmtarget.test:host1"
+
+
+@dataclass
+class RunningTarget:
+    """A target process and what it printed at start."""
+
+    proc: subprocess.Popen[str]
+    host: str
+    port: int
+    targets: dict[str, dict[int, int]] = field(default_factory=dict)  # iqn -> lun -> bytes
+    log_path: Path | None = None
+
+    @property
+    def portal(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def url(self, iqn: str, lun: int = 0) -> str:
+        return f"iscsi://{self.portal}/{iqn}/{lun}"
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_target(workdir: Path, *extra: str, nop_interval: float = 0) -> RunningTarget:
+    """Start ``iscsi-vmtarget serve`` on an ephemeral port and wait until it listens."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "target.log"
+    args = [sys.executable, "-m", "iscsi_vmtarget", "-v", "serve", "--portal", "127.0.0.1:0"]
+    if "--state-dir" not in extra:
+        args += ["--state-dir", str(workdir / "state")]
+    args += ["--nop-interval", str(nop_interval), *extra]
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=open(log_path, "w"),
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    running = RunningTarget(proc, "127.0.0.1", 0, log_path=log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"target exited early:\n{running.log()}")
+        words = line.split()
+        if line.startswith("listening on "):
+            running.port = int(words[-1].rpartition(":")[2])
+        elif line.startswith("target "):
+            running.targets.setdefault(words[1], {})[int(words[3])] = int(words[4])
+        elif line.startswith("ready"):
+            return running
+    proc.kill()
+    raise RuntimeError("target did not become ready")
+
+
+@pytest.fixture
+def demo_target(tmp_path: Path) -> Iterator[RunningTarget]:
+    """The default `serve` (demo target, one 1 GiB LUN) on an ephemeral port."""
+    t = start_target(tmp_path)
+    yield t
+    t.stop()
+
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed (tools/install-deps --test installs it)")
+    return path
