@@ -224,8 +224,8 @@ class TargetConnection:
             if isinstance(pdu, P.ScsiCommand):
                 self._start_command(pdu, bhs, delivered=False)
             return
-        self._deliver(pdu, bhs)
         self.expcmdsn = sn_add(self.expcmdsn, 1)
+        self._deliver(pdu, bhs)
         while self.expcmdsn in self._pending and self.phase is Phase.FULL_FEATURE:
             nxt = self._pending.pop(self.expcmdsn)
             self.expcmdsn = sn_add(self.expcmdsn, 1)
@@ -297,7 +297,8 @@ class TargetConnection:
         else:
             task.write = False
         self.tasks[cmd.itt] = task
-        self._issue_r2ts(task)
+        if task.write:
+            self._issue_r2ts(task)
         self._maybe_dispatch(task)
 
     def _issue_r2ts(self, task: Task) -> None:
@@ -360,7 +361,8 @@ class TargetConnection:
         produced = len(data)
         overflow = underflow = False
         residual = 0
-        if task.write and not task.read:
+        if rsp.data_out_length or (task.write and not task.read):
+            # A write: the CDB's length against EDTL (W may be clear when EDTL is 0).
             wanted = rsp.data_out_length
             if wanted > edtl:
                 overflow, residual = True, wanted - edtl

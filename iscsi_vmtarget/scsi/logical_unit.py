@@ -1,0 +1,175 @@
+"""A logical unit: a block backend plus identity, mode pages and unit attentions.
+
+One :class:`LogicalUnit` is one direct-access block device (SBC-3). It may be
+shown by several targets and to several I_T nexuses; the unit attention
+queues are kept per I_T nexus (SAM-5 §5.14), the mode pages once per LU
+(every page is "shared" in the sense of the MODE PAGE POLICY, SPC-4 §7.8.9).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Final
+
+from ..storage.backend import BlockBackend
+from .command import ItKey
+from .mode import ModeState
+from .sense import Reason, ScsiError
+
+#: IEEE company identifier put in generated NAA type 6 designators (SPC-4 §7.8.6.6.5).
+#: A placeholder in the company-ID (CID, first octet ``xA``) space until the project
+#: registers its own: it is never an OUI of a real vendor. Pass ``company_id`` to override.
+DEFAULT_COMPANY_ID: Final = 0x5A_4D_56
+DEFAULT_MAX_TRANSFER_BYTES: Final = 8 * 1024 * 1024
+
+
+def _ascii(value: str, limit: int, what: str) -> None:
+    if len(value) > limit or not all(0x20 <= ord(c) <= 0x7E for c in value):
+        raise ValueError(f"{what} must be at most {limit} printable ASCII characters")
+
+
+@dataclass(frozen=True)
+class UnitIdentity:
+    """What an initiator sees of a unit's identity (INQUIRY and VPD 0x80/0x83).
+
+    ``naa`` is the 16-byte NAA IEEE Registered Extended designator (NAA 6,
+    SPC-4 §7.8.6.6.5); ``serial`` the PRODUCT SERIAL NUMBER of VPD 0x80. A
+    snapshot shown to a guest keeps the original's identity, so the guest never
+    notices it runs on a snapshot.
+    """
+
+    naa: bytes
+    serial: str
+    vendor: str = "ISCSIVMT"
+    product: str = "VIRTUAL-DISK"
+    revision: str = "0001"
+
+    def __post_init__(self) -> None:
+        if len(self.naa) != 16 or self.naa[0] >> 4 != 0x6:
+            raise ValueError("naa must be a 16-byte NAA type 6 designator")
+        if not self.serial:
+            raise ValueError("serial must not be empty")
+        _ascii(self.serial, 200, "serial")
+        _ascii(self.vendor, 8, "vendor")
+        _ascii(self.product, 16, "product")
+        _ascii(self.revision, 4, "revision")
+
+    @classmethod
+    def from_uuid(
+        cls,
+        unit_uuid: uuid.UUID,
+        name: str | None = None,
+        *,
+        company_id: int = DEFAULT_COMPANY_ID,
+    ) -> UnitIdentity:
+        """Derive a stable identity from the unit's UUID; ``name`` (printable ASCII)
+        becomes the unit serial number, the UUID in hex when not given.
+
+        NAA 6 layout (SPC-4 §7.8.6.6.5): NAA (4 bits) = 6, IEEE COMPANY_ID
+        (24 bits), then 100 bits of VENDOR SPECIFIC IDENTIFIER and its
+        EXTENSION, taken from the low 100 bits of the UUID.
+        """
+        if not 0 <= company_id < 1 << 24:
+            raise ValueError("company_id is 24 bits")
+        value = (0x6 << 124) | (company_id << 100) | (unit_uuid.int & ((1 << 100) - 1))
+        return cls(naa=value.to_bytes(16, "big"), serial=name or unit_uuid.hex)
+
+
+class LogicalUnit:
+    """One LU: a backend, its identity, mode pages and per-nexus unit attentions."""
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        identity: UnitIdentity,
+        block_size: int = 512,
+        read_only: bool = False,
+        *,
+        max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
+    ) -> None:
+        if block_size < 512 or block_size & (block_size - 1) or block_size > 65536:
+            raise ValueError("block_size must be a power of two between 512 and 65536")
+        if max_transfer_bytes < block_size:
+            raise ValueError("max_transfer_bytes must hold at least one block")
+        self.backend = backend
+        self.identity = identity
+        self.block_size = block_size
+        self.read_only = read_only
+        self.max_transfer_blocks = max_transfer_bytes // block_size
+        self.mode = ModeState()
+        self._lock = threading.Lock()
+        self._attentions: dict[ItKey, list[Reason]] = {}
+
+    # -- geometry ----------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        """Capacity in logical blocks (read each time: the backend may grow)."""
+        return self.backend.size // self.block_size
+
+    # -- write protection (SBC-3 §4.11) --------------------------------------------
+
+    def check_writable(self) -> None:
+        """Raise DATA PROTECT when the medium may not be written."""
+        if self.read_only or self.backend.read_only:
+            raise ScsiError(Reason.WRITE_PROTECTED)
+        if self.mode.swp:
+            raise ScsiError(Reason.SOFTWARE_WRITE_PROTECTED)
+
+    @property
+    def write_protected(self) -> bool:
+        """The WP bit of the mode parameter header (SBC-3 §6.4.1)."""
+        return self.read_only or self.backend.read_only or self.mode.swp
+
+    # -- unit attention (SAM-5 §5.14) ----------------------------------------------
+
+    def add_nexus(self, key: ItKey) -> None:
+        """A new I_T nexus sees POWER ON, RESET, OR BUS DEVICE RESET OCCURRED once."""
+        with self._lock:
+            self._attentions.setdefault(key, [Reason.POWER_ON_RESET])
+
+    def remove_nexus(self, key: ItKey) -> None:
+        with self._lock:
+            self._attentions.pop(key, None)
+
+    def establish_attention(self, reason: Reason, *, exclude: ItKey | None = None) -> None:
+        """Queue ``reason`` for every known I_T nexus except ``exclude``."""
+        with self._lock:
+            for key, queue in self._attentions.items():
+                if key != exclude and reason not in queue:
+                    queue.append(reason)
+
+    def pending_attentions(self, key: ItKey) -> tuple[Reason, ...]:
+        with self._lock:
+            return tuple(self._attentions.get(key, ()))
+
+    def pop_attention(self, key: ItKey) -> Reason | None:
+        """Take the unit attention to report now: resets (ASC 29h) first, then oldest."""
+        if not self._attentions.get(key):  # fast path without the lock: nothing pending
+            return None
+        with self._lock:
+            queue = self._attentions.get(key)
+            if not queue:
+                return None
+            for index, reason in enumerate(queue):
+                if reason in _RESET_ATTENTIONS:
+                    return queue.pop(index)
+            return queue.pop(0)
+
+    def reset(self, reason: Reason = Reason.BUS_DEVICE_RESET) -> None:
+        """Logical unit reset (SAM-5 §6.3.3): mode parameters back to their defaults
+        (nothing is saved) and a unit attention for every I_T nexus."""
+        self.mode.restore_defaults()
+        self.establish_attention(reason)
+
+
+_RESET_ATTENTIONS: Final = frozenset(
+    {
+        Reason.POWER_ON_RESET,
+        Reason.POWER_ON_OCCURRED,
+        Reason.BUS_DEVICE_RESET,
+        Reason.I_T_NEXUS_LOSS,
+    }
+)

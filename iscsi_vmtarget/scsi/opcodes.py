@@ -1,0 +1,265 @@
+"""The opcode table: one row per operation code (and service action).
+
+Dispatch, CDB length checks, reserved-bit checks and (later) REPORT SUPPORTED
+OPERATION CODES all derive from :data:`OPCODE_TABLE`, as LIO derives them
+from ``tcm_supported_opcodes`` and gotgt from its 256-entry table.
+
+``usage`` is the CDB USAGE DATA of SPC-4 §6.35.3 (table 238): byte 0 is the
+opcode, and every other bit set is a bit the device server looks at. A bit
+set in a CDB but clear in ``usage`` gets INVALID FIELD IN CDB with a field
+pointer to it, which is how non-zero RDPROTECT/WRPROTECT/VRPROTECT (no
+protection information), NACA (not supported) and reserved bits are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Final
+
+from . import mode, sbc, spc
+from .command import Command, be, parse_block_range
+from .sense import Reason, ScsiError, cdb_field
+from .task import ScsiResponse
+
+HandlerResult = bytes | bytearray | memoryview | ScsiResponse | None
+Handler = Callable[[Command], HandlerResult]
+TransferLength = Callable[[bytes, int], int]
+BlockPredicate = Callable[[bytes], bool]
+
+SERVICE_ACTION_IN_16: Final = 0x9E
+#: Opcodes whose service action is in byte 1 bits 4:0 (SPC-4 §4.2.2.2).
+SERVICE_ACTION_OPCODES: Final = frozenset({SERVICE_ACTION_IN_16})
+
+
+class DataDirection(Enum):
+    NONE = auto()
+    IN = auto()  # Data-In: device server to initiator
+    OUT = auto()  # Data-Out: initiator to device server
+
+
+class PrPolicy(Enum):
+    """Placeholder for the persistent reservation conflict rules (SPC-4 §5.13.1, table 64)."""
+
+    ALLOWED = auto()  # allowed whatever the reservation
+    READ = auto()  # conflicts with Exclusive Access types held by another I_T nexus
+    WRITE = auto()  # conflicts with Write Exclusive and Exclusive Access types
+
+
+@dataclass(frozen=True)
+class OpcodeRow:
+    """Everything the target knows about one operation code."""
+
+    opcode: int
+    service_action: int | None
+    name: str
+    cdb_length: int
+    handler: Handler
+    direction: DataDirection
+    usage: bytes
+    transfer_length: TransferLength  # bytes the CDB describes (in or out), given block size
+    may_block: BlockPredicate  # may the command fsync? then the server runs it in a thread
+    pr_policy: PrPolicy
+    writes_medium: bool = False  # refused with DATA PROTECT on a write-protected LU
+    needs_lu: bool = True  # False: answered on a LUN without a logical unit too
+    ua_exempt: bool = False  # SAM-5 §5.14: INQUIRY, REPORT LUNS, REQUEST SENSE
+    reject_mask: int = field(init=False, repr=False, compare=False)  # ~usage of bytes 1..n-1
+
+    def __post_init__(self) -> None:
+        if len(self.usage) != self.cdb_length or self.usage[0] != self.opcode:
+            raise ValueError(f"{self.name}: usage mask does not fit the CDB")
+        reject = int.from_bytes(bytes(~b & 0xFF for b in self.usage[1:]), "big")
+        object.__setattr__(self, "reject_mask", reject)
+
+    @property
+    def key(self) -> tuple[int, int | None]:
+        return (self.opcode, self.service_action)
+
+
+# -- transfer lengths and blocking predicates -----------------------------------------------
+
+
+def _no_data(cdb: bytes, block_size: int) -> int:
+    return 0
+
+
+def _blocks(cdb: bytes, block_size: int) -> int:
+    return parse_block_range(cdb).blocks * block_size
+
+
+def _allocation(offset: int, size: int) -> TransferLength:
+    def length(cdb: bytes, block_size: int) -> int:
+        return be(cdb, offset, size)
+
+    return length
+
+
+def _verify_data(cdb: bytes, block_size: int) -> int:
+    """Data-Out of VERIFY: none, the whole range, or one block (SBC-3 §5.27, BYTCHK)."""
+    bytchk = (cdb[1] >> 1) & 0x03
+    blocks = parse_block_range(cdb).blocks
+    if bytchk == 0b01:
+        return blocks * block_size
+    if bytchk == 0b11 and blocks:
+        return block_size
+    return 0
+
+
+def _never(cdb: bytes) -> bool:
+    return False
+
+
+def _always(cdb: bytes) -> bool:
+    return True
+
+
+def _fua(cdb: bytes) -> bool:
+    return bool(cdb[1] & 0x08)
+
+
+def _row(
+    opcode: int,
+    name: str,
+    usage: str,
+    handler: Handler,
+    direction: DataDirection,
+    transfer_length: TransferLength,
+    pr_policy: PrPolicy,
+    *,
+    service_action: int | None = None,
+    may_block: BlockPredicate = _never,
+    writes_medium: bool = False,
+    needs_lu: bool = True,
+    ua_exempt: bool = False,
+) -> OpcodeRow:
+    mask = bytes.fromhex(usage)
+    return OpcodeRow(
+        opcode=opcode,
+        service_action=service_action,
+        name=name,
+        cdb_length=len(mask),
+        handler=handler,
+        direction=direction,
+        usage=mask,
+        transfer_length=transfer_length,
+        may_block=may_block,
+        pr_policy=pr_policy,
+        writes_medium=writes_medium,
+        needs_lu=needs_lu,
+        ua_exempt=ua_exempt,
+    )
+
+
+_IN, _OUT, _NONE = DataDirection.IN, DataDirection.OUT, DataDirection.NONE
+_ALLOWED, _READ, _WRITE = PrPolicy.ALLOWED, PrPolicy.READ, PrPolicy.WRITE
+
+# Usage masks: byte 1 of READ/WRITE/VERIFY keeps DPO (10h) and FUA (08h) or BYTCHK, never
+# the PROTECT bits; GROUP NUMBER (1Fh) is accepted and ignored; the CONTROL byte is 00h.
+# fmt: off
+#: The one opcode table (SPC-4 and SBC-3 commands we implement).
+OPCODE_TABLE: Final[tuple[OpcodeRow, ...]] = (
+    _row(0x00, "TEST UNIT READY", "00 00 00 00 00 00",
+         spc.test_unit_ready, _NONE, _no_data, _ALLOWED),
+    _row(0x03, "REQUEST SENSE", "03 01 00 00 ff 00",
+         spc.request_sense, _IN, _allocation(4, 1), _ALLOWED, needs_lu=False, ua_exempt=True),
+    _row(0x08, "READ(6)", "08 1f ff ff ff 00",
+         sbc.read, _IN, _blocks, _READ),
+    _row(0x0A, "WRITE(6)", "0a 1f ff ff ff 00",
+         sbc.write, _OUT, _blocks, _WRITE, writes_medium=True),
+    _row(0x12, "INQUIRY", "12 01 ff ff ff 00",
+         spc.inquiry, _IN, _allocation(3, 2), _ALLOWED, needs_lu=False, ua_exempt=True),
+    _row(0x15, "MODE SELECT(6)", "15 11 00 00 ff 00",
+         mode.mode_select6, _OUT, _allocation(4, 1), _WRITE),
+    _row(0x1A, "MODE SENSE(6)", "1a 08 ff ff ff 00",
+         mode.mode_sense6, _IN, _allocation(4, 1), _READ),
+    _row(0x1B, "START STOP UNIT", "1b 01 00 0f f7 00",
+         sbc.start_stop_unit, _NONE, _no_data, _WRITE, may_block=sbc.stop_flushes),
+    _row(0x25, "READ CAPACITY(10)", "25 00 ff ff ff ff 00 00 01 00",
+         sbc.read_capacity10, _IN, lambda cdb, bs: 8, _ALLOWED),
+    _row(0x28, "READ(10)", "28 18 ff ff ff ff 1f ff ff 00",
+         sbc.read, _IN, _blocks, _READ),
+    _row(0x2A, "WRITE(10)", "2a 18 ff ff ff ff 1f ff ff 00",
+         sbc.write, _OUT, _blocks, _WRITE, may_block=_fua, writes_medium=True),
+    _row(0x2E, "WRITE AND VERIFY(10)", "2e 12 ff ff ff ff 1f ff ff 00",
+         sbc.write_and_verify, _OUT, _blocks, _WRITE, may_block=_always, writes_medium=True),
+    _row(0x2F, "VERIFY(10)", "2f 16 ff ff ff ff 1f ff ff 00",
+         sbc.verify, _OUT, _verify_data, _READ),
+    _row(0x34, "PRE-FETCH(10)", "34 02 ff ff ff ff 1f ff ff 00",
+         sbc.pre_fetch, _NONE, _no_data, _READ),
+    _row(0x35, "SYNCHRONIZE CACHE(10)", "35 06 ff ff ff ff 1f ff ff 00",
+         sbc.synchronize_cache, _NONE, _no_data, _WRITE, may_block=_always),
+    _row(0x55, "MODE SELECT(10)", "55 11 00 00 00 00 00 ff ff 00",
+         mode.mode_select10, _OUT, _allocation(7, 2), _WRITE),
+    _row(0x5A, "MODE SENSE(10)", "5a 18 ff ff 00 00 00 ff ff 00",
+         mode.mode_sense10, _IN, _allocation(7, 2), _READ),
+    _row(0x88, "READ(16)", "88 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
+         sbc.read, _IN, _blocks, _READ),
+    _row(0x8A, "WRITE(16)", "8a 18 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
+         sbc.write, _OUT, _blocks, _WRITE, may_block=_fua, writes_medium=True),
+    _row(0x8E, "WRITE AND VERIFY(16)", "8e 12 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
+         sbc.write_and_verify, _OUT, _blocks, _WRITE, may_block=_always, writes_medium=True),
+    _row(0x8F, "VERIFY(16)", "8f 16 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
+         sbc.verify, _OUT, _verify_data, _READ),
+    _row(0x90, "PRE-FETCH(16)", "90 02 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
+         sbc.pre_fetch, _NONE, _no_data, _READ),
+    _row(0x91, "SYNCHRONIZE CACHE(16)", "91 06 ff ff ff ff ff ff ff ff ff ff ff ff 1f 00",
+         sbc.synchronize_cache, _NONE, _no_data, _WRITE, may_block=_always),
+    _row(0x9E, "READ CAPACITY(16)", "9e 1f ff ff ff ff ff ff ff ff ff ff ff ff 01 00",
+         sbc.read_capacity16, _IN, _allocation(10, 4), _ALLOWED, service_action=0x10),
+    _row(0xA0, "REPORT LUNS", "a0 00 ff 00 00 00 ff ff ff ff 00 00",
+         spc.report_luns, _IN, _allocation(6, 4), _ALLOWED, needs_lu=False, ua_exempt=True),
+    _row(0xA8, "READ(12)", "a8 18 ff ff ff ff ff ff ff ff 1f 00",
+         sbc.read, _IN, _blocks, _READ),
+    _row(0xAA, "WRITE(12)", "aa 18 ff ff ff ff ff ff ff ff 1f 00",
+         sbc.write, _OUT, _blocks, _WRITE, may_block=_fua, writes_medium=True),
+    _row(0xAE, "WRITE AND VERIFY(12)", "ae 12 ff ff ff ff ff ff ff ff 1f 00",
+         sbc.write_and_verify, _OUT, _blocks, _WRITE, may_block=_always, writes_medium=True),
+    _row(0xAF, "VERIFY(12)", "af 16 ff ff ff ff ff ff ff ff 1f 00",
+         sbc.verify, _OUT, _verify_data, _READ),
+)
+# fmt: on
+
+_ROWS: Final[dict[tuple[int, int | None], OpcodeRow]] = {row.key: row for row in OPCODE_TABLE}
+if len(_ROWS) != len(OPCODE_TABLE):  # pragma: no cover - a table editing mistake
+    raise RuntimeError("duplicate row in OPCODE_TABLE")
+
+
+def _service_action(cdb: bytes) -> int | None:
+    if cdb[0] in SERVICE_ACTION_OPCODES:
+        return cdb[1] & 0x1F if len(cdb) > 1 else None
+    return None
+
+
+def find_row(cdb: bytes) -> OpcodeRow | None:
+    """The row for this CDB, or None for an unknown opcode or service action."""
+    if not cdb:
+        return None
+    return _ROWS.get((cdb[0], _service_action(cdb)))
+
+
+def lookup(cdb: bytes) -> OpcodeRow:
+    """The row for this CDB; INVALID COMMAND OPERATION CODE for an unknown opcode,
+    INVALID FIELD IN CDB pointing at the SERVICE ACTION for an unknown one."""
+    row = find_row(cdb)
+    if row is not None:
+        return row
+    if cdb and cdb[0] in SERVICE_ACTION_OPCODES:
+        raise ScsiError(Reason.INVALID_FIELD_IN_CDB, field=cdb_field(1, 4))
+    raise ScsiError(Reason.INVALID_COMMAND_OPERATION_CODE, field=cdb_field(0))
+
+
+def validate_cdb(row: OpcodeRow, cdb: bytes) -> bytes:
+    """Cut the CDB to the row's length (iSCSI pads CDBs to 16 bytes) and refuse
+    any bit the usage mask does not allow (SPC-4 §2.4 reserved fields)."""
+    if len(cdb) < row.cdb_length:
+        raise ScsiError(Reason.INVALID_FIELD_IN_CDB, field=cdb_field(len(cdb)))
+    cdb = bytes(cdb[: row.cdb_length])
+    if int.from_bytes(cdb[1:], "big") & row.reject_mask:
+        for index in range(1, row.cdb_length):
+            extra = cdb[index] & ~row.usage[index] & 0xFF
+            if extra:
+                raise ScsiError(
+                    Reason.INVALID_FIELD_IN_CDB, field=cdb_field(index, extra.bit_length() - 1)
+                )
+    return cdb

@@ -1,0 +1,172 @@
+"""The SCSI target device: the LUNs one target shows, command dispatch, task management.
+
+:meth:`ScsiTarget.execute` is SAM-5's Execute Command (§5.1): it checks the
+LUN, reports a pending unit attention (§5.14), finds the opcode row, checks
+the CDB against it and runs the handler, turning a raised
+:class:`~.sense.ScsiError` into CHECK CONDITION with sense data in the format
+the LU's control mode page asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from .command import Command, it_key
+from .logical_unit import LogicalUnit
+from .opcodes import DataDirection, OpcodeRow, find_row, lookup, validate_cdb
+from .sense import Reason, ScsiError, build_sense
+from .task import Nexus, ScsiResponse, Status, TmfFunction, TmfResult
+
+_log = logging.getLogger(__name__)
+_EMPTY = memoryview(b"")
+
+_LU_SCOPED_TMF = frozenset(
+    {
+        TmfFunction.ABORT_TASK,
+        TmfFunction.ABORT_TASK_SET,
+        TmfFunction.CLEAR_ACA,
+        TmfFunction.CLEAR_TASK_SET,
+        TmfFunction.LOGICAL_UNIT_RESET,
+    }
+)
+
+
+class ScsiTarget:
+    """The logical units one SCSI target device shows, by LUN number."""
+
+    def __init__(self, luns: Mapping[int, LogicalUnit]) -> None:
+        self._luns: dict[int, LogicalUnit] = dict(luns)
+        self._nexuses: set[tuple[str, str]] = set()
+
+    @property
+    def luns(self) -> Mapping[int, LogicalUnit]:
+        return self._luns
+
+    # -- I_T nexus lifecycle ------------------------------------------------------------
+
+    def nexus_added(self, nexus: Nexus) -> None:
+        """A new I_T nexus: each LU queues POWER ON, RESET, OR BUS DEVICE RESET
+        OCCURRED for it once (SAM-5 §5.14, §6.3.1)."""
+        key = it_key(nexus)
+        self._nexuses.add(key)
+        for lu in self._luns.values():
+            lu.add_nexus(key)
+
+    def nexus_removed(self, nexus: Nexus) -> None:
+        key = it_key(nexus)
+        self._nexuses.discard(key)
+        for lu in self._luns.values():
+            lu.remove_nexus(key)
+
+    # -- commands -----------------------------------------------------------------------
+
+    def may_block(self, cdb: bytes, lun: int | None = None) -> bool:
+        """True if the command may fsync (SYNCHRONIZE CACHE, WRITE with FUA,
+        WRITE AND VERIFY, a flushing STOP, or any write while the write cache
+        is disabled), so the server should run it in a worker thread."""
+        row = find_row(bytes(cdb))
+        if row is None or len(cdb) < row.cdb_length:
+            return False
+        if row.may_block(bytes(cdb)):
+            return True
+        if not row.writes_medium:
+            return False
+        lus = [self._luns[lun]] if lun in self._luns else list(self._luns.values())
+        return any(not lu.mode.wce for lu in lus)
+
+    def execute(
+        self,
+        nexus: Nexus,
+        lun: int,
+        cdb: bytes | bytearray | memoryview,
+        data_out: memoryview | bytes | bytearray | None,
+    ) -> ScsiResponse:
+        """Run one command to completion (synchronously) and return its status."""
+        raw = bytes(cdb)
+        lu = self._luns.get(lun)
+        row = find_row(raw)
+        data_out_length = _described_data_out(row, raw, lu)
+        try:
+            response = self._dispatch(nexus, lun, lu, raw, row, data_out)
+        except ScsiError as err:
+            response = _check_condition(lu, err)
+        except Exception:  # a bug or an unexpected backend failure: never crash the server
+            _log.exception("command %s on LUN %d failed", raw[:1].hex(), lun)
+            response = _check_condition(lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))
+        response.data_out_length = data_out_length
+        return response
+
+    def _dispatch(
+        self,
+        nexus: Nexus,
+        lun: int,
+        lu: LogicalUnit | None,
+        raw: bytes,
+        row: OpcodeRow | None,
+        data_out: memoryview | bytes | bytearray | None,
+    ) -> ScsiResponse:
+        if lu is None and (row is None or row.needs_lu):
+            raise ScsiError(Reason.LOGICAL_UNIT_NOT_SUPPORTED)
+        if lu is not None and (row is None or not row.ua_exempt):
+            attention = lu.pop_attention(it_key(nexus))
+            if attention is not None:
+                raise ScsiError(attention)
+        if row is None:
+            row = lookup(raw)  # raises INVALID COMMAND OPERATION CODE or INVALID FIELD
+        cdb = validate_cdb(row, raw)
+        if row.writes_medium and lu is not None:
+            lu.check_writable()
+        view = _EMPTY if data_out is None else memoryview(data_out).cast("B")
+        command = Command(nexus, lun, lu, cdb, view, row, self._luns)
+        result = row.handler(command)
+        if isinstance(result, ScsiResponse):
+            response = result
+        else:
+            response = ScsiResponse(Status.GOOD, b"" if result is None else result)
+        if row.direction is DataDirection.IN:
+            limit = row.transfer_length(cdb, lu.block_size if lu else 512)
+            if len(response.data_in) > limit:
+                response.data_in = memoryview(response.data_in)[:limit]
+        return response
+
+    # -- task management ------------------------------------------------------------------
+
+    def task_management(self, nexus: Nexus, function: TmfFunction, lun: int) -> TmfResult:
+        """The SCSI side of a task management function (SAM-5 §7).
+
+        Aborting tasks is the transport's work; here LOGICAL UNIT RESET and the
+        target resets reset the LUs (unit attentions, default mode pages), and
+        the other functions only check that the LUN exists.
+        """
+        if function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            for unit in self._luns.values():
+                unit.reset(Reason.POWER_ON_RESET)
+            return TmfResult.COMPLETE
+        if function is TmfFunction.TASK_REASSIGN:
+            return TmfResult.REASSIGN_NOT_SUPPORTED
+        if function not in _LU_SCOPED_TMF:
+            return TmfResult.NOT_SUPPORTED
+        lu = self._luns.get(lun)
+        if lu is None:
+            return TmfResult.LUN_DOES_NOT_EXIST
+        if function is TmfFunction.LOGICAL_UNIT_RESET:
+            lu.reset(Reason.BUS_DEVICE_RESET)
+        return TmfResult.COMPLETE
+
+
+def _described_data_out(row: OpcodeRow | None, cdb: bytes, lu: LogicalUnit | None) -> int:
+    """The Data-Out byte count the CDB describes, for the transport's residuals."""
+    if row is None or row.direction is not DataDirection.OUT or len(cdb) < row.cdb_length:
+        return 0
+    return row.transfer_length(cdb[: row.cdb_length], lu.block_size if lu else 512)
+
+
+def _check_condition(lu: LogicalUnit | None, err: ScsiError) -> ScsiResponse:
+    sense = build_sense(
+        err.reason,
+        descriptor=lu.mode.d_sense if lu is not None else False,
+        field=err.field,
+        information=err.information,
+    )
+    return ScsiResponse(Status.CHECK_CONDITION, sense=sense)

@@ -1,0 +1,167 @@
+"""Shared fixtures for the SCSI layer tests: a MemoryBackend LU behind a ScsiTarget."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+from iscsi_vmtarget.scsi import (
+    LogicalUnit,
+    Nexus,
+    ScsiResponse,
+    ScsiTarget,
+    Status,
+    UnitIdentity,
+)
+from iscsi_vmtarget.storage import BackendError, MemoryBackend
+
+BLOCK = 512
+BLOCKS = 2048  # 1 MiB
+
+
+class CountingBackend(MemoryBackend):
+    """MemoryBackend that counts flushes and can be told to fail."""
+
+    def __init__(self, size: int, read_only: bool = False) -> None:
+        super().__init__(size, read_only)
+        self.flushes = 0
+        self.fail_reads = False
+        self.fail_writes = False
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        if self.fail_reads:
+            raise BackendError("injected read failure")
+        super().read_into(offset, buf)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.fail_writes:
+            raise BackendError("injected write failure")
+        super().write(offset, data)
+
+
+def make_nexus(initiator: str = "iqn.2024-01.test:init", isid: int = 1) -> Nexus:
+    target = "iqn.2024-01.test:target"
+    return Nexus(
+        initiator_name=initiator,
+        initiator_port=f"{initiator},i,0x{isid:012x}",
+        target_name=target,
+        target_port=f"{target},t,0x0001",
+        relative_port=1,
+        transport_id=b"\x05" + bytes(3),
+    )
+
+
+def sense_triplet(response: ScsiResponse) -> tuple[int, int, int]:
+    """(key, ASC, ASCQ) from fixed or descriptor sense data."""
+    sense = response.sense
+    if sense[0] & 0x7F == 0x72:
+        return sense[1] & 0x0F, sense[2], sense[3]
+    return sense[2] & 0x0F, sense[12], sense[13]
+
+
+def cdb10(opcode: int, lba: int, blocks: int, flags: int = 0) -> bytes:
+    return struct.pack(">BBIBHB", opcode, flags, lba, 0, blocks, 0)
+
+
+def cdb12(opcode: int, lba: int, blocks: int, flags: int = 0) -> bytes:
+    return struct.pack(">BBIIBB", opcode, flags, lba, blocks, 0, 0)
+
+
+def cdb16(opcode: int, lba: int, blocks: int, flags: int = 0) -> bytes:
+    return struct.pack(">BBQIBB", opcode, flags, lba, blocks, 0, 0)
+
+
+def cdb6(opcode: int, lba: int, blocks: int) -> bytes:
+    return struct.pack(">BBHBB", opcode, (lba >> 16) & 0x1F, lba & 0xFFFF, blocks & 0xFF, 0)
+
+
+@dataclass
+class Harness:
+    """A target with LU 0 (and optionally more) and one registered nexus."""
+
+    backend: CountingBackend
+    lu: LogicalUnit
+    target: ScsiTarget
+    nexus: Nexus
+    others: list[Nexus] = field(default_factory=list)
+
+    cdb6 = staticmethod(cdb6)
+    cdb10 = staticmethod(cdb10)
+    cdb12 = staticmethod(cdb12)
+    cdb16 = staticmethod(cdb16)
+    sense = staticmethod(sense_triplet)
+    make_nexus = staticmethod(make_nexus)
+
+    @classmethod
+    def create(cls, read_only: bool = False, blocks: int = BLOCKS, block: int = BLOCK) -> Harness:
+        backend = CountingBackend(blocks * block)
+        identity = UnitIdentity.from_uuid(uuid.UUID("12345678-1234-5678-1234-567812345678"))
+        lu = LogicalUnit(backend, identity, block_size=block, read_only=read_only)
+        target = ScsiTarget({0: lu})
+        nexus = make_nexus()
+        target.nexus_added(nexus)
+        harness = cls(backend, lu, target, nexus)
+        first = harness.run(bytes(6))  # consume the power-on unit attention
+        assert sense_triplet(first) == (0x6, 0x29, 0x00)
+        return harness
+
+    def run(
+        self,
+        cdb: bytes,
+        data: bytes | bytearray | None = None,
+        *,
+        lun: int = 0,
+        nexus: Nexus | None = None,
+    ) -> ScsiResponse:
+        view = None if data is None else memoryview(data)
+        return self.target.execute(nexus or self.nexus, lun, cdb, view)
+
+    def good(
+        self,
+        cdb: bytes,
+        data: bytes | bytearray | None = None,
+        *,
+        lun: int = 0,
+        nexus: Nexus | None = None,
+    ) -> bytes:
+        response = self.run(cdb, data, lun=lun, nexus=nexus)
+        assert response.status == Status.GOOD, sense_triplet(response)
+        return bytes(response.data_in)
+
+    def check(
+        self,
+        cdb: bytes,
+        expected: tuple[int, int, int],
+        data: bytes | bytearray | None = None,
+        *,
+        lun: int = 0,
+        nexus: Nexus | None = None,
+    ) -> ScsiResponse:
+        response = self.run(cdb, data, lun=lun, nexus=nexus)
+        assert response.status == Status.CHECK_CONDITION
+        assert sense_triplet(response) == expected
+        return response
+
+
+@pytest.fixture
+def scsi() -> Harness:
+    """A fresh 1 MiB LU (512-byte blocks), its power-on unit attention consumed."""
+    return Harness.create()
+
+
+@pytest.fixture
+def scsi_ro() -> Harness:
+    """The same, read-only."""
+    return Harness.create(read_only=True)
+
+
+@pytest.fixture
+def harness_factory() -> type[Harness]:
+    """For another geometry: ``harness_factory.create(blocks=..., block=...)``."""
+    return Harness

@@ -1,0 +1,254 @@
+"""ScsiTarget: dispatch from the opcode table, unit attentions (SAM-5 §5.14),
+REQUEST SENSE, REPORT LUNS, unknown LUNs and task management."""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from typing import TYPE_CHECKING
+
+import pytest
+
+from iscsi_vmtarget.scsi import (
+    OPCODE_TABLE,
+    DataDirection,
+    LogicalUnit,
+    OpcodeRow,
+    Reason,
+    ScsiTarget,
+    Status,
+    TmfFunction,
+    TmfResult,
+    UnitIdentity,
+    encode_lun,
+)
+from iscsi_vmtarget.storage import MemoryBackend
+
+if TYPE_CHECKING:
+    from conftest import Harness
+
+TUR = bytes(6)
+POWER_ON = (0x6, 0x29, 0x00)
+LU_RESET = (0x6, 0x29, 0x03)
+LU_NOT_SUPPORTED = (0x5, 0x25, 0x00)
+INVALID_OPCODE = (0x5, 0x20, 0x00)
+INVALID_FIELD = (0x5, 0x24, 0x00)
+
+
+def request_sense(desc: int = 0, alloc: int = 252) -> bytes:
+    return bytes([0x03, desc, 0, 0, alloc, 0])
+
+
+def report_luns(select: int = 0, alloc: int = 4096) -> bytes:
+    return struct.pack(">BBBBBBIBB", 0xA0, 0, select, 0, 0, 0, alloc, 0, 0)
+
+
+def new_lu() -> LogicalUnit:
+    return LogicalUnit(MemoryBackend(64 * 512), UnitIdentity.from_uuid(uuid.uuid4()))
+
+
+@pytest.fixture
+def multi(scsi: Harness) -> Harness:
+    """LUNs 0, 5 and 300 on one target, the nexus registered, attentions pending."""
+    scsi.target.nexus_removed(scsi.nexus)
+    target = ScsiTarget({0: scsi.lu, 5: new_lu(), 300: new_lu()})
+    scsi.target = target
+    target.nexus_added(scsi.nexus)
+    return scsi
+
+
+# -- unit attention --------------------------------------------------------------------------
+
+
+def test_attention_once_per_nexus_per_lu(multi: Harness) -> None:
+    for lun in (0, 5, 300):
+        multi.check(TUR, POWER_ON, lun=lun)
+        multi.good(TUR, lun=lun)
+
+
+def test_inquiry_and_report_luns_do_not_clear_attention(multi: Harness) -> None:
+    multi.good(bytes([0x12, 0, 0, 0, 96, 0]))
+    multi.good(report_luns())
+    multi.check(TUR, POWER_ON)
+
+
+def test_request_sense_returns_and_clears_attention(multi: Harness) -> None:
+    data = multi.good(request_sense())
+    assert (data[2], data[12], data[13]) == POWER_ON
+    data = multi.good(request_sense())
+    assert data == bytes.fromhex("70 00 00 00000000 0a 00000000 00 00 00 000000")
+    assert multi.good(request_sense(desc=1)) == bytes.fromhex("7200000000000000")
+
+
+def test_request_sense_allocation_length(scsi: Harness) -> None:
+    assert scsi.good(request_sense(alloc=8)) == bytes.fromhex("70 00 00 00000000 0a")
+
+
+def test_attention_comes_before_invalid_opcode(multi: Harness) -> None:
+    multi.check(bytes([0xC7, 0, 0, 0, 0, 0]), POWER_ON)
+    multi.check(bytes([0xC7, 0, 0, 0, 0, 0]), INVALID_OPCODE)
+
+
+def test_nexus_added_twice_is_one_attention(scsi: Harness) -> None:
+    scsi.target.nexus_added(scsi.nexus)
+    scsi.good(TUR)
+
+
+def test_new_nexus_after_removal_gets_attention_again(scsi: Harness) -> None:
+    scsi.target.nexus_removed(scsi.nexus)
+    scsi.good(TUR)  # not registered: nothing pending
+    scsi.target.nexus_added(scsi.nexus)
+    scsi.check(TUR, POWER_ON)
+
+
+def test_resets_have_precedence(scsi: Harness) -> None:
+    scsi.lu.establish_attention(Reason.MODE_PARAMETERS_CHANGED)
+    scsi.target.task_management(scsi.nexus, TmfFunction.LOGICAL_UNIT_RESET, 0)
+    scsi.check(TUR, LU_RESET)
+    scsi.check(TUR, (0x6, 0x2A, 0x01))
+    scsi.good(TUR)
+
+
+# -- task management ---------------------------------------------------------------------
+
+
+def test_lun_reset_reaches_every_nexus_of_that_lu(multi: Harness) -> None:
+    other = multi.make_nexus("iqn.2024-01.test:other")
+    multi.target.nexus_added(other)
+    for nexus in (multi.nexus, other):
+        for lun in (0, 5, 300):
+            multi.run(TUR, lun=lun, nexus=nexus)
+    result = multi.target.task_management(other, TmfFunction.LOGICAL_UNIT_RESET, 5)
+    assert result is TmfResult.COMPLETE
+    for nexus in (multi.nexus, other):
+        multi.check(TUR, LU_RESET, lun=5, nexus=nexus)
+        multi.good(TUR, lun=0, nexus=nexus)
+
+
+@pytest.mark.parametrize("function", [TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET])
+def test_target_reset_reaches_every_lu(multi: Harness, function: TmfFunction) -> None:
+    for lun in (0, 5, 300):
+        multi.run(TUR, lun=lun)
+    assert multi.target.task_management(multi.nexus, function, 0) is TmfResult.COMPLETE
+    for lun in (0, 5, 300):
+        multi.check(TUR, POWER_ON, lun=lun)
+
+
+@pytest.mark.parametrize(
+    ("function", "lun", "expected"),
+    [
+        (TmfFunction.ABORT_TASK, 0, TmfResult.COMPLETE),
+        (TmfFunction.ABORT_TASK_SET, 0, TmfResult.COMPLETE),
+        (TmfFunction.CLEAR_TASK_SET, 0, TmfResult.COMPLETE),
+        (TmfFunction.CLEAR_ACA, 0, TmfResult.COMPLETE),
+        (TmfFunction.ABORT_TASK_SET, 9, TmfResult.LUN_DOES_NOT_EXIST),
+        (TmfFunction.LOGICAL_UNIT_RESET, 9, TmfResult.LUN_DOES_NOT_EXIST),
+        (TmfFunction.TASK_REASSIGN, 0, TmfResult.REASSIGN_NOT_SUPPORTED),
+    ],
+)
+def test_task_management_results(
+    scsi: Harness, function: TmfFunction, lun: int, expected: TmfResult
+) -> None:
+    assert scsi.target.task_management(scsi.nexus, function, lun) is expected
+    scsi.good(TUR)  # none of these sets a unit attention
+
+
+# -- REPORT LUNS and unknown LUNs ---------------------------------------------------------
+
+
+def test_report_luns(multi: Harness) -> None:
+    data = multi.good(report_luns())
+    assert data == struct.pack(">II", 24, 0) + encode_lun(0) + encode_lun(5) + encode_lun(300)
+    assert multi.good(report_luns(select=2)) == data
+    assert multi.good(report_luns(select=1)) == bytes(8)
+    assert multi.good(report_luns(alloc=16)) == data[:16]
+    assert multi.good(report_luns(), lun=77) == data
+
+
+def test_report_luns_bad_select(scsi: Harness) -> None:
+    response = scsi.check(report_luns(select=3), INVALID_FIELD)
+    assert response.sense[15:18] == bytes.fromhex("c00002")
+
+
+def test_unknown_lun(scsi: Harness) -> None:
+    scsi.check(TUR, LU_NOT_SUPPORTED, lun=3)
+    scsi.check(scsi.cdb10(0x28, 0, 1), LU_NOT_SUPPORTED, lun=3)
+    scsi.check(bytes([0xC7, 0, 0, 0, 0, 0]), LU_NOT_SUPPORTED, lun=3)
+    data = scsi.good(request_sense(), lun=3)
+    assert (data[2], data[12], data[13]) == LU_NOT_SUPPORTED
+
+
+# -- CDB checks derived from the table ----------------------------------------------------------
+
+
+def test_unknown_opcodes(scsi: Harness) -> None:
+    scsi.check(bytes([0xC7, 0, 0, 0, 0, 0]), INVALID_OPCODE)
+    scsi.check(bytes([0xA3, 0x0C]) + bytes(10), INVALID_OPCODE)  # MAINTENANCE IN: not yet
+    scsi.check(b"", INVALID_OPCODE)
+
+
+def test_cdb_padded_to_16_bytes(scsi: Harness) -> None:
+    assert scsi.good(bytes([0x12, 0, 0, 0, 36, 0]) + bytes(10))[:1] == b"\x00"
+    scsi.good(scsi.cdb10(0x28, 0, 1) + bytes(6))
+
+
+def test_short_cdb_refused(scsi: Harness) -> None:
+    response = scsi.check(bytes([0x28, 0, 0, 0]), INVALID_FIELD)
+    assert response.sense[15:18] == bytes.fromhex("c00004")
+
+
+def test_naca_refused(scsi: Harness) -> None:
+    response = scsi.check(bytes([0, 0, 0, 0, 0, 0x04]), INVALID_FIELD)
+    assert response.sense[15:18] == bytes.fromhex("ca0005")
+
+
+def valid_cdb(row: OpcodeRow) -> bytes:
+    """A CDB every row accepts: opcode, service action, and a page code for MODE SENSE."""
+    cdb = bytearray(row.cdb_length)
+    cdb[0] = row.opcode
+    if row.service_action is not None:
+        cdb[1] = row.service_action
+    if row.name.startswith("MODE SENSE"):
+        cdb[2] = 0x3F
+    return bytes(cdb)
+
+
+@pytest.mark.parametrize("row", OPCODE_TABLE, ids=lambda row: row.name)
+def test_every_row_dispatches(scsi: Harness, row: OpcodeRow) -> None:
+    cdb = valid_cdb(row)
+    length = row.transfer_length(cdb, 512)
+    data = bytes(length) if row.direction is DataDirection.OUT else None
+    response = scsi.run(cdb, data)
+    assert response.status == Status.GOOD, scsi.sense(response)
+    assert len(response.data_in) <= (length if row.direction is DataDirection.IN else 0)
+    assert response.data_out_length == (length if row.direction is DataDirection.OUT else 0)
+
+
+@pytest.mark.parametrize("row", OPCODE_TABLE, ids=lambda row: row.name)
+def test_every_bit_outside_the_usage_mask_is_refused(scsi: Harness, row: OpcodeRow) -> None:
+    base = valid_cdb(row)
+    for index in range(1, row.cdb_length):
+        for bit in range(8):
+            if row.usage[index] & (1 << bit):
+                continue
+            cdb = bytearray(base)
+            cdb[index] |= 1 << bit
+            response = scsi.check(bytes(cdb), INVALID_FIELD)
+            assert response.sense[15:18] == bytes([0xC8 | bit]) + index.to_bytes(2, "big")
+
+
+def test_table_shape() -> None:
+    keys = [(row.opcode, row.service_action) for row in OPCODE_TABLE]
+    assert len(keys) == len(set(keys))
+    for row in OPCODE_TABLE:
+        assert row.cdb_length == {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}[row.opcode >> 5]
+        assert row.usage[-1] == 0x00  # CONTROL: no NACA, no LINK
+        if row.writes_medium:
+            assert row.direction is DataDirection.OUT
+
+
+def test_may_block_edge_cases(scsi: Harness) -> None:
+    assert not scsi.target.may_block(b"")
+    assert not scsi.target.may_block(bytes([0xC7]))
+    assert not scsi.target.may_block(bytes([0x2A, 0x08]))  # too short to be a WRITE(10)
+    assert not scsi.target.may_block(bytes([0x28, 0x08]) + bytes(8))  # READ with FUA
