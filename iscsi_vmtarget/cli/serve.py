@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return 1
-    return _run_loop(TargetServer(registry, nop_interval=cfg.nop_interval))
+    return _run_loop(TargetServer(registry, cfg.negotiation, nop_interval=cfg.nop_interval))
 
 
 def _run_loop(server: TargetServer) -> int:

@@ -294,8 +294,8 @@ class Initiator:
         """Run one SCSI command to completion."""
         itt = self.next_itt()
         edtl = expected_length if expected_length is not None else (len(data_out) or read_length)
-        first_burst = int(self.params.get("FirstBurstLength", "65536"))
-        mrdsl = int(self.params.get("MaxRecvDataSegmentLength", "8192"))
+        first_burst = self._number("FirstBurstLength", 65536)
+        mrdsl = self._number("MaxRecvDataSegmentLength", 8192)
         immediate = b""
         if data_out and self.params.get("ImmediateData") == "Yes":
             immediate = data_out[: min(first_burst, mrdsl, edtl)]
@@ -349,10 +349,14 @@ class Initiator:
             elif isinstance(rsp, P.Reject):
                 raise InitiatorError(f"command rejected, reason 0x{rsp.reason:02x}")
 
+    def _number(self, key: str, default: int) -> int:
+        value = self.params.get(key, "")
+        return int(value) if value.isdigit() else default
+
     def _send_data(
         self, itt: int, lun: bytes, data: bytes, offset: int, length: int, ttt: int
     ) -> int:
-        mrdsl = int(self.params.get("MaxRecvDataSegmentLength", "8192"))
+        mrdsl = self._number("MaxRecvDataSegmentLength", 8192)
         end = offset + length
         datasn = 0
         while offset < end:

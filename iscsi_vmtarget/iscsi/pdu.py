@@ -225,7 +225,9 @@ def _extended_cdb(ahs: bytes) -> bytes:
         ahs_type = ahs[pos + 2]
         body = ahs[pos + 4 : pos + 3 + length]  # length counts the reserved byte
         if pos + 3 + length > len(ahs):
-            raise PduFormatError("AHS length runs past TotalAHSLength", RejectReason.INVALID_PDU_FIELD)
+            raise PduFormatError(
+                "AHS length runs past TotalAHSLength", RejectReason.INVALID_PDU_FIELD
+            )
         if ahs_type == 1:
             out += body
         elif ahs_type != 2:  # 2 = bidirectional read length
@@ -582,9 +584,7 @@ class TaskMgmtResponse(Pdu):
     @classmethod
     def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
         statsn, expcmdsn, maxcmdsn = struct.unpack_from(">4xIII", tail)
-        return cls(
-            response=b23[0], statsn=statsn, expcmdsn=expcmdsn, maxcmdsn=maxcmdsn, **common
-        )
+        return cls(response=b23[0], statsn=statsn, expcmdsn=expcmdsn, maxcmdsn=maxcmdsn, **common)
 
 
 @dataclass(slots=True)

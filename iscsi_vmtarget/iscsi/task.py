@@ -84,9 +84,7 @@ class Task:
                 raise DataOutError(f"unsolicited data beyond FirstBurstLength ({offset}+{n})")
             if datasn is not None:
                 if datasn != self.unsolicited_datasn:
-                    raise DataSequenceError(
-                        f"DataSN {datasn}, expected {self.unsolicited_datasn}"
-                    )
+                    raise DataSequenceError(f"DataSN {datasn}, expected {self.unsolicited_datasn}")
                 self.unsolicited_datasn += 1
             self.unsolicited_received += n
         else:

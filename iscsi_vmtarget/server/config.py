@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
+from ..iscsi.params import TargetPreferences
 from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
 from ..sizes import parse_size
 from ..storage import BackendError, FileBackend, create_sparse_file
@@ -57,6 +58,41 @@ class ServeConfig:
     discovery_chap: ChapSecret | None = None
     discovery_mutual_chap: ChapSecret | None = None
     nop_interval: float = 30.0
+    negotiation: TargetPreferences = field(default_factory=lambda: TargetPreferences(**_WINDOW))
+
+
+# Commands an initiator may have outstanding (MaxCmdSN - ExpCmdSN + 1, RFC 7143 §4.2.2.1).
+_WINDOW = {"cmdsn_window": 128}
+_NEGOTIATION_KEYS = {
+    "max_recv_data_segment_length": int,
+    "max_burst_length": int,
+    "first_burst_length": int,
+    "max_outstanding_r2t": int,
+    "immediate_data": bool,
+    "initial_r2t": bool,
+    "default_time2wait": int,
+    "default_time2retain": int,
+    "header_digests": tuple,
+    "data_digests": tuple,
+    "cmdsn_window": int,
+}
+
+
+def _negotiation(section: dict[str, Any]) -> TargetPreferences:
+    """The ``[negotiation]`` table: what the target accepts in login (RFC 7143 §13)."""
+    values: dict[str, Any] = dict(_WINDOW)
+    for key, value in section.items():
+        kind = _NEGOTIATION_KEYS.get(key)
+        if kind is None:
+            raise ValueError(
+                f"[negotiation] has no key {key!r} (known: {sorted(_NEGOTIATION_KEYS)})"
+            )
+        if kind is tuple:
+            value = (value,) if isinstance(value, str) else tuple(value)
+        elif not isinstance(value, kind):
+            raise ValueError(f"[negotiation] {key} must be {kind.__name__}")
+        values[key] = value
+    return TargetPreferences(**values)
 
 
 def parse_portal(text: str, tpgt: int = 1) -> Portal:
@@ -93,6 +129,7 @@ def load_config(path: str) -> ServeConfig:
     try:
         cfg.state_dir = str(doc.get("state_dir", cfg.state_dir))
         cfg.nop_interval = float(doc.get("nop_interval", cfg.nop_interval))
+        cfg.negotiation = _negotiation(doc.get("negotiation", {}))
         cfg.portals = [
             parse_portal(str(p["listen"]), int(p.get("tpgt", 1))) for p in doc.get("portal", [])
         ]

@@ -19,6 +19,7 @@ from ..iscsi.connection import (
     TMF_RSP_COMPLETE,
     TMF_RSP_NO_LUN,
     TMF_TARGET_COLD_RESET,
+    ConnectionSettings,
     TargetConnection,
 )
 from ..iscsi.directory import Portal
@@ -49,6 +50,7 @@ class ConnectionHandler(asyncio.Protocol):
                 prefs=server.prefs,
             ),
             decode_lun=decode_lun,
+            settings=ConnectionSettings(cmd_window=server.prefs.cmdsn_window),
             send_targets=self._send_targets,
         )
         self.tsih = 0
@@ -248,7 +250,7 @@ class TargetServer:
         nop_interval: float = 30.0,
     ) -> None:
         self.registry = registry
-        self.prefs = prefs or TargetPreferences()
+        self.prefs = prefs or TargetPreferences(cmdsn_window=128)
         self.nop_interval = nop_interval
         self.handlers: set[ConnectionHandler] = set()
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scsi-io")

@@ -52,7 +52,9 @@ class FileBackend:
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         if not (self.is_block_device or stat.S_ISREG(st.st_mode)):
             os.close(self._fd)
-            raise BackendError(f"backing store {path!r} is neither a regular file nor a block device")
+            raise BackendError(
+                f"backing store {path!r} is neither a regular file nor a block device"
+            )
         self._size = self._measure()
 
     def _measure(self) -> int:

@@ -57,7 +57,7 @@ def test_family_passes(demo_target: RunningTarget, family: str) -> None:
     out = proc.stdout + proc.stderr
     m = _SUMMARY.search(out)
     assert m, f"no CUnit summary:\n{out[-4000:]}"
-    total, ran, passed, failed, inactive = map(int, m.groups())
+    _total, ran, passed, failed, _inactive = map(int, m.groups())
     failures = [line for line in out.splitlines() if "FAIL" in line or "[FAILED]" in line]
     assert ran > 0, out[-4000:]
     assert failed == 0, "\n".join(failures[:40]) + "\n" + out[-3000:]

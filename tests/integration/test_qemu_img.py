@@ -51,8 +51,7 @@ def test_qemu_img_info_reports_size(demo_target: RunningTarget) -> None:
 def test_convert_round_trip(demo_target: RunningTarget, tmp_path: Path) -> None:
     src = tmp_path / "pattern.raw"
     digest = _pattern(src)
-    qemu_img("convert", "-n", "-f", "raw", "--target-image-opts", str(src),
-             image_opts(demo_target))
+    qemu_img("convert", "-n", "-f", "raw", "--target-image-opts", str(src), image_opts(demo_target))
     back = tmp_path / "back.raw"
     qemu_img("convert", "--image-opts", image_opts(demo_target), "-O", "raw", str(back))
     with open(back, "rb") as fh:

@@ -46,12 +46,25 @@ class FakeLogin:
     def receive(self, req: P.LoginRequest) -> P.LoginResponse:
         self.done = True
         self.result = SimpleNamespace(
-            params=self.params, target=SimpleNamespace(name="iqn.test:t", tpgt=1),
-            isid=req.isid, tsih=1, cid=req.cid, reinstated_tsih=None,
-            exp_cmdsn=req.cmdsn, statsn=100,
+            params=self.params,
+            target=SimpleNamespace(name="iqn.test:t", tpgt=1),
+            isid=req.isid,
+            tsih=1,
+            cid=req.cid,
+            reinstated_tsih=None,
+            exp_cmdsn=req.cmdsn,
+            statsn=100,
         )
-        return P.LoginResponse(itt=req.itt, transit=True, csg=1, nsg=3, tsih=1,
-                               statsn=100, expcmdsn=req.cmdsn, maxcmdsn=req.cmdsn)
+        return P.LoginResponse(
+            itt=req.itt,
+            transit=True,
+            csg=1,
+            nsg=3,
+            tsih=1,
+            statsn=100,
+            expcmdsn=req.cmdsn,
+            maxcmdsn=req.cmdsn,
+        )
 
 
 def wire(*pdus: P.Pdu, hd: bool = False, dd: bool = False) -> bytes:
@@ -124,23 +137,42 @@ def test_check_condition_goes_in_a_scsi_response_with_sense() -> None:
 def test_write_with_immediate_unsolicited_and_r2t_data() -> None:
     h = Harness()
     payload = bytes(i % 251 for i in range(100_000))
-    h.send(P.ScsiCommand(itt=7, write=True, expected_length=len(payload), cmdsn=10,
-                         cdb=b"\x2a" + bytes(9), data=payload[:4096]))
+    h.send(
+        P.ScsiCommand(
+            itt=7,
+            write=True,
+            expected_length=len(payload),
+            cmdsn=10,
+            cdb=b"\x2a" + bytes(9),
+            data=payload[:4096],
+        )
+    )
     # Unsolicited Data-Out up to FirstBurstLength (16384).
-    h.send(P.DataOut(itt=7, buffer_offset=4096, datasn=0, data=payload[4096:12288]),
-           P.DataOut(itt=7, buffer_offset=12288, datasn=1, final=True,
-                     data=payload[12288:16384]))
+    h.send(
+        P.DataOut(itt=7, buffer_offset=4096, datasn=0, data=payload[4096:12288]),
+        P.DataOut(itt=7, buffer_offset=12288, datasn=1, final=True, data=payload[12288:16384]),
+    )
     r2ts = h.recv()
     assert [type(p) for p in r2ts] == [P.R2T, P.R2T]  # MaxOutstandingR2T = 2
     assert [(r.buffer_offset, r.desired_length, r.r2tsn) for r in r2ts] == [
-        (16384, 65536, 0), (81920, 18080, 1)]
+        (16384, 65536, 0),
+        (81920, 18080, 1),
+    ]
     assert h.events() == []
     for r in r2ts:
         off, end, sn = r.buffer_offset, r.buffer_offset + r.desired_length, 0
         while off < end:
             n = min(8192, end - off)
-            h.send(P.DataOut(itt=7, ttt=r.ttt, buffer_offset=off, datasn=sn,
-                             final=off + n == end, data=payload[off:off + n]))
+            h.send(
+                P.DataOut(
+                    itt=7,
+                    ttt=r.ttt,
+                    buffer_offset=off,
+                    datasn=sn,
+                    final=off + n == end,
+                    data=payload[off : off + n],
+                )
+            )
             off, sn = off + n, sn + 1
     (ev,) = h.events()
     assert isinstance(ev, ExecuteCommand)
@@ -149,8 +181,7 @@ def test_write_with_immediate_unsolicited_and_r2t_data() -> None:
 
 def test_datasn_out_of_order_fails_the_connection() -> None:
     h = Harness(replace(PARAMS, immediate_data=False, initial_r2t=True))
-    h.send(P.ScsiCommand(itt=8, write=True, expected_length=1024, cmdsn=10,
-                         cdb=b"\x2a" + bytes(9)))
+    h.send(P.ScsiCommand(itt=8, write=True, expected_length=1024, cmdsn=10, cdb=b"\x2a" + bytes(9)))
     (r2t,) = h.recv()
     h.send(P.DataOut(itt=8, ttt=r2t.ttt, buffer_offset=0, datasn=1, data=bytes(512)))
     out = h.recv()
@@ -205,11 +236,15 @@ def test_unknown_opcode_gets_reject_and_session_goes_on() -> None:
 
 def test_abort_task_and_lun_reset() -> None:
     h = Harness(replace(PARAMS, immediate_data=False, initial_r2t=True))
-    h.send(P.ScsiCommand(itt=50, write=True, expected_length=4096, cmdsn=10,
-                         cdb=b"\x2a" + bytes(9)))
+    h.send(
+        P.ScsiCommand(itt=50, write=True, expected_length=4096, cmdsn=10, cdb=b"\x2a" + bytes(9))
+    )
     h.recv()
-    h.send(P.TaskMgmtRequest(itt=51, function=1, referenced_task_tag=50, refcmdsn=10,
-                             cmdsn=11, immediate=True))
+    h.send(
+        P.TaskMgmtRequest(
+            itt=51, function=1, referenced_task_tag=50, refcmdsn=10, cmdsn=11, immediate=True
+        )
+    )
     (rsp,) = h.recv()
     assert isinstance(rsp, P.TaskMgmtResponse) and rsp.response == 0
     assert 50 not in h.conn.tasks
@@ -250,8 +285,9 @@ def test_digests_in_full_feature_phase() -> None:
     (nop,) = h.recv()
     assert bytes(nop.data) == b"abc"
     # A corrupted data digest on a NOP-Out gets a Data-Digest-Error Reject.
-    raw = bytearray(wire(P.NopOut(itt=81, immediate=True, cmdsn=10, data=b"abcd"),
-                         hd=True, dd=True))
+    raw = bytearray(
+        wire(P.NopOut(itt=81, immediate=True, cmdsn=10, data=b"abcd"), hd=True, dd=True)
+    )
     raw[-1] ^= 0xFF
     h.conn.receive_data(bytes(raw))
     (rej,) = h.recv()
@@ -261,16 +297,19 @@ def test_digests_in_full_feature_phase() -> None:
 _FFP_OPCODES = [int(o) for o in P.Opcode if o < 0x20]
 
 
-@given(opcode=st.sampled_from(_FFP_OPCODES), immediate=st.booleans(),
-       body=st.binary(min_size=40, max_size=40), data=st.binary(max_size=64))
+@given(
+    opcode=st.sampled_from(_FFP_OPCODES),
+    immediate=st.booleans(),
+    body=st.binary(min_size=40, max_size=40),
+    data=st.binary(max_size=64),
+)
 @settings(max_examples=300, deadline=None)
 def test_every_initiator_opcode_in_full_feature_phase_is_handled(
     opcode: int, immediate: bool, body: bytes, data: bytes
 ) -> None:
     """Every (phase, opcode) pair either has a row or gets a Reject; nothing raises."""
     h = Harness()
-    bhs = bytearray(bytes([opcode | (0x40 if immediate else 0)]) + body[:3] + bytes(4)
-                    + body[3:40])
+    bhs = bytearray(bytes([opcode | (0x40 if immediate else 0)]) + body[:3] + bytes(4) + body[3:40])
     bhs[5:8] = len(data).to_bytes(3, "big")
     bhs[4] = 0
     h.conn.receive_data(bytes(bhs) + data + bytes(-len(data) & 3))
