@@ -69,6 +69,8 @@ class Reason(Enum):
     CAPACITY_DATA_CHANGED = auto()
     REPORTED_LUNS_DATA_CHANGED = auto()
     COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = auto()
+    # ABORTED COMMAND (raised by the transport, e.g. a Data-Out sequence error)
+    DATA_PHASE_ERROR = auto()
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class SenseCode:
 #: The one table from reason to key/ASC/ASCQ (SPC-4 §4.5.6 tables 27 and 28).
 SENSE_TABLE: Final[dict[Reason, SenseCode]] = {
     Reason.NO_SENSE: SenseCode(SenseKey.NO_SENSE, 0x00, 0x00),
+    Reason.DATA_PHASE_ERROR: SenseCode(SenseKey.ABORTED_COMMAND, 0x4B, 0x00),
     Reason.INVALID_COMMAND_OPERATION_CODE: SenseCode(SenseKey.ILLEGAL_REQUEST, 0x20, 0x00),
     Reason.LBA_OUT_OF_RANGE: SenseCode(SenseKey.ILLEGAL_REQUEST, 0x21, 0x00),
     Reason.INVALID_FIELD_IN_CDB: SenseCode(SenseKey.ILLEGAL_REQUEST, 0x24, 0x00),
