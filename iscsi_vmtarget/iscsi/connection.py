@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from ..scsi.sense import Reason, build_sense
 from . import pdu as P
 from .events import ConnectionClosing, Event, ExecuteCommand, LoginComplete, ResetRequested
 from .framing import FramingError, PduReader, encode_pdu
@@ -333,10 +334,20 @@ class TargetConnection:
             return  # a task we aborted or completed: its late data is dropped (§4.2.3.3)
         try:
             task.accept_data(pdu.buffer_offset, pdu.data, pdu.ttt, pdu.datasn)
-        except DataSequenceError as exc:
-            # ERL 0 has no within-command recovery: reject, then fail the connection.
-            self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
-            self._close(f"Data-Out sequence error: {exc}")
+        except DataSequenceError:
+            # ERL 0 has no within-command recovery (RFC 7143 §7.1.4): end the task with
+            # CHECK CONDITION, ABORTED COMMAND / DATA PHASE ERROR; its late Data-Out is
+            # dropped. The connection stays up, so other tasks are not disturbed.
+            self._abort(task)
+            sense = build_sense(Reason.DATA_PHASE_ERROR)
+            self._send(
+                P.ScsiResponsePdu(
+                    itt=task.itt,
+                    status=0x02,
+                    data=len(sense).to_bytes(2, "big") + sense,
+                    **self._status_fields(),
+                )
+            )
             return
         except DataOutError:
             self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
@@ -523,10 +534,11 @@ class TargetConnection:
             if task is not None and task.lun == lun:
                 self._abort(task)
                 rsp = TMF_RSP_COMPLETE
-            elif in_window(pdu.refcmdsn, self.expcmdsn, self.maxcmdsn) or sn_lt(
+            elif in_window(pdu.refcmdsn, self.expcmdsn, self.maxcmdsn) and sn_lt(
                 pdu.refcmdsn, pdu.cmdsn
             ):
-                # §11.5.1: not received yet but within the window: consider it received.
+                # §11.5.1: not received yet, within the window and before this TMF:
+                # consider it received (and done) and report Function Complete.
                 self._pending.pop(pdu.refcmdsn, None)
                 rsp = TMF_RSP_COMPLETE if task is None else TMF_RSP_NO_TASK
             else:

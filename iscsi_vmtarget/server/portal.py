@@ -95,6 +95,8 @@ class ConnectionHandler(asyncio.Protocol):
             elif isinstance(event, ResetRequested):
                 self._reset(event)
             elif isinstance(event, ConnectionClosing):
+                if event.reason != "logout":
+                    log.info("closing connection from %s: %s", self.peer, event.reason)
                 self._flush()
                 if self.transport is not None:
                     self.transport.close()

@@ -179,15 +179,19 @@ def test_write_with_immediate_unsolicited_and_r2t_data() -> None:
     assert bytes(ev.task.buffer) == payload
 
 
-def test_datasn_out_of_order_fails_the_connection() -> None:
+def test_datasn_out_of_order_ends_the_task_with_check_condition() -> None:
     h = Harness(replace(PARAMS, immediate_data=False, initial_r2t=True))
     h.send(P.ScsiCommand(itt=8, write=True, expected_length=1024, cmdsn=10, cdb=b"\x2a" + bytes(9)))
     (r2t,) = h.recv()
     h.send(P.DataOut(itt=8, ttt=r2t.ttt, buffer_offset=0, datasn=1, data=bytes(512)))
-    out = h.recv()
-    assert isinstance(out[0], P.Reject) and out[0].reason == P.RejectReason.PROTOCOL_ERROR
-    assert any(isinstance(e, ConnectionClosing) for e in h.events())
-    assert h.conn.phase is Phase.CLOSED
+    (rsp,) = h.recv()
+    assert isinstance(rsp, P.ScsiResponsePdu) and rsp.itt == 8 and rsp.status == 2
+    assert rsp.sense[2] & 0x0F == 0x0B and rsp.sense[12:14] == b"\x4b\x00"
+    assert h.events() == [] and 8 not in h.conn.tasks
+    # The task's late Data-Out is dropped; the connection goes on.
+    h.send(P.DataOut(itt=8, ttt=r2t.ttt, buffer_offset=512, datasn=1, data=bytes(512)))
+    assert h.recv() == []
+    assert h.conn.phase is Phase.FULL_FEATURE
 
 
 def test_cmdsn_ordering_holds_later_commands_back() -> None:
