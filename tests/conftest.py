@@ -26,6 +26,7 @@ class RunningTarget:
     port: int
     targets: dict[str, dict[int, int]] = field(default_factory=dict)  # iqn -> lun -> bytes
     log_path: Path | None = None
+    ports: list[int] = field(default_factory=list)
 
     @property
     def portal(self) -> str:
@@ -72,7 +73,8 @@ def start_target(workdir: Path, *extra: str, nop_interval: float = 0) -> Running
             raise RuntimeError(f"target exited early:\n{running.log()}")
         words = line.split()
         if line.startswith("listening on "):
-            running.port = int(words[-1].rpartition(":")[2])
+            running.ports.append(int(words[-1].rpartition(":")[2]))
+            running.port = running.ports[0]
         elif line.startswith("target "):
             running.targets.setdefault(words[1], {})[int(words[3])] = int(words[4])
         elif line.startswith("ready"):

@@ -154,3 +154,80 @@ def test_logout_of_connection(multi: RunningTarget) -> None:
     assert ini.logout(reason=1) == 0
     ini2 = login(multi, T1)
     assert ini2.logout(reason=2) == 2  # connection recovery: not supported at ERL 0
+
+
+def test_two_portals_each_in_sendtargets(tmp_path: Path) -> None:
+    t = start_target(tmp_path, "--portal", "127.0.0.1:0")
+    try:
+        assert len(t.ports) == 2
+        for port in t.ports:
+            ini = Initiator(port=port, initiator_name=INITIATOR)
+            ini.login()
+            addresses = [v for k, v in ini.send_targets("All") if k == "TargetAddress"]
+            assert sorted(addresses) == sorted(f"127.0.0.1:{p},1" for p in t.ports)
+            ini.logout()
+    finally:
+        t.stop()
+
+
+def test_target_cold_reset_ends_every_session(multi: RunningTarget) -> None:
+    a = login(multi, T1, isid=bytes.fromhex("400001370201"))
+    b = login(multi, T1, isid=bytes.fromhex("400001370202"))
+    other = login(multi, T2, chap_user="host1", chap_secret=b"host1-secret-12")
+    a.send_pdu(
+        P.TaskMgmtRequest(
+            itt=a.next_itt(), function=7, immediate=True, cmdsn=a.cmdsn, expstatsn=a.expstatsn
+        )
+    )
+    rsp = a.recv_pdu()
+    assert isinstance(rsp, P.TaskMgmtResponse) and rsp.response == 0
+    for s in (a, b):
+        with pytest.raises((InitiatorError, OSError)):
+            s.nop(b"x")
+    assert other.nop(b"unaffected") == b"unaffected"  # another target's session
+
+
+def test_warm_reset_reports_reset_to_every_lun_of_the_target(multi: RunningTarget) -> None:
+    a = login(multi, T1, isid=bytes.fromhex("400001370301"))
+    b = login(multi, T1, isid=bytes.fromhex("400001370302"))
+    for s in (a, b):
+        for lun in (0, 3):
+            s.command(bytes(6), lun=lun)
+    a.send_pdu(
+        P.TaskMgmtRequest(
+            itt=a.next_itt(), function=6, immediate=True, cmdsn=a.cmdsn, expstatsn=a.expstatsn
+        )
+    )
+    assert a.recv_pdu().response == 0
+    for lun in (0, 3):
+        tur = b.command(bytes(6), lun=lun)
+        assert (tur.sense_key, tur.asc_ascq[0]) == (6, 0x29), tur
+    assert b.nop(b"still") == b"still"  # a warm reset keeps the sessions
+
+
+def test_many_concurrent_sessions_do_io(multi: RunningTarget) -> None:
+    import threading
+
+    errors: list[str] = []
+
+    def worker(n: int) -> None:
+        try:
+            ini = login(multi, T1, isid=bytes.fromhex(f"4000013704{n:02x}"))
+            ini.command(bytes(6))
+            block = bytes([n]) * 4096
+            lba = n * 8
+            cdb = bytes([0x2A, 0]) + lba.to_bytes(4, "big") + b"\x00\x00\x08\x00"
+            for _ in range(20):
+                assert ini.command(cdb, data_out=block).status == 0
+                rd = bytes([0x28, 0]) + lba.to_bytes(4, "big") + b"\x00\x00\x08\x00"
+                assert ini.command(rd, read_length=4096).data == block
+            ini.logout()
+        except Exception as exc:
+            errors.append(f"session {n}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(24)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert errors == []
