@@ -1,0 +1,46 @@
+"""tools/bench parses its options and plans its runs (no timings: it starts nothing)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_help() -> None:
+    r = run("--help")
+    assert r.returncode == 0, r.stderr
+    for option in ("--quick", "--reps", "--json", "--memory", "--dry-run"):
+        assert option in r.stdout
+
+
+def test_quick_dry_run_plans_every_test_against_both_targets() -> None:
+    r = run("--quick", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "reps 1" in r.stdout
+    plan = [line for line in r.stdout.splitlines() if line.startswith("rep ")]
+    assert len(plan) == 8
+    assert all("tgtd -> ours -> ours+hd" in line for line in plan)
+    assert sum("iscsi-perf" in line for line in plan) == 4
+    assert sum("qemu-img bench -w" in line for line in plan) == 4
+
+
+def test_reps_alternate_the_order() -> None:
+    r = run("--reps", "2", "--tests", "read-4k-rand-qd32", "--no-digests", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    plan = [line for line in r.stdout.splitlines() if line.startswith("rep ")]
+    assert "tgtd -> ours" in plan[0] and "ours -> tgtd" in plan[1]
+
+
+def test_unknown_test_is_a_usage_error() -> None:
+    r = run("--tests", "nope", "--dry-run")
+    assert r.returncode == 2
+    assert "unknown tests" in r.stderr
