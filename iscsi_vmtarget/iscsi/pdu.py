@@ -4,9 +4,10 @@ Pure: bytes in, dataclasses out and back. Framing (AHS, padding, digests) lives 
 :mod:`.framing`; this module turns one Basic Header Segment (48 bytes, §11.2.1) plus
 its AHS and data segment into a typed PDU and back.
 
-Every PDU carries ``immediate`` (byte 0 bit 6), ``itt`` (bytes 16-19) and ``data``.
-The codec works for both roles, so the same module serves our target and our own
-initiator code (tests, replication).
+Each PDU type is declared as data: ``BITS`` names the flag fields of byte 1 and
+``FIELDS`` names the other BHS fields by byte offset and width, straight from the
+RFC's figures. One generic encoder/decoder (a precompiled :class:`struct.Struct` per
+type) serves them all. The codec serves both roles: our target and our own initiator.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 BHS_LEN = 48
 RESERVED_TAG = 0xFFFFFFFF
@@ -69,73 +70,132 @@ class PduFormatError(ValueError):
         self.reason = reason
 
 
-# The 48-byte BHS as one struct per layout; "x" pads reserved bytes.
-# Common head: byte 0 (I + opcode), byte 1 (flags), bytes 2-3, TotalAHSLength,
-# DataSegmentLength (24 bits as 1 + 2 bytes), bytes 8-15, ITT.
-_HEAD = ">BB2sBBH8sI"
-_HEAD_LEN = struct.calcsize(_HEAD)  # 20
+# Field widths: struct codes for the BHS layout.
+U8, U16, U32, LUN, ISID, CDB = "B", "H", "I", "8s", "6s", "16s"
+_WIDTH = {U8: 1, U16: 2, U32: 4, LUN: 8, ISID: 6, CDB: 16}
+
+# Bytes every BHS has (§11.2.1): 0 = I bit + opcode, 1 = flags, 4 = TotalAHSLength,
+# 5-7 = DataSegmentLength (as a byte and a 16-bit word), 16-19 = Initiator Task Tag.
+_COMMON = (("_b0", 0, U8), ("_b1", 1, U8), ("_ahs", 4, U8), ("_dhi", 5, U8),
+           ("_dlo", 6, U16), ("itt", 16, U32))  # fmt: skip
 
 
-def _u32(buf: bytes | memoryview, off: int) -> int:
-    return int.from_bytes(buf[off : off + 4], "big")
+def _layout(fields: tuple[tuple[str, int, str], ...]) -> tuple[struct.Struct, tuple[str, ...]]:
+    """Compile (name, offset, width) rows into one 48-byte struct, reserved bytes padded."""
+    fmt, names, pos = ">", [], 0
+    for name, offset, width in sorted(_COMMON + fields, key=lambda f: f[1]):
+        if offset < pos:
+            raise ValueError(f"BHS field {name} overlaps at byte {offset}")
+        fmt += f"{offset - pos}x" if offset > pos else ""
+        fmt += width
+        names.append(name)
+        pos = offset + _WIDTH[width]
+    fmt += f"{BHS_LEN - pos}x" if pos < BHS_LEN else ""
+    packer = struct.Struct(fmt)
+    assert packer.size == BHS_LEN
+    return packer, tuple(names)
 
 
 @dataclass(slots=True)
 class Pdu:
-    """Base of every PDU type; subclasses define OPCODE and their own fields."""
+    """Base of every PDU type.
+
+    Subclasses set ``OPCODE``, ``BITS`` ((field, mask) pairs of byte 1; a one-bit
+    mask is a bool, a wider one an int), ``ALWAYS`` (byte-1 bits that are always
+    set, like F on single-PDU types) and ``FIELDS`` ((field, byte offset, width)).
+    """
 
     OPCODE: ClassVar[Opcode]
+    BITS: ClassVar[tuple[tuple[str, int], ...]] = ()
+    ALWAYS: ClassVar[int] = 0x80
+    FIELDS: ClassVar[tuple[tuple[str, int, str], ...]] = ()
+
     immediate: bool = False
     itt: int = RESERVED_TAG
     data: Payload = b""
     ahs: bytes = b""
 
-    # -- to be provided by subclasses ------------------------------------------------
-    def _flags(self) -> int:  # byte 1
-        return 0x80
-
-    def _bytes2_3(self) -> bytes:
-        return b"\x00\x00"
-
-    def _bytes8_15(self) -> bytes:
-        return bytes(8)
-
-    def _tail(self) -> bytes:  # bytes 20-47
-        return bytes(28)
-
-    @classmethod
-    def _from_fields(
-        cls, flags: int, b23: bytes, b815: bytes, tail: memoryview, common: dict[str, object]
-    ) -> Pdu:
-        raise NotImplementedError
-
-    # -- generic ----------------------------------------------------------------------
     def encode_bhs(self) -> bytes:
         """The 48-byte BHS (RFC 7143 §11.2.1) with this PDU's AHS/data lengths."""
-        if len(self.ahs) % 4:
-            raise ValueError("AHS length must be a multiple of 4")
-        dlen = len(self.data)
-        if dlen >= 1 << 24:
-            raise ValueError("data segment too long")
-        head = struct.pack(
-            _HEAD,
-            (0x40 if self.immediate else 0) | int(self.OPCODE),
-            self._flags(),
-            self._bytes2_3(),
-            len(self.ahs) // 4,
-            dlen >> 16,
-            dlen & 0xFFFF,
-            self._bytes8_15(),
-            self.itt,
-        )
-        tail = self._tail()
-        assert len(tail) == 28, type(self).__name__
-        return head + tail
+        raise NotImplementedError  # compiled per PDU type by _compile()
+
+    @classmethod
+    def from_bhs(cls, bhs: bytes | memoryview, ahs: bytes, data: Payload) -> Pdu:
+        """Decode a BHS of this type (the opcode is already known)."""
+        return cls._decode_bhs(bhs, ahs, data)
+
+    @classmethod
+    def _decode_bhs(cls, bhs: bytes | memoryview, ahs: bytes, data: Payload) -> Pdu:
+        raise NotImplementedError  # compiled per PDU type by _compile()
+
+    def __init_subclass__(cls) -> None:
+        # No super() call: slots=True rebuilds classes, which breaks its __class__ cell.
+        if "FIELDS" in cls.__dict__:
+            _compile(cls)
 
 
-def _pack_tail(fmt: str, *values: int) -> bytes:
-    out = struct.pack(">" + fmt, *values)
-    return out + bytes(28 - len(out))
+def _compile(cls: type[Pdu]) -> None:
+    """Generate ``encode_bhs`` and ``from_bhs`` for one PDU type from its tables.
+
+    Generated, like :func:`collections.namedtuple`, so the per-PDU cost is one
+    struct call and one constructor call: this runs for every PDU on the data path.
+    """
+    packer, names = _layout(cls.FIELDS)
+    flag_terms = [str(cls.ALWAYS)]
+    decode_bits = []
+    for name, mask in cls.BITS:
+        if mask & (mask - 1) == 0:  # a one-bit flag is a bool
+            flag_terms.append(f"({mask} if self.{name} else 0)")
+            decode_bits.append(f"{name}=bool(b1 & {mask})")
+        else:
+            shift = _shift(mask)
+            flag_terms.append(f"((self.{name} << {shift}) & {mask})")
+            decode_bits.append(f"{name}=(b1 & {mask}) >> {shift}")
+    special = {
+        "_b0": "(64 if self.immediate else 0) | OPCODE",
+        "_b1": " | ".join(flag_terms),
+        "_ahs": "len(ahs) >> 2",
+        "_dhi": "dlen >> 16",
+        "_dlo": "dlen & 65535",
+    }
+    pack_args = ", ".join(special.get(n, f"self.{n}") for n in names)
+    unpacked = ", ".join(
+        n if n not in special else ("b0" if n == "_b0" else "b1" if n == "_b1" else "_")
+        for n in names
+    )
+    fields = [n for n in names if n not in special]
+    init_args = ", ".join([f"{n}={n}" for n in fields] + decode_bits)
+    source = f"""
+def encode_bhs(self):
+    ahs = self.ahs
+    dlen = len(self.data)
+    if len(ahs) % 4:
+        raise ValueError("AHS length must be a multiple of 4")
+    if dlen >= 16777216:
+        raise ValueError("data segment too long")
+    return pack({pack_args})
+
+def from_bhs(cls, bhs, ahs, data):
+    {unpacked}, = unpack_from(bhs)
+    return cls(immediate=bool(b0 & 64), data=data, ahs=ahs, {init_args})
+"""
+    namespace: dict[str, Any] = {
+        "pack": packer.pack,
+        "unpack_from": packer.unpack_from,
+        "OPCODE": int(cls.OPCODE),
+    }
+    exec(source, namespace)
+    cls.encode_bhs = namespace["encode_bhs"]  # type: ignore[method-assign]
+    cls._decode_bhs = classmethod(namespace["from_bhs"])  # type: ignore[method-assign,assignment]
+
+
+def _shift(mask: int) -> int:
+    return (mask & -mask).bit_length() - 1
+
+
+# The byte positions below are those of the RFC 7143 §11 figures.
+_LUN8 = ("lun", 8, LUN)
+_SN_TRIPLE_24 = (("statsn", 24, U32), ("expcmdsn", 28, U32), ("maxcmdsn", 32, U32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,21 +208,11 @@ class NopOut(Pdu):
     """NOP-Out (RFC 7143 §11.18)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.NOP_OUT
+    FIELDS = (_LUN8, ("ttt", 20, U32), ("cmdsn", 24, U32), ("expstatsn", 28, U32))
     lun: bytes = bytes(8)
     ttt: int = RESERVED_TAG
     cmdsn: int = 0
     expstatsn: int = 0
-
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return _pack_tail("III", self.ttt, self.cmdsn, self.expstatsn)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        ttt, cmdsn, expstatsn = struct.unpack_from(">III", tail)
-        return cls(lun=bytes(b815), ttt=ttt, cmdsn=cmdsn, expstatsn=expstatsn, **common)
 
 
 @dataclass(slots=True)
@@ -170,6 +220,17 @@ class ScsiCommand(Pdu):
     """SCSI Command (RFC 7143 §11.3). ``cdb`` includes any extended CDB AHS bytes."""
 
     OPCODE: ClassVar[Opcode] = Opcode.SCSI_COMMAND
+    BITS = (("final", 0x80), ("read", 0x40), ("write", 0x20), ("attr", 0x07))
+    ALWAYS = 0
+    FIELDS = (
+        _LUN8,
+        ("expected_length", 20, U32),  # Expected Data Transfer Length (§11.3.6)
+        ("cmdsn", 24, U32),
+        ("expstatsn", 28, U32),
+        # The first 16 CDB bytes (struct pads a shorter CDB with zeros); the rest
+        # travels in an Extended CDB AHS (§11.2.2.3).
+        ("cdb", 32, CDB),
+    )
     final: bool = True
     read: bool = False
     write: bool = False
@@ -180,40 +241,12 @@ class ScsiCommand(Pdu):
     expstatsn: int = 0
     cdb: bytes = bytes(16)
 
-    def _flags(self) -> int:
-        return (
-            (0x80 if self.final else 0)
-            | (0x40 if self.read else 0)
-            | (0x20 if self.write else 0)
-            | (self.attr & 0x07)
-        )
-
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        cdb = self.cdb[:16].ljust(16, b"\x00")
-        return struct.pack(">III", self.expected_length, self.cmdsn, self.expstatsn) + cdb
-
     @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        edtl, cmdsn, expstatsn = struct.unpack_from(">III", tail)
-        cdb = bytes(tail[12:28])
-        ahs = common["ahs"]
+    def from_bhs(cls, bhs: bytes | memoryview, ahs: bytes, data: Payload) -> Pdu:
+        pdu = cls._decode_bhs(bhs, ahs, data)
         if ahs:
-            cdb += _extended_cdb(ahs)  # type: ignore[arg-type]
-        return cls(
-            final=bool(flags & 0x80),
-            read=bool(flags & 0x40),
-            write=bool(flags & 0x20),
-            attr=flags & 0x07,
-            lun=bytes(b815),
-            expected_length=edtl,
-            cmdsn=cmdsn,
-            expstatsn=expstatsn,
-            cdb=cdb,
-            **common,
-        )
+            pdu.cdb += _extended_cdb(ahs)
+        return pdu
 
 
 def _extended_cdb(ahs: bytes) -> bytes:
@@ -241,6 +274,15 @@ class TaskMgmtRequest(Pdu):
     """Task Management Function Request (RFC 7143 §11.5)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.TASK_MGMT_REQUEST
+    BITS = (("function", 0x7F),)
+    FIELDS = (
+        _LUN8,
+        ("referenced_task_tag", 20, U32),
+        ("cmdsn", 24, U32),
+        ("expstatsn", 28, U32),
+        ("refcmdsn", 32, U32),
+        ("expdatasn", 36, U32),
+    )
     function: int = 1
     lun: bytes = bytes(8)
     referenced_task_tag: int = RESERVED_TAG
@@ -249,35 +291,8 @@ class TaskMgmtRequest(Pdu):
     refcmdsn: int = 0
     expdatasn: int = 0
 
-    def _flags(self) -> int:
-        return 0x80 | (self.function & 0x7F)
 
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return _pack_tail(
-            "IIIII",
-            self.referenced_task_tag,
-            self.cmdsn,
-            self.expstatsn,
-            self.refcmdsn,
-            self.expdatasn,
-        )
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        rtt, cmdsn, expstatsn, refcmdsn, expdatasn = struct.unpack_from(">IIIII", tail)
-        return cls(
-            function=flags & 0x7F,
-            lun=bytes(b815),
-            referenced_task_tag=rtt,
-            cmdsn=cmdsn,
-            expstatsn=expstatsn,
-            refcmdsn=refcmdsn,
-            expdatasn=expdatasn,
-            **common,
-        )
+_LOGIN_BITS = (("transit", 0x80), ("cont", 0x40), ("csg", 0x0C), ("nsg", 0x03))
 
 
 @dataclass(slots=True)
@@ -285,6 +300,17 @@ class LoginRequest(Pdu):
     """Login Request (RFC 7143 §11.12). The I bit is always 1 on the wire."""
 
     OPCODE: ClassVar[Opcode] = Opcode.LOGIN_REQUEST
+    BITS = _LOGIN_BITS
+    ALWAYS = 0
+    FIELDS = (
+        ("version_max", 2, U8),
+        ("version_min", 3, U8),
+        ("isid", 8, ISID),
+        ("tsih", 14, U16),
+        ("cid", 20, U16),
+        ("cmdsn", 24, U32),
+        ("expstatsn", 28, U32),
+    )
     transit: bool = False
     cont: bool = False
     csg: int = 0
@@ -300,47 +326,15 @@ class LoginRequest(Pdu):
     def __post_init__(self) -> None:
         self.immediate = True
 
-    def _flags(self) -> int:
-        return (
-            (0x80 if self.transit else 0)
-            | (0x40 if self.cont else 0)
-            | ((self.csg & 3) << 2)
-            | (self.nsg & 3)
-        )
-
-    def _bytes2_3(self) -> bytes:
-        return bytes((self.version_max, self.version_min))
-
-    def _bytes8_15(self) -> bytes:
-        return self.isid + self.tsih.to_bytes(2, "big")
-
-    def _tail(self) -> bytes:
-        return _pack_tail("HxxII", self.cid, self.cmdsn, self.expstatsn)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        cid, cmdsn, expstatsn = struct.unpack_from(">HxxII", tail)
-        return cls(
-            transit=bool(flags & 0x80),
-            cont=bool(flags & 0x40),
-            csg=(flags >> 2) & 3,
-            nsg=flags & 3,
-            version_max=b23[0],
-            version_min=b23[1],
-            isid=bytes(b815[:6]),
-            tsih=int.from_bytes(b815[6:8], "big"),
-            cid=cid,
-            cmdsn=cmdsn,
-            expstatsn=expstatsn,
-            **common,
-        )
-
 
 @dataclass(slots=True)
 class TextRequest(Pdu):
     """Text Request (RFC 7143 §11.10)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.TEXT_REQUEST
+    BITS = (("final", 0x80), ("cont", 0x40))
+    ALWAYS = 0
+    FIELDS = (_LUN8, ("ttt", 20, U32), ("cmdsn", 24, U32), ("expstatsn", 28, U32))
     final: bool = True
     cont: bool = False
     lun: bytes = bytes(8)
@@ -348,34 +342,21 @@ class TextRequest(Pdu):
     cmdsn: int = 0
     expstatsn: int = 0
 
-    def _flags(self) -> int:
-        return (0x80 if self.final else 0) | (0x40 if self.cont else 0)
-
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return _pack_tail("III", self.ttt, self.cmdsn, self.expstatsn)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        ttt, cmdsn, expstatsn = struct.unpack_from(">III", tail)
-        return cls(
-            final=bool(flags & 0x80),
-            cont=bool(flags & 0x40),
-            lun=bytes(b815),
-            ttt=ttt,
-            cmdsn=cmdsn,
-            expstatsn=expstatsn,
-            **common,
-        )
-
 
 @dataclass(slots=True)
 class DataOut(Pdu):
     """SCSI Data-Out (RFC 7143 §11.7)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.DATA_OUT
+    BITS = (("final", 0x80),)
+    ALWAYS = 0
+    FIELDS = (
+        _LUN8,
+        ("ttt", 20, U32),
+        ("expstatsn", 28, U32),
+        ("datasn", 36, U32),
+        ("buffer_offset", 40, U32),
+    )
     final: bool = False
     lun: bytes = bytes(8)
     ttt: int = RESERVED_TAG
@@ -383,49 +364,18 @@ class DataOut(Pdu):
     datasn: int = 0
     buffer_offset: int = 0
 
-    def _flags(self) -> int:
-        return 0x80 if self.final else 0
-
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return _pack_tail("I4xI4xII", self.ttt, self.expstatsn, self.datasn, self.buffer_offset)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        ttt, expstatsn, datasn, offset = struct.unpack_from(">I4xI4xII", tail)
-        return cls(
-            final=bool(flags & 0x80),
-            lun=bytes(b815),
-            ttt=ttt,
-            expstatsn=expstatsn,
-            datasn=datasn,
-            buffer_offset=offset,
-            **common,
-        )
-
 
 @dataclass(slots=True)
 class LogoutRequest(Pdu):
     """Logout Request (RFC 7143 §11.14). reason 0 = close session, 1 = connection."""
 
     OPCODE: ClassVar[Opcode] = Opcode.LOGOUT_REQUEST
+    BITS = (("reason", 0x7F),)
+    FIELDS = (("cid", 20, U16), ("cmdsn", 24, U32), ("expstatsn", 28, U32))
     reason: int = 0
     cid: int = 0
     cmdsn: int = 0
     expstatsn: int = 0
-
-    def _flags(self) -> int:
-        return 0x80 | (self.reason & 0x7F)
-
-    def _tail(self) -> bytes:
-        return _pack_tail("HxxII", self.cid, self.cmdsn, self.expstatsn)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        cid, cmdsn, expstatsn = struct.unpack_from(">HxxII", tail)
-        return cls(reason=flags & 0x7F, cid=cid, cmdsn=cmdsn, expstatsn=expstatsn, **common)
 
 
 @dataclass(slots=True)
@@ -433,34 +383,20 @@ class SnackRequest(Pdu):
     """SNACK Request (RFC 7143 §11.16); only meaningful at ErrorRecoveryLevel > 0."""
 
     OPCODE: ClassVar[Opcode] = Opcode.SNACK_REQUEST
+    BITS = (("snack_type", 0x0F),)
+    FIELDS = (
+        _LUN8,
+        ("ttt", 20, U32),
+        ("expstatsn", 28, U32),
+        ("begrun", 40, U32),
+        ("runlength", 44, U32),
+    )
     snack_type: int = 0
     lun: bytes = bytes(8)
     ttt: int = RESERVED_TAG
     expstatsn: int = 0
     begrun: int = 0
     runlength: int = 0
-
-    def _flags(self) -> int:
-        return 0x80 | (self.snack_type & 0x0F)
-
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return _pack_tail("I4xI8xII", self.ttt, self.expstatsn, self.begrun, self.runlength)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        ttt, expstatsn, begrun, runlength = struct.unpack_from(">I4xI8xII", tail)
-        return cls(
-            snack_type=flags & 0x0F,
-            lun=bytes(b815),
-            ttt=ttt,
-            expstatsn=expstatsn,
-            begrun=begrun,
-            runlength=runlength,
-            **common,
-        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,24 +409,12 @@ class NopIn(Pdu):
     """NOP-In (RFC 7143 §11.19)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.NOP_IN
+    FIELDS = (_LUN8, ("ttt", 20, U32), *_SN_TRIPLE_24)
     lun: bytes = bytes(8)
     ttt: int = RESERVED_TAG
     statsn: int = 0
     expcmdsn: int = 0
     maxcmdsn: int = 0
-
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return _pack_tail("IIII", self.ttt, self.statsn, self.expcmdsn, self.maxcmdsn)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        ttt, statsn, expcmdsn, maxcmdsn = struct.unpack_from(">IIII", tail)
-        return cls(
-            lun=bytes(b815), ttt=ttt, statsn=statsn, expcmdsn=expcmdsn, maxcmdsn=maxcmdsn, **common
-        )
 
 
 @dataclass(slots=True)
@@ -498,6 +422,21 @@ class ScsiResponsePdu(Pdu):
     """SCSI Response (RFC 7143 §11.4). ``data`` is SenseLength + sense (§11.4.7)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.SCSI_RESPONSE
+    BITS = (
+        ("bidi_overflow", 0x10),
+        ("bidi_underflow", 0x08),
+        ("overflow", 0x04),
+        ("underflow", 0x02),
+    )
+    FIELDS = (
+        ("response", 2, U8),
+        ("status", 3, U8),
+        ("snack_tag", 20, U32),
+        *_SN_TRIPLE_24,
+        ("expdatasn", 36, U32),
+        ("bidi_residual", 40, U32),
+        ("residual", 44, U32),
+    )
     bidi_overflow: bool = False
     bidi_underflow: bool = False
     overflow: bool = False
@@ -511,50 +450,6 @@ class ScsiResponsePdu(Pdu):
     expdatasn: int = 0
     bidi_residual: int = 0
     residual: int = 0
-
-    def _flags(self) -> int:
-        return (
-            0x80
-            | (0x10 if self.bidi_overflow else 0)
-            | (0x08 if self.bidi_underflow else 0)
-            | (0x04 if self.overflow else 0)
-            | (0x02 if self.underflow else 0)
-        )
-
-    def _bytes2_3(self) -> bytes:
-        return bytes((self.response, self.status))
-
-    def _tail(self) -> bytes:
-        return struct.pack(
-            ">IIIIIII",
-            self.snack_tag,
-            self.statsn,
-            self.expcmdsn,
-            self.maxcmdsn,
-            self.expdatasn,
-            self.bidi_residual,
-            self.residual,
-        )
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        vals = struct.unpack_from(">IIIIIII", tail)
-        return cls(
-            bidi_overflow=bool(flags & 0x10),
-            bidi_underflow=bool(flags & 0x08),
-            overflow=bool(flags & 0x04),
-            underflow=bool(flags & 0x02),
-            response=b23[0],
-            status=b23[1],
-            snack_tag=vals[0],
-            statsn=vals[1],
-            expcmdsn=vals[2],
-            maxcmdsn=vals[3],
-            expdatasn=vals[4],
-            bidi_residual=vals[5],
-            residual=vals[6],
-            **common,
-        )
 
     @property
     def sense(self) -> bytes:
@@ -570,21 +465,11 @@ class TaskMgmtResponse(Pdu):
     """Task Management Function Response (RFC 7143 §11.6)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.TASK_MGMT_RESPONSE
+    FIELDS = (("response", 2, U8), *_SN_TRIPLE_24)
     response: int = 0
     statsn: int = 0
     expcmdsn: int = 0
     maxcmdsn: int = 0
-
-    def _bytes2_3(self) -> bytes:
-        return bytes((self.response, 0))
-
-    def _tail(self) -> bytes:
-        return _pack_tail("4xIII", self.statsn, self.expcmdsn, self.maxcmdsn)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        statsn, expcmdsn, maxcmdsn = struct.unpack_from(">4xIII", tail)
-        return cls(response=b23[0], statsn=statsn, expcmdsn=expcmdsn, maxcmdsn=maxcmdsn, **common)
 
 
 @dataclass(slots=True)
@@ -592,6 +477,17 @@ class LoginResponse(Pdu):
     """Login Response (RFC 7143 §11.13)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.LOGIN_RESPONSE
+    BITS = _LOGIN_BITS
+    ALWAYS = 0
+    FIELDS = (
+        ("version_max", 2, U8),
+        ("version_active", 3, U8),
+        ("isid", 8, ISID),
+        ("tsih", 14, U16),
+        *_SN_TRIPLE_24,
+        ("status_class", 36, U8),
+        ("status_detail", 37, U8),
+    )
     transit: bool = False
     cont: bool = False
     csg: int = 0
@@ -606,56 +502,15 @@ class LoginResponse(Pdu):
     status_class: int = 0
     status_detail: int = 0
 
-    def _flags(self) -> int:
-        return (
-            (0x80 if self.transit else 0)
-            | (0x40 if self.cont else 0)
-            | ((self.csg & 3) << 2)
-            | (self.nsg & 3)
-        )
-
-    def _bytes2_3(self) -> bytes:
-        return bytes((self.version_max, self.version_active))
-
-    def _bytes8_15(self) -> bytes:
-        return self.isid + self.tsih.to_bytes(2, "big")
-
-    def _tail(self) -> bytes:
-        return _pack_tail(
-            "4xIIIBB",
-            self.statsn,
-            self.expcmdsn,
-            self.maxcmdsn,
-            self.status_class,
-            self.status_detail,
-        )
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        statsn, expcmdsn, maxcmdsn, scls, sdet = struct.unpack_from(">4xIIIBB", tail)
-        return cls(
-            transit=bool(flags & 0x80),
-            cont=bool(flags & 0x40),
-            csg=(flags >> 2) & 3,
-            nsg=flags & 3,
-            version_max=b23[0],
-            version_active=b23[1],
-            isid=bytes(b815[:6]),
-            tsih=int.from_bytes(b815[6:8], "big"),
-            statsn=statsn,
-            expcmdsn=expcmdsn,
-            maxcmdsn=maxcmdsn,
-            status_class=scls,
-            status_detail=sdet,
-            **common,
-        )
-
 
 @dataclass(slots=True)
 class TextResponse(Pdu):
     """Text Response (RFC 7143 §11.11)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.TEXT_RESPONSE
+    BITS = (("final", 0x80), ("cont", 0x40))
+    ALWAYS = 0
+    FIELDS = (_LUN8, ("ttt", 20, U32), *_SN_TRIPLE_24)
     final: bool = True
     cont: bool = False
     lun: bytes = bytes(8)
@@ -664,35 +519,29 @@ class TextResponse(Pdu):
     expcmdsn: int = 0
     maxcmdsn: int = 0
 
-    def _flags(self) -> int:
-        return (0x80 if self.final else 0) | (0x40 if self.cont else 0)
-
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return _pack_tail("IIII", self.ttt, self.statsn, self.expcmdsn, self.maxcmdsn)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        ttt, statsn, expcmdsn, maxcmdsn = struct.unpack_from(">IIII", tail)
-        return cls(
-            final=bool(flags & 0x80),
-            cont=bool(flags & 0x40),
-            lun=bytes(b815),
-            ttt=ttt,
-            statsn=statsn,
-            expcmdsn=expcmdsn,
-            maxcmdsn=maxcmdsn,
-            **common,
-        )
-
 
 @dataclass(slots=True)
 class DataIn(Pdu):
     """SCSI Data-In (RFC 7143 §11.7); with ``status_present`` it also ends the task."""
 
     OPCODE: ClassVar[Opcode] = Opcode.DATA_IN
+    BITS = (
+        ("final", 0x80),
+        ("ack", 0x40),
+        ("overflow", 0x04),
+        ("underflow", 0x02),
+        ("status_present", 0x01),
+    )
+    ALWAYS = 0
+    FIELDS = (
+        ("status", 3, U8),
+        _LUN8,
+        ("ttt", 20, U32),
+        *_SN_TRIPLE_24,
+        ("datasn", 36, U32),
+        ("buffer_offset", 40, U32),
+        ("residual", 44, U32),
+    )
     final: bool = False
     ack: bool = False
     overflow: bool = False
@@ -708,60 +557,18 @@ class DataIn(Pdu):
     buffer_offset: int = 0
     residual: int = 0
 
-    def _flags(self) -> int:
-        return (
-            (0x80 if self.final else 0)
-            | (0x40 if self.ack else 0)
-            | (0x04 if self.overflow else 0)
-            | (0x02 if self.underflow else 0)
-            | (0x01 if self.status_present else 0)
-        )
-
-    def _bytes2_3(self) -> bytes:
-        return bytes((0, self.status))
-
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return struct.pack(
-            ">IIIIIII",
-            self.ttt,
-            self.statsn,
-            self.expcmdsn,
-            self.maxcmdsn,
-            self.datasn,
-            self.buffer_offset,
-            self.residual,
-        )
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        vals = struct.unpack_from(">IIIIIII", tail)
-        return cls(
-            final=bool(flags & 0x80),
-            ack=bool(flags & 0x40),
-            overflow=bool(flags & 0x04),
-            underflow=bool(flags & 0x02),
-            status_present=bool(flags & 0x01),
-            status=b23[1],
-            lun=bytes(b815),
-            ttt=vals[0],
-            statsn=vals[1],
-            expcmdsn=vals[2],
-            maxcmdsn=vals[3],
-            datasn=vals[4],
-            buffer_offset=vals[5],
-            residual=vals[6],
-            **common,
-        )
-
 
 @dataclass(slots=True)
 class LogoutResponse(Pdu):
     """Logout Response (RFC 7143 §11.15)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.LOGOUT_RESPONSE
+    FIELDS = (
+        ("response", 2, U8),
+        *_SN_TRIPLE_24,
+        ("time2wait", 40, U16),
+        ("time2retain", 42, U16),
+    )
     response: int = 0
     statsn: int = 0
     expcmdsn: int = 0
@@ -769,33 +576,20 @@ class LogoutResponse(Pdu):
     time2wait: int = 0
     time2retain: int = 0
 
-    def _bytes2_3(self) -> bytes:
-        return bytes((self.response, 0))
-
-    def _tail(self) -> bytes:
-        return _pack_tail(
-            "4xIII4xHH", self.statsn, self.expcmdsn, self.maxcmdsn, self.time2wait, self.time2retain
-        )
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        statsn, expcmdsn, maxcmdsn, t2w, t2r = struct.unpack_from(">4xIII4xHH", tail)
-        return cls(
-            response=b23[0],
-            statsn=statsn,
-            expcmdsn=expcmdsn,
-            maxcmdsn=maxcmdsn,
-            time2wait=t2w,
-            time2retain=t2r,
-            **common,
-        )
-
 
 @dataclass(slots=True)
 class R2T(Pdu):
     """Ready To Transfer (RFC 7143 §11.8)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.R2T
+    FIELDS = (
+        _LUN8,
+        ("ttt", 20, U32),
+        *_SN_TRIPLE_24,
+        ("r2tsn", 36, U32),
+        ("buffer_offset", 40, U32),
+        ("desired_length", 44, U32),
+    )
     lun: bytes = bytes(8)
     ttt: int = 0
     statsn: int = 0
@@ -805,42 +599,21 @@ class R2T(Pdu):
     buffer_offset: int = 0
     desired_length: int = 0
 
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return struct.pack(
-            ">IIIIIII",
-            self.ttt,
-            self.statsn,
-            self.expcmdsn,
-            self.maxcmdsn,
-            self.r2tsn,
-            self.buffer_offset,
-            self.desired_length,
-        )
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        vals = struct.unpack_from(">IIIIIII", tail)
-        return cls(
-            lun=bytes(b815),
-            ttt=vals[0],
-            statsn=vals[1],
-            expcmdsn=vals[2],
-            maxcmdsn=vals[3],
-            r2tsn=vals[4],
-            buffer_offset=vals[5],
-            desired_length=vals[6],
-            **common,
-        )
-
 
 @dataclass(slots=True)
 class AsyncMessage(Pdu):
     """Asynchronous Message (RFC 7143 §11.9)."""
 
     OPCODE: ClassVar[Opcode] = Opcode.ASYNC_MESSAGE
+    FIELDS = (
+        _LUN8,
+        *_SN_TRIPLE_24,
+        ("event", 36, U8),
+        ("vcode", 37, U8),
+        ("parameter1", 38, U16),
+        ("parameter2", 40, U16),
+        ("parameter3", 42, U16),
+    )
     lun: bytes = bytes(8)
     statsn: int = 0
     expcmdsn: int = 0
@@ -851,67 +624,18 @@ class AsyncMessage(Pdu):
     parameter2: int = 0
     parameter3: int = 0
 
-    def _bytes8_15(self) -> bytes:
-        return self.lun
-
-    def _tail(self) -> bytes:
-        return _pack_tail(
-            "4xIIIBBHHH",
-            self.statsn,
-            self.expcmdsn,
-            self.maxcmdsn,
-            self.event,
-            self.vcode,
-            self.parameter1,
-            self.parameter2,
-            self.parameter3,
-        )
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        vals = struct.unpack_from(">4xIIIBBHHH", tail)
-        return cls(
-            lun=bytes(b815),
-            statsn=vals[0],
-            expcmdsn=vals[1],
-            maxcmdsn=vals[2],
-            event=vals[3],
-            vcode=vals[4],
-            parameter1=vals[5],
-            parameter2=vals[6],
-            parameter3=vals[7],
-            **common,
-        )
-
 
 @dataclass(slots=True)
 class Reject(Pdu):
     """Reject (RFC 7143 §11.17); ``data`` carries the rejected PDU's BHS."""
 
     OPCODE: ClassVar[Opcode] = Opcode.REJECT
+    FIELDS = (("reason", 2, U8), *_SN_TRIPLE_24, ("datasn", 36, U32))
     reason: int = RejectReason.PROTOCOL_ERROR
     statsn: int = 0
     expcmdsn: int = 0
     maxcmdsn: int = 0
     datasn: int = 0
-
-    def _bytes2_3(self) -> bytes:
-        return bytes((self.reason, 0))
-
-    def _tail(self) -> bytes:
-        return _pack_tail("4xIIII", self.statsn, self.expcmdsn, self.maxcmdsn, self.datasn)
-
-    @classmethod
-    def _from_fields(cls, flags, b23, b815, tail, common):  # type: ignore[no-untyped-def]
-        statsn, expcmdsn, maxcmdsn, datasn = struct.unpack_from(">4xIIII", tail)
-        return cls(
-            reason=b23[0],
-            statsn=statsn,
-            expcmdsn=expcmdsn,
-            maxcmdsn=maxcmdsn,
-            datasn=datasn,
-            **common,
-        )
 
 
 PDU_TYPES: dict[int, type[Pdu]] = {
@@ -943,19 +667,12 @@ def decode(bhs: bytes | memoryview, ahs: bytes = b"", data: Payload = b"") -> Pd
     """Decode one PDU from its BHS, AHS and data segment (padding already removed)."""
     if len(bhs) != BHS_LEN:
         raise PduFormatError(f"BHS must be {BHS_LEN} bytes, got {len(bhs)}")
-    view = memoryview(bhs)
-    b0, flags, b23, _ahs_words, _dhi, _dlo, b815, itt = struct.unpack_from(_HEAD, view)
-    opcode = b0 & 0x3F
-    cls = PDU_TYPES.get(opcode)
+    cls = PDU_TYPES.get(bhs[0] & 0x3F)
     if cls is None:
-        raise PduFormatError(f"unknown opcode 0x{opcode:02x}", RejectReason.COMMAND_NOT_SUPPORTED)
-    common: dict[str, object] = {
-        "immediate": bool(b0 & 0x40),
-        "itt": itt,
-        "data": data,
-        "ahs": ahs,
-    }
-    return cls._from_fields(flags, b23, b815, view[_HEAD_LEN:], common)
+        raise PduFormatError(
+            f"unknown opcode 0x{bhs[0] & 0x3F:02x}", RejectReason.COMMAND_NOT_SUPPORTED
+        )
+    return cls.from_bhs(bhs, ahs, data)
 
 
 def peek_lengths(bhs: bytes | memoryview) -> tuple[int, int]:

@@ -162,3 +162,21 @@ def test_oversized_data_segment_is_fatal() -> None:
     reader.feed(wire)
     with pytest.raises(FramingError, match="MaxRecvDataSegmentLength"):
         reader.next_pdu()
+
+
+def test_extended_cdb_ahs_is_appended_to_the_cdb() -> None:
+    """A 32-byte CDB: 16 bytes in the BHS, 16 in an Extended CDB AHS (§11.2.2.3)."""
+    cdb = bytes(range(1, 33))
+    ahs = (17).to_bytes(2, "big") + b"\x01\x00" + cdb[16:]  # length counts the reserved byte
+    ahs += bytes(-len(ahs) % 4)
+    pdu = P.ScsiCommand(itt=1, cdb=cdb[:16], ahs=ahs)
+    back = P.decode(pdu.encode_bhs(), ahs)
+    assert isinstance(back, P.ScsiCommand) and back.cdb == cdb
+
+
+def test_ahs_of_unknown_type_is_an_invalid_pdu_field() -> None:
+    ahs = (5).to_bytes(2, "big") + b"\x07\x00" + bytes(4)
+    pdu = P.ScsiCommand(itt=1, ahs=ahs)
+    with pytest.raises(P.PduFormatError) as info:
+        P.decode(pdu.encode_bhs(), ahs)
+    assert info.value.reason == P.RejectReason.INVALID_PDU_FIELD
