@@ -66,6 +66,19 @@ class ConnectionSettings:
 
     cmd_window: int = 128  # MaxCmdSN - ExpCmdSN + 1 (§4.2.2.1)
     max_text_response: int = 65536
+    # Largest write buffer one command may make us allocate: twice the Block Limits
+    # MAXIMUM TRANSFER LENGTH we advertise (8 MiB). Without it a single 48-byte PDU
+    # with W=1 and EDTL=0xFFFFFFFF would allocate 4 GiB.
+    max_data_out_length: int = 16 << 20
+    # What one connection may hold for commands still collecting Data-Out; past it a
+    # command ends at once with TASK SET FULL (SAM-5 §5.3), so memory stays bounded
+    # even when an initiator sends commands and never their data.
+    max_tasks: int = 512
+    max_buffered_data_out: int = 128 << 20
+    # Stop handling PDUs while this much output waits for data_to_send (see ``stalled``):
+    # an initiator that sends READs and never reads the answers cannot make us queue
+    # gigabytes of Data-In.
+    max_queued_output: int = 1 << 20
 
 
 class TargetConnection:
@@ -98,6 +111,8 @@ class TargetConnection:
         self._text: _TextExchange | None = None
         self._logout_pdu: P.LogoutRequest | None = None
         self.closing = False
+        self._queued = 0  # bytes in self._out
+        self.stalled = False  # PDUs left unhandled until the output is taken
 
     # ------------------------------------------------------------------ public API
     @property
@@ -109,7 +124,13 @@ class TargetConnection:
         if self.phase in (Phase.CLOSED, Phase.LOGGED_OUT):
             return
         self.reader.feed(data)
+        self.stalled = False
         while self.phase not in (Phase.CLOSED, Phase.LOGGED_OUT):
+            if self._queued >= self.settings.max_queued_output:
+                # Back-pressure: the server takes the output, then calls
+                # receive_data(b"") while ``stalled`` to handle the rest.
+                self.stalled = True
+                return
             try:
                 raw = self.reader.next_pdu()
             except FramingError as exc:
@@ -124,6 +145,7 @@ class TargetConnection:
 
     def data_to_send(self) -> list[P.Payload]:
         out, self._out = self._out, []
+        self._queued = 0
         return out
 
     def command_completed(self, task: Task, response: ScsiResponse) -> None:
@@ -273,6 +295,20 @@ class TargetConnection:
         if immediate_len > min(params.first_burst_length, edtl):
             self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
             return
+        if cmd.write and edtl > self.settings.max_data_out_length:
+            # More than any CDB we accept may transfer (SBC-3 §6.5.3): refuse it before
+            # buffering, as the SCSI layer refuses a too long TRANSFER LENGTH.
+            sense = build_sense(Reason.INVALID_FIELD_IN_CDB)
+            self._send_early_status(cmd.itt, 0x02, len(sense).to_bytes(2, "big") + sense)
+            return
+        if len(self.tasks) >= self.settings.max_tasks or (
+            cmd.write
+            and edtl
+            and edtl + sum(len(t.buffer) for t in self.tasks.values() if t.buffer is not None)
+            > self.settings.max_buffered_data_out
+        ):
+            self._send_early_status(cmd.itt, 0x28)  # TASK SET FULL
+            return
         task = Task(
             itt=cmd.itt,
             cmdsn=cmd.cmdsn,
@@ -301,6 +337,10 @@ class TargetConnection:
         if task.write:
             self._issue_r2ts(task)
         self._maybe_dispatch(task)
+
+    def _send_early_status(self, itt: int, status: int, sense: bytes = b"") -> None:
+        """End a command before it becomes a task (no data moved, §11.4)."""
+        self._send(P.ScsiResponsePdu(itt=itt, status=status, data=sense, **self._status_fields()))
 
     def _issue_r2ts(self, task: Task) -> None:
         params = self.result.params  # type: ignore[union-attr]
@@ -386,6 +426,9 @@ class TargetConnection:
             elif produced < limit:
                 underflow, residual = True, limit - produced
             produced = min(produced, limit)
+        # A CDB may describe more than 4 GiB (WRITE(16) of 2^32 blocks): the 32-bit
+        # Residual Count (§11.4.5) saturates instead of failing to encode.
+        residual = min(residual, 0xFFFFFFFF)
         status = int(rsp.status)
         collapse = status == 0 and not rsp.sense
         if produced:
@@ -462,9 +505,11 @@ class TargetConnection:
             if pdu.ttt != ex.ttt or pdu.itt != ex.itt:
                 self._reject(bhs or pdu.encode_bhs(), P.RejectReason.INVALID_PDU_FIELD)
                 return
-            self._send_text_chunk(ex)
-            return
-        if pdu.ttt != P.RESERVED_TAG:
+            if ex.response:  # the initiator asks for our next response piece
+                self._send_text_chunk(ex)
+                return
+            # else it is the next piece of a request it sent with C=1 (§11.10.2)
+        elif pdu.ttt != P.RESERVED_TAG:
             self._reject(bhs or pdu.encode_bhs(), P.RejectReason.INVALID_PDU_FIELD)
             return
         if ex is None or ex.itt != pdu.itt:
@@ -601,6 +646,7 @@ class TargetConnection:
 
     def _send(self, pdu: P.Pdu) -> None:
         self._out += encode_pdu(pdu, self._header_digest, self._data_digest)
+        self._queued += P.BHS_LEN + len(pdu.data)
 
     def _new_ttt(self) -> int:
         ttt = self._next_ttt

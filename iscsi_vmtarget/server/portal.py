@@ -60,6 +60,7 @@ class ConnectionHandler(asyncio.Protocol):
         self._idle = True
         self._ping_handle: asyncio.TimerHandle | None = None
         self.running = 0
+        self._writing_paused = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +77,26 @@ class ConnectionHandler(asyncio.Protocol):
         self._idle = False
         self.conn.receive_data(data)
         self._pump()
+        self._drain_stalled()
+
+    # Back-pressure: while the peer does not read our responses (the transport's buffer
+    # is above its high-water mark) we stop reading its requests, and the connection
+    # stops handling buffered PDUs once 1 MiB of output waits (``conn.stalled``).
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._drain_stalled()
+
+    def _drain_stalled(self) -> None:
+        while self.conn.stalled and not self._writing_paused:
+            self.conn.receive_data(b"")
+            self._pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.handlers.discard(self)
