@@ -298,8 +298,7 @@ class TargetConnection:
         if cmd.write and edtl > self.settings.max_data_out_length:
             # More than any CDB we accept may transfer (SBC-3 §6.5.3): refuse it before
             # buffering, as the SCSI layer refuses a too long TRANSFER LENGTH.
-            sense = build_sense(Reason.INVALID_FIELD_IN_CDB)
-            self._send_early_status(cmd.itt, 0x02, len(sense).to_bytes(2, "big") + sense)
+            self._send_early_status(cmd.itt, 0x02, Reason.INVALID_FIELD_IN_CDB)
             return
         if len(self.tasks) >= self.settings.max_tasks or (
             cmd.write
@@ -338,9 +337,14 @@ class TargetConnection:
             self._issue_r2ts(task)
         self._maybe_dispatch(task)
 
-    def _send_early_status(self, itt: int, status: int, sense: bytes = b"") -> None:
-        """End a command before it becomes a task (no data moved, §11.4)."""
-        self._send(P.ScsiResponsePdu(itt=itt, status=status, data=sense, **self._status_fields()))
+    def _send_early_status(self, itt: int, status: int, reason: Reason | None = None) -> None:
+        """End a command the transport refuses itself (§11.4): the status, and for
+        CHECK CONDITION the sense data of ``reason`` (SenseLength + sense, §11.4.7)."""
+        data = b""
+        if reason is not None:
+            sense = build_sense(reason)
+            data = len(sense).to_bytes(2, "big") + sense
+        self._send(P.ScsiResponsePdu(itt=itt, status=status, data=data, **self._status_fields()))
 
     def _issue_r2ts(self, task: Task) -> None:
         params = self.result.params  # type: ignore[union-attr]
@@ -379,15 +383,7 @@ class TargetConnection:
             # CHECK CONDITION, ABORTED COMMAND / DATA PHASE ERROR; its late Data-Out is
             # dropped. The connection stays up, so other tasks are not disturbed.
             self._abort(task)
-            sense = build_sense(Reason.DATA_PHASE_ERROR)
-            self._send(
-                P.ScsiResponsePdu(
-                    itt=task.itt,
-                    status=0x02,
-                    data=len(sense).to_bytes(2, "big") + sense,
-                    **self._status_fields(),
-                )
-            )
+            self._send_early_status(task.itt, 0x02, Reason.DATA_PHASE_ERROR)
             return
         except DataOutError:
             self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
