@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import serve
+from . import discover, key, pool, serve, vm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve.add_parser(sub)
+    vm.add_parser(sub)
+    pool.add_parser(sub)
+    discover.add_parser(sub)
+    key.add_parser(sub)
     return parser
 
 

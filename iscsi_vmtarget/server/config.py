@@ -2,6 +2,10 @@
 
 Only what the operator wrote is used; nothing is created unless a LUN names a
 ``size`` for a file that does not exist yet, and an existing file is never truncated.
+
+Besides the configured targets, every VM that discovery finds in the pools of the
+state directory is exported as ``<BASE_IQN>:vm.<name>`` (``export_vms = false``
+turns that off); the no-config default also provisions the demo VM ``demo``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ..iscsi.params import TargetPreferences
 from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
 from ..sizes import parse_size
 from ..storage import BackendError, FileBackend, create_sparse_file
+from ..vm import VmError, serve_vms, vm_target_name
 from .registry import Registry, Target
 
 BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
@@ -59,6 +64,8 @@ class ServeConfig:
     discovery_mutual_chap: ChapSecret | None = None
     nop_interval: float = 30.0
     negotiation: TargetPreferences = field(default_factory=lambda: TargetPreferences(**_WINDOW))
+    export_vms: bool = True  # export every VM found in the pools of state_dir
+    demo_vm: bool = False  # provision the VM "demo" first if it does not exist
 
 
 # Commands an initiator may have outstanding (MaxCmdSN - ExpCmdSN + 1, RFC 7143 §4.2.2.1).
@@ -129,6 +136,7 @@ def load_config(path: str) -> ServeConfig:
     try:
         cfg.state_dir = str(doc.get("state_dir", cfg.state_dir))
         cfg.nop_interval = float(doc.get("nop_interval", cfg.nop_interval))
+        cfg.export_vms = bool(doc.get("export_vms", cfg.export_vms))
         cfg.negotiation = _negotiation(doc.get("negotiation", {}))
         cfg.portals = [
             parse_portal(str(p["listen"]), int(p.get("tpgt", 1))) for p in doc.get("portal", [])
@@ -167,7 +175,8 @@ def load_config(path: str) -> ServeConfig:
 
 
 def demo_config(state_dir: str) -> ServeConfig:
-    """The no-config default: one 1 GiB sparse LUN in the default pool."""
+    """The no-config default: one 1 GiB sparse LUN in the default pool, and the demo
+    VM (a 1 GiB disk, 256 MiB of state) exported as ``<BASE_IQN>:vm.demo``."""
     pool = os.path.join(state_dir, "pools", "default")
     return ServeConfig(
         state_dir=state_dir,
@@ -178,6 +187,7 @@ def demo_config(state_dir: str) -> ServeConfig:
                 luns=[LunConfig(0, os.path.join(pool, "demo-lun0.img"), DEMO_SIZE)],
             )
         ],
+        demo_vm=True,
     )
 
 
@@ -243,8 +253,27 @@ def build_registry(cfg: ServeConfig) -> Registry:
                 registry.add_target(Target(entry, ScsiTarget(luns)))
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
+        if cfg.export_vms or cfg.demo_vm:
+            _add_vms(cfg, registry, opened)
     except ConfigError:
         for lu in opened:
             lu.backend.close()
         raise
     return registry
+
+
+def _add_vms(cfg: ServeConfig, registry: Registry, opened: list[LogicalUnit]) -> None:
+    """One target per VM: LUN 0 the primary disk, LUN n its n-th secondary disk, each a
+    guest view of its unit (the VM layer, :mod:`iscsi_vmtarget.vm`)."""
+    try:
+        exports = serve_vms(cfg.state_dir, demo=cfg.demo_vm)
+    except VmError as exc:
+        raise ConfigError(f"VMs in {cfg.state_dir!r}: {exc}") from exc
+    for _name, luns in exports:
+        opened.extend(luns.values())
+    for name, luns in exports:
+        entry = TargetEntry(name=vm_target_name(name, BASE_IQN), alias=f"vm.{name}")
+        try:
+            registry.add_target(Target(entry, ScsiTarget(luns)))
+        except ValueError as exc:
+            raise ConfigError(f"VM {name!r}: {exc}") from exc

@@ -1,0 +1,297 @@
+"""``iscsi-vmtarget vm``: create, list, show, resize and delete VMs; their state and config.
+
+Each VM is a base unit (its state, config and primary disk) plus secondary-disk units,
+exported as ``<base IQN>:vm.<name>`` with LUN 0 the primary disk. Errors are printed as
+``iscsi-vmtarget: <message>`` with exit status 1, and leave what is stored unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..server.config import ServeConfig
+from ..sizes import format_size, parse_size
+from ..vm import Mode, StateDir, VmError, VmManager, vm_target_name
+from ..vm.discovery import FoundVm
+
+Handler = Callable[[argparse.Namespace, VmManager], int]
+
+
+# -- shared by the vm, pool, discover and key commands -------------------------------------
+
+
+def add_common(p: argparse.ArgumentParser, *, key: bool = True) -> None:
+    """--state-dir (and --key-file) for a management command."""
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=ServeConfig().state_dir,
+        help="where pools, pool definitions and the key file live (default ./var/iscsi-vmtarget)",
+    )
+    if key:
+        p.add_argument(
+            "--key-file",
+            metavar="FILE",
+            help="master key file (default <state-dir>/master.key, created 0600 by the "
+            "first 'vm create')",
+        )
+
+
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def run_managed(args: argparse.Namespace, handler: Handler) -> int:
+    """Run ``handler`` with a manager; VmError -> message on stderr, status 1."""
+    state = StateDir.at(args.state_dir, getattr(args, "key_file", None))
+    try:
+        with VmManager(state) as manager:
+            return handler(args, manager)
+    except VmError as exc:
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"iscsi-vmtarget: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 1
+
+
+def print_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def vm_json(vm: FoundVm, manager: VmManager) -> dict[str, object]:
+    return {
+        **vm.to_json(),
+        "target": vm_target_name(vm.name),
+        "served": manager.served(vm),
+    }
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    vm = sub.add_parser("vm", help="manage VMs", description=__doc__)
+    verbs = vm.add_subparsers(dest="vm_command", metavar="VERB", required=True)
+
+    p = verbs.add_parser(
+        "create",
+        help="allocate a VM's units",
+        description="Allocate the base unit (disk, state sized for --memory plus "
+        "headroom, config) and one unit per --secondary disk.",
+    )
+    p.add_argument("name")
+    p.add_argument("--disk", type=size_arg, required=True, metavar="SIZE", help="primary disk")
+    p.add_argument("--memory", type=size_arg, required=True, metavar="SIZE", help="VM RAM")
+    p.add_argument(
+        "--secondary",
+        type=size_arg,
+        action="append",
+        default=[],
+        metavar="SIZE",
+        help="a secondary disk (repeatable): LUN 1, 2, ...",
+    )
+    p.add_argument(
+        "--mode",
+        choices=[m.name.lower() for m in Mode],
+        default="truncate",
+        help="how the hidden data is concealed from the guest (default truncate)",
+    )
+    p.add_argument("--pool", default="default", help="pool to allocate from (default: default)")
+    p.add_argument("--json", action="store_true")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _create))
+
+    p = verbs.add_parser("list", help="list VMs", description="List the VMs of every pool.")
+    p.add_argument("--pool")
+    p.add_argument("--json", action="store_true")
+    add_common(p, key=False)
+    p.set_defaults(func=lambda a: run_managed(a, _list))
+
+    p = verbs.add_parser("show", help="show one VM", description="Show a VM's units and LUNs.")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    add_common(p, key=False)
+    p.set_defaults(func=lambda a: run_managed(a, _show))
+
+    p = verbs.add_parser(
+        "delete",
+        help="delete a VM",
+        description="Delete a VM's units. Refused while a running server exports it.",
+    )
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="delete even if a server exports it")
+    add_common(p, key=False)
+    p.set_defaults(func=lambda a: run_managed(a, _delete))
+
+    p = verbs.add_parser(
+        "resize",
+        help="grow a VM's disk or memory",
+        description="Grow the primary disk (--disk) and/or the state region (--memory), "
+        "crash-safely. Refused while a running server exports the VM.",
+    )
+    p.add_argument("name")
+    p.add_argument("--disk", type=size_arg, metavar="SIZE")
+    p.add_argument("--memory", type=size_arg, metavar="SIZE")
+    p.add_argument("--json", action="store_true")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _resize))
+
+    state = verbs.add_parser(
+        "state", help="read or write the encrypted state", description="The VM's state image."
+    )
+    state_verbs = state.add_subparsers(dest="state_command", metavar="VERB", required=True)
+    p = state_verbs.add_parser("write", help="store FILE as the state image (encrypted)")
+    p.add_argument("name")
+    p.add_argument("file")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _state_write))
+    p = state_verbs.add_parser("read", help="write the decrypted state image to FILE ('-')")
+    p.add_argument("name")
+    p.add_argument("file")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _state_read))
+
+    config = verbs.add_parser(
+        "config", help="show or set the virtual hardware", description="The VM's config."
+    )
+    config_verbs = config.add_subparsers(dest="config_command", metavar="VERB", required=True)
+    p = config_verbs.add_parser("show", help="print the config")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _config_show))
+    p = config_verbs.add_parser("set", help="set KEY=VALUE pairs")
+    p.add_argument("name")
+    p.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _config_set))
+
+
+# -- handlers -----------------------------------------------------------------------------
+
+
+def _summary(vm: FoundVm) -> str:
+    luns = " ".join(f"{n}:{format_size(u.header.disk_size)}" for n, u in enumerate(vm.units))
+    return (
+        f"{vm.name:<16} {vm.base.pool:<10} {vm.base.header.mode.name.lower():<9} "
+        f"{luns}  {vm_target_name(vm.name)}"
+    )
+
+
+def _create(args: argparse.Namespace, manager: VmManager) -> int:
+    vm = manager.create(
+        args.name,
+        disk=args.disk,
+        memory=args.memory,
+        secondaries=tuple(args.secondary),
+        mode=Mode.parse(args.mode),
+        pool=args.pool,
+    )
+    if args.json:
+        print_json(vm_json(vm, manager))
+    else:
+        print(f"created VM {vm.name}: {_summary(vm)}")
+    return 0
+
+
+def _list(args: argparse.Namespace, manager: VmManager) -> int:
+    found = manager.discover(args.pool, repair=False)
+    if args.json:
+        print_json([vm_json(vm, manager) for vm in found.vms])
+        return 0
+    for vm in found.vms:
+        print(_summary(vm))
+    return 0
+
+
+def _show(args: argparse.Namespace, manager: VmManager) -> int:
+    vm = manager.find(args.name)
+    data = vm_json(vm, manager)
+    if args.json:
+        print_json(data)
+        return 0
+    print(f"VM {vm.name}  target {data['target']}  mode {data['mode']}")
+    print(f"  served by a running server: {'yes' if data['served'] else 'no'}")
+    for lun in data["luns"]:  # type: ignore[attr-defined]
+        print(
+            f"  LUN {lun['lun']}: {lun['role']} unit {lun['uuid']} naa {lun['naa']} "
+            f"disk {lun['disk_bytes']} bytes ({lun['location']})"
+        )
+        for region in lun["regions"]:
+            flag = " encrypted" if region["encrypted"] else ""
+            print(f"      {region['kind']:<10} @{region['offset']:<12} {region['length']}{flag}")
+    for naa in data["missing_secondaries"]:  # type: ignore[attr-defined]
+        print(f"  MISSING secondary unit naa {naa}")
+    return 0
+
+
+def _delete(args: argparse.Namespace, manager: VmManager) -> int:
+    vm = manager.delete(args.name, force=args.force)
+    print(f"deleted VM {vm.name} ({len(vm.units)} units)")
+    return 0
+
+
+def _resize(args: argparse.Namespace, manager: VmManager) -> int:
+    vm = manager.resize(args.name, disk=args.disk, memory=args.memory)
+    if args.json:
+        print_json(vm_json(vm, manager))
+    else:
+        print(f"resized VM {vm.name}: {_summary(vm)}")
+    return 0
+
+
+def _state_write(args: argparse.Namespace, manager: VmManager) -> int:
+    with open(args.file, "rb") as source:
+        length = os.fstat(source.fileno()).st_size
+        manager.write_state(args.name, source, length)
+    print(f"stored {length} bytes of state for VM {args.name} (encrypted)")
+    return 0
+
+
+def _state_read(args: argparse.Namespace, manager: VmManager) -> int:
+    """Decrypt into a temporary file and rename it into place only when every chunk
+    authenticated: a tampered image leaves no partial plaintext behind."""
+    if args.file == "-":
+        for piece in manager.read_state(args.name):
+            sys.stdout.buffer.write(piece)
+        sys.stdout.buffer.flush()
+        return 0
+    tmp = f"{args.file}.partial"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for piece in manager.read_state(args.name):
+                out.write(piece)
+        os.replace(tmp, args.file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return 0
+
+
+def _config_show(args: argparse.Namespace, manager: VmManager) -> int:
+    config = manager.config(args.name)
+    if args.json:
+        print_json(config)
+    else:
+        for key, value in sorted(config.items()):
+            print(f"{key} = {json.dumps(value)}")
+    return 0
+
+
+def _config_set(args: argparse.Namespace, manager: VmManager) -> int:
+    config = manager.set_config(args.name, args.assignments)
+    for key, value in sorted(config.items()):
+        print(f"{key} = {json.dumps(value)}")
+    return 0

@@ -1,0 +1,67 @@
+"""The VM/unit layer (the seed's core): storage units holding a VM's disk and its
+hidden non-disk data, guest views in three concealment modes, encrypted state,
+pools and discovery. It sits between the SCSI device server and the block backends
+and knows nothing of iSCSI.
+
+Modules: :mod:`.format` (unit header), :mod:`.layout` (regions per mode, growth),
+:mod:`.view` (guest and raw views), :mod:`.crypto` and :mod:`.sealed` (keys,
+AES-GCM chunks), :mod:`.unit` (one unit), :mod:`.pool` and :mod:`.device` (pools),
+:mod:`.discovery`, :mod:`.manager` (VM operations), :mod:`.export` (LUNs to serve).
+"""
+
+from .crypto import Keyring, MasterKey, create_key_file, load_key_file
+from .discovery import Discovery, FoundUnit, FoundVm
+from .errors import (
+    ForeignUnitError,
+    FormatError,
+    IntegrityError,
+    InUseError,
+    KeyFileError,
+    NewerFormatError,
+    NotFoundError,
+    SizeError,
+    VmError,
+)
+from .export import DEFAULT_BASE_IQN, capacity_listener, export_vm, serve_vms, vm_target_name
+from .format import Mode, RegionKind, Role, UnitHeader
+from .manager import StateDir, VmManager
+from .pool import DEFAULT_POOL, PoolCatalog
+from .unit import Unit, create_unit
+from .view import GuestView, RawView, SliceBackend
+
+__all__ = [
+    "DEFAULT_BASE_IQN",
+    "DEFAULT_POOL",
+    "Discovery",
+    "ForeignUnitError",
+    "FormatError",
+    "FoundUnit",
+    "FoundVm",
+    "GuestView",
+    "InUseError",
+    "IntegrityError",
+    "KeyFileError",
+    "Keyring",
+    "MasterKey",
+    "Mode",
+    "NewerFormatError",
+    "NotFoundError",
+    "PoolCatalog",
+    "RawView",
+    "RegionKind",
+    "Role",
+    "SizeError",
+    "SliceBackend",
+    "StateDir",
+    "Unit",
+    "UnitHeader",
+    "VmError",
+    "VmManager",
+    "capacity_listener",
+    "create_key_file",
+    "create_unit",
+    "export_vm",
+    "load_key_file",
+    "serve_vms",
+    "vm_target_name",
+]

@@ -1,0 +1,186 @@
+"""Discovery: find every VM in a set of pools from the units alone (seed: "a virtual
+machine management system can efficiently and automatically discover virtual machines
+by examining visible network storage units").
+
+The seed's procedure, step for step: list the candidates of every pool; keep those
+whose header carries the marker and a valid checksum; take each base unit, read the
+secondary-disk designators it names and attach the units that carry them, removing
+them from the list; what remains is listed apart - secondaries no base names
+(orphans), units with our marker but no valid header (damaged) and everything else
+(foreign). Snapshot units are not implemented yet, so every VM lists none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ForeignUnitError, FormatError, NewerFormatError, VmError
+from .format import RegionKind, Role, UnitHeader
+from .pool import Pool, UnitRef
+from .unit import Unit
+
+VM_TARGET_PREFIX = "vm."
+
+
+@dataclass(frozen=True)
+class FoundUnit:
+    """A valid unit found in a pool."""
+
+    pool: str
+    ref: UnitRef
+    header: UnitHeader
+
+    def to_json(self) -> dict[str, object]:
+        h = self.header
+        return {
+            "uuid": str(h.unit_uuid),
+            "naa": h.naa.hex(),
+            "role": h.role.name.lower(),
+            "mode": h.mode.name.lower(),
+            "pool": self.pool,
+            "location": self.ref.location,
+            "unit_bytes": h.unit_size,
+            "disk_bytes": h.disk_size,
+            "generation": h.generation,
+            "state": h.state.name.lower(),
+            "regions": [
+                {
+                    "kind": r.kind.name.lower(),
+                    "offset": r.offset,
+                    "length": r.length,
+                    "encrypted": r.encrypted,
+                    **(
+                        {"status": r.status.name.lower(), "generation": r.generation}
+                        if r.encrypted
+                        else {}
+                    ),
+                    **({"used_bytes": r.used} if r.kind is RegionKind.STATE else {}),
+                }
+                for r in h.regions
+            ],
+        }
+
+
+@dataclass
+class FoundVm:
+    """A VM rebuilt from its base unit and the secondaries it names."""
+
+    name: str
+    base: FoundUnit
+    secondaries: list[FoundUnit] = field(default_factory=list)
+    missing: list[bytes] = field(default_factory=list)
+
+    @property
+    def units(self) -> list[FoundUnit]:
+        return [self.base, *self.secondaries]
+
+    def lun_map(self) -> dict[int, FoundUnit]:
+        """LUN 0 the base unit, LUN n the n-th secondary the base names; a missing
+        secondary leaves its LUN number unused rather than shifting the others."""
+        by_naa = {u.header.naa: u for u in self.secondaries}
+        luns = {0: self.base}
+        for number, naa in enumerate(self.base.header.secondaries, 1):
+            if naa in by_naa:
+                luns[number] = by_naa[naa]
+        return luns
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "pool": self.base.pool,
+            "mode": self.base.header.mode.name.lower(),
+            "disk_bytes": self.base.header.disk_size,
+            "luns": [{"lun": number, **unit.to_json()} for number, unit in enumerate(self.units)],
+            "missing_secondaries": [naa.hex() for naa in self.missing],
+            "snapshots": [],
+        }
+
+
+@dataclass
+class Discovery:
+    vms: list[FoundVm] = field(default_factory=list)
+    orphans: list[FoundUnit] = field(default_factory=list)
+    foreign: list[dict[str, str]] = field(default_factory=list)
+    damaged: list[dict[str, str]] = field(default_factory=list)
+    repaired: list[dict[str, str]] = field(default_factory=list)
+
+    def find(self, name: str) -> FoundVm | None:
+        for vm in self.vms:
+            if vm.name == name:
+                return vm
+        return None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "vms": [vm.to_json() for vm in self.vms],
+            "orphan_secondaries": [u.to_json() for u in self.orphans],
+            "foreign": self.foreign,
+            "damaged": self.damaged,
+            "repaired": self.repaired,
+        }
+
+
+def scan_pool(pool: Pool, result: Discovery, *, repair: bool) -> list[FoundUnit]:
+    """Open every candidate of ``pool``; sort them into ``result``'s lists."""
+    found = []
+    pool.reload()
+    for ref in pool.candidates():
+        try:
+            unit = Unit.open(pool, ref, repair=repair)
+        except ForeignUnitError:
+            result.foreign.append({"pool": pool.name, "location": ref.location})
+            continue
+        except NewerFormatError as exc:
+            result.damaged.append({"pool": pool.name, "location": ref.location, "reason": str(exc)})
+            continue
+        except (FormatError, VmError) as exc:
+            result.damaged.append({"pool": pool.name, "location": ref.location, "reason": str(exc)})
+            continue
+        try:
+            for note in unit.repaired:
+                result.repaired.append({"location": ref.location, "action": note})
+            found.append(FoundUnit(pool.name, unit.ref, unit.header))
+        finally:
+            unit.close()
+    return found
+
+
+def assemble(units: list[FoundUnit], result: Discovery) -> Discovery:
+    """Rebuild VMs: each base unit claims the secondaries it names by designator."""
+    by_naa = {u.header.naa: u for u in units if u.header.role is Role.SECONDARY}
+    claimed: set[bytes] = set()
+    names: dict[str, FoundVm] = {}
+    for unit in sorted(units, key=lambda u: (u.header.name, str(u.header.unit_uuid))):
+        if unit.header.role is not Role.BASE:
+            continue
+        vm = FoundVm(unit.header.name, unit)
+        for naa in unit.header.secondaries:
+            secondary = by_naa.get(naa)
+            if secondary is None or naa in claimed:
+                vm.missing.append(naa)
+            else:
+                vm.secondaries.append(secondary)
+                claimed.add(naa)
+        if vm.name in names:
+            result.damaged.append(
+                {
+                    "pool": unit.pool,
+                    "location": unit.ref.location,
+                    "reason": f"a second base unit for VM {vm.name!r} "
+                    f"(the first is {names[vm.name].base.ref.location})",
+                }
+            )
+            continue
+        names[vm.name] = vm
+        result.vms.append(vm)
+    result.orphans = [u for naa, u in by_naa.items() if naa not in claimed]
+    return result
+
+
+def discover(pools: list[Pool], *, repair: bool = True) -> Discovery:
+    """Scan ``pools`` (callers hold each pool's lock when ``repair`` is set)."""
+    result = Discovery()
+    units: list[FoundUnit] = []
+    for pool in pools:
+        units.extend(scan_pool(pool, result, repair=repair))
+    return assemble(units, result)

@@ -1,0 +1,129 @@
+"""Exports: the SCSI logical units a server shows for each VM.
+
+One target per VM, ``<base IQN>:vm.<name>``; LUN 0 the primary disk, LUN n the n-th
+secondary disk the base unit names. Each LUN is a
+:class:`~iscsi_vmtarget.scsi.LogicalUnit` over a :class:`~.view.GuestView` and reports
+the NAA designator stored in its unit header in VPD 0x83 (SPC-4 §7.8.6). The VM layer
+knows nothing of iSCSI: the server wraps these into targets.
+
+Each exported unit's serve lock (:mod:`.locks`) is held until its guest view is closed,
+so management commands know the VM is in use.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+
+from ..scsi import LogicalUnit, Reason
+from .discovery import FoundVm
+from .locks import ServeLock
+from .pool import PoolCatalog
+from .unit import Unit
+
+DEFAULT_BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
+log = logging.getLogger("iscsi_vmtarget")
+
+
+def vm_target_name(name: str, base_iqn: str = DEFAULT_BASE_IQN) -> str:
+    return f"{base_iqn}:vm.{name}"
+
+
+def capacity_listener(lu: LogicalUnit) -> Callable[[int, int], None]:
+    """A GuestView capacity listener queueing CAPACITY DATA HAS CHANGED (2Ah/09h,
+    SBC-3 §4.9) for every I_T nexus of ``lu``, so initiators re-read the capacity."""
+
+    def listener(old: int, new: int) -> None:
+        check = getattr(lu, "check_capacity", None)
+        if check is not None:  # the SCSI layer tracks capacity itself: let it decide once
+            check()
+        else:
+            lu.establish_attention(Reason.CAPACITY_DATA_CHANGED)
+
+    return listener
+
+
+def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> dict[int, LogicalUnit]:
+    """Open a guest-view LU per unit of ``vm``; closing an LU's backend releases its lock."""
+    luns: dict[int, LogicalUnit] = {}
+    try:
+        for number, found in vm.lun_map().items():
+            lock = ServeLock(state_dir, found.header.unit_uuid, f"VM {vm.name!r}")
+            try:
+                unit = Unit.open(catalog.get(found.pool), found.ref, repair=False)
+                try:
+                    view = unit.guest_view(on_close=lock.release)
+                    identity = unit.identity()
+                finally:
+                    unit.close()
+            except BaseException:
+                lock.release()
+                raise
+            lu = LogicalUnit(
+                view,
+                identity,
+                block_size=unit.header.block_size,
+                **_lu_options(state_dir, found.header.unit_uuid),  # type: ignore[arg-type]
+            )
+            view.add_capacity_listener(capacity_listener(lu))
+            luns[number] = lu
+    except BaseException:
+        for lu in luns.values():
+            lu.backend.close()
+        raise
+    return luns
+
+
+DEMO_VM = "demo"
+DEMO_DISK = 1 << 30
+DEMO_MEMORY = 256 << 20
+
+
+def _lu_options(state_dir: str, unit_uuid: uuid.UUID) -> dict[str, object]:
+    """Keyword options of LogicalUnit this version of the SCSI layer offers.
+
+    Guest views support UNMAP (holes read as zeros) and report allocation, so the LU is
+    thin provisioned; persistent reservations persist under ``<state-dir>/pr`` (never
+    in a pool, where discovery would list them as foreign units).
+    """
+    accepted = inspect.signature(LogicalUnit).parameters
+    wanted: dict[str, object] = {
+        "thin_provisioning": True,
+        "pr_state_path": os.path.join(state_dir, "pr", f"{unit_uuid}.pr"),
+        "clock": time.monotonic,
+        "sleep": time.sleep,
+    }
+    if "pr_state_path" in accepted:
+        os.makedirs(os.path.join(state_dir, "pr"), exist_ok=True)
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def serve_vms(state_dir: str, *, demo: bool = False) -> list[tuple[str, dict[int, LogicalUnit]]]:
+    """What a server exports at start: every VM discovery finds in the pools of
+    ``state_dir`` (finishing interrupted resizes first), after provisioning the demo VM
+    when ``demo`` is set and it does not exist yet."""
+    from .manager import StateDir, VmManager
+
+    out: list[tuple[str, dict[int, LogicalUnit]]] = []
+    with VmManager(StateDir.at(state_dir)) as manager:
+        found = manager.discover(repair=True)
+        if demo and found.find(DEMO_VM) is None:
+            manager.create(DEMO_VM, disk=DEMO_DISK, memory=DEMO_MEMORY)
+            found = manager.discover(repair=False)
+        for item in found.damaged:
+            log.warning("pool unit %s not exported: %s", item["location"], item["reason"])
+        try:
+            for vm in found.vms:
+                for naa in vm.missing:
+                    log.warning("VM %s: secondary unit naa %s is missing", vm.name, naa.hex())
+                out.append((vm.name, export_vm(vm, manager.catalog, manager.state.root)))
+        except BaseException:
+            for _name, luns in out:
+                for lu in luns.values():
+                    lu.backend.close()
+            raise
+    return out

@@ -1,0 +1,91 @@
+"""Advisory locks (flock) that tell management commands a unit is in use.
+
+A server exporting a unit holds ``<state-dir>/locks/<unit uuid>.lock`` shared for as
+long as it runs; ``vm delete`` and ``vm resize`` need it exclusive and so refuse while
+a server exports the VM (a daemon admin socket, which could also tell whether sessions
+are logged in, does not exist yet). Every management command that writes takes
+``pool.<name>.lock`` exclusive, so two of them never interleave their commits (nor
+allocations in a device pool's table). flock locks die with their process, so a
+kill -9 never leaves anything locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import uuid
+from collections.abc import Iterator
+
+from .errors import InUseError
+
+
+def _path(state_dir: str, unit_uuid: uuid.UUID, suffix: str) -> str:
+    directory = os.path.join(state_dir, "locks")
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f"{unit_uuid}.{suffix}")
+
+
+def _open(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+class ServeLock:
+    """Held (shared) by a server for every unit it exports."""
+
+    def __init__(self, state_dir: str, unit_uuid: uuid.UUID, what: str) -> None:
+        self._fd = _open(_path(state_dir, unit_uuid, "lock"))
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise InUseError(f"{what} is being changed by a management command") from None
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@contextlib.contextmanager
+def not_served(state_dir: str, unit_uuid: uuid.UUID, what: str) -> Iterator[None]:
+    """Hold the serve lock exclusively: no server exports the unit meanwhile."""
+    fd = _open(_path(state_dir, unit_uuid, "lock"))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InUseError(
+                f"{what} is exported by a running iscsi-vmtarget server; stop it first "
+                "(or --force where offered)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def is_served(state_dir: str, unit_uuid: uuid.UUID) -> bool:
+    path = os.path.join(state_dir, "locks", f"{unit_uuid}.lock")
+    if not os.path.exists(path):
+        return False
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@contextlib.contextmanager
+def pool_lock(state_dir: str, pool: str) -> Iterator[None]:
+    """Serialise every writing management command on one pool (and its units)."""
+    directory = os.path.join(state_dir, "locks")
+    os.makedirs(directory, exist_ok=True)
+    fd = _open(os.path.join(directory, f"pool.{pool}.lock"))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

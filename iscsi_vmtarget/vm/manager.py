@@ -1,0 +1,398 @@
+"""VM operations over the pools of one state directory: what the CLI calls.
+
+A VM is a base unit (state, config, snapshot metadata, primary disk) plus the
+secondary-disk units it names by NAA designator (seed: the base unit "will identify a
+globally unique ID such as SCSI Inquiry VPD page 0x83 for a secondary virtual disk").
+Every operation checks its input before changing anything, and every change is a unit
+header commit, so a refused command leaves what is stored as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from . import locks, sealed
+from .crypto import Keyring, create_key_file, load_key_file, pending_path
+from .discovery import Discovery, FoundUnit, FoundVm, discover
+from .errors import InUseError, NotFoundError, SizeError, VmError
+from .format import Mode, RegionKind, Role
+from .layout import check_disk_size, state_capacity_for
+from .pool import DEFAULT_POOL, Pool, PoolCatalog
+from .unit import Unit, create_unit
+from .view import GuestView
+
+_VM_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MAX_MEMORY = 1 << 44  # 16 TiB
+MIN_MEMORY = 1 << 20
+
+#: Virtual hardware keys of the config region (seed: "type of virtual processor type
+#: of virtual network card type of virtual storage HBA amount of virtual RAM virtual
+#: chipset type and size of a virtual primary disk"), and how ``config set`` parses them.
+CONFIG_KEYS: dict[str, type] = {
+    "cpus": int,
+    "cpu_model": str,
+    "nic": str,
+    "hba": str,
+    "chipset": str,
+    "firmware": str,
+    "description": str,
+}
+#: Keys that follow the units and change only through ``vm resize``.
+DERIVED_KEYS = ("memory", "disks")
+
+
+def check_vm_name(name: str) -> None:
+    if not _VM_NAME.match(name):
+        raise VmError(
+            f"bad VM name {name!r}: use 1-63 of a-z, 0-9 and '-', starting with a letter "
+            "or digit (it becomes part of the target IQN)"
+        )
+
+
+def check_memory(memory: int) -> None:
+    if not MIN_MEMORY <= memory <= MAX_MEMORY:
+        raise SizeError(f"memory size {memory} is out of range (1M to 16T)")
+
+
+def default_config(name: str, memory: int, disks: list[int]) -> dict[str, object]:
+    return {
+        "name": name,
+        "cpus": 1,
+        "cpu_model": "host",
+        "memory": memory,
+        "nic": "virtio-net-pci",
+        "hba": "virtio-scsi-pci",
+        "chipset": "q35",
+        "firmware": "bios",
+        "disks": disks,
+    }
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """Where things live: pools, pool definitions, locks and the master key file."""
+
+    root: str
+    key_file: str
+
+    @classmethod
+    def at(cls, root: str, key_file: str | None = None) -> StateDir:
+        root = os.path.abspath(root)
+        return cls(root, os.path.abspath(key_file or os.path.join(root, "master.key")))
+
+
+class VmManager:
+    """Create, find, change and delete VMs in the pools of one state directory."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+        self.catalog = PoolCatalog(state.root)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> VmManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- keys and locks ----------------------------------------------------------------------
+
+    def keyring(self, *, create: bool = False) -> Keyring:
+        return Keyring.load(self.state.key_file, create=create)
+
+    @contextlib.contextmanager
+    def _locked(self, pools: list[Pool]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for pool in sorted(pools, key=lambda p: p.name):
+                stack.enter_context(locks.pool_lock(self.state.root, pool.name))
+            yield
+
+    # -- discovery ----------------------------------------------------------------------------
+
+    def pools(self, name: str | None = None) -> list[Pool]:
+        return [self.catalog.get(name)] if name else self.catalog.all()
+
+    def discover(self, pool: str | None = None, *, repair: bool = True) -> Discovery:
+        pools = self.pools(pool)
+        if not repair:
+            return discover(pools, repair=False)
+        with self._locked(pools):
+            return discover(pools, repair=True)
+
+    def find(self, name: str, found: Discovery | None = None) -> FoundVm:
+        found = found or self.discover(repair=False)
+        vm = found.find(name)
+        if vm is None:
+            known = ", ".join(v.name for v in found.vms) or "none"
+            unreadable = "".join(
+                f"; {item['location']} could not be read: {item['reason']}"
+                for item in found.damaged
+            )
+            raise NotFoundError(f"no VM named {name!r} (VMs: {known}){unreadable}")
+        return vm
+
+    def _open(self, unit: FoundUnit) -> Unit:
+        return Unit.open(self.catalog.get(unit.pool), unit.ref)
+
+    def served(self, vm: FoundVm) -> bool:
+        return any(locks.is_served(self.state.root, u.header.unit_uuid) for u in vm.units)
+
+    # -- create / delete -------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        *,
+        disk: int,
+        memory: int,
+        secondaries: tuple[int, ...] = (),
+        mode: Mode = Mode.TRUNCATE,
+        pool: str = DEFAULT_POOL,
+    ) -> FoundVm:
+        """Allocate the secondary units, then the base unit naming them."""
+        check_vm_name(name)
+        check_disk_size(disk)
+        for index, size in enumerate(secondaries, 1):
+            check_disk_size(size, f"secondary disk {index}")
+        check_memory(memory)
+        if len(secondaries) > 62:
+            raise SizeError("at most 62 secondary disks")
+        target = self.catalog.get(pool)
+        all_pools = self.catalog.all()
+        with self._locked(all_pools):
+            found = discover(all_pools, repair=False)
+            clash = found.find(name)
+            if clash is not None:
+                raise VmError(f"a VM named {name!r} already exists ({clash.base.ref.location})")
+            keyring = self.keyring(create=True)
+            base_uuid = uuid.uuid4()
+            created: list[FoundUnit] = []
+            try:
+                naas = []
+                for size in secondaries:
+                    ref, header = create_unit(
+                        target,
+                        mode=mode,
+                        role=Role.SECONDARY,
+                        disk_size=size,
+                        name=name,
+                        owner=base_uuid,
+                    )
+                    created.append(FoundUnit(target.name, ref, header))
+                    naas.append(header.naa)
+                create_unit(
+                    target,
+                    mode=mode,
+                    role=Role.BASE,
+                    disk_size=disk,
+                    name=name,
+                    memory=memory,
+                    secondaries=tuple(naas),
+                    master=keyring.current,
+                    config=default_config(name, memory, [disk, *secondaries]),
+                    unit_uuid=base_uuid,
+                )
+            except BaseException:
+                for unit in created:  # leave nothing of a VM that was not made
+                    target.delete(unit.ref)
+                raise
+        return self.find(name)
+
+    def delete(self, name: str, *, force: bool = False) -> FoundVm:
+        """Delete the base unit (crypto-erasing state and config with its wrapped key),
+        then the secondaries. Refused while a server exports the VM unless ``force``."""
+        pools = self.catalog.all()
+        with self._locked(pools):
+            vm = self.find(name, discover(pools, repair=True))
+            with contextlib.ExitStack() as stack:
+                for unit in vm.units:
+                    try:
+                        stack.enter_context(
+                            locks.not_served(self.state.root, unit.header.unit_uuid, f"VM {name!r}")
+                        )
+                    except InUseError:
+                        if not force:
+                            raise
+                for unit in vm.units:
+                    self.catalog.get(unit.pool).delete(unit.ref)
+        return vm
+
+    # -- resize ----------------------------------------------------------------------------
+
+    def resize(
+        self,
+        name: str,
+        *,
+        disk: int | None = None,
+        memory: int | None = None,
+        live: Mapping[uuid.UUID, GuestView] | None = None,
+    ) -> FoundVm:
+        """Grow the primary disk and/or the state region (for ``memory``).
+
+        ``live``: guest views a server in this process exports; they take the new
+        layout and fire their capacity listeners (CAPACITY DATA HAS CHANGED). Without
+        it, a VM exported by a running server is refused.
+        """
+        if disk is None and memory is None:
+            raise VmError("give --disk and/or --memory")
+        if memory is not None:
+            check_memory(memory)
+        pools = self.catalog.all()
+        with self._locked(pools):
+            vm = self.find(name, discover(pools, repair=True))
+            base = vm.base.header
+            with contextlib.ExitStack() as stack:
+                if live is None:
+                    stack.enter_context(
+                        locks.not_served(self.state.root, base.unit_uuid, f"VM {name!r}")
+                    )
+                unit = stack.enter_context(contextlib.closing(self._open(vm.base)))
+                keyring = self.keyring()
+                config = unit.read_json(keyring, RegionKind.CONFIG)  # wrong key: stop here
+                state_length = None
+                if memory is not None:
+                    wanted = sealed.length_for(state_capacity_for(memory))
+                    current = unit.header.require_region(RegionKind.STATE).length
+                    state_length = max(wanted, current)
+                unit.plan(disk, state_length)  # SizeError before any change
+                unit.grow(disk, state_length)
+                if live is not None and unit.header.unit_uuid in live:
+                    live[unit.header.unit_uuid].update(unit.header)
+                if memory is not None:
+                    config["memory"] = memory
+                if disk is not None:
+                    disks = list(config.get("disks") or [disk])  # type: ignore[call-overload]
+                    config["disks"] = [disk, *disks[1:]]
+                unit.write_json(keyring, RegionKind.CONFIG, config)
+        return self.find(name)
+
+    # -- state and config (the management plane's path to hidden data) -----------------
+
+    def write_state(self, name: str, source: BinaryIO, length: int) -> None:
+        pools = self.catalog.all()
+        with self._locked(pools):
+            vm = self.find(name, discover(pools, repair=True))
+            with contextlib.closing(self._open(vm.base)) as unit:
+                keyring = self.keyring()
+                unit.data_key(keyring)  # a wrong key file fails before any change
+
+                def pieces() -> Iterator[bytes]:
+                    while True:
+                        piece = source.read(sealed.CHUNK)
+                        if not piece:
+                            return
+                        yield piece
+
+                unit.write_region(keyring, RegionKind.STATE, _exact(pieces()), length)
+
+    def read_state(self, name: str) -> Iterator[bytes]:
+        """The plaintext state image, chunk by chunk; IntegrityError on tampering."""
+        vm = self.find(name)
+        unit = self._open(vm.base)
+        try:
+            yield from unit.read_region(self.keyring(), RegionKind.STATE)
+        finally:
+            unit.close()
+
+    def config(self, name: str) -> dict[str, object]:
+        vm = self.find(name)
+        with contextlib.closing(self._open(vm.base)) as unit:
+            return unit.read_json(self.keyring(), RegionKind.CONFIG)
+
+    def set_config(self, name: str, assignments: list[str]) -> dict[str, object]:
+        """Apply ``KEY=VALUE`` pairs to the config region (all checked first)."""
+        updates: dict[str, object] = {}
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise VmError(f"{item!r} is not KEY=VALUE")
+            if key in DERIVED_KEYS:
+                raise VmError(f"{key} follows the units: change it with 'vm resize'")
+            kind = CONFIG_KEYS.get(key)
+            if kind is None:
+                raise VmError(f"unknown config key {key!r} (known: {', '.join(CONFIG_KEYS)})")
+            if kind is int:
+                if not raw.strip().isdigit() or not 1 <= int(raw) <= 4096:
+                    raise VmError(f"{key} must be a whole number from 1 to 4096")
+                updates[key] = int(raw)
+            else:
+                updates[key] = raw
+        pools = self.catalog.all()
+        with self._locked(pools):
+            vm = self.find(name, discover(pools, repair=True))
+            with contextlib.closing(self._open(vm.base)) as unit:
+                keyring = self.keyring()
+                config = unit.read_json(keyring, RegionKind.CONFIG)
+                config.update(updates)
+                unit.write_json(keyring, RegionKind.CONFIG, config)
+                return config
+
+    # -- key rotation --------------------------------------------------------------------
+
+    def rotate_key(self, *, force: bool = False) -> dict[str, object]:
+        """Re-wrap every unit's data key under a new master key; no data is re-encrypted.
+
+        The new key waits in ``<key file>.new`` until every unit is re-wrapped, then
+        replaces the key file; an interrupted rotation is finished by running it again.
+        """
+        path = self.state.key_file
+        keyring = self.keyring()
+        pending = pending_path(path)
+        new_key = load_key_file(pending) if os.path.exists(pending) else create_key_file(pending)
+        keyring = Keyring([*[k for k in keyring.keys if k.key_id != new_key.key_id], new_key])
+        rewrapped, already, failed = [], [], []
+        pools = self.catalog.all()
+        with self._locked(pools):
+            found = discover(pools, repair=True)
+            for unit_info in [vm.base for vm in found.vms]:
+                try:
+                    with contextlib.closing(self._open(unit_info)) as unit:
+                        changed = unit.rewrap(keyring, new_key)
+                except VmError as exc:
+                    failed.append({"location": unit_info.ref.location, "reason": str(exc)})
+                    continue
+                (rewrapped if changed else already).append(unit_info.ref.location)
+            for item in found.damaged:
+                failed.append({"location": item["location"], "reason": item["reason"]})
+            if failed and not force:
+                raise VmError(
+                    "key rotation left unfinished: "
+                    + "; ".join(f"{f['location']}: {f['reason']}" for f in failed)
+                    + f" (the new key stays in {pending}; fix them and run it again, or "
+                    "--force to finish without them)"
+                )
+            os.replace(pending, path)
+            directory = os.path.dirname(path)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return {
+            "key_file": path,
+            "key_id": new_key.key_id.hex(),
+            "rewrapped": rewrapped,
+            "already_current": already,
+            "skipped": failed,
+        }
+
+
+def _exact(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """Re-cut a stream into CHUNK pieces (a pipe may return short reads)."""
+    buffer = bytearray()
+    for piece in pieces:
+        buffer += piece
+        while len(buffer) >= sealed.CHUNK:
+            yield bytes(buffer[: sealed.CHUNK])
+            del buffer[: sealed.CHUNK]
+    if buffer:
+        yield bytes(buffer)

@@ -1,0 +1,121 @@
+"""Chunked AES-GCM storage inside one encrypted region (state, config, snapshot metadata).
+
+Region layout: a chunk table, then the data chunks, each 64 KiB of ciphertext at a
+64 KiB-aligned offset (ciphertext is as long as its plaintext in GCM, so data stays
+aligned; the tags live in the table)::
+
+    region.offset                table: one 64-byte entry per data chunk, padded to
+                                 whole chunks
+    region.offset + table_bytes  chunk 0, chunk 1, ...
+
+Table entry (little-endian): nonce (12), tag (16), generation u64, plaintext length
+u32, flags u32 (bit 0: present), 20 reserved. The entry's generation is informative;
+the generation that counts is the region's, in the unit header, and it is part of the
+associated data (:mod:`.crypto`).
+
+Only ciphertext is ever written: plaintext exists in memory one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+from ..storage.backend import BlockBackend
+from .crypto import RegionCipher
+from .errors import IntegrityError
+from .format import ALIGN, Move, Region
+
+CHUNK: Final = 64 * 1024
+ENTRY: Final = 64
+_ENTRY = struct.Struct("<12s16sQII20s")
+_PRESENT: Final = 0x01
+
+
+def table_bytes(length: int) -> int:
+    """Bytes of chunk table at the start of a region of ``length`` bytes."""
+    entries = length // CHUNK
+    return -(-entries * ENTRY // CHUNK) * CHUNK
+
+
+def capacity(length: int) -> int:
+    """Plaintext bytes a region of ``length`` bytes holds."""
+    return length - table_bytes(length)
+
+
+def length_for(plaintext: int) -> int:
+    """Smallest MiB-aligned region length holding ``plaintext`` bytes."""
+    length = max(ALIGN, -(-plaintext // ALIGN) * ALIGN)
+    while capacity(length) < plaintext:
+        length += ALIGN
+    return length
+
+
+def chunks_of(used: int) -> int:
+    return -(-used // CHUNK)
+
+
+def move_plan(old: Region, new: Region) -> list[Move]:
+    """Copies that carry ``old``'s table entries and used chunks into ``new``."""
+    if not old.used:
+        return []
+    used_chunks = chunks_of(old.used)
+    return [
+        Move(old.offset, new.offset, used_chunks * ENTRY),
+        Move(
+            old.offset + table_bytes(old.length),
+            new.offset + table_bytes(new.length),
+            used_chunks * CHUNK,
+        ),
+    ]
+
+
+def write_chunks(
+    backend: BlockBackend,
+    region: Region,
+    generation: int,
+    cipher: RegionCipher,
+    pieces: Iterable[bytes],
+) -> int:
+    """Encrypt ``pieces`` (each exactly CHUNK bytes but the last) into ``region``
+    under ``generation``; return the plaintext length. The caller flushes."""
+    data_base = region.offset + table_bytes(region.length)
+    limit = capacity(region.length)
+    table = bytearray()
+    total = 0
+    for index, piece in enumerate(pieces):
+        if total + len(piece) > limit:
+            raise ValueError("plaintext exceeds the region's capacity")
+        nonce, ciphertext, tag = cipher.seal(index, generation, piece)
+        backend.write(data_base + index * CHUNK, ciphertext)
+        table += _ENTRY.pack(nonce, tag, generation, len(piece), _PRESENT, b"")
+        total += len(piece)
+    if table:
+        backend.write(region.offset, table)
+    return total
+
+
+def read_chunks(
+    backend: BlockBackend, region: Region, cipher: RegionCipher, what: str
+) -> Iterator[bytes]:
+    """Decrypt the ``region.used`` bytes of ``region``, chunk by chunk, checking each
+    against the header's generation and expected length."""
+    count = chunks_of(region.used)
+    table = backend.read(region.offset, count * ENTRY)
+    data_base = region.offset + table_bytes(region.length)
+    for index in range(count):
+        nonce, tag, generation, length, flags, _ = _ENTRY.unpack_from(table, index * ENTRY)
+        expected = min(CHUNK, region.used - index * CHUNK)
+        if not flags & _PRESENT or length != expected:
+            raise IntegrityError(
+                f"{what}: chunk {index} is missing or has the wrong length "
+                "(tampered or torn); refusing to return its bytes"
+            )
+        if generation != region.generation:
+            raise IntegrityError(
+                f"{what}: chunk {index} belongs to generation {generation}, the header "
+                f"says {region.generation} (swapped or stale chunk)"
+            )
+        ciphertext = bytes(backend.read(data_base + index * CHUNK, length))
+        yield cipher.open(index, region.generation, nonce, ciphertext, tag, what)
