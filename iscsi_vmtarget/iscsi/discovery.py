@@ -30,6 +30,7 @@ def send_targets(
     session_target: str | None,
     *,
     fallback_portal: Portal | None = None,
+    source: str | None = None,
 ) -> Pairs:
     """Answer ``SendTargets=<value>`` (RFC 7143 Appendix C).
 
@@ -42,19 +43,20 @@ def send_targets(
     ``fallback_portal`` (the portal the request came in on) stands in for a target that
     has no portals configured, since a target listed without any TargetAddress would be
     reachable only "at the same address as the discovery session" (Appendix C).
+    ``source`` is the initiator's address: ACLs with source rules see it.
     """
     if value == "All":
         if session_target is not None:
             return [("SendTargets", "Reject")]
         return [
             pair
-            for entry in directory.visible_to(initiator_name)
+            for entry in directory.visible_to(initiator_name, source)
             for pair in _describe(entry, fallback_portal)
         ]
     name = value or session_target
     if not name:
         return [("SendTargets", "Reject")]
     entry = directory.lookup(name)
-    if entry is None or not entry.allows(initiator_name):
+    if entry is None or not entry.allows(initiator_name, source):
         return []
     return _describe(entry, fallback_portal)

@@ -22,6 +22,7 @@ response opens the real window).
 
 from __future__ import annotations
 
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
@@ -172,6 +173,71 @@ class SessionTable:
 
 
 # ---------------------------------------------------------------------------------------
+# Failed-login throttle
+# ---------------------------------------------------------------------------------------
+
+
+class LoginThrottle:
+    """Rate limit of failed authentications per initiator name.
+
+    After ``max_failures`` authentication failures (02/01) of one initiator name
+    within ``window`` seconds, every login of that name fails with 02/01 for
+    ``backoff`` seconds, before any CHAP exchange, so secrets cannot be guessed at
+    line rate (RFC 7143 §12.1.3 asks for secrets that resist off-line guessing; this
+    slows on-line guessing). Pure: the server injects ``clock`` (monotonic seconds).
+    At most ``max_names`` names are tracked (initiator names are the attacker's
+    choice); the oldest entries are forgotten first.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        *,
+        max_failures: int = 5,
+        window: float = 60.0,
+        backoff: float = 60.0,
+        max_names: int = 4096,
+    ) -> None:
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self.backoff = backoff
+        self.max_names = max_names
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._blocked_until: dict[str, float] = {}
+
+    def blocked(self, initiator_name: str) -> bool:
+        key = initiator_name.lower()
+        until = self._blocked_until.get(key)
+        if until is None:
+            return False
+        if self.clock() < until:
+            return True
+        del self._blocked_until[key]
+        return False
+
+    def failed(self, initiator_name: str) -> None:
+        key = initiator_name.lower()
+        now = self.clock()
+        times = self._failures.pop(key, None) or deque()
+        times.append(now)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        self._failures[key] = times
+        if len(times) >= self.max_failures:
+            self._blocked_until[key] = now + self.backoff
+            times.clear()
+        while len(self._failures) > self.max_names:
+            self._failures.popitem(last=False)
+        if len(self._blocked_until) > self.max_names:
+            oldest = min(self._blocked_until, key=self._blocked_until.__getitem__)
+            del self._blocked_until[oldest]
+
+    def succeeded(self, initiator_name: str) -> None:
+        self._failures.pop(initiator_name.lower(), None)
+
+
+# ---------------------------------------------------------------------------------------
 # The stage table
 # ---------------------------------------------------------------------------------------
 
@@ -308,12 +374,17 @@ class LoginMachine:
         portal: Portal,
         random_bytes: RandomBytes,
         prefs: TargetPreferences | None = None,
+        source: str | None = None,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self.directory = directory
         self.sessions = sessions
         self.portal = portal
         self.random_bytes = random_bytes
         self.prefs = prefs or TargetPreferences()
+        self.source = source  # the initiator's IP address, for ACL source rules
+        self.throttle = throttle
+        self._throttled = False
         self.stage = Stage.START
         self.result: LoginResult | None = None
         self.failure_reason: str | None = None  # for the server's log
@@ -439,6 +510,8 @@ class LoginMachine:
         tsih = None
         if transit is Stage.FULL_FEATURE:
             tsih = self._finish(req)
+            if self.throttle is not None:
+                self.throttle.succeeded(self._initiator_name)
         response = self._response(
             req,
             data=piece,
@@ -463,6 +536,9 @@ class LoginMachine:
         if len(name.encode()) > MAX_ISCSI_NAME_LEN:
             raise LoginFailure(LoginStatus.INITIATOR_ERROR, "InitiatorName too long")
         self._initiator_name = name
+        if self.throttle is not None and self.throttle.blocked(name):
+            self._throttled = True
+            raise LoginFailure(LoginStatus.AUTHENTICATION_FAILURE, "too many failed logins")
         session_type = keys.get("SessionType", "Normal")
         if session_type == "Normal":
             target_name = keys.get("TargetName")
@@ -471,10 +547,11 @@ class LoginMachine:
             target = self.directory.lookup(target_name)
             if target is None:
                 raise LoginFailure(LoginStatus.NOT_FOUND, f"no target {target_name}")
-            if not target.allows(name):
+            grant = target.grant(name, self.source)
+            if grant is None:  # no ACL of the target matches: 02/02 (§11.13.5)
                 raise LoginFailure(LoginStatus.AUTHORIZATION_FAILURE, f"{name} not allowed")
             self._target = target
-            self._chap_secrets = (target.chap, target.mutual_chap)
+            self._chap_secrets = (grant.chap, grant.mutual_chap)
         elif session_type == "Discovery":
             self._chap_secrets = self.directory.discovery_chap()
         else:
@@ -627,6 +704,13 @@ class LoginMachine:
         self.stage = Stage.FAILED
         self.failure_reason = reason
         self.result = None
+        if (
+            status == LoginStatus.AUTHENTICATION_FAILURE
+            and self.throttle is not None
+            and self._initiator_name
+            and not self._throttled
+        ):
+            self.throttle.failed(self._initiator_name)
         if self._first is None:
             self._first = req
             self._statsn = req.expstatsn

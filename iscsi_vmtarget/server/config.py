@@ -22,6 +22,7 @@ from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
 from ..sizes import parse_size
 from ..storage import BackendError, FileBackend, create_sparse_file
 from ..vm import VmError, serve_vms, vm_target_name
+from .acl import Acl, check_secret
 from .registry import Registry, Target
 
 BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
@@ -53,6 +54,8 @@ class TargetConfig:
     chap: ChapSecret | None = None
     mutual_chap: ChapSecret | None = None
     initiators: list[str] = field(default_factory=list)
+    acls: list[Acl] = field(default_factory=list)  # [[target.acl]] (server/acl.py)
+    allow_all: bool = False  # demo mode: initiators without an ACL see every LUN
 
 
 @dataclass
@@ -117,9 +120,10 @@ def _chap(section: Any, where: str) -> ChapSecret | None:
     if section is None:
         return None
     try:
-        return ChapSecret(str(section["user"]), str(section["secret"]).encode())
+        chap = ChapSecret(str(section["user"]), str(section["secret"]).encode())
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{where}: needs 'user' and 'secret'") from exc
+    return check_secret(chap, where)  # RFC 7143 §12.1.3: at least 96 bits
 
 
 def load_config(path: str) -> ServeConfig:
@@ -153,6 +157,8 @@ def load_config(path: str) -> ServeConfig:
                 chap=_chap(t.get("chap"), f"target {t['name']}.chap"),
                 mutual_chap=_chap(t.get("mutual_chap"), f"target {t['name']}.mutual_chap"),
                 initiators=[str(i) for i in t.get("initiators", [])],
+                acls=[Acl.from_dict(a, f"target {t['name']} acl") for a in t.get("acl", [])],
+                allow_all=bool(t.get("allow_all", False)),
             )
             for lun in t.get("lun", []):
                 lpath = str(lun["path"])
@@ -250,7 +256,8 @@ def build_registry(cfg: ServeConfig) -> Registry:
                 initiators=frozenset(i.lower() for i in t.initiators),
             )
             try:
-                registry.add_target(Target(entry, ScsiTarget(luns)))
+                acls = {a.key: a for a in t.acls}
+                registry.add_target(Target(entry, ScsiTarget(luns), acls, t.allow_all))
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
         if cfg.export_vms or cfg.demo_vm:

@@ -41,6 +41,7 @@ class ConnectionHandler(asyncio.Protocol):
         self.portal = portal
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.source: str | None = None
         self.conn = TargetConnection(
             LoginMachine(
                 directory=server.registry,
@@ -48,6 +49,7 @@ class ConnectionHandler(asyncio.Protocol):
                 portal=portal,
                 random_bytes=os.urandom,
                 prefs=server.prefs,
+                throttle=server.registry.throttle,
             ),
             decode_lun=decode_lun,
             settings=ConnectionSettings(cmd_window=server.prefs.cmdsn_window),
@@ -70,6 +72,8 @@ class ConnectionHandler(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.source = str(peer[0]) if peer else None
+        self.conn.login.source = self.source  # ACL source rules (server/acl.py)
         self.server.handlers.add(self)
         self._arm_ping()
 
@@ -117,7 +121,13 @@ class ConnectionHandler(asyncio.Protocol):
                 self._reset(event)
             elif isinstance(event, ConnectionClosing):
                 if event.reason != "logout":
-                    log.info("closing connection from %s: %s", self.peer, event.reason)
+                    why = self.conn.login.failure_reason if self.conn.login.failed else None
+                    log.info(
+                        "closing connection from %s: %s%s",
+                        self.peer,
+                        event.reason,
+                        f" ({why})" if why else "",
+                    )
                 self._flush()
                 if self.transport is not None:
                     self.transport.close()
@@ -167,7 +177,10 @@ class ConnectionHandler(asyncio.Protocol):
         kind = params.session_type
         if result.target is not None:
             self.target_name = result.target.name.lower()
-            self.scsi = registry.scsi_for(result.target.name)
+            self.scsi = registry.scsi_for(result.target.name, params.initiator_name, self.source)
+            if self.scsi is None:  # the ACL went away while this login ran
+                self.abort_session("access revoked")
+                return
             tpgt = result.target.tpgt
             self.nexus = Nexus(
                 initiator_name=params.initiator_name,
@@ -233,7 +246,9 @@ class ConnectionHandler(asyncio.Protocol):
 
     def _send_targets(self, value: str, session_target: str | None) -> list[tuple[str, str]]:
         initiator = self.conn.result.params.initiator_name if self.conn.result else ""
-        return discovery.send_targets(self.server.registry, initiator, value, session_target)
+        return discovery.send_targets(
+            self.server.registry, initiator, value, session_target, source=self.source
+        )
 
     # -- NOP-In keepalive (RFC 7143 §11.19) ------------------------------------------------
     def _arm_ping(self) -> None:

@@ -2,18 +2,21 @@
 
 This is the one place that ties the layers together: it implements the iSCSI core's
 :class:`~iscsi_vmtarget.iscsi.directory.TargetDirectory` and owns the SCSI
-:class:`~iscsi_vmtarget.scsi.ScsiTarget` of each target.
+:class:`~iscsi_vmtarget.scsi.ScsiTarget` of each target, and one more per ACL that
+shows the initiator only its mapped LUNs (:mod:`.acl`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
-from ..iscsi.login import SessionTable
-from ..scsi import ScsiTarget
+from ..iscsi.login import LoginThrottle, SessionTable
+from ..scsi import LogicalUnit, ScsiTarget
+from .acl import Acl, build_lun_map
 
 if TYPE_CHECKING:
     from .portal import ConnectionHandler
@@ -23,14 +26,61 @@ log = logging.getLogger("iscsi_vmtarget")
 
 @dataclass
 class Target:
-    """One exported target: its login-side entry and its SCSI side."""
+    """One exported target: its login-side entry and its SCSI side.
+
+    ``scsi`` holds every LUN of the target; an initiator that logs in through an ACL
+    gets the :class:`ScsiTarget` of :meth:`scsi_for_acl` instead, built over the same
+    (shared) logical units with the ACL's LUN numbers. ``origin`` says where the
+    target is defined: ``config`` (TOML file or demo), ``vm`` (a VM in a pool) or
+    ``managed`` (the state directory's persisted configuration).
+    """
 
     entry: TargetEntry
     scsi: ScsiTarget
+    acls: dict[str, Acl] = field(default_factory=dict)  # by lowercased initiator name
+    allow_all: bool = False
+    origin: str = "config"
+    raw_luns: dict[int, LogicalUnit] | None = None  # raw views of VM units, by LUN
+    _views: dict[str, ScsiTarget] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.acls or self.allow_all:
+            self.set_acls(self.acls, self.allow_all)
 
     @property
     def name(self) -> str:
         return self.entry.name
+
+    def set_acls(self, acls: dict[str, Acl], allow_all: bool) -> None:
+        """Replace the ACLs; login and discovery see the new rules at once."""
+        self.acls = {a.key: a for a in acls.values()}
+        self.allow_all = allow_all
+        self.entry = replace(
+            self.entry, acls=tuple(a.rule() for a in self.acls.values()), allow_all=allow_all
+        )
+        self._views.clear()
+
+    def set_luns(self, luns: dict[int, LogicalUnit]) -> None:
+        """Replace the LUN set (the per-ACL views are rebuilt on next use)."""
+        self.scsi = ScsiTarget(luns)
+        self._views.clear()
+
+    def scsi_for_acl(self, acl: Acl | None) -> ScsiTarget:
+        if acl is None:
+            return self.scsi
+        view = self._views.get(acl.key)
+        if view is None:
+            view = ScsiTarget(build_lun_map(self.scsi.luns, acl, self.raw_luns))
+            self._views[acl.key] = view
+        return view
+
+    def scsi_for(self, initiator_name: str, source: str | None) -> ScsiTarget | None:
+        """What this initiator may see (None: it may not log in)."""
+        grant = self.entry.grant(initiator_name, source)
+        if grant is None:
+            return None
+        acl = self.acls.get(grant.rule.initiator.lower()) if grant.rule else None
+        return self.scsi_for_acl(acl)
 
 
 @dataclass
@@ -43,17 +93,18 @@ class Registry:
     discovery_mutual: ChapSecret | None = None
     sessions: SessionTable = field(default_factory=SessionTable)
     connections: dict[int, ConnectionHandler] = field(default_factory=dict)  # by TSIH
+    throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(time.monotonic))
 
     # -- TargetDirectory -------------------------------------------------------------
     def lookup(self, target_name: str) -> TargetEntry | None:
         target = self.targets.get(target_name.lower())
         return self._with_portals(target.entry) if target else None
 
-    def visible_to(self, initiator_name: str) -> list[TargetEntry]:
+    def visible_to(self, initiator_name: str, source: str | None = None) -> list[TargetEntry]:
         return [
             self._with_portals(t.entry)
             for t in self.targets.values()
-            if t.entry.allows(initiator_name)
+            if t.entry.allows(initiator_name, source)
         ]
 
     def _with_portals(self, entry: TargetEntry) -> TargetEntry:
@@ -72,9 +123,17 @@ class Registry:
             raise ValueError(f"target {target.name} is defined twice")
         self.targets[key] = target
 
-    def scsi_for(self, target_name: str) -> ScsiTarget | None:
+    def scsi_for(
+        self, target_name: str, initiator_name: str | None = None, source: str | None = None
+    ) -> ScsiTarget | None:
+        """The SCSI target an initiator sees (its ACL's LUN map); without an
+        initiator name, every LUN of the target."""
         target = self.targets.get(target_name.lower())
-        return target.scsi if target else None
+        if target is None:
+            return None
+        if initiator_name is None:
+            return target.scsi
+        return target.scsi_for(initiator_name, source)
 
     def connections_of(self, target_name: str) -> list[ConnectionHandler]:
         key = target_name.lower()
