@@ -124,6 +124,12 @@ def scan_pool(pool: Pool, result: Discovery, *, repair: bool) -> list[FoundUnit]
     """Open every candidate of ``pool``; sort them into ``result``'s lists."""
     found = []
     pool.reload()
+    remove_leftovers = getattr(pool, "remove_leftovers", None)
+    if repair and remove_leftovers is not None:  # creations a crash cut short
+        for name in remove_leftovers():
+            result.repaired.append(
+                {"location": f"{pool.name}:{name}", "action": "unfinished unit removed"}
+            )
     for ref in pool.candidates():
         try:
             unit = Unit.open(pool, ref, repair=repair)

@@ -1,0 +1,159 @@
+"""VM targets served by the real server and driven by real initiators.
+
+Three VMs, one per concealment mode, are created with the VM layer in a state
+directory; ``serve`` exports each as ``<base IQN>:vm.<name>``. libiscsi's tools must see
+exactly the disk (READ CAPACITY), the unit's NAA designator (VPD 0x83), pass the
+*BeyondEol, ReadCapacity and Inquiry families of iscsi-test-cu, and a whole-LUN read with
+qemu-img must never contain the VM's state.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, Mode, StateDir, VmManager
+from tests.conftest import INITIATOR, RunningTarget, need_tool, start_target
+
+pytestmark = pytest.mark.interop
+
+MIB = 1 << 20
+STATE_PATTERN = b"VM-STATE-PATTERN-41c7" * 4096
+VMS = {  # name: (mode, primary disk, secondary disks)
+    "trunc": (Mode.TRUNCATE, 64 * MIB, (32 * MIB,)),
+    "offs": (Mode.OFFSET, 48 * MIB, ()),
+    "algn": (Mode.ALIGNED, 80 * MIB, ()),
+}
+FAMILIES = ["ReadCapacity10", "ReadCapacity16", "Inquiry"] + [
+    f"{family}.BeyondEol"
+    for family in (
+        "Read6 Read10 Read12 Read16 Write10 Write12 Write16 WriteVerify10 WriteVerify12 "
+        "WriteVerify16 Verify10 Verify12 Verify16 Prefetch10 Prefetch16 WriteSame10 "
+        "WriteSame16 GetLBAStatus OrWrite WriteAtomic16"
+    ).split()
+]
+_SUMMARY = re.compile(r"^\s*tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", re.MULTILINE)
+
+
+@dataclass
+class VmTargets:
+    target: RunningTarget
+    state: Path
+    naa: dict[str, list[bytes]]  # VM name -> NAA per LUN
+    serial: dict[str, str]  # VM name -> LUN 0 serial
+
+    def url(self, name: str, lun: int = 0) -> str:
+        return self.target.url(f"{DEFAULT_BASE_IQN}:vm.{name}", lun)
+
+
+@pytest.fixture(scope="module")
+def vm_targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmTargets]:
+    work = tmp_path_factory.mktemp("vmserve")
+    state = work / "state"
+    naa, serial = {}, {}
+    with VmManager(StateDir.at(str(state))) as manager:
+        for name, (mode, disk, secondaries) in VMS.items():
+            vm = manager.create(
+                name, disk=disk, memory=16 * MIB, secondaries=secondaries, mode=mode
+            )
+            manager.write_state(name, io.BytesIO(STATE_PATTERN), len(STATE_PATTERN))
+            naa[name] = [u.header.naa for u in vm.units]
+            serial[name] = vm.base.header.unit_uuid.hex
+    target = start_target(work, "--state-dir", str(state))
+    try:
+        yield VmTargets(target, state, naa, serial)
+    finally:
+        target.stop()
+
+
+def run(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    need_tool(args[0])
+    proc = subprocess.run(args, capture_output=True, encoding="latin-1", timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def test_every_vm_is_exported_with_its_disks(vm_targets: VmTargets) -> None:
+    for name, (_mode, disk, secondaries) in VMS.items():
+        luns = vm_targets.target.targets[f"{DEFAULT_BASE_IQN}:vm.{name}"]
+        assert luns == {n: size for n, size in enumerate((disk, *secondaries))}
+    assert f"{DEFAULT_BASE_IQN}:vm.demo" in vm_targets.target.targets  # the default serve
+
+
+@pytest.mark.parametrize("name", list(VMS))
+def test_readcapacity16_is_the_disk(vm_targets: VmTargets, name: str) -> None:
+    _mode, disk, secondaries = VMS[name]
+    for lun, size in enumerate((disk, *secondaries)):
+        out = run("iscsi-readcapacity16", "-i", INITIATOR, vm_targets.url(name, lun)).stdout
+        assert f"Total size:{size}\n" in out, out
+        assert f"RETURNED LOGICAL BLOCK ADDRESS:{size // 512 - 1}\n" in out
+
+
+@pytest.mark.parametrize("name", list(VMS))
+def test_inquiry_reports_the_units_naa(vm_targets: VmTargets, name: str) -> None:
+    for lun, naa in enumerate(vm_targets.naa[name]):
+        url = vm_targets.url(name, lun)
+        ident = run("iscsi-inq", "-i", INITIATOR, "-e", "1", "-c", "131", url).stdout
+        found = re.search(r"Designator Type:\(3\) NAA\nDesignator:\[(.{16})\]\n", ident, re.S)
+        assert found, ident
+        assert found.group(1).encode("latin-1") == naa
+    serial = run("iscsi-inq", "-i", INITIATOR, "-e", "1", "-c", "128", vm_targets.url(name)).stdout
+    assert f"Unit Serial Number:[{vm_targets.serial[name]}]" in serial
+
+
+@pytest.mark.parametrize("name", list(VMS))
+def test_conformance_families_on_guest_views(vm_targets: VmTargets, name: str) -> None:
+    spec = ",".join(f"ALL.{family}" for family in FAMILIES)
+    proc = run(
+        "iscsi-test-cu",
+        "--dataloss",
+        "-n",
+        "-t",
+        spec,
+        vm_targets.url(name),
+        check=False,
+        timeout=240,
+    )
+    out = proc.stdout + proc.stderr
+    m = _SUMMARY.search(out)
+    assert m, out[-4000:]
+    _total, ran, passed, failed, _inactive = map(int, m.groups())
+    failures = [line for line in out.splitlines() if "FAIL" in line]
+    assert ran > 0 and failed == 0 and passed == ran, "\n".join(failures[:40]) + out[-2000:]
+
+
+def test_whole_lun_read_never_shows_state(vm_targets: VmTargets, tmp_path: Path) -> None:
+    for name, (_mode, disk, _s) in VMS.items():
+        out = tmp_path / f"{name}.raw"
+        run("qemu-img", "convert", "-O", "raw", vm_targets.url(name), str(out), timeout=240)
+        data = out.read_bytes()
+        assert len(data) == disk
+        assert b"VM-STATE-PATTERN-41c7" not in data
+    for path in vm_targets.state.rglob("*"):
+        if path.is_file():
+            assert b"VM-STATE-PATTERN-41c7" not in path.read_bytes(), path
+
+
+def ivt(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``iscsi-vmtarget ARGS --state-dir STATE`` in a subprocess."""
+    command = [sys.executable, "-m", "iscsi_vmtarget", *args, "--state-dir", str(state)]
+    return run(*command, check=check)
+
+
+def test_management_refuses_while_served(vm_targets: VmTargets) -> None:
+    for args in (["vm", "delete", "offs"], ["vm", "resize", "offs", "--disk", "96M"]):
+        proc = ivt(vm_targets.state, *args, check=False)
+        assert proc.returncode == 1
+        assert "exported by a running iscsi-vmtarget server" in proc.stderr
+    shown = ivt(vm_targets.state, "vm", "show", "offs").stdout
+    assert "served by a running server: yes" in shown
