@@ -271,16 +271,18 @@ def build_registry(cfg: ServeConfig) -> Registry:
 
 def _add_vms(cfg: ServeConfig, registry: Registry, opened: list[LogicalUnit]) -> None:
     """One target per VM: LUN 0 the primary disk, LUN n its n-th secondary disk, each a
-    guest view of its unit (the VM layer, :mod:`iscsi_vmtarget.vm`)."""
+    guest view of its unit (the VM layer, :mod:`iscsi_vmtarget.vm`); an ACL with
+    ``view = "raw"`` gets the read-only raw views instead."""
     try:
         exports = serve_vms(cfg.state_dir, demo=cfg.demo_vm)
     except VmError as exc:
         raise ConfigError(f"VMs in {cfg.state_dir!r}: {exc}") from exc
-    for _name, luns in exports:
-        opened.extend(luns.values())
-    for name, luns in exports:
-        entry = TargetEntry(name=vm_target_name(name, BASE_IQN), alias=f"vm.{name}")
+    for vm in exports:
+        opened.extend([*vm.guest.values(), *vm.raw.values()])
+    for vm in exports:
+        entry = TargetEntry(name=vm_target_name(vm.name, BASE_IQN), alias=f"vm.{vm.name}")
+        target = Target(entry, ScsiTarget(vm.guest), origin="vm", raw_luns=vm.raw)
         try:
-            registry.add_target(Target(entry, ScsiTarget(luns)))
+            registry.add_target(target)
         except ValueError as exc:
-            raise ConfigError(f"VM {name!r}: {exc}") from exc
+            raise ConfigError(f"VM {vm.name!r}: {exc}") from exc

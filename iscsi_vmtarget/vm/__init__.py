@@ -22,7 +22,14 @@ from .errors import (
     SizeError,
     VmError,
 )
-from .export import DEFAULT_BASE_IQN, capacity_listener, export_vm, serve_vms, vm_target_name
+from .export import (
+    DEFAULT_BASE_IQN,
+    VmLuns,
+    capacity_listener,
+    export_vm,
+    serve_vms,
+    vm_target_name,
+)
 from .format import Mode, RegionKind, Role, UnitHeader
 from .manager import StateDir, VmManager
 from .pool import DEFAULT_POOL, PoolCatalog
@@ -56,6 +63,7 @@ __all__ = [
     "Unit",
     "UnitHeader",
     "VmError",
+    "VmLuns",
     "VmManager",
     "capacity_listener",
     "create_key_file",

@@ -6,6 +6,7 @@ secondary disk the base unit names. Each LUN is a
 the NAA designator stored in its unit header in VPD 0x83 (SPC-4 §7.8.6). The VM layer
 knows nothing of iSCSI: the server wraps these into targets.
 
+A read-only raw-view LU per unit is offered too, for ACLs that grant ``view = "raw"``.
 Each exported unit's serve lock (:mod:`.locks`) is held until its guest view is closed,
 so management commands know the VM is in use.
 """
@@ -18,8 +19,9 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from ..scsi import LogicalUnit, Reason
+from ..scsi import LogicalUnit, Reason, UnitIdentity
 from .discovery import FoundVm
 from .locks import ServeLock
 from .pool import PoolCatalog
@@ -47,35 +49,71 @@ def capacity_listener(lu: LogicalUnit) -> Callable[[int, int], None]:
     return listener
 
 
-def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> dict[int, LogicalUnit]:
-    """Open a guest-view LU per unit of ``vm``; closing an LU's backend releases its lock."""
-    luns: dict[int, LogicalUnit] = {}
+@dataclass
+class VmLuns:
+    """What a server exports for one VM: guest-view LUs (every initiator's default) and
+    read-only raw-view LUs (for an ACL granting ``view = "raw"``: a backup host sees the
+    whole unit, its hidden regions as ciphertext), both by LUN number."""
+
+    name: str
+    guest: dict[int, LogicalUnit] = field(default_factory=dict)
+    raw: dict[int, LogicalUnit] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for lu in (*self.guest.values(), *self.raw.values()):
+            lu.backend.close()
+
+
+def raw_identity(unit: Unit) -> UnitIdentity:
+    """A raw view is another logical unit (other size, other content): it gets its own
+    designator, derived from the unit UUID, so a host seeing both never merges them."""
+    return UnitIdentity.from_uuid(
+        uuid.uuid5(unit.header.unit_uuid, "raw"), f"{unit.header.unit_uuid.hex}-raw"
+    )
+
+
+def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
+    """Open a guest-view and a raw-view LU per unit of ``vm``; closing a guest LU's
+    backend releases the unit's serve lock."""
+    out = VmLuns(vm.name)
     try:
         for number, found in vm.lun_map().items():
             lock = ServeLock(state_dir, found.header.unit_uuid, f"VM {vm.name!r}")
             try:
                 unit = Unit.open(catalog.get(found.pool), found.ref, repair=False)
                 try:
-                    view = unit.guest_view(on_close=lock.release)
-                    identity = unit.identity()
+                    raw = unit.raw_view()
+                    try:
+                        view = unit.guest_view(on_close=lock.release)
+                    except BaseException:
+                        raw.close()
+                        raise
                 finally:
                     unit.close()
             except BaseException:
                 lock.release()
                 raise
+            options = _lu_options(state_dir, found.header.unit_uuid)
             lu = LogicalUnit(
                 view,
-                identity,
+                unit.identity(),
                 block_size=unit.header.block_size,
-                **_lu_options(state_dir, found.header.unit_uuid),  # type: ignore[arg-type]
+                **options,  # type: ignore[arg-type]
             )
             view.add_capacity_listener(capacity_listener(lu))
-            luns[number] = lu
+            out.guest[number] = lu
+            options.pop("pr_state_path", None)
+            out.raw[number] = LogicalUnit(
+                raw,
+                raw_identity(unit),
+                block_size=unit.header.block_size,
+                read_only=True,
+                **options,  # type: ignore[arg-type]
+            )
     except BaseException:
-        for lu in luns.values():
-            lu.backend.close()
+        out.close()
         raise
-    return luns
+    return out
 
 
 DEMO_VM = "demo"
@@ -102,13 +140,13 @@ def _lu_options(state_dir: str, unit_uuid: uuid.UUID) -> dict[str, object]:
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
-def serve_vms(state_dir: str, *, demo: bool = False) -> list[tuple[str, dict[int, LogicalUnit]]]:
+def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
     """What a server exports at start: every VM discovery finds in the pools of
     ``state_dir`` (finishing interrupted resizes first), after provisioning the demo VM
     when ``demo`` is set and it does not exist yet."""
     from .manager import StateDir, VmManager
 
-    out: list[tuple[str, dict[int, LogicalUnit]]] = []
+    out: list[VmLuns] = []
     with VmManager(StateDir.at(state_dir)) as manager:
         found = manager.discover(repair=True)
         if demo and found.find(DEMO_VM) is None:
@@ -120,10 +158,9 @@ def serve_vms(state_dir: str, *, demo: bool = False) -> list[tuple[str, dict[int
             for vm in found.vms:
                 for naa in vm.missing:
                     log.warning("VM %s: secondary unit naa %s is missing", vm.name, naa.hex())
-                out.append((vm.name, export_vm(vm, manager.catalog, manager.state.root)))
+                out.append(export_vm(vm, manager.catalog, manager.state.root))
         except BaseException:
-            for _name, luns in out:
-                for lu in luns.values():
-                    lu.backend.close()
+            for luns in out:
+                luns.close()
             raise
     return out

@@ -1,0 +1,86 @@
+"""What ``serve`` exports for VMs: one target per VM over guest views, raw views for ACLs
+granting them, the demo VM of the no-config default, and the serve locks."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+from iscsi_vmtarget.scsi import Status
+from iscsi_vmtarget.server.acl import Acl
+from iscsi_vmtarget.server.config import build_registry, demo_config
+from iscsi_vmtarget.server.registry import Registry
+from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.format import Mode
+from iscsi_vmtarget.vm.locks import is_served
+from tests.vm.helpers import make_nexus, sense_triplet
+
+MIB = 1 << 20
+BASE = "iqn.2026-11.org.iscsi-vmtarget"
+SECRET = b"EXPORT-STATE-SECRET-93"
+
+
+def close(registry: Registry) -> None:
+    for target in registry.targets.values():
+        for lu in target.scsi.luns.values():
+            lu.backend.close()
+        for lu in (target.raw_luns or {}).values():
+            lu.backend.close()
+
+
+def test_demo_serve_provisions_vm_demo_once(tmp_path: Path) -> None:
+    registry = build_registry(demo_config(str(tmp_path)))
+    try:
+        assert f"{BASE}:demo" in registry.targets  # the plain demo LUN stays
+        demo = registry.targets[f"{BASE}:vm.demo"]
+        assert demo.origin == "vm" and demo.scsi.luns[0].backend.size == 1 << 30
+        naa = demo.scsi.luns[0].identity.naa
+    finally:
+        close(registry)
+    again = build_registry(demo_config(str(tmp_path)))
+    try:
+        assert again.targets[f"{BASE}:vm.demo"].scsi.luns[0].identity.naa == naa
+    finally:
+        close(again)
+    with VmManager(StateDir.at(str(tmp_path))) as manager:
+        assert [vm.name for vm in manager.discover().vms] == ["demo"]
+
+
+def test_vm_targets_guest_and_raw(tmp_path: Path) -> None:
+    with VmManager(StateDir.at(str(tmp_path))) as manager:
+        vm = manager.create(
+            "web", disk=8 * MIB, memory=4 * MIB, secondaries=(4 * MIB,), mode=Mode.OFFSET
+        )
+        manager.write_state("web", io.BytesIO(SECRET * 100), len(SECRET) * 100)
+    cfg = demo_config(str(tmp_path))
+    cfg.demo_vm = False
+    registry = build_registry(cfg)
+    try:
+        target = registry.targets[f"{BASE}:vm.web"]
+        guest = target.scsi.luns
+        assert {n: lu.backend.size for n, lu in guest.items()} == {0: 8 * MIB, 1: 4 * MIB}
+        assert [guest[n].identity.naa for n in (0, 1)] == [u.header.naa for u in vm.units]
+        assert all(is_served(str(tmp_path), u.header.unit_uuid) for u in vm.units)
+        # VPD 0x83 of LUN 0 carries the unit's NAA (SPC-4 §7.8.6.6.5)
+        nexus = make_nexus()
+        target.scsi.nexus_added(nexus)
+        target.scsi.execute(nexus, 0, bytes(6), None)
+        page = target.scsi.execute(nexus, 0, struct.pack(">BBBHB", 0x12, 1, 0x83, 512, 0), None)
+        assert page.status == Status.GOOD, sense_triplet(page)
+        assert vm.base.header.naa in bytes(page.data_in)
+        # an ACL granting the raw view: the whole unit, read-only, ciphertext only
+        raw_acl = Acl("iqn.2026-11.org.example:backup", view="raw")
+        backup = target.scsi_for_acl(raw_acl)
+        raw = backup.luns[0]
+        assert raw.backend.size == vm.base.header.unit_size and raw.write_protected
+        assert raw.identity.naa != vm.base.header.naa
+        assert SECRET not in bytes(raw.backend.read(0, raw.backend.size))
+        backup.nexus_added(nexus)
+        backup.execute(nexus, 0, bytes(6), None)
+        write = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
+        refused = backup.execute(nexus, 0, write, memoryview(bytes(512)))
+        assert sense_triplet(refused) == (0x7, 0x27, 0x00)  # DATA PROTECT, WRITE PROTECTED
+    finally:
+        close(registry)
+    assert not any(is_served(str(tmp_path), u.header.unit_uuid) for u in vm.units)
