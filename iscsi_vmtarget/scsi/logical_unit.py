@@ -10,19 +10,31 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
 from ..storage.backend import BlockBackend
 from .command import ItKey
 from .mode import ModeState
-from .sense import Reason, ScsiError
+from .pr_state import Initiator, PrStore, ReservationState
+from .pr_store import FilePrStore
+from .sense import Progress, Reason, ScsiError
 
 #: IEEE company identifier put in generated NAA type 6 designators (SPC-4 §7.8.6.6.5).
 #: A placeholder in the company-ID (CID, first octet ``xA``) space until the project
 #: registers its own: it is never an OUI of a real vendor. Pass ``company_id`` to override.
 DEFAULT_COMPANY_ID: Final = 0x5A_4D_56
 DEFAULT_MAX_TRANSFER_BYTES: Final = 8 * 1024 * 1024
+#: Allocation unit of file backends (page and file-system block): the granularity of
+#: UNMAP (a smaller hole is zero-filled, not freed) and of WRITE ATOMIC.
+ALLOCATION_UNIT_BYTES: Final = 4096
+#: Background SANITIZE pace when a clock and sleep are injected (bytes per second).
+DEFAULT_SANITIZE_RATE: Final = 128 * 1024 * 1024
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
 
 
 def _ascii(value: str, limit: int, what: str) -> None:
@@ -77,8 +89,56 @@ class UnitIdentity:
         return cls(naa=value.to_bytes(16, "big"), serial=name or unit_uuid.hex)
 
 
+class RangeLock:
+    """Mutual exclusion on LBA ranges: COMPARE AND WRITE, ORWRITE and WRITE ATOMIC
+    are atomic against every other command touching their blocks (SBC-3 §5.2)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held: list[tuple[int, int]] = []
+
+    @contextmanager
+    def hold(self, lba: int, blocks: int) -> Iterator[None]:
+        end = lba + max(blocks, 1)
+        span = (lba, end)
+        with self._cond:
+            while any(start < end and lba < stop for start, stop in self._held):
+                self._cond.wait()
+            self._held.append(span)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held.remove(span)
+                self._cond.notify_all()
+
+
+@dataclass
+class SanitizeProgress:
+    """A running SANITIZE (SBC-3 §4.11): other commands get NOT READY, SANITIZE IN
+    PROGRESS with this progress indication (SPC-4 §4.5.2.4.4)."""
+
+    total: int
+    done: int = 0
+
+    def error(self) -> ScsiError:
+        return ScsiError(Reason.SANITIZE_IN_PROGRESS, field=Progress(self.done, self.total))
+
+
 class LogicalUnit:
-    """One LU: a backend, its identity, mode pages and per-nexus unit attentions."""
+    """One LU: a backend, its identity, mode pages and per-nexus unit attentions.
+
+    ``thin_provisioning`` makes the LU logical-block-provisioning managed (SBC-3
+    §4.7): LBPME and LBPRZ set, UNMAP and WRITE SAME with UNMAP deallocate (the
+    backend punches holes, which read back as zeros), GET LBA STATUS reports what
+    the backend's ``allocated_ranges`` says. ``pr_state_path`` (or ``pr_store``)
+    is where APTPL persistent reservations are kept, conventionally
+    ``<backing file>.pr``; existing state there is restored. ``clock`` and
+    ``sleep`` pace background work (SANITIZE at ``sanitize_rate`` bytes/s); without
+    them it runs flat out. ``physical_block_size`` is what READ CAPACITY(16)
+    reports (LBPPBE); it defaults to the logical block size, see README.rst
+    ("libiscsi and LBPPBE") for why a file LU does not claim 4 KiB by default.
+    """
 
     def __init__(
         self,
@@ -88,19 +148,45 @@ class LogicalUnit:
         read_only: bool = False,
         *,
         max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
+        physical_block_size: int | None = None,
+        thin_provisioning: bool = False,
+        pr_state_path: str | None = None,
+        pr_store: PrStore | None = None,
+        clock: Clock | None = None,
+        sleep: Sleep | None = None,
+        sanitize_rate: int = DEFAULT_SANITIZE_RATE,
     ) -> None:
         if block_size < 512 or block_size & (block_size - 1) or block_size > 65536:
             raise ValueError("block_size must be a power of two between 512 and 65536")
         if max_transfer_bytes < block_size:
             raise ValueError("max_transfer_bytes must hold at least one block")
+        physical = physical_block_size or block_size
+        if physical < block_size or physical & (physical - 1):
+            raise ValueError("physical_block_size must be a power of two >= block_size")
+        if pr_state_path is not None and pr_store is not None:
+            raise ValueError("give pr_state_path or pr_store, not both")
         self.backend = backend
         self.identity = identity
         self.block_size = block_size
         self.read_only = read_only
         self.max_transfer_blocks = max_transfer_bytes // block_size
+        self.thin_provisioning = thin_provisioning
+        self.physical_block_size = physical
+        self.allocation_unit_blocks = max(1, ALLOCATION_UNIT_BYTES // block_size)
+        self.clock = clock
+        self.sleep = sleep
+        self.sanitize_rate = sanitize_rate
         self.mode = ModeState()
         self._lock = threading.Lock()
         self._attentions: dict[ItKey, list[Reason]] = {}
+        self.ranges = RangeLock()
+        self.pr_lock = threading.Lock()
+        store = FilePrStore(pr_state_path) if pr_state_path is not None else pr_store
+        self.reservations = ReservationState(store=store)
+        self.reservations.restore()
+        self.sanitizing: SanitizeProgress | None = None
+        self.copy_results: dict[ItKey, dict[int, bytes]] = {}
+        self._capacity = backend.size
 
     # -- geometry ----------------------------------------------------------------------
 
@@ -108,6 +194,19 @@ class LogicalUnit:
     def num_blocks(self) -> int:
         """Capacity in logical blocks (read each time: the backend may grow)."""
         return self.backend.size // self.block_size
+
+    @property
+    def blocks_per_physical_block(self) -> int:
+        """Logical blocks per physical block (READ CAPACITY(16) LBPPBE, SBC-3 §5.16)."""
+        return self.physical_block_size // self.block_size
+
+    def check_capacity(self) -> None:
+        """A grown (or shrunk) backend gives every I_T nexus CAPACITY DATA CHANGED
+        once (SBC-3 §4.10)."""
+        size = self.backend.size
+        if size != self._capacity:
+            self._capacity = size
+            self.establish_attention(Reason.CAPACITY_DATA_CHANGED)
 
     # -- write protection (SBC-3 §4.11) --------------------------------------------
 
@@ -131,8 +230,24 @@ class LogicalUnit:
             self._attentions.setdefault(key, [Reason.POWER_ON_RESET])
 
     def remove_nexus(self, key: ItKey) -> None:
+        """I_T nexus loss: its unit attentions, SPC-2 reservation and copy results go."""
         with self._lock:
             self._attentions.pop(key, None)
+        with self.pr_lock:
+            self.reservations.nexus_lost(key)
+            self.copy_results.pop(key, None)
+
+    def attention_where(self, reason: Reason, wanted: Callable[[Initiator], bool]) -> None:
+        """Queue ``reason`` for every known I_T nexus ``wanted`` accepts (used by
+        persistent reservations, whose rules name initiator ports)."""
+        with self._lock:
+            for key, queue in self._attentions.items():
+                if reason not in queue and wanted(Initiator.from_key(key)):
+                    queue.append(reason)
+
+    def known_nexuses(self) -> list[ItKey]:
+        with self._lock:
+            return list(self._attentions)
 
     def establish_attention(self, reason: Reason, *, exclude: ItKey | None = None) -> None:
         """Queue ``reason`` for every known I_T nexus except ``exclude``."""
@@ -162,6 +277,8 @@ class LogicalUnit:
         """Logical unit reset (SAM-5 §6.3.3): mode parameters back to their defaults
         (nothing is saved) and a unit attention for every I_T nexus."""
         self.mode.restore_defaults()
+        with self.pr_lock:
+            self.reservations.reset()
         self.establish_attention(reason)
 
 

@@ -30,30 +30,45 @@ _POWER_CONDITIONS: Final = frozenset({0x0, 0x1, 0x2, 0x3, 0x7, 0xA, 0xB})
 # -- medium access: backend failures become MEDIUM ERROR sense -----------------------
 
 
-def _read_medium(lu: LogicalUnit, offset: int, buf: memoryview) -> None:
+def read_medium(lu: LogicalUnit, offset: int, buf: memoryview) -> None:
     try:
         lu.backend.read_into(offset, buf)
     except (BackendError, OSError) as exc:
         raise ScsiError(Reason.UNRECOVERED_READ_ERROR) from exc
 
 
-def _write_medium(lu: LogicalUnit, offset: int, data: memoryview) -> None:
+def write_medium(lu: LogicalUnit, offset: int, data: memoryview) -> None:
     try:
         lu.backend.write(offset, data)
     except (BackendError, OSError) as exc:
         raise ScsiError(Reason.WRITE_ERROR) from exc
 
 
-def _flush(lu: LogicalUnit) -> None:
+def unmap_medium(lu: LogicalUnit, offset: int, length: int) -> None:
+    """Deallocate a byte range (the backend punches a hole that reads as zeros)."""
+    try:
+        lu.backend.unmap(offset, length)
+    except (BackendError, OSError) as exc:
+        raise ScsiError(Reason.WRITE_ERROR) from exc
+
+
+def flush_medium(lu: LogicalUnit) -> None:
     try:
         lu.backend.flush()
     except (BackendError, OSError) as exc:
         raise ScsiError(Reason.WRITE_ERROR) from exc
 
 
-def _check_transfer(lu: LogicalUnit, blocks: int, length_byte: int) -> None:
+def check_transfer(lu: LogicalUnit, blocks: int, length_byte: int) -> None:
     """TRANSFER LENGTH above the Block Limits MAXIMUM TRANSFER LENGTH (SBC-3 §6.5.3)."""
     require(blocks <= lu.max_transfer_blocks, length_byte)
+
+
+# Old private names, kept for the handlers below.
+_read_medium = read_medium
+_write_medium = write_medium
+_flush = flush_medium
+_check_transfer = check_transfer
 
 
 def _first_difference(actual: bytes | bytearray, expected: memoryview) -> int:
@@ -64,6 +79,11 @@ def _first_difference(actual: bytes | bytearray, expected: memoryview) -> int:
                 if actual[index] != expected[index]:
                     return index
     return len(expected)
+
+
+def first_difference(actual: bytes | bytearray, expected: memoryview) -> int:
+    """Offset of the first byte where ``actual`` and ``expected`` differ."""
+    return _first_difference(actual, expected)
 
 
 def _compare(lu: LogicalUnit, offset: int, expected: memoryview, base: int = 0) -> None:
@@ -93,15 +113,17 @@ def read_capacity10(cmd: Command) -> bytes:
 
 
 def read_capacity16(cmd: Command) -> bytes:
-    """READ CAPACITY(16) (SBC-3 §5.16): no protection information, not thin."""
+    """READ CAPACITY(16) (SBC-3 §5.16): no protection information; LBPME and
+    LBPRZ set on a thin-provisioned LU (unmapped blocks read as zeros)."""
     lu = cmd.unit
+    thin = 0xC000 if lu.thin_provisioning else 0x0000
     return struct.pack(
         ">QIBBH16s",
         max(lu.num_blocks - 1, 0),  # RETURNED LOGICAL BLOCK ADDRESS
         lu.block_size,  # LOGICAL BLOCK LENGTH IN BYTES
         0x00,  # P_TYPE=0, PROT_EN=0
-        0x00,  # P_I_EXPONENT=0, LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT=0
-        0x0000,  # LBPME=0, LBPRZ=0, LOWEST ALIGNED LOGICAL BLOCK ADDRESS=0
+        lu.blocks_per_physical_block.bit_length() - 1,  # P_I_EXPONENT=0, LBPPBE
+        thin,  # LBPME, LBPRZ, LOWEST ALIGNED LOGICAL BLOCK ADDRESS=0
         b"",  # reserved
     )
 
@@ -119,7 +141,8 @@ def read(cmd: Command) -> bytearray | None:
     if blocks == 0:
         return None
     buf = bytearray(blocks * lu.block_size)
-    _read_medium(lu, lba * lu.block_size, memoryview(buf))
+    with lu.ranges.hold(lba, blocks):
+        _read_medium(lu, lba * lu.block_size, memoryview(buf))
     return buf
 
 
@@ -131,7 +154,8 @@ def _write_received(cmd: Command, lu: LogicalUnit) -> tuple[int, memoryview]:
     offset = lba * lu.block_size
     data = cmd.data_out[: blocks * lu.block_size]
     if len(data):
-        _write_medium(lu, offset, data)
+        with lu.ranges.hold(lba, blocks):
+            _write_medium(lu, offset, data)
     return offset, data
 
 
@@ -219,6 +243,54 @@ def start_stop_unit(cmd: Command) -> None:
     require(not control & 0x02, 4, 1)  # LOEJ
     if power_condition == 0 and not control & 0x01 and not control & 0x04:  # START, NO_FLUSH
         _flush(lu)
+
+
+def start_stop_allowed_under_reservation(cdb: bytes) -> bool:
+    """START STOP UNIT with START=1 and POWER CONDITION=0 is allowed for every I_T
+    nexus under a persistent reservation (SBC-3 §4.17, table 13)."""
+    return cdb[4] >> 4 == 0 and bool(cdb[4] & 0x01)
+
+
+def prevent_allow(cmd: Command) -> None:
+    """PREVENT ALLOW MEDIUM REMOVAL (SBC-3 §5.5): the medium is not removable
+    (RMB=0), so there is nothing to lock; PREVENT 00b-11b are accepted."""
+    cmd.unit  # noqa: B018 - the LU must exist
+
+
+def prevent_allows_removal(cdb: bytes) -> bool:
+    """PREVENT=00b is allowed under any reservation (SBC-3 table 13)."""
+    return cdb[4] & 0x03 == 0
+
+
+#: DEFECT LIST FORMAT values SBC-3 defines (table 37); 111b is reserved.
+_DEFECT_FORMATS: Final = frozenset(range(7))
+
+
+def read_defect_data(cmd: Command) -> bytes:
+    """READ DEFECT DATA(10/12) (SBC-3 §5.12, §5.13): a file has no grown or primary
+    defects, so the list is empty, in the format that was asked for."""
+    cdb = cmd.cdb
+    cmd.unit  # noqa: B018
+    at = 2 if len(cdb) == 10 else 1  # the flags are in byte 2 of (10), byte 1 of (12)
+    plist = cdb[at] & 0x10  # REQ_PLIST
+    glist = cdb[at] & 0x08  # REQ_GLIST
+    list_format = cdb[at] & 0x07  # DEFECT LIST FORMAT
+    require(list_format in _DEFECT_FORMATS, at, 2)
+    flags = plist | glist | list_format  # PLISTV, GLISTV (same bits), DEFECT LIST FORMAT
+    if len(cdb) == 10:
+        return struct.pack(
+            ">BBH",
+            0x00,  # reserved
+            flags,  # reserved, PLISTV, GLISTV, DEFECT LIST FORMAT
+            0,  # DEFECT LIST LENGTH
+        )
+    return struct.pack(
+        ">BBHI",
+        0x00,  # reserved
+        flags,  # reserved, PLISTV, GLISTV, DEFECT LIST FORMAT
+        0,  # GENERATION CODE
+        0,  # DEFECT LIST LENGTH
+    )
 
 
 def stop_flushes(cdb: bytes) -> bool:

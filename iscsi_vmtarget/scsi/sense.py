@@ -48,6 +48,14 @@ class Reason(Enum):
     PARAMETER_LIST_LENGTH_ERROR = auto()
     SAVING_PARAMETERS_NOT_SUPPORTED = auto()
     INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT = auto()
+    PARAMETER_VALUE_INVALID = auto()
+    INVALID_RELEASE_OF_PERSISTENT_RESERVATION = auto()
+    TOO_MANY_TARGET_DESCRIPTORS = auto()
+    UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE = auto()
+    TOO_MANY_SEGMENT_DESCRIPTORS = auto()
+    UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE_CODE = auto()
+    INSUFFICIENT_REGISTRATION_RESOURCES = auto()
+    OPERATION_IN_PROGRESS = auto()
     # DATA PROTECT
     WRITE_PROTECTED = auto()
     SOFTWARE_WRITE_PROTECTED = auto()
@@ -56,10 +64,15 @@ class Reason(Enum):
     # NOT READY
     LOGICAL_UNIT_NOT_READY = auto()
     MEDIUM_NOT_PRESENT = auto()
+    SANITIZE_IN_PROGRESS = auto()
+    # COPY ABORTED
+    UNREACHABLE_COPY_TARGET = auto()
+    COPY_TARGET_DEVICE_NOT_REACHABLE = auto()
     # MEDIUM / HARDWARE ERROR
     UNRECOVERED_READ_ERROR = auto()
     WRITE_ERROR = auto()
     INTERNAL_TARGET_FAILURE = auto()
+    SANITIZE_COMMAND_FAILED = auto()
     # UNIT ATTENTION
     POWER_ON_RESET = auto()
     POWER_ON_OCCURRED = auto()
@@ -67,6 +80,9 @@ class Reason(Enum):
     I_T_NEXUS_LOSS = auto()
     MODE_PARAMETERS_CHANGED = auto()
     CAPACITY_DATA_CHANGED = auto()
+    RESERVATIONS_PREEMPTED = auto()
+    RESERVATIONS_RELEASED = auto()
+    REGISTRATIONS_PREEMPTED = auto()
     REPORTED_LUNS_DATA_CHANGED = auto()
     COMMANDS_CLEARED_BY_ANOTHER_INITIATOR = auto()
     # ABORTED COMMAND (raised by the transport, e.g. a Data-Out sequence error)
@@ -96,20 +112,39 @@ SENSE_TABLE: Final[dict[Reason, SenseCode]] = {
     Reason.INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT: SenseCode(
         SenseKey.ILLEGAL_REQUEST, 0x0E, 0x03
     ),
+    Reason.PARAMETER_VALUE_INVALID: SenseCode(SenseKey.ILLEGAL_REQUEST, 0x26, 0x02),
+    Reason.INVALID_RELEASE_OF_PERSISTENT_RESERVATION: SenseCode(
+        SenseKey.ILLEGAL_REQUEST, 0x26, 0x04
+    ),
+    Reason.TOO_MANY_TARGET_DESCRIPTORS: SenseCode(SenseKey.ILLEGAL_REQUEST, 0x26, 0x06),
+    Reason.UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE: SenseCode(SenseKey.ILLEGAL_REQUEST, 0x26, 0x07),
+    Reason.TOO_MANY_SEGMENT_DESCRIPTORS: SenseCode(SenseKey.ILLEGAL_REQUEST, 0x26, 0x08),
+    Reason.UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE_CODE: SenseCode(
+        SenseKey.ILLEGAL_REQUEST, 0x26, 0x09
+    ),
+    Reason.INSUFFICIENT_REGISTRATION_RESOURCES: SenseCode(SenseKey.ILLEGAL_REQUEST, 0x55, 0x04),
+    Reason.OPERATION_IN_PROGRESS: SenseCode(SenseKey.ILLEGAL_REQUEST, 0x00, 0x16),
     Reason.WRITE_PROTECTED: SenseCode(SenseKey.DATA_PROTECT, 0x27, 0x00),
     Reason.SOFTWARE_WRITE_PROTECTED: SenseCode(SenseKey.DATA_PROTECT, 0x27, 0x02),
     Reason.MISCOMPARE_DURING_VERIFY: SenseCode(SenseKey.MISCOMPARE, 0x1D, 0x00),
     Reason.LOGICAL_UNIT_NOT_READY: SenseCode(SenseKey.NOT_READY, 0x04, 0x00),
     Reason.MEDIUM_NOT_PRESENT: SenseCode(SenseKey.NOT_READY, 0x3A, 0x00),
+    Reason.SANITIZE_IN_PROGRESS: SenseCode(SenseKey.NOT_READY, 0x04, 0x1B),
+    Reason.UNREACHABLE_COPY_TARGET: SenseCode(SenseKey.COPY_ABORTED, 0x08, 0x04),
+    Reason.COPY_TARGET_DEVICE_NOT_REACHABLE: SenseCode(SenseKey.COPY_ABORTED, 0x0D, 0x02),
     Reason.UNRECOVERED_READ_ERROR: SenseCode(SenseKey.MEDIUM_ERROR, 0x11, 0x00),
     Reason.WRITE_ERROR: SenseCode(SenseKey.MEDIUM_ERROR, 0x0C, 0x00),
     Reason.INTERNAL_TARGET_FAILURE: SenseCode(SenseKey.HARDWARE_ERROR, 0x44, 0x00),
+    Reason.SANITIZE_COMMAND_FAILED: SenseCode(SenseKey.MEDIUM_ERROR, 0x31, 0x03),
     Reason.POWER_ON_RESET: SenseCode(SenseKey.UNIT_ATTENTION, 0x29, 0x00),
     Reason.POWER_ON_OCCURRED: SenseCode(SenseKey.UNIT_ATTENTION, 0x29, 0x01),
     Reason.BUS_DEVICE_RESET: SenseCode(SenseKey.UNIT_ATTENTION, 0x29, 0x03),
     Reason.I_T_NEXUS_LOSS: SenseCode(SenseKey.UNIT_ATTENTION, 0x29, 0x07),
     Reason.MODE_PARAMETERS_CHANGED: SenseCode(SenseKey.UNIT_ATTENTION, 0x2A, 0x01),
     Reason.CAPACITY_DATA_CHANGED: SenseCode(SenseKey.UNIT_ATTENTION, 0x2A, 0x09),
+    Reason.RESERVATIONS_PREEMPTED: SenseCode(SenseKey.UNIT_ATTENTION, 0x2A, 0x03),
+    Reason.RESERVATIONS_RELEASED: SenseCode(SenseKey.UNIT_ATTENTION, 0x2A, 0x04),
+    Reason.REGISTRATIONS_PREEMPTED: SenseCode(SenseKey.UNIT_ATTENTION, 0x2A, 0x05),
     Reason.REPORTED_LUNS_DATA_CHANGED: SenseCode(SenseKey.UNIT_ATTENTION, 0x3F, 0x0E),
     Reason.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: SenseCode(SenseKey.UNIT_ATTENTION, 0x2F, 0x00),
 }
@@ -138,6 +173,26 @@ class FieldPointer:
         return struct.pack(">BH", first, self.byte & 0xFFFF)  # FIELD POINTER
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Sense-key specific progress indication (SPC-4 §4.5.2.4.4), e.g. for
+    NOT READY / SANITIZE IN PROGRESS: ``done`` of ``total`` as a fraction of 65536."""
+
+    done: int
+    total: int
+
+    def encode(self) -> bytes:
+        fraction = 0 if self.total <= 0 else min(0xFFFF, self.done * 0x10000 // self.total)
+        return struct.pack(
+            ">BH",
+            0x80,  # SKSV
+            fraction,  # PROGRESS INDICATION
+        )
+
+
+SenseKeySpecific = FieldPointer | Progress
+
+
 def cdb_field(byte: int, bit: int | None = None) -> FieldPointer:
     """Pointer into the CDB."""
     return FieldPointer(byte, bit, True)
@@ -159,7 +214,7 @@ class ScsiError(Exception):
         self,
         reason: Reason,
         *,
-        field: FieldPointer | None = None,
+        field: SenseKeySpecific | None = None,
         information: int | None = None,
     ) -> None:
         super().__init__(reason.name)
@@ -168,11 +223,17 @@ class ScsiError(Exception):
         self.information = information
 
 
+class ReservationConflict(Exception):
+    """A command ends with RESERVATION CONFLICT status and no sense data
+    (SAM-5 §5.3.1, SPC-4 §5.13.1): an SPC-2 reservation or a persistent
+    reservation held through another I_T nexus forbids it."""
+
+
 def build_sense(
     reason: Reason,
     *,
     descriptor: bool = False,
-    field: FieldPointer | None = None,
+    field: SenseKeySpecific | None = None,
     information: int | None = None,
 ) -> bytes:
     """Build current-error sense data for ``reason``.

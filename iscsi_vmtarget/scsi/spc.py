@@ -40,7 +40,7 @@ def standard_inquiry(identity: UnitIdentity, peripheral: int) -> bytes:
         0x06,  # VERSION: SPC-4
         0x12,  # NORMACA=0, HISUP=1, RESPONSE DATA FORMAT=2
         STANDARD_INQUIRY_LENGTH - 5,  # ADDITIONAL LENGTH
-        0x00,  # SCCS ACC TPGS=00b 3PC PROTECT
+        0x08,  # SCCS=0 ACC=0 TPGS=00b 3PC=1 (EXTENDED COPY) PROTECT=0
         0x00,  # ENCSERV=0, MULTIP=0
         0x02,  # CMDQUE=1
         identity.vendor.ljust(8).encode("ascii"),  # T10 VENDOR IDENTIFICATION
@@ -80,6 +80,10 @@ def request_sense(cmd: Command) -> bytes:
     if cmd.lu is None:
         reason = Reason.LOGICAL_UNIT_NOT_SUPPORTED
     else:
+        sanitizing = cmd.lu.sanitizing
+        if sanitizing is not None:  # progress of a running SANITIZE (SPC-4 §4.5.2.4.4)
+            error = sanitizing.error()
+            return build_sense(error.reason, descriptor=descriptor, field=error.field)
         reason = cmd.lu.pop_attention(it_key(cmd.nexus)) or Reason.NO_SENSE
     return build_sense(reason, descriptor=descriptor)
 

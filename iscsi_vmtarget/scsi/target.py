@@ -15,21 +15,12 @@ from collections.abc import Mapping
 from .command import Command, it_key
 from .logical_unit import LogicalUnit
 from .opcodes import DataDirection, OpcodeRow, find_row, lookup, validate_cdb
-from .sense import Reason, ScsiError, build_sense
-from .task import Nexus, ScsiResponse, Status, TmfFunction, TmfResult
+from .pr import initiator_of
+from .sense import Reason, ReservationConflict, ScsiError, build_sense
+from .task import SUPPORTED_TMFS, Nexus, ScsiResponse, Status, TmfFunction, TmfResult
 
 _log = logging.getLogger(__name__)
 _EMPTY = memoryview(b"")
-
-_LU_SCOPED_TMF = frozenset(
-    {
-        TmfFunction.ABORT_TASK,
-        TmfFunction.ABORT_TASK_SET,
-        TmfFunction.CLEAR_ACA,
-        TmfFunction.CLEAR_TASK_SET,
-        TmfFunction.LOGICAL_UNIT_RESET,
-    }
-)
 
 
 class ScsiTarget:
@@ -91,6 +82,8 @@ class ScsiTarget:
             response = self._dispatch(nexus, lun, lu, raw, row, data_out)
         except ScsiError as err:
             response = _check_condition(lu, err)
+        except ReservationConflict:
+            response = ScsiResponse(Status.RESERVATION_CONFLICT)
         except Exception:  # a bug or an unexpected backend failure: never crash the server
             _log.exception("command %s on LUN %d failed", raw[:1].hex(), lun)
             response = _check_condition(lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))
@@ -108,15 +101,22 @@ class ScsiTarget:
     ) -> ScsiResponse:
         if lu is None and (row is None or row.needs_lu):
             raise ScsiError(Reason.LOGICAL_UNIT_NOT_SUPPORTED)
-        if lu is not None and (row is None or not row.ua_exempt):
-            attention = lu.pop_attention(it_key(nexus))
-            if attention is not None:
-                raise ScsiError(attention)
-        if row is None:
-            row = lookup(raw)  # raises INVALID COMMAND OPERATION CODE or INVALID FIELD
+        if lu is not None:
+            lu.check_capacity()
+            sanitizing = lu.sanitizing
+            if sanitizing is not None and (row is None or not row.sanitize_exempt):
+                raise sanitizing.error()  # NOT READY, SANITIZE IN PROGRESS (SBC-3 §4.11)
+            if row is None or not row.ua_exempt:
+                attention = lu.pop_attention(it_key(nexus))
+                if attention is not None:
+                    raise ScsiError(attention)
+        if row is None or (lu is not None and not row.supported(lu)):
+            row = lookup(raw, lu)  # raises INVALID COMMAND OPERATION CODE or INVALID FIELD
         cdb = validate_cdb(row, raw)
-        if row.writes_medium and lu is not None:
-            lu.check_writable()
+        if lu is not None:
+            _check_reservations(lu, nexus, row, cdb)
+            if row.writes_medium:
+                lu.check_writable()
         view = _EMPTY if data_out is None else memoryview(data_out).cast("B")
         command = Command(nexus, lun, lu, cdb, view, row, self._luns)
         result = row.handler(command)
@@ -139,20 +139,31 @@ class ScsiTarget:
         target resets reset the LUs (unit attentions, default mode pages), and
         the other functions only check that the LUN exists.
         """
+        if function is TmfFunction.TASK_REASSIGN:
+            return TmfResult.REASSIGN_NOT_SUPPORTED
+        if function not in SUPPORTED_TMFS:
+            return TmfResult.NOT_SUPPORTED
         if function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             for unit in self._luns.values():
                 unit.reset(Reason.POWER_ON_RESET)
             return TmfResult.COMPLETE
-        if function is TmfFunction.TASK_REASSIGN:
-            return TmfResult.REASSIGN_NOT_SUPPORTED
-        if function not in _LU_SCOPED_TMF:
-            return TmfResult.NOT_SUPPORTED
         lu = self._luns.get(lun)
         if lu is None:
             return TmfResult.LUN_DOES_NOT_EXIST
         if function is TmfFunction.LOGICAL_UNIT_RESET:
             lu.reset(Reason.BUS_DEVICE_RESET)
         return TmfResult.COMPLETE
+
+
+def _check_reservations(lu: LogicalUnit, nexus: Nexus, row: OpcodeRow, cdb: bytes) -> None:
+    """RESERVATION CONFLICT if an SPC-2 or persistent reservation held through
+    another I_T nexus forbids this command (SPC-4 §5.13.1, SPC-2 §5.5.1)."""
+    state = lu.reservations
+    if state.reservation is None and state.spc2_holder is None:  # the common case, no lock
+        return
+    relaxed = row.pr_relaxed is not None and row.pr_relaxed(cdb)
+    with lu.pr_lock:
+        state.check_access(initiator_of(nexus), row.pr_policy, row.spc2_exempt, relaxed)
 
 
 def _described_data_out(row: OpcodeRow | None, cdb: bytes, lu: LogicalUnit | None) -> int:

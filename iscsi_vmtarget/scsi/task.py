@@ -84,3 +84,16 @@ class ScsiResponse:
     sense: bytes = b""
     data_out_length: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+
+
+#: Task management functions the target performs, with their bit in the REPORT
+#: SUPPORTED TASK MANAGEMENT FUNCTIONS data (SPC-4 §6.36.2, table 268: byte, bit).
+#: :meth:`ScsiTarget.task_management` refuses the others as not supported.
+SUPPORTED_TMFS: dict[TmfFunction, tuple[int, int]] = {
+    TmfFunction.ABORT_TASK: (0, 7),  # ATS
+    TmfFunction.ABORT_TASK_SET: (0, 6),  # ATSS
+    TmfFunction.CLEAR_TASK_SET: (0, 4),  # CTSS
+    TmfFunction.LOGICAL_UNIT_RESET: (0, 3),  # LURS
+    TmfFunction.TARGET_WARM_RESET: (0, 1),  # TRS (SAM-5 TARGET RESET)
+    TmfFunction.TARGET_COLD_RESET: (0, 1),  # TRS as well: a cold reset is a target reset
+}

@@ -135,45 +135,69 @@ def _device_identification(lu: LogicalUnit, nexus: Nexus) -> bytes:
 
 
 def _block_limits(lu: LogicalUnit, nexus: Nexus) -> bytes:
-    """Block Limits (SBC-3 §6.5.3), page length 3Ch; no UNMAP, WRITE SAME or CAW yet."""
+    """Block Limits (SBC-3 §6.5.3; the atomic fields of SBC-4 §6.6.4), page length 3Ch.
+
+    UNMAP limits are reported only when UNMAP exists (a thin LU, LBPU=1); the
+    unmap and atomic granularity is the 4 KiB allocation unit of the backing file.
+    """
+    from .atomic import MAX_ATOMIC_TRANSFER_BLOCKS, MAX_COMPARE_AND_WRITE_BLOCKS
+    from .provisioning import MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT, MAX_WRITE_SAME_BLOCKS
+
+    physical = lu.allocation_unit_blocks
+    thin = lu.thin_provisioning
     return struct.pack(
-        ">BBHIIIIIIIQ20s",
-        0x00,  # reserved, WSNZ=0
-        0,  # MAXIMUM COMPARE AND WRITE LENGTH
-        0,  # OPTIMAL TRANSFER LENGTH GRANULARITY (not reported)
+        ">BBHIIIIIIIQIIIII",
+        0x00,  # reserved, WSNZ=0: WRITE SAME with zero blocks means "to the end"
+        MAX_COMPARE_AND_WRITE_BLOCKS,  # MAXIMUM COMPARE AND WRITE LENGTH
+        physical,  # OPTIMAL TRANSFER LENGTH GRANULARITY
         lu.max_transfer_blocks,  # MAXIMUM TRANSFER LENGTH
         0,  # OPTIMAL TRANSFER LENGTH (not reported)
         0,  # MAXIMUM PREFETCH LENGTH (no limit)
-        0,  # MAXIMUM UNMAP LBA COUNT
-        0,  # MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
-        0,  # OPTIMAL UNMAP GRANULARITY
-        0,  # UGAVALID=0, UNMAP GRANULARITY ALIGNMENT
-        0,  # MAXIMUM WRITE SAME LENGTH
-        b"",  # reserved (bytes 44-63)
+        MAX_UNMAP_LBA_COUNT if thin else 0,  # MAXIMUM UNMAP LBA COUNT
+        MAX_UNMAP_DESCRIPTORS if thin else 0,  # MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
+        physical if thin else 0,  # OPTIMAL UNMAP GRANULARITY
+        0x80000000 if thin else 0,  # UGAVALID=1, UNMAP GRANULARITY ALIGNMENT=0
+        MAX_WRITE_SAME_BLOCKS,  # MAXIMUM WRITE SAME LENGTH
+        MAX_ATOMIC_TRANSFER_BLOCKS,  # MAXIMUM ATOMIC TRANSFER LENGTH
+        physical,  # ATOMIC ALIGNMENT
+        physical,  # ATOMIC TRANSFER LENGTH GRANULARITY
+        0,  # MAXIMUM ATOMIC TRANSFER LENGTH WITH ATOMIC BOUNDARY (no boundaries)
+        0,  # MAXIMUM ATOMIC BOUNDARY SIZE
     )
 
 
 def _block_device_characteristics(lu: LogicalUnit, nexus: Nexus) -> bytes:
-    """Block Device Characteristics (SBC-3 §6.5.2), page length 3Ch: a non-rotating medium."""
+    """Block Device Characteristics (SBC-3 §6.5.2), page length 3Ch: a non-rotating
+    medium. WABEREQ=01b where SANITIZE BLOCK ERASE exists (a thin LU): reads after a
+    block erase succeed (and return zeros)."""
+    wabereq = 0b01 if lu.thin_provisioning else 0b00
     return struct.pack(
         ">HBBB55s",
         0x0001,  # MEDIUM ROTATION RATE: non-rotating medium (solid state)
         0x00,  # PRODUCT TYPE: not indicated
-        0x00,  # WABEREQ, WACEREQ, NOMINAL FORM FACTOR: not reported
+        wabereq << 6,  # WABEREQ, WACEREQ=00b (no CRYPTO ERASE), NOMINAL FORM FACTOR: none
         0x00,  # ZONED, FUAB, VBULS
         b"",  # reserved (bytes 9-63)
     )
 
 
 def _logical_block_provisioning(lu: LogicalUnit, nexus: Nexus) -> bytes:
-    """Logical Block Provisioning (SBC-3 §6.5.4): fully provisioned for now."""
+    """Logical Block Provisioning (SBC-3 §6.5.4): a thin LU offers UNMAP and WRITE
+    SAME(10/16) with UNMAP, and unmapped blocks read as zeros (LBPRZ)."""
+    thin = lu.thin_provisioning
     return struct.pack(
         ">BBBB",
-        0,  # THRESHOLD EXPONENT
-        0x00,  # LBPU=0, LBPWS=0, LBPWS10=0, LBPRZ=0, ANC_SUP=0, DP=0
-        0x00,  # PROVISIONING TYPE: fully provisioned
+        0,  # THRESHOLD EXPONENT: no thresholds
+        0xE4 if thin else 0x00,  # LBPU, LBPWS, LBPWS10, LBPRZ; ANC_SUP=0, DP=0
+        0x02 if thin else 0x00,  # PROVISIONING TYPE: thin provisioned / fully provisioned
         0x00,  # reserved
     )
+
+
+def _third_party_copy(lu: LogicalUnit, nexus: Nexus) -> bytes:
+    from .xcopy import third_party_copy_page
+
+    return third_party_copy_page(lu, nexus)
 
 
 #: The one table of VPD pages (page 0x00 lists exactly these).
@@ -181,6 +205,7 @@ VPD_PAGES: Final[tuple[VpdPage, ...]] = (
     VpdPage(0x00, "Supported VPD Pages", _supported_pages),
     VpdPage(0x80, "Unit Serial Number", _unit_serial_number),
     VpdPage(0x83, "Device Identification", _device_identification),
+    VpdPage(0x8F, "Third-party Copy", _third_party_copy),
     VpdPage(0xB0, "Block Limits", _block_limits),
     VpdPage(0xB1, "Block Device Characteristics", _block_device_characteristics),
     VpdPage(0xB2, "Logical Block Provisioning", _logical_block_provisioning),

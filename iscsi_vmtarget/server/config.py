@@ -11,6 +11,7 @@ turns that off); the no-config default also provisions the demo VM ``demo``.
 from __future__ import annotations
 
 import os
+import time
 import tomllib
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class LunConfig:
     read_only: bool = False
     block_size: int = 512
     serial: str | None = None
+    provisioning: str = "thin"  # "thin": UNMAP punches holes (LBPME=1); "thick": full
 
 
 @dataclass
@@ -126,6 +128,12 @@ def _chap(section: Any, where: str) -> ChapSecret | None:
     return check_secret(chap, where)  # RFC 7143 §12.1.3: at least 96 bits
 
 
+def _provisioning(value: Any) -> str:
+    if value not in ("thin", "thick"):
+        raise ValueError(f"provisioning must be 'thin' or 'thick', not {value!r}")
+    return str(value)
+
+
 def load_config(path: str) -> ServeConfig:
     """Read a TOML serve configuration; ConfigError names the file and the key."""
     try:
@@ -170,6 +178,7 @@ def load_config(path: str) -> ServeConfig:
                         read_only=bool(lun.get("read_only", False)),
                         block_size=int(lun.get("block_size", 512)),
                         serial=lun.get("serial"),
+                        provisioning=_provisioning(lun.get("provisioning", "thin")),
                     )
                 )
             cfg.targets.append(tc)
@@ -228,7 +237,17 @@ def _open_lun(target: TargetConfig, lun: LunConfig) -> LogicalUnit:
         raise ConfigError(f"LUN {lun.number} of {target.name}: {lun.path!r} is empty")
     unit_id = uuid.uuid5(_ID_NAMESPACE, f"{target.name.lower()}/{os.path.abspath(lun.path)}")
     identity = UnitIdentity.from_uuid(unit_id, lun.serial or unit_id.hex[:16])
-    return LogicalUnit(backend, identity, block_size=lun.block_size, read_only=lun.read_only)
+    return LogicalUnit(
+        backend,
+        identity,
+        block_size=lun.block_size,
+        read_only=lun.read_only,
+        thin_provisioning=lun.provisioning == "thin" and not backend.is_block_device,
+        # APTPL persistent reservations live in a file beside the unit
+        pr_state_path=None if backend.is_block_device else f"{lun.path}.pr",
+        clock=time.monotonic,
+        sleep=time.sleep,
+    )
 
 
 def build_registry(cfg: ServeConfig) -> Registry:

@@ -99,10 +99,25 @@ class Harness:
     make_nexus = staticmethod(make_nexus)
 
     @classmethod
-    def create(cls, read_only: bool = False, blocks: int = BLOCKS, block: int = BLOCK) -> Harness:
+    def create(
+        cls,
+        read_only: bool = False,
+        blocks: int = BLOCKS,
+        block: int = BLOCK,
+        *,
+        thin: bool = False,
+        **options: object,
+    ) -> Harness:
         backend = CountingBackend(blocks * block)
         identity = UnitIdentity.from_uuid(uuid.UUID("12345678-1234-5678-1234-567812345678"))
-        lu = LogicalUnit(backend, identity, block_size=block, read_only=read_only)
+        lu = LogicalUnit(
+            backend,
+            identity,
+            block_size=block,
+            read_only=read_only,
+            thin_provisioning=thin,
+            **options,  # type: ignore[arg-type]
+        )
         target = ScsiTarget({0: lu})
         nexus = make_nexus()
         target.nexus_added(nexus)
@@ -153,6 +168,12 @@ class Harness:
 def scsi() -> Harness:
     """A fresh 1 MiB LU (512-byte blocks), its power-on unit attention consumed."""
     return Harness.create()
+
+
+@pytest.fixture
+def thin() -> Harness:
+    """A thin-provisioned 1 MiB LU (LBPME=1): UNMAP, WRITE SAME with UNMAP, BLOCK ERASE."""
+    return Harness.create(thin=True)
 
 
 @pytest.fixture

@@ -140,7 +140,7 @@ def test_target_reset_reaches_every_lu(multi: Harness, function: TmfFunction) ->
         (TmfFunction.ABORT_TASK, 0, TmfResult.COMPLETE),
         (TmfFunction.ABORT_TASK_SET, 0, TmfResult.COMPLETE),
         (TmfFunction.CLEAR_TASK_SET, 0, TmfResult.COMPLETE),
-        (TmfFunction.CLEAR_ACA, 0, TmfResult.COMPLETE),
+        (TmfFunction.CLEAR_ACA, 0, TmfResult.NOT_SUPPORTED),  # NACA is not supported
         (TmfFunction.ABORT_TASK_SET, 9, TmfResult.LUN_DOES_NOT_EXIST),
         (TmfFunction.LOGICAL_UNIT_RESET, 9, TmfResult.LUN_DOES_NOT_EXIST),
         (TmfFunction.TASK_REASSIGN, 0, TmfResult.REASSIGN_NOT_SUPPORTED),
@@ -183,8 +183,20 @@ def test_unknown_lun(scsi: Harness) -> None:
 
 def test_unknown_opcodes(scsi: Harness) -> None:
     scsi.check(bytes([0xC7, 0, 0, 0, 0, 0]), INVALID_OPCODE)
-    scsi.check(bytes([0xA3, 0x0C]) + bytes(10), INVALID_OPCODE)  # MAINTENANCE IN: not yet
+    scsi.check(bytes([0xC8]) + bytes(9), INVALID_OPCODE)
     scsi.check(b"", INVALID_OPCODE)
+
+
+def test_unknown_service_action_points_at_it(scsi: Harness) -> None:
+    """An unknown service action of a service-action opcode (here REPORT TARGET PORT
+    GROUPS under MAINTENANCE IN) is INVALID FIELD IN CDB at byte 1 bit 4 (SPC-4 §4.2.2.2)."""
+    response = scsi.check(bytes([0xA3, 0x0A]) + bytes(10), INVALID_FIELD)
+    assert response.sense[15:18] == bytes.fromhex("cc0001")
+
+
+def test_unsupported_on_this_lu_is_an_unknown_opcode(scsi: Harness) -> None:
+    """UNMAP exists only on thin LUs: a fully provisioned LU refuses it as unknown."""
+    scsi.check(bytes([0x42]) + bytes(9), INVALID_OPCODE)
 
 
 def test_cdb_padded_to_16_bytes(scsi: Harness) -> None:
@@ -213,19 +225,39 @@ def valid_cdb(row: OpcodeRow) -> bytes:
     return bytes(cdb)
 
 
+#: Rows whose all-zero CDB reaches the handler but cannot succeed, and what they answer.
+_DISPATCH_OUTCOMES: dict[str, tuple[int, int, int] | Status] = {
+    "SANITIZE OVERWRITE": INVALID_FIELD,  # needs an initialization pattern
+    "PERSISTENT RESERVE OUT REGISTER": (0x5, 0x1A, 0x00),  # needs a parameter list
+    "PERSISTENT RESERVE OUT RESERVE": INVALID_FIELD,  # TYPE 0 is not a type
+    "PERSISTENT RESERVE OUT RELEASE": INVALID_FIELD,
+    "PERSISTENT RESERVE OUT CLEAR": (0x5, 0x1A, 0x00),
+    "PERSISTENT RESERVE OUT PREEMPT": INVALID_FIELD,
+    "PERSISTENT RESERVE OUT PREEMPT AND ABORT": INVALID_FIELD,
+    "PERSISTENT RESERVE OUT REGISTER AND IGNORE EXISTING KEY": (0x5, 0x1A, 0x00),
+    "PERSISTENT RESERVE OUT REGISTER AND MOVE": (0x5, 0x1A, 0x00),
+    "RECEIVE COPY RESULTS COPY STATUS": INVALID_FIELD,  # no copy with list identifier 0
+}
+
+
 @pytest.mark.parametrize("row", OPCODE_TABLE, ids=lambda row: row.name)
-def test_every_row_dispatches(scsi: Harness, row: OpcodeRow) -> None:
+def test_every_row_dispatches(thin: Harness, row: OpcodeRow) -> None:
     cdb = valid_cdb(row)
     length = row.transfer_length(cdb, 512)
     data = bytes(length) if row.direction is DataDirection.OUT else None
-    response = scsi.run(cdb, data)
-    assert response.status == Status.GOOD, scsi.sense(response)
+    response = thin.run(cdb, data)
+    expected = _DISPATCH_OUTCOMES.get(row.name, Status.GOOD)
+    if isinstance(expected, Status):
+        assert response.status == expected, thin.sense(response)
+    else:
+        assert response.status == Status.CHECK_CONDITION
+        assert thin.sense(response) == expected
     assert len(response.data_in) <= (length if row.direction is DataDirection.IN else 0)
     assert response.data_out_length == (length if row.direction is DataDirection.OUT else 0)
 
 
 @pytest.mark.parametrize("row", OPCODE_TABLE, ids=lambda row: row.name)
-def test_every_bit_outside_the_usage_mask_is_refused(scsi: Harness, row: OpcodeRow) -> None:
+def test_every_bit_outside_the_usage_mask_is_refused(thin: Harness, row: OpcodeRow) -> None:
     base = valid_cdb(row)
     for index in range(1, row.cdb_length):
         for bit in range(8):
@@ -233,7 +265,7 @@ def test_every_bit_outside_the_usage_mask_is_refused(scsi: Harness, row: OpcodeR
                 continue
             cdb = bytearray(base)
             cdb[index] |= 1 << bit
-            response = scsi.check(bytes(cdb), INVALID_FIELD)
+            response = thin.check(bytes(cdb), INVALID_FIELD)
             assert response.sense[15:18] == bytes([0xC8 | bit]) + index.to_bytes(2, "big")
 
 
