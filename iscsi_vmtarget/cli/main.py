@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from . import discover, key, pool, serve, vm
+from . import acl, config_cmd, discover, key, lun, pool, serve, status, target, vm
+from . import portal as portal_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_parser(sub)
     discover.add_parser(sub)
     key.add_parser(sub)
+    for module in (target, lun, acl, portal_cmd, status, config_cmd):  # management (issue 6)
+        module.add_parser(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from ..server.admin import AdminError, AdminServer, Manager, Runtime
 from ..server.config import (
     ConfigError,
     ServeConfig,
@@ -17,6 +18,8 @@ from ..server.config import (
     load_config,
     parse_portal,
 )
+from ..server.metrics import MetricsServer
+from ..server.persist import ConfigStore, PersistError
 from ..server.portal import TargetServer
 
 log = logging.getLogger("iscsi_vmtarget")
@@ -48,6 +51,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="SECONDS",
         help="send a NOP-In ping after this much idle time (0 = never; default 30)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_portal_arg,
+        help="serve per-LUN and per-session counters in the Prometheus text format "
+        "on http://HOST:PORT/metrics",
+    )
     p.set_defaults(func=run)
 
 
@@ -74,17 +84,38 @@ def _load(args: argparse.Namespace) -> ServeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Targets come from ``--config`` (or the demo), VMs found in the pools, and the
+    managed configuration ``<state-dir>/conf/config.json`` (the management commands);
+    portals from ``--portal``, else the managed configuration, else the file."""
     try:
         cfg = _load(args)
         os.makedirs(cfg.state_dir, exist_ok=True)
+        store = ConfigStore(cfg.state_dir)
+        managed = store.load()
         registry = build_registry(cfg)
-    except ConfigError as exc:
+    except (ConfigError, PersistError) as exc:
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return 1
-    return _run_loop(TargetServer(registry, cfg.negotiation, nop_interval=cfg.nop_interval))
+    if not args.portal and managed.portals:
+        registry.portals = list(managed.portals)
+    server = TargetServer(registry, cfg.negotiation, nop_interval=cfg.nop_interval)
+    manager = Manager(store, Runtime(registry, server))
+    try:
+        manager.start()
+    except AdminError as exc:
+        print(f"iscsi-vmtarget: {store.path}: {exc}", file=sys.stderr)
+        return 1
+    admin = AdminServer(manager, cfg.state_dir)
+    metrics = None
+    if args.metrics:
+        portal = parse_portal(args.metrics)
+        metrics = MetricsServer(server.metrics, portal.host, portal.port)
+    return _run_loop(server, admin, metrics)
 
 
-def _run_loop(server: TargetServer) -> int:
+def _run_loop(
+    server: TargetServer, admin: AdminServer | None = None, metrics: MetricsServer | None = None
+) -> int:
     try:
         import uvloop  # optional: a faster event loop (libuv)
 
@@ -92,13 +123,15 @@ def _run_loop(server: TargetServer) -> int:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        return runner(_serve(server))
+        return runner(_serve(server, admin, metrics))
     except OSError as exc:
         print(f"iscsi-vmtarget: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 
-async def _serve(server: TargetServer) -> int:
+async def _serve(
+    server: TargetServer, admin: AdminServer | None, metrics: MetricsServer | None
+) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -107,12 +140,22 @@ async def _serve(server: TargetServer) -> int:
     for portal in portals:
         host = f"[{portal.host}]" if ":" in portal.host else portal.host
         print(f"listening on {host}:{portal.port}", flush=True)
+    if admin is not None:
+        await admin.start()
+        print(f"admin socket {admin.path}", flush=True)
+    if metrics is not None:
+        port = await metrics.start()
+        print(f"metrics on http://{metrics.host}:{port}/metrics", flush=True)
     for target in server.registry.targets.values():
         for number, lu in sorted(target.scsi.luns.items()):
             print(f"target {target.name} lun {number} {lu.backend.size} bytes", flush=True)
     print("ready", flush=True)
     await stop.wait()
     log.info("stopping")
+    if admin is not None:
+        await admin.stop()
+    if metrics is not None:
+        await metrics.stop()
     await server.stop()
     print("stopped", flush=True)
     return 0

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..iscsi import discovery
@@ -27,7 +28,8 @@ from ..iscsi.events import ConnectionClosing, ExecuteCommand, LoginComplete, Res
 from ..iscsi.login import LoginMachine, TargetPreferences
 from ..iscsi.task import Task
 from ..scsi import ScsiTarget, TmfFunction, TmfResult, decode_lun
-from ..scsi.task import Nexus
+from ..scsi.task import Nexus, ScsiResponse, Status
+from .metrics import Metrics, SessionInfo
 from .registry import Registry
 
 log = logging.getLogger("iscsi_vmtarget")
@@ -59,6 +61,7 @@ class ConnectionHandler(asyncio.Protocol):
         self.target_name = ""
         self.scsi: ScsiTarget | None = None
         self.nexus: Nexus | None = None
+        self.lun_names: dict[int, int] = {}  # LUN number shown -> the target's LUN number
         self._idle = True
         self._ping_handle: asyncio.TimerHandle | None = None
         self.running = 0
@@ -143,24 +146,43 @@ class ConnectionHandler(asyncio.Protocol):
         scsi, nexus = self.scsi, self.nexus
         assert scsi is not None and nexus is not None
         data = memoryview(task.buffer) if task.buffer is not None else None
+        start = time.perf_counter()
         if scsi.may_block(task.cdb):
             self.running += 1
             fut = asyncio.get_running_loop().run_in_executor(
                 self.server.executor, scsi.execute, nexus, task.lun, task.cdb, data
             )
-            fut.add_done_callback(lambda f: self._threaded_done(task, f))
+            fut.add_done_callback(lambda f: self._threaded_done(task, f, start))
             return
-        self.conn.command_completed(task, scsi.execute(nexus, task.lun, task.cdb, data))
+        response = scsi.execute(nexus, task.lun, task.cdb, data)
+        self._account(task, response, start)
+        self.conn.command_completed(task, response)
 
-    def _threaded_done(self, task: Task, fut: asyncio.Future) -> None:  # type: ignore[type-arg]
+    def _threaded_done(self, task: Task, fut: asyncio.Future, start: float) -> None:  # type: ignore[type-arg]
         self.running -= 1
         exc = fut.exception()
         if exc is not None:
             log.error("command 0x%02x failed: %r", task.cdb[0], exc)
             self.conn.close("internal error")
         else:
+            self._account(task, fut.result(), start)
             self.conn.command_completed(task, fut.result())
         self._pump()
+
+    def _account(self, task: Task, response: ScsiResponse, start: float) -> None:
+        """Per-LUN and per-session counters (server/metrics.py)."""
+        lun = self.lun_names.get(task.lun)
+        if lun is None:
+            return  # an unmapped LUN: nothing to count against
+        self.server.metrics.record(
+            self.target_name,
+            lun,
+            self.tsih,
+            task.cdb[0],
+            response.status == Status.GOOD,
+            len(response.data_in) or response.data_out_length,
+            time.perf_counter() - start,
+        )
 
     def _logged_in(self, event: LoginComplete) -> None:
         result = event.result
@@ -181,6 +203,7 @@ class ConnectionHandler(asyncio.Protocol):
             if self.scsi is None:  # the ACL went away while this login ran
                 self.abort_session("access revoked")
                 return
+            self.lun_names = registry.lun_names(result.target.name, self.scsi)
             tpgt = result.target.tpgt
             self.nexus = Nexus(
                 initiator_name=params.initiator_name,
@@ -192,6 +215,9 @@ class ConnectionHandler(asyncio.Protocol):
             )
             if self.scsi is not None:
                 self.scsi.nexus_added(self.nexus)
+        self.server.metrics.session_started(
+            SessionInfo(self.tsih, params.initiator_name, isid, self.target_name, self.peer)
+        )
         log.info(
             "login: %s session tsih=%d initiator=%s isid=%s target=%s from %s "
             "(HeaderDigest=%s DataDigest=%s MaxRecvDataSegmentLength=%d)",
@@ -236,6 +262,7 @@ class ConnectionHandler(asyncio.Protocol):
         if self.tsih and registry.connections.get(self.tsih) is self:
             del registry.connections[self.tsih]
             registry.sessions.remove(self.tsih)
+            self.server.metrics.session_ended(self.tsih)
             if self.scsi is not None and self.nexus is not None:
                 self.scsi.nexus_removed(self.nexus)
             log.info("logout: session tsih=%d initiator=%s", self.tsih, self._initiator())
@@ -290,29 +317,51 @@ class TargetServer:
         self.registry = registry
         self.prefs = prefs or TargetPreferences(cmdsn_window=128)
         self.nop_interval = nop_interval
+        self.metrics = Metrics()
         self.handlers: set[ConnectionHandler] = set()
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scsi-io")
         self._servers: list[asyncio.base_events.Server] = []
+        self._by_portal: dict[tuple[str, int], asyncio.base_events.Server] = {}
 
     async def start(self) -> list[Portal]:
         """Bind every portal; returns them with their actual ports (port 0 = any)."""
-        loop = asyncio.get_running_loop()
-        bound: list[Portal] = []
-        for portal in self.registry.portals:
-            holder: dict[str, Portal] = {}
-            srv = await loop.create_server(
-                lambda holder=holder: ConnectionHandler(self, holder["portal"]),
-                host=portal.host,
-                port=portal.port,
-                reuse_address=True,
-            )
-            port = srv.sockets[0].getsockname()[1]
-            actual = Portal(portal.host, port, portal.tpgt)
-            holder["portal"] = actual
-            bound.append(actual)
-            self._servers.append(srv)
+        bound = [await self._bind(portal) for portal in self.registry.portals]
         self.registry.portals = bound
         return bound
+
+    async def _bind(self, portal: Portal) -> Portal:
+        loop = asyncio.get_running_loop()
+        holder: dict[str, Portal] = {}
+        srv = await loop.create_server(
+            lambda holder=holder: ConnectionHandler(self, holder["portal"]),
+            host=portal.host,
+            port=portal.port,
+            reuse_address=True,
+        )
+        port = srv.sockets[0].getsockname()[1]
+        actual = Portal(portal.host, port, portal.tpgt)
+        holder["portal"] = actual
+        self._servers.append(srv)
+        self._by_portal[(actual.host, actual.port)] = srv
+        return actual
+
+    async def add_portal(self, portal: Portal) -> Portal:
+        """Listen on one more portal while running (management ``portal add``)."""
+        actual = await self._bind(portal)
+        self.registry.portals = [*self.registry.portals, actual]
+        return actual
+
+    async def remove_portal(self, host: str, port: int) -> bool:
+        """Stop listening on a portal; sessions that came in through it stay."""
+        srv = self._by_portal.pop((host, port), None)
+        if srv is None:
+            return False
+        srv.close()
+        self._servers.remove(srv)
+        self.registry.portals = [
+            p for p in self.registry.portals if (p.host, p.port) != (host, port)
+        ]
+        return True
 
     async def stop(self) -> None:
         for srv in self._servers:

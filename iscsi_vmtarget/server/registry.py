@@ -135,6 +135,21 @@ class Registry:
             return target.scsi
         return target.scsi_for(initiator_name, source)
 
+    def lun_names(self, target_name: str, scsi: ScsiTarget) -> dict[int, int]:
+        """For an ACL's view: LUN number shown -> the target's own LUN number."""
+        target = self.targets.get(target_name.lower())
+        if target is None:
+            return {}
+        by_unit = {id(lu): n for n, lu in target.scsi.luns.items()}
+        if target.raw_luns:
+            by_unit.update({id(lu): n for n, lu in target.raw_luns.items()})
+        out: dict[int, int] = {}
+        for shown, lu in scsi.luns.items():
+            shared = getattr(lu, "shared", lu)  # a read-only mapping's unit
+            if id(shared) in by_unit:
+                out[shown] = by_unit[id(shared)]
+        return out
+
     def connections_of(self, target_name: str) -> list[ConnectionHandler]:
         key = target_name.lower()
         return [c for c in self.connections.values() if c.target_name == key]

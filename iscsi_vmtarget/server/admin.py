@@ -1,0 +1,697 @@
+"""Management: operations on the persisted configuration, applied live by the daemon.
+
+Every management command is one operation (``target.create``, ``acl.add``, ...) in
+the table :data:`OPERATIONS`. An operation turns the current
+:class:`~.persist.ManagedConfig` into a new one; the :class:`Manager` then
+
+1. computes the difference (:func:`~.persist.diff`, secrets never shown),
+2. when a daemon runs, applies it to the live registry (:class:`Runtime`): new LUN
+   backings are opened first (so a bad path fails before anything changes), then
+   targets, LUNs and ACLs are swapped in; sessions whose access is gone are logged
+   out, sessions whose LUN map changed get the new map, all others are untouched,
+3. writes the document atomically (:class:`~.persist.ConfigStore`).
+
+The daemon serves the operations on ``<state-dir>/admin.sock`` (a UNIX socket, mode
+0600): one JSON object per line each way, ``{"op": ..., "args": {...}}`` ->
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``. Requests are
+handled one at a time on the event loop, so concurrent commands never interleave.
+Without a daemon, :func:`call` runs the same operation on the state directory's
+files under an exclusive lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from ..iscsi.directory import ChapSecret, Portal, TargetEntry
+from ..scsi import LogicalUnit, ScsiTarget
+from .acl import Acl, AclError, MappedLun, chap_from_dict, check_mutual
+from .persist import (
+    ConfigStore,
+    LunSpec,
+    ManagedConfig,
+    PersistError,
+    TargetSpec,
+    diff,
+    redacted,
+)
+from .registry import Registry, Target
+
+if TYPE_CHECKING:
+    from .portal import ConnectionHandler, TargetServer
+
+log = logging.getLogger("iscsi_vmtarget")
+SOCKET_NAME = "admin.sock"
+MAX_REQUEST = 1 << 20
+
+
+class AdminError(Exception):
+    """An operation refused; the message is for the operator."""
+
+
+class DaemonNotRunning(Exception):
+    """No daemon answers on the admin socket."""
+
+
+# ---------------------------------------------------------------------------------------
+# The live side
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """What a target's own source (TOML file, demo, VM pool) says about access."""
+
+    acls: dict[str, Acl]
+    allow_all: bool
+    chap: ChapSecret | None
+    mutual_chap: ChapSecret | None
+
+
+class Runtime:
+    """The running daemon's registry and listeners, reconciled to a ManagedConfig."""
+
+    def __init__(self, registry: Registry, server: TargetServer | None = None) -> None:
+        self.registry = registry
+        self.server = server
+        # targets that exist without the managed configuration, and their own policy
+        self.static: dict[str, _Policy] = {
+            key: _Policy(dict(t.acls), t.allow_all, t.entry.chap, t.entry.mutual_chap)
+            for key, t in registry.targets.items()
+        }
+        self.static_discovery = (registry.discovery_auth, registry.discovery_mutual)
+
+    def check(self, cfg: ManagedConfig) -> None:
+        """Refuse what cannot apply to this daemon (LUNs on a target defined elsewhere)."""
+        for spec in cfg.targets:
+            if spec.key in self.static and spec.luns:
+                raise AdminError(
+                    f"target {spec.name} is defined by the serve configuration or a VM "
+                    "pool: its LUNs come from there"
+                )
+
+    def apply(self, old: ManagedConfig, new: ManagedConfig) -> None:
+        """Make the live registry match ``new`` (it matched ``old``)."""
+        self.check(new)
+        registry = self.registry
+        prepared = self._open_luns(old, new)
+        wanted = {t.key: t for t in new.targets}
+        for key in list(registry.targets):
+            if key not in wanted and key not in self.static:
+                self._remove_target(key)
+        for key, policy in self.static.items():
+            if key not in wanted and old.target(key) is not None and key in registry.targets:
+                target = registry.targets[key]
+                target.entry = replace(
+                    target.entry, chap=policy.chap, mutual_chap=policy.mutual_chap
+                )
+                target.set_acls(policy.acls, policy.allow_all)
+                self._refresh_sessions(target)
+        for spec in new.targets:
+            self._apply_target(spec, prepared.get(spec.key))
+        chap, mutual = self.static_discovery
+        registry.discovery_auth = new.discovery_chap or chap
+        registry.discovery_mutual = new.discovery_mutual_chap or mutual
+
+    async def apply_portals(self, old: ManagedConfig, new: ManagedConfig) -> None:
+        if self.server is None:
+            return
+        before = {(p.host, p.port) for p in old.portals}
+        after = {(p.host, p.port) for p in new.portals}
+        for p in new.portals:
+            if (p.host, p.port) not in before and not self._listening(p):
+                await self.server.add_portal(p)
+        for host, port in before - after:
+            await self.server.remove_portal(host, port)
+
+    def _listening(self, p: Portal) -> bool:
+        return any((q.host, q.port) == (p.host, p.port) for q in self.registry.portals)
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _open_luns(
+        self, old: ManagedConfig, new: ManagedConfig
+    ) -> dict[str, dict[int, LogicalUnit]]:
+        """The LUN set of every managed target in ``new``: units kept from the live
+        target when their spec did not change, new ones opened now."""
+        from .config import ConfigError, LunConfig, TargetConfig, _open_lun
+
+        out: dict[str, dict[int, LogicalUnit]] = {}
+        opened: list[LogicalUnit] = []
+        try:
+            for spec in new.targets:
+                if spec.key in self.static:
+                    continue
+                live = self.registry.targets.get(spec.key)
+                before = old.target(spec.key)
+                units: dict[int, LogicalUnit] = {}
+                for lun in spec.luns:
+                    same = before is not None and before.lun(lun.number) == lun
+                    if live is not None and same and lun.number in live.scsi.luns:
+                        units[lun.number] = live.scsi.luns[lun.number]
+                        continue
+                    cfg = LunConfig(
+                        lun.number,
+                        lun.path,
+                        lun.size,
+                        lun.read_only,
+                        lun.block_size,
+                        lun.serial,
+                    )
+                    lu = _open_lun(TargetConfig(spec.name), cfg)
+                    opened.append(lu)
+                    units[lun.number] = lu
+                out[spec.key] = units
+        except ConfigError as exc:
+            for lu in opened:
+                lu.backend.close()
+            raise AdminError(str(exc)) from exc
+        return out
+
+    def _apply_target(self, spec: TargetSpec, units: dict[int, LogicalUnit] | None) -> None:
+        registry = self.registry
+        target = registry.targets.get(spec.key)
+        if spec.key in self.static:
+            assert target is not None
+            own = self.static[spec.key]
+            target.entry = replace(
+                target.entry,
+                chap=spec.chap or own.chap,
+                mutual_chap=spec.mutual_chap or own.mutual_chap,
+            )
+        elif target is None:
+            entry = TargetEntry(
+                spec.name, spec.alias, spec.tpgt, chap=spec.chap, mutual_chap=spec.mutual_chap
+            )
+            target = Target(entry, ScsiTarget(units or {}), origin="managed")
+            registry.add_target(target)
+            log.info("target %s created", spec.name)
+        else:
+            target.entry = replace(
+                target.entry,
+                alias=spec.alias,
+                tpgt=spec.tpgt,
+                chap=spec.chap,
+                mutual_chap=spec.mutual_chap,
+            )
+            units = units or {}
+            if dict(target.scsi.luns) != units:
+                for n, lu in target.scsi.luns.items():
+                    if units.get(n) is not lu:
+                        lu.backend.close()
+                target.set_luns(units)
+        target.set_acls({a.key: a for a in spec.acls}, spec.allow_all)
+        self._refresh_sessions(target)
+
+    def _remove_target(self, key: str) -> None:
+        registry = self.registry
+        target = registry.targets.pop(key)
+        for handler in registry.connections_of(key):
+            handler.abort_session("target deleted")
+        for lu in target.scsi.luns.values():
+            lu.backend.close()
+        if self.server is not None:
+            self.server.metrics.forget_target(key)
+        log.info("target %s deleted", target.name)
+
+    def _refresh_sessions(self, target: Target) -> None:
+        """Log out sessions that lost access; give others their new LUN map."""
+        for handler in self.registry.connections_of(target.name):
+            if handler.nexus is None or handler.scsi is None:
+                continue
+            scsi = target.scsi_for(handler.nexus.initiator_name, handler.source)
+            if scsi is None:
+                log.info(
+                    "access revoked: logging out %s from %s",
+                    handler.nexus.initiator_name,
+                    target.name,
+                )
+                handler.abort_session("access revoked")
+                continue
+            if _signature(scsi) == _signature(handler.scsi):
+                continue
+            _swap(handler, scsi)
+            handler.lun_names = self.registry.lun_names(target.name, scsi)
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def targets(self) -> list[dict[str, Any]]:
+        out = []
+        for key, t in sorted(self.registry.targets.items()):
+            out.append(
+                {
+                    "name": t.name,
+                    "alias": t.entry.alias,
+                    "origin": t.origin if key not in self.static else "static",
+                    "allow_all": t.allow_all,
+                    "chap": t.entry.chap is not None,
+                    "luns": {str(n): lu.backend.size for n, lu in sorted(t.scsi.luns.items())},
+                    "acls": [_acl_summary(a) for a in t.acls.values()],
+                    "sessions": len(self.registry.connections_of(key)),
+                }
+            )
+        return out
+
+    def status(self) -> dict[str, Any]:
+        registry = self.registry
+        metrics = self.server.metrics if self.server is not None else None
+        sessions = []
+        for tsih, handler in sorted(registry.connections.items()):
+            record = registry.sessions.get(tsih)
+            info = metrics.sessions.get(tsih) if metrics else None
+            sessions.append(
+                {
+                    "tsih": tsih,
+                    "initiator": handler.nexus.initiator_name if handler.nexus else "",
+                    "target": handler.target_name or None,
+                    "peer": handler.peer,
+                    "connections": len(record.cids) if record else 1,
+                    "luns": sorted(handler.scsi.luns) if handler.scsi else [],
+                    "io": info.io.summary() if info else {},
+                }
+            )
+        luns = []
+        if metrics is not None:
+            for (target, n), counters in sorted(metrics.luns.items()):
+                luns.append({"target": target, "lun": n, **counters.summary()})
+        return {
+            "portals": [f"{p.host}:{p.port},{p.tpgt}" for p in registry.portals],
+            "targets": len(registry.targets),
+            "sessions": sessions,
+            "initiators": sorted({s["initiator"] for s in sessions if s["initiator"]}),
+            "luns": luns,
+        }
+
+
+def _signature(scsi: ScsiTarget) -> dict[int, tuple[int, bool]]:
+    return {n: (id(getattr(lu, "shared", lu)), bool(lu.read_only)) for n, lu in scsi.luns.items()}
+
+
+def _swap(handler: ConnectionHandler, scsi: ScsiTarget) -> None:
+    """A live session's LUN map changes: units it no longer sees forget its I_T nexus,
+    new ones report a power-on unit attention to it (SAM-5 §5.14)."""
+    from ..scsi.command import it_key
+
+    assert handler.nexus is not None and handler.scsi is not None
+    key = it_key(handler.nexus)
+    before = {id(getattr(lu, "shared", lu)): lu for lu in handler.scsi.luns.values()}
+    after = {id(getattr(lu, "shared", lu)): lu for lu in scsi.luns.values()}
+    for ident, lu in before.items():
+        if ident not in after:
+            lu.remove_nexus(key)
+    for ident, lu in after.items():
+        if ident not in before:
+            lu.add_nexus(key)
+    handler.scsi = scsi
+
+
+def _acl_summary(acl: Acl) -> dict[str, Any]:
+    out = acl.to_dict()
+    out["chap"] = acl.chap.user if acl.chap else None
+    out["mutual_chap"] = acl.mutual_chap.user if acl.mutual_chap else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------------------
+
+Args = dict[str, Any]
+Transform = Callable[[ManagedConfig, Args, "Runtime | None"], ManagedConfig]
+
+
+def _need_target(cfg: ManagedConfig, name: str, runtime: Runtime | None) -> TargetSpec:
+    """The spec of ``name``; for a target defined elsewhere, an empty overlay."""
+    spec = cfg.target(name)
+    if spec is not None:
+        return spec
+    if runtime is not None and name.lower() in runtime.static:
+        return TargetSpec(runtime.registry.targets[name.lower()].name)
+    raise AdminError(f"no target {name}")
+
+
+def _chap_arg(args: Args, prefix: str, where: str) -> ChapSecret | None:
+    user, secret = args.get(f"{prefix}_user"), args.get(f"{prefix}_secret")
+    if user is None and secret is None:
+        return None
+    if not user or not secret:
+        raise AdminError(f"{where}: give both --{prefix.replace('_', '-')}-user and -secret")
+    return chap_from_dict({"user": user, "secret": secret}, where)
+
+
+def op_target_create(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    name = str(args["name"])
+    if cfg.target(name) is not None or (runtime is not None and name.lower() in runtime.static):
+        raise AdminError(f"target {name} exists")
+    spec = TargetSpec.from_dict(
+        {
+            "name": name,
+            "alias": args.get("alias"),
+            "tpgt": args.get("tpgt", 1),
+            "allow_all": args.get("allow_all", False),
+        }
+    )
+    return cfg.with_target(spec)
+
+
+def op_target_delete(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    name = str(args["name"])
+    if cfg.target(name) is None:
+        if runtime is not None and name.lower() in runtime.static:
+            raise AdminError(f"target {name} is defined by the serve configuration or a VM pool")
+        raise AdminError(f"no target {name}")
+    return cfg.without_target(name)
+
+
+def op_target_set(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    spec = _need_target(cfg, str(args["name"]), runtime)
+    where = f"target {spec.name}"
+    changes: dict[str, Any] = {}
+    if args.get("allow_all") is not None:
+        changes["allow_all"] = bool(args["allow_all"])
+    if args.get("alias") is not None:
+        changes["alias"] = str(args["alias"])
+    if args.get("no_chap"):
+        changes["chap"] = changes["mutual_chap"] = None
+    chap = _chap_arg(args, "chap", where)
+    mutual = _chap_arg(args, "mutual", where)
+    if chap is not None:
+        changes["chap"] = chap
+    if mutual is not None:
+        changes["mutual_chap"] = mutual
+    spec = replace(spec, **changes)
+    if spec.mutual_chap is not None and spec.chap is None:
+        raise AdminError(f"{where}: mutual CHAP needs CHAP")
+    check_mutual(spec.chap, spec.mutual_chap, where)
+    return cfg.with_target(spec)
+
+
+def op_lun_map(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    spec = _need_target(cfg, str(args["target"]), runtime)
+    doc = {k: args[k] for k in ("number", "path", "size", "read_only", "block_size") if k in args}
+    lun = LunSpec.from_dict(doc, os.getcwd())
+    if spec.lun(lun.number) is not None:
+        raise AdminError(f"target {spec.name} already has LUN {lun.number}")
+    luns = tuple(sorted([*spec.luns, lun], key=lambda x: x.number))
+    return cfg.with_target(replace(spec, luns=luns))
+
+
+def op_lun_unmap(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    spec = _need_target(cfg, str(args["target"]), runtime)
+    number = int(args["number"])
+    if spec.lun(number) is None:
+        raise AdminError(f"target {spec.name} has no managed LUN {number}")
+    return cfg.with_target(replace(spec, luns=tuple(x for x in spec.luns if x.number != number)))
+
+
+def op_acl_add(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    """Add the ACL, or replace the one of that initiator (``acl add`` is idempotent)."""
+    spec = _need_target(cfg, str(args["target"]), runtime)
+    where = f"ACL {args['initiator']} of {spec.name}"
+    luns = args.get("luns")
+    chap = _chap_arg(args, "chap", where)
+    mutual = _chap_arg(args, "mutual", where)
+    if mutual is not None and chap is None and spec.chap is None:
+        raise AdminError(f"{where}: mutual CHAP needs CHAP (--chap-user/--chap-secret)")
+    acl = Acl(
+        initiator=str(args["initiator"]),
+        sources=tuple(args.get("sources") or ()),
+        luns=None if luns is None else tuple(MappedLun.from_dict(m) for m in luns),
+        chap=chap,
+        mutual_chap=mutual,
+        read_only=bool(args.get("read_only", False)),
+        view=str(args.get("view") or "guest"),
+    )
+    if luns is not None and (args.get("read_only") or args.get("view")):
+        acl = replace(
+            acl,
+            luns=tuple(
+                replace(
+                    m,
+                    read_only=m.read_only or bool(args.get("read_only")),
+                    view=str(args.get("view") or m.view),
+                )
+                for m in acl.luns or ()
+            ),
+        )
+    acls = [a for a in spec.acls if a.key != acl.key] + [acl]
+    return cfg.with_target(replace(spec, acls=tuple(sorted(acls, key=lambda a: a.key))))
+
+
+def op_acl_remove(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    spec = _need_target(cfg, str(args["target"]), runtime)
+    initiator = str(args["initiator"]).lower()
+    if spec.acl(initiator) is None:
+        raise AdminError(f"target {spec.name} has no ACL for {args['initiator']}")
+    return cfg.with_target(replace(spec, acls=tuple(a for a in spec.acls if a.key != initiator)))
+
+
+def op_portal_add(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    from .config import parse_portal
+
+    portal = parse_portal(str(args["listen"]), int(args.get("tpgt", 1)))
+    if any((p.host, p.port) == (portal.host, portal.port) for p in cfg.portals):
+        raise AdminError(f"portal {args['listen']} exists")
+    return replace(cfg, portals=(*cfg.portals, portal))
+
+
+def op_portal_remove(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    from .config import parse_portal
+
+    portal = parse_portal(str(args["listen"]))
+    kept = tuple(p for p in cfg.portals if (p.host, p.port) != (portal.host, portal.port))
+    if len(kept) == len(cfg.portals):
+        raise AdminError(f"no portal {args['listen']}")
+    return replace(cfg, portals=kept)
+
+
+def op_config_apply(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    try:
+        return ManagedConfig.from_dict(args["document"], str(args.get("base", ".")))
+    except (PersistError, ValueError) as exc:
+        raise AdminError(f"configuration: {exc}") from exc
+
+
+#: Operations that change the configuration.
+OPERATIONS: dict[str, Transform] = {
+    "target.create": op_target_create,
+    "target.delete": op_target_delete,
+    "target.set": op_target_set,
+    "lun.map": op_lun_map,
+    "lun.unmap": op_lun_unmap,
+    "acl.add": op_acl_add,
+    "acl.remove": op_acl_remove,
+    "portal.add": op_portal_add,
+    "portal.remove": op_portal_remove,
+    "config.apply": op_config_apply,
+}
+#: Operations that only report.
+QUERIES = ("target.list", "acl.list", "config.export", "status", "ping")
+
+
+class Manager:
+    """Runs operations against the store, and the live runtime when there is one."""
+
+    def __init__(self, store: ConfigStore, runtime: Runtime | None = None) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.current = store.load() if runtime is not None else None
+
+    def start(self) -> None:
+        """Daemon start: bring the registry to the persisted document (the portals
+        were chosen by ``serve`` before binding)."""
+        assert self.runtime is not None and self.current is not None
+        self.runtime.apply(ManagedConfig(), self.current)
+
+    async def execute(self, op: str, args: Args) -> dict[str, Any]:
+        try:
+            if op in QUERIES:
+                return self._query(op, args)
+            transform = OPERATIONS.get(op)
+            if transform is None:
+                raise AdminError(f"unknown operation {op!r}")
+            if self.runtime is None:
+                with self.store.locked():
+                    return self._change(self.store.load(), transform, args)
+            assert self.current is not None
+            return await self._change_live(self.current, transform, args)
+        except (AclError, PersistError, KeyError, TypeError, ValueError) as exc:
+            message = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise AdminError(message) from exc
+
+    def _change(self, old: ManagedConfig, transform: Transform, args: Args) -> dict[str, Any]:
+        new = transform(old, args, None)
+        changes = diff(old, new)
+        if changes and not args.get("dry_run"):
+            self.store.save(new)
+        return {"changes": changes, "applied": bool(changes) and not args.get("dry_run")}
+
+    async def _change_live(
+        self, old: ManagedConfig, transform: Transform, args: Args
+    ) -> dict[str, Any]:
+        assert self.runtime is not None
+        new = transform(old, args, self.runtime)
+        changes = diff(old, new)
+        if not changes or args.get("dry_run"):
+            self.runtime.check(new)
+            return {"changes": changes, "applied": False}
+        self.runtime.apply(old, new)
+        try:
+            await self.runtime.apply_portals(old, new)
+        except OSError as exc:
+            self.runtime.apply(new, old)
+            raise AdminError(f"cannot listen: {exc.strerror or exc}") from exc
+        with self.store.locked():
+            self.store.save(new)
+        self.current = new
+        for line in changes:
+            log.info("config: %s", line)
+        return {"changes": changes, "applied": True}
+
+    def _query(self, op: str, args: Args) -> dict[str, Any]:
+        cfg = self.current if self.current is not None else self.store.load()
+        if op == "ping":
+            return {"live": self.runtime is not None}
+        if op == "config.export":
+            doc = cfg.to_dict()
+            return {"document": doc if args.get("secrets", True) else redacted(cfg)}
+        if op == "status":
+            if self.runtime is None:
+                raise AdminError("status needs a running daemon")
+            return self.runtime.status()
+        if op == "target.list":
+            if self.runtime is not None:
+                return {"targets": self.runtime.targets()}
+            return {
+                "targets": [
+                    {
+                        "name": t.name,
+                        "alias": t.alias,
+                        "origin": "managed" if t.luns else "overlay",
+                        "allow_all": t.allow_all,
+                        "chap": t.chap is not None,
+                        "luns": {str(lun.number): lun.size for lun in t.luns},
+                        "acls": [_acl_summary(a) for a in t.acls],
+                        "sessions": 0,
+                    }
+                    for t in cfg.targets
+                ]
+            }
+        # acl.list
+        wanted = args.get("target")
+        targets = self._query("target.list", {})["targets"]
+        return {
+            "acls": [
+                {"target": t["name"], **acl}
+                for t in targets
+                if wanted is None or t["name"].lower() == str(wanted).lower()
+                for acl in t["acls"]
+            ]
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# The socket
+# ---------------------------------------------------------------------------------------
+
+
+def socket_path(state_dir: str) -> str:
+    return os.path.join(state_dir, SOCKET_NAME)
+
+
+class AdminServer:
+    """JSON lines over a UNIX socket (mode 0600) in the state directory."""
+
+    def __init__(self, manager: Manager, state_dir: str) -> None:
+        self.manager = manager
+        self.path = socket_path(state_dir)
+        self._server: asyncio.base_events.Server | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a stale socket of a dead daemon
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, self.path, limit=MAX_REQUEST
+            )
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write(json.dumps(await self._answer(line)).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, ValueError) as exc:
+            log.debug("admin connection: %r", exc)
+        finally:
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            op, args = str(request["op"]), dict(request.get("args") or {})
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": 'bad request: want {"op": ..., "args": {...}}'}
+        async with self._lock:  # one change at a time, in order
+            try:
+                return {"ok": True, "result": await self.manager.execute(op, args)}
+            except AdminError as exc:
+                return {"ok": False, "error": str(exc)}
+            except Exception as exc:  # never let a bug take the daemon down
+                log.exception("admin operation %s failed", op)
+                return {"ok": False, "error": f"internal error: {exc!r}"}
+
+
+def call_daemon(state_dir: str, op: str, args: Args, timeout: float = 60) -> dict[str, Any]:
+    """One request to the running daemon; DaemonNotRunning if none answers."""
+    path = socket_path(state_dir)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonNotRunning(path) from exc
+        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AdminError("the daemon closed the admin connection")
+            data += chunk
+    finally:
+        sock.close()
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise AdminError(str(reply.get("error")))
+    return dict(reply["result"])
+
+
+def call(state_dir: str, op: str, args: Args) -> tuple[dict[str, Any], bool]:
+    """Run an operation: through the daemon when one runs, else on the state
+    directory's files. Returns (result, live)."""
+    try:
+        return call_daemon(state_dir, op, args), True
+    except DaemonNotRunning:
+        pass
+    manager = Manager(ConfigStore(state_dir))
+    return asyncio.run(manager.execute(op, args)), False

@@ -1,0 +1,394 @@
+"""The persisted management configuration and its atomic store.
+
+``<state-dir>/conf/config.json`` (mode 0600: it holds CHAP secrets; the directory is
+0700) is the source of truth for everything made with the management commands:
+targets with their LUNs, ACLs with their mapped LUNs and secrets, portals, discovery
+CHAP. It is JSON (one document, ``version`` 1)::
+
+    {"version": 1,
+     "portals": [{"listen": "127.0.0.1:3260", "tpgt": 1}],
+     "discovery": {"chap": {"user": "u", "secret": "..."}, "mutual_chap": null},
+     "targets": [{"name": "iqn...:db", "alias": null, "tpgt": 1, "allow_all": false,
+                  "chap": null, "mutual_chap": null,
+                  "luns": [{"number": 0, "path": "/srv/db.img", "size": 1073741824,
+                            "read_only": false, "block_size": 512}],
+                  "acls": [{"initiator": "iqn...:host1", "sources": ["10.0.0.0/24"],
+                            "luns": [{"number": 0, "lun": 0, "read_only": false,
+                                      "view": "guest"}],
+                            "chap": {"user": "host1", "secret": "..."}}]}]}
+
+A target entry named like a target the server defines elsewhere (``serve --config``
+TOML, the demo target, a VM found in a pool) carries no LUNs: it sets that target's
+ACLs, CHAP and ``allow_all`` instead of the ones from its source.
+
+Every write goes to a temporary file in the same directory, is fsynced, renamed over
+the old file and the directory is fsynced, so a crash leaves the old or the new
+document, never a mix. Writers (the daemon, or the CLI when no daemon runs) hold an
+exclusive ``flock`` on ``conf/.lock`` across read-modify-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..iscsi.directory import ChapSecret, Portal
+from ..sizes import parse_size
+from .acl import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
+
+VERSION = 1
+CONF_DIR = "conf"
+CONF_FILE = "config.json"
+
+
+class PersistError(Exception):
+    """A configuration document that cannot be read or is invalid; says where."""
+
+
+@dataclass(frozen=True)
+class LunSpec:
+    """A LUN of a managed target: a backing file or block device (RFC 7143 is silent;
+    SBC-3 direct-access block device)."""
+
+    number: int
+    path: str
+    size: int | None = None
+    read_only: bool = False
+    block_size: int = 512
+    serial: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"number": self.number, "path": self.path}
+        if self.size is not None:
+            out["size"] = self.size
+        out["read_only"] = self.read_only
+        out["block_size"] = self.block_size
+        if self.serial is not None:
+            out["serial"] = self.serial
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], base: str = ".") -> LunSpec:
+        path = str(doc["path"])
+        size = doc.get("size")
+        return cls(
+            number=int(doc["number"]),
+            path=path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path)),
+            size=None if size is None else parse_size(size),
+            read_only=bool(doc.get("read_only", False)),
+            block_size=int(doc.get("block_size", 512)),
+            serial=doc.get("serial"),
+        )
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One target of the managed configuration (see the module docstring)."""
+
+    name: str
+    alias: str | None = None
+    tpgt: int = 1
+    luns: tuple[LunSpec, ...] = ()
+    acls: tuple[Acl, ...] = ()
+    chap: ChapSecret | None = None
+    mutual_chap: ChapSecret | None = None
+    allow_all: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+    def lun(self, number: int) -> LunSpec | None:
+        return next((lun for lun in self.luns if lun.number == number), None)
+
+    def acl(self, initiator: str) -> Acl | None:
+        return next((a for a in self.acls if a.key == initiator.lower()), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "alias": self.alias,
+            "tpgt": self.tpgt,
+            "allow_all": self.allow_all,
+            "chap": chap_to_dict(self.chap),
+            "mutual_chap": chap_to_dict(self.mutual_chap),
+            "luns": [lun.to_dict() for lun in self.luns],
+            "acls": [a.to_dict() for a in self.acls],
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], base: str = ".") -> TargetSpec:
+        name = check_name(str(doc["name"]), "target")
+        where = f"target {name}"
+        luns = tuple(
+            sorted(
+                (LunSpec.from_dict(x, base) for x in doc.get("luns", doc.get("lun", []))),
+                key=lambda lun: lun.number,
+            )
+        )
+        if len({lun.number for lun in luns}) != len(luns):
+            raise AclError(f"{where}: a LUN number is defined twice")
+        acls = tuple(Acl.from_dict(a, f"{where} acl") for a in doc.get("acls", doc.get("acl", [])))
+        if len({a.key for a in acls}) != len(acls):
+            raise AclError(f"{where}: two ACLs for one initiator")
+        chap = chap_from_dict(doc.get("chap"), f"{where} chap")
+        mutual = chap_from_dict(doc.get("mutual_chap"), f"{where} mutual_chap")
+        check_mutual(chap, mutual, where)
+        return cls(
+            name=name,
+            alias=doc.get("alias"),
+            tpgt=int(doc.get("tpgt", 1)),
+            luns=luns,
+            acls=tuple(sorted(acls, key=lambda a: a.key)),
+            chap=chap,
+            mutual_chap=mutual,
+            allow_all=bool(doc.get("allow_all", False)),
+        )
+
+
+@dataclass(frozen=True)
+class ManagedConfig:
+    """The whole persisted document."""
+
+    targets: tuple[TargetSpec, ...] = ()
+    portals: tuple[Portal, ...] = ()
+    discovery_chap: ChapSecret | None = None
+    discovery_mutual_chap: ChapSecret | None = None
+
+    def target(self, name: str) -> TargetSpec | None:
+        return next((t for t in self.targets if t.key == name.lower()), None)
+
+    def with_target(self, spec: TargetSpec) -> ManagedConfig:
+        """This document with ``spec`` added or replacing the target of its name."""
+        others = [t for t in self.targets if t.key != spec.key]
+        return replace(self, targets=tuple(sorted([*others, spec], key=lambda t: t.key)))
+
+    def without_target(self, name: str) -> ManagedConfig:
+        return replace(self, targets=tuple(t for t in self.targets if t.key != name.lower()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "portals": [{"listen": _portal_text(p), "tpgt": p.tpgt} for p in self.portals],
+            "discovery": {
+                "chap": chap_to_dict(self.discovery_chap),
+                "mutual_chap": chap_to_dict(self.discovery_mutual_chap),
+            },
+            "targets": [t.to_dict() for t in self.targets],
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], base: str = ".") -> ManagedConfig:
+        from .config import parse_portal  # config imports this module's users
+
+        if not isinstance(doc, dict):
+            raise PersistError("the configuration is not a JSON object / TOML table")
+        if int(doc.get("version", VERSION)) > VERSION:
+            raise PersistError(f"configuration version {doc['version']} is newer than {VERSION}")
+        try:
+            portals = tuple(
+                parse_portal(str(p["listen"]), int(p.get("tpgt", 1)))
+                for p in doc.get("portals", doc.get("portal", []))
+            )
+            disco = doc.get("discovery") or {}
+            chap = chap_from_dict(disco.get("chap"), "discovery chap")
+            mutual = chap_from_dict(disco.get("mutual_chap"), "discovery mutual_chap")
+            check_mutual(chap, mutual, "discovery")
+            listed = doc.get("targets", doc.get("target", []))
+            targets = [TargetSpec.from_dict(t, base) for t in listed]
+        except (KeyError, TypeError) as exc:
+            raise PersistError(f"missing or malformed key {exc}") from exc
+        except ValueError as exc:
+            raise PersistError(str(exc)) from exc
+        if len({t.key for t in targets}) != len(targets):
+            raise PersistError("a target is defined twice")
+        return cls(
+            targets=tuple(sorted(targets, key=lambda t: t.key)),
+            portals=portals,
+            discovery_chap=chap,
+            discovery_mutual_chap=mutual,
+        )
+
+
+def _portal_text(p: Portal) -> str:
+    host = f"[{p.host}]" if ":" in p.host else p.host
+    return f"{host}:{p.port}"
+
+
+def read_document(path: str) -> ManagedConfig:
+    """A configuration file for ``config apply``: JSON, or TOML when it ends in
+    ``.toml`` (the same keys; TOML's ``[[target]]``/``[[target.lun]]``/
+    ``[[target.acl]]`` tables are accepted as in the serve configuration)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        doc = tomllib.loads(raw.decode()) if path.endswith(".toml") else json.loads(raw)
+    except OSError as exc:
+        raise PersistError(f"cannot read {path!r}: {exc.strerror}") from exc
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        kind = "TOML" if path.endswith(".toml") else "JSON"
+        raise PersistError(f"{path!r} is not valid {kind}: {exc}") from exc
+    try:
+        return ManagedConfig.from_dict(doc, os.path.dirname(os.path.abspath(path)))
+    except PersistError as exc:
+        raise PersistError(f"{path!r}: {exc}") from exc
+
+
+# -- differences ------------------------------------------------------------------------
+
+
+def _redacted(doc: Any) -> Any:
+    """A document for display: CHAP secrets replaced by their length."""
+    if isinstance(doc, dict):
+        return {
+            k: (f"<{len(v)} bytes>" if k == "secret" and isinstance(v, str) else _redacted(v))
+            for k, v in doc.items()
+        }
+    if isinstance(doc, list):
+        return [_redacted(v) for v in doc]
+    return doc
+
+
+def redacted(cfg: ManagedConfig) -> dict[str, Any]:
+    return _redacted(cfg.to_dict())  # type: ignore[no-any-return]
+
+
+def diff(old: ManagedConfig, new: ManagedConfig) -> list[str]:
+    """What applying ``new`` over ``old`` changes, one line each (``+`` added, ``-``
+    removed, ``~`` changed), secrets never shown. Empty: nothing to do."""
+    out: list[str] = []
+    old_p = {(p.host, p.port): p for p in old.portals}
+    new_p = {(p.host, p.port): p for p in new.portals}
+    out += [f"- portal {_portal_text(p)}" for k, p in old_p.items() if k not in new_p]
+    out += [f"+ portal {_portal_text(p)}" for k, p in new_p.items() if k not in old_p]
+    out += [f"~ portal {_portal_text(p)}" for k, p in new_p.items() if k in old_p and old_p[k] != p]
+    if (old.discovery_chap, old.discovery_mutual_chap) != (
+        new.discovery_chap,
+        new.discovery_mutual_chap,
+    ):
+        out.append("~ discovery chap")
+    olds = {t.key: t for t in old.targets}
+    news = {t.key: t for t in new.targets}
+    for key, t in olds.items():
+        if key not in news:
+            out.append(f"- target {t.name}")
+    for key, t in news.items():
+        before = olds.get(key)
+        if before is None:
+            out.append(f"+ target {t.name}")
+            before = TargetSpec(t.name)
+        out += _target_diff(before, t)
+    return out
+
+
+def _target_diff(old: TargetSpec, new: TargetSpec) -> list[str]:
+    out: list[str] = []
+    name = new.name
+    for attr in ("alias", "tpgt", "allow_all"):
+        if getattr(old, attr) != getattr(new, attr):
+            out.append(f"~ target {name} {attr}={getattr(new, attr)!r}")
+    if (old.chap, old.mutual_chap) != (new.chap, new.mutual_chap):
+        out.append(f"~ target {name} chap")
+    old_l = {lun.number: lun for lun in old.luns}
+    new_l = {lun.number: lun for lun in new.luns}
+    for n in sorted(old_l.keys() | new_l.keys()):
+        a, b = old_l.get(n), new_l.get(n)
+        if a == b:
+            continue
+        sign = "+" if a is None else "-" if b is None else "~"
+        out.append(f"{sign} lun {name} {n} {(b or a).path}")  # type: ignore[union-attr]
+    old_a = {a.key: a for a in old.acls}
+    new_a = {a.key: a for a in new.acls}
+    for k in sorted(old_a.keys() | new_a.keys()):
+        x, y = old_a.get(k), new_a.get(k)
+        if x == y:
+            continue
+        sign = "+" if x is None else "-" if y is None else "~"
+        out.append(f"{sign} acl {name} {k}")
+    return out
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+class ConfigStore:
+    """``<state-dir>/conf/config.json``, read and written atomically."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.dir = os.path.join(state_dir, CONF_DIR)
+        self.path = os.path.join(self.dir, CONF_FILE)
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def load(self) -> ManagedConfig:
+        """The persisted document; an empty one if there is none yet."""
+        try:
+            with open(self.path, "rb") as fh:
+                doc = json.load(fh)
+        except FileNotFoundError:
+            return ManagedConfig()
+        except (OSError, ValueError) as exc:
+            raise PersistError(f"cannot read {self.path!r}: {exc}") from exc
+        try:
+            return ManagedConfig.from_dict(doc, self.dir)
+        except PersistError as exc:
+            raise PersistError(f"{self.path!r}: {exc}") from exc
+
+    def save(self, cfg: ManagedConfig) -> None:
+        """Write ``cfg``: temp file (0600), fsync, rename, fsync the directory."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        data = (json.dumps(cfg.to_dict(), indent=2, sort_keys=False) + "\n").encode()
+        fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=self.dir)
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        try:
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive across processes for a read-modify-write."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+__all__ = [
+    "ConfigStore",
+    "LunSpec",
+    "ManagedConfig",
+    "PersistError",
+    "TargetSpec",
+    "diff",
+    "read_document",
+    "redacted",
+]
