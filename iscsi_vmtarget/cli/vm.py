@@ -136,12 +136,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = verbs.add_parser(
         "resize",
         help="grow a VM's disk or memory",
-        description="Grow the primary disk (--disk) and/or the state region (--memory), "
-        "crash-safely. Refused while a running server exports the VM.",
+        description="Grow the primary disk (--disk), the state region (--memory) and/or "
+        "secondary disks (--secondary LUN=SIZE), crash-safely. Refused while a running "
+        "server exports the VM.",
     )
     p.add_argument("name")
-    p.add_argument("--disk", type=size_arg, metavar="SIZE")
-    p.add_argument("--memory", type=size_arg, metavar="SIZE")
+    p.add_argument("--disk", type=size_arg, metavar="SIZE", help="new primary disk size")
+    p.add_argument("--memory", type=size_arg, metavar="SIZE", help="new VM RAM size")
+    p.add_argument(
+        "--secondary",
+        type=_lun_size,
+        action="append",
+        default=[],
+        metavar="LUN=SIZE",
+        help="new size of a secondary disk (repeatable), e.g. 1=20G",
+    )
     p.add_argument("--json", action="store_true")
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _resize))
@@ -241,8 +250,17 @@ def _delete(args: argparse.Namespace, manager: VmManager) -> int:
     return 0
 
 
+def _lun_size(text: str) -> tuple[int, int]:
+    lun, sep, size = text.partition("=")
+    if not sep or not lun.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not LUN=SIZE (e.g. 1=20G)")
+    return int(lun), size_arg(size)
+
+
 def _resize(args: argparse.Namespace, manager: VmManager) -> int:
-    vm = manager.resize(args.name, disk=args.disk, memory=args.memory)
+    vm = manager.resize(
+        args.name, disk=args.disk, memory=args.memory, secondaries=dict(args.secondary)
+    )
     if args.json:
         print_json(vm_json(vm, manager))
     else:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..scsi import LogicalUnit, Reason, UnitIdentity
 from .discovery import FoundVm
+from .errors import VmError
 from .locks import ServeLock
 from .pool import PoolCatalog
 from .unit import Unit
@@ -78,7 +79,7 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
     out = VmLuns(vm.name)
     try:
         for number, found in vm.lun_map().items():
-            lock = ServeLock(state_dir, found.header.unit_uuid, f"VM {vm.name!r}")
+            lock = ServeLock(state_dir, found.header.unit_uuid)
             try:
                 unit = Unit.open(catalog.get(found.pool), found.ref, repair=False)
                 try:
@@ -158,7 +159,10 @@ def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
             for vm in found.vms:
                 for naa in vm.missing:
                     log.warning("VM %s: secondary unit naa %s is missing", vm.name, naa.hex())
-                out.append(export_vm(vm, manager.catalog, manager.state.root))
+                try:
+                    out.append(export_vm(vm, manager.catalog, manager.state.root))
+                except VmError as exc:  # e.g. deleted by a command since the scan
+                    log.warning("VM %s not exported: %s", vm.name, exc)
         except BaseException:
             for luns in out:
                 luns.close()

@@ -33,13 +33,10 @@ def _open(path: str) -> int:
 class ServeLock:
     """Held (shared) by a server for every unit it exports."""
 
-    def __init__(self, state_dir: str, unit_uuid: uuid.UUID, what: str) -> None:
+    def __init__(self, state_dir: str, unit_uuid: uuid.UUID) -> None:
+        """Waits while a management command (resize, delete) holds the unit."""
         self._fd = _open(_path(state_dir, unit_uuid, "lock"))
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise InUseError(f"{what} is being changed by a management command") from None
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
 
     def release(self) -> None:
         if self._fd >= 0:

@@ -140,6 +140,8 @@ class VmManager:
         return vm
 
     def _open(self, unit: FoundUnit) -> Unit:
+        """Open a unit found by a discovery run under the pool locks (callers hold them:
+        opening may finish an interrupted resize, which writes)."""
         return Unit.open(self.catalog.get(unit.pool), unit.ref)
 
     def served(self, vm: FoundVm) -> bool:
@@ -233,45 +235,65 @@ class VmManager:
         *,
         disk: int | None = None,
         memory: int | None = None,
+        secondaries: Mapping[int, int] | None = None,
         live: Mapping[uuid.UUID, GuestView] | None = None,
     ) -> FoundVm:
-        """Grow the primary disk and/or the state region (for ``memory``).
+        """Grow the primary disk, the state region (for ``memory``) and/or secondary
+        disks (``{LUN: size}``). Every plan is checked before the first unit changes;
+        each unit then grows crash-safely on its own.
 
         ``live``: guest views a server in this process exports; they take the new
         layout and fire their capacity listeners (CAPACITY DATA HAS CHANGED). Without
         it, a VM exported by a running server is refused.
         """
-        if disk is None and memory is None:
-            raise VmError("give --disk and/or --memory")
+        secondaries = dict(secondaries or {})
+        if disk is None and memory is None and not secondaries:
+            raise VmError("give --disk, --memory and/or --secondary LUN=SIZE")
         if memory is not None:
             check_memory(memory)
         pools = self.catalog.all()
         with self._locked(pools):
             vm = self.find(name, discover(pools, repair=True))
-            base = vm.base.header
+            luns = vm.lun_map()
+            for number in secondaries:
+                if number == 0 or number not in luns:
+                    known = ", ".join(str(n) for n in sorted(luns) if n) or "none"
+                    raise NotFoundError(f"VM {name!r} has no secondary LUN {number} ({known})")
             with contextlib.ExitStack() as stack:
-                if live is None:
-                    stack.enter_context(
-                        locks.not_served(self.state.root, base.unit_uuid, f"VM {name!r}")
+                units: dict[int, Unit] = {}
+                for number in [0, *sorted(secondaries)]:
+                    if live is None:
+                        stack.enter_context(
+                            locks.not_served(
+                                self.state.root, luns[number].header.unit_uuid, f"VM {name!r}"
+                            )
+                        )
+                    units[number] = stack.enter_context(
+                        contextlib.closing(self._open(luns[number]))
                     )
-                unit = stack.enter_context(contextlib.closing(self._open(vm.base)))
+                base = units[0]
                 keyring = self.keyring()
-                config = unit.read_json(keyring, RegionKind.CONFIG)  # wrong key: stop here
+                config = base.read_json(keyring, RegionKind.CONFIG)  # wrong key: stop here
                 state_length = None
                 if memory is not None:
                     wanted = sealed.length_for(state_capacity_for(memory))
-                    current = unit.header.require_region(RegionKind.STATE).length
+                    current = base.header.require_region(RegionKind.STATE).length
                     state_length = max(wanted, current)
-                unit.plan(disk, state_length)  # SizeError before any change
-                unit.grow(disk, state_length)
-                if live is not None and unit.header.unit_uuid in live:
-                    live[unit.header.unit_uuid].update(unit.header)
+                growth = {0: (disk, state_length), **{n: (s, None) for n, s in secondaries.items()}}
+                for number, (size, state) in growth.items():  # SizeError before any change
+                    units[number].plan(size, state)
+                disks = list(config.get("disks") or [])  # type: ignore[call-overload]
+                for number, (size, state) in growth.items():
+                    unit = units[number]
+                    unit.grow(size, state)
+                    if live is not None and unit.header.unit_uuid in live:
+                        live[unit.header.unit_uuid].update(unit.header)
+                    if number < len(disks):
+                        disks[number] = unit.header.disk_size
                 if memory is not None:
                     config["memory"] = memory
-                if disk is not None:
-                    disks = list(config.get("disks") or [disk])  # type: ignore[call-overload]
-                    config["disks"] = [disk, *disks[1:]]
-                unit.write_json(keyring, RegionKind.CONFIG, config)
+                config["disks"] = disks
+                base.write_json(keyring, RegionKind.CONFIG, config)
         return self.find(name)
 
     # -- state and config (the management plane's path to hidden data) -----------------
@@ -294,18 +316,25 @@ class VmManager:
                 unit.write_region(keyring, RegionKind.STATE, _exact(pieces()), length)
 
     def read_state(self, name: str) -> Iterator[bytes]:
-        """The plaintext state image, chunk by chunk; IntegrityError on tampering."""
-        vm = self.find(name)
-        unit = self._open(vm.base)
-        try:
-            yield from unit.read_region(self.keyring(), RegionKind.STATE)
-        finally:
-            unit.close()
+        """The plaintext state image, chunk by chunk; IntegrityError on tampering.
+
+        Holds the pool locks while it streams, so no resize or state write of another
+        command interleaves (and an interrupted resize is finished first)."""
+        pools = self.catalog.all()
+        with self._locked(pools):
+            vm = self.find(name, discover(pools, repair=True))
+            unit = self._open(vm.base)
+            try:
+                yield from unit.read_region(self.keyring(), RegionKind.STATE)
+            finally:
+                unit.close()
 
     def config(self, name: str) -> dict[str, object]:
-        vm = self.find(name)
-        with contextlib.closing(self._open(vm.base)) as unit:
-            return unit.read_json(self.keyring(), RegionKind.CONFIG)
+        pools = self.catalog.all()
+        with self._locked(pools):
+            vm = self.find(name, discover(pools, repair=True))
+            with contextlib.closing(self._open(vm.base)) as unit:
+                return unit.read_json(self.keyring(), RegionKind.CONFIG)
 
     def set_config(self, name: str, assignments: list[str]) -> dict[str, object]:
         """Apply ``KEY=VALUE`` pairs to the config region (all checked first)."""

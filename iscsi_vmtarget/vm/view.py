@@ -149,14 +149,24 @@ class GuestView:
             yield unit_off + pos - start, done, n
             done += n
 
+    def _within(self, offset: int, length: int) -> int:
+        """The unit offset of a request inside one segment (the common case: one
+        compare and one add, the seed's "compare operation" on the I/O path), or -1
+        when it spans segments. Raises ValueError outside the disk."""
+        size, segments = self._map
+        check_range(size, offset, length)
+        for start, seg_len, unit_off in segments:
+            if start <= offset and offset + length <= start + seg_len:
+                return unit_off + offset - start
+        return -1
+
     def read_into(self, offset: int, buf: memoryview) -> None:
-        segments = self._map[1]
-        if len(segments) == 1:  # truncate/offset: one compare and one add
-            check_range(self._map[0], offset, len(buf))
-            self._raw.read_into(segments[0][2] + offset, buf)
+        at = self._within(offset, len(buf))
+        if at >= 0:
+            self._raw.read_into(at, buf)
             return
-        for unit_off, at, n in self._pieces(offset, len(buf)):
-            self._raw.read_into(unit_off, buf[at : at + n])
+        for unit_off, pos, n in self._pieces(offset, len(buf)):
+            self._raw.read_into(unit_off, buf[pos : pos + n])
 
     def read(self, offset: int, length: int) -> bytearray:
         out = bytearray(length)
@@ -167,8 +177,12 @@ class GuestView:
         if self.read_only:
             raise BackendError("guest view is read-only")
         view = memoryview(data).cast("B")
-        for unit_off, at, n in self._pieces(offset, len(view)):
-            self._raw.write(unit_off, view[at : at + n])
+        at = self._within(offset, len(view))
+        if at >= 0:
+            self._raw.write(at, view)
+            return
+        for unit_off, pos, n in self._pieces(offset, len(view)):
+            self._raw.write(unit_off, view[pos : pos + n])
 
     def flush(self) -> None:
         self._raw.flush()

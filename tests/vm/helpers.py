@@ -76,7 +76,7 @@ class ViewUnit:
 
     def hidden_intact(self) -> bool:
         return all(
-            self.raw.read(offset, length) == bytes([HIDDEN_BYTE]) * length
+            self.raw.read(offset, length).count(HIDDEN_BYTE) == length
             for offset, length in self.hidden
         )
 

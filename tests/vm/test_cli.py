@@ -176,10 +176,25 @@ def test_resize_and_delete(cli: Cli) -> None:
     grown = cli.json("vm", "resize", "db", "--disk", "32M", "--memory", "64M")
     assert grown["disk_bytes"] == 32 * MIB  # type: ignore[index]
     code, _, err = cli("vm", "resize", "db")
-    assert code == 1 and "give --disk and/or --memory" in err
+    assert code == 1 and "give --disk, --memory and/or --secondary LUN=SIZE" in err
     code, out, _ = cli("vm", "delete", "db")
     assert code == 0 and "deleted VM db (1 units)" in out
     assert cli.json("vm", "list") == []
+
+
+def test_resize_a_secondary_disk(cli: Cli) -> None:
+    cli.json("vm", "create", "db", "--disk", "8M", "--memory", "4M", "--secondary", "4M")
+    grown = cli.json("vm", "resize", "db", "--secondary", "1=12M")
+    assert [lun["disk_bytes"] for lun in grown["luns"]] == [8 * MIB, 12 * MIB]  # type: ignore[index]
+    assert cli.json("vm", "config", "show", "db")["disks"] == [8 * MIB, 12 * MIB]  # type: ignore[index]
+    code, _, err = cli("vm", "resize", "db", "--secondary", "2=12M")
+    assert code == 1 and "has no secondary LUN 2 (1)" in err
+    code, _, err = cli("vm", "resize", "db", "--secondary", "x")
+    assert code == 2 and "is not LUN=SIZE" in err
+    before = snapshot(cli.state)
+    code, _, err = cli("vm", "resize", "db", "--disk", "16M", "--secondary", "1=4M")
+    assert code == 1 and "shrinking" in err
+    assert snapshot(cli.state) == before  # the primary did not grow either
 
 
 def test_key_rotate_and_show(cli: Cli, tmp_path: Path) -> None:

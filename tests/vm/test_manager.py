@@ -302,7 +302,7 @@ def test_resize_refuses_shrinking_and_changes_nothing(manager: VmManager, state_
 
 def test_resize_while_served_is_refused(manager: VmManager, state_dir: Path) -> None:
     vm = manager.create("vm1", disk=DISK, memory=MEMORY)
-    lock = ServeLock(str(state_dir), vm.base.header.unit_uuid, "VM 'vm1'")
+    lock = ServeLock(str(state_dir), vm.base.header.unit_uuid)
     try:
         with pytest.raises(InUseError, match="running iscsi-vmtarget server"):
             manager.resize("vm1", disk=2 * DISK)

@@ -206,7 +206,9 @@ def test_whole_disk_reads_never_show_hidden_bytes(mode: Mode) -> None:
     write=st.booleans(),
 )
 def test_generated_ranges(mode: Mode, lba: int, blocks: int, write: bool) -> None:
-    harness = _HARNESSES.setdefault(mode, _harness(mode))
+    if mode not in _HARNESSES:
+        _HARNESSES[mode] = _harness(mode)
+    harness = _HARNESSES[mode]
     opcode = 0x8A if write else 0x88
     data = _data(blocks) if write and blocks <= 128 else None
     response = harness.run(cdb16(opcode, lba, blocks), data)
