@@ -208,7 +208,12 @@ class Runtime:
                     if units.get(n) is not lu:
                         lu.backend.close()
                 target.set_luns(units)
-        target.set_acls({a.key: a for a in spec.acls}, spec.allow_all)
+        acls = {a.key: a for a in spec.acls}
+        allow_all = spec.allow_all
+        if spec.key in self.static:  # an overlay adds to (and overrides) the source's ACLs
+            acls = {**self.static[spec.key].acls, **acls}
+            allow_all = allow_all or self.static[spec.key].allow_all
+        target.set_acls(acls, allow_all)
         self._refresh_sessions(target)
 
     def _remove_target(self, key: str) -> None:
@@ -450,6 +455,12 @@ def op_acl_remove(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> Ma
     spec = _need_target(cfg, str(args["target"]), runtime)
     initiator = str(args["initiator"]).lower()
     if spec.acl(initiator) is None:
+        static = runtime.static.get(spec.key) if runtime is not None else None
+        if static is not None and initiator in static.acls:
+            raise AdminError(
+                f"the ACL of {args['initiator']} on {spec.name} is defined by the serve "
+                "configuration; change it there"
+            )
         raise AdminError(f"target {spec.name} has no ACL for {args['initiator']}")
     return cfg.with_target(replace(spec, acls=tuple(a for a in spec.acls if a.key != initiator)))
 

@@ -18,8 +18,9 @@ CHAP. It is JSON (one document, ``version`` 1)::
                             "chap": {"user": "host1", "secret": "..."}}]}]}
 
 A target entry named like a target the server defines elsewhere (``serve --config``
-TOML, the demo target, a VM found in a pool) carries no LUNs: it sets that target's
-ACLs, CHAP and ``allow_all`` instead of the ones from its source.
+TOML, the demo target, a VM found in a pool) carries no LUNs: its ACLs are added to
+the ones from that source (an ACL of the same initiator replaces the source's), its
+CHAP secrets replace the source's, and its ``allow_all`` can only turn demo mode on.
 
 Every write goes to a temporary file in the same directory, is fsynced, renamed over
 the old file and the directory is fsynced, so a crash leaves the old or the new
