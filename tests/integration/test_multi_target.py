@@ -163,8 +163,14 @@ def test_two_portals_each_in_sendtargets(tmp_path: Path) -> None:
         for port in t.ports:
             ini = Initiator(port=port, initiator_name=INITIATOR)
             ini.login()
-            addresses = [v for k, v in ini.send_targets("All") if k == "TargetAddress"]
-            assert sorted(addresses) == sorted(f"127.0.0.1:{p},1" for p in t.ports)
+            addresses: dict[str, list[str]] = {}
+            for key, value in ini.send_targets("All"):
+                if key == "TargetName":
+                    current = addresses.setdefault(value, [])
+                elif key == "TargetAddress":
+                    current.append(value)
+            demo = addresses["iqn.2026-11.org.iscsi-vmtarget:demo"]
+            assert sorted(demo) == sorted(f"127.0.0.1:{p},1" for p in t.ports)
             ini.logout()
     finally:
         t.stop()
