@@ -176,12 +176,13 @@ def guest_script() -> str:
         step pr-unregister sg_persist --out --register --param-rk=0x{PR_KEY:x} $dev
         step pr-keys-after sg_persist --in --read-keys $dev
         # thin provisioning and the other SBC commands, on {first} past the pattern
-        step unmap-prewrite dd if=/pattern.bin of=$dev bs=64k seek={UNMAP_LBA * 512 // 65536} \
+        step unmap-prewrite dd if=/pattern.bin of=$dev bs=64k seek={UNMAP_LBA * 512 // 65536} \\
           oflag=direct conv=notrunc
         step lba-status-mapped sg_get_lba_status --lba={UNMAP_LBA} $dev
         step unmap sg_unmap --force --lba={UNMAP_LBA} --num={UNMAP_BLOCKS} $dev
         step lba-status sg_get_lba_status --lba={UNMAP_LBA} $dev
-        step unmap-read sh -c "dd if=$dev bs=512 skip={UNMAP_LBA} count={UNMAP_BLOCKS} \
+        step unmap-read sh -c "dd if=$dev bs=64k skip={UNMAP_LBA // 128} \\
+          count={UNMAP_BLOCKS // 128} \\
           iflag=direct 2>/dev/null | sha256sum"
         dd if=/pattern.bin of=/tmp/blk bs=512 count=1 2>/dev/null
         step write-same sg_write_same --16 --in=/tmp/blk --lba=20480 --num=64 $dev

@@ -103,10 +103,11 @@ echo o > /proc/sysrq-trigger
 GUEST_LIB = r"""# Helpers for the scripts run in the guest.
 step() {
   _name=$1; shift
+  _t0=$(cut -d' ' -f1 /proc/uptime)
   echo "@@@BEGIN $_name"
   "$@" 2>&1
   _rc=$?
-  echo "@@@END $_name $_rc"
+  echo "@@@END $_name $_rc $_t0 $(cut -d' ' -f1 /proc/uptime)"
   return $_rc
 }
 # Start iscsid with an initiator name (it kills its process group when it stops).
@@ -151,6 +152,7 @@ wait_disks() {
 class Step:
     rc: int
     output: str
+    seconds: float = 0.0  # guest uptime from start to end of the step
 
 
 @dataclasses.dataclass
@@ -494,9 +496,14 @@ def parse_steps(console: str) -> dict[str, Step]:
         if line.startswith(BEGIN):
             name, lines = line[len(BEGIN):].strip(), []
         elif line.startswith(END) and name is not None:
+            # @@@END NAME RC START_UPTIME END_UPTIME
             words = line[len(END):].split()
-            rc = int(words[-1]) if words and words[-1].lstrip("-").isdigit() else -1
-            steps[name] = Step(rc, "\n".join(lines))
+            rc = int(words[1]) if len(words) > 1 and words[1].lstrip("-").isdigit() else -1
+            try:
+                seconds = float(words[3]) - float(words[2])
+            except (IndexError, ValueError):
+                seconds = 0.0
+            steps[name] = Step(rc, "\n".join(lines), round(seconds, 2))
             name = None
         elif name is not None:
             lines.append(line)
