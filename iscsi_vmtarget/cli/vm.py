@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..server.admin import AdminError, DaemonNotRunning, call_daemon
 from ..server.config import ServeConfig
 from ..sizes import format_size, parse_size
 from ..vm import Mode, StateDir, VmError, VmManager, vm_target_name
@@ -126,7 +127,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = verbs.add_parser(
         "delete",
         help="delete a VM",
-        description="Delete a VM's units. Refused while a running server exports it.",
+        description="Delete a VM's units. Refused while initiators are logged in to it "
+        "(asked of the running daemon) or a running server exports it, unless --force.",
     )
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="delete even if a server exports it")
@@ -244,7 +246,28 @@ def _show(args: argparse.Namespace, manager: VmManager) -> int:
     return 0
 
 
+def logged_in(state_dir: str, target: str) -> list[str] | None:
+    """Initiators with a session on ``target``, from the running daemon's admin socket;
+    None when no daemon answers."""
+    try:
+        status = call_daemon(state_dir, "status", {}, timeout=10)
+    except (DaemonNotRunning, AdminError, OSError, ValueError):
+        return None
+    return [
+        str(s.get("initiator") or "?")
+        for s in status.get("sessions", [])
+        if str(s.get("target") or "").lower() == target.lower()
+    ]
+
+
 def _delete(args: argparse.Namespace, manager: VmManager) -> int:
+    manager.find(args.name)  # a clear "no VM named" first
+    sessions = logged_in(manager.state.root, vm_target_name(args.name))
+    if sessions and not args.force:
+        raise VmError(
+            f"VM {args.name!r} has {len(sessions)} session(s) logged in "
+            f"({', '.join(sorted(set(sessions)))}); log them out first or give --force"
+        )
     vm = manager.delete(args.name, force=args.force)
     print(f"deleted VM {vm.name} ({len(vm.units)} units)")
     return 0

@@ -27,6 +27,7 @@ from .export import (
     VmLuns,
     capacity_listener,
     export_vm,
+    resize_live,
     serve_vms,
     vm_target_name,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "create_unit",
     "export_vm",
     "load_key_file",
+    "resize_live",
     "serve_vms",
     "vm_target_name",
 ]

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..scsi import LogicalUnit, Reason, UnitIdentity
@@ -27,6 +27,7 @@ from .errors import VmError
 from .locks import ServeLock
 from .pool import PoolCatalog
 from .unit import Unit
+from .view import GuestView, RawView
 
 DEFAULT_BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
 log = logging.getLogger("iscsi_vmtarget")
@@ -168,3 +169,36 @@ def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
                 luns.close()
             raise
     return out
+
+
+def resize_live(
+    state_dir: str,
+    name: str,
+    guest: Mapping[int, LogicalUnit],
+    raw: Mapping[int, LogicalUnit] | None = None,
+    *,
+    disk: int | None = None,
+    memory: int | None = None,
+    secondaries: Mapping[int, int] | None = None,
+    key_file: str | None = None,
+) -> FoundVm:
+    """Resize a VM this process exports (what a daemon's ``vm.resize`` admin operation
+    runs): guest I/O pauses while a guest segment moves, the guest views take the new
+    layout and their initiators get CAPACITY DATA HAS CHANGED; raw views reopen on the
+    grown unit."""
+    from .manager import StateDir, VmManager
+
+    views = {
+        lu.backend.unit_uuid: lu.backend
+        for lu in guest.values()
+        if isinstance(lu.backend, GuestView)
+    }
+    with VmManager(StateDir.at(state_dir, key_file)) as manager:
+        vm = manager.resize(name, disk=disk, memory=memory, secondaries=secondaries, live=views)
+        for number, found in vm.lun_map().items():
+            lu = (raw or {}).get(number)
+            if lu is not None and lu.backend.size != found.header.unit_size:
+                old = lu.backend
+                lu.backend = RawView(manager.catalog.get(found.pool).open(found.ref))
+                old.close()
+    return vm

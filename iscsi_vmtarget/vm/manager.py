@@ -285,9 +285,13 @@ class VmManager:
                 disks = list(config.get("disks") or [])  # type: ignore[call-overload]
                 for number, (size, state) in growth.items():
                     unit = units[number]
-                    unit.grow(size, state)
-                    if live is not None and unit.header.unit_uuid in live:
-                        live[unit.header.unit_uuid].update(unit.header)
+                    view = (live or {}).get(unit.header.unit_uuid)
+                    if view is None:
+                        unit.grow(size, state)
+                    else:
+                        with view.quiesce():  # no guest I/O while a guest segment moves
+                            unit.grow(size, state)
+                            view.update(unit.header)
                     if number < len(disks):
                         disks[number] = unit.header.disk_size
                 if memory is not None:

@@ -16,10 +16,13 @@ regions are stored encrypted, so it serves them as the ciphertext they are.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Iterator
 
+from ..storage import FileBackend
 from ..storage.backend import BackendError, BlockBackend, check_range
-from .format import UnitHeader, UnitState
+from .format import Mode, UnitHeader, UnitState
 
 CapacityListener = Callable[[int, int], None]
 
@@ -87,6 +90,8 @@ class SliceBackend:
 
 # One guest segment: (guest offset, length, unit offset).
 Segment = tuple[int, int, int]
+# What a guest view maps through: (disk size, segments, unit backend handle).
+_Map = tuple[int, tuple[Segment, ...], BlockBackend]
 
 
 def guest_segments(header: UnitHeader) -> tuple[Segment, ...]:
@@ -98,8 +103,53 @@ def guest_segments(header: UnitHeader) -> tuple[Segment, ...]:
     return tuple(out)
 
 
+class _Gate:
+    """Lets guest I/O run concurrently, and lets a live resize wait for it to drain and
+    hold it off while a guest segment is copied to its new place (a reader-writer
+    lock where the I/O paths are the readers)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def io(self) -> Iterator[None]:
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._closed:
+                self._cond.wait()
+            self._closed = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._closed = False
+                self._cond.notify_all()
+
+
 class GuestView:
-    """The guest's disk of one unit: size = disk size, offsets translated per mode."""
+    """The guest's disk of one unit: size = disk size, offsets translated per mode.
+
+    Only ``aligned`` views have a guest segment that a resize may move (GUEST_HEAD),
+    so only they pass their I/O through a gate (:meth:`quiesce`); in the other modes
+    the disk region never moves and I/O goes straight through.
+    """
 
     def __init__(
         self,
@@ -114,12 +164,14 @@ class GuestView:
                 f"unit {header.unit_uuid} has an unfinished resize; open it through the "
                 "VM layer to complete it first"
             )
-        self._raw = raw
         self._read_only = read_only
         self._on_close = on_close
         self._listeners: list[CapacityListener] = []
+        self._retired: list[BlockBackend] = []
         self.unit_uuid = header.unit_uuid
-        self._map = (header.disk_size, guest_segments(header))
+        # size, segments and backend handle in one attribute, swapped atomically
+        self._map = (header.disk_size, guest_segments(header), raw)
+        self._gate = _Gate() if header.mode is Mode.ALIGNED else None
 
     # -- BlockBackend ------------------------------------------------------------------
 
@@ -131,12 +183,16 @@ class GuestView:
     def read_only(self) -> bool:
         return self._read_only or self._raw.read_only
 
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+    @property
+    def _raw(self) -> BlockBackend:
+        return self._map[2]
+
+    def _pieces(self, offset: int, length: int, mapping: _Map) -> Iterator[tuple[int, int, int]]:
         """(unit offset, position in the request, byte count) covering the request.
 
         The concealment bound: nothing outside ``[0, size)`` is ever translated.
         """
-        size, segments = self._map
+        size, segments, _raw = mapping
         check_range(size, offset, length)
         done = 0
         for start, seg_len, unit_off in segments:
@@ -149,40 +205,61 @@ class GuestView:
             yield unit_off + pos - start, done, n
             done += n
 
-    def _within(self, offset: int, length: int) -> int:
+    @staticmethod
+    def _within(offset: int, length: int, mapping: _Map) -> int:
         """The unit offset of a request inside one segment (the common case: one
         compare and one add, the seed's "compare operation" on the I/O path), or -1
         when it spans segments. Raises ValueError outside the disk."""
-        size, segments = self._map
+        size, segments, _raw = mapping
         check_range(size, offset, length)
         for start, seg_len, unit_off in segments:
             if start <= offset and offset + length <= start + seg_len:
                 return unit_off + offset - start
         return -1
 
-    def read_into(self, offset: int, buf: memoryview) -> None:
-        at = self._within(offset, len(buf))
+    def _read_into(self, offset: int, buf: memoryview) -> None:
+        mapping = self._map
+        raw = mapping[2]
+        at = self._within(offset, len(buf), mapping)
         if at >= 0:
-            self._raw.read_into(at, buf)
+            raw.read_into(at, buf)
             return
-        for unit_off, pos, n in self._pieces(offset, len(buf)):
-            self._raw.read_into(unit_off, buf[pos : pos + n])
+        for unit_off, pos, n in self._pieces(offset, len(buf), mapping):
+            raw.read_into(unit_off, buf[pos : pos + n])
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        gate = self._gate
+        if gate is None:
+            self._read_into(offset, buf)
+            return
+        with gate.io():
+            self._read_into(offset, buf)
 
     def read(self, offset: int, length: int) -> bytearray:
         out = bytearray(length)
         self.read_into(offset, memoryview(out))
         return out
 
+    def _write(self, offset: int, view: memoryview) -> None:
+        mapping = self._map
+        raw = mapping[2]
+        at = self._within(offset, len(view), mapping)
+        if at >= 0:
+            raw.write(at, view)
+            return
+        for unit_off, pos, n in self._pieces(offset, len(view), mapping):
+            raw.write(unit_off, view[pos : pos + n])
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.read_only:
             raise BackendError("guest view is read-only")
         view = memoryview(data).cast("B")
-        at = self._within(offset, len(view))
-        if at >= 0:
-            self._raw.write(at, view)
+        gate = self._gate
+        if gate is None:
+            self._write(offset, view)
             return
-        for unit_off, pos, n in self._pieces(offset, len(view)):
-            self._raw.write(unit_off, view[pos : pos + n])
+        with gate.io():
+            self._write(offset, view)
 
     def flush(self) -> None:
         self._raw.flush()
@@ -190,19 +267,23 @@ class GuestView:
     def unmap(self, offset: int, length: int) -> None:
         if self.read_only:
             return
-        for unit_off, _at, n in self._pieces(offset, length):
-            self._raw.unmap(unit_off, n)
+        with self._gate.io() if self._gate is not None else contextlib.nullcontext():
+            mapping = self._map
+            for unit_off, _at, n in self._pieces(offset, length, mapping):
+                mapping[2].unmap(unit_off, n)
 
     def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Mapped extents (guest offsets) for GET LBA STATUS, clipped to the disk."""
-        ranges = getattr(self._raw, "allocated_ranges", None)
         out: list[tuple[int, int]] = []
-        for unit_off, at, n in self._pieces(offset, length):
-            if ranges is None:
-                out.append((offset + at, n))
-                continue
-            for start, count in ranges(unit_off, n):
-                out.append((offset + at + start - unit_off, count))
+        with self._gate.io() if self._gate is not None else contextlib.nullcontext():
+            mapping = self._map
+            ranges = getattr(mapping[2], "allocated_ranges", None)
+            for unit_off, at, n in self._pieces(offset, length, mapping):
+                if ranges is None:
+                    out.append((offset + at, n))
+                    continue
+                for start, count in ranges(unit_off, n):
+                    out.append((offset + at + start - unit_off, count))
         return out
 
     def resize(self, size: int) -> None:
@@ -210,6 +291,9 @@ class GuestView:
 
     def close(self) -> None:
         self._raw.close()
+        for old in self._retired:
+            old.close()
+        self._retired.clear()
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
@@ -222,15 +306,44 @@ class GuestView:
         SBC-3 §4.9 / SPC-4 ASC 2Ah ASCQ 09h)."""
         self._listeners.append(listener)
 
+    @contextlib.contextmanager
+    def quiesce(self) -> Iterator[None]:
+        """Hold guest I/O off (after letting what runs finish) while a live resize moves
+        a guest segment; a no-op for views whose segments never move."""
+        if self._gate is None:
+            yield
+            return
+        with self._gate.exclusive():
+            yield
+
     def update(self, header: UnitHeader) -> None:
         """Take the layout of a committed resize; tell the listeners."""
         if header.unit_uuid != self.unit_uuid or header.state is not UnitState.CLEAN:
             raise BackendError("update() needs the clean header of the same unit")
-        old = self._map[0]
-        self._map = (header.disk_size, guest_segments(header))
-        if header.disk_size != old:
+        old_size, _segments, raw = self._map
+        grown = _follow(raw, header.unit_size)
+        if grown is not raw:
+            self._retired.append(raw)  # I/O in flight may still use it: closed with us
+        self._map = (header.disk_size, guest_segments(header), grown)
+        if header.disk_size != old_size:
             for listener in self._listeners:
-                listener(old, header.disk_size)
+                listener(old_size, header.disk_size)
+
+
+def _follow(raw: BlockBackend, size: int) -> BlockBackend:
+    """A handle on a unit that another handle grew to ``size`` bytes: a device-pool
+    window is widened, a file is opened again (a FileBackend measures once)."""
+    if raw.size >= size:
+        return raw
+    if isinstance(raw, SliceBackend):
+        raw.set_length(size)
+        return raw
+    if isinstance(raw, FileBackend):
+        again = FileBackend(raw.path, read_only=raw.read_only)
+        if again.size >= size:
+            return again
+        again.close()
+    raise BackendError(f"the unit behind this view is not {size} bytes long")
 
 
 class RawView:

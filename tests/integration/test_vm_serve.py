@@ -101,12 +101,37 @@ def test_readcapacity16_is_the_disk(vm_targets: VmTargets, name: str) -> None:
 
 @pytest.mark.parametrize("name", list(VMS))
 def test_inquiry_reports_the_units_naa(vm_targets: VmTargets, name: str) -> None:
+    """iscsi-inq prints the binary designator with %s: compare up to its first NUL byte
+    (and read it as bytes, \r included); our own initiator checks all 16 bytes."""
+    from iscsi_vmtarget.client.initiator import Initiator
+
+    need_tool("iscsi-inq")
     for lun, naa in enumerate(vm_targets.naa[name]):
         url = vm_targets.url(name, lun)
-        ident = run("iscsi-inq", "-i", INITIATOR, "-e", "1", "-c", "131", url).stdout
-        found = re.search(r"Designator Type:\(3\) NAA\nDesignator:\[(.{16})\]\n", ident, re.S)
+        ident = subprocess.run(
+            ["iscsi-inq", "-i", INITIATOR, "-e", "1", "-c", "131", url],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        found = re.search(rb"Designator Type:\(3\) NAA\nDesignator:\[(.*?)\]\n", ident, re.S)
         assert found, ident
-        assert found.group(1).encode("latin-1") == naa
+        assert found.group(1) == naa.split(b"\0")[0]
+        ini = Initiator(
+            port=vm_targets.target.port,
+            initiator_name=INITIATOR,
+            target_name=f"{DEFAULT_BASE_IQN}:vm.{name}",
+        )
+        ini.login()
+        try:
+            ini.command(bytes(6), lun=lun)  # the power-on unit attention
+            page = ini.command(bytes([0x12, 1, 0x83, 2, 0, 0]), lun=lun, read_length=512)
+            assert page.status == 0
+            # designator descriptor: code set 1, PIV 0, LU association, type 3 (NAA), length 16
+            assert bytes([0x01, 0x03, 0x00, 0x10]) + naa in page.data
+        finally:
+            ini.logout()
+            ini.close()
     serial = run("iscsi-inq", "-i", INITIATOR, "-e", "1", "-c", "128", vm_targets.url(name)).stdout
     assert f"Unit Serial Number:[{vm_targets.serial[name]}]" in serial
 
@@ -157,3 +182,18 @@ def test_management_refuses_while_served(vm_targets: VmTargets) -> None:
         assert "exported by a running iscsi-vmtarget server" in proc.stderr
     shown = ivt(vm_targets.state, "vm", "show", "offs").stdout
     assert "served by a running server: yes" in shown
+
+
+def test_delete_is_refused_while_a_session_is_logged_in(vm_targets: VmTargets) -> None:
+    from iscsi_vmtarget.client.initiator import Initiator
+
+    name = f"{DEFAULT_BASE_IQN}:vm.algn"
+    ini = Initiator(port=vm_targets.target.port, initiator_name=INITIATOR, target_name=name)
+    ini.login()
+    try:
+        proc = ivt(vm_targets.state, "vm", "delete", "algn", check=False)
+        assert proc.returncode == 1
+        assert f"has 1 session(s) logged in ({INITIATOR})" in proc.stderr
+    finally:
+        ini.logout()
+        ini.close()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 from pathlib import Path
 
 from iscsi_vmtarget.scsi import Status
 from iscsi_vmtarget.server.acl import Acl
 from iscsi_vmtarget.server.config import build_registry, demo_config
 from iscsi_vmtarget.server.registry import Registry
-from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm import StateDir, VmManager, resize_live
 from iscsi_vmtarget.vm.format import Mode
 from iscsi_vmtarget.vm.locks import is_served
 from tests.vm.helpers import make_nexus, sense_triplet
@@ -84,3 +85,54 @@ def test_vm_targets_guest_and_raw(tmp_path: Path) -> None:
     finally:
         close(registry)
     assert not any(is_served(str(tmp_path), u.header.unit_uuid) for u in vm.units)
+
+
+def test_live_resize_of_an_exported_vm_under_guest_io(tmp_path: Path) -> None:
+    """Resize an aligned VM while a thread keeps writing and reading guest LBA 0 (which
+    lives in the GUEST_HEAD region the resize moves): no write is lost, no read sees
+    the scrubbed old place, and the initiator gets CAPACITY DATA HAS CHANGED."""
+    with VmManager(StateDir.at(str(tmp_path))) as manager:
+        manager.create("web", disk=8 * MIB, memory=4 * MIB, mode=Mode.ALIGNED)
+    cfg = demo_config(str(tmp_path))
+    cfg.demo_vm = False
+    registry = build_registry(cfg)
+    target = registry.targets[f"{BASE}:vm.web"]
+    nexus = make_nexus()
+    target.scsi.nexus_added(nexus)
+    target.scsi.execute(nexus, 0, bytes(6), None)
+    view = target.scsi.luns[0].backend
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def guest_io() -> None:
+        counter = 0
+        while not stop.is_set():
+            counter += 1
+            block = counter.to_bytes(8, "big") * 64
+            view.write(0, block)
+            got = bytes(view.read(0, 512))
+            if got != block:
+                errors.append(f"wrote {counter}, read {got[:8].hex()}")
+                return
+
+    worker = threading.Thread(target=guest_io)
+    worker.start()
+    try:
+        for size in (16 * MIB, 24 * MIB, 40 * MIB):
+            resize_live(str(tmp_path), "web", target.scsi.luns, target.raw_luns, disk=size)
+    finally:
+        stop.set()
+        worker.join()
+    try:
+        assert not errors, errors
+        assert view.size == 40 * MIB
+        first = target.scsi.execute(nexus, 0, bytes(6), None)
+        assert sense_triplet(first) == (0x6, 0x2A, 0x09)  # CAPACITY DATA HAS CHANGED
+        assert target.raw_luns[0].backend.size == manager_unit_size(tmp_path, "web")
+    finally:
+        close(registry)
+
+
+def manager_unit_size(state_dir: Path, name: str) -> int:
+    with VmManager(StateDir.at(str(state_dir))) as manager:
+        return manager.find(name).base.header.unit_size
