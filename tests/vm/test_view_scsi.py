@@ -224,3 +224,56 @@ def test_generated_ranges(mode: Mode, lba: int, blocks: int, write: bool) -> Non
 
 
 _HARNESSES: dict[Mode, ScsiOnView] = {}
+
+
+def _xcopy(naa: bytes, blocks: int, src_lba: int, dst_lba: int) -> tuple[bytes, bytes]:
+    """EXTENDED COPY (LID1) of one block-to-block segment within one LU (SPC-4 §6.4)."""
+    ident = struct.pack(">BBBB16s4s", 0x01, 0x03, 0, 16, naa, b"")  # NAA designator
+    target = struct.pack(">BBH24sB3s", 0xE4, 0x00, 0, ident, 0, (BLOCK).to_bytes(3, "big"))
+    segment = struct.pack(">BBHHHHHQQ", 0x02, 0, 24, 0, 0, 0, blocks, src_lba, dst_lba)
+    # LIST IDENTIFIER 0 with LIST ID USAGE 11b, the two list lengths, no inline data
+    header = struct.pack(">BBH4sII", 0, 0x18, len(target), b"", len(segment), 0)
+    params = header + target + segment
+    cdb = struct.pack(">BB8sIBB", 0x83, 0x00, b"", len(params), 0, 0)
+    return cdb, params
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
+def test_extended_copy_ranges_stay_on_the_disk(mode: Mode) -> None:
+    harness = _harness(mode)
+    naa = harness.lu.identity.naa
+    cdb, params = _xcopy(naa, 1, 0, N - 1)
+    if find_row(cdb) is None:
+        pytest.skip("EXTENDED COPY not implemented by this SCSI layer")
+    harness.good(cdb16(0x8A, 0, 1), _data(1))
+    harness.good(cdb, params)  # last block: copied
+    assert harness.good(cdb16(0x88, N - 1, 1)) == _data(1)
+    for blocks, src, dst in [(1, N, 0), (1, 0, N), (2, N - 1, 0), (2, 0, N - 1), (1, 2**63, 0)]:
+        response = harness.run(*_xcopy(naa, blocks, src, dst))
+        assert response.status == Status.CHECK_CONDITION
+        # COPY ABORTED, COPY TARGET DEVICE NOT REACHABLE (SPC-4 §6.4.3.4)
+        assert sense_triplet(response) == (0xA, 0x0D, 0x02)
+    assert harness.unit.hidden_intact()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("action", ["overwrite", "block erase"])
+def test_sanitize_erases_the_disk_and_nothing_else(mode: Mode, action: str) -> None:
+    """SANITIZE (SBC-3 §5.18) covers the whole medium: through a guest view that is the
+    disk, never the hidden regions."""
+    harness = _harness(mode)
+    if action == "overwrite":
+        params = struct.pack(">BBH", 0x01, 0, 4) + b"\x11\x22\x33\x44"  # one pass
+        cdb = struct.pack(">BB5sHB", 0x48, 0x01, b"", len(params), 0)
+    else:
+        params = None
+        cdb = struct.pack(">BB5sHB", 0x48, 0x02, b"", 0, 0)
+    if find_row(cdb) is None:
+        pytest.skip("SANITIZE not implemented by this SCSI layer")
+    harness.good(cdb16(0x8A, N - 8, 8), _data(8))
+    harness.good(cdb, params)
+    expected = b"\x11\x22\x33\x44" * (4 * BLOCK // 4) if action == "overwrite" else None
+    for lba in (0, N - 4):
+        data = harness.good(cdb16(0x88, lba, 4))
+        assert data == (expected or bytes(4 * BLOCK))
+    assert harness.unit.hidden_intact()
