@@ -9,6 +9,7 @@ running it again. ``key show`` prints the key id units record.
 from __future__ import annotations
 
 import argparse
+from typing import cast
 
 from ..vm import VmManager
 from .vm import add_common, print_json, run_managed
@@ -35,12 +36,12 @@ def _rotate(args: argparse.Namespace, manager: VmManager) -> int:
     if args.json:
         print_json(report)
         return 0
+    rewrapped = cast(list[str], report["rewrapped"])
+    current = cast(list[str], report["already_current"])
+    skipped = cast(list[dict[str, str]], report["skipped"])
     print(f"new master key {report['key_id']} in {report['key_file']}")
-    print(
-        f"re-wrapped {len(report['rewrapped'])} unit keys"  # type: ignore[arg-type]
-        f", {len(report['already_current'])} already current"
-    )  # type: ignore[arg-type]
-    for item in report["skipped"]:  # type: ignore[attr-defined]
+    print(f"re-wrapped {len(rewrapped)} unit keys, {len(current)} already current")
+    for item in skipped:
         print(f"skipped {item['location']}: {item['reason']}")
     return 0
 

@@ -382,7 +382,9 @@ class VmManager:
         pending = pending_path(path)
         new_key = load_key_file(pending) if os.path.exists(pending) else create_key_file(pending)
         keyring = Keyring([*[k for k in keyring.keys if k.key_id != new_key.key_id], new_key])
-        rewrapped, already, failed = [], [], []
+        rewrapped: list[str] = []
+        already: list[str] = []
+        failed: list[dict[str, str]] = []
         pools = self.catalog.all()
         with self._locked(pools):
             found = discover(pools, repair=True)
