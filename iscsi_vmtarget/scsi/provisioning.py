@@ -146,10 +146,23 @@ def unmap(cmd: Command) -> None:
         ranges.append((lba, blocks))
     if total > MAX_UNMAP_LBA_COUNT:
         raise ScsiError(Reason.INVALID_FIELD_IN_PARAMETER_LIST, field=param_field(8 + 8))
-    for lba, blocks in ranges:
+    for lba, blocks in coalesce(ranges):
         deallocate(lu, lba, blocks)
     if not lu.mode.wce:
         flush_medium(lu)
+
+
+def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort (lba, blocks) ranges and merge the ones that overlap or touch, so the
+    backend punches one hole per contiguous extent."""
+    merged: list[tuple[int, int]] = []
+    for lba, blocks in sorted(ranges):
+        if merged and lba <= merged[-1][0] + merged[-1][1]:
+            first, count = merged[-1]
+            merged[-1] = (first, max(count, lba + blocks - first))
+        else:
+            merged.append((lba, blocks))
+    return merged
 
 
 def unmap_supported(lu: LogicalUnit) -> bool:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
+from typing import Any
 
 from .backend import BackendError, check_range
 
@@ -17,13 +19,22 @@ except ImportError:  # pragma: no cover
     pass
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """fallocate(PUNCH_HOLE|KEEP_SIZE) through libc; False when unsupported."""
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    """libc through ctypes, loaded once (find_library runs ldconfig: far too slow per call)."""
     import ctypes
     import ctypes.util
 
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return libc
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE) through libc; False when unsupported."""
+    import ctypes
+
+    libc = _libc()
     rc = libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     if rc != 0:
         err = ctypes.get_errno()

@@ -45,6 +45,43 @@ class CountingBackend(MemoryBackend):
         super().write(offset, data)
 
 
+class SparseBackend(CountingBackend):
+    """A memory backend that tracks allocation per 4 KiB page, like a sparse file:
+    writes allocate pages, ``unmap`` frees whole pages and zeroes partial ones, and
+    ``allocated_ranges`` reports the allocated pages (as SEEK_DATA/SEEK_HOLE would)."""
+
+    PAGE = 4096
+
+    def __init__(self, size: int, read_only: bool = False) -> None:
+        super().__init__(size, read_only)
+        self.pages: set[int] = set()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        super().write(offset, data)
+        length = len(memoryview(data).cast("B"))
+        if length:
+            self.pages.update(range(offset // self.PAGE, (offset + length - 1) // self.PAGE + 1))
+
+    def unmap(self, offset: int, length: int) -> None:
+        super().unmap(offset, length)  # zeroes the range
+        first = -(-offset // self.PAGE)
+        last = (offset + length) // self.PAGE
+        self.pages.difference_update(range(first, last))
+
+    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        end = offset + length
+        for page in sorted(self.pages):
+            start, stop = max(page * self.PAGE, offset), min((page + 1) * self.PAGE, end)
+            if start >= stop:
+                continue
+            if out and out[-1][0] + out[-1][1] == start:
+                out[-1] = (out[-1][0], out[-1][1] + stop - start)
+            else:
+                out.append((start, stop - start))
+        return out
+
+
 def make_nexus(initiator: str = "iqn.2024-01.test:init", isid: int = 1) -> Nexus:
     target = "iqn.2024-01.test:target"
     return Nexus(
@@ -108,7 +145,7 @@ class Harness:
         thin: bool = False,
         **options: object,
     ) -> Harness:
-        backend = CountingBackend(blocks * block)
+        backend = (SparseBackend if thin else CountingBackend)(blocks * block)
         identity = UnitIdentity.from_uuid(uuid.UUID("12345678-1234-5678-1234-567812345678"))
         lu = LogicalUnit(
             backend,
