@@ -18,8 +18,12 @@ DEMO = "iqn.2026-11.org.iscsi-vmtarget:demo"
 
 def run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
     need_tool(args[0])
-    # latin-1: iscsi-inq prints binary designators (NAA) raw.
-    proc = subprocess.run(args, capture_output=True, encoding="latin-1", timeout=timeout)
+    # Bytes decoded as latin-1 by hand: iscsi-inq prints binary designators (NAA) raw,
+    # and text mode would turn a \r inside one into \n.
+    raw = subprocess.run(args, capture_output=True, timeout=timeout)
+    proc = subprocess.CompletedProcess(
+        raw.args, raw.returncode, raw.stdout.decode("latin-1"), raw.stderr.decode("latin-1")
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
@@ -62,9 +66,11 @@ def test_iscsi_inq_vpd_pages(demo_target: RunningTarget) -> None:
     m = re.search(r"Unit Serial Number:\[(\S+)\]", serial)
     assert m and len(m.group(1)) >= 8, serial
     ident = _vpd(demo_target, 0x83)
-    naa = re.search(r"Designator Type:\(3\) NAA\nDesignator:\[(.{16})\]\n", ident, re.S)
+    # iscsi-inq prints the binary designator with %s (up to a NUL byte); its first byte
+    # is never NUL: NAA 6 (IEEE Registered Extended, 16 bytes) puts 6 in the high nibble.
+    naa = ident.partition("Designator Type:(3) NAA\nDesignator:[")[2]
     assert naa, ident
-    assert ord(naa.group(1)[0]) >> 4 == 6  # NAA 6: IEEE Registered Extended, 16 bytes
+    assert ord(naa[0]) >> 4 == 6
     assert f"Designator:[{DEMO},t,0x0001]" in ident  # target port name
     assert "Designator Type:(4) RELATIVE_TARGET_PORT" in ident
     assert "Designator Type:(1) T10_VENDORT_ID" in ident and "Designator:[ISCSIVMT" in ident
