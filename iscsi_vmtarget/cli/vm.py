@@ -139,8 +139,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "resize",
         help="grow a VM's disk or memory",
         description="Grow the primary disk (--disk), the state region (--memory) and/or "
-        "secondary disks (--secondary LUN=SIZE), crash-safely. Refused while a running "
-        "server exports the VM.",
+        "secondary disks (--secondary LUN=SIZE), crash-safely. When a running daemon "
+        "exports the VM, the daemon resizes it live and its initiators see CAPACITY DATA "
+        "HAS CHANGED.",
     )
     p.add_argument("name")
     p.add_argument("--disk", type=size_arg, metavar="SIZE", help="new primary disk size")
@@ -155,7 +156,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--json", action="store_true")
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _resize))
+    p.set_defaults(func=_resize_live)
 
     state = verbs.add_parser(
         "state", help="read or write the encrypted state", description="The VM's state image."
@@ -278,6 +279,30 @@ def _lun_size(text: str) -> tuple[int, int]:
     if not sep or not lun.strip().isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not LUN=SIZE (e.g. 1=20G)")
     return int(lun), size_arg(size)
+
+
+def _resize_live(args: argparse.Namespace) -> int:
+    """``vm resize`` of a VM a running daemon exports: the daemon resizes it live."""
+    from ..server.admin import AdminError, DaemonNotRunning, call_daemon
+
+    request = {
+        "name": args.name,
+        "disk": args.disk,
+        "memory": args.memory,
+        "secondaries": {str(k): v for k, v in args.secondary},
+    }
+    try:
+        result = call_daemon(args.state_dir, "vm.resize", request, timeout=3600)
+    except DaemonNotRunning:
+        return run_managed(args, _resize)
+    except AdminError as exc:
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print_json(result["vm"])
+    else:
+        print(f"resized VM {args.name} live (initiators see CAPACITY DATA HAS CHANGED)")
+    return 0
 
 
 def _resize(args: argparse.Namespace, manager: VmManager) -> int:

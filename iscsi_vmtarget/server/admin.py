@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
+from ..vm.errors import VmError
 from .acl import Acl, AclError, MappedLun, chap_from_dict, check_mutual
 from .persist import (
     ConfigStore,
@@ -508,6 +509,36 @@ OPERATIONS: dict[str, Transform] = {
 QUERIES = ("target.list", "acl.list", "config.export", "status", "ping")
 
 
+def action_vm_resize(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
+    """Grow a VM the daemon exports, live: guest I/O pauses while a region moves, the
+    guest views take the new layout and initiators get CAPACITY DATA HAS CHANGED
+    (SBC-3 §4.10); see :func:`iscsi_vmtarget.vm.resize_live`."""
+    from ..vm import resize_live, vm_target_name
+
+    name = str(args["name"])
+    target = runtime.registry.targets.get(vm_target_name(name).lower())
+    if target is None:
+        raise AdminError(f"this daemon does not export a VM named {name!r}")
+    secondaries = {int(k): int(v) for k, v in dict(args.get("secondaries") or {}).items()}
+    vm = resize_live(
+        state_dir,
+        name,
+        target.scsi.luns,
+        target.raw_luns,
+        disk=args.get("disk"),
+        memory=args.get("memory"),
+        secondaries=secondaries or None,
+    )
+    log.info("vm %s resized live", name)
+    return {"vm": vm.to_json()}
+
+
+#: Operations on what the daemon serves (not configuration), run only in the daemon.
+ACTIONS: dict[str, Callable[[str, Runtime, Args], dict[str, Any]]] = {
+    "vm.resize": action_vm_resize,
+}
+
+
 class Manager:
     """Runs operations against the store, and the live runtime when there is one."""
 
@@ -526,6 +557,14 @@ class Manager:
         try:
             if op in QUERIES:
                 return self._query(op, args)
+            if op in ACTIONS:
+                if self.runtime is None:
+                    raise AdminError(f"{op} needs a running daemon")
+                # Unit I/O (copying regions, fsync): keep the event loop serving.
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(
+                    None, ACTIONS[op], self.store.state_dir, self.runtime, args
+                )
             transform = OPERATIONS.get(op)
             if transform is None:
                 raise AdminError(f"unknown operation {op!r}")
@@ -534,7 +573,7 @@ class Manager:
                     return self._change(self.store.load(), transform, args)
             assert self.current is not None
             return await self._change_live(self.current, transform, args)
-        except (AclError, PersistError, KeyError, TypeError, ValueError) as exc:
+        except (AclError, PersistError, VmError, KeyError, TypeError, ValueError) as exc:
             message = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
             raise AdminError(message) from exc
 

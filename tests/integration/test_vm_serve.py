@@ -176,10 +176,9 @@ def ivt(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def test_management_refuses_while_served(vm_targets: VmTargets) -> None:
-    for args in (["vm", "delete", "offs"], ["vm", "resize", "offs", "--disk", "96M"]):
-        proc = ivt(vm_targets.state, *args, check=False)
-        assert proc.returncode == 1
-        assert "exported by a running iscsi-vmtarget server" in proc.stderr
+    proc = ivt(vm_targets.state, "vm", "delete", "offs", check=False)
+    assert proc.returncode == 1
+    assert "exported by a running iscsi-vmtarget server" in proc.stderr
     shown = ivt(vm_targets.state, "vm", "show", "offs").stdout
     assert "served by a running server: yes" in shown
 
@@ -197,3 +196,45 @@ def test_delete_is_refused_while_a_session_is_logged_in(vm_targets: VmTargets) -
     finally:
         ini.logout()
         ini.close()
+
+
+@pytest.mark.parametrize("name", ["offs", "algn"])
+def test_live_resize_through_the_daemon(vm_targets: VmTargets, name: str) -> None:
+    """``vm resize`` of a served VM goes to the daemon: the logged-in initiator gets
+    CAPACITY DATA HAS CHANGED (2A/09), then READ CAPACITY shows the new disk, and what
+    it wrote before is still there, at the same LBAs."""
+    from iscsi_vmtarget.client.initiator import Initiator
+
+    _mode, disk, _ = VMS[name]
+    grown = disk + 32 * MIB
+    ini = Initiator(
+        port=vm_targets.target.port,
+        initiator_name=INITIATOR,
+        target_name=f"{DEFAULT_BASE_IQN}:vm.{name}",
+    )
+    ini.login()
+    try:
+        ini.command(bytes(6))
+        last = disk // 512 - 1
+        marks = {0: b"FIRST-BLOCK-" * 42 + b"x" * 8, last: b"LAST-BLOCK--" * 42 + b"y" * 8}
+        for lba, block in marks.items():
+            cdb = bytes([0x2A, 0x08]) + lba.to_bytes(4, "big") + b"\x00\x00\x01\x00"
+            assert ini.command(cdb, data_out=block).status == 0
+        out = ivt(vm_targets.state, "vm", "resize", name, "--disk", f"{grown // MIB}M").stdout
+        assert "resized VM" in out and "live" in out
+        tur = ini.command(bytes(6))
+        assert (tur.status, tur.sense_key, tur.asc_ascq) == (2, 6, (0x2A, 0x09))
+        cap = ini.command(
+            bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + bytes(2), read_length=32
+        )
+        assert int.from_bytes(cap.data[:8], "big") == grown // 512 - 1
+        for lba, block in marks.items():
+            rd = bytes([0x28, 0]) + lba.to_bytes(4, "big") + b"\x00\x00\x01\x00"
+            assert ini.command(rd, read_length=512).data == block
+        new_last = grown // 512 - 1
+        rd = bytes([0x28, 0]) + new_last.to_bytes(4, "big") + b"\x00\x00\x01\x00"
+        assert ini.command(rd, read_length=512).status == 0
+        beyond = bytes([0x28, 0]) + (new_last + 1).to_bytes(4, "big") + b"\x00\x00\x01\x00"
+        assert ini.command(beyond, read_length=512).asc_ascq == (0x21, 0x00)
+    finally:
+        ini.logout()
