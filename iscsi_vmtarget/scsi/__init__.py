@@ -8,7 +8,7 @@ I_T nexus, a decoded LUN, the CDB and the Data-Out bytes, and gets back a
 from .logical_unit import LogicalUnit, UnitIdentity
 from .lun_address import decode_lun, encode_lun
 from .opcodes import OPCODE_TABLE, DataDirection, OpcodeRow, PrPolicy
-from .sense import Reason, ScsiError, SenseKey, build_sense
+from .sense import Reason, ReservationConflict, ScsiError, SenseKey, build_sense
 from .target import ScsiTarget
 from .task import Nexus, ScsiResponse, Status, TmfFunction, TmfResult
 
@@ -20,6 +20,7 @@ __all__ = [
     "OpcodeRow",
     "PrPolicy",
     "Reason",
+    "ReservationConflict",
     "ScsiError",
     "ScsiResponse",
     "ScsiTarget",

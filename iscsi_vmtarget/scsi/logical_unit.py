@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -91,26 +90,55 @@ class UnitIdentity:
 
 class RangeLock:
     """Mutual exclusion on LBA ranges: COMPARE AND WRITE, ORWRITE and WRITE ATOMIC
-    are atomic against every other command touching their blocks (SBC-3 §5.2)."""
+    are atomic against every other command touching their blocks (SBC-3 §5.2).
+
+    Every medium access holds its range, so this is on the data path: one mutex
+    acquisition when nothing overlaps, a wait on the condition only when it does.
+    """
+
+    __slots__ = ("_cond", "_held", "_mutex", "_waiting")
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._held: list[tuple[int, int]] = []
+        self._waiting = 0
 
-    @contextmanager
-    def hold(self, lba: int, blocks: int) -> Iterator[None]:
-        end = lba + max(blocks, 1)
-        span = (lba, end)
-        with self._cond:
-            while any(start < end and lba < stop for start, stop in self._held):
-                self._cond.wait()
-            self._held.append(span)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._held.remove(span)
+    def hold(self, lba: int, blocks: int) -> _HeldRange:
+        """``with lock.hold(lba, blocks):`` - the range is exclusive inside."""
+        return _HeldRange(self, lba, lba + max(blocks, 1))
+
+    def _acquire(self, span: tuple[int, int]) -> None:
+        start, end = span
+        with self._mutex:
+            held = self._held
+            while held and any(first < end and start < last for first, last in held):
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
+            held.append(span)
+
+    def _release(self, span: tuple[int, int]) -> None:
+        with self._mutex:
+            self._held.remove(span)
+            if self._waiting:
                 self._cond.notify_all()
+
+
+class _HeldRange:
+    __slots__ = ("_lock", "_span")
+
+    def __init__(self, lock: RangeLock, start: int, end: int) -> None:
+        self._lock = lock
+        self._span = (start, end)
+
+    def __enter__(self) -> None:
+        self._lock._acquire(self._span)
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock._release(self._span)
 
 
 @dataclass
@@ -136,8 +164,12 @@ class LogicalUnit:
     ``<backing file>.pr``; existing state there is restored. ``clock`` and
     ``sleep`` pace background work (SANITIZE at ``sanitize_rate`` bytes/s); without
     them it runs flat out. ``physical_block_size`` is what READ CAPACITY(16)
-    reports (LBPPBE); it defaults to the logical block size, see README.rst
-    ("libiscsi and LBPPBE") for why a file LU does not claim 4 KiB by default.
+    reports (LBPPBE). It defaults to the logical block size: with LBPPBE > 0,
+    libiscsi 1.19's GetLBAStatus.UnmapSingle expects the first LBA status
+    descriptor for LBA i+1 to start at i+LBPPB, which SBC-4 §5.8.2.3 forbids
+    (it must start at the requested LBA), so no conforming target passes it.
+    The UNMAP and WRITE ATOMIC granularity (4 KiB) is reported in the Block
+    Limits VPD page either way.
     """
 
     def __init__(
@@ -204,7 +236,7 @@ class LogicalUnit:
         """A grown (or shrunk) backend gives every I_T nexus CAPACITY DATA CHANGED
         once (SBC-3 §4.10)."""
         size = self.backend.size
-        if size != self._capacity:
+        if size != self._capacity:  # rare: the common case is one comparison
             self._capacity = size
             self.establish_attention(Reason.CAPACITY_DATA_CHANGED)
 

@@ -17,7 +17,7 @@ from typing import Final
 from .command import Command, be, require
 from .logical_unit import LogicalUnit
 from .pr_state import Initiator, PrType, Registration, Reservation, ReservationState
-from .sense import Reason, ReservationConflict, ScsiError, param_field
+from .sense import Reason, ReservationConflict, ScsiError, cdb_field, param_field
 from .task import Nexus
 
 PROTOCOL_ISCSI: Final = 0x5  # SPC-4 §7.6.1 table 427
@@ -128,7 +128,7 @@ def persistent_reserve_in(cmd: Command) -> bytes:
             return _report_capabilities(state)
         if action == PrIn.READ_FULL_STATUS:
             return _read_full_status(state)
-    raise ScsiError(Reason.INVALID_FIELD_IN_CDB, field=None) from None
+    raise ScsiError(Reason.INVALID_FIELD_IN_CDB, field=cdb_field(1, 4))  # not in the table
 
 
 def _read_reservation(state: ReservationState) -> bytes:
