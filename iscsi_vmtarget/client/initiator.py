@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..iscsi import pdu as P
 from ..iscsi.framing import PduReader, encode_pdu
+from ..scsi.lun_address import encode_lun
 
 DEFAULT_INITIATOR = "iqn.2026-11.org.iscsi-vmtarget:initiator"
 
@@ -290,8 +291,9 @@ class Initiator:
         data_out: bytes = b"",
         read_length: int = 0,
         expected_length: int | None = None,
+        lun_raw: bytes | None = None,
     ) -> ScsiResult:
-        """Run one SCSI command to completion."""
+        """Run one SCSI command to completion (``lun_raw``: an 8-byte LUN as is)."""
         itt = self.next_itt()
         edtl = expected_length if expected_length is not None else (len(data_out) or read_length)
         first_burst = self._number("FirstBurstLength", 65536)
@@ -299,9 +301,7 @@ class Initiator:
         immediate = b""
         if data_out and self.params.get("ImmediateData") == "Yes":
             immediate = data_out[: min(first_burst, mrdsl, edtl)]
-        lun_bytes = (
-            lun.to_bytes(2, "big") if lun < 256 else (0x4000 | lun).to_bytes(2, "big")
-        ) + bytes(6)
+        lun_bytes = lun_raw if lun_raw is not None else encode_lun(lun)
         self.send_pdu(
             P.ScsiCommand(
                 itt=itt,

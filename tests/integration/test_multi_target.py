@@ -237,3 +237,20 @@ def test_many_concurrent_sessions_do_io(multi: RunningTarget) -> None:
     for th in threads:
         th.join(60)
     assert errors == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["0003000000000000", "4003000000000000", "8003000000000000", "d200000300000000"],
+    ids=["peripheral", "flat", "logical-unit", "extended-flat"],
+)
+def test_every_lun_address_method_reaches_the_same_lu(multi: RunningTarget, raw: str) -> None:
+    ini = login(multi, T1)
+    lun = bytes.fromhex(raw)
+    ini.command(bytes(6), lun_raw=lun)  # its power-on unit attention
+    cap = ini.command(bytes([0x25]) + bytes(9), read_length=8, lun_raw=lun)
+    assert cap.status == 0 and int.from_bytes(cap.data[:4], "big") == (4 << 20) // 512 - 1
+    # LUN 2 does not exist, however it is written.
+    missing = bytes.fromhex(raw.replace("03", "02", 1))
+    rsp = ini.command(bytes([0x25]) + bytes(9), read_length=8, lun_raw=missing)
+    assert (rsp.sense_key, rsp.asc_ascq) == (5, (0x25, 0x00))

@@ -1,4 +1,4 @@
-"""LUN structures (SAM-5 §4.7): peripheral and flat space addressing only."""
+"""LUN structures (SAM-5 §4.7): every address method that names a single-level LUN."""
 
 from __future__ import annotations
 
@@ -38,8 +38,11 @@ def test_encode_out_of_range(n: int) -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        "8001000000000000",  # logical unit addressing
-        "c101000000000000",  # extended addressing / well-known LUN
+        "8101000000000000",  # logical unit addressing, target 1
+        "8021000000000000",  # logical unit addressing, bus 1
+        "c101000000000000",  # well-known LUN
+        "d300000500000000",  # extended, unknown extended address method
+        "d200000500000001",  # extended flat, a second level after it
         "0101000000000000",  # peripheral with a bus identifier
         "0001000100000000",  # second level
         "00010000000000",  # 7 bytes
@@ -48,3 +51,19 @@ def test_encode_out_of_range(n: int) -> None:
 def test_decode_refuses(raw: str) -> None:
     with pytest.raises(ValueError):
         decode_lun(bytes.fromhex(raw))
+
+
+@pytest.mark.parametrize(
+    "raw,n",
+    [
+        ("0007000000000000", 7),  # peripheral
+        ("4007000000000000", 7),  # flat space
+        ("8007000000000000", 7),  # logical unit addressing: target 0, bus 0, LUN 7
+        ("d200000700000000", 7),  # extended flat space, 3-byte LUN
+        ("e200000000070000", 7),  # extended flat space, 5-byte LUN
+        ("d201234500000000", 0x12345),
+    ],
+)
+def test_every_method_names_the_same_lun(raw: str, n: int) -> None:
+    """Masking compares numbers: a re-encoded LUN reaches the same LU, no other."""
+    assert decode_lun(bytes.fromhex(raw)) == n
