@@ -23,7 +23,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import INITIATOR, RunningTarget, start_target
-from tests.interop.guestlib import GUEST_INITIATOR, guest_tools, need, step_output
+from tests.interop.guestlib import (
+    GUEST_INITIATOR,
+    guest_tools,
+    host_naa_matches,
+    need,
+    step_output,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -341,9 +347,7 @@ def test_sg_vpd_device_identification_matches_host(
     assert naa[0] >> 4 in (5, 6), out  # IEEE Registered (Extended)
     # the same designator through libiscsi on the host (printed raw, 16 bytes)
     host = _iscsi_inq(guest.target, key, 0x83)
-    marker = b"Designator Type:(3) NAA\nDesignator:["
-    at = host.index(marker) + len(marker)
-    assert host[at : at + len(naa)] == naa and host[at + len(naa) : at + len(naa) + 1] == b"]"
+    assert host_naa_matches(host, naa), (naa.hex(), host)
     iqn = key[0]
     assert f"{iqn},t,0x0001" in out, out  # target port: SCSI name string
     assert re.search(rf"SCSI name string:\s*\n\s*{re.escape(iqn)}\s*$", out, re.M), out
