@@ -4,8 +4,10 @@ OVERWRITE writes the initialization pattern over the whole medium OVERWRITE
 COUNT times (inverted between passes with INVERT), then makes it durable.
 BLOCK ERASE is offered on thin-provisioned LUs only: the whole medium is
 deallocated (the backing file becomes one hole, which reads as zeros, LBPRZ=1).
-CRYPTO ERASE needs an encrypted unit and is not offered yet. EXIT FAILURE MODE
-succeeds: a sanitize here never fails half way and leaves nothing to exit.
+CRYPTO ERASE is offered where the backend encrypts and can change its media key
+(a ``crypto_erase()`` method); plain files cannot, so file LUs do not list it.
+EXIT FAILURE MODE succeeds: a sanitize here never fails half way and leaves
+nothing to exit.
 
 While a sanitize runs, every other command except INQUIRY, REPORT LUNS,
 REQUEST SENSE and the REPORT SUPPORTED commands ends with NOT READY, SANITIZE IN
@@ -54,6 +56,8 @@ def sanitize(cmd: Command) -> None:
     require(length == 0, 7)
     if action == SanitizeAction.BLOCK_ERASE:
         _run(lu, lambda progress: _block_erase(lu, progress), 1)
+    elif action == SanitizeAction.CRYPTO_ERASE:
+        _run(lu, lambda progress: _crypto_erase(lu, progress), 1)
     # EXIT FAILURE MODE: there is never a failure mode to leave.
 
 
@@ -116,6 +120,13 @@ def _block_erase(lu: LogicalUnit, progress: SanitizeProgress) -> None:
     progress.done = progress.total
 
 
+def _crypto_erase(lu: LogicalUnit, progress: SanitizeProgress) -> None:
+    """Replace the media encryption key: every block becomes unreadable noise."""
+    with lu.ranges.hold(0, lu.num_blocks):
+        lu.backend.crypto_erase()  # type: ignore[attr-defined]
+    progress.done = progress.total
+
+
 class _Pacer:
     """Keep background work at ``lu.sanitize_rate`` bytes per second (if a clock
     and a sleep were injected into the LU)."""
@@ -136,3 +147,8 @@ class _Pacer:
 def block_erase_supported(lu: LogicalUnit) -> bool:
     """BLOCK ERASE deallocates, which only a thin-provisioned LU can do (LBPME=1)."""
     return lu.thin_provisioning
+
+
+def crypto_erase_supported(lu: LogicalUnit) -> bool:
+    """CRYPTO ERASE needs a backend that encrypts user data and can change its key."""
+    return callable(getattr(lu.backend, "crypto_erase", None))

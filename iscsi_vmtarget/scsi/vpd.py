@@ -168,14 +168,17 @@ def _block_limits(lu: LogicalUnit, nexus: Nexus) -> bytes:
 
 def _block_device_characteristics(lu: LogicalUnit, nexus: Nexus) -> bytes:
     """Block Device Characteristics (SBC-3 §6.5.2), page length 3Ch: a non-rotating
-    medium. WABEREQ=01b where SANITIZE BLOCK ERASE exists (a thin LU): reads after a
-    block erase succeed (and return zeros)."""
-    wabereq = 0b01 if lu.thin_provisioning else 0b00
+    medium. WABEREQ=01b where SANITIZE BLOCK ERASE exists (a thin LU) and WACEREQ=01b
+    where CRYPTO ERASE does: reads after the erase succeed."""
+    from .sanitize import block_erase_supported, crypto_erase_supported
+
+    wabereq = 0b01 if block_erase_supported(lu) else 0b00
+    wacereq = 0b01 if crypto_erase_supported(lu) else 0b00
     return struct.pack(
         ">HBBB55s",
         0x0001,  # MEDIUM ROTATION RATE: non-rotating medium (solid state)
         0x00,  # PRODUCT TYPE: not indicated
-        wabereq << 6,  # WABEREQ, WACEREQ=00b (no CRYPTO ERASE), NOMINAL FORM FACTOR: none
+        wabereq << 6 | wacereq << 4,  # WABEREQ, WACEREQ, NOMINAL FORM FACTOR: not reported
         0x00,  # ZONED, FUAB, VBULS
         b"",  # reserved (bytes 9-63)
     )

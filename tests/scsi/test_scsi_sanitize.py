@@ -162,3 +162,17 @@ def test_sanitize_marks_the_lu_busy_while_it_runs(harness_factory: type[Harness]
     harness.good(sanitize(OVERWRITE, len(data)), data)
     assert seen == [Status.CHECK_CONDITION]
     harness.good(bytes(6))
+
+
+def test_crypto_erase_where_the_backend_can_change_its_key(
+    harness_factory: type[Harness],
+) -> None:
+    harness = harness_factory.create()
+    erased: list[bool] = []
+    harness.backend.crypto_erase = lambda: erased.append(True)  # type: ignore[attr-defined]
+    assert harness.good(bytes([0x12, 1, 0xB1, 0, 255, 0]))[7] == 0x10  # WACEREQ=01b
+    one = harness.good(struct.pack(">BBBBHIBB", 0xA3, 0x0C, 0b010, 0x48, 0x03, 64, 0, 0))
+    assert one[1] == 0x03  # supported
+    harness.good(sanitize(CRYPTO_ERASE))
+    assert erased == [True]
+    harness.check(sanitize(CRYPTO_ERASE, 8), INVALID_FIELD, bytes(8))
