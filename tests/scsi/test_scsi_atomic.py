@@ -12,7 +12,7 @@ from iscsi_vmtarget.scsi import Status
 from iscsi_vmtarget.scsi.logical_unit import RangeLock
 
 if TYPE_CHECKING:
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 BLOCK = 512
 INVALID_FIELD = (0x5, 0x24, 0x00)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from iscsi_vmtarget.scsi import LogicalUnit, ScsiTarget, Status, UnitIdentity
 
 if TYPE_CHECKING:
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 LBA_OOB = (0x5, 0x21, 0x00)
 INVALID_FIELD = (0x5, 0x24, 0x00)

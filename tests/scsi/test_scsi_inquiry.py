@@ -12,7 +12,7 @@ from iscsi_vmtarget.scsi import UnitIdentity
 from iscsi_vmtarget.scsi.vpd import VPD_PAGES
 
 if TYPE_CHECKING:
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 ILLEGAL_INVALID_FIELD = (0x5, 0x24, 0x00)
 

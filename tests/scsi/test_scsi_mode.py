@@ -10,7 +10,7 @@ import pytest
 from iscsi_vmtarget.scsi import Status, TmfFunction
 
 if TYPE_CHECKING:
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 BLOCK = 512
 INVALID_FIELD = (0x5, 0x24, 0x00)

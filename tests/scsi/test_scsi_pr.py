@@ -24,7 +24,7 @@ from iscsi_vmtarget.storage import MemoryBackend
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 BLOCK = 512
 INVALID_FIELD = (0x5, 0x24, 0x00)
@@ -458,7 +458,7 @@ def _lu(store: object) -> LogicalUnit:
 def test_aptpl_state_survives_a_restart(tmp_path: Path) -> None:
     """Registrations and the reservation made with APTPL=1 come back on a new LU
     built from the same state file (SPC-4 §5.13.5)."""
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
     path = str(tmp_path / "lun.img.pr")
     lu = LogicalUnit(
@@ -491,7 +491,7 @@ def test_aptpl_state_survives_a_restart(tmp_path: Path) -> None:
 
 def test_aptpl_off_forgets_the_file(tmp_path: Path) -> None:
     store = FilePrStore(str(tmp_path / "x.pr"))
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
     lu = _lu(store)
     target = ScsiTarget({0: lu})

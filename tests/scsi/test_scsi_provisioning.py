@@ -16,7 +16,7 @@ from iscsi_vmtarget.storage import FileBackend
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 BLOCK = 512
 INVALID_FIELD = (0x5, 0x24, 0x00)
@@ -249,7 +249,7 @@ def test_get_lba_status_beyond_the_end(thin: Harness) -> None:
 
 def test_get_lba_status_of_a_sparse_file(tmp_path: Path) -> None:
     """Through a real sparse file: SEEK_DATA/SEEK_HOLE after a hole punch."""
-    from conftest import Harness, make_nexus
+    from tests.scsi.conftest import Harness, make_nexus
 
     path = tmp_path / "lun.img"
     path.write_bytes(b"")

@@ -12,7 +12,7 @@ import pytest
 from iscsi_vmtarget.scsi import OPCODE_TABLE, TmfFunction, TmfResult
 
 if TYPE_CHECKING:
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 INVALID_FIELD = (0x5, 0x24, 0x00)
 CAPACITY_CHANGED = (0x6, 0x2A, 0x09)

@@ -11,7 +11,7 @@ from iscsi_vmtarget.scsi import Status
 from iscsi_vmtarget.scsi.logical_unit import SanitizeProgress
 
 if TYPE_CHECKING:
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 BLOCK = 512
 INVALID_FIELD = (0x5, 0x24, 0x00)

@@ -25,7 +25,7 @@ from iscsi_vmtarget.scsi import (
 from iscsi_vmtarget.storage import MemoryBackend
 
 if TYPE_CHECKING:
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 TUR = bytes(6)
 POWER_ON = (0x6, 0x29, 0x00)

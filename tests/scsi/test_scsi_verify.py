@@ -10,7 +10,7 @@ import pytest
 from iscsi_vmtarget.scsi import Status
 
 if TYPE_CHECKING:
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 BLOCK = 512
 MISCOMPARE = (0xE, 0x1D, 0x00)

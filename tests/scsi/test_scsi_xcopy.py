@@ -14,7 +14,7 @@ from iscsi_vmtarget.scsi.xcopy import MAX_SEGMENT_DESCRIPTORS, MAX_TARGET_DESCRI
 from iscsi_vmtarget.storage import MemoryBackend
 
 if TYPE_CHECKING:
-    from conftest import Harness
+    from tests.scsi.conftest import Harness
 
 BLOCK = 512
 INVALID_FIELD = (0x5, 0x24, 0x00)
