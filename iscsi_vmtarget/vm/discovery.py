@@ -7,7 +7,8 @@ whose header carries the marker and a valid checksum; take each base unit, read 
 secondary-disk designators it names and attach the units that carry them, removing
 them from the list; what remains is listed apart - secondaries no base names
 (orphans), units with our marker but no valid header (damaged) and everything else
-(foreign). Snapshot units are not implemented yet, so every VM lists none.
+(foreign). Delta layers and snapshot records (:mod:`.snapshot`) are claimed by the
+base unit they name as owner, so a VM's snapshots are found from its units alone.
 """
 
 from __future__ import annotations
@@ -69,10 +70,17 @@ class FoundVm:
     base: FoundUnit
     secondaries: list[FoundUnit] = field(default_factory=list)
     missing: list[bytes] = field(default_factory=list)
+    layers: list[FoundUnit] = field(default_factory=list)  # delta units (copy-on-write)
+    records: list[FoundUnit] = field(default_factory=list)  # snapshot records
 
     @property
     def units(self) -> list[FoundUnit]:
         return [self.base, *self.secondaries]
+
+    @property
+    def all_units(self) -> list[FoundUnit]:
+        """Every unit of the VM, snapshot layers and records included."""
+        return [*self.units, *self.layers, *self.records]
 
     def lun_map(self) -> dict[int, FoundUnit]:
         """LUN 0 the base unit, LUN n the n-th secondary the base names; a missing
@@ -92,7 +100,16 @@ class FoundVm:
             "disk_bytes": self.base.header.disk_size,
             "luns": [{"lun": number, **unit.to_json()} for number, unit in enumerate(self.units)],
             "missing_secondaries": [naa.hex() for naa in self.missing],
-            "snapshots": [],
+            "snapshots": [
+                {
+                    "uuid": str(r.header.unit_uuid),
+                    "naa": r.header.naa.hex(),
+                    "created": r.header.created,
+                    "layers": [str(layer) for _naa, layer in r.header.tops],
+                }
+                for r in self.records
+            ],
+            "layers": [str(u.header.unit_uuid) for u in self.layers],
         }
 
 
@@ -180,6 +197,24 @@ def assemble(units: list[FoundUnit], result: Discovery) -> Discovery:
         names[vm.name] = vm
         result.vms.append(vm)
     result.orphans = [u for naa, u in by_naa.items() if naa not in claimed]
+    by_owner = {vm.base.header.unit_uuid: vm for vm in result.vms}
+    for unit in units:
+        if unit.header.role not in (Role.DELTA, Role.SNAPSHOT):
+            continue
+        owner = by_owner.get(unit.header.owner_uuid) if unit.header.owner_uuid else None
+        if owner is None:
+            result.damaged.append(
+                {
+                    "pool": unit.pool,
+                    "location": unit.ref.location,
+                    "reason": f"{unit.header.role.name.lower()} unit of VM "
+                    f"{unit.header.name!r} whose base unit is missing",
+                }
+            )
+        elif unit.header.role is Role.DELTA:
+            owner.layers.append(unit)
+        else:
+            owner.records.append(unit)
     return result
 
 

@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..scsi import LogicalUnit, Reason, UnitIdentity
-from .discovery import FoundVm
+from ..storage.backend import BlockBackend
+from .discovery import FoundUnit, FoundVm
 from .errors import VmError
 from .locks import ServeLock
 from .pool import PoolCatalog
@@ -86,7 +87,7 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
                 try:
                     raw = unit.raw_view()
                     try:
-                        view = unit.guest_view(on_close=lock.release)
+                        view = _live_view(vm, found, unit, catalog, state_dir, lock.release)
                     except BaseException:
                         raw.close()
                         raise
@@ -102,7 +103,8 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
                 block_size=unit.header.block_size,
                 **options,  # type: ignore[arg-type]
             )
-            view.add_capacity_listener(capacity_listener(lu))
+            if isinstance(view, GuestView):
+                view.add_capacity_listener(capacity_listener(lu))
             out.guest[number] = lu
             options.pop("pr_state_path", None)
             out.raw[number] = LogicalUnit(
@@ -116,6 +118,30 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
         out.close()
         raise
     return out
+
+
+def _live_view(
+    vm: FoundVm,
+    volume: FoundUnit,
+    unit: Unit,
+    catalog: PoolCatalog,
+    state_dir: str,
+    on_close: Callable[[], None],
+) -> BlockBackend:
+    """The guest's live disk: the unit's guest view, or, once the VM has snapshots,
+    its copy-on-write chain (:mod:`.cow`). Either way the LU keeps the unit's own
+    identity, so a guest never notices it runs on a snapshot's descendant."""
+    top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
+    if top == volume.header.unit_uuid:
+        return unit.guest_view(on_close=on_close)
+    from .manager import StateDir, VmManager
+    from .snapshot import open_chain
+
+    manager = VmManager(StateDir.at(state_dir))
+    manager.catalog = catalog
+    chain = open_chain(manager, vm, volume, top, read_only=False)
+    chain._on_close = on_close
+    return chain
 
 
 DEMO_VM = "demo"

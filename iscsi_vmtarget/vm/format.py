@@ -44,7 +44,9 @@ Slot layout, format version 1 (little-endian, like GPT; offsets in bytes)::
     226  2  secondary count S
     228  2  pending move count M
     230  2  pending scrub count Z
-    232 24  reserved
+    232 24  reserved in version 1; version 2: 232 16 parent layer UUID (a delta
+            unit's parent in its snapshot chain; zeros otherwise), 248 2 top count T,
+            250 6 reserved
     256     R x 48  regions: kind u8, flags u8 (bit 0 encrypted), status u8, 0 u8,
                     0 u32, offset u64, length u64, generation u64, used u64, 0 u64
             S x 16  NAA designators of the VM's secondary-disk units (seed: "the base
@@ -52,7 +54,16 @@ Slot layout, format version 1 (little-endian, like GPT; offsets in bytes)::
                     page 0x83 for a secondary virtual disk")
             M x 24  pending moves of a resize: source u64, destination u64, length u64
             Z x 16  pending scrubs of a resize: offset u64, length u64
+            T x 32  version 2, base units: the live top layer of each volume of the VM,
+                    volume NAA (16) + top layer unit UUID (16) (:mod:`.snapshot`)
       N 32  SHA-256 of bytes 0..N
+
+Version 2 (snapshots, seed: "snapshot metadata" kept with the VM) adds two roles, DELTA
+(a copy-on-write layer of one volume) and SNAPSHOT (a snapshot record: the VM's state
+and config when the snapshot was taken, and its sealed snapshot metadata), the parent
+layer UUID and the tops list. A unit that needs none of them is still written as
+version 1, so VMs without snapshots stay readable by version-1 readers; version-1
+readers report a version-2 unit as newer and leave it alone.
 """
 
 from __future__ import annotations
@@ -61,7 +72,7 @@ import hashlib
 import itertools
 import struct
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Final
 
@@ -69,7 +80,7 @@ from ..storage.backend import BlockBackend
 from .errors import FormatError, NewerFormatError
 
 MAGIC: Final = b"IVMTUNIT"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 BLOCK: Final = 512
 MIB: Final = 1 << 20
 #: Every region starts on a MiB boundary (the alignment partitioning tools use).
@@ -88,6 +99,8 @@ _FIXED = struct.Struct("<8sHHIQ16s16sBBBBIQQ16s64s8sH6s48sHHHH24s")
 _REGION = struct.Struct("<BBBBIQQQQQ")
 _MOVE = struct.Struct("<QQQ")
 _EXTENT = struct.Struct("<QQ")
+_TOP = struct.Struct("<16s16s")
+_V2 = struct.Struct("<16sH6s")
 _CHECKSUM_BYTES: Final = 32
 assert _FIXED.size == 256 and _REGION.size == 48
 
@@ -110,6 +123,8 @@ class Mode(IntEnum):
 class Role(IntEnum):
     BASE = 1  # holds the VM's state, config and primary disk
     SECONDARY = 2  # a secondary disk, named by the base unit
+    DELTA = 3  # version 2: a copy-on-write layer of one volume (grains + allocation map)
+    SNAPSHOT = 4  # version 2: a snapshot record (state, config, sealed snapshot metadata)
 
 
 class UnitState(IntEnum):
@@ -126,6 +141,7 @@ class RegionKind(IntEnum):
     GUEST_HEAD = 5  # aligned mode: the guest's first MiB (its partition table)
     LABEL = 6  # protective MBR + primary GPT (offset, aligned)
     META = 7  # the tail: header slots and the backup GPT
+    ALLOCMAP = 8  # version 2, delta units: one bit per grain held by the layer
 
 
 class RegionStatus(IntEnum):
@@ -190,7 +206,25 @@ class UnitHeader:
     moves: tuple[Move, ...] = ()
     scrubs: tuple[Extent, ...] = ()
     generation: int = 0
-    version: int = FORMAT_VERSION
+    version: int = field(default=FORMAT_VERSION, compare=False)  # as read; written: 1 or 2
+    parent_uuid: uuid.UUID | None = None  # version 2: a delta's parent layer
+    tops: tuple[tuple[bytes, uuid.UUID], ...] = ()  # version 2: (volume NAA, top layer)
+
+    @property
+    def needs_v2(self) -> bool:
+        """Whether this header uses a version-2 feature (else it is written as v1)."""
+        return (
+            self.role in (Role.DELTA, Role.SNAPSHOT)
+            or bool(self.tops)
+            or self.parent_uuid is not None
+        )
+
+    def top_of(self, naa: bytes, default: uuid.UUID) -> uuid.UUID:
+        """The live top layer of the volume ``naa`` (``default``: the volume's unit)."""
+        for volume, top in self.tops:
+            if volume == naa:
+                return top
+        return default
 
     def region(self, kind: RegionKind) -> Region | None:
         for region in self.regions:
@@ -239,9 +273,11 @@ def encode_header(h: UnitHeader) -> bytes:
         raise ValueError(f"name {h.name!r} is longer than {MAX_NAME_BYTES} bytes")
     if len(h.wrapped_key) > 48 or len(h.key_id) != 8 or len(h.naa) != 16:
         raise ValueError("bad key or designator length")
+    v2 = h.needs_v2
+    reserved = _V2.pack((h.parent_uuid or uuid.UUID(int=0)).bytes, len(h.tops), b"") if v2 else b""
     fixed = _FIXED.pack(
         MAGIC,  # marker
-        h.version,  # format version
+        2 if v2 else 1,  # format version: 1 unless a version-2 feature is used
         0,  # header length, patched below
         0,  # flags
         h.generation,  # generation
@@ -264,7 +300,7 @@ def encode_header(h: UnitHeader) -> bytes:
         len(h.secondaries),
         len(h.moves),
         len(h.scrubs),
-        b"",  # reserved
+        reserved,  # version 2: parent layer UUID, top count
     )
     parts = [fixed]
     for r in h.regions:
@@ -285,6 +321,7 @@ def encode_header(h: UnitHeader) -> bytes:
     parts.extend(bytes(n) for n in h.secondaries)
     parts.extend(_MOVE.pack(m.src, m.dst, m.length) for m in h.moves)
     parts.extend(_EXTENT.pack(e.offset, e.length) for e in h.scrubs)
+    parts.extend(_TOP.pack(naa, top.bytes) for naa, top in h.tops)
     body = bytearray(b"".join(parts))
     length = len(body)
     if length + _CHECKSUM_BYTES > SLOT_SIZE:
@@ -329,15 +366,19 @@ def decode_header(slot: bytes | bytearray | memoryview) -> UnitHeader:
         n_secondaries,
         n_moves,
         n_scrubs,
-        _r2,
+        reserved,
     ) = _FIXED.unpack_from(buf, 0)
     if version > FORMAT_VERSION:
         raise NewerFormatError(
             f"format version {version} (this iscsi-vmtarget reads version "
             f"{FORMAT_VERSION} and older); upgrade iscsi-vmtarget to use it"
         )
+    parent_raw, n_tops = b"", 0
+    if version >= 2:
+        parent_raw, n_tops, _r3 = _V2.unpack(reserved)
     need = (
-        _FIXED.size
+        n_tops * _TOP.size
+        + _FIXED.size
         + n_regions * _REGION.size
         + n_secondaries * 16
         + n_moves * _MOVE.size
@@ -374,6 +415,11 @@ def decode_header(slot: bytes | bytearray | memoryview) -> UnitHeader:
         for _ in range(n_scrubs):
             scrubs.append(Extent(*_EXTENT.unpack_from(buf, pos)))
             pos += _EXTENT.size
+        tops = []
+        for _ in range(n_tops):
+            top_naa, top = _TOP.unpack_from(buf, pos)
+            tops.append((top_naa, uuid.UUID(bytes=top)))
+            pos += _TOP.size
         header = UnitHeader(
             unit_uuid=uuid.UUID(bytes=unit_uuid),
             naa=naa,
@@ -393,6 +439,8 @@ def decode_header(slot: bytes | bytearray | memoryview) -> UnitHeader:
             scrubs=tuple(scrubs),
             generation=generation,
             version=version,
+            parent_uuid=(uuid.UUID(bytes=parent_raw) if parent_raw and any(parent_raw) else None),
+            tops=tuple(tops),
         )
     except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"header field out of range: {exc}") from exc
@@ -413,7 +461,7 @@ def _check_geometry(h: UnitHeader) -> None:
     meta = h.region(RegionKind.META)
     if meta is None or meta.offset != h.unit_size - TAIL_SIZE:
         raise FormatError("META region is not at the tail")
-    if h.region(RegionKind.DISK) is None:
+    if h.region(RegionKind.DISK) is None and h.role is not Role.SNAPSHOT:
         raise FormatError("no disk region")
 
 

@@ -125,7 +125,20 @@ class VmManager:
         if not repair:
             return discover(pools, repair=False)
         with self._locked(pools):
-            return discover(pools, repair=True)
+            found = discover(pools, repair=True)
+            from .snapshot import collect  # finish what a crash left of snapshot changes
+
+            changed = False
+            for vm in found.vms:
+                if vm.layers or vm.records:
+                    for note in collect(self, vm.name):
+                        found.repaired.append({"location": vm.base.ref.location, "action": note})
+                        changed = True
+            if changed:
+                repaired = found.repaired
+                found = discover(pools, repair=False)
+                found.repaired = repaired
+            return found
 
     def find(self, name: str, found: Discovery | None = None) -> FoundVm:
         found = found or self.discover(repair=False)
@@ -223,7 +236,7 @@ class VmManager:
                     except InUseError:
                         if not force:
                             raise
-                for unit in vm.units:
+                for unit in vm.all_units:  # base first: the rest is unreachable after it
                     self.catalog.get(unit.pool).delete(unit.ref)
         return vm
 
@@ -254,6 +267,11 @@ class VmManager:
         pools = self.catalog.all()
         with self._locked(pools):
             vm = self.find(name, discover(pools, repair=True))
+            if vm.layers or vm.records:
+                raise VmError(
+                    f"VM {name!r} has snapshots; resizing a VM with snapshots is not "
+                    "supported yet (delete its snapshots first)"
+                )
             luns = vm.lun_map()
             for number in secondaries:
                 if number == 0 or number not in luns:
@@ -388,7 +406,7 @@ class VmManager:
         pools = self.catalog.all()
         with self._locked(pools):
             found = discover(pools, repair=True)
-            for unit_info in [vm.base for vm in found.vms]:
+            for unit_info in [u for vm in found.vms for u in (vm.base, *vm.records)]:
                 try:
                     with contextlib.closing(self._open(unit_info)) as unit:
                         changed = unit.rewrap(keyring, new_key)

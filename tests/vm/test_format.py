@@ -71,8 +71,8 @@ def _rechecksum(slot: bytearray) -> bytearray:
 
 def test_newer_format_version_is_named() -> None:
     slot = bytearray(encode_header(make_header(Mode.TRUNCATE, 8 * MIB)))
-    struct.pack_into("<H", slot, 8, 2)
-    with pytest.raises(NewerFormatError, match="format version 2"):
+    struct.pack_into("<H", slot, 8, 3)
+    with pytest.raises(NewerFormatError, match="format version 3"):
         decode_header(_rechecksum(slot))
 
 

@@ -1,0 +1,280 @@
+"""Copy-on-write layers: grain-based deltas with an allocation map, and chains of them.
+
+The seed's snapshots are taken "at the storage layer" by the array itself (seed:
+"snapshot, clone and move operations ... performed by the storage array"); a snapshot
+"may contain all of the data or only the differences relative to a predecessor". Our
+array keeps each volume (a base or secondary unit's guest disk) as a chain of layers:
+
+* the root: the volume's own unit, read through its :class:`~.view.GuestView` (so the
+  concealment mode is applied exactly as for the guest);
+* delta units (role DELTA, :mod:`.format` version 2): an ALLOCMAP region, one bit per
+  64 KiB grain, and a DISK region as long as the guest disk where a grain held by the
+  layer sits at its own guest offset (a sparse file: holes cost nothing).
+
+A read walks the chain newest first and takes each grain from the first layer whose
+map has it. A write goes to the top layer; a write that covers only part of a grain
+the top does not hold yet first copies the grain's current bytes up the chain
+(copy-on-write), so the grain is whole in the top. Creating a snapshot therefore costs
+a new empty delta per volume and a header commit, never a copy of the data.
+
+Crash safety: map bits only ever turn on, and the map is written only by
+:meth:`DeltaLayer.flush` after the grain data it describes has been flushed, so after a
+crash a bit never names a grain whose bytes were not stable. A write not yet flushed may
+be lost (as on any disk without FUA), an acknowledged flushed one never.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+
+from ..storage.backend import BackendError, BlockBackend, check_range
+from .format import ALIGN, TAIL_SIZE, Mode, Region, RegionKind, Role, UnitHeader, encode_header
+from .format import SLOT_OFFSETS as _SLOTS
+from .layout import align_up
+from .pool import Pool, UnitRef
+
+GRAIN = 64 * 1024
+
+
+def grains_of(size: int) -> int:
+    return -(-size // GRAIN)
+
+
+def delta_header(
+    *,
+    unit_uuid: uuid.UUID,
+    naa: bytes,
+    name: str,
+    owner: uuid.UUID,
+    volume_naa: bytes,
+    parent: uuid.UUID,
+    disk_size: int,
+    created: int,
+) -> UnitHeader:
+    """The header of a new, empty delta layer of the volume ``volume_naa``."""
+    map_len = align_up(-(-grains_of(disk_size) // 8) or 1, ALIGN)
+    disk_len = align_up(disk_size, ALIGN)
+    regions = (
+        Region(RegionKind.ALLOCMAP, 0, map_len),
+        Region(RegionKind.DISK, map_len, disk_len),
+        Region(RegionKind.META, map_len + disk_len, TAIL_SIZE),
+    )
+    return UnitHeader(
+        unit_uuid=unit_uuid,
+        naa=naa,
+        role=Role.DELTA,
+        mode=Mode.TRUNCATE,
+        unit_size=map_len + disk_len + TAIL_SIZE,
+        regions=regions,
+        name=name,
+        owner_uuid=owner,
+        created=created,
+        secondaries=(volume_naa,),
+        parent_uuid=parent,
+        generation=1,
+    )
+
+
+def create_delta(pool: Pool, header: UnitHeader) -> UnitRef:
+    """Allocate a delta unit with ``header`` (all map bits clear); atomic (temp + rename)."""
+    ref, backend = pool.allocate(header.unit_uuid, header.unit_size)
+    try:
+        backend.write(header.meta_offset + _SLOTS[0], encode_header(header))
+        backend.flush()
+        final = pool.commit(ref, backend)
+    except BaseException:
+        pool.abandon(ref, backend)
+        raise
+    backend.close()
+    return final
+
+
+class DeltaLayer:
+    """One open delta unit: its allocation map in memory, its grains in the file."""
+
+    def __init__(self, backend: BlockBackend, header: UnitHeader, size: int) -> None:
+        self.backend = backend
+        self.header = header
+        self.unit_uuid = header.unit_uuid
+        self.size = size
+        amap = header.require_region(RegionKind.ALLOCMAP)
+        self._map_off = amap.offset
+        self._disk_off = header.require_region(RegionKind.DISK).offset
+        nbytes = -(-grains_of(size) // 8)
+        self.bits = bytearray(backend.read(self._map_off, nbytes)) if nbytes else bytearray()
+        self._dirty: set[int] = set()  # map bytes changed since the last flush
+
+    def has(self, grain: int) -> bool:
+        return bool(self.bits[grain >> 3] & (1 << (grain & 7)))
+
+    def mark(self, grain: int) -> None:
+        byte = grain >> 3
+        self.bits[byte] |= 1 << (grain & 7)
+        self._dirty.add(byte)
+
+    def allocated(self) -> list[int]:
+        return [g for g in range(grains_of(self.size)) if self.has(g)]
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self.backend.read_into(self._disk_off + offset, buf)
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        self.backend.write(self._disk_off + offset, data)
+
+    def punch(self, offset: int, length: int) -> None:
+        self.backend.unmap(self._disk_off + offset, length)
+
+    def flush(self) -> None:
+        """Grain data first, then the map bytes that name it (module docstring)."""
+        self.backend.flush()
+        if self._dirty:
+            dirty, self._dirty = sorted(self._dirty), set()
+            while dirty:  # write runs of 512-byte map sectors
+                first = dirty[0] & ~511
+                last = first + 512
+                while dirty and dirty[0] < last:
+                    dirty.pop(0)
+                end = min(last, len(self.bits))
+                self.backend.write(self._map_off + first, self.bits[first:end])
+            self.backend.flush()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class ChainBackend:
+    """A volume seen through its layer chain: a BlockBackend of the guest disk size.
+
+    ``layers`` newest first; ``root`` the volume's own guest view. Writable only when
+    not ``read_only`` (the top layer is then ``layers[0]``); a snapshot is read through
+    a read-only chain starting at its frozen layer.
+    """
+
+    def __init__(
+        self,
+        layers: list[DeltaLayer],
+        root: BlockBackend,
+        *,
+        read_only: bool = False,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        if not read_only and not layers:
+            raise BackendError("a writable chain needs a delta layer on top")
+        self.layers = layers
+        self.root = root
+        self._size = root.size
+        self._read_only = read_only
+        self._on_close = on_close
+        self._lock = threading.Lock()  # copy-on-write of one grain is read-modify-write
+        top = layers[0] if layers else None
+        self.unit_uuid = top.unit_uuid if top else getattr(root, "unit_uuid", None)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    def _source(self, grain: int, start: int = 0) -> DeltaLayer | None:
+        for layer in self.layers[start:]:
+            if layer.has(grain):
+                return layer
+        return None
+
+    def _read_from(self, offset: int, buf: memoryview, start: int) -> None:
+        """Read ``buf`` at ``offset`` from the chain below ``layers[start]`` inclusive,
+        merging runs of grains that come from the same layer into one read."""
+        length = len(buf)
+        pos = 0
+        while pos < length:
+            at = offset + pos
+            grain = at // GRAIN
+            source = self._source(grain, start)
+            end = min(length, (grain + 1) * GRAIN - offset)
+            while end < length:  # extend the run while the next grain has the same source
+                nxt = (offset + end) // GRAIN
+                if self._source(nxt, start) is not source:
+                    break
+                end = min(length, (nxt + 1) * GRAIN - offset)
+            piece = buf[pos:end]
+            if source is None:
+                self.root.read_into(at, piece)
+            else:
+                source.read_into(at, piece)
+            pos = end
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        check_range(self._size, offset, len(buf))
+        self._read_from(offset, buf, 0)
+
+    def read(self, offset: int, length: int) -> bytearray:
+        out = bytearray(length)
+        self.read_into(offset, memoryview(out))
+        return out
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self._read_only:
+            raise BackendError("this snapshot is read-only")
+        view = memoryview(data).cast("B")
+        check_range(self._size, offset, len(view))
+        top = self.layers[0]
+        pos = 0
+        with self._lock:
+            while pos < len(view):
+                at = offset + pos
+                grain = at // GRAIN
+                g_start = grain * GRAIN
+                g_end = min(g_start + GRAIN, self._size)
+                n = min(len(view) - pos, g_end - at)
+                if top.has(grain) or (at == g_start and n == g_end - g_start):
+                    top.write(at, view[pos : pos + n])
+                else:  # partial write of a grain the top lacks: copy it up first
+                    whole = bytearray(g_end - g_start)
+                    self._read_from(g_start, memoryview(whole), 1)
+                    whole[at - g_start : at - g_start + n] = view[pos : pos + n]
+                    top.write(g_start, whole)
+                top.mark(grain)
+                pos += n
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Unmapped blocks read as zeros: whole grains become holes in the top, the
+        rest is written as zeros."""
+        if self._read_only:
+            return
+        check_range(self._size, offset, length)
+        top = self.layers[0]
+        end = offset + length
+        at = offset
+        while at < end:
+            grain = at // GRAIN
+            g_start = grain * GRAIN
+            g_end = min(g_start + GRAIN, self._size)
+            n = min(end, g_end) - at
+            if at == g_start and n == g_end - g_start:
+                with self._lock:
+                    top.punch(at, n)
+                    top.mark(grain)
+            else:
+                self.write(at, bytes(n))
+            at += n
+
+    def flush(self) -> None:
+        if self.layers and not self._read_only:
+            with self._lock:
+                self.layers[0].flush()
+        self.root.flush()
+
+    def resize(self, size: int) -> None:
+        raise BackendError("a VM with snapshots cannot be resized (delete its snapshots)")
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.close()
+        self.root.close()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None

@@ -1,0 +1,607 @@
+"""VM snapshots: create, list, revert, delete (merge), open; all from the units alone.
+
+Seed: the storage layer takes "a snapshot of the virtual machine, including its
+execution state and virtual disks", keeps chains of snapshots where each "may contain
+only the differences relative to a predecessor", reverts ("binding" the matching
+secondary-disk snapshots), and deletes an intermediate snapshot by merging it into its
+neighbour. Our objects (all units in the VM's pools, :mod:`.format` version 2):
+
+* every volume (the base unit's disk, each secondary's) is a chain of copy-on-write
+  layers (:mod:`.cow`); the base unit's header lists the live *top* layer of each
+  volume (its ``tops``); a volume without snapshots has no entry and is its own top;
+* a snapshot is a *record* unit (role SNAPSHOT) owned by the base unit: its header
+  lists, per volume, the frozen layer holding the snapshot's image (plaintext, so
+  discovery and merges need no key), and its sealed regions hold the VM's state and
+  config at snapshot time plus the snapshot metadata (name, time: SNAPMETA).
+
+The tree needs no parent pointers of its own: a snapshot's parent is the nearest
+snapshot whose layer is an ancestor of its layer in the LUN 0 chain (layers a record
+names are never merged away). Every change ends in one atomic step - a header commit
+of the base unit, a unit renamed into place, or a unit file removed - and whatever a
+crash leaves before that step is garbage that :func:`collect` removes (an unreferenced
+delta) or finishes (a merge) the next time the VM's pools are repaired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from ..scsi.logical_unit import UnitIdentity
+from ..storage.backend import BlockBackend
+from . import faults, locks
+from .cow import GRAIN, ChainBackend, DeltaLayer, create_delta, delta_header
+from .crypto import Keyring, new_data_key
+from .discovery import FoundUnit, FoundVm, discover
+from .errors import NotFoundError, VmError
+from .format import (
+    ALIGN,
+    SLOT_OFFSETS,
+    TAIL_SIZE,
+    Mode,
+    Region,
+    RegionKind,
+    RegionStatus,
+    Role,
+    UnitHeader,
+    encode_header,
+)
+from .layout import align_up
+from .unit import Unit, naa_for
+
+if TYPE_CHECKING:
+    from .manager import VmManager
+
+MAX_SNAPSHOT_NAME = 128
+
+
+def check_snapshot_name(name: str) -> None:
+    if not name or len(name) > MAX_SNAPSHOT_NAME or not name.isprintable() or "/" in name:
+        raise VmError(f"bad snapshot name {name!r}: 1-{MAX_SNAPSHOT_NAME} printable characters")
+
+
+def snapshot_identity(record: UnitHeader, volume_naa: bytes) -> UnitIdentity:
+    """The snapshot's own designator and serial for one of its volumes (what a
+    management or backup view of the snapshot reports, never a guest view)."""
+    ident = uuid.uuid5(record.unit_uuid, volume_naa.hex())
+    return UnitIdentity.from_uuid(ident, f"{ident.hex}")
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot as ``vm snapshot list`` shows it."""
+
+    name: str
+    record: FoundUnit
+    created: float
+    parent: str | None
+    current: bool  # the live disks descend from it directly (what revert last bound)
+
+    def to_json(self) -> dict[str, object]:
+        h = self.record.header
+        return {
+            "name": self.name,
+            "uuid": str(h.unit_uuid),
+            "naa": h.naa.hex(),
+            "created": self.created,
+            "parent": self.parent,
+            "current": self.current,
+            "layers": {naa.hex(): str(layer) for naa, layer in h.tops},
+        }
+
+
+# -- structure ---------------------------------------------------------------------------
+
+
+def _volumes(vm: FoundVm) -> dict[int, FoundUnit]:
+    return vm.lun_map()
+
+
+def _top(vm: FoundVm, volume: FoundUnit) -> uuid.UUID:
+    return vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
+
+
+def _record_layer(record: UnitHeader, volume: FoundUnit) -> uuid.UUID:
+    for naa, layer in record.tops:
+        if naa == volume.header.naa:
+            return layer
+    raise VmError(f"snapshot {record.unit_uuid} has no layer for volume {volume.header.naa.hex()}")
+
+
+def _chain(vm: FoundVm, volume: FoundUnit, start: uuid.UUID) -> list[FoundUnit]:
+    """The delta layers from ``start`` down to (not including) the volume's own unit."""
+    by_uuid = {u.header.unit_uuid: u for u in vm.layers}
+    out: list[FoundUnit] = []
+    current = start
+    while current != volume.header.unit_uuid:
+        layer = by_uuid.get(current)
+        if layer is None or len(out) > 100000:
+            raise VmError(
+                f"VM {vm.name!r}: layer {current} of volume {volume.header.naa.hex()} is missing"
+            )
+        out.append(layer)
+        assert layer.header.parent_uuid is not None
+        current = layer.header.parent_uuid
+    return out
+
+
+def open_chain(
+    manager: VmManager,
+    vm: FoundVm,
+    volume: FoundUnit,
+    start: uuid.UUID,
+    *,
+    read_only: bool,
+    on_close: contextlib.AbstractContextManager[None] | None = None,
+) -> ChainBackend:
+    """A block backend of ``volume``'s guest disk as the layer ``start`` sees it."""
+    chain = _chain(vm, volume, start)
+    size = volume.header.disk_size
+    layers: list[DeltaLayer] = []
+    try:
+        for found in chain:
+            pool = manager.catalog.get(found.pool)
+            layers.append(DeltaLayer(pool.open(found.ref), found.header, size))
+        unit = Unit.open(manager.catalog.get(volume.pool), volume.ref, repair=False)
+        try:
+            root = unit.guest_view(read_only=True)
+        finally:
+            unit.close()
+    except BaseException:
+        for layer in layers:
+            layer.close()
+        raise
+    return ChainBackend(layers, root, read_only=read_only)
+
+
+def _meta(manager: VmManager, keyring: Keyring, record: FoundUnit) -> dict[str, object]:
+    with contextlib.closing(manager._open(record)) as unit:
+        return unit.read_json(keyring, RegionKind.SNAPMETA)
+
+
+def snapshots(manager: VmManager, vm: FoundVm, keyring: Keyring) -> list[SnapshotInfo]:
+    """The VM's snapshots, oldest first, with their parents (the tree)."""
+    lun0 = vm.base
+    layer_of = {r.header.unit_uuid: _record_layer(r.header, lun0) for r in vm.records}
+    record_at = {layer: r for r, layer in ((r, layer_of[r.header.unit_uuid]) for r in vm.records)}
+    names = {
+        r.header.unit_uuid: str(_meta(manager, keyring, r).get("name", "")) for r in vm.records
+    }
+    top_chain = _chain(vm, lun0, _top(vm, lun0))
+    current_layer = top_chain[0].header.parent_uuid if top_chain else None
+    out = []
+    for record in vm.records:
+        parent = None
+        chain = _chain(vm, lun0, layer_of[record.header.unit_uuid])
+        ancestors = [u.header.parent_uuid for u in chain]
+        for ancestor in ancestors:
+            if ancestor in record_at:
+                parent = names[record_at[ancestor].header.unit_uuid]
+                break
+        out.append(
+            SnapshotInfo(
+                names[record.header.unit_uuid],
+                record,
+                record.header.created,
+                parent,
+                layer_of[record.header.unit_uuid] == current_layer,
+            )
+        )
+    out.sort(key=lambda s: (s.created, s.name))
+    return out
+
+
+def find_snapshot(manager: VmManager, vm: FoundVm, keyring: Keyring, snap: str) -> FoundUnit:
+    for info in snapshots(manager, vm, keyring):
+        if info.name == snap:
+            return info.record
+    raise NotFoundError(f"VM {vm.name!r} has no snapshot named {snap!r}")
+
+
+# -- creation helpers --------------------------------------------------------------------
+
+
+def _new_delta(manager: VmManager, vm: FoundVm, volume: FoundUnit, parent: uuid.UUID) -> uuid.UUID:
+    unit_uuid = uuid.uuid4()
+    header = delta_header(
+        unit_uuid=unit_uuid,
+        naa=naa_for(unit_uuid),
+        name=vm.name,
+        owner=vm.base.header.unit_uuid,
+        volume_naa=volume.header.naa,
+        parent=parent,
+        disk_size=volume.header.disk_size,
+        created=int(time.time()),
+    )
+    create_delta(manager.catalog.get(volume.pool), header)
+    return unit_uuid
+
+
+def _create_record(
+    manager: VmManager,
+    vm: FoundVm,
+    base: Unit,
+    keyring: Keyring,
+    frozen: tuple[tuple[bytes, uuid.UUID], ...],
+    meta: dict[str, object],
+) -> uuid.UUID:
+    """A snapshot record holding a copy of the VM's state and config (sealed with a
+    data key of its own) and the metadata; visible only once whole (rename)."""
+    record_uuid = uuid.uuid4()
+    master = keyring.current
+    regions: list[Region] = []
+    cursor = 0
+    for kind in (RegionKind.CONFIG, RegionKind.SNAPMETA, RegionKind.STATE):
+        length = base.header.require_region(kind).length
+        regions.append(Region(kind, cursor, length, encrypted=True))
+        cursor = align_up(cursor + length, ALIGN)
+    regions.append(Region(RegionKind.META, cursor, TAIL_SIZE))
+    header = UnitHeader(
+        unit_uuid=record_uuid,
+        naa=naa_for(record_uuid),
+        role=Role.SNAPSHOT,
+        mode=Mode.TRUNCATE,
+        unit_size=cursor + TAIL_SIZE,
+        regions=tuple(regions),
+        name=vm.name,
+        owner_uuid=vm.base.header.unit_uuid,
+        created=int(time.time()),
+        key_id=master.key_id,
+        wrapped_key=master.wrap(new_data_key()),
+        tops=frozen,
+        generation=1,
+    )
+    pool = manager.catalog.get(vm.base.pool)
+    ref, backend = pool.allocate(record_uuid, header.unit_size)
+    try:
+        backend.write(header.meta_offset + SLOT_OFFSETS[0], encode_header(header))
+        record = Unit(pool, ref, backend, header, 0)
+        _copy_sealed(base, record, keyring, RegionKind.STATE)
+        _copy_sealed(base, record, keyring, RegionKind.CONFIG)
+        record.write_json(keyring, RegionKind.SNAPMETA, meta)
+        backend.flush()
+        faults.crashpoint("snapshot.record")
+        pool.commit(ref, backend)
+    except BaseException:
+        pool.abandon(ref, backend)
+        raise
+    backend.close()
+    return record_uuid
+
+
+def _copy_sealed(src: Unit, dst: Unit, keyring: Keyring, kind: RegionKind) -> None:
+    region = src.header.require_region(kind)
+    if region.status is RegionStatus.EMPTY:
+        dst.write_region(keyring, kind, [], 0)
+        return
+    dst.write_region(keyring, kind, src.read_region(keyring, kind), region.used)
+
+
+@contextlib.contextmanager
+def _offline(manager: VmManager, vm: FoundVm) -> Iterator[None]:
+    """Refuse while a server exports the VM (the daemon path quiesces instead)."""
+    with contextlib.ExitStack() as stack:
+        for unit in vm.units:
+            stack.enter_context(
+                locks.not_served(manager.state.root, unit.header.unit_uuid, f"VM {vm.name!r}")
+            )
+        yield
+
+
+def _rediscover(manager: VmManager, name: str) -> FoundVm:
+    return manager.find(name, discover(manager.catalog.all(), repair=False))
+
+
+# -- operations --------------------------------------------------------------------------
+
+
+def create_snapshot(
+    manager: VmManager, name: str, snap: str, *, description: str = ""
+) -> SnapshotInfo:
+    """Snapshot every volume of VM ``name`` and its state and config, consistently.
+
+    Each volume's top layer is frozen and a new empty delta becomes its top: metadata
+    only, whatever the disk size. The commit point is the base unit's header commit
+    naming the new tops; a crash before it leaves only garbage (:func:`collect`).
+    """
+    check_snapshot_name(snap)
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=True))
+        keyring = manager.keyring()
+        if any(s.name == snap for s in snapshots(manager, vm, keyring)):
+            raise VmError(f"VM {name!r} already has a snapshot named {snap!r}")
+        with _offline(manager, vm), contextlib.closing(manager._open(vm.base)) as base:
+            base.data_key(keyring)  # a wrong key file fails before any change
+            volumes = _volumes(vm)
+            frozen = tuple((v.header.naa, _top(vm, v)) for v in volumes.values())
+            new_tops = tuple(
+                (v.header.naa, _new_delta(manager, vm, v, _top(vm, v))) for v in volumes.values()
+            )
+            faults.crashpoint("snapshot.deltas")
+            _create_record(
+                manager,
+                vm,
+                base,
+                keyring,
+                frozen,
+                {"name": snap, "created": time.time(), "description": description},
+            )
+            base.commit(replace(base.header, tops=new_tops))
+            faults.crashpoint("snapshot.committed")
+        vm = _rediscover(manager, name)
+        for info in snapshots(manager, vm, keyring):
+            if info.name == snap:
+                return info
+    raise VmError("snapshot vanished")  # pragma: no cover
+
+
+def list_snapshots(manager: VmManager, name: str) -> list[SnapshotInfo]:
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=True))
+        return snapshots(manager, vm, manager.keyring())
+
+
+def revert(manager: VmManager, name: str, snap: str) -> SnapshotInfo:
+    """Bind VM ``name`` to snapshot ``snap``: every volume gets a new empty top over
+    the snapshot's layer (secondary disks included), the state and config come back
+    from the record. The live disks' unsnapshotted changes are discarded."""
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=True))
+        keyring = manager.keyring()
+        record_found = find_snapshot(manager, vm, keyring, snap)
+        with (
+            _offline(manager, vm),
+            contextlib.closing(manager._open(vm.base)) as base,
+            contextlib.closing(manager._open(record_found)) as record,
+        ):
+            base.data_key(keyring)
+            record.data_key(keyring)
+            volumes = _volumes(vm)
+            new_tops = tuple(
+                (v.header.naa, _new_delta(manager, vm, v, _record_layer(record.header, v)))
+                for v in volumes.values()
+            )
+            faults.crashpoint("revert.deltas")
+            _copy_sealed(record, base, keyring, RegionKind.STATE)
+            _copy_sealed(record, base, keyring, RegionKind.CONFIG)
+            base.commit(replace(base.header, tops=new_tops))
+            faults.crashpoint("revert.committed")
+        collect(manager, name)
+        vm = _rediscover(manager, name)
+        for info in snapshots(manager, vm, keyring):
+            if info.name == snap:
+                return info
+    raise VmError("snapshot vanished")  # pragma: no cover
+
+
+def delete_snapshot(manager: VmManager, name: str, snap: str) -> None:
+    """Delete snapshot ``snap``: its record goes, then its layer is merged into its
+    only child (or dropped if nothing depends on it); every other snapshot and the
+    live disks read the same bytes as before."""
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=True))
+        keyring = manager.keyring()
+        record = find_snapshot(manager, vm, keyring, snap)
+        with _offline(manager, vm):
+            manager.catalog.get(record.pool).delete(record.ref)
+            faults.crashpoint("snapshot.deleted")
+        collect(manager, name)
+
+
+def open_snapshot(manager: VmManager, name: str, snap: str, lun: int = 0) -> ChainBackend:
+    """A read-only block backend of the snapshot's image of LUN ``lun``."""
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=False))
+        record = find_snapshot(manager, vm, manager.keyring(), snap)
+        volume = _volumes(vm).get(lun)
+        if volume is None:
+            raise NotFoundError(f"VM {name!r} has no LUN {lun}")
+        return open_chain(manager, vm, volume, _record_layer(record.header, volume), read_only=True)
+
+
+def open_live(manager: VmManager, vm: FoundVm, lun: int = 0) -> BlockBackend:
+    """A writable backend of LUN ``lun``'s live disk (offline use: tests, tools)."""
+    volume = _volumes(vm)[lun]
+    top = _top(vm, volume)
+    if top == volume.header.unit_uuid:
+        unit = manager._open(volume)
+        try:
+            return unit.guest_view()
+        finally:
+            unit.close()
+    return open_chain(manager, vm, volume, top, read_only=False)
+
+
+# -- garbage collection and merges -------------------------------------------------------
+
+
+def collect(manager: VmManager, name: str) -> list[str]:
+    """Bring VM ``name``'s layers back to the invariant (callers hold the pool locks):
+
+    * a record naming a live top was cut short before its commit: removed;
+    * a delta no top or record depends on: removed;
+    * a layer that is neither a top nor a record's, with exactly one child: merged
+      into that child (grains the child lacks are copied into it, then the child is
+      re-parented, then the layer removed), so the chain stays short.
+
+    Skipped while a server exports the VM (a merge must not race guest writes).
+    """
+    notes: list[str] = []
+    while True:
+        vm = _rediscover(manager, name)
+        if manager.served(vm):
+            return notes
+        step = _collect_step(manager, vm)
+        if step is None:
+            return notes
+        notes.append(step)
+
+
+def _collect_step(manager: VmManager, vm: FoundVm) -> str | None:
+    volumes = list(_volumes(vm).values())
+    tops = {_top(vm, v) for v in volumes}
+    for record in vm.records:
+        if any(layer in tops for _naa, layer in record.header.tops):
+            manager.catalog.get(record.pool).delete(record.ref)
+            return f"unfinished snapshot record {record.ref.location} removed"
+    record_layers = {layer for r in vm.records for _naa, layer in r.header.tops}
+    reachable: set[uuid.UUID] = set()
+    by_uuid = {u.header.unit_uuid: u for u in vm.layers}
+    for start in tops | record_layers:
+        current: uuid.UUID | None = start
+        while current is not None and current in by_uuid and current not in reachable:
+            reachable.add(current)
+            current = by_uuid[current].header.parent_uuid
+    for layer in vm.layers:
+        if layer.header.unit_uuid not in reachable:
+            manager.catalog.get(layer.pool).delete(layer.ref)
+            return f"unreferenced layer {layer.ref.location} removed"
+    children: dict[uuid.UUID, list[FoundUnit]] = {}
+    for layer in vm.layers:
+        assert layer.header.parent_uuid is not None
+        children.setdefault(layer.header.parent_uuid, []).append(layer)
+    for layer in vm.layers:
+        lid = layer.header.unit_uuid
+        kids = children.get(lid, [])
+        if lid in tops or lid in record_layers or len(kids) != 1:
+            continue
+        _merge_down(manager, layer, kids[0], _size_of(volumes, layer.header))
+        return f"layer {layer.ref.location} merged into {kids[0].ref.location}"
+    for volume in volumes:
+        vid = volume.header.unit_uuid
+        kids = children.get(vid, [])
+        if vid in tops or vid in record_layers or len(kids) != 1:
+            continue
+        child = kids[0]
+        if child.header.unit_uuid in record_layers:
+            continue
+        _merge_into_root(manager, vm, volume, child, children.get(child.header.unit_uuid, []))
+        return f"layer {child.ref.location} merged into its volume {volume.ref.location}"
+    return None
+
+
+def _size_of(volumes: list[FoundUnit], delta: UnitHeader) -> int:
+    for volume in volumes:
+        if volume.header.naa in delta.secondaries:
+            return volume.header.disk_size
+    raise VmError(f"layer {delta.unit_uuid} belongs to no volume of its VM")
+
+
+def _merge_down(manager: VmManager, layer: FoundUnit, child: FoundUnit, size: int) -> None:
+    """Copy the grains of ``layer`` its child lacks into the child (its image is
+    unchanged: it read them through ``layer`` before), re-parent the child, drop
+    ``layer``. Idempotent, so a crash at any point is finished by the next run."""
+    src_pool = manager.catalog.get(layer.pool)
+    dst_unit = manager._open(child)
+    try:
+        src = DeltaLayer(src_pool.open(layer.ref), layer.header, size)
+        dst = DeltaLayer(manager.catalog.get(child.pool).open(child.ref), child.header, size)
+        try:
+            buf = bytearray(GRAIN)
+            for grain in src.allocated():
+                if dst.has(grain):
+                    continue
+                start = grain * GRAIN
+                n = min(GRAIN, size - start)
+                piece = memoryview(buf)[:n]
+                src.read_into(start, piece)
+                dst.write(start, piece)
+                dst.mark(grain)
+                faults.crashpoint("merge.copying")
+            dst.flush()
+        finally:
+            src.close()
+            dst.close()
+        faults.crashpoint("merge.copied")
+        dst_unit.commit(replace(dst_unit.header, parent_uuid=layer.header.parent_uuid))
+    finally:
+        dst_unit.close()
+    src_pool.delete(layer.ref)
+
+
+def _merge_into_root(
+    manager: VmManager,
+    vm: FoundVm,
+    volume: FoundUnit,
+    child: FoundUnit,
+    grandchildren: list[FoundUnit],
+) -> None:
+    """The volume's own unit is referenced by nobody but its single child: write the
+    child's grains into the unit, re-point the child's dependents (or the VM's top)
+    at the unit, drop the child."""
+    size = volume.header.disk_size
+    unit = manager._open(volume)
+    try:
+        view = unit.guest_view()
+        src = DeltaLayer(manager.catalog.get(child.pool).open(child.ref), child.header, size)
+        try:
+            buf = bytearray(GRAIN)
+            for grain in src.allocated():
+                start = grain * GRAIN
+                n = min(GRAIN, size - start)
+                piece = memoryview(buf)[:n]
+                src.read_into(start, piece)
+                view.write(start, piece)
+                faults.crashpoint("merge.copying")
+            view.flush()
+        finally:
+            src.close()
+            view.close()
+    finally:
+        unit.close()
+    faults.crashpoint("merge.copied")
+    for grandchild in grandchildren:
+        with contextlib.closing(manager._open(grandchild)) as g:
+            g.commit(replace(g.header, parent_uuid=volume.header.unit_uuid))
+    if _top(vm, volume) == child.header.unit_uuid:
+        with contextlib.closing(manager._open(vm.base)) as base:
+            tops = tuple((n, t) for n, t in base.header.tops if n != volume.header.naa)
+            base.commit(replace(base.header, tops=tops))
+    manager.catalog.get(child.pool).delete(child.ref)
+
+
+def describe(infos: list[SnapshotInfo]) -> str:
+    """The tree as indented text (``vm snapshot list``)."""
+    by_parent: dict[str | None, list[SnapshotInfo]] = {}
+    for info in infos:
+        by_parent.setdefault(info.parent, []).append(info)
+    lines: list[str] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for info in by_parent.get(parent, []):
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created))
+            mark = "  <- current" if info.current else ""
+            lines.append(
+                f"{'  ' * depth}{info.name}  {stamp}  naa.{info.record.header.naa.hex()}{mark}"
+            )
+            walk(info.name, depth + 1)
+
+    walk(None, 0)
+    return "\n".join(lines)
+
+
+def to_json(infos: list[SnapshotInfo]) -> str:
+    return json.dumps([i.to_json() for i in infos], indent=2)
+
+
+__all__ = [
+    "SnapshotInfo",
+    "collect",
+    "create_snapshot",
+    "delete_snapshot",
+    "list_snapshots",
+    "open_live",
+    "open_snapshot",
+    "revert",
+    "snapshot_identity",
+]

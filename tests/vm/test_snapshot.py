@@ -1,0 +1,133 @@
+"""Snapshots (seed: snapshot, revert, delete-merge): copy-on-write chains checked
+against an in-memory model, identities, and discovery from the units alone."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from iscsi_vmtarget.vm import VmError, VmManager
+from iscsi_vmtarget.vm import snapshot as snaps
+from iscsi_vmtarget.vm.cow import GRAIN
+from iscsi_vmtarget.vm.export import export_vm
+
+MIB = 1 << 20
+DISK = 4 * MIB
+MEMORY = 1 * MIB
+
+
+def _write(manager: VmManager, name: str, offset: int, data: bytes, lun: int = 0) -> None:
+    vm = manager.find(name)
+    backend = snaps.open_live(manager, vm, lun)
+    try:
+        backend.write(offset, data)
+        backend.flush()
+    finally:
+        backend.close()
+
+
+def _read_live(manager: VmManager, name: str, lun: int = 0) -> bytes:
+    vm = manager.find(name)
+    backend = snaps.open_live(manager, vm, lun)
+    try:
+        return bytes(backend.read(0, backend.size))
+    finally:
+        backend.close()
+
+
+def _read_snap(manager: VmManager, name: str, snap: str, lun: int = 0) -> bytes:
+    backend = snaps.open_snapshot(manager, name, snap, lun)
+    try:
+        return bytes(backend.read(0, backend.size))
+    finally:
+        backend.close()
+
+
+def _state(manager: VmManager, name: str) -> bytes:
+    return b"".join(manager.read_state(name))
+
+
+def _set_state(manager: VmManager, name: str, data: bytes) -> None:
+    import io
+
+    manager.write_state(name, io.BytesIO(data), len(data))
+
+
+def test_snapshot_revert_delete_flow(manager: VmManager) -> None:
+    manager.create("vm1", disk=DISK, memory=MEMORY, secondaries=(2 * MIB,))
+    _write(manager, "vm1", 0, b"A" * 1000)
+    _write(manager, "vm1", 5, b"s" * 10, lun=1)
+    _set_state(manager, "vm1", b"state-one")
+    first_live = _read_live(manager, "vm1")
+    snaps.create_snapshot(manager, "vm1", "one")
+    _write(manager, "vm1", 100, b"B" * (GRAIN + 7))  # partial grains: copy-on-write
+    _write(manager, "vm1", 5, b"t" * 10, lun=1)
+    _set_state(manager, "vm1", b"state-two")
+    assert _read_snap(manager, "vm1", "one") == first_live
+    second_live = _read_live(manager, "vm1")
+    assert second_live[100 : 100 + GRAIN + 7] == b"B" * (GRAIN + 7)
+    assert second_live[:100] == b"A" * 100
+    snaps.create_snapshot(manager, "vm1", "two")
+    # discovery finds both again from the units alone, in a fresh manager
+    with VmManager(manager.state) as again:
+        infos = snaps.list_snapshots(again, "vm1")
+        assert [(i.name, i.parent) for i in infos] == [("one", None), ("two", "one")]
+    snaps.revert(manager, "vm1", "one")
+    assert _read_live(manager, "vm1") == first_live
+    assert _read_live(manager, "vm1", 1)[5:15] == b"s" * 10  # secondary bound too
+    assert _state(manager, "vm1") == b"state-one"
+    assert _read_snap(manager, "vm1", "two") == second_live
+    snaps.delete_snapshot(manager, "vm1", "one")  # intermediate: merged
+    assert _read_snap(manager, "vm1", "two") == second_live
+    assert _read_live(manager, "vm1") == first_live
+    snaps.delete_snapshot(manager, "vm1", "two")
+    assert _read_live(manager, "vm1") == first_live
+    vm = manager.find("vm1")
+    assert not vm.records
+    assert not vm.layers  # everything merged back into the units
+    with pytest.raises(VmError, match="no snapshot named"):
+        snaps.delete_snapshot(manager, "vm1", "two")
+
+
+def test_snapshot_costs_metadata_only(manager: VmManager, state_dir: Path) -> None:
+    manager.create("big", disk=256 * MIB, memory=MEMORY)
+    _write(manager, "big", 0, os.urandom(4 * MIB))
+    snaps.create_snapshot(manager, "big", "s")
+    vm = manager.find("big")
+    for layer in vm.layers:
+        path = state_dir / "pools" / "default" / layer.ref.key
+        assert os.stat(path).st_blocks * 512 < MIB  # sparse: no data copied
+
+
+def test_live_lun_keeps_identity_and_snapshot_has_its_own(manager: VmManager) -> None:
+    manager.create("idv", disk=DISK, memory=MEMORY)
+    vm = manager.find("idv")
+    luns = export_vm(vm, manager.catalog, manager.state.root)
+    before = luns.guest[0].identity
+    luns.close()
+    snaps.create_snapshot(manager, "idv", "s1")
+    snaps.revert(manager, "idv", "s1")
+    vm = manager.find("idv")
+    luns = export_vm(vm, manager.catalog, manager.state.root)
+    try:
+        after = luns.guest[0].identity
+        assert (after.naa, after.serial) == (before.naa, before.serial)
+        luns.guest[0].backend.write(0, b"x" * 512)  # writes land in the top layer
+    finally:
+        luns.close()
+    record = manager.find("idv").records[0]
+    own = snaps.snapshot_identity(record.header, vm.base.header.naa)
+    assert own.naa != before.naa and own.serial != before.serial
+    assert record.header.naa != before.naa
+
+
+def test_resize_with_snapshots_is_refused(manager: VmManager) -> None:
+    manager.create("rs", disk=DISK, memory=MEMORY)
+    snaps.create_snapshot(manager, "rs", "s")
+    with pytest.raises(VmError, match="snapshots"):
+        manager.resize("rs", disk=2 * DISK)
+    manager.delete("rs")
+    found = manager.discover()
+    assert not found.vms and not found.damaged
