@@ -158,6 +158,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     add_common(p)
     p.set_defaults(func=_resize_live)
 
+    from .vm_snapshot import add_parsers as add_snapshot_parsers
+
+    add_snapshot_parsers(verbs)
+
     state = verbs.add_parser(
         "state", help="read or write the encrypted state", description="The VM's state image."
     )

@@ -25,15 +25,17 @@ be lost (as on any disk without FUA), an acknowledged flushed one never.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..storage.backend import BackendError, BlockBackend, check_range
 from .format import ALIGN, TAIL_SIZE, Mode, Region, RegionKind, Role, UnitHeader, encode_header
 from .format import SLOT_OFFSETS as _SLOTS
 from .layout import align_up
 from .pool import Pool, UnitRef
+from .view import _Gate
 
 GRAIN = 64 * 1024
 
@@ -147,9 +149,11 @@ class DeltaLayer:
 class ChainBackend:
     """A volume seen through its layer chain: a BlockBackend of the guest disk size.
 
-    ``layers`` newest first; ``root`` the volume's own guest view. Writable only when
-    not ``read_only`` (the top layer is then ``layers[0]``); a snapshot is read through
-    a read-only chain starting at its frozen layer.
+    ``layers`` newest first; ``root`` the volume's own guest view. With no layers the
+    chain is the root itself (reads and writes go straight through): every exported
+    live volume is one, so a daemon can snapshot or revert it in place
+    (:meth:`quiesce` drains in-flight I/O and holds new I/O, :meth:`rebind` swaps the
+    layers). A snapshot is read through a read-only chain starting at its frozen layer.
     """
 
     def __init__(
@@ -160,24 +164,23 @@ class ChainBackend:
         read_only: bool = False,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        if not read_only and not layers:
-            raise BackendError("a writable chain needs a delta layer on top")
         self.layers = layers
         self.root = root
-        self._size = root.size
         self._read_only = read_only
         self._on_close = on_close
         self._lock = threading.Lock()  # copy-on-write of one grain is read-modify-write
-        top = layers[0] if layers else None
-        self.unit_uuid = top.unit_uuid if top else getattr(root, "unit_uuid", None)
+        self._gate = _Gate()
+        self.unit_uuid = getattr(root, "unit_uuid", None)
+
+    # -- BlockBackend ----------------------------------------------------------------------
 
     @property
     def size(self) -> int:
-        return self._size
+        return self.root.size
 
     @property
     def read_only(self) -> bool:
-        return self._read_only
+        return self._read_only or (not self.layers and self.root.read_only)
 
     def _source(self, grain: int, start: int = 0) -> DeltaLayer | None:
         for layer in self.layers[start:]:
@@ -189,6 +192,9 @@ class ChainBackend:
         """Read ``buf`` at ``offset`` from the chain below ``layers[start]`` inclusive,
         merging runs of grains that come from the same layer into one read."""
         length = len(buf)
+        if start >= len(self.layers):
+            self.root.read_into(offset, buf)
+            return
         pos = 0
         while pos < length:
             at = offset + pos
@@ -208,8 +214,9 @@ class ChainBackend:
             pos = end
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        check_range(self._size, offset, len(buf))
-        self._read_from(offset, buf, 0)
+        with self._gate.io():
+            check_range(self.size, offset, len(buf))
+            self._read_from(offset, buf, 0)
 
     def read(self, offset: int, length: int) -> bytearray:
         out = bytearray(length)
@@ -217,18 +224,26 @@ class ChainBackend:
         return out
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self._read_only:
+        if self.read_only:
             raise BackendError("this snapshot is read-only")
         view = memoryview(data).cast("B")
-        check_range(self._size, offset, len(view))
+        with self._gate.io():
+            check_range(self.size, offset, len(view))
+            self._write(offset, view)
+
+    def _write(self, offset: int, view: memoryview) -> None:
+        if not self.layers:
+            self.root.write(offset, view)
+            return
         top = self.layers[0]
+        size = self.size
         pos = 0
         with self._lock:
             while pos < len(view):
                 at = offset + pos
                 grain = at // GRAIN
                 g_start = grain * GRAIN
-                g_end = min(g_start + GRAIN, self._size)
+                g_end = min(g_start + GRAIN, size)
                 n = min(len(view) - pos, g_end - at)
                 if top.has(grain) or (at == g_start and n == g_end - g_start):
                     top.write(at, view[pos : pos + n])
@@ -243,30 +258,44 @@ class ChainBackend:
     def unmap(self, offset: int, length: int) -> None:
         """Unmapped blocks read as zeros: whole grains become holes in the top, the
         rest is written as zeros."""
-        if self._read_only:
+        if self.read_only:
             return
-        check_range(self._size, offset, length)
-        top = self.layers[0]
-        end = offset + length
-        at = offset
-        while at < end:
-            grain = at // GRAIN
-            g_start = grain * GRAIN
-            g_end = min(g_start + GRAIN, self._size)
-            n = min(end, g_end) - at
-            if at == g_start and n == g_end - g_start:
-                with self._lock:
-                    top.punch(at, n)
-                    top.mark(grain)
-            else:
-                self.write(at, bytes(n))
-            at += n
+        with self._gate.io():
+            check_range(self.size, offset, length)
+            if not self.layers:
+                self.root.unmap(offset, length)
+                return
+            top = self.layers[0]
+            end = offset + length
+            at = offset
+            while at < end:
+                grain = at // GRAIN
+                g_start = grain * GRAIN
+                g_end = min(g_start + GRAIN, self.size)
+                n = min(end, g_end) - at
+                if at == g_start and n == g_end - g_start:
+                    with self._lock:
+                        top.punch(at, n)
+                        top.mark(grain)
+                else:
+                    self._write(at, memoryview(bytes(n)))
+                at += n
+
+    def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """GET LBA STATUS: the root's map without layers; with layers, all mapped."""
+        ranges = getattr(self.root, "allocated_ranges", None)
+        if not self.layers and ranges is not None:
+            with self._gate.io():
+                result: list[tuple[int, int]] = ranges(offset, length)
+                return result
+        return [(offset, length)]
 
     def flush(self) -> None:
-        if self.layers and not self._read_only:
-            with self._lock:
-                self.layers[0].flush()
-        self.root.flush()
+        with self._gate.io():
+            if self.layers and not self.read_only:
+                with self._lock:
+                    self.layers[0].flush()
+            self.root.flush()
 
     def resize(self, size: int) -> None:
         raise BackendError("a VM with snapshots cannot be resized (delete its snapshots)")
@@ -274,7 +303,37 @@ class ChainBackend:
     def close(self) -> None:
         for layer in self.layers:
             layer.close()
+        self.layers = []
         self.root.close()
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
+
+    # -- live snapshot support --------------------------------------------------------------
+
+    def add_capacity_listener(self, listener: Callable[[int, int], None]) -> None:
+        add = getattr(self.root, "add_capacity_listener", None)
+        if add is not None:
+            add(listener)
+
+    @contextlib.contextmanager
+    def quiesce(self) -> Iterator[None]:
+        """Let in-flight I/O finish and hold new I/O until the block ends."""
+        with self._gate.exclusive():
+            yield
+
+    def flush_quiesced(self) -> None:
+        """:meth:`flush` for a caller inside :meth:`quiesce` (which holds the gate)."""
+        if self.layers and not self.read_only:
+            with self._lock:
+                self.layers[0].flush()
+        self.root.flush()
+
+    def rebind(self, layers: list[DeltaLayer]) -> None:
+        """Take a new layer list (call under :meth:`quiesce`, after :meth:`flush`):
+        layers of the old list that the new one does not keep are closed."""
+        keep = {id(layer) for layer in layers}
+        for old in self.layers:
+            if id(old) not in keep:
+                old.close()
+        self.layers = layers

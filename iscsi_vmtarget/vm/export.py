@@ -20,15 +20,20 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..scsi import LogicalUnit, Reason, UnitIdentity
 from ..storage.backend import BlockBackend
-from .discovery import FoundUnit, FoundVm
+from .cow import ChainBackend
+from .discovery import Discovery, FoundUnit, FoundVm
 from .errors import VmError
 from .locks import ServeLock
 from .pool import PoolCatalog
 from .unit import Unit
 from .view import GuestView, RawView
+
+if TYPE_CHECKING:
+    from .manager import VmManager
 
 DEFAULT_BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
 log = logging.getLogger("iscsi_vmtarget")
@@ -103,8 +108,7 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
                 block_size=unit.header.block_size,
                 **options,  # type: ignore[arg-type]
             )
-            if isinstance(view, GuestView):
-                view.add_capacity_listener(capacity_listener(lu))
+            view.add_capacity_listener(capacity_listener(lu))
             out.guest[number] = lu
             options.pop("pr_state_path", None)
             out.raw[number] = LogicalUnit(
@@ -127,13 +131,14 @@ def _live_view(
     catalog: PoolCatalog,
     state_dir: str,
     on_close: Callable[[], None],
-) -> BlockBackend:
-    """The guest's live disk: the unit's guest view, or, once the VM has snapshots,
-    its copy-on-write chain (:mod:`.cow`). Either way the LU keeps the unit's own
-    identity, so a guest never notices it runs on a snapshot's descendant."""
+) -> ChainBackend:
+    """The guest's live disk: a copy-on-write chain (:mod:`.cow`) over the unit's guest
+    view - with no layers until the VM has snapshots - so a daemon can snapshot or
+    revert it in place. Either way the LU keeps the unit's own identity (VPD 0x83 and
+    0x80), so a guest never notices it runs on a snapshot's descendant (seed)."""
     top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
     if top == volume.header.unit_uuid:
-        return unit.guest_view(on_close=on_close)
+        return ChainBackend([], unit.guest_view(), on_close=on_close)
     from .manager import StateDir, VmManager
     from .snapshot import open_chain
 
@@ -141,7 +146,15 @@ def _live_view(
     manager.catalog = catalog
     chain = open_chain(manager, vm, volume, top, read_only=False)
     chain._on_close = on_close
+    chain.root = _writable_root(chain.root, unit)
     return chain
+
+
+def _writable_root(root: BlockBackend, unit: Unit) -> BlockBackend:
+    """open_chain opens the root read-only; a live chain's root takes writes when its
+    layers are merged away by a later rebind, so reopen it writable."""
+    root.close()
+    return unit.guest_view()
 
 
 DEMO_VM = "demo"
@@ -182,6 +195,7 @@ def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
             found = manager.discover(repair=False)
         for item in found.damaged:
             log.warning("pool unit %s not exported: %s", item["location"], item["reason"])
+        out.extend(_snapshot_exports(manager, found))
         try:
             for vm in found.vms:
                 for naa in vm.missing:
@@ -194,6 +208,44 @@ def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
             for luns in out:
                 luns.close()
             raise
+    return out
+
+
+def _snapshot_exports(manager: VmManager, found: Discovery) -> list[VmLuns]:
+    """Read-only LUNs of the snapshots ``vm snapshot export`` marked: one target per
+    snapshot, each LUN reporting the snapshot's own designator and serial (a backup or
+    scan host may see it beside the live VM: never two LUNs with one identity)."""
+    from .snapshot import (
+        exported,
+        find_snapshot,
+        open_chain,
+        snapshot_identity,
+        snapshot_target_suffix,
+    )
+
+    out: list[VmLuns] = []
+    for name, snap in exported(manager.state.root):
+        vm = found.find(name)
+        if vm is None:
+            log.warning("snapshot %s of VM %s not exported: no such VM", snap, name)
+            continue
+        luns = VmLuns(snapshot_target_suffix(name, snap))
+        try:
+            record = find_snapshot(manager, vm, manager.keyring(), snap)
+            for number, volume in vm.lun_map().items():
+                layer = dict(record.header.tops)[volume.header.naa]
+                chain = open_chain(manager, vm, volume, layer, read_only=True)
+                luns.guest[number] = LogicalUnit(
+                    chain,
+                    snapshot_identity(record.header, volume.header.naa),
+                    block_size=volume.header.block_size,
+                    read_only=True,
+                )
+        except (VmError, KeyError) as exc:
+            luns.close()
+            log.warning("snapshot %s of VM %s not exported: %s", snap, name, exc)
+            continue
+        out.append(luns)
     return out
 
 
@@ -214,11 +266,13 @@ def resize_live(
     grown unit."""
     from .manager import StateDir, VmManager
 
-    views = {
-        lu.backend.unit_uuid: lu.backend
-        for lu in guest.values()
-        if isinstance(lu.backend, GuestView)
-    }
+    views = {}
+    for lu in guest.values():
+        backend = lu.backend
+        if isinstance(backend, ChainBackend):
+            backend = backend.root
+        if isinstance(backend, GuestView):
+            views[backend.unit_uuid] = backend
     with VmManager(StateDir.at(state_dir, key_file)) as manager:
         vm = manager.resize(name, disk=disk, memory=memory, secondaries=secondaries, live=views)
         for number, found in vm.lun_map().items():

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -218,8 +219,8 @@ def _new_delta(manager: VmManager, vm: FoundVm, volume: FoundUnit, parent: uuid.
         disk_size=volume.header.disk_size,
         created=int(time.time()),
     )
-    create_delta(manager.catalog.get(volume.pool), header)
-    return unit_uuid
+    ref = create_delta(manager.catalog.get(volume.pool), header)
+    return FoundUnit(volume.pool, ref, header)
 
 
 def _create_record(
@@ -283,13 +284,25 @@ def _copy_sealed(src: Unit, dst: Unit, keyring: Keyring, kind: RegionKind) -> No
 
 
 @contextlib.contextmanager
-def _offline(manager: VmManager, vm: FoundVm) -> Iterator[None]:
-    """Refuse while a server exports the VM (the daemon path quiesces instead)."""
+def _held(
+    manager: VmManager, vm: FoundVm, live: Mapping[int, ChainBackend] | None
+) -> Iterator[None]:
+    """Offline: refuse while a server exports the VM. Live (the daemon's chains, by
+    LUN): quiesce every LUN of the VM - in-flight commands drain, new ones wait - and
+    flush, so the snapshot is consistent across all the VM's volumes (seed)."""
     with contextlib.ExitStack() as stack:
-        for unit in vm.units:
-            stack.enter_context(
-                locks.not_served(manager.state.root, unit.header.unit_uuid, f"VM {vm.name!r}")
-            )
+        if live is None:
+            for unit in vm.units:
+                stack.enter_context(
+                    locks.not_served(manager.state.root, unit.header.unit_uuid, f"VM {vm.name!r}")
+                )
+        else:
+            missing = set(_volumes(vm)) - set(live)
+            if missing:
+                raise VmError(f"VM {vm.name!r}: LUNs {sorted(missing)} are not served here")
+            for _number, chain in sorted(live.items()):
+                stack.enter_context(chain.quiesce())
+                chain.flush_quiesced()
         yield
 
 
@@ -301,13 +314,23 @@ def _rediscover(manager: VmManager, name: str) -> FoundVm:
 
 
 def create_snapshot(
-    manager: VmManager, name: str, snap: str, *, description: str = ""
+    manager: VmManager,
+    name: str,
+    snap: str,
+    *,
+    description: str = "",
+    live: Mapping[int, ChainBackend] | None = None,
 ) -> SnapshotInfo:
     """Snapshot every volume of VM ``name`` and its state and config, consistently.
 
     Each volume's top layer is frozen and a new empty delta becomes its top: metadata
     only, whatever the disk size. The commit point is the base unit's header commit
     naming the new tops; a crash before it leaves only garbage (:func:`collect`).
+
+    ``live``: the chains a server in this process exports for the VM, by LUN (the
+    daemon's ``vm.snapshot`` action). Their I/O is quiesced - in-flight commands drain,
+    new ones wait - for the whole operation, their layers flushed first, and the new
+    tops are pushed onto them before I/O resumes. Without it, a served VM is refused.
     """
     check_snapshot_name(snap)
     pools = manager.catalog.all()
@@ -316,13 +339,15 @@ def create_snapshot(
         keyring = manager.keyring()
         if any(s.name == snap for s in snapshots(manager, vm, keyring)):
             raise VmError(f"VM {name!r} already has a snapshot named {snap!r}")
-        with _offline(manager, vm), contextlib.closing(manager._open(vm.base)) as base:
+        with (
+            _held(manager, vm, live),
+            contextlib.closing(manager._open(vm.base)) as base,
+        ):
             base.data_key(keyring)  # a wrong key file fails before any change
             volumes = _volumes(vm)
             frozen = tuple((v.header.naa, _top(vm, v)) for v in volumes.values())
-            new_tops = tuple(
-                (v.header.naa, _new_delta(manager, vm, v, _top(vm, v))) for v in volumes.values()
-            )
+            deltas = {n: _new_delta(manager, vm, v, _top(vm, v)) for n, v in volumes.items()}
+            new_tops = tuple((v.header.naa, deltas[n].header.unit_uuid) for n, v in volumes.items())
             faults.crashpoint("snapshot.deltas")
             _create_record(
                 manager,
@@ -334,6 +359,11 @@ def create_snapshot(
             )
             base.commit(replace(base.header, tops=new_tops))
             faults.crashpoint("snapshot.committed")
+            for number, chain in (live or {}).items():
+                found = deltas[number]
+                pool = manager.catalog.get(found.pool)
+                top = DeltaLayer(pool.open(found.ref), found.header, chain.size)
+                chain.rebind([top, *chain.layers])
         vm = _rediscover(manager, name)
         for info in snapshots(manager, vm, keyring):
             if info.name == snap:
@@ -348,32 +378,52 @@ def list_snapshots(manager: VmManager, name: str) -> list[SnapshotInfo]:
         return snapshots(manager, vm, manager.keyring())
 
 
-def revert(manager: VmManager, name: str, snap: str) -> SnapshotInfo:
+def revert(
+    manager: VmManager,
+    name: str,
+    snap: str,
+    *,
+    live: Mapping[int, ChainBackend] | None = None,
+) -> SnapshotInfo:
     """Bind VM ``name`` to snapshot ``snap``: every volume gets a new empty top over
     the snapshot's layer (secondary disks included), the state and config come back
-    from the record. The live disks' unsnapshotted changes are discarded."""
+    from the record. The live disks' unsnapshotted changes are discarded.
+
+    ``live``: as for :func:`create_snapshot`; the served chains are rebound to the
+    snapshot's layers under quiesce (the guest keeps seeing its volume's identity)."""
     pools = manager.catalog.all()
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=True))
         keyring = manager.keyring()
         record_found = find_snapshot(manager, vm, keyring, snap)
         with (
-            _offline(manager, vm),
+            _held(manager, vm, live),
             contextlib.closing(manager._open(vm.base)) as base,
             contextlib.closing(manager._open(record_found)) as record,
         ):
             base.data_key(keyring)
             record.data_key(keyring)
             volumes = _volumes(vm)
-            new_tops = tuple(
-                (v.header.naa, _new_delta(manager, vm, v, _record_layer(record.header, v)))
-                for v in volumes.values()
-            )
+            deltas = {
+                n: _new_delta(manager, vm, v, _record_layer(record.header, v))
+                for n, v in volumes.items()
+            }
+            new_tops = tuple((v.header.naa, deltas[n].header.unit_uuid) for n, v in volumes.items())
             faults.crashpoint("revert.deltas")
             _copy_sealed(record, base, keyring, RegionKind.STATE)
             _copy_sealed(record, base, keyring, RegionKind.CONFIG)
             base.commit(replace(base.header, tops=new_tops))
             faults.crashpoint("revert.committed")
+            if live:
+                vm = _rediscover(manager, name)
+                for number, chain in live.items():
+                    volume = volumes[number]
+                    fresh = open_chain(
+                        manager, vm, volume, deltas[number].header.unit_uuid, read_only=False
+                    )
+                    layers, fresh.layers = fresh.layers, []
+                    fresh.close()  # its read-only root only
+                    chain.rebind(layers)
         collect(manager, name)
         vm = _rediscover(manager, name)
         for info in snapshots(manager, vm, keyring):
@@ -382,16 +432,23 @@ def revert(manager: VmManager, name: str, snap: str) -> SnapshotInfo:
     raise VmError("snapshot vanished")  # pragma: no cover
 
 
-def delete_snapshot(manager: VmManager, name: str, snap: str) -> None:
+def delete_snapshot(
+    manager: VmManager,
+    name: str,
+    snap: str,
+    *,
+    live: Mapping[int, ChainBackend] | None = None,
+) -> None:
     """Delete snapshot ``snap``: its record goes, then its layer is merged into its
     only child (or dropped if nothing depends on it); every other snapshot and the
-    live disks read the same bytes as before."""
+    live disks read the same bytes as before. While a server exports the VM (``live``)
+    only the record goes; the merge waits for the next offline repair (``discover``)."""
     pools = manager.catalog.all()
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=True))
         keyring = manager.keyring()
         record = find_snapshot(manager, vm, keyring, snap)
-        with _offline(manager, vm):
+        with _held(manager, vm, live):
             manager.catalog.get(record.pool).delete(record.ref)
             faults.crashpoint("snapshot.deleted")
         collect(manager, name)
@@ -407,6 +464,52 @@ def open_snapshot(manager: VmManager, name: str, snap: str, lun: int = 0) -> Cha
         if volume is None:
             raise NotFoundError(f"VM {name!r} has no LUN {lun}")
         return open_chain(manager, vm, volume, _record_layer(record.header, volume), read_only=True)
+
+
+def exports_path(manager: VmManager) -> str:
+    return os.path.join(manager.state.root, "conf", "snapshot-exports.json")
+
+
+def exported(state_root: str) -> list[tuple[str, str]]:
+    """(VM, snapshot) pairs ``vm snapshot export`` asked ``serve`` to export."""
+    path = os.path.join(state_root, "conf", "snapshot-exports.json")
+    try:
+        with open(path) as fh:
+            items = json.load(fh)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise VmError(f"{path}: {exc}") from exc
+    return [(str(i["vm"]), str(i["snapshot"])) for i in items]
+
+
+def snapshot_target_suffix(name: str, snap: str) -> str:
+    """``NAME.snap.SNAP`` with SNAP folded into IQN characters (RFC 3722)."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-.") else "-" for c in snap.lower())
+    return f"{name}.snap.{safe}"
+
+
+def set_exported(manager: VmManager, name: str, snap: str, on: bool) -> str:
+    """Mark (or unmark) a snapshot for a read-only export; the file is replaced
+    atomically. Returns the target name suffix."""
+    from .export import vm_target_name
+
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=False))
+        find_snapshot(manager, vm, manager.keyring(), snap)
+        items = [p for p in exported(manager.state.root) if p != (name, snap)]
+        if on:
+            items.append((name, snap))
+        path = exports_path(manager)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump([{"vm": v, "snapshot": s} for v, s in items], fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return vm_target_name(snapshot_target_suffix(name, snap))
 
 
 def open_live(manager: VmManager, vm: FoundVm, lun: int = 0) -> BlockBackend:
@@ -434,20 +537,19 @@ def collect(manager: VmManager, name: str) -> list[str]:
       into that child (grains the child lacks are copied into it, then the child is
       re-parented, then the layer removed), so the chain stays short.
 
-    Skipped while a server exports the VM (a merge must not race guest writes).
+    While a server exports the VM only removals run (a merge must not race guest
+    writes nor change a layer the server has open); merges wait for an offline run.
     """
     notes: list[str] = []
     while True:
         vm = _rediscover(manager, name)
-        if manager.served(vm):
-            return notes
-        step = _collect_step(manager, vm)
+        step = _collect_step(manager, vm, merges=not manager.served(vm))
         if step is None:
             return notes
         notes.append(step)
 
 
-def _collect_step(manager: VmManager, vm: FoundVm) -> str | None:
+def _collect_step(manager: VmManager, vm: FoundVm, *, merges: bool) -> str | None:
     volumes = list(_volumes(vm).values())
     tops = {_top(vm, v) for v in volumes}
     for record in vm.records:
@@ -466,6 +568,8 @@ def _collect_step(manager: VmManager, vm: FoundVm) -> str | None:
         if layer.header.unit_uuid not in reachable:
             manager.catalog.get(layer.pool).delete(layer.ref)
             return f"unreferenced layer {layer.ref.location} removed"
+    if not merges:
+        return None
     children: dict[uuid.UUID, list[FoundUnit]] = {}
     for layer in vm.layers:
         assert layer.header.parent_uuid is not None
