@@ -54,6 +54,35 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--json", action="store_true")
     add_common(p)
     p.set_defaults(func=_revert)
+    add_clone_parser(verbs)
+
+
+def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = verbs.add_parser(
+        "clone",
+        help="clone a VM (or one of its snapshots) as a new VM",
+        description="Make VM DST from VM SRC's live disks (SRC not served) or from its "
+        "snapshot --from-snapshot SNAP: new units, new designators and serials; state and "
+        "config copied. Full copies only for now (--full); progress on stderr.",
+    )
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--from-snapshot", metavar="SNAP")
+    p.add_argument("--full", action="store_true", help="copy every block (the default now)")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _clone))
+
+
+def _clone(args: argparse.Namespace, manager: VmManager) -> int:
+    from ..vm.clone import clone
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rcloning: {done * 100 // max(1, total)}%", end="", file=sys.stderr, flush=True)
+
+    clone(manager, args.src, args.dst, from_snapshot=args.from_snapshot, progress=progress)
+    print(file=sys.stderr)
+    print(f"cloned {args.src} as {args.dst}")
+    return 0
 
 
 def _daemon_or_offline(

@@ -1,0 +1,142 @@
+"""A stateful hypothesis test of snapshots against an in-memory model: random writes
+(across grain boundaries, partial and whole grains), snapshots, deletes (merges),
+reverts and clones; after every step, every snapshot and every live disk of every VM
+reads exactly what the model says, and so does the state image."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm import snapshot as snaps
+from iscsi_vmtarget.vm.clone import clone
+from iscsi_vmtarget.vm.cow import GRAIN
+
+MIB = 1 << 20
+SIZES = (2 * MIB, 2 * MIB)  # LUN 0 and one secondary
+
+offsets = st.one_of(
+    st.integers(0, SIZES[0] - 1),
+    st.sampled_from([0, GRAIN - 1, GRAIN, 3 * GRAIN + 5, SIZES[0] - GRAIN]),
+)
+
+
+class SnapshotModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = tempfile.mkdtemp(prefix="snapmodel-")
+        self.manager = VmManager(StateDir.at(self.tmp))
+        self.manager.create("a", disk=SIZES[0], memory=MIB, secondaries=SIZES[1:])
+        self.live: dict[str, list[bytearray]] = {"a": [bytearray(s) for s in SIZES]}
+        self.state: dict[str, bytes] = {"a": b""}
+        self.snaps: dict[tuple[str, str], tuple[list[bytes], bytes]] = {}
+        self.counter = 0
+
+    def teardown(self) -> None:
+        self.manager.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _name(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    @rule(
+        data=st.data(),
+        lun=st.integers(0, len(SIZES) - 1),
+        offset=offsets,
+        length=st.integers(1, 3 * GRAIN),
+        byte=st.integers(1, 255),
+    )
+    def write(self, data: st.DataObject, lun: int, offset: int, length: int, byte: int) -> None:
+        vm = data.draw(st.sampled_from(sorted(self.live)))
+        length = min(length, SIZES[lun] - offset)
+        backend = snaps.open_live(self.manager, self.manager.find(vm), lun)
+        try:
+            backend.write(offset, bytes([byte]) * length)
+            backend.flush()
+        finally:
+            backend.close()
+        self.live[vm][lun][offset : offset + length] = bytes([byte]) * length
+
+    @rule(data=st.data(), payload=st.binary(max_size=100))
+    def set_state(self, data: st.DataObject, payload: bytes) -> None:
+        vm = data.draw(st.sampled_from(sorted(self.live)))
+        self.manager.write_state(vm, io.BytesIO(payload), len(payload))
+        self.state[vm] = payload
+
+    @rule(data=st.data())
+    def snapshot(self, data: st.DataObject) -> None:
+        vm = data.draw(st.sampled_from(sorted(self.live)))
+        name = self._name("s")
+        snaps.create_snapshot(self.manager, vm, name)
+        self.snaps[(vm, name)] = ([bytes(d) for d in self.live[vm]], self.state[vm])
+
+    @precondition(lambda self: bool(self.snaps))
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        vm, name = data.draw(st.sampled_from(sorted(self.snaps)))
+        snaps.delete_snapshot(self.manager, vm, name)
+        del self.snaps[(vm, name)]
+
+    @precondition(lambda self: bool(self.snaps))
+    @rule(data=st.data())
+    def revert(self, data: st.DataObject) -> None:
+        vm, name = data.draw(st.sampled_from(sorted(self.snaps)))
+        snaps.revert(self.manager, vm, name)
+        images, state = self.snaps[(vm, name)]
+        self.live[vm] = [bytearray(i) for i in images]
+        self.state[vm] = state
+
+    @precondition(lambda self: len(self.live) < 3)
+    @rule(data=st.data(), from_snapshot=st.booleans())
+    def clone(self, data: st.DataObject, from_snapshot: bool) -> None:
+        vm = data.draw(st.sampled_from(sorted(self.live)))
+        mine = sorted(s for v, s in self.snaps if v == vm)
+        snap = data.draw(st.sampled_from(mine)) if from_snapshot and mine else None
+        name = self._name("c")
+        clone(self.manager, vm, name, from_snapshot=snap)
+        if snap is None:
+            self.live[name] = [bytearray(d) for d in self.live[vm]]
+            self.state[name] = self.state[vm]
+        else:
+            images, state = self.snaps[(vm, snap)]
+            self.live[name] = [bytearray(i) for i in images]
+            self.state[name] = state
+
+    @invariant()
+    def everything_reads_as_modelled(self) -> None:
+        found = self.manager.discover(repair=False)
+        assert sorted(v.name for v in found.vms) == sorted(self.live)
+        assert not found.damaged
+        for vm, disks in self.live.items():
+            for lun, expected in enumerate(disks):
+                backend = snaps.open_live(self.manager, self.manager.find(vm, found), lun)
+                try:
+                    assert backend.read(0, backend.size) == expected, (vm, lun)
+                finally:
+                    backend.close()
+            assert b"".join(self.manager.read_state(vm)) == self.state[vm]
+        for (vm, name), (images, _state) in self.snaps.items():
+            for lun, expected in enumerate(images):
+                backend = snaps.open_snapshot(self.manager, vm, name, lun)
+                try:
+                    assert backend.read(0, backend.size) == expected, (vm, name, lun)
+                finally:
+                    backend.close()
+        listed = {(vm, i.name) for vm in self.live for i in snaps.list_snapshots(self.manager, vm)}
+        assert listed == set(self.snaps)
+
+
+SnapshotModel.TestCase.settings = settings(
+    max_examples=25,
+    stateful_step_count=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TestSnapshotModel = SnapshotModel.TestCase
