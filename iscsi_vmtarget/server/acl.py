@@ -270,6 +270,29 @@ class ReadOnlyUnit:
         return getattr(self._unit, name)
 
 
+def check_unique_designators(luns: Mapping[int, LogicalUnit], who: str) -> None:
+    """Refuse a LUN map in which two LUNs report one designator (VPD 0x83).
+
+    Linux dm-multipath merges two LUNs with the same identity into one device and
+    EXTENDED COPY finds LUNs by designator, so one initiator must never be shown two
+    LUNs with one designator - e.g. a guest view of a reverted snapshot (which keeps
+    the original volume's designator, seed) beside the original. AclError says which.
+    """
+    seen: dict[bytes, int] = {}
+    for number in sorted(luns):
+        identity = getattr(luns[number], "identity", None)
+        naa = getattr(identity, "naa", None)
+        if not isinstance(naa, bytes):
+            continue
+        if naa in seen:
+            raise AclError(
+                f"{who} would see LUN {seen[naa]} and LUN {number} with the same designator "
+                f"naa.{naa.hex()} (VPD 0x83): refused, an initiator must never see two LUNs "
+                "with one identity (multipath would merge them)"
+            )
+        seen[naa] = number
+
+
 def build_lun_map(
     target_luns: Mapping[int, LogicalUnit],
     acl: Acl | None,
@@ -288,4 +311,5 @@ def build_lun_map(
         if m.read_only and not unit.read_only:
             unit = cast(LogicalUnit, ReadOnlyUnit(unit))
         out[m.number] = unit
+    check_unique_designators(out, f"initiator {acl.initiator}")
     return out

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.login import LoginThrottle, SessionTable
 from ..scsi import LogicalUnit, ScsiTarget
-from .acl import Acl, build_lun_map
+from .acl import Acl, build_lun_map, check_unique_designators
 
 if TYPE_CHECKING:
     from .portal import ConnectionHandler
@@ -52,7 +52,11 @@ class Target:
         return self.entry.name
 
     def set_acls(self, acls: dict[str, Acl], allow_all: bool) -> None:
-        """Replace the ACLs; login and discovery see the new rules at once."""
+        """Replace the ACLs; login and discovery see the new rules at once. Every ACL's
+        LUN map is built first, so a map showing one designator twice is refused
+        (:func:`~.acl.check_unique_designators`) before anything changes."""
+        for acl in acls.values():
+            build_lun_map(self.scsi.luns, acl, self.raw_luns)
         self.acls = {a.key: a for a in acls.values()}
         self.allow_all = allow_all
         self.entry = replace(
@@ -61,7 +65,11 @@ class Target:
         self._views.clear()
 
     def set_luns(self, luns: dict[int, LogicalUnit]) -> None:
-        """Replace the LUN set (the per-ACL views are rebuilt on next use)."""
+        """Replace the LUN set (the per-ACL views are rebuilt on next use); a set or
+        an ACL map showing one designator twice is refused before anything changes."""
+        check_unique_designators(luns, f"target {self.name}")
+        for acl in self.acls.values():
+            build_lun_map(luns, acl, self.raw_luns)
         self.scsi = ScsiTarget(luns)
         self._views.clear()
 
@@ -121,6 +129,7 @@ class Registry:
         key = target.name.lower()
         if key in self.targets:
             raise ValueError(f"target {target.name} is defined twice")
+        check_unique_designators(target.scsi.luns, f"target {target.name}")
         self.targets[key] = target
 
     def scsi_for(
