@@ -38,6 +38,8 @@ from .pool import Pool, UnitRef
 from .view import _Gate
 
 GRAIN = 64 * 1024
+_UNKNOWN = 0xFF  # owner cache: not looked up yet
+_ROOT = 0xFE  # owner cache: no layer holds the grain (read the volume's unit)
 
 
 def grains_of(size: int) -> int:
@@ -170,6 +172,7 @@ class ChainBackend:
         self._on_close = on_close
         self._lock = threading.Lock()  # copy-on-write of one grain is read-modify-write
         self._gate = _Gate()
+        self._owner: bytearray | None = None  # grain -> layer index cache (_owner_of)
         self.unit_uuid = getattr(root, "unit_uuid", None)
 
     # -- BlockBackend ----------------------------------------------------------------------
@@ -188,34 +191,71 @@ class ChainBackend:
                 return layer
         return None
 
+    def _owner_of(self, grain: int) -> int:
+        """Index of the newest layer holding ``grain`` (ROOT: none), cached per grain
+        (1 byte each) so a read through a long chain looks each grain up once."""
+        owner = self._owner
+        if owner is None:
+            if len(self.layers) >= _ROOT:  # too long for one byte: no cache
+                source = self._source(grain)
+                return -1 if source is None else self.layers.index(source)
+            owner = self._owner = bytearray(b"\xff") * grains_of(self.size)
+        value = owner[grain]
+        if value == _UNKNOWN:
+            value = _ROOT
+            byte, bit = grain >> 3, 1 << (grain & 7)
+            for index, layer in enumerate(self.layers):
+                if layer.bits[byte] & bit:
+                    value = index
+                    break
+            owner[grain] = value
+        return -1 if value == _ROOT else value
+
     def _read_from(self, offset: int, buf: memoryview, start: int) -> None:
         """Read ``buf`` at ``offset`` from the chain below ``layers[start]`` inclusive,
         merging runs of grains that come from the same layer into one read."""
         length = len(buf)
-        if start >= len(self.layers):
+        layers = self.layers
+        if start >= len(layers):
             self.root.read_into(offset, buf)
             return
+        if start:  # copy-up of one grain: look it up past the top
+            grain = offset // GRAIN
+            source = self._source(grain, start)
+            (self.root if source is None else source).read_into(offset, buf)
+            return
+        owner_of = self._owner_of
         pos = 0
         while pos < length:
             at = offset + pos
             grain = at // GRAIN
-            source = self._source(grain, start)
+            owner = owner_of(grain)
             end = min(length, (grain + 1) * GRAIN - offset)
-            while end < length:  # extend the run while the next grain has the same source
+            while end < length:  # extend the run while the next grain has the same owner
                 nxt = (offset + end) // GRAIN
-                if self._source(nxt, start) is not source:
+                if owner_of(nxt) != owner:
                     break
                 end = min(length, (nxt + 1) * GRAIN - offset)
             piece = buf[pos:end]
-            if source is None:
+            if owner < 0:
                 self.root.read_into(at, piece)
             else:
-                source.read_into(at, piece)
+                layers[owner].read_into(at, piece)
             pos = end
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         with self._gate.io():
-            check_range(self.size, offset, len(buf))
+            length = len(buf)
+            check_range(self.size, offset, length)
+            layers = self.layers
+            if not layers:
+                self.root.read_into(offset, buf)
+                return
+            grain = offset // GRAIN
+            if length and (offset + length - 1) // GRAIN == grain:  # within one grain
+                owner = self._owner_of(grain)
+                (self.root if owner < 0 else layers[owner]).read_into(offset, buf)
+                return
             self._read_from(offset, buf, 0)
 
     def read(self, offset: int, length: int) -> bytearray:
@@ -253,6 +293,8 @@ class ChainBackend:
                     whole[at - g_start : at - g_start + n] = view[pos : pos + n]
                     top.write(g_start, whole)
                 top.mark(grain)
+                if self._owner is not None:
+                    self._owner[grain] = 0
                 pos += n
 
     def unmap(self, offset: int, length: int) -> None:
@@ -277,6 +319,8 @@ class ChainBackend:
                     with self._lock:
                         top.punch(at, n)
                         top.mark(grain)
+                        if self._owner is not None:
+                            self._owner[grain] = 0
                 else:
                     self._write(at, memoryview(bytes(n)))
                 at += n
@@ -337,3 +381,4 @@ class ChainBackend:
             if id(old) not in keep:
                 old.close()
         self.layers = layers
+        self._owner = None
