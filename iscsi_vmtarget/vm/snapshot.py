@@ -337,6 +337,8 @@ def create_snapshot(
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=True))
         keyring = manager.keyring()
+        if finish_revert(manager, vm, keyring):
+            vm = _rediscover(manager, name)
         if any(s.name == snap for s in snapshots(manager, vm, keyring)):
             raise VmError(f"VM {name!r} already has a snapshot named {snap!r}")
         with (
@@ -395,6 +397,8 @@ def revert(
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=True))
         keyring = manager.keyring()
+        if finish_revert(manager, vm, keyring):
+            vm = _rediscover(manager, name)
         record_found = find_snapshot(manager, vm, keyring, snap)
         with (
             _held(manager, vm, live),
@@ -410,10 +414,11 @@ def revert(
             }
             new_tops = tuple((v.header.naa, deltas[n].header.unit_uuid) for n, v in volumes.items())
             faults.crashpoint("revert.deltas")
-            _copy_sealed(record, base, keyring, RegionKind.STATE)
-            _copy_sealed(record, base, keyring, RegionKind.CONFIG)
-            base.commit(replace(base.header, tops=new_tops))
+            pending = (PENDING_REVERT, record.header.unit_uuid)
+            base.commit(replace(base.header, tops=(*new_tops, pending)))  # the commit point
             faults.crashpoint("revert.committed")
+            _restore(base, record, keyring)
+            faults.crashpoint("revert.restored")
             if live:
                 vm = _rediscover(manager, name)
                 for number, chain in live.items():
@@ -447,6 +452,8 @@ def delete_snapshot(
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=True))
         keyring = manager.keyring()
+        if finish_revert(manager, vm, keyring):
+            vm = _rediscover(manager, name)
         record = find_snapshot(manager, vm, keyring, snap)
         with _held(manager, vm, live):
             manager.catalog.get(record.pool).delete(record.ref)
@@ -528,6 +535,38 @@ def open_live(manager: VmManager, vm: FoundVm, lun: int = 0) -> BlockBackend:
 # -- garbage collection and merges -------------------------------------------------------
 
 
+#: A tops entry that is no volume: "the state and config of this record are still
+#: being restored" (a revert's roll-forward journal, finished by :func:`finish_revert`).
+PENDING_REVERT = bytes(15) + b"\x01"
+
+
+def _restore(base: Unit, record: Unit, keyring: Keyring) -> None:
+    """Copy the record's state and config into the base unit, then drop the pending
+    mark (idempotent: a crash in between is finished by running it again)."""
+    _copy_sealed(record, base, keyring, RegionKind.STATE)
+    _copy_sealed(record, base, keyring, RegionKind.CONFIG)
+    tops = tuple((n, t) for n, t in base.header.tops if n != PENDING_REVERT)
+    base.commit(replace(base.header, tops=tops))
+
+
+def finish_revert(manager: VmManager, vm: FoundVm, keyring: Keyring) -> str | None:
+    """Finish a revert a crash interrupted after its commit point (state and config
+    not yet all restored from the record). Callers hold the pool locks."""
+    pending = [t for n, t in vm.base.header.tops if n == PENDING_REVERT]
+    if not pending:
+        return None
+    records = {r.header.unit_uuid: r for r in vm.records}
+    with contextlib.closing(manager._open(vm.base)) as base:
+        found = records.get(pending[0])
+        if found is None:
+            tops = tuple((n, t) for n, t in base.header.tops if n != PENDING_REVERT)
+            base.commit(replace(base.header, tops=tops))
+            return "pending revert dropped: its snapshot record is gone"
+        with contextlib.closing(manager._open(found)) as record:
+            _restore(base, record, keyring)
+    return f"interrupted revert finished (state and config from {found.ref.location})"
+
+
 def collect(manager: VmManager, name: str) -> list[str]:
     """Bring VM ``name``'s layers back to the invariant (callers hold the pool locks):
 
@@ -541,6 +580,12 @@ def collect(manager: VmManager, name: str) -> list[str]:
     writes nor change a layer the server has open); merges wait for an offline run.
     """
     notes: list[str] = []
+    try:
+        note = finish_revert(manager, _rediscover(manager, name), manager.keyring())
+    except VmError as exc:  # e.g. no key file here: leave it for a run that has one
+        note = f"interrupted revert not finished: {exc}"
+    if note:
+        notes.append(note)
     while True:
         vm = _rediscover(manager, name)
         step = _collect_step(manager, vm, merges=not manager.served(vm))

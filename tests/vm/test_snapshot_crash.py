@@ -5,6 +5,7 @@ image, nothing is damaged and the repair is idempotent (crash points:
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -59,9 +60,13 @@ def _snap(manager: VmManager, name: str, lun: int = 0) -> bytes:
         backend.close()
 
 
-def _setup(state: Path, names: tuple[str, ...]) -> dict[str, tuple[bytes, bytes]]:
-    """vm1 with one snapshot per name, distinct writes before each and after the last;
-    returns every snapshot's images (LUN 0, LUN 1) and, under "", the live ones."""
+Images = dict[str, tuple[bytes, bytes, bytes]]
+
+
+def _setup(state: Path, names: tuple[str, ...]) -> Images:
+    """vm1 with one snapshot per name, distinct writes and state before each and after
+    the last; returns every snapshot's (LUN 0, LUN 1, state) and, under "", the live
+    ones."""
     images = {}
     with VmManager(StateDir.at(str(state))) as manager:
         manager.create("vm1", disk=DISK, memory=MIB, secondaries=(2 * MIB,))
@@ -69,20 +74,23 @@ def _setup(state: Path, names: tuple[str, ...]) -> dict[str, tuple[bytes, bytes]
             fill = bytes([0x41 + index])
             _write(manager, index * GRAIN + 100, fill * (GRAIN + 300))  # partial grains
             _write(manager, 7 * index, fill * 50, lun=1)
+            memory = fill * (100_000 + index)  # several sealed chunks
+            manager.write_state("vm1", io.BytesIO(memory), len(memory))
             if name:
                 snaps.create_snapshot(manager, "vm1", name)
-            images[name] = (_live(manager), _live(manager, 1))
+            images[name] = (_live(manager), _live(manager, 1), memory)
     return images
 
 
-def _check(state: Path, images: dict[str, tuple[bytes, bytes]], live_ok: list[str]) -> None:
+def _check(state: Path, images: Images, live_ok: list[str]) -> None:
     with VmManager(StateDir.at(str(state))) as manager:
         found = manager.discover()
         assert not found.damaged and not found.orphans, found.to_json()
         present = {i.name for i in snaps.list_snapshots(manager, "vm1")}
         for name in present:
-            assert (_snap(manager, name), _snap(manager, name, 1)) == images[name], name
-        live = (_live(manager), _live(manager, 1))
+            assert (_snap(manager, name), _snap(manager, name, 1)) == images[name][:2], name
+        state_image = b"".join(manager.read_state("vm1"))
+        live = (_live(manager), _live(manager, 1), state_image)
         assert any(live == images[name] for name in live_ok), "live disks torn"
         again = manager.discover()
         assert not again.repaired and not again.damaged
@@ -97,7 +105,9 @@ def test_kill_during_snapshot(tmp_path: Path, point: str) -> None:
     _check(state, images, [""])
 
 
-@pytest.mark.parametrize("point", ["revert.deltas", "revert.committed"])
+@pytest.mark.parametrize(
+    "point", ["revert.deltas", "revert.committed", "region.written", "revert.restored"]
+)
 def test_kill_during_revert(tmp_path: Path, point: str) -> None:
     state = tmp_path / "state"
     images = _setup(state, ("s1", "s2"))
