@@ -61,16 +61,28 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
     p = verbs.add_parser(
         "clone",
         help="clone a VM (or one of its snapshots) as a new VM",
-        description="Make VM DST from VM SRC's live disks (SRC not served) or from its "
-        "snapshot --from-snapshot SNAP: new units, new designators and serials; state and "
-        "config copied. Full copies only for now (--full); progress on stderr.",
+        description="Make VM DST from VM SRC's snapshot --from-snapshot SNAP (or its live "
+        "disks: a linked clone then first snapshots SRC as clone-DST; a full one needs SRC "
+        "not served): new units, new designators and serials; state and config copied. "
+        "Linked by default (shares the snapshot's blocks copy-on-write until 'vm unlink "
+        "DST'); --full copies every block (progress on stderr).",
     )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--from-snapshot", metavar="SNAP")
-    p.add_argument("--full", action="store_true", help="copy every block (the default now)")
+    p.add_argument("--full", action="store_true", help="copy every block now")
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _clone))
+
+    p = verbs.add_parser(
+        "unlink",
+        help="make a linked clone independent of its source",
+        description="Copy the blocks a linked clone shares with its source into its own "
+        "units (progress on stderr); the source may then be deleted.",
+    )
+    p.add_argument("name")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _unlink))
 
 
 def _clone(args: argparse.Namespace, manager: VmManager) -> int:
@@ -79,9 +91,31 @@ def _clone(args: argparse.Namespace, manager: VmManager) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\rcloning: {done * 100 // max(1, total)}%", end="", file=sys.stderr, flush=True)
 
-    clone(manager, args.src, args.dst, from_snapshot=args.from_snapshot, progress=progress)
-    print(file=sys.stderr)
-    print(f"cloned {args.src} as {args.dst}")
+    clone(
+        manager,
+        args.src,
+        args.dst,
+        from_snapshot=args.from_snapshot,
+        full=args.full,
+        progress=progress,
+    )
+    if args.full:
+        print(file=sys.stderr)
+    kind = "full copy" if args.full else "linked clone"
+    print(f"cloned {args.src} as {args.dst} ({kind})")
+    return 0
+
+
+def _unlink(args: argparse.Namespace, manager: VmManager) -> int:
+    from ..vm.clone import unlink
+
+    def progress(done: int, total: int) -> None:
+        print(f"\runlinking: {done * 100 // max(1, total)}%", end="", file=sys.stderr, flush=True)
+
+    changed = unlink(manager, args.name, progress=progress)
+    if changed:
+        print(file=sys.stderr)
+    print(f"VM {args.name} is independent" + ("" if changed else " (it already was)"))
     return 0
 
 

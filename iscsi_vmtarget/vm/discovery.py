@@ -13,6 +13,7 @@ base unit they name as owner, so a VM's snapshots are found from its units alone
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from .errors import ForeignUnitError, FormatError, NewerFormatError, VmError
@@ -72,6 +73,9 @@ class FoundVm:
     missing: list[bytes] = field(default_factory=list)
     layers: list[FoundUnit] = field(default_factory=list)  # delta units (copy-on-write)
     records: list[FoundUnit] = field(default_factory=list)  # snapshot records
+    #: every valid unit of the discovery run by UUID (shared by all its VMs): a linked
+    #: clone's chains continue into its source VM's layers and volume units
+    index: dict[uuid.UUID, FoundUnit] = field(default_factory=dict, repr=False)
 
     @property
     def units(self) -> list[FoundUnit]:
@@ -198,6 +202,9 @@ def assemble(units: list[FoundUnit], result: Discovery) -> Discovery:
         result.vms.append(vm)
     result.orphans = [u for naa, u in by_naa.items() if naa not in claimed]
     by_owner = {vm.base.header.unit_uuid: vm for vm in result.vms}
+    index = {u.header.unit_uuid: u for u in units}
+    for vm in result.vms:
+        vm.index = index
     for unit in units:
         if unit.header.role not in (Role.DELTA, Role.SNAPSHOT):
             continue

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..scsi import LogicalUnit, Reason, UnitIdentity
-from ..storage.backend import BlockBackend
 from .cow import ChainBackend
 from .discovery import Discovery, FoundUnit, FoundVm
 from .errors import VmError
@@ -145,16 +144,8 @@ def _live_view(
     manager = VmManager(StateDir.at(state_dir))
     manager.catalog = catalog
     chain = open_chain(manager, vm, volume, top, read_only=False)
-    chain._on_close = on_close
-    chain.root = _writable_root(chain.root, unit)
+    chain._on_close = on_close  # its root (read-only) is only ever read: writes go on top
     return chain
-
-
-def _writable_root(root: BlockBackend, unit: Unit) -> BlockBackend:
-    """open_chain opens the root read-only; a live chain's root takes writes when its
-    layers are merged away by a later rebind, so reopen it writable."""
-    root.close()
-    return unit.guest_view()
 
 
 DEMO_VM = "demo"

@@ -227,6 +227,15 @@ class VmManager:
         pools = self.catalog.all()
         with self._locked(pools):
             vm = self.find(name, discover(pools, repair=True))
+            mine = {u.header.unit_uuid for u in vm.all_units}
+            for unit in vm.index.values():
+                if unit.header.parent_uuid in mine and unit.header.unit_uuid not in mine:
+                    owner = vm.index.get(unit.header.owner_uuid or unit.header.unit_uuid)
+                    other = owner.header.name if owner else unit.header.name
+                    raise InUseError(
+                        f"VM {other!r} is a linked clone of VM {name!r}: run "
+                        f"'iscsi-vmtarget vm unlink {other}' (or delete it) first"
+                    )
             with contextlib.ExitStack() as stack:
                 for unit in vm.units:
                     try:

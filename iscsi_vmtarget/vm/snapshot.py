@@ -114,21 +114,26 @@ def _record_layer(record: UnitHeader, volume: FoundUnit) -> uuid.UUID:
     raise VmError(f"snapshot {record.unit_uuid} has no layer for volume {volume.header.naa.hex()}")
 
 
-def _chain(vm: FoundVm, volume: FoundUnit, start: uuid.UUID) -> list[FoundUnit]:
-    """The delta layers from ``start`` down to (not including) the volume's own unit."""
-    by_uuid = {u.header.unit_uuid: u for u in vm.layers}
+def _walk(vm: FoundVm, start: uuid.UUID) -> tuple[list[FoundUnit], FoundUnit]:
+    """The delta layers from ``start`` down, and the volume unit the chain ends at: the
+    volume's own unit, or for a linked clone its source's (:mod:`.clone`)."""
+    index = vm.index or {u.header.unit_uuid: u for u in (*vm.units, *vm.layers)}
     out: list[FoundUnit] = []
     current = start
-    while current != volume.header.unit_uuid:
-        layer = by_uuid.get(current)
-        if layer is None or len(out) > 100000:
-            raise VmError(
-                f"VM {vm.name!r}: layer {current} of volume {volume.header.naa.hex()} is missing"
-            )
-        out.append(layer)
-        assert layer.header.parent_uuid is not None
-        current = layer.header.parent_uuid
-    return out
+    while True:
+        unit = index.get(current)
+        if unit is None or len(out) > 100000:
+            raise VmError(f"VM {vm.name!r}: layer {current} of a snapshot chain is missing")
+        if unit.header.role is not Role.DELTA:
+            return out, unit
+        out.append(unit)
+        assert unit.header.parent_uuid is not None
+        current = unit.header.parent_uuid
+
+
+def _chain(vm: FoundVm, volume: FoundUnit, start: uuid.UUID) -> list[FoundUnit]:
+    """The delta layers from ``start`` down to (not including) the root volume unit."""
+    return _walk(vm, start)[0]
 
 
 def open_chain(
@@ -141,14 +146,14 @@ def open_chain(
     on_close: contextlib.AbstractContextManager[None] | None = None,
 ) -> ChainBackend:
     """A block backend of ``volume``'s guest disk as the layer ``start`` sees it."""
-    chain = _chain(vm, volume, start)
+    chain, root_unit = _walk(vm, start)
     size = volume.header.disk_size
     layers: list[DeltaLayer] = []
     try:
         for found in chain:
             pool = manager.catalog.get(found.pool)
             layers.append(DeltaLayer(pool.open(found.ref), found.header, size))
-        unit = Unit.open(manager.catalog.get(volume.pool), volume.ref, repair=False)
+        unit = Unit.open(manager.catalog.get(root_unit.pool), root_unit.ref, repair=False)
         try:
             root = unit.guest_view(read_only=True)
         finally:
@@ -602,9 +607,18 @@ def _collect_step(manager: VmManager, vm: FoundVm, *, merges: bool) -> str | Non
             manager.catalog.get(record.pool).delete(record.ref)
             return f"unfinished snapshot record {record.ref.location} removed"
     record_layers = {layer for r in vm.records for _naa, layer in r.header.tops}
+    own = {u.header.unit_uuid for u in (*vm.layers, *volumes)}
+    foreign = [  # linked clones' deltas (other VMs) whose parent is one of our units
+        u
+        for u in vm.index.values()
+        if u.header.role is Role.DELTA
+        and u.header.owner_uuid != vm.base.header.unit_uuid
+        and u.header.parent_uuid in own
+    ]
     reachable: set[uuid.UUID] = set()
     by_uuid = {u.header.unit_uuid: u for u in vm.layers}
-    for start in tops | record_layers:
+    anchors = {u.header.parent_uuid for u in foreign if u.header.parent_uuid is not None}
+    for start in tops | record_layers | anchors:
         current: uuid.UUID | None = start
         while current is not None and current in by_uuid and current not in reachable:
             reachable.add(current)
@@ -616,13 +630,16 @@ def _collect_step(manager: VmManager, vm: FoundVm, *, merges: bool) -> str | Non
     if not merges:
         return None
     children: dict[uuid.UUID, list[FoundUnit]] = {}
-    for layer in vm.layers:
+    for layer in (*vm.layers, *foreign):
         assert layer.header.parent_uuid is not None
         children.setdefault(layer.header.parent_uuid, []).append(layer)
+    mine = vm.base.header.unit_uuid
     for layer in vm.layers:
         lid = layer.header.unit_uuid
         kids = children.get(lid, [])
         if lid in tops or lid in record_layers or len(kids) != 1:
+            continue
+        if kids[0].header.owner_uuid != mine:  # never write into another VM's layer
             continue
         _merge_down(manager, layer, kids[0], _size_of(volumes, layer.header))
         return f"layer {layer.ref.location} merged into {kids[0].ref.location}"
@@ -632,7 +649,7 @@ def _collect_step(manager: VmManager, vm: FoundVm, *, merges: bool) -> str | Non
         if vid in tops or vid in record_layers or len(kids) != 1:
             continue
         child = kids[0]
-        if child.header.unit_uuid in record_layers:
+        if child.header.unit_uuid in record_layers or child.header.owner_uuid != mine:
             continue
         _merge_into_root(manager, vm, volume, child, children.get(child.header.unit_uuid, []))
         return f"layer {child.ref.location} merged into its volume {volume.ref.location}"

@@ -130,12 +130,45 @@ def test_kill_during_delete_merge(
         assert victim not in {i.name for i in snaps.list_snapshots(manager, "vm1")}
 
 
-@pytest.mark.parametrize("point", ["clone.copying", "clone.copied"])
-def test_kill_during_clone(tmp_path: Path, point: str) -> None:
+@pytest.mark.parametrize(
+    ("point", "how"),
+    [
+        ("clone.copying", "--full"),
+        ("clone.copied", "--full"),
+        ("clone.linking", "--from-snapshot=s1"),
+        ("clone.copied", "--from-snapshot=s1"),
+    ],
+)
+def test_kill_during_clone(tmp_path: Path, point: str, how: str) -> None:
     state = tmp_path / "state"
     images = _setup(state, ("s1",))
-    _run_killed(state, point, "vm", "clone", "vm1", "copy", "--from-snapshot", "s1")
+    _run_killed(state, point, "vm", "clone", "vm1", "copy", "--from-snapshot", "s1", how)
     _check(state, images, [""])
     with VmManager(StateDir.at(str(state))) as manager:
         names = {v.name for v in manager.discover().vms}
         assert "copy" not in names  # never half-visible under its name
+
+
+@pytest.mark.parametrize("point", ["unlink.copying", "unlink.committed"])
+def test_kill_during_unlink(tmp_path: Path, point: str) -> None:
+    from iscsi_vmtarget.vm.clone import clone, unlink
+
+    state = tmp_path / "state"
+    images = _setup(state, ("s1",))
+    with VmManager(StateDir.at(str(state))) as manager:
+        clone(manager, "vm1", "copy", from_snapshot="s1", full=False)
+    _run_killed(state, point, "vm", "unlink", "copy")
+    _check(state, images, [""])
+    with VmManager(StateDir.at(str(state))) as manager:
+        unlink(manager, "copy")  # finishes (or confirms) it
+        backend = snaps.open_live(manager, manager.find("copy"))
+        try:
+            assert bytes(backend.read(0, backend.size)) == images["s1"][0]
+        finally:
+            backend.close()
+        manager.delete("vm1")  # the source may go now
+        backend = snaps.open_live(manager, manager.find("copy"))
+        try:
+            assert bytes(backend.read(0, backend.size)) == images["s1"][0]
+        finally:
+            backend.close()

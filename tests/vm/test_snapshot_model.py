@@ -1,6 +1,7 @@
 """A stateful hypothesis test of snapshots against an in-memory model: random writes
 (across grain boundaries, partial and whole grains), snapshots, deletes (merges),
-reverts and clones; after every step, every snapshot and every live disk of every VM
+reverts, full and linked clones, unlinks and VM deletes (refused while a linked
+clone rests on the VM); after every step, every snapshot and every live disk of every VM
 reads exactly what the model says, and so does the state image."""
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ import io
 import shutil
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm import InUseError, StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.clone import clone
+from iscsi_vmtarget.vm.clone import clone, unlink
 from iscsi_vmtarget.vm.cow import GRAIN
 
 MIB = 1 << 20
@@ -37,6 +39,7 @@ class SnapshotModel(RuleBasedStateMachine):
         self.state: dict[str, bytes] = {"a": b""}
         self.snaps: dict[tuple[str, str], tuple[list[bytes], bytes]] = {}
         self.counter = 0
+        self.linked: dict[str, str] = {}  # linked clone -> its source VM
 
     def teardown(self) -> None:
         self.manager.close()
@@ -93,14 +96,21 @@ class SnapshotModel(RuleBasedStateMachine):
         self.live[vm] = [bytearray(i) for i in images]
         self.state[vm] = state
 
-    @precondition(lambda self: len(self.live) < 3)
-    @rule(data=st.data(), from_snapshot=st.booleans())
-    def clone(self, data: st.DataObject, from_snapshot: bool) -> None:
+    @precondition(lambda self: len(self.live) < 4)
+    @rule(data=st.data(), from_snapshot=st.booleans(), full=st.booleans())
+    def clone(self, data: st.DataObject, from_snapshot: bool, full: bool) -> None:
         vm = data.draw(st.sampled_from(sorted(self.live)))
         mine = sorted(s for v, s in self.snaps if v == vm)
         snap = data.draw(st.sampled_from(mine)) if from_snapshot and mine else None
         name = self._name("c")
-        clone(self.manager, vm, name, from_snapshot=snap)
+        clone(self.manager, vm, name, from_snapshot=snap, full=full)
+        if not full:
+            self.linked[name] = vm
+            if snap is None:  # a linked clone of the live disks snapshots them first
+                self.snaps[(vm, f"clone-{name}")] = (
+                    [bytes(d) for d in self.live[vm]],
+                    self.state[vm],
+                )
         if snap is None:
             self.live[name] = [bytearray(d) for d in self.live[vm]]
             self.state[name] = self.state[vm]
@@ -108,6 +118,26 @@ class SnapshotModel(RuleBasedStateMachine):
             images, state = self.snaps[(vm, snap)]
             self.live[name] = [bytearray(i) for i in images]
             self.state[name] = state
+
+    @precondition(lambda self: bool(self.linked))
+    @rule(data=st.data())
+    def unlink(self, data: st.DataObject) -> None:
+        vm = data.draw(st.sampled_from(sorted(self.linked)))
+        assert unlink(self.manager, vm)
+        del self.linked[vm]
+
+    @precondition(lambda self: len(self.live) > 1)
+    @rule(data=st.data())
+    def delete_vm(self, data: st.DataObject) -> None:
+        vm = data.draw(st.sampled_from(sorted(self.live)))
+        if vm in self.linked.values():
+            with pytest.raises(InUseError, match="linked clone"):
+                self.manager.delete(vm)
+            return
+        self.manager.delete(vm)
+        del self.live[vm], self.state[vm]
+        self.linked.pop(vm, None)
+        self.snaps = {k: v for k, v in self.snaps.items() if k[0] != vm}
 
     @invariant()
     def everything_reads_as_modelled(self) -> None:
