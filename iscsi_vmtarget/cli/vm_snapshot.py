@@ -84,6 +84,18 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _unlink))
 
+    p = verbs.add_parser(
+        "move",
+        help="move a VM's units to another pool (offline)",
+        description="Copy every unit of the VM (disks, snapshot layers and records) to "
+        "directory pool --pool, then switch, crash-safely; identities do not change. "
+        "Refused while a server exports the VM. Progress on stderr.",
+    )
+    p.add_argument("name")
+    p.add_argument("--pool", required=True)
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _move))
+
 
 def _clone(args: argparse.Namespace, manager: VmManager) -> int:
     from ..vm.clone import clone
@@ -116,6 +128,18 @@ def _unlink(args: argparse.Namespace, manager: VmManager) -> int:
     if changed:
         print(file=sys.stderr)
     print(f"VM {args.name} is independent" + ("" if changed else " (it already was)"))
+    return 0
+
+
+def _move(args: argparse.Namespace, manager: VmManager) -> int:
+    from ..vm.move import move
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rmoving: {done * 100 // max(1, total)}%", end="", file=sys.stderr, flush=True)
+
+    count = move(manager, args.name, args.pool, progress=progress)
+    print(file=sys.stderr)
+    print(f"moved VM {args.name} to pool {args.pool} ({count} units)")
     return 0
 
 

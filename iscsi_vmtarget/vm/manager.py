@@ -113,6 +113,10 @@ class VmManager:
         with contextlib.ExitStack() as stack:
             for pool in sorted(pools, key=lambda p: p.name):
                 stack.enter_context(locks.pool_lock(self.state.root, pool.name))
+            if len(pools) == len(self.catalog.names()):  # all locks held: finish moves
+                from .move import finish_moves
+
+                finish_moves(self)
             yield
 
     # -- discovery ----------------------------------------------------------------------------
