@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
+from ..storage.backend import BlockBackend
 from . import faults
 from .discovery import discover
 from .errors import VmError
@@ -86,12 +87,14 @@ def clone(
         done = 0
         linked: list[tuple[bytes, uuid.UUID]] = []
         new_luns = new.lun_map()
-        for number, volume in sorted(luns.items()) if not full and record else ():
+        for number, volume in sorted(luns.items()) if not full else ():
+            assert record is not None  # a linked clone always rests on a snapshot
             parent = dict(record.header.tops)[volume.header.naa]
             delta = _new_delta(manager, new, new_luns[number], parent)
             linked.append((new_luns[number].header.naa, delta.header.unit_uuid))
             faults.crashpoint("clone.linking")
         for number, volume in sorted(luns.items()) if full else ():
+            source: BlockBackend
             if record is not None:
                 layer = dict(record.header.tops)[volume.header.naa]
                 source = open_chain(manager, vm, volume, layer, read_only=True)

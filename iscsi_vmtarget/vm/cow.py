@@ -124,7 +124,7 @@ class DeltaLayer:
     def read_into(self, offset: int, buf: memoryview) -> None:
         self.backend.read_into(self._disk_off + offset, buf)
 
-    def write(self, offset: int, data: memoryview | bytes) -> None:
+    def write(self, offset: int, data: memoryview | bytes | bytearray) -> None:
         self.backend.write(self._disk_off + offset, data)
 
     def punch(self, offset: int, length: int) -> None:

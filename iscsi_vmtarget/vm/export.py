@@ -267,9 +267,9 @@ def resize_live(
     with VmManager(StateDir.at(state_dir, key_file)) as manager:
         vm = manager.resize(name, disk=disk, memory=memory, secondaries=secondaries, live=views)
         for number, found in vm.lun_map().items():
-            lu = (raw or {}).get(number)
-            if lu is not None and lu.backend.size != found.header.unit_size:
-                old = lu.backend
-                lu.backend = RawView(manager.catalog.get(found.pool).open(found.ref))
+            raw_lu = (raw or {}).get(number)
+            if raw_lu is not None and raw_lu.backend.size != found.header.unit_size:
+                old = raw_lu.backend
+                raw_lu.backend = RawView(manager.catalog.get(found.pool).open(found.ref))
                 old.close()
     return vm

@@ -212,7 +212,7 @@ def find_snapshot(manager: VmManager, vm: FoundVm, keyring: Keyring, snap: str) 
 # -- creation helpers --------------------------------------------------------------------
 
 
-def _new_delta(manager: VmManager, vm: FoundVm, volume: FoundUnit, parent: uuid.UUID) -> uuid.UUID:
+def _new_delta(manager: VmManager, vm: FoundVm, volume: FoundUnit, parent: uuid.UUID) -> FoundUnit:
     unit_uuid = uuid.uuid4()
     header = delta_header(
         unit_uuid=unit_uuid,
