@@ -8,6 +8,7 @@ refused."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,30 @@ def _identity(ini: Initiator, lun: int = 0) -> tuple[bytes, bytes]:
     return found.group(1), page80[4 : 4 + page80[3]]
 
 
+def _iscsi_inq(url: str) -> tuple[bytes, bytes] | None:
+    """(designator up to its first NUL, serial) as libiscsi's iscsi-inq prints them
+    (it prints the binary designator with %s); None without iscsi-inq."""
+    if shutil.which("iscsi-inq") is None:
+        return None
+    page83 = subprocess.run(
+        ["iscsi-inq", "-i", INITIATOR, "-e", "1", "-c", "131", url],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    found = re.search(rb"Designator Type:\(3\) NAA\nDesignator:\[(.*?)\]\n", page83, re.S)
+    assert found, page83
+    page80 = subprocess.run(
+        ["iscsi-inq", "-i", INITIATOR, "-e", "1", "-c", "128", url],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    serial = re.search(rb"Unit Serial Number:\[(.*?)\]", page80)
+    assert serial, page80
+    return found.group(1), serial.group(1)
+
+
 def _login(port: int, target: str) -> Initiator:
     ini = Initiator(port=port, initiator_name=INITIATOR, target_name=target)
     ini.login()
@@ -73,6 +98,8 @@ def test_snapshot_and_revert_of_a_served_vm(tmp_path: Path) -> None:
         manager.create(VM, disk=16 * MIB, memory=4 * MIB, secondaries=(8 * MIB,))
     target = start_target(tmp_path, "--state-dir", str(state))
     try:
+        urls = [f"iscsi://127.0.0.1:{target.port}/{IQN}/{lun}" for lun in (0, 1)]
+        inq_before = [_iscsi_inq(url) for url in urls]
         ini = _login(target.port, IQN)
         try:
             before = [_identity(ini, 0), _identity(ini, 1)]
@@ -87,6 +114,7 @@ def test_snapshot_and_revert_of_a_served_vm(tmp_path: Path) -> None:
             assert "daemon" in ivt(state, "vm", "revert", VM, "s1")
             assert _read(ini, 5) == one and _read(ini, 3, lun=1) == one  # both disks bound
             assert [_identity(ini, 0), _identity(ini, 1)] == before  # VPD 0x83 and 0x80
+            assert [_iscsi_inq(url) for url in urls] == inq_before  # and as iscsi-inq sees
             listing = ivt(state, "vm", "snapshot", "list", VM)
             assert "s1" in listing and "s2" in listing
             assert "daemon" in ivt(state, "vm", "snapshot", "delete", VM, "s2")

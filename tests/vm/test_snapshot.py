@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from iscsi_vmtarget.vm import VmError, VmManager
+from iscsi_vmtarget.vm import Mode, VmError, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN
 from iscsi_vmtarget.vm.export import export_vm
@@ -55,8 +55,9 @@ def _set_state(manager: VmManager, name: str, data: bytes) -> None:
     manager.write_state(name, io.BytesIO(data), len(data))
 
 
-def test_snapshot_revert_delete_flow(manager: VmManager) -> None:
-    manager.create("vm1", disk=DISK, memory=MEMORY, secondaries=(2 * MIB,))
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.name.lower())
+def test_snapshot_revert_delete_flow(manager: VmManager, mode: Mode) -> None:
+    manager.create("vm1", disk=DISK, memory=MEMORY, secondaries=(2 * MIB,), mode=mode)
     _write(manager, "vm1", 0, b"A" * 1000)
     _write(manager, "vm1", 5, b"s" * 10, lun=1)
     _set_state(manager, "vm1", b"state-one")
