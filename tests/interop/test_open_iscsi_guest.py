@@ -475,21 +475,15 @@ def test_logout(guest: GuestResult) -> None:
     assert after.rc != 0 or not after.output.strip() or "No active sessions" in after.output
 
 
-# --- SBC/SPC features still being added to the target: xfail until they land ----------
+# --- SBC/SPC commands beyond the core: opcodes, reservations, provisioning, CAW --------
 
 
-def _xfail(command: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=False, reason=f"target lacks {command} for now")
-
-
-@_xfail("REPORT SUPPORTED OPERATION CODES")
 def test_sg_opcodes(guest: GuestResult) -> None:
     out = guest.out("opcodes")
     for name in ("Inquiry", "Read(10)", "Write(10)", "Read capacity(16)", "Report luns"):
         assert name.lower() in out.lower(), out
 
 
-@_xfail("PERSISTENT RESERVE IN/OUT")
 def test_sg_persist_register_reserve_read_keys(guest: GuestResult) -> None:
     guest.out("pr-register")
     guest.out("pr-reserve")
@@ -502,7 +496,6 @@ def test_sg_persist_register_reserve_read_keys(guest: GuestResult) -> None:
     assert "there are NO registered reservation keys" in guest.out("pr-keys-after")
 
 
-@_xfail("UNMAP / GET LBA STATUS")
 def test_sg_unmap_and_get_lba_status(guest: GuestResult) -> None:
     guest.out("unmap-prewrite")
     out = guest.out("lba-status-mapped")
@@ -519,7 +512,6 @@ def test_sg_unmap_and_get_lba_status(guest: GuestResult) -> None:
         assert os.lseek(f.fileno(), start, os.SEEK_DATA) >= start + UNMAP_BLOCKS * 512
 
 
-@_xfail("WRITE SAME(16)")
 def test_sg_write_same(guest: GuestResult) -> None:
     guest.out("write-same")
     with open(guest.backing((DISKS, 0)), "rb") as f:
@@ -528,7 +520,6 @@ def test_sg_write_same(guest: GuestResult) -> None:
     assert data[512:] == guest.pattern[:512] * 63
 
 
-@_xfail("COMPARE AND WRITE")
 def test_sg_compare_and_write(guest: GuestResult) -> None:
     guest.out("caw")
     assert guest.out("caw-check").split()[0] == hashlib.sha256(guest.pattern[512:1024]).hexdigest()
