@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..iscsi import pdu as P
 from ..iscsi.framing import PduReader, encode_pdu
 from ..scsi.lun_address import encode_lun
+from ..scsi.sense import parse_sense
 
 DEFAULT_INITIATOR = "iqn.2026-11.org.iscsi-vmtarget:initiator"
 
@@ -43,19 +44,12 @@ class ScsiResult:
 
     @property
     def sense_key(self) -> int:
-        if not self.sense:
-            return 0
-        return (
-            self.sense[1] & 0x0F if self.sense[0] & 0x7F in (0x72, 0x73) else self.sense[2] & 0x0F
-        )
+        return parse_sense(self.sense)[0]
 
     @property
     def asc_ascq(self) -> tuple[int, int]:
-        if not self.sense:
-            return (0, 0)
-        if self.sense[0] & 0x7F in (0x72, 0x73):
-            return (self.sense[2], self.sense[3])
-        return (self.sense[12], self.sense[13])
+        _, asc, ascq = parse_sense(self.sense)
+        return (asc, ascq)
 
 
 def _text(pairs: list[tuple[str, str]]) -> bytes:

@@ -290,3 +290,15 @@ def build_sense(
         0x00,  # FIELD REPLACEABLE UNIT CODE
         sks if sks is not None else b"\x00\x00\x00",  # SKSV + SENSE KEY SPECIFIC
     )
+
+
+def parse_sense(sense: bytes | bytearray | memoryview) -> tuple[int, int, int]:
+    """(sense key, ASC, ASCQ) of fixed (0x70/0x71, SPC-4 §4.5.3) or descriptor
+    (0x72/0x73, §4.5.2) sense data; (0, 0, 0) for none. The reader of build_sense."""
+    if len(sense) < 4:
+        return (0, 0, 0)
+    if sense[0] & 0x7F in (0x72, 0x73):
+        return (sense[1] & 0x0F, sense[2], sense[3])
+    if len(sense) < 14:
+        return (sense[2] & 0x0F, 0, 0)
+    return (sense[2] & 0x0F, sense[12], sense[13])

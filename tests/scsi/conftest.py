@@ -16,6 +16,7 @@ from iscsi_vmtarget.scsi import (
     Status,
     UnitIdentity,
 )
+from iscsi_vmtarget.scsi.sense import parse_sense
 from iscsi_vmtarget.storage import BackendError, MemoryBackend
 
 BLOCK = 512
@@ -96,10 +97,7 @@ def make_nexus(initiator: str = "iqn.2024-01.test:init", isid: int = 1) -> Nexus
 
 def sense_triplet(response: ScsiResponse) -> tuple[int, int, int]:
     """(key, ASC, ASCQ) from fixed or descriptor sense data."""
-    sense = response.sense
-    if sense[0] & 0x7F == 0x72:
-        return sense[1] & 0x0F, sense[2], sense[3]
-    return sense[2] & 0x0F, sense[12], sense[13]
+    return parse_sense(response.sense)
 
 
 def cdb10(opcode: int, lba: int, blocks: int, flags: int = 0) -> bytes:

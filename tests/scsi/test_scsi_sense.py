@@ -61,3 +61,15 @@ def test_descriptor_with_information_and_field_pointer() -> None:
     information = "00 0a 80 00 0000000000000007"
     sense_key_specific = "02 06 0000 c00002 00"
     assert sense == bytes.fromhex(header + information + sense_key_specific)
+
+
+@pytest.mark.parametrize("descriptor", [False, True])
+def test_parse_sense_reads_what_build_sense_writes(descriptor: bool) -> None:
+    from iscsi_vmtarget.scsi.sense import Reason, build_sense, parse_sense
+
+    assert parse_sense(build_sense(Reason.LBA_OUT_OF_RANGE, descriptor=descriptor)) == (
+        0x05,
+        0x21,
+        0x00,
+    )
+    assert parse_sense(b"") == (0, 0, 0)

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 
 from iscsi_vmtarget.scsi import LogicalUnit, Nexus, ScsiResponse, ScsiTarget, Status
+from iscsi_vmtarget.scsi.sense import parse_sense
 from iscsi_vmtarget.storage import MemoryBackend
 from iscsi_vmtarget.vm.format import Mode, Role, UnitHeader
 from iscsi_vmtarget.vm.layout import initial_regions
@@ -102,10 +103,8 @@ def make_nexus() -> Nexus:
 
 
 def sense_triplet(response: ScsiResponse) -> tuple[int, int, int]:
-    sense = response.sense
-    if sense[0] & 0x7F == 0x72:
-        return sense[1] & 0x0F, sense[2], sense[3]
-    return sense[2] & 0x0F, sense[12], sense[13]
+    """(key, ASC, ASCQ) from fixed or descriptor sense data."""
+    return parse_sense(response.sense)
 
 
 @dataclass
