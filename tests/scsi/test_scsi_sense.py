@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from iscsi_vmtarget.scsi.sense import (
     SENSE_TABLE,
     Reason,
@@ -9,6 +11,7 @@ from iscsi_vmtarget.scsi.sense import (
     build_sense,
     cdb_field,
     param_field,
+    parse_sense,
 )
 
 
@@ -65,8 +68,6 @@ def test_descriptor_with_information_and_field_pointer() -> None:
 
 @pytest.mark.parametrize("descriptor", [False, True])
 def test_parse_sense_reads_what_build_sense_writes(descriptor: bool) -> None:
-    from iscsi_vmtarget.scsi.sense import Reason, build_sense, parse_sense
-
     assert parse_sense(build_sense(Reason.LBA_OUT_OF_RANGE, descriptor=descriptor)) == (
         0x05,
         0x21,
