@@ -96,3 +96,22 @@ def need_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed (tools/install-deps --test installs it)")
     return path
+
+
+def run_tool(
+    *args: str, timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run an external client (iscsi-inq, qemu-img, ...). Output is read as bytes and
+    decoded as latin-1 by hand: iscsi-inq prints binary designators (NAA) raw, and
+    text mode would turn a \\r inside one into \\n. check: fail showing its output."""
+    need_tool(args[0])
+    raw = subprocess.run(args, capture_output=True, timeout=timeout)
+    proc = subprocess.CompletedProcess(
+        raw.args, raw.returncode, raw.stdout.decode("latin-1"), raw.stderr.decode("latin-1")
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+            f"stderr:\n{proc.stderr}"
+        )
+    return proc

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INITIATOR, RunningTarget, need_tool, start_target
+from tests.conftest import INITIATOR, RunningTarget, run_tool, start_target
 
 pytestmark = pytest.mark.interop
 
@@ -17,19 +17,7 @@ DEMO = "iqn.2026-11.org.iscsi-vmtarget:demo"
 
 
 def run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
-    need_tool(args[0])
-    # Bytes decoded as latin-1 by hand: iscsi-inq prints binary designators (NAA) raw,
-    # and text mode would turn a \r inside one into \n.
-    raw = subprocess.run(args, capture_output=True, timeout=timeout)
-    proc = subprocess.CompletedProcess(
-        raw.args, raw.returncode, raw.stdout.decode("latin-1"), raw.stderr.decode("latin-1")
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
-            f"stderr:\n{proc.stderr}"
-        )
-    return proc
+    return run_tool(*args, timeout=timeout, check=check)
 
 
 def test_iscsi_ls_lists_demo_target_and_lun(demo_target: RunningTarget) -> None:

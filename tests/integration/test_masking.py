@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client import Initiator, InitiatorError, LoginFailed
-from tests.conftest import RunningTarget, need_tool, start_target
+from tests.conftest import RunningTarget, run_tool, start_target
 
 A = "iqn.2026-11.org.iscsi-vmtarget:masked"
 B = "iqn.2026-11.org.iscsi-vmtarget:open"
@@ -89,12 +89,8 @@ def masked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTarget]:
     t.stop()
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    need_tool(args[0])
-    proc = subprocess.run(args, capture_output=True, encoding="latin-1", timeout=60)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {proc.returncode}\n{proc.stdout}{proc.stderr}")
-    return proc
+def run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run_tool(*args, timeout=timeout, check=check)
 
 
 def iscsi_ls(t: RunningTarget, initiator: str, auth: str = "") -> dict[str, list[int]]:

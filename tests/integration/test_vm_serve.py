@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, Mode, StateDir, VmManager
-from tests.conftest import INITIATOR, RunningTarget, need_tool, start_target
+from tests.conftest import INITIATOR, RunningTarget, need_tool, run_tool, start_target
 
 pytestmark = pytest.mark.interop
 
@@ -74,13 +74,7 @@ def vm_targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmTargets]:
 
 
 def run(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
-    need_tool(args[0])
-    proc = subprocess.run(args, capture_output=True, encoding="latin-1", timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
+    return run_tool(*args, timeout=timeout, check=check)
 
 
 def test_every_vm_is_exported_with_its_disks(vm_targets: VmTargets) -> None:
