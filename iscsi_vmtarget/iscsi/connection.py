@@ -112,6 +112,7 @@ class TargetConnection:
         self._logout_pdu: P.LogoutRequest | None = None
         self.closing = False
         self._queued = 0  # bytes in self._out
+        self._buffered = 0  # bytes of Data-Out buffers held by self.tasks
         self.stalled = False  # PDUs left unhandled until the output is taken
 
     # ------------------------------------------------------------------ public API
@@ -151,8 +152,7 @@ class TargetConnection:
     def command_completed(self, task: Task, response: ScsiResponse) -> None:
         """The SCSI layer finished ``task``: queue Data-In and status (§11.4, §11.7)."""
         task.dispatched = True
-        if self.tasks.get(task.itt) is task:
-            del self.tasks[task.itt]
+        self._drop_task(task)
         if task.aborted or self.phase is not Phase.FULL_FEATURE:
             self._maybe_finish_logout()
             return
@@ -166,9 +166,7 @@ class TargetConnection:
         """Abort every task (of one LUN): used for resets arriving from other sessions."""
         for task in list(self.tasks.values()):
             if lun is None or task.lun == lun:
-                task.aborted = True
-                if not task.dispatched:
-                    del self.tasks[task.itt]
+                self._abort(task)
 
     def ping(self) -> None:
         """Send a NOP-In that asks for a NOP-Out (target-initiated ping, §11.19)."""
@@ -301,10 +299,7 @@ class TargetConnection:
             self._send_early_status(cmd.itt, 0x02, Reason.INVALID_FIELD_IN_CDB)
             return
         if len(self.tasks) >= self.settings.max_tasks or (
-            cmd.write
-            and edtl
-            and edtl + sum(len(t.buffer) for t in self.tasks.values() if t.buffer is not None)
-            > self.settings.max_buffered_data_out
+            cmd.write and edtl and edtl + self._buffered > self.settings.max_buffered_data_out
         ):
             self._send_early_status(cmd.itt, 0x28)  # TASK SET FULL
             return
@@ -333,6 +328,7 @@ class TargetConnection:
         else:
             task.write = False
         self.tasks[cmd.itt] = task
+        self._buffered += len(task.buffer) if task.buffer is not None else 0
         if task.write:
             self._issue_r2ts(task)
         self._maybe_dispatch(task)
@@ -601,8 +597,15 @@ class TargetConnection:
     def _abort(self, task: Task) -> None:
         task.aborted = True
         if not task.dispatched:
-            self.tasks.pop(task.itt, None)
-        self._pending.pop(task.cmdsn, None)
+            self._drop_task(task)
+        # A held-back command stays in _pending: its CmdSN still counts when the gap
+        # fills (delivering it finds no task), so ExpCmdSN moves past it.
+
+    def _drop_task(self, task: Task) -> None:
+        """Forget a task; the one place that keeps ``_buffered`` in step with ``tasks``."""
+        if self.tasks.get(task.itt) is task:
+            del self.tasks[task.itt]
+            self._buffered -= len(task.buffer) if task.buffer is not None else 0
 
     def _logout(self, pdu: P.LogoutRequest) -> None:
         """Logout (§11.14): answer once every running task is done, then close."""

@@ -326,3 +326,30 @@ def test_login_phase_rejects_other_opcodes_by_closing() -> None:
     conn.receive_data(wire(P.NopOut(itt=1, immediate=True)))
     assert conn.phase is Phase.CLOSED
     assert isinstance(conn.next_event(), ConnectionClosing)
+
+
+def test_aborting_a_held_back_command_keeps_the_cmdsn_sequence() -> None:
+    h = Harness()
+    h.send(P.ScsiCommand(itt=90, read=True, expected_length=512, cmdsn=11, cdb=read10(0, 1)))
+    h.send(
+        P.TaskMgmtRequest(
+            itt=91, function=1, referenced_task_tag=90, refcmdsn=11, cmdsn=10, immediate=True
+        )
+    )
+    (rsp,) = h.recv()
+    assert isinstance(rsp, P.TaskMgmtResponse) and rsp.response == 0
+    h.send(P.ScsiCommand(itt=92, read=True, expected_length=512, cmdsn=10, cdb=read10(0, 1)))
+    assert [e.task.itt for e in h.events()] == [92]  # the aborted one never runs
+    assert h.conn.expcmdsn == 12
+    h.send(P.ScsiCommand(itt=93, read=True, expected_length=512, cmdsn=12, cdb=read10(0, 1)))
+    assert [e.task.itt for e in h.events()] == [93]
+
+
+def test_write_buffers_are_accounted_as_tasks_come_and_go() -> None:
+    h = Harness(replace(PARAMS, immediate_data=False, initial_r2t=True))
+    h.send(
+        P.ScsiCommand(itt=94, write=True, expected_length=4096, cmdsn=10, cdb=b"\x2a" + bytes(9))
+    )
+    assert h.conn._buffered == 4096
+    h.send(P.TaskMgmtRequest(itt=95, function=2, cmdsn=11, immediate=True))
+    assert h.conn._buffered == 0 and not h.conn.tasks
