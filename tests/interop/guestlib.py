@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools" / "guest"))
 
 import guest as guest_tools  # noqa: E402
+
+from tests.conftest import RunningTarget  # noqa: E402
 
 GUEST_INITIATOR = "iqn.2026-11.org.iscsi-vmtarget.test:guest"
 
@@ -56,3 +59,39 @@ def host_naa_matches(iscsi_inq_stdout: bytes, naa: bytes) -> bool:
     at = iscsi_inq_stdout.index(marker) + len(marker)
     shown = naa.split(b"\0", 1)[0]
     return iscsi_inq_stdout[at : at + len(shown) + 2] == shown + b"]\n"
+
+
+def qemu_scsi_drives(
+    target: RunningTarget, iqn: str, devices: dict[int, str], initiator: str
+) -> list[str]:
+    """qemu arguments giving the guest LUN n of IQN through QEMU's libiscsi driver as
+    DEVICES[n] (``scsi-block`` or ``scsi-hd``) at scsi-id n of one virtio-scsi HBA."""
+    args = ["-iscsi", f"initiator-name={initiator}", "-device", "virtio-scsi-pci,id=s0"]
+    for lun, device in devices.items():
+        args += [
+            "-drive",
+            f"file={target.url(iqn, lun)},format=raw,if=none,id=d{lun},cache=none",
+            "-device",
+            f"{device},drive=d{lun},bus=s0.0,channel=0,scsi-id={lun},lun=0",
+        ]
+    return args
+
+
+def scsi_disks_script(count: int) -> str:
+    """Guest shell: wait for COUNT SCSI disks, list them as "H:C:T:L sdX" lines in
+    /tmp/disks (step ``disks``) and define ``disk_of T``: /dev/sdX of scsi-id T."""
+    return textwrap.dedent(f"""
+        n=0
+        while [ $n -lt 150 ] && [ $(ls -d /sys/block/sd* 2>/dev/null | wc -l) -lt {count} ]; do
+          sleep 0.2; n=$((n+1))
+        done
+        for b in /sys/block/sd*; do
+          echo "$(basename $(readlink -f $b/device)) ${{b##*/}}"
+        done > /tmp/disks
+        step disks cat /tmp/disks
+        disk_of() {{
+          while read hctl sd; do
+            [ "$(echo $hctl | cut -d: -f3)" = "$1" ] && echo /dev/$sd
+          done < /tmp/disks
+        }}
+    """)

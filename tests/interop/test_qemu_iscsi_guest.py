@@ -25,7 +25,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import INITIATOR, RunningTarget, start_target
-from tests.interop.guestlib import guest_tools, host_naa_matches, need, step_output
+from tests.interop.guestlib import (
+    guest_tools,
+    host_naa_matches,
+    need,
+    qemu_scsi_drives,
+    scsi_disks_script,
+    step_output,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -39,15 +46,7 @@ PATTERN_LEN = 1 << 20
 
 
 def guest_script() -> str:
-    return textwrap.dedent(f"""
-        n=0
-        while [ $n -lt 150 ] && [ $(ls -d /sys/block/sd* 2>/dev/null | wc -l) -lt 2 ]; do
-          sleep 0.2; n=$((n+1))
-        done
-        for b in /sys/block/sd*; do
-          echo "$(basename $(readlink -f $b/device)) ${{b##*/}}"
-        done > /tmp/disks
-        step disks cat /tmp/disks
+    return scsi_disks_script(len(DEVICES)) + textwrap.dedent(f"""
         while read hctl sd; do
           t=$(echo $hctl | cut -d: -f3)   # scsi-id = LUN number of the target
           dev=/dev/$sd
@@ -97,14 +96,7 @@ def qemu_guest(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         f'[[target]]\nname = "{IQN}"\ninitiators = ["{QEMU_INITIATOR}", "{INITIATOR}"]\n{luns}'
     )
     target = start_target(work, "--config", str(config))
-    extra = ["-iscsi", f"initiator-name={QEMU_INITIATOR}", "-device", "virtio-scsi-pci,id=s0"]
-    for lun, device in DEVICES.items():
-        extra += [
-            "-drive",
-            f"file={target.url(IQN, lun)},format=raw,if=none,id=d{lun},cache=none",
-            "-device",
-            f"{device},drive=d{lun},bus=s0.0,channel=0,scsi-id={lun},lun=0",
-        ]
+    extra = qemu_scsi_drives(target, IQN, DEVICES, QEMU_INITIATOR)
     try:
         run = guest_tools.boot(
             guest_script(),

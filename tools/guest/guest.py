@@ -15,7 +15,10 @@ off. The only network is ``-netdev user,restrict=on`` with a guestfwd from
 
 Inside the script, ``step NAME COMMAND...`` runs a command and frames its combined
 output between ``@@@BEGIN NAME`` and ``@@@END NAME RC`` lines; ``parse_steps()`` turns
-the console text back into ``{name: Step(rc, output)}``.
+the console text back into ``{name: Step(rc, output)}``. ``ask_host WORDS...`` prints
+``@@@HOST WORDS`` and waits: ``boot(..., on_request=f)`` calls ``f(WORDS)`` on the host
+and types its answer on the guest's console, so a script can wait for something the host
+does mid-run (a snapshot, a revert) without any clock.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +46,7 @@ RELAY = HERE / "relay"
 GUEST_PORTAL = "10.0.2.100:3260"
 BEGIN = "@@@BEGIN "
 END = "@@@END "
+HOST = "@@@HOST "
 
 KERNEL_META = "linux-image-cloud-amd64"
 PACKAGES = [
@@ -125,6 +132,19 @@ start_iscsid() {
     iscsiadm -m session >/dev/null 2>&1
     [ $? -ne 20 ] && return 0   # 20: cannot connect to iscsid
     sleep 0.2; _i=$((_i+1))
+  done
+  return 1
+}
+# Ask the host (boot's on_request) for WORDS and wait for its one-line answer on the
+# console: 0 when it starts with "ok", 1 otherwise (the answer is printed).
+ask_host() {
+  stty -echo 2>/dev/null
+  echo "@@@HOST $*"
+  while read -r _answer; do
+    case "$_answer" in
+      ok*) return 0 ;;
+      fail*) echo "host: $_answer"; return 1 ;;
+    esac
   done
   return 1
 }
@@ -516,6 +536,60 @@ def parse_steps(console: str) -> dict[str, Step]:
     return steps
 
 
+def _run_qemu(cmd: list[str], timeout: float) -> tuple[str, int]:
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        return r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace"), r.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"") + (e.stderr or b"")
+        return out.decode(errors="replace") + f"\n[qemu killed after {timeout} s]\n", -9
+
+
+def _converse(
+    cmd: list[str], timeout: float, on_request: Callable[[str], str]
+) -> tuple[str, int]:
+    """Run qemu with the console on a pipe both ways: every ``@@@HOST WORDS`` line the
+    guest prints is answered with ``on_request(WORDS)`` (an exception answers ``fail``
+    and its traceback is added to the console)."""
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+    console: list[str] = []
+
+    def pump() -> None:
+        for raw in stdout:
+            line = raw.decode(errors="replace")
+            console.append(line)
+            words = line.rstrip("\r\n")
+            if not words.startswith(HOST):
+                continue
+            try:
+                answer = on_request(words[len(HOST):].strip())
+            except Exception as e:  # the guest must hear about it, or it waits forever
+                console.append(f"[host: {words[len(HOST):]!r} failed]\n{traceback.format_exc()}")
+                answer = f"fail {type(e).__name__}"
+            try:
+                stdin.write(answer.replace("\n", " ").encode() + b"\n")
+                stdin.flush()
+            except BrokenPipeError:
+                return
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = -9
+        console.append(f"\n[qemu killed after {timeout} s]\n")
+    reader.join(timeout=30)
+    stdin.close()
+    return "".join(console), rc
+
+
 def boot(
     script: str,
     *,
@@ -525,24 +599,21 @@ def boot(
     files: dict[str, bytes] | None = None,
     guest_dir: Path | None = None,
     workdir: Path | None = None,
+    on_request: Callable[[str], str] | None = None,
 ) -> GuestRun:
-    """Boot the guest once, run SCRIPT in it and return its console and steps."""
+    """Boot the guest once, run SCRIPT in it and return its console and steps.
+
+    ON_REQUEST answers the script's ``ask_host`` calls (see the module docstring)."""
     guest_dir = guest_dir or build()
     with tempfile.TemporaryDirectory() as tmp:
         initrd = Path(workdir or tmp) / "initrd-run.cpio"
         initrd.write_bytes((guest_dir / "initrd.cpio").read_bytes() + script_cpio(script, files))
         cmd = qemu_command(guest_dir, initrd, port=port, extra=extra)
         t0 = time.monotonic()
-        try:
-            r = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout
-            )
-            console = r.stdout.decode(errors="replace") + r.stderr.decode(errors="replace")
-            rc = r.returncode
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"") + (e.stderr or b"")
-            console = out.decode(errors="replace") + f"\n[qemu killed after {timeout} s]\n"
-            rc = -9
+        if on_request is None:
+            console, rc = _run_qemu(cmd, timeout)
+        else:
+            console, rc = _converse(cmd, timeout, on_request)
         seconds = time.monotonic() - t0
     if workdir is not None:
         (Path(workdir) / "console.log").write_text(console)
