@@ -44,3 +44,14 @@ def test_unknown_test_is_a_usage_error() -> None:
     r = run("--tests", "nope", "--dry-run")
     assert r.returncode == 2
     assert "unknown tests" in r.stderr
+
+
+def test_chain_column_is_planned_unless_no_chain() -> None:
+    r = run("--quick", "--tests", "read-4k-rand-qd1", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    plan = [line for line in r.stdout.splitlines() if line.startswith("rep ")]
+    assert "ours+vm -> ours+chain" in plan[0]
+    assert "vm revert bench s9" in r.stdout
+    r = run("--quick", "--tests", "read-4k-rand-qd1", "--no-chain", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "ours+chain" not in r.stdout

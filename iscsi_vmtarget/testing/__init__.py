@@ -6,4 +6,5 @@
 * :mod:`.pdu_strategies` - hypothesis strategies that generate and mutate PDUs.
 * :mod:`.scapy_iscsi` - an iSCSI layer for scapy (BHS and every opcode's fields).
 * :mod:`.process` - RSS and liveness of a target process.
+* :mod:`.snapshot_chain` - a VM disk behind a chain of snapshots (the benchmarks).
 """
