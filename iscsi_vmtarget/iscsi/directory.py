@@ -17,6 +17,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .names import same_node
+
 
 @dataclass(frozen=True)
 class ChapSecret:
@@ -65,8 +67,8 @@ def source_matches(source: str | None, networks: tuple[str, ...]) -> bool:
 
 @dataclass(frozen=True)
 class AccessRule:
-    """One ACL as login sees it: which initiator (iSCSI names compare
-    case-insensitively, §4.2.7.2), from which source networks (empty = any), and the
+    """One ACL as login sees it: which initiator (compared by the names' RFC 3722
+    normal forms, §4.2.7.2: :mod:`.names`), from which source networks (empty = any), and the
     CHAP secrets it must prove (``chap``) and may ask the target to prove
     (``mutual_chap``, §12.1.3); None falls back to the target's own secrets."""
 
@@ -76,9 +78,9 @@ class AccessRule:
     mutual_chap: ChapSecret | None = None
 
     def matches(self, initiator_name: str, source: str | None) -> bool:
-        return initiator_name.lower() == self.initiator.lower() and source_matches(
-            source, self.sources
-        )
+        """Same node (normal forms equal, RFC 3722; a non-name matches nothing) and an
+        allowed source."""
+        return same_node(initiator_name, self.initiator) and source_matches(source, self.sources)
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class TargetEntry:
                 return Grant(rule.chap or self.chap, rule.mutual_chap or self.mutual_chap, rule)
         if self.acls and not self.allow_all:
             return None
-        if self.initiators and initiator_name.lower() not in self.initiators:
+        if self.initiators and not any(same_node(initiator_name, i) for i in self.initiators):
             return None
         return Grant(self.chap, self.mutual_chap)
 

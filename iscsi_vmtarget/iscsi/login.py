@@ -29,6 +29,7 @@ from enum import Enum, IntEnum
 
 from .chap import ChapError, ChapStage, RandomBytes, TargetChap
 from .directory import ChapSecret, Portal, TargetDirectory, TargetEntry
+from .names import IscsiNameError, normalize_name
 from .params import (
     MAX_ISCSI_NAME_LEN,
     NegotiationError,
@@ -530,11 +531,19 @@ class LoginMachine:
     def _identify(self, keys: dict[str, str], req: LoginRequest) -> None:
         """The first complete request (§6.3.1): who, which session type, which target."""
         self._identified = True
-        name = keys.get("InitiatorName")
-        if not name:
+        raw_name = keys.get("InitiatorName")
+        if not raw_name:
             raise LoginFailure(LoginStatus.MISSING_PARAMETER, "no InitiatorName")
-        if len(name.encode()) > MAX_ISCSI_NAME_LEN:
+        if len(raw_name.encode()) > MAX_ISCSI_NAME_LEN:
             raise LoginFailure(LoginStatus.INITIATOR_ERROR, "InitiatorName too long")
+        try:
+            # §4.2.7.2: one normal form for ACLs, sessions, reservations and logs; a
+            # string with spaces or excluded characters names no node (names.py)
+            name = normalize_name(raw_name)
+        except IscsiNameError as exc:
+            raise LoginFailure(
+                LoginStatus.INITIATOR_ERROR, f"InitiatorName {raw_name!r} {exc}"
+            ) from exc
         self._initiator_name = name
         if self.throttle is not None and self.throttle.blocked(name):
             self._throttled = True
@@ -625,7 +634,8 @@ class LoginMachine:
 
     def _finish(self, req: LoginRequest) -> int:
         """The final response goes out: register the session or the connection."""
-        params = self.negotiator.session_params()
+        # the session knows the initiator by its normal form only (§4.2.7.2)
+        params = replace(self.negotiator.session_params(), initiator_name=self._initiator_name)
         target_name = self._target.name if self._target else None
         leading = self.negotiator.leading
         if leading:

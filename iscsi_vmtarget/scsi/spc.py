@@ -88,15 +88,25 @@ def request_sense(cmd: Command) -> bytes:
     return build_sense(reason, descriptor=descriptor)
 
 
-_SELECT_REPORT_ALL: Final = frozenset({0x00, 0x02})  # addressing / all logical units
-_SELECT_REPORT_WELL_KNOWN: Final = 0x01  # well known logical units: we have none
+#: SELECT REPORT (SPC-4 §6.33) -> whether our LUs are listed. Every LU here
+#: is an ordinary one: no well-known LUs, no administrative LUs, no conglomerates.
+_SELECT_REPORT: Final[dict[int, bool]] = {
+    0x00: True,  # LUs of the addressing methods we use, well-known LUs excluded
+    0x01: False,  # well-known LUs only: we have none
+    0x02: True,  # every LU accessible to this I_T nexus
+    0x10: False,  # administrative LUs only: none
+    0x11: True,  # administrative LUs and the LUs outside any conglomerate: all ours
+    0x12: False,  # the addressed administrative LU's subsidiaries: it is none
+}
 
 
 def report_luns(cmd: Command) -> bytes:
-    """REPORT LUNS (SPC-4 §6.33): the LUN inventory this target shows."""
+    """REPORT LUNS (SPC-4 §6.33): the LUN inventory this I_T nexus may see - the LUN
+    map of its ACL (``cmd.luns``), never another initiator's - for each SELECT REPORT
+    value; a reserved or vendor-specific one is INVALID FIELD IN CDB."""
     select = cmd.cdb[2]  # SELECT REPORT
-    require(select in _SELECT_REPORT_ALL or select == _SELECT_REPORT_WELL_KNOWN, 2)
-    luns = sorted(cmd.luns) if select in _SELECT_REPORT_ALL else []
+    require(select in _SELECT_REPORT, 2)
+    luns = sorted(cmd.luns) if _SELECT_REPORT[select] else []
     body = b"".join(encode_lun(n) for n in luns)
     return (
         struct.pack(

@@ -2,8 +2,11 @@
 manager in the target copies blocks between LUs without the data crossing the wire.
 
 Target descriptors are identification descriptors (type E4h) naming an LU by its
-NAA designator (VPD 0x83); they are resolved only among the LUs of the target
-the command arrived on, i.e. what the requesting initiator can see. Segment
+NAA designator (VPD 0x83); they are resolved only among ``cmd.luns``, the LUN map the
+requesting initiator's ACL shows it (one :class:`~.target.ScsiTarget` per ACL): an LU
+it cannot see is UNREACHABLE COPY TARGET even when its designator is known, and a
+guest view answers only to the designator it reports (the original volume's, for a
+snapshot the guest runs on), with the copy bounded by that view's capacity. Segment
 descriptors are block-to-block (type 02h). The copy runs synchronously, in
 chunks, each under the range locks of its source and destination, so the status
 RECEIVE COPY RESULTS reports is always "completed".

@@ -1,11 +1,12 @@
 """LUN masking: the ACL model and the per-ACL view of a target's logical units.
 
 The object tree follows rtslib's: target -> portal group -> node ACLs -> mapped LUNs.
-An :class:`Acl` names one initiator (iSCSI names compare case-insensitively, RFC 7143
-§4.2.7.2), optionally the source networks it must connect from, optionally its own
-CHAP secrets (they override the target's, §12.1.3) and the LUNs it sees: each
-:class:`MappedLun` shows one of the target's LUNs under an initiator-visible number,
-read-only or not, through the ``guest`` or ``raw`` view of a VM unit.
+An :class:`Acl` names one initiator (stored in its RFC 3722 normal form, the form
+login compares with, RFC 7143 §4.2.7.2), optionally the source networks it must
+connect from, optionally its own CHAP secrets (they override the target's, §12.1.3)
+and the LUNs it sees: each :class:`MappedLun` shows one of the target's LUNs under an
+initiator-visible number, read-only or not, through the ``guest`` or ``raw`` view of
+a VM unit.
 
 Masking is enforced at every door: login and SendTargets ask the target's
 :class:`~iscsi_vmtarget.iscsi.directory.AccessRule`\\ s (built here by
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from ..iscsi.directory import AccessRule, ChapSecret
+from ..iscsi.names import IscsiNameError, normalize_name
 from ..scsi import LogicalUnit
 from ..scsi.sense import Reason, ScsiError
 
@@ -49,8 +51,20 @@ class AclError(ValueError):
 # -- validation ------------------------------------------------------------------------
 
 
-def check_name(name: str, what: str = "initiator") -> str:
-    """An iSCSI name (RFC 7143 §4.2.7.1: iqn., eui. or naa. form), lowercased."""
+def check_initiator(name: str) -> str:
+    """An initiator name in its RFC 3722 normal form, the form login compares with
+    (:mod:`iscsi_vmtarget.iscsi.names`): ``IQN.X`` is stored as ``iqn.x``; a name with
+    white space, excluded characters or a malformed eui./naa. form is refused."""
+    try:
+        return normalize_name(name)
+    except IscsiNameError as exc:
+        raise AclError(f"initiator {name!r} {exc}") from exc
+
+
+def check_name(name: str, what: str = "target") -> str:
+    """A target name (RFC 7143 §4.2.7.1: iqn., eui. or naa. form), lowercased. Looser
+    than :func:`check_initiator`: VM targets carry VM names, and a stored target name
+    must keep loading."""
     if not name or not name.lower().startswith(_NAME_PREFIXES) or len(name.encode()) > 223:
         raise AclError(f"{what} {name!r} is not an iSCSI name (iqn.*, eui.* or naa.*)")
     if any(c.isspace() or ord(c) < 0x20 for c in name):
@@ -161,7 +175,7 @@ class Acl:
 
     def __post_init__(self) -> None:
         where = f"ACL {self.initiator}"
-        object.__setattr__(self, "initiator", check_name(self.initiator))
+        object.__setattr__(self, "initiator", check_initiator(self.initiator))
         object.__setattr__(self, "sources", tuple(check_network(s) for s in self.sources))
         check_secret(self.chap, where)
         check_secret(self.mutual_chap, where)

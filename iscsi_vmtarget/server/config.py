@@ -23,7 +23,7 @@ from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
 from ..sizes import parse_size
 from ..storage import BackendError, FileBackend, create_sparse_file
 from ..vm import VmError, serve_vms, vm_target_name
-from .acl import Acl, check_secret
+from .acl import Acl, check_mutual, check_secret
 from .registry import Registry, Target
 
 BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
@@ -157,6 +157,7 @@ def load_config(path: str) -> ServeConfig:
         cfg.discovery_mutual_chap = _chap(
             doc.get("discovery", {}).get("mutual_chap"), "discovery.mutual_chap"
         )
+        check_mutual(cfg.discovery_chap, cfg.discovery_mutual_chap, "discovery")
         for t in doc.get("target", []):
             tc = TargetConfig(
                 name=str(t["name"]),
@@ -168,6 +169,7 @@ def load_config(path: str) -> ServeConfig:
                 acls=[Acl.from_dict(a, f"target {t['name']} acl") for a in t.get("acl", [])],
                 allow_all=bool(t.get("allow_all", False)),
             )
+            check_mutual(tc.chap, tc.mutual_chap, f"target {tc.name}")
             for lun in t.get("lun", []):
                 lpath = str(lun["path"])
                 tc.luns.append(

@@ -159,15 +159,19 @@ def test_task_management_results(
 def test_report_luns(multi: Harness) -> None:
     data = multi.good(report_luns())
     assert data == struct.pack(">II", 24, 0) + encode_lun(0) + encode_lun(5) + encode_lun(300)
-    assert multi.good(report_luns(select=2)) == data
-    assert multi.good(report_luns(select=1)) == bytes(8)
+    for select in (0x02, 0x11):  # all LUs; administrative + non-conglomerate ones
+        assert multi.good(report_luns(select=select)) == data
+    for select in (0x01, 0x10, 0x12):  # well-known, administrative, subsidiary: none
+        assert multi.good(report_luns(select=select)) == bytes(8)
     assert multi.good(report_luns(alloc=16)) == data[:16]
     assert multi.good(report_luns(), lun=77) == data
 
 
-def test_report_luns_bad_select(scsi: Harness) -> None:
-    response = scsi.check(report_luns(select=3), INVALID_FIELD)
-    assert response.sense[15:18] == bytes.fromhex("c00002")
+@pytest.mark.parametrize("select", [0x03, 0x0F, 0x13, 0x80, 0xF8, 0xFF])
+def test_report_luns_bad_select(scsi: Harness, select: int) -> None:
+    """Reserved and vendor-specific SELECT REPORT values (SPC-4 §6.33)."""
+    response = scsi.check(report_luns(select=select), INVALID_FIELD)
+    assert response.sense[15:18] == bytes.fromhex("c00002")  # SKSV, C/D, byte 2
 
 
 def test_unknown_lun(scsi: Harness) -> None:
