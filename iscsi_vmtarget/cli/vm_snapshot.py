@@ -21,6 +21,7 @@ from typing import Any
 from ..server.admin import AdminError, DaemonNotRunning, call_daemon
 from ..vm import VmManager
 from ..vm import snapshot as snaps
+from .progress import progress_bar
 from .vm import add_common, print_json, run_managed
 
 _SNAPSHOT_VERBS = ("list", "delete", "export", "create")
@@ -71,6 +72,7 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("dst")
     p.add_argument("--from-snapshot", metavar="SNAP")
     p.add_argument("--full", action="store_true", help="copy every block now")
+    _progress_flag(p)
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _clone))
 
@@ -81,38 +83,51 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
         "units (progress on stderr); the source may then be deleted.",
     )
     p.add_argument("name")
+    _progress_flag(p)
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _unlink))
 
     p = verbs.add_parser(
         "move",
-        help="move a VM's units to another pool (offline)",
+        help="move a VM's units to another pool (live when the daemon serves it)",
         description="Copy every unit of the VM (disks, snapshot layers and records) to "
         "directory pool --pool, then switch, crash-safely; identities do not change. "
-        "Refused while a server exports the VM. Progress on stderr.",
+        "When the running daemon exports the VM it moves it live: its LUNs keep "
+        "serving while the units are copied and the writes made meanwhile caught up, "
+        "then are held for the switch (in-flight commands drain, new ones wait). "
+        "Progress on stderr.",
     )
     p.add_argument("name")
     p.add_argument("--pool", required=True)
+    p.add_argument("--json", action="store_true")
+    _progress_flag(p)
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _move))
+    p.set_defaults(func=_move_routed)
+
+
+def _progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="draw the progress bar even when stderr is not a terminal",
+    )
 
 
 def _clone(args: argparse.Namespace, manager: VmManager) -> int:
     from ..vm.clone import clone
 
-    def progress(done: int, total: int) -> None:
-        print(f"\rcloning: {done * 100 // max(1, total)}%", end="", file=sys.stderr, flush=True)
-
-    clone(
-        manager,
-        args.src,
-        args.dst,
-        from_snapshot=args.from_snapshot,
-        full=args.full,
-        progress=progress,
-    )
-    if args.full:
-        print(file=sys.stderr)
+    bar = progress_bar("cloning", args.progress)
+    try:
+        clone(
+            manager,
+            args.src,
+            args.dst,
+            from_snapshot=args.from_snapshot,
+            full=args.full,
+            progress=bar,
+        )
+    finally:
+        bar.close()
     kind = "full copy" if args.full else "linked clone"
     print(f"cloned {args.src} as {args.dst} ({kind})")
     return 0
@@ -121,25 +136,54 @@ def _clone(args: argparse.Namespace, manager: VmManager) -> int:
 def _unlink(args: argparse.Namespace, manager: VmManager) -> int:
     from ..vm.clone import unlink
 
-    def progress(done: int, total: int) -> None:
-        print(f"\runlinking: {done * 100 // max(1, total)}%", end="", file=sys.stderr, flush=True)
-
-    changed = unlink(manager, args.name, progress=progress)
-    if changed:
-        print(file=sys.stderr)
+    bar = progress_bar("unlinking", args.progress)
+    try:
+        changed = unlink(manager, args.name, progress=bar)
+    finally:
+        bar.close()
     print(f"VM {args.name} is independent" + ("" if changed else " (it already was)"))
+    return 0
+
+
+def _move_routed(args: argparse.Namespace) -> int:
+    """``vm move``: the running daemon moves a VM it exports live; else offline."""
+    bar = progress_bar("moving", args.progress)
+    request = {"name": args.name, "pool": args.pool, "key_file": args.key_file}
+    try:
+        result = call_daemon(args.state_dir, "vm.move", request, timeout=3600, progress=bar)
+    except DaemonNotRunning:
+        return run_managed(args, _move)
+    except AdminError as exc:
+        if "does not export" in str(exc):
+            return run_managed(args, _move)
+        bar.close()
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    report = result["moved"]
+    if args.json:
+        print_json({"vm": args.name, "pool": args.pool, "live": True, **report})
+    else:
+        print(
+            f"moved VM {args.name} to pool {args.pool} live ({report['units']} units; "
+            f"{report['passes']} catch-up passes, {report['recopied']} bytes copied again, "
+            f"{report['held']} while I/O was held)"
+        )
     return 0
 
 
 def _move(args: argparse.Namespace, manager: VmManager) -> int:
     from ..vm.move import move
 
-    def progress(done: int, total: int) -> None:
-        print(f"\rmoving: {done * 100 // max(1, total)}%", end="", file=sys.stderr, flush=True)
-
-    count = move(manager, args.name, args.pool, progress=progress)
-    print(file=sys.stderr)
-    print(f"moved VM {args.name} to pool {args.pool} ({count} units)")
+    bar = progress_bar("moving", args.progress)
+    try:
+        count = move(manager, args.name, args.pool, progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        print_json({"vm": args.name, "pool": args.pool, "live": False, "units": count})
+    else:
+        print(f"moved VM {args.name} to pool {args.pool} ({count} units)")
     return 0
 
 

@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("iscsi_vmtarget")
 SOCKET_NAME = "admin.sock"
 MAX_REQUEST = 1 << 20
+#: The args key under which an action gets a ``progress(done, total)`` callback when
+#: the request asked for progress (``"progress": true``); the daemon then sends
+#: ``{"progress": {"done": D, "total": T}}`` lines before the reply.
+PROGRESS_ARG = "progress_callback"
 
 
 class AdminError(Exception):
@@ -590,12 +594,46 @@ def action_vm_snapshot_delete(state_dir: str, runtime: Runtime, args: Args) -> d
     return {"deleted": snap}
 
 
+def action_vm_move(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
+    """Move a VM the daemon exports to another pool while its LUNs serve: copy, catch
+    up on the writes made meanwhile, then switch with the LUNs quiesced; see
+    :func:`iscsi_vmtarget.vm.move.move_live`. Other served chains reading the VM's
+    units (linked clones, exported snapshots) follow."""
+    from ..vm import StateDir, VmManager, vm_target_name
+    from ..vm.cow import ChainBackend
+    from ..vm.move import move_live
+
+    name, pool = str(args["name"]), str(args["pool"])
+    chains = _vm_chains(runtime, name)
+    own = runtime.registry.targets[vm_target_name(name).lower()]
+    followers = [
+        lu.backend
+        for target in runtime.registry.targets.values()
+        if target is not own
+        for lu in target.scsi.luns.values()
+        if isinstance(lu.backend, ChainBackend)
+    ]
+    with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
+        report = move_live(
+            manager,
+            name,
+            pool,
+            chains,
+            raw=own.raw_luns or {},
+            followers=followers,
+            progress=args.get(PROGRESS_ARG),
+        )
+    log.info("vm %s moved live to pool %s: %s", name, pool, report)
+    return {"moved": report.to_json()}
+
+
 #: Operations on what the daemon serves (not configuration), run only in the daemon.
 ACTIONS: dict[str, Callable[[str, Runtime, Args], dict[str, Any]]] = {
     "vm.resize": action_vm_resize,
     "vm.snapshot": action_vm_snapshot,
     "vm.revert": action_vm_revert,
     "vm.snapshot.delete": action_vm_snapshot_delete,
+    "vm.move": action_vm_move,
 }
 
 
@@ -746,21 +784,35 @@ class AdminServer:
             os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+
+        def send(message: dict[str, Any]) -> None:
+            if not writer.is_closing():
+                writer.write(json.dumps(message).encode() + b"\n")
+
+        def progress(done: int, total: int) -> None:  # called from an executor thread
+            loop.call_soon_threadsafe(send, {"progress": {"done": done, "total": total}})
+
         try:
             while line := await reader.readline():
-                writer.write(json.dumps(await self._answer(line)).encode() + b"\n")
+                send(await self._answer(line, progress))
                 await writer.drain()
         except (ConnectionError, ValueError) as exc:
             log.debug("admin connection: %r", exc)
         finally:
             writer.close()
 
-    async def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(
+        self, line: bytes, progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, Any]:
         try:
             request = json.loads(line)
             op, args = str(request["op"]), dict(request.get("args") or {})
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "error": 'bad request: want {"op": ..., "args": {...}}'}
+        args.pop(PROGRESS_ARG, None)  # only ever the daemon's own callback
+        if request.get("progress") and progress is not None:
+            args[PROGRESS_ARG] = progress
         async with self._lock:  # one change at a time, in order
             try:
                 return {"ok": True, "result": await self.manager.execute(op, args)}
@@ -771,26 +823,44 @@ class AdminServer:
                 return {"ok": False, "error": f"internal error: {exc!r}"}
 
 
-def call_daemon(state_dir: str, op: str, args: Args, timeout: float = 60) -> dict[str, Any]:
-    """One request to the running daemon; DaemonNotRunning if none answers."""
+def call_daemon(
+    state_dir: str,
+    op: str,
+    args: Args,
+    timeout: float = 60,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """One request to the running daemon; DaemonNotRunning if none answers.
+    ``progress``: asks for progress lines and calls it with each (done, total)."""
     path = socket_path(state_dir)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
+    request: dict[str, Any] = {"op": op, "args": args}
+    if progress is not None:
+        request["progress"] = True
     try:
         try:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise DaemonNotRunning(path) from exc
-        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        sock.sendall(json.dumps(request).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise AdminError("the daemon closed the admin connection")
-            data += chunk
+        while True:
+            line, sep, rest = data.partition(b"\n")
+            if not sep:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise AdminError("the daemon closed the admin connection")
+                data += chunk
+                continue
+            data = rest
+            reply = json.loads(line)
+            if "progress" not in reply:
+                break
+            if progress is not None:
+                progress(int(reply["progress"]["done"]), int(reply["progress"]["total"]))
     finally:
         sock.close()
-    reply = json.loads(data)
     if not reply.get("ok"):
         raise AdminError(str(reply.get("error")))
     return dict(reply["result"])

@@ -173,7 +173,11 @@ class ChainBackend:
         self._lock = threading.Lock()  # copy-on-write of one grain is read-modify-write
         self._gate = _Gate()
         self._owner: bytearray | None = None  # grain -> layer index cache (_owner_of)
+        self._listeners: list[Callable[[int, int], None]] = []
         self.unit_uuid = getattr(root, "unit_uuid", None)
+        #: called as ``hook(offset, length)`` after every write or unmap, inside the
+        #: I/O gate (so a :meth:`quiesce` waits for it): a live move's dirty tracking
+        self.write_hook: Callable[[int, int], None] | None = None
 
     # -- BlockBackend ----------------------------------------------------------------------
 
@@ -245,18 +249,22 @@ class ChainBackend:
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         with self._gate.io():
-            length = len(buf)
-            check_range(self.size, offset, length)
-            layers = self.layers
-            if not layers:
-                self.root.read_into(offset, buf)
-                return
-            grain = offset // GRAIN
-            if length and (offset + length - 1) // GRAIN == grain:  # within one grain
-                owner = self._owner_of(grain)
-                (self.root if owner < 0 else layers[owner]).read_into(offset, buf)
-                return
-            self._read_from(offset, buf, 0)
+            self.read_quiesced(offset, buf)
+
+    def read_quiesced(self, offset: int, buf: memoryview) -> None:
+        """:meth:`read_into` without the gate: for a caller inside :meth:`quiesce`."""
+        length = len(buf)
+        check_range(self.size, offset, length)
+        layers = self.layers
+        if not layers:
+            self.root.read_into(offset, buf)
+            return
+        grain = offset // GRAIN
+        if length and (offset + length - 1) // GRAIN == grain:  # within one grain
+            owner = self._owner_of(grain)
+            (self.root if owner < 0 else layers[owner]).read_into(offset, buf)
+            return
+        self._read_from(offset, buf, 0)
 
     def read(self, offset: int, length: int) -> bytearray:
         out = bytearray(length)
@@ -270,6 +278,9 @@ class ChainBackend:
         with self._gate.io():
             check_range(self.size, offset, len(view))
             self._write(offset, view)
+            hook = self.write_hook
+            if hook is not None:  # after the write: a copy reading later sees it
+                hook(offset, len(view))
 
     def _write(self, offset: int, view: memoryview) -> None:
         if not self.layers:
@@ -304,26 +315,32 @@ class ChainBackend:
             return
         with self._gate.io():
             check_range(self.size, offset, length)
-            if not self.layers:
-                self.root.unmap(offset, length)
-                return
-            top = self.layers[0]
-            end = offset + length
-            at = offset
-            while at < end:
-                grain = at // GRAIN
-                g_start = grain * GRAIN
-                g_end = min(g_start + GRAIN, self.size)
-                n = min(end, g_end) - at
-                if at == g_start and n == g_end - g_start:
-                    with self._lock:
-                        top.punch(at, n)
-                        top.mark(grain)
-                        if self._owner is not None:
-                            self._owner[grain] = 0
-                else:
-                    self._write(at, memoryview(bytes(n)))
-                at += n
+            self._unmap(offset, length)
+            hook = self.write_hook
+            if hook is not None:
+                hook(offset, length)
+
+    def _unmap(self, offset: int, length: int) -> None:
+        if not self.layers:
+            self.root.unmap(offset, length)
+            return
+        top = self.layers[0]
+        end = offset + length
+        at = offset
+        while at < end:
+            grain = at // GRAIN
+            g_start = grain * GRAIN
+            g_end = min(g_start + GRAIN, self.size)
+            n = min(end, g_end) - at
+            if at == g_start and n == g_end - g_start:
+                with self._lock:
+                    top.punch(at, n)
+                    top.mark(grain)
+                    if self._owner is not None:
+                        self._owner[grain] = 0
+            else:
+                self._write(at, memoryview(bytes(n)))
+            at += n
 
     def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """GET LBA STATUS: the root's map without layers; with layers, all mapped."""
@@ -356,6 +373,7 @@ class ChainBackend:
     # -- live snapshot support --------------------------------------------------------------
 
     def add_capacity_listener(self, listener: Callable[[int, int], None]) -> None:
+        self._listeners.append(listener)  # handed on to a root :meth:`rebind` brings
         add = getattr(self.root, "add_capacity_listener", None)
         if add is not None:
             add(listener)
@@ -373,12 +391,21 @@ class ChainBackend:
                 self.layers[0].flush()
         self.root.flush()
 
-    def rebind(self, layers: list[DeltaLayer]) -> None:
-        """Take a new layer list (call under :meth:`quiesce`, after :meth:`flush`):
-        layers of the old list that the new one does not keep are closed."""
+    def rebind(self, layers: list[DeltaLayer], root: BlockBackend | None = None) -> None:
+        """Take a new layer list, and a new root if given (call under :meth:`quiesce`,
+        after :meth:`flush`): layers of the old list that the new one does not keep,
+        and a replaced root, are closed. A live move binds the same volume's copies
+        in another pool this way."""
         keep = {id(layer) for layer in layers}
         for old in self.layers:
             if id(old) not in keep:
                 old.close()
         self.layers = layers
+        if root is not None and root is not self.root:
+            self.root.close()
+            self.root = root
+            add = getattr(root, "add_capacity_listener", None)
+            if add is not None:
+                for listener in self._listeners:
+                    add(listener)
         self._owner = None

@@ -1,6 +1,6 @@
 """``vm move NAME --pool P2``: move every unit of a VM (disks, snapshot layers and
-records) to another pool, offline (seed: "moving a virtual machine ... to a different
-storage pool" done by the storage layer).
+records) to another pool (seed: "moving a virtual machine ... to a different storage
+pool" done by the storage layer), offline or while its LUNs keep serving.
 
 Crash safety, with an intent file ``<state-dir>/conf/moves/<vm>.json``:
 
@@ -14,27 +14,56 @@ Crash safety, with an intent file ``<state-dir>/conf/moves/<vm>.json``:
 intent, if every unit has its copy (renamed or not) the move is rolled forward,
 otherwise rolled back, so discovery never sees a unit in two pools. Unit UUIDs and
 designators do not change, so chains, linked clones and identities stay valid.
-Only directory pools can be destinations; a VM a server exports is refused (a live
-move - copy, catch up, switch - is not implemented).
+Only directory pools can be destinations.
+
+**Live move** (:func:`move_live`, the daemon's ``vm.move`` action): the same steps
+while the VM's LUNs serve. Before the copy, each LUN's chain is flushed and gets a
+dirty-grain hook (:mod:`.dirty`); the units are copied whole, then the grains written
+meanwhile are copied again in passes until few are left (or a pass limit is hit).
+Then every LUN of the VM is quiesced (in-flight commands drain, new ones wait - the
+snapshot code's quiesce), the last dirty grains are copied, the copies flushed, the
+intent written and the temporaries renamed; the LUNs' chains are rebound onto the
+new units in place (same LogicalUnit, same designator and serial), I/O resumes, and
+the originals are deleted. A kill -9 before the intent leaves the source whole (every
+acknowledged write is there); after it, I/O was held until the switch, so the
+copies hold every acknowledged write and the roll-forward keeps them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from ..storage.backend import BlockBackend
 from . import faults
-from .discovery import discover
+from .cow import ChainBackend, DeltaLayer
+from .dirty import DirtyGrains, copy_dirty
+from .discovery import FoundUnit, FoundVm, discover
 from .errors import InUseError, VmError
-from .pool import DirectoryPool, UnitRef
+from .pool import DirectoryPool, Pool, UnitRef
+from .unit import Unit
+from .view import RawView
 
 if TYPE_CHECKING:
+    from ..scsi import LogicalUnit
     from .manager import VmManager
 
+log = logging.getLogger("iscsi_vmtarget")
 Progress = Callable[[int, int], None]
 _STEP = 4 << 20
+#: A live move stops catching up and holds I/O once this few grains are dirty...
+HOLD_BELOW_GRAINS = 64  # 4 MiB: the copy made while I/O is held
+#: ... or after this many passes (a writer faster than the copy never lets it shrink).
+MAX_PASSES = 8
+
+
+# -- the intent ---------------------------------------------------------------------------
 
 
 def _intent_dir(state_root: str) -> str:
@@ -49,11 +78,23 @@ def _write_intent(path: str, value: dict[str, object]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(os.path.dirname(path))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _rename_into_place(dest: Pool, units: list[dict[str, str]]) -> None:
+    for u in units:
+        final = os.path.join(dest.path, u["key"])
+        if not os.path.exists(final):
+            os.rename(os.path.join(dest.path, u["temp"]), final)
+    _fsync(dest.path)
 
 
 def finish_moves(manager: VmManager) -> list[str]:
@@ -75,10 +116,7 @@ def finish_moves(manager: VmManager) -> list[str]:
         final = {u["key"]: os.path.exists(os.path.join(dest.path, u["key"])) for u in units}
         temp = {u["key"]: os.path.exists(os.path.join(dest.path, u["temp"])) for u in units}
         if all(final[u["key"]] or temp[u["key"]] for u in units):
-            for u in units:
-                if not final[u["key"]]:
-                    os.rename(os.path.join(dest.path, u["temp"]), os.path.join(dest.path, u["key"]))
-            _fsync(dest.path)
+            _rename_into_place(dest, units)
             for u in units:
                 src = manager.catalog.get(str(u["pool"]))
                 ref = UnitRef(src.name, str(u["src_key"]))
@@ -96,32 +134,35 @@ def finish_moves(manager: VmManager) -> list[str]:
     return notes
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# -- copying ------------------------------------------------------------------------------
 
 
-def move(manager: VmManager, name: str, pool: str, progress: Progress | None = None) -> int:
-    """Move VM ``name``'s units to ``pool``; returns how many units moved."""
+def _destination(manager: VmManager, pool: str) -> DirectoryPool:
     dest = manager.catalog.get(pool)
     if not isinstance(dest, DirectoryPool):
         raise VmError("vm move: only directory pools can be destinations for now")
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=True))
-        if manager.served(vm):
-            raise InUseError(f"VM {name!r} is being served: stop serving it to move it")
-        units = [u for u in vm.all_units if u.pool != pool]
-        total = sum(u.header.unit_size for u in units)
-        done = 0
-        plan = []
+    return dest
+
+
+def _copy_units(
+    manager: VmManager, units: list[FoundUnit], dest: DirectoryPool, progress: Progress | None
+) -> list[dict[str, str]]:
+    """Copy ``units`` whole into temporaries of ``dest``; the intent's unit list."""
+    total = sum(u.header.unit_size for u in units)
+    done = 0
+    plan = []
+    try:
         for found in units:
-            src_pool = manager.catalog.get(found.pool)
-            source = src_pool.open(found.ref, read_only=True)
+            source = manager.catalog.get(found.pool).open(found.ref, read_only=True)
             ref, target = dest.allocate(found.header.unit_uuid, found.header.unit_size)
+            plan.append(
+                {
+                    "pool": found.pool,
+                    "src_key": found.ref.key,
+                    "key": f"{found.header.unit_uuid}.unit",
+                    "temp": ref.key,
+                }
+            )
             try:
                 for offset in range(0, found.header.unit_size, _STEP):
                     n = min(_STEP, found.header.unit_size - offset)
@@ -131,23 +172,265 @@ def move(manager: VmManager, name: str, pool: str, progress: Progress | None = N
                     done += n
                     if progress is not None:
                         progress(done, total)
+                    faults.pause("move.copying")
                     faults.crashpoint("move.copying")
                 target.flush()
             finally:
                 target.close()
                 source.close()
-            plan.append(
-                {
-                    "pool": found.pool,
-                    "src_key": found.ref.key,
-                    "key": f"{found.header.unit_uuid}.unit",
-                    "temp": ref.key,
-                }
+    except BaseException:
+        _remove_temps(dest, plan)
+        raise
+    _fsync(dest.path)
+    return plan
+
+
+def _remove_temps(dest: DirectoryPool, plan: list[dict[str, str]]) -> None:
+    for u in plan:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(dest.path, u["temp"]))
+
+
+def _commit(manager: VmManager, name: str, dest: DirectoryPool, plan: list[dict[str, str]]) -> None:
+    faults.crashpoint("move.copied")
+    _write_intent(_intent_path(manager, name), {"vm": name, "to": dest.name, "units": plan})
+    faults.crashpoint("move.committed")
+
+
+def move(manager: VmManager, name: str, pool: str, progress: Progress | None = None) -> int:
+    """Move VM ``name``'s units to ``pool`` offline; returns how many units moved."""
+    dest = _destination(manager, pool)
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=True))
+        if manager.served(vm):
+            raise InUseError(
+                f"VM {name!r} is being served: the daemon serving it moves it live "
+                "(run 'vm move' with the same --state-dir while it runs)"
             )
-        _fsync(dest.path)
-        faults.crashpoint("move.copied")
-        intent = os.path.join(_intent_dir(manager.state.root), f"{name}.json")
-        _write_intent(intent, {"vm": name, "to": pool, "units": plan})
-        faults.crashpoint("move.committed")
+        units = [u for u in vm.all_units if u.pool != pool]
+        plan = _copy_units(manager, units, dest, progress)
+        _commit(manager, name, dest, plan)
         finish_moves(manager)
     return len(units)
+
+
+# -- live move ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MoveReport:
+    """What a live move did: units moved, catch-up passes run, bytes copied again
+    while the LUNs served, and bytes copied while they were held."""
+
+    units: int
+    passes: int
+    recopied: int
+    held: int
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+Locate = Callable[[uuid.UUID], tuple[Pool, UnitRef]]
+
+
+def _open_layers(
+    chain: ChainBackend, locate: Locate, keep: Callable[[uuid.UUID], bool]
+) -> tuple[list[DeltaLayer], BlockBackend | None]:
+    """The layers and root of ``chain`` opened at ``locate``'s places, except those
+    ``keep`` says stay as they are (the same objects; the root then None)."""
+    layers: list[DeltaLayer] = []
+    root: BlockBackend | None = None
+    try:
+        for layer in chain.layers:
+            if keep(layer.unit_uuid):
+                layers.append(layer)
+                continue
+            pool, ref = locate(layer.unit_uuid)
+            layers.append(DeltaLayer(pool.open(ref), layer.header, layer.size))
+        root_uuid = chain.root.unit_uuid  # type: ignore[attr-defined]
+        if not keep(root_uuid):
+            pool, ref = locate(root_uuid)
+            unit = Unit.open(pool, ref, repair=False)
+            try:
+                root = unit.guest_view(read_only=chain.root.read_only)
+            finally:
+                unit.close()
+    except BaseException:
+        for layer in layers:
+            if not keep(layer.unit_uuid):
+                layer.close()
+        raise
+    return layers, root
+
+
+def _locator(
+    vm: FoundVm,
+    dest: DirectoryPool,
+    plan: list[dict[str, str]],
+    key: str,
+    pools: Mapping[str, Pool],
+) -> Locate:
+    """Where each unit is: its copy in ``dest`` (``key``: "temp", or "key" for the
+    final name) if the move moves it, else where discovery found it."""
+    moved = {_uuid_of(u): u[key] for u in plan}
+
+    def locate(unit_uuid: uuid.UUID) -> tuple[Pool, UnitRef]:
+        if unit_uuid in moved:
+            return dest, UnitRef(dest.name, moved[unit_uuid])
+        found = vm.index.get(unit_uuid)
+        if found is None:
+            raise VmError(f"VM {vm.name!r}: unit {unit_uuid} of a served chain is gone")
+        return pools[found.pool], found.ref
+
+    return locate
+
+
+def _uuid_of(entry: dict[str, str]) -> uuid.UUID:
+    return uuid.UUID(entry["key"].removesuffix(".unit"))
+
+
+def move_live(
+    manager: VmManager,
+    name: str,
+    pool: str,
+    live: Mapping[int, ChainBackend],
+    *,
+    raw: Mapping[int, LogicalUnit] | None = None,
+    followers: Iterable[ChainBackend] = (),
+    progress: Progress | None = None,
+) -> MoveReport:
+    """Move VM ``name`` to ``pool`` while this process serves it (module docstring).
+
+    ``live``: the chains behind the VM's guest LUNs, by LUN number; ``raw``: its raw
+    view LUs (rebound to the new units); ``followers``: other served chains that may
+    read units of this VM (a linked clone, an exported snapshot), rebound too."""
+    from .snapshot import _held
+
+    dest = _destination(manager, pool)
+    pools = manager.catalog.all()
+    by_name = {p.name: p for p in pools}
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=True))
+        missing = set(vm.lun_map()) - set(live)
+        if missing:
+            raise VmError(f"VM {name!r}: LUNs {sorted(missing)} are not served here")
+        units = [u for u in vm.all_units if u.pool != pool]
+        if not units:
+            return MoveReport(0, 0, 0, 0)
+        tracked = {n: DirtyGrains() for n in live}
+        with _held(manager, vm, live):  # every earlier write (and its map bits) on disk
+            for number, chain in live.items():
+                chain.write_hook = tracked[number].mark
+        copies: dict[int, ChainBackend] = {}
+        plan: list[dict[str, str]] = []
+        try:
+            plan = _copy_units(manager, units, dest, progress)
+            temps = _locator(vm, dest, plan, "temp", by_name)
+            for number, chain in live.items():
+                layers, root = _open_layers(chain, temps, lambda _u: False)
+                assert root is not None
+                copies[number] = ChainBackend(layers, root)
+            passes = recopied = 0
+            while passes < MAX_PASSES and sum(map(len, tracked.values())) > HOLD_BELOW_GRAINS:
+                for number, chain in live.items():
+                    grains = tracked[number].take()
+                    recopied += copy_dirty(chain.read_into, copies[number], grains, chain.size)
+                    faults.crashpoint("move.catchup")
+                passes += 1
+            with _held(manager, vm, live):
+                held = 0
+                for number, chain in live.items():
+                    grains = tracked[number].take()
+                    held += copy_dirty(chain.read_quiesced, copies[number], grains, chain.size)
+                    copies[number].flush()
+                _fsync(dest.path)
+                moved = {_uuid_of(u) for u in plan}
+                final = _locator(vm, dest, plan, "key", by_name)
+                retired = _switch(manager, name, dest, plan, vm, live, raw or {}, final, moved)
+                faults.crashpoint("move.switched")
+        except BaseException:
+            for chain in live.values():
+                chain.write_hook = None
+            if not os.path.exists(_intent_path(manager, name)):
+                _remove_temps(dest, plan)
+            raise
+        finally:
+            for copy in copies.values():
+                copy.close()
+        for chain in followers:
+            try:
+                _follow(chain, final, moved)
+            except (VmError, OSError, ValueError) as exc:  # it reads the unlinked originals
+                log.warning("a served chain over VM %s stays on the old units: %s", name, exc)
+        finish_moves(manager)  # the originals go
+        for old in retired:
+            old.close()
+    return MoveReport(len(units), passes, recopied, held)
+
+
+def _intent_path(manager: VmManager, name: str) -> str:
+    return os.path.join(_intent_dir(manager.state.root), f"{name}.json")
+
+
+def _switch(
+    manager: VmManager,
+    name: str,
+    dest: DirectoryPool,
+    plan: list[dict[str, str]],
+    vm: FoundVm,
+    live: Mapping[int, ChainBackend],
+    raw: Mapping[int, LogicalUnit],
+    final: Locate,
+    moved: set[uuid.UUID],
+) -> list[BlockBackend]:
+    """Commit, rename the copies into place and rebind the (held) chains and raw LUs
+    onto them; returns the raw views replaced. Everything that can fail - opening the
+    new units - runs before the first rebind: on a failure the commit is undone
+    (copies deleted, then the intent: a crash in between rolls back too) and the
+    chains go on with the originals, which no I/O has touched since the commit."""
+    _commit(manager, name, dest, plan)
+    opened: list[tuple[ChainBackend, list[DeltaLayer], BlockBackend | None]] = []
+    views: dict[int, RawView] = {}
+    try:
+        _rename_into_place(dest, plan)
+        for chain in live.values():
+            opened.append((chain, *_open_layers(chain, final, lambda u: u not in moved)))
+        for number, volume in vm.lun_map().items():
+            if number in raw and volume.header.unit_uuid in moved:
+                pool, ref = final(volume.header.unit_uuid)
+                views[number] = RawView(pool.open(ref))
+    except BaseException:
+        for _chain, layers, root in opened:
+            for layer in layers:
+                if layer.unit_uuid in moved:
+                    layer.close()
+            if root is not None:
+                root.close()
+        for view in views.values():
+            view.close()
+        for u in plan:
+            for key in ("key", "temp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dest.path, u[key]))
+        _fsync(dest.path)
+        os.unlink(_intent_path(manager, name))
+        raise
+    for chain, layers, root in opened:
+        chain.write_hook = None
+        chain.rebind(layers, root)
+    retired: list[BlockBackend] = []
+    for number, view in views.items():
+        retired.append(raw[number].backend)
+        raw[number].backend = view
+    return retired
+
+
+def _follow(chain: ChainBackend, final: Locate, moved: set[uuid.UUID]) -> None:
+    """Rebind a served chain that reads moved units onto their new places."""
+    uses = {layer.unit_uuid for layer in chain.layers} | {getattr(chain.root, "unit_uuid", None)}
+    if not uses & moved:
+        return
+    with chain.quiesce():
+        chain.rebind(*_open_layers(chain, final, lambda u: u not in moved))
