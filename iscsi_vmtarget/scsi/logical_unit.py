@@ -159,7 +159,11 @@ class LogicalUnit:
     ``thin_provisioning`` makes the LU logical-block-provisioning managed (SBC-3
     §4.7): LBPME and LBPRZ set, UNMAP and WRITE SAME with UNMAP deallocate (the
     backend punches holes, which read back as zeros), GET LBA STATUS reports what
-    the backend's ``allocated_ranges`` says. ``pr_state_path`` (or ``pr_store``)
+    the backend's ``allocated_ranges`` says. ``resource_provisioning`` (a
+    preallocated, thick LU) is managed too (SBC-4 §4.7.2.2): UNMAP and WRITE SAME
+    with UNMAP anchor the range - zeroed in place with its allocation kept, so a
+    later write cannot run out of space - and GET LBA STATUS reports what is not
+    data (preallocated but unwritten extents) as anchored. ``pr_state_path`` (or ``pr_store``)
     is where APTPL persistent reservations are kept, conventionally
     ``<backing file>.pr``; existing state there is restored. ``clock`` and
     ``sleep`` pace background work (SANITIZE at ``sanitize_rate`` bytes/s); without
@@ -182,6 +186,7 @@ class LogicalUnit:
         max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
         physical_block_size: int | None = None,
         thin_provisioning: bool = False,
+        resource_provisioning: bool = False,
         pr_state_path: str | None = None,
         pr_store: PrStore | None = None,
         clock: Clock | None = None,
@@ -197,12 +202,15 @@ class LogicalUnit:
             raise ValueError("physical_block_size must be a power of two >= block_size")
         if pr_state_path is not None and pr_store is not None:
             raise ValueError("give pr_state_path or pr_store, not both")
+        if thin_provisioning and resource_provisioning:
+            raise ValueError("an LU is thin or resource provisioned, not both")
         self.backend = backend
         self.identity = identity
         self.block_size = block_size
         self.read_only = read_only
         self.max_transfer_blocks = max_transfer_bytes // block_size
         self.thin_provisioning = thin_provisioning
+        self.resource_provisioning = resource_provisioning
         self.physical_block_size = physical
         self.allocation_unit_blocks = max(1, ALLOCATION_UNIT_BYTES // block_size)
         self.clock = clock
@@ -231,6 +239,11 @@ class LogicalUnit:
     def blocks_per_physical_block(self) -> int:
         """Logical blocks per physical block (READ CAPACITY(16) LBPPBE, SBC-3 §5.16)."""
         return self.physical_block_size // self.block_size
+
+    @property
+    def provisioning_managed(self) -> bool:
+        """LBPME (SBC-4 §4.7.1): thin or resource provisioned, so UNMAP exists."""
+        return self.thin_provisioning or self.resource_provisioning
 
     def check_capacity(self) -> None:
         """A grown (or shrunk) backend gives every I_T nexus CAPACITY DATA CHANGED

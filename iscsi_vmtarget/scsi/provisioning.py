@@ -4,8 +4,11 @@ A thin-provisioned LU (``LogicalUnit.thin_provisioning``) reports LBPME=1 and
 LBPRZ=1: UNMAP and WRITE SAME with the UNMAP bit hand the range to the
 backend's ``unmap`` (a punched hole in a sparse file, which reads back as
 zeros), and GET LBA STATUS asks the backend's ``allocated_ranges`` (SEEK_DATA /
-SEEK_HOLE) which blocks are mapped. A fully provisioned LU refuses UNMAP as an
-unsupported command, refuses the UNMAP bit of WRITE SAME, and reports every
+SEEK_HOLE) which blocks are mapped. A resource-provisioned LU (a preallocated,
+thick file) reports LBPME=1 and LBPRZ=1 too, but unmapping anchors: the backend's
+``zero_range`` zeroes the range and keeps its allocation (SBC-4 §4.7.2.2), and
+GET LBA STATUS reports what is not data as anchored. A fully provisioned LU refuses UNMAP
+as an unsupported command, refuses the UNMAP bit of WRITE SAME, and reports every
 block as mapped.
 """
 
@@ -28,6 +31,7 @@ MAX_UNMAP_DESCRIPTORS: Final = 4095  # as many as a 64 KiB parameter list holds
 
 PROVISIONING_MAPPED: Final = 0x0
 PROVISIONING_DEALLOCATED: Final = 0x1
+PROVISIONING_ANCHORED: Final = 0x2
 
 
 # -- WRITE SAME --------------------------------------------------------------------------
@@ -55,7 +59,7 @@ def write_same(cmd: Command) -> None:
     ndob = sixteen and bool(flags & 0x01)  # NDOB
     unmap = bool(flags & 0x08)  # UNMAP
     require(not flags & 0x10, 1, 4)  # ANCHOR
-    require(not unmap or lu.thin_provisioning, 1, 3)
+    require(not unmap or lu.provisioning_managed, 1, 3)
     lba, blocks = (be(cdb, 2, 8), be(cdb, 10, 4)) if sixteen else (be(cdb, 2, 4), be(cdb, 7, 2))
     length_byte = 10 if sixteen else 7
     if blocks == 0:
@@ -166,8 +170,8 @@ def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def unmap_supported(lu: LogicalUnit) -> bool:
-    """UNMAP exists only on thin-provisioned LUs (LBPU=1, SBC-3 §6.5.4)."""
-    return lu.thin_provisioning
+    """UNMAP exists only on provisioning-managed LUs (LBPU=1, SBC-3 §6.5.4)."""
+    return lu.provisioning_managed
 
 
 # -- GET LBA STATUS ------------------------------------------------------------------------
@@ -181,7 +185,10 @@ def get_lba_status(cmd: Command) -> bytes:
     STARTING LOGICAL BLOCK ADDRESS on, as many as the allocation length holds.
 
     Extents come from the backend's ``allocated_ranges`` (byte ranges of data);
-    a backend without it, or a fully provisioned LU, is mapped everywhere.
+    the rest is deallocated on a thin LU and anchored on a resource-provisioned
+    one (SEEK_DATA skips preallocated, unwritten extents, which is what an
+    anchored LBA is: space reserved, contents zero). A backend without
+    ``allocated_ranges``, or a fully provisioned LU, is mapped everywhere.
     """
     lu = cmd.unit
     cdb = cmd.cdb
@@ -213,9 +220,15 @@ def get_lba_status(cmd: Command) -> bytes:
 def lba_extents(lu: LogicalUnit, start: int, limit: int) -> list[tuple[int, int, int]]:
     """Up to ``limit`` (lba, count, status) extents covering ``start`` onwards."""
     end = lu.num_blocks
+    # thick: FIEMAP's written extents (a read of an anchored block must not make it
+    # look mapped, which SEEK_DATA does once the zero pages are cached)
     finder = getattr(lu.backend, "allocated_ranges", None)
-    if not lu.thin_provisioning or finder is None:
+    if lu.resource_provisioning:
+        finder = getattr(lu.backend, "written_ranges", finder)
+    if not lu.provisioning_managed or finder is None:
         return [(start, end - start, PROVISIONING_MAPPED)]
+    # What is not data: a hole (thin) or a preallocated, unwritten extent (thick)
+    unmapped = PROVISIONING_DEALLOCATED if lu.thin_provisioning else PROVISIONING_ANCHORED
     size = lu.block_size
     out: list[tuple[int, int, int]] = []
     position = start
@@ -229,12 +242,12 @@ def lba_extents(lu: LogicalUnit, start: int, limit: int) -> list[tuple[int, int,
         for first, last in mapped:
             first, last = max(first, position), min(last, stop)
             if first > position:
-                _append(out, position, first - position, PROVISIONING_DEALLOCATED)
+                _append(out, position, first - position, unmapped)
             if last > first:
                 _append(out, first, last - first, PROVISIONING_MAPPED)
             position = max(position, last)
         if position < stop:
-            _append(out, position, stop - position, PROVISIONING_DEALLOCATED)
+            _append(out, position, stop - position, unmapped)
         position = stop
     return out[:limit]
 

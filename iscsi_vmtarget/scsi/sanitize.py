@@ -145,8 +145,9 @@ class _Pacer:
 
 
 def block_erase_supported(lu: LogicalUnit) -> bool:
-    """BLOCK ERASE deallocates, which only a thin-provisioned LU can do (LBPME=1)."""
-    return lu.thin_provisioning
+    """BLOCK ERASE unmaps the medium, which a provisioning-managed LU can do
+    (LBPME=1: thin deallocates, resource provisioned anchors)."""
+    return lu.provisioning_managed
 
 
 def crypto_erase_supported(lu: LogicalUnit) -> bool:

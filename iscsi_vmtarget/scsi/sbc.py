@@ -45,9 +45,17 @@ def write_medium(lu: LogicalUnit, offset: int, data: memoryview) -> None:
 
 
 def unmap_medium(lu: LogicalUnit, offset: int, length: int) -> None:
-    """Deallocate a byte range (the backend punches a hole that reads as zeros)."""
+    """Unmap a byte range (SBC-4 §4.7.3): a thin LU deallocates it (the backend
+    punches a hole), a resource-provisioned one anchors it (zeroed in place, its
+    allocation kept). Either way it reads back as zeros (LBPRZ=1)."""
     try:
-        lu.backend.unmap(offset, length)
+        if lu.thin_provisioning:
+            lu.backend.unmap(offset, length)
+        else:
+            zero_range = getattr(lu.backend, "zero_range", None)
+            if zero_range is None:
+                raise ScsiError(Reason.WRITE_ERROR)
+            zero_range(offset, length)
     except (BackendError, OSError) as exc:
         raise ScsiError(Reason.WRITE_ERROR) from exc
 
@@ -114,9 +122,9 @@ def read_capacity10(cmd: Command) -> bytes:
 
 def read_capacity16(cmd: Command) -> bytes:
     """READ CAPACITY(16) (SBC-3 §5.16): no protection information; LBPME and
-    LBPRZ set on a thin-provisioned LU (unmapped blocks read as zeros)."""
+    LBPRZ set on a thin- or resource-provisioned LU (unmapped blocks read as zeros)."""
     lu = cmd.unit
-    thin = 0xC000 if lu.thin_provisioning else 0x0000
+    thin = 0xC000 if lu.provisioning_managed else 0x0000
     return struct.pack(
         ">QIBBH16s",
         max(lu.num_blocks - 1, 0),  # RETURNED LOGICAL BLOCK ADDRESS

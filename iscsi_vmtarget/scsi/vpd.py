@@ -137,14 +137,14 @@ def _device_identification(lu: LogicalUnit, nexus: Nexus) -> bytes:
 def _block_limits(lu: LogicalUnit, nexus: Nexus) -> bytes:
     """Block Limits (SBC-3 §6.5.3; the atomic fields of SBC-4 §6.6.4), page length 3Ch.
 
-    UNMAP limits are reported only when UNMAP exists (a thin LU, LBPU=1); the
-    unmap and atomic granularity is the 4 KiB allocation unit of the backing file.
+    UNMAP limits are reported only when UNMAP exists (a thin or resource-provisioned
+    LU, LBPU=1); the unmap and atomic granularity is the 4 KiB allocation unit of the backing file.
     """
     from .atomic import MAX_ATOMIC_TRANSFER_BLOCKS, MAX_COMPARE_AND_WRITE_BLOCKS
     from .provisioning import MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT, MAX_WRITE_SAME_BLOCKS
 
     physical = lu.allocation_unit_blocks
-    thin = lu.thin_provisioning
+    unmaps = lu.provisioning_managed
     return struct.pack(
         ">BBHIIIIIIIQIIIII",
         0x00,  # reserved, WSNZ=0: WRITE SAME with zero blocks means "to the end"
@@ -153,10 +153,10 @@ def _block_limits(lu: LogicalUnit, nexus: Nexus) -> bytes:
         lu.max_transfer_blocks,  # MAXIMUM TRANSFER LENGTH
         0,  # OPTIMAL TRANSFER LENGTH (not reported)
         0,  # MAXIMUM PREFETCH LENGTH (no limit)
-        MAX_UNMAP_LBA_COUNT if thin else 0,  # MAXIMUM UNMAP LBA COUNT
-        MAX_UNMAP_DESCRIPTORS if thin else 0,  # MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
-        physical if thin else 0,  # OPTIMAL UNMAP GRANULARITY
-        0x80000000 if thin else 0,  # UGAVALID=1, UNMAP GRANULARITY ALIGNMENT=0
+        MAX_UNMAP_LBA_COUNT if unmaps else 0,  # MAXIMUM UNMAP LBA COUNT
+        MAX_UNMAP_DESCRIPTORS if unmaps else 0,  # MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
+        physical if unmaps else 0,  # OPTIMAL UNMAP GRANULARITY
+        0x80000000 if unmaps else 0,  # UGAVALID=1, UNMAP GRANULARITY ALIGNMENT=0
         MAX_WRITE_SAME_BLOCKS,  # MAXIMUM WRITE SAME LENGTH
         MAX_ATOMIC_TRANSFER_BLOCKS,  # MAXIMUM ATOMIC TRANSFER LENGTH
         physical,  # ATOMIC ALIGNMENT
@@ -168,7 +168,7 @@ def _block_limits(lu: LogicalUnit, nexus: Nexus) -> bytes:
 
 def _block_device_characteristics(lu: LogicalUnit, nexus: Nexus) -> bytes:
     """Block Device Characteristics (SBC-3 §6.5.2), page length 3Ch: a non-rotating
-    medium. WABEREQ=01b where SANITIZE BLOCK ERASE exists (a thin LU) and WACEREQ=01b
+    medium. WABEREQ=01b where SANITIZE BLOCK ERASE exists (LBPME=1) and WACEREQ=01b
     where CRYPTO ERASE does: reads after the erase succeed."""
     from .sanitize import block_erase_supported, crypto_erase_supported
 
@@ -185,14 +185,16 @@ def _block_device_characteristics(lu: LogicalUnit, nexus: Nexus) -> bytes:
 
 
 def _logical_block_provisioning(lu: LogicalUnit, nexus: Nexus) -> bytes:
-    """Logical Block Provisioning (SBC-3 §6.5.4): a thin LU offers UNMAP and WRITE
-    SAME(10/16) with UNMAP, and unmapped blocks read as zeros (LBPRZ)."""
-    thin = lu.thin_provisioning
+    """Logical Block Provisioning (SBC-4 §6.6.6): a thin or resource-provisioned LU
+    offers UNMAP and WRITE SAME(10/16) with UNMAP, and unmapped blocks read as
+    zeros (LBPRZ)."""
+    managed = lu.provisioning_managed
+    kind = 0x02 if lu.thin_provisioning else 0x01 if managed else 0x00
     return struct.pack(
         ">BBBB",
         0,  # THRESHOLD EXPONENT: no thresholds
-        0xE4 if thin else 0x00,  # LBPU, LBPWS, LBPWS10, LBPRZ; ANC_SUP=0, DP=0
-        0x02 if thin else 0x00,  # PROVISIONING TYPE: thin provisioned / fully provisioned
+        0xE4 if managed else 0x00,  # LBPU, LBPWS, LBPWS10, LBPRZ; ANC_SUP=0, DP=0
+        kind,  # PROVISIONING TYPE: thin / resource / fully provisioned
         0x00,  # reserved
     )
 

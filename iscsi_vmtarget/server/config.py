@@ -44,7 +44,7 @@ class LunConfig:
     read_only: bool = False
     block_size: int = 512
     serial: str | None = None
-    provisioning: str = "thin"  # "thin": UNMAP punches holes (LBPME=1); "thick": full
+    provisioning: str = "thin"  # "thin": UNMAP punches holes; "thick": UNMAP zeroes in place
 
 
 @dataclass
@@ -224,6 +224,9 @@ def _open_lun(target: TargetConfig, lun: LunConfig) -> LogicalUnit:
             )
         os.makedirs(os.path.dirname(lun.path) or ".", exist_ok=True)
         create_sparse_file(lun.path, lun.size)
+        if lun.provisioning == "thick":  # thick means every block allocated up front
+            with open(lun.path, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, lun.size)
     try:
         backend = FileBackend(lun.path, read_only=lun.read_only)
     except BackendError as exc:
@@ -245,6 +248,8 @@ def _open_lun(target: TargetConfig, lun: LunConfig) -> LogicalUnit:
         block_size=lun.block_size,
         read_only=lun.read_only,
         thin_provisioning=lun.provisioning == "thin" and not backend.is_block_device,
+        # a preallocated file keeps its space: UNMAP zeroes in place (anchors)
+        resource_provisioning=lun.provisioning == "thick" and not backend.is_block_device,
         # APTPL persistent reservations live in a file beside the unit
         pr_state_path=None if backend.is_block_device else f"{lun.path}.pr",
         clock=time.monotonic,

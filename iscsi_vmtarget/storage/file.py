@@ -6,15 +6,17 @@ import errno
 import functools
 import os
 import stat
+import struct
 from typing import Any
 
 from .backend import BackendError, check_range
 
 try:  # Linux: punch holes so UNMAP really frees space and reads zeros after.
-    import fcntl  # noqa: F401
+    import fcntl
 
     _FALLOC_FL_KEEP_SIZE = 0x01
     _FALLOC_FL_PUNCH_HOLE = 0x02
+    _FALLOC_FL_ZERO_RANGE = 0x10
 except ImportError:  # pragma: no cover
     pass
 
@@ -30,18 +32,63 @@ def _libc() -> Any:
     return libc
 
 
-def _punch_hole(fd: int, offset: int, length: int) -> bool:
-    """fallocate(PUNCH_HOLE|KEEP_SIZE) through libc; False when unsupported."""
+def _fallocate(fd: int, mode: int, offset: int, length: int, what: str) -> bool:
+    """fallocate(2) through libc; False when the file system does not support ``mode``."""
     import ctypes
 
-    libc = _libc()
-    rc = libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    rc = _libc().fallocate(fd, mode, offset, length)
     if rc != 0:
         err = ctypes.get_errno()
         if err in (errno.EOPNOTSUPP, errno.ENOSYS):
             return False
-        raise BackendError(f"fallocate punch hole failed: {os.strerror(err)}")
+        raise BackendError(f"fallocate {what} failed: {os.strerror(err)}")
     return True
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate: the range becomes a hole (reads zeros, frees space)."""
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    return _fallocate(fd, mode, offset, length, "punch hole")
+
+
+def _zero_range(fd: int, offset: int, length: int) -> bool:
+    """Zero in place, keeping the blocks allocated (unwritten extents on ext4/xfs)."""
+    mode = _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE
+    return _fallocate(fd, mode, offset, length, "zero range")
+
+
+_FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
+_FIEMAP_FLAG_SYNC = 0x1  # write dirty pages back first: delayed allocations count
+_FIEMAP_EXTENT_LAST = 0x1
+_FIEMAP_EXTENT_UNWRITTEN = 0x800
+_FIEMAP_HEADER = struct.Struct("=QQIIII")  # struct fiemap (linux/fiemap.h)
+_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")  # struct fiemap_extent
+_FIEMAP_BATCH = 128
+
+
+def _fiemap(fd: int, offset: int, length: int) -> list[tuple[int, int, int]]:
+    """(logical offset, length, flags) of every extent overlapping a range."""
+    out: list[tuple[int, int, int]] = []
+    position, end = offset, offset + length
+    while position < end:
+        request = bytearray(_FIEMAP_HEADER.size + _FIEMAP_BATCH * _FIEMAP_EXTENT.size)
+        _FIEMAP_HEADER.pack_into(
+            request, 0, position, end - position, _FIEMAP_FLAG_SYNC, 0, _FIEMAP_BATCH, 0
+        )
+        fcntl.ioctl(fd, _FS_IOC_FIEMAP, request)
+        mapped = _FIEMAP_HEADER.unpack_from(request, 0)[3]
+        if mapped == 0:
+            break
+        last_flags = 0
+        for i in range(mapped):
+            at = _FIEMAP_HEADER.size + i * _FIEMAP_EXTENT.size
+            fields = _FIEMAP_EXTENT.unpack_from(request, at)
+            logical, _, size, _, _, last_flags = fields[:6]
+            out.append((logical, size, last_flags))
+            position = logical + size
+        if last_flags & _FIEMAP_EXTENT_LAST:
+            break
+    return out
 
 
 class FileBackend:
@@ -120,6 +167,15 @@ class FileBackend:
         if self.is_block_device or not _punch_hole(self._fd, offset, length):
             self.write_zeros(offset, length)
 
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make a range read as zeros without giving its space back (a thick file
+        stays fully allocated, so later writes cannot fail for lack of space)."""
+        check_range(self._size, offset, length)
+        if self._read_only or length == 0:
+            return
+        if self.is_block_device or not _zero_range(self._fd, offset, length):
+            self.write_zeros(offset, length)
+
     def write_zeros(self, offset: int, length: int) -> None:
         chunk = bytes(min(length, 1 << 20))
         while length > 0:
@@ -151,6 +207,34 @@ class FileBackend:
             hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end)
             out.append((data, hole - data))
             pos = hole
+        return out
+
+    def written_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Extents holding written data within a range: FIEMAP extents that are not
+        marked unwritten (preallocated by fallocate, or zeroed by ``zero_range``).
+
+        Unlike SEEK_DATA this does not count an unwritten extent as data once a read
+        has pulled its zero pages into the page cache. Falls back to
+        :meth:`allocated_ranges` where the file system has no FIEMAP.
+        """
+        try:
+            extents = _fiemap(self._fd, offset, length)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                return self.allocated_ranges(offset, length)
+            raise
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        for start, size, flags in extents:
+            if flags & _FIEMAP_EXTENT_UNWRITTEN:
+                continue
+            first, last = max(start, offset), min(start + size, end)
+            if last <= first:
+                continue
+            if out and out[-1][0] + out[-1][1] == first:
+                out[-1] = (out[-1][0], last - out[-1][0])
+            else:
+                out.append((first, last - first))
         return out
 
     def close(self) -> None:

@@ -40,6 +40,8 @@ class MemoryBackend:
         check_range(self.size, offset, length)
         self._buf[offset : offset + length] = bytes(length)
 
+    zero_range = unmap  # memory has no allocation to keep or give back
+
     def resize(self, size: int) -> None:
         if size > len(self._buf):
             self._buf.extend(bytes(size - len(self._buf)))

@@ -4,6 +4,7 @@ Block Provisioning VPD pages."""
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,7 @@ LBA_OOB = (0x5, 0x21, 0x00)
 PARAM_LENGTH = (0x5, 0x1A, 0x00)
 INVALID_PARAM = (0x5, 0x26, 0x00)
 WRITE_PROTECTED = (0x7, 0x27, 0x00)
-MAPPED, DEALLOCATED = 0, 1
+MAPPED, DEALLOCATED, ANCHORED = 0, 1, 2
 
 
 def ws10(lba: int, blocks: int, flags: int = 0) -> bytes:
@@ -274,6 +275,76 @@ def test_get_lba_status_of_a_sparse_file(tmp_path: Path) -> None:
     assert found[3][2] == DEALLOCATED and found[3][0] == 256
     assert harness.good(harness.cdb10(0x28, 8, 64)) == bytes(64 * BLOCK)
     backend.close()
+
+
+def _file_harness(tmp_path: Path, **lu_options: bool) -> Harness:
+    """A harness over a real 4 MiB file; resource-provisioned ones are preallocated."""
+    import uuid
+
+    from iscsi_vmtarget.scsi import ScsiTarget
+    from tests.scsi.conftest import Harness, make_nexus
+
+    path = tmp_path / "lun.img"
+    with open(path, "wb") as fh:
+        fh.truncate(4 << 20)
+        if lu_options.get("resource_provisioning"):
+            os.posix_fallocate(fh.fileno(), 0, 4 << 20)
+    backend = FileBackend(str(path))
+    lu = LogicalUnit(backend, UnitIdentity.from_uuid(uuid.uuid4()), **lu_options)
+    target = ScsiTarget({0: lu})
+    nexus = make_nexus()
+    target.nexus_added(nexus)
+    harness = Harness(backend, lu, target, nexus)  # type: ignore[arg-type]
+    harness.run(bytes(6))  # consume the power-on unit attention
+    return harness
+
+
+def test_thick_lu_unmap_anchors_and_keeps_the_space(tmp_path: Path) -> None:
+    """SBC-4 §4.7.2.2, resource provisioning: unmapped blocks read as zeros but keep
+    their allocation (so later writes cannot fail for space), and GET LBA STATUS
+    reports them anchored - also after they have been read."""
+    harness = _file_harness(tmp_path, resource_provisioning=True)
+    path = harness.backend.path  # type: ignore[attr-defined]
+    allocated = os.stat(path).st_blocks
+    assert descriptors(harness.good(get_lba_status(0))) == [(0, 8192, ANCHORED)]
+    fill(harness, 0, 256)
+    data = unmap_list((8, 64))
+    harness.good(unmap_cdb(len(data)), data)
+    assert harness.good(harness.cdb10(0x28, 0, 72)) == b"\xaa" * 8 * BLOCK + bytes(64 * BLOCK)
+    assert descriptors(harness.good(get_lba_status(0))) == [
+        (0, 8, MAPPED),
+        (8, 64, ANCHORED),
+        (72, 184, MAPPED),
+        (256, 8192 - 256, ANCHORED),
+    ]
+    fill(harness, 256, 32)
+    harness.good(ws16(256, 16, flags=0x08), b"\x55" * BLOCK)  # WRITE SAME with UNMAP
+    assert descriptors(harness.good(get_lba_status(256, 40))) == [
+        (256, 16, ANCHORED),
+        (272, 16, MAPPED),
+    ]
+    assert os.stat(path).st_blocks >= allocated  # no space given back (+ extent tree)
+    harness.backend.close()
+
+
+def test_thick_lu_reports_resource_provisioning(tmp_path: Path) -> None:
+    harness = _file_harness(tmp_path, resource_provisioning=True)
+    capacity = harness.good(bytes.fromhex("9e10 0000000000000000 00000020 00 00"))
+    assert capacity[14:16] == b"\xc0\x00"  # LBPME, LBPRZ
+    page = harness.good(inquiry(0xB2))
+    assert page[5] == 0xE4  # LBPU, LBPWS, LBPWS10, LBPRZ
+    assert page[6] & 0x07 == 0x01  # PROVISIONING TYPE: resource provisioned
+    assert struct.unpack(">I", harness.good(inquiry(0xB0))[20:24])[0] > 0  # MAX UNMAP LBA
+    harness.backend.close()
+
+
+def test_thick_lu_sanitize_block_erase_anchors_everything(tmp_path: Path) -> None:
+    harness = _file_harness(tmp_path, resource_provisioning=True)
+    fill(harness, 0, 256)
+    harness.good(bytes([0x48, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]))  # SANITIZE BLOCK ERASE
+    assert harness.good(harness.cdb10(0x28, 0, 256)) == bytes(256 * BLOCK)
+    assert descriptors(harness.good(get_lba_status(0))) == [(0, 8192, ANCHORED)]
+    harness.backend.close()
 
 
 # -- READ CAPACITY(16) and VPD ---------------------------------------------------------------
