@@ -153,6 +153,7 @@ def _move_while_writing(tmp_path: Path, state: Path, writer: Writer) -> subproce
     pausedir = tmp_path / "pause"
     cli = subprocess.Popen(
         [sys.executable, "-m", "iscsi_vmtarget", "vm", "move", VM, "--pool", "p2", "--json"]
+        + ["--progress"]
         + ["--state-dir", str(state)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -219,6 +220,7 @@ def test_live_move_keeps_every_write(
         out, err = cli.communicate(timeout=600)
         assert cli.returncode == 0, err
         report = json.loads(out)
+        assert "moving" in err and "] 100%" in err  # the daemon's progress lines, drawn
         assert report["live"] and report["units"] == (5 if snapshot else 2)
         assert report["passes"] >= 1 and report["recopied"] > 0, report  # it caught up
         writer.wait_for(writer.count + 100)  # and the writer goes on, on the new units

@@ -1,0 +1,168 @@
+"""Live move in one process (what the daemon's ``vm.move`` runs), all three modes: a
+thread writes through the served chains during the move; afterwards the chains, the
+raw-view LUs and the chains that read the VM's units (an exported snapshot, a linked
+clone) all work on the destination's units; a failure at the switch is undone."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from iscsi_vmtarget.vm import StateDir, VmLuns, VmManager, serve_vms
+from iscsi_vmtarget.vm import move as moving
+from iscsi_vmtarget.vm import snapshot as snaps
+from iscsi_vmtarget.vm.clone import clone
+from iscsi_vmtarget.vm.cow import GRAIN, ChainBackend
+from iscsi_vmtarget.vm.dirty import DirtyGrains
+from iscsi_vmtarget.vm.errors import InUseError
+from iscsi_vmtarget.vm.format import Mode
+
+MIB = 1 << 20
+
+
+def test_dirty_grains_marks_every_grain_touched() -> None:
+    dirty = DirtyGrains()
+    dirty.mark(GRAIN - 512, 1024)  # straddles grains 0 and 1
+    dirty.mark(5 * GRAIN, 3 * GRAIN)
+    dirty.mark(100, 0)
+    assert len(dirty) == 5
+    assert dirty.take() == [0, 1, 5, 6, 7]
+    assert dirty.take() == [] and len(dirty) == 0
+
+
+def _setup(state: Path, mode: Mode) -> bytes:
+    """vm1 (two disks, snapshot s1 exported) and kid, a linked clone of s1."""
+    with VmManager(StateDir.at(str(state))) as manager:
+        manager.catalog.create_directory("p2", None)
+        manager.create("vm1", disk=4 * MIB, memory=MIB, secondaries=(2 * MIB,), mode=mode)
+        backend = snaps.open_live(manager, manager.find("vm1"), 0)
+        backend.write(GRAIN + 7, b"s1 data " * 1000)
+        backend.flush()
+        backend.close()
+        snaps.create_snapshot(manager, "vm1", "s1")
+        snaps.set_exported(manager, "vm1", "s1", True)
+        clone(manager, "vm1", "kid", from_snapshot="s1", full=False)
+        image = snaps.open_snapshot(manager, "vm1", "s1")
+        try:
+            return bytes(image.read(0, image.size))
+        finally:
+            image.close()
+
+
+def _by_name(served: list[VmLuns]) -> dict[str, VmLuns]:
+    return {luns.name: luns for luns in served}
+
+
+def _chains(luns: VmLuns) -> dict[int, ChainBackend]:
+    out = {}
+    for number, lu in luns.guest.items():
+        assert isinstance(lu.backend, ChainBackend)
+        out[number] = lu.backend
+    return out
+
+
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.name.lower())
+def test_live_move_with_a_writer(tmp_path: Path, mode: Mode) -> None:
+    state = tmp_path / "state"
+    image_s1 = _setup(state, mode)
+    served = serve_vms(str(state))
+    model: dict[tuple[int, int], bytes] = {}
+    stop = threading.Event()
+
+    def write(chains: dict[int, ChainBackend]) -> None:
+        i = 0
+        while not stop.is_set() or i < 200:
+            lun = i % 2
+            offset = (i * 3 * 4096) % chains[lun].size
+            data = f"write {i} ".encode().ljust(4096, b"=")
+            chains[lun].write(offset, data)
+            model[(lun, offset)] = data
+            i += 1
+
+    try:
+        luns = _by_name(served)
+        own = _chains(luns["vm1"])
+        followers = [c for n, v in luns.items() if n != "vm1" for c in _chains(v).values()]
+        assert len(followers) == 4  # the export of s1 and the linked clone kid, 2 LUNs each
+        writer = threading.Thread(target=write, args=(own,))
+        writer.start()
+        seen: list[tuple[int, int]] = []
+        with VmManager(StateDir.at(str(state))) as manager:
+            report = moving.move_live(
+                manager,
+                "vm1",
+                "p2",
+                own,
+                raw=luns["vm1"].raw,
+                followers=followers,
+                progress=lambda d, t: seen.append((d, t)),
+            )
+        stop.set()
+        writer.join()
+        assert report.units == 5  # base, secondary, two deltas, the s1 record
+        assert seen and seen[-1][0] == seen[-1][1] and seen == sorted(seen)
+        for (lun, offset), data in model.items():
+            assert own[lun].read(offset, len(data)) == data
+        snap = _chains(luns[snaps.snapshot_target_suffix("vm1", "s1")])[0]
+        assert snap.read(0, snap.size) == image_s1  # a follower, rebound
+        kid = _chains(luns["kid"])[0]
+        assert kid.read(0, kid.size) == image_s1
+        with VmManager(StateDir.at(str(state))) as manager:
+            vm = manager.find("vm1")
+            base_file = state / "pools" / "p2" / f"{vm.base.header.unit_uuid}.unit"
+            raw = luns["vm1"].raw[0].backend
+            assert raw.read(0, raw.size) == base_file.read_bytes()  # raw view: new unit
+    finally:
+        stop.set()
+        for luns in served:
+            luns.close()
+    with VmManager(StateDir.at(str(state))) as manager:
+        found = manager.discover()
+        assert not found.damaged
+        vm = manager.find("vm1", found)
+        assert {u.pool for u in vm.all_units} == {"p2"}
+        assert {u.pool for u in manager.find("kid", found).all_units} == {"default"}
+        for (lun, offset), data in model.items():
+            backend = snaps.open_live(manager, vm, lun)
+            try:
+                assert backend.read(offset, len(data)) == data
+            finally:
+                backend.close()
+    assert not [p for p in (state / "pools" / "p2").iterdir() if p.name.startswith(".")]
+
+
+def test_failed_switch_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "state"
+    _setup(state, Mode.TRUNCATE)
+    served = serve_vms(str(state))
+
+    def broken(*_args: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(moving, "RawView", broken)
+    try:
+        own = _chains(_by_name(served)["vm1"])
+        with VmManager(StateDir.at(str(state))) as manager:
+            with pytest.raises(OSError, match="open files"):
+                moving.move_live(manager, "vm1", "p2", own, raw=_by_name(served)["vm1"].raw)
+            with pytest.raises(InUseError, match="moves it live"):
+                moving.move(manager, "vm1", "p2")  # a served VM is the daemon's to move
+        assert all(chain.write_hook is None for chain in own.values())
+        own[0].write(0, b"after" * 100)  # still serving, from the original units
+        own[0].flush()
+        assert own[0].read(0, 500) == b"after" * 100
+    finally:
+        for luns in served:
+            luns.close()
+    assert list((state / "pools" / "p2").iterdir()) == []
+    assert not (state / "conf" / "moves" / "vm1.json").exists()
+    with VmManager(StateDir.at(str(state))) as manager:
+        vm = manager.find("vm1")
+        assert {u.pool for u in vm.all_units} == {"default"}
+        backend = snaps.open_live(manager, vm, 0)
+        try:
+            assert backend.read(0, 500) == b"after" * 100
+        finally:
+            backend.close()
