@@ -162,6 +162,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
     add_snapshot_parsers(verbs)
 
+    from .vm_replicate import add_parsers as add_replicate_parsers
+
+    add_replicate_parsers(verbs)
+
     state = verbs.add_parser(
         "state", help="read or write the encrypted state", description="The VM's state image."
     )

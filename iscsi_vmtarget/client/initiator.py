@@ -33,6 +33,26 @@ class LoginFailed(InitiatorError):
         self.status_detail = status_detail
 
 
+class ScsiCommandError(InitiatorError):
+    """A command ended in CHECK CONDITION (or another non-GOOD status)."""
+
+    def __init__(self, what: str, status: int, sense: tuple[int, int, int]) -> None:
+        key, asc, ascq = sense
+        super().__init__(
+            f"{what} failed: status 0x{status:02x}, sense key 0x{key:x} "
+            f"ASC/ASCQ {asc:02x}h/{ascq:02x}h"
+        )
+        self.status = status
+        self.sense = sense
+
+
+#: SCSI status and sense key values the helpers below act on (SAM-5 §5.3, SPC-4 §4.5.6).
+GOOD = 0x00
+CHECK_CONDITION = 0x02
+UNIT_ATTENTION = 0x6
+ILLEGAL_REQUEST = 0x5
+
+
 @dataclass
 class ScsiResult:
     status: int
@@ -371,6 +391,58 @@ class Initiator:
             datasn += 1
         return offset
 
+    # -- block commands (SBC-3 §5): what replication needs of a destination LUN -----------
+    def scsi(
+        self, what: str, cdb: bytes, lun: int = 0, data_out: bytes = b"", read_length: int = 0
+    ) -> bytes:
+        """Run ``cdb``; its Data-In on GOOD. A UNIT ATTENTION (power on, capacity or
+        LUN map changed: SPC-4 §6.37 lets the initiator just retry) is retried, up to a
+        few times; any other status raises :class:`ScsiCommandError`."""
+        for _ in range(4):
+            result = self.command(cdb, lun=lun, data_out=data_out, read_length=read_length)
+            if result.status == GOOD:
+                return result.data
+            sense = parse_sense(result.sense) if result.sense else (0, 0, 0)
+            if result.status != CHECK_CONDITION or sense[0] != UNIT_ATTENTION:
+                raise ScsiCommandError(what, result.status, sense)
+        raise ScsiCommandError(what, result.status, sense)
+
+    def read_capacity16(self, lun: int = 0) -> tuple[int, int]:
+        """(number of blocks, block size) from READ CAPACITY(16) (SBC-3 §5.16)."""
+        cdb = bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + bytes(2)
+        data = self.scsi("READ CAPACITY(16)", cdb, lun, read_length=32)
+        if len(data) < 12:
+            raise InitiatorError(f"READ CAPACITY(16) returned {len(data)} bytes")
+        last_lba = int.from_bytes(data[0:8], "big")  # RETURNED LOGICAL BLOCK ADDRESS
+        block_size = int.from_bytes(data[8:12], "big")  # LOGICAL BLOCK LENGTH IN BYTES
+        return last_lba + 1, block_size
+
+    def read16(self, lba: int, blocks: int, block_size: int, lun: int = 0) -> bytes:
+        """READ(16) (SBC-3 §5.11) of ``blocks`` blocks from ``lba``."""
+        cdb = _cdb16(0x88, 0, lba, blocks)
+        data = self.scsi("READ(16)", cdb, lun, read_length=blocks * block_size)
+        if len(data) != blocks * block_size:
+            raise InitiatorError(f"READ(16) returned {len(data)} of {blocks * block_size} bytes")
+        return data
+
+    def write16(self, lba: int, data: bytes, block_size: int, lun: int = 0) -> None:
+        """WRITE(16) (SBC-3 §5.35) of whole blocks at ``lba``."""
+        if not data or len(data) % block_size:
+            raise ValueError(f"WRITE(16) of {len(data)} bytes: not whole {block_size}-byte blocks")
+        self.scsi("WRITE(16)", _cdb16(0x8A, 0, lba, len(data) // block_size), lun, bytes(data))
+
+    def write_same16(
+        self, lba: int, blocks: int, block_size: int, lun: int = 0, unmap: bool = False
+    ) -> None:
+        """WRITE SAME(16) (SBC-3 §5.42) of a zero block; with ``unmap`` the device
+        server may deallocate the range instead (it then reads as zeros)."""
+        flags = 0x08 if unmap else 0  # byte 1 bit 3: UNMAP
+        self.scsi("WRITE SAME(16)", _cdb16(0x93, flags, lba, blocks), lun, bytes(block_size))
+
+    def synchronize_cache16(self, lun: int = 0) -> None:
+        """SYNCHRONIZE CACHE(16) (SBC-3 §5.23) of the whole medium (LBA 0, 0 blocks)."""
+        self.scsi("SYNCHRONIZE CACHE(16)", _cdb16(0x91, 0, 0, 0), lun)
+
     def nop(self, data: bytes = b"") -> bytes:
         itt = self.next_itt()
         self.send_pdu(
@@ -396,3 +468,13 @@ class Initiator:
             raise InitiatorError(f"expected Logout Response, got {rsp}")
         self.close()
         return rsp.response
+
+
+def _cdb16(opcode: int, flags: int, lba: int, blocks: int) -> bytes:
+    """A 16-byte block CDB (SBC-3 §5.11 layout): opcode, flags, LBA, length, group, control."""
+    return (
+        bytes([opcode, flags])  # OPERATION CODE; byte 1 flags (FUA, UNMAP, ...)
+        + lba.to_bytes(8, "big")  # LOGICAL BLOCK ADDRESS
+        + blocks.to_bytes(4, "big")  # TRANSFER LENGTH / NUMBER OF LOGICAL BLOCKS
+        + bytes(2)  # GROUP NUMBER, CONTROL
+    )

@@ -451,8 +451,9 @@ def delete_snapshot(
 ) -> None:
     """Delete snapshot ``snap``: its record goes, then its layer is merged into its
     only child (or dropped if nothing depends on it); every other snapshot and the
-    live disks read the same bytes as before. While a server exports the VM (``live``)
-    only the record goes; the merge waits for the next offline repair (``discover``)."""
+    live disks read the same bytes as before. While this process serves the VM
+    (``live``) layers merge only into frozen children (never into a top the guest
+    writes), then the served chains are rebound to the shorter chains under quiesce."""
     pools = manager.catalog.all()
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=True))
@@ -463,7 +464,7 @@ def delete_snapshot(
         with _held(manager, vm, live):
             manager.catalog.get(record.pool).delete(record.ref)
             faults.crashpoint("snapshot.deleted")
-        collect(manager, name)
+        collect(manager, name, live=live)
 
 
 def open_snapshot(manager: VmManager, name: str, snap: str, lun: int = 0) -> ChainBackend:
@@ -572,7 +573,9 @@ def finish_revert(manager: VmManager, vm: FoundVm, keyring: Keyring) -> str | No
     return f"interrupted revert finished (state and config from {found.ref.location})"
 
 
-def collect(manager: VmManager, name: str) -> list[str]:
+def collect(
+    manager: VmManager, name: str, *, live: Mapping[int, ChainBackend] | None = None
+) -> list[str]:
     """Bring VM ``name``'s layers back to the invariant (callers hold the pool locks):
 
     * a record naming a live top was cut short before its commit: removed;
@@ -581,8 +584,12 @@ def collect(manager: VmManager, name: str) -> list[str]:
       into that child (grains the child lacks are copied into it, then the child is
       re-parented, then the layer removed), so the chain stays short.
 
-    While a server exports the VM only removals run (a merge must not race guest
-    writes nor change a layer the server has open); merges wait for an offline run.
+    While another process exports the VM only removals run (a merge must not race
+    guest writes nor change a layer the server has open); merges wait for an offline
+    run. ``live``: the chains this process serves (the daemon): merges run, but never
+    into a top (the only layer a guest writes; a merge writes only grains its child
+    lacks, which the served chain still reads from the merged layer's open file), and
+    the chains are rebound to the merged layers afterwards (:func:`_rebind_live`).
     """
     notes: list[str] = []
     try:
@@ -593,13 +600,33 @@ def collect(manager: VmManager, name: str) -> list[str]:
         notes.append(note)
     while True:
         vm = _rediscover(manager, name)
-        step = _collect_step(manager, vm, merges=not manager.served(vm))
+        merges = live is not None or not manager.served(vm)
+        step = _collect_step(manager, vm, merges=merges, live=live is not None)
         if step is None:
-            return notes
+            break
         notes.append(step)
+    if live and notes:
+        _rebind_live(manager, name, live)
+    return notes
 
 
-def _collect_step(manager: VmManager, vm: FoundVm, *, merges: bool) -> str | None:
+def _rebind_live(manager: VmManager, name: str, live: Mapping[int, ChainBackend]) -> None:
+    """Give the served chains their layers as they now are (merged layers gone), under
+    quiesce, after their tops were flushed (as :func:`revert` does)."""
+    vm = _rediscover(manager, name)
+    volumes = _volumes(vm)
+    with _held(manager, vm, live):
+        for number, chain in live.items():
+            volume = volumes[number]
+            fresh = open_chain(manager, vm, volume, _top(vm, volume), read_only=False)
+            layers, fresh.layers = fresh.layers, []
+            fresh.close()  # its read-only root only
+            chain.rebind(layers)
+
+
+def _collect_step(
+    manager: VmManager, vm: FoundVm, *, merges: bool, live: bool = False
+) -> str | None:
     volumes = list(_volumes(vm).values())
     tops = {_top(vm, v) for v in volumes}
     for record in vm.records:
@@ -641,6 +668,8 @@ def _collect_step(manager: VmManager, vm: FoundVm, *, merges: bool) -> str | Non
             continue
         if kids[0].header.owner_uuid != mine:  # never write into another VM's layer
             continue
+        if live and kids[0].header.unit_uuid in tops:  # the guest writes there
+            continue
         _merge_down(manager, layer, kids[0], _size_of(volumes, layer.header))
         return f"layer {layer.ref.location} merged into {kids[0].ref.location}"
     for volume in volumes:
@@ -650,6 +679,8 @@ def _collect_step(manager: VmManager, vm: FoundVm, *, merges: bool) -> str | Non
             continue
         child = kids[0]
         if child.header.unit_uuid in record_layers or child.header.owner_uuid != mine:
+            continue
+        if live and child.header.unit_uuid in tops:
             continue
         _merge_into_root(manager, vm, volume, child, children.get(child.header.unit_uuid, []))
         return f"layer {child.ref.location} merged into its volume {volume.ref.location}"

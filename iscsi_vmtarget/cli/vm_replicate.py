@@ -1,0 +1,325 @@
+"""``iscsi-vmtarget vm replicate|receive|promote``: continuous data protection to another
+target (seed: periodic checkpoints "coincident with the replica updates"; resume "based
+on the last coherent replica").
+
+* on the destination, ``vm receive NAME --size SIZE`` makes an empty replica file
+  ``<state-dir>/replicas/NAME.replica`` and exports it as LUN 0 of
+  ``<base IQN>:replica.NAME`` to the replicating initiator (``--initiator``, CHAP with
+  ``--chap-user/--chap-secret``);
+* on the source, ``vm replicate NAME --to iscsi://HOST[:PORT]/IQN[/LUN]`` takes a
+  checkpoint (a snapshot, through the daemon when it serves the VM, so its LUNs are
+  quiesced) and pushes what changed since the last one, coherently; ``--continuous``
+  does it every ``--interval`` seconds until interrupted. ``--disk-only`` mirrors one
+  guest disk's bytes to any plain LUN (e.g. tgtd) instead;
+* on the destination, ``vm promote NAME`` makes the last coherent checkpoint a VM of
+  its pools (the receiving target goes away); ``serve`` exports it from its next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from ..client.initiator import InitiatorError
+from ..client.remote import UrlError, open_lun, parse_url
+from ..server.admin import AdminError, DaemonNotRunning, call, call_daemon
+from ..sizes import format_size
+from ..storage import FileBackend, create_sparse_file
+from ..storage.backend import BlockBackend
+from ..vm import DEFAULT_BASE_IQN, VmError, VmManager
+from ..vm import snapshot as snaps
+from ..vm.crypto import load_key_file
+from ..vm.manager import check_vm_name
+from ..vm.promote import promote
+from ..vm.replicate import RoundReport, replicate
+from .vm import add_common, print_json, run_managed, size_arg
+
+REPLICATOR = "iqn.2026-11.org.iscsi-vmtarget:replicator"
+
+
+def replica_target(name: str) -> str:
+    return f"{DEFAULT_BASE_IQN}:replica.{name}"
+
+
+def replica_path(state_dir: str, name: str) -> str:
+    return os.path.join(os.path.abspath(state_dir), "replicas", f"{name}.replica")
+
+
+def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = verbs.add_parser(
+        "replicate",
+        help="push consistent checkpoints of a VM to another target",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name")
+    p.add_argument("--to", required=True, metavar="URL", help="iscsi://HOST[:PORT]/IQN[/LUN]")
+    p.add_argument("--continuous", action="store_true", help="a round every --interval seconds")
+    p.add_argument("--interval", type=float, metavar="SECONDS", help="default 60 (--continuous)")
+    p.add_argument("--disk-only", action="store_true", help="mirror one disk to a plain LUN")
+    p.add_argument("--lun", type=int, default=0, help="--disk-only: which disk (default 0)")
+    p.add_argument("--initiator-name", default=REPLICATOR, metavar="IQN")
+    p.add_argument("--chap-user", metavar="U", help="CHAP name to prove to the destination")
+    p.add_argument("--chap-secret", metavar="S", help="its CHAP secret")
+    p.add_argument("--mutual-secret", metavar="S", help="the secret the destination proves")
+    p.add_argument("--json", action="store_true", help="one JSON object per round")
+    add_common(p)
+    p.set_defaults(func=_replicate)
+
+    p = verbs.add_parser(
+        "receive",
+        help="export an empty replica LUN for 'vm replicate'",
+        description="Create <state-dir>/replicas/NAME.replica (sparse, --size bytes: "
+        "'vm replicate' says how many it needs) and export it as LUN 0 of target "
+        f"{replica_target('NAME')} to --initiator (default {REPLICATOR}).",
+    )
+    p.add_argument("name")
+    p.add_argument("--size", type=size_arg, required=True, metavar="SIZE")
+    p.add_argument("--initiator", default=REPLICATOR, metavar="IQN")
+    p.add_argument("--chap-user", metavar="U", help="CHAP name the replicator must prove")
+    p.add_argument("--chap-secret", metavar="S", help="its secret (at least 12 bytes)")
+    p.add_argument("--mutual-user", metavar="U")
+    p.add_argument("--mutual-secret", metavar="S")
+    add_common(p, key=False)
+    p.set_defaults(func=_receive)
+
+    p = verbs.add_parser(
+        "promote",
+        help="resume a replicated VM here from its last coherent checkpoint",
+        description="Finish the replica's journal (a committed round is replayed, an "
+        "uncommitted one discarded), check every header, grain hash and sealed chunk, "
+        "and make the checkpoint VM NAME of --pool: same volume identities (VPD 0x83/0x80) "
+        "as the source, state and config sealed under this state directory's key.",
+    )
+    p.add_argument("name")
+    p.add_argument("--replica", metavar="FILE", help="default <state-dir>/replicas/NAME.replica")
+    p.add_argument("--source-key", metavar="FILE", help="the source's master key file")
+    p.add_argument("--pool", default="default")
+    p.add_argument("--json", action="store_true")
+    add_common(p)
+    p.set_defaults(func=lambda a: run_managed(a, _promote))
+
+
+# -- replicate ---------------------------------------------------------------------------
+
+
+@dataclass
+class DaemonCheckpointer:
+    """Checkpoint snapshots through the running daemon's admin actions where it exports
+    the VM (its LUNs are quiesced, as for ``vm snapshot``), on the pools otherwise."""
+
+    state_dir: str
+    key_file: str | None
+    manager: VmManager
+    name: str
+
+    def _daemon(self, op: str, request: dict[str, Any]) -> bool:
+        try:
+            call_daemon(self.state_dir, op, {**request, "key_file": self.key_file}, timeout=3600)
+        except DaemonNotRunning:
+            return False
+        except AdminError as exc:
+            if "does not export" in str(exc):
+                return False
+            raise VmError(f"the daemon refused {op}: {exc}") from exc
+        return True
+
+    def take(self, snap: str, description: str) -> None:
+        request = {"name": self.name, "snapshot": snap, "description": description}
+        if not self._daemon("vm.snapshot", request):
+            snaps.create_snapshot(self.manager, self.name, snap, description=description)
+
+    def delete(self, snap: str) -> None:
+        if not self._daemon("vm.snapshot.delete", {"name": self.name, "snapshot": snap}):
+            snaps.delete_snapshot(self.manager, self.name, snap)
+
+
+def _describe(report: RoundReport) -> str:
+    kind = "full" if report.full else "incremental"
+    line = (
+        f"round {report.seq}: checkpoint {report.checkpoint} ({kind}): {report.grains} "
+        f"grains, {report.payload} bytes sent, {report.zeroed} bytes zeroed"
+    )
+    if report.sealed:
+        line += f", {' and '.join(report.sealed)} sent"
+    if report.replayed:
+        line += f"; finished the interrupted round first ({report.replayed} entries)"
+    if report.deleted:
+        line += f"; deleted {', '.join(report.deleted)}"
+    return line
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops a continuous run like Ctrl-C (the replica stays coherent)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _replicate(args: argparse.Namespace) -> int:
+    if args.interval is not None and not args.continuous:
+        print("iscsi-vmtarget: --interval needs --continuous", file=sys.stderr)
+        return 2
+    if args.interval is not None and args.interval < 0:
+        print("iscsi-vmtarget: --interval must not be negative", file=sys.stderr)
+        return 2
+    try:
+        url = parse_url(args.to)
+    except UrlError as exc:
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 2
+    if bool(args.chap_user) != bool(args.chap_secret) and not url.user:
+        print("iscsi-vmtarget: give both --chap-user and --chap-secret", file=sys.stderr)
+        return 2
+    return run_managed(args, lambda a, m: _run_rounds(a, m, url))
+
+
+def _run_rounds(args: argparse.Namespace, manager: VmManager, url: Any) -> int:
+    manager.find(args.name)  # a clear "no VM named" before any connection
+
+    def connect() -> BlockBackend:
+        return open_lun(
+            url,
+            initiator_name=args.initiator_name,
+            chap_user=args.chap_user,
+            chap_secret=args.chap_secret,
+            mutual_secret=args.mutual_secret,
+        )
+
+    def on_round(report: RoundReport) -> None:
+        if args.json:
+            print_json(report.to_json())
+        else:
+            print(_describe(report), flush=True)
+
+    def on_error(exc: Exception) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"iscsi-vmtarget: {stamp} round failed, retrying: {exc}", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rreplicating: {done * 100 // max(1, total)}%", end="", file=sys.stderr)
+
+    checkpointer = DaemonCheckpointer(args.state_dir, args.key_file, manager, args.name)
+    interval = (args.interval if args.interval is not None else 60.0) if args.continuous else None
+    rounds = 0
+    try:
+        with _sigterm_interrupts():
+            rounds = replicate(
+                manager,
+                args.name,
+                connect,
+                checkpointer,
+                url=str(url),
+                disk_only=args.disk_only,
+                lun=args.lun,
+                interval=interval,
+                on_round=on_round,
+                on_error=on_error,
+                progress=progress,
+            )
+    except KeyboardInterrupt:
+        print(f"replication of VM {args.name} stopped", file=sys.stderr)
+        return 0
+    except InitiatorError as exc:
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 1
+    return 0 if rounds else 1
+
+
+# -- receive -----------------------------------------------------------------------------
+
+
+def _receive(args: argparse.Namespace) -> int:
+    try:
+        check_vm_name(args.name)
+    except VmError as exc:
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 1
+    path = replica_path(args.state_dir, args.name)
+    if os.path.exists(path):
+        print(f"iscsi-vmtarget: already receiving VM {args.name} ({path})", file=sys.stderr)
+        return 1
+    iqn = replica_target(args.name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    create_sparse_file(path, args.size)
+    acl: dict[str, Any] = {"target": iqn, "initiator": args.initiator}
+    for key in ("chap_user", "chap_secret", "mutual_user", "mutual_secret"):
+        if getattr(args, key) is not None:
+            acl[key] = getattr(args, key)
+    steps = [
+        ("target.create", {"name": iqn, "alias": f"replica of VM {args.name}"}),
+        ("lun.map", {"target": iqn, "number": 0, "path": path, "size": args.size}),
+        ("acl.add", acl),
+    ]
+    live = False
+    try:
+        for op, payload in steps:
+            _result, live = call(args.state_dir, op, payload)
+    except AdminError as exc:
+        with contextlib.suppress(AdminError):
+            call(args.state_dir, "target.delete", {"name": iqn})
+        os.unlink(path)
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 1
+    when = "now" if live else "from the next start of 'serve'"
+    print(
+        f"receiving VM {args.name}: LUN 0 of {iqn} ({format_size(args.size)}, {path}), "
+        f"exported {when} to {args.initiator}"
+    )
+    return 0
+
+
+# -- promote -----------------------------------------------------------------------------
+
+
+def _promote(args: argparse.Namespace, manager: VmManager) -> int:
+    path = os.path.abspath(args.replica or replica_path(manager.state.root, args.name))
+    if not os.path.exists(path):
+        raise VmError(f"no replica of VM {args.name!r} here ({path}); see 'vm receive'")
+    if args.replica is None:  # stop receiving first: no round may write meanwhile
+        try:
+            call(manager.state.root, "target.delete", {"name": replica_target(args.name)})
+        except AdminError as exc:
+            if "no target" not in str(exc):
+                raise VmError(f"cannot stop receiving: {exc}") from exc
+    keys = [load_key_file(args.source_key)] if args.source_key else []
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\rpromoting: {done * 100 // max(1, total)}%", end="", file=sys.stderr)
+
+    replica = FileBackend(path)
+    try:
+        report = promote(
+            manager, args.name, replica, source_keys=keys, pool=args.pool, progress=progress
+        )
+    finally:
+        replica.close()
+    if args.replica is None:
+        os.unlink(path)
+    if args.json:
+        print_json({**report.__dict__, "replica": path})
+    elif report.already:
+        print(f"VM {args.name} was already promoted; replica {path} removed")
+    else:
+        print(
+            f"VM {args.name} promoted from checkpoint {report.seq} ({report.checkpoint}); "
+            f"{report.journal}; {report.volumes} disk(s) verified"
+        )
+    return 0
