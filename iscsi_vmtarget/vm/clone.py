@@ -14,20 +14,26 @@ unit's own data key.
 * a *full* clone (``--full``) reads each volume's image through its chain and writes
   it into the new units (runs of zeros skipped, so they stay sparse).
 
-Crash safety: the new VM is built under a temporary name and only renamed to ``dst``
-- one header commit of its base unit - when every byte is in place; a crash before
-leaves a VM named ``c-<12 hex digits>`` that ``vm delete`` removes.
+Crash safety: the new VM is built under a temporary name ``c-<12 hex digits>`` and
+only renamed to ``dst`` - one header commit of its base unit - when every byte is in
+place. An intent file ``<state-dir>/conf/clones/<temp>.json``, written first and held
+by an :func:`~.locks.operation` lock while the clone runs, names the temporary VM and
+the snapshot a linked clone of live disks took; a clone that fails, or is killed,
+leaves an intent nobody holds, and :func:`finish_clones` (run with every pool lock,
+so at the next repair or ``discover``) deletes the temporary VM and that snapshot.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from ..storage.backend import BlockBackend
-from . import faults
+from . import atomic, faults, locks
 from .discovery import discover
 from .errors import VmError
 from .format import RegionKind
@@ -54,11 +60,28 @@ def clone(
     :func:`unlink`; a linked clone of the live disks first takes a snapshot named
     ``clone-DST`` of the source."""
     check_vm_name(dst)
-    if not full and from_snapshot is None:
-        from .snapshot import create_snapshot
+    temp = f"c-{uuid.uuid4().hex[:12]}"
+    with _intent(manager, temp, src, dst) as intent:
+        if not full and from_snapshot is None:
+            from .snapshot import create_snapshot
 
-        from_snapshot = f"clone-{dst}"
-        create_snapshot(manager, src, from_snapshot)
+            from_snapshot = f"clone-{dst}"
+            info = create_snapshot(manager, src, from_snapshot)
+            intent["snapshot"] = str(info.record.header.unit_uuid)
+            atomic.write_json(_intent_path(manager, temp), intent)
+        _build(manager, src, dst, temp, from_snapshot, full, progress)
+
+
+def _build(
+    manager: VmManager,
+    src: str,
+    dst: str,
+    temp: str,
+    from_snapshot: str | None,
+    full: bool,
+    progress: Progress | None,
+) -> None:
+    """Make VM ``temp`` the clone, then rename it ``dst`` (the commit point)."""
     pools = manager.catalog.all()
     with manager._locked(pools):
         found = discover(pools, repair=False)
@@ -72,7 +95,6 @@ def clone(
         luns = vm.lun_map()
         sizes = [luns[n].header.disk_size for n in sorted(luns)]
         memory_region = vm.base.header.require_region(RegionKind.STATE)
-    temp = f"c-{uuid.uuid4().hex[:12]}"
     manager.create(
         temp,
         disk=sizes[0],
@@ -81,6 +103,7 @@ def clone(
         mode=vm.base.header.mode,
         pool=vm.base.pool,
     )
+    faults.pause("clone.created")  # between two pool-lock sections (a repair may run)
     with manager._locked(pools):
         new = manager.find(temp, discover(pools, repair=False))
         total = sum(sizes)
@@ -134,6 +157,72 @@ def clone(
                 with contextlib.closing(manager._open(unit)) as u:
                     u.commit(replace(u.header, name=dst))
             base.commit(replace(base.header, name=dst))
+
+
+# -- the intent: what a failed or killed clone leaves, and its removal -----------------------
+
+
+def _intent_path(manager: VmManager, temp: str) -> str:
+    return os.path.join(manager.state.root, "conf", "clones", f"{temp}.json")
+
+
+@contextlib.contextmanager
+def _intent(manager: VmManager, temp: str, src: str, dst: str) -> Iterator[dict[str, str]]:
+    """Hold the clone's operation lock and intent while it runs; drop the intent when
+    it succeeded, roll the clone back (:func:`finish_clones`) when it failed."""
+    intent = {"temp": temp, "src": src, "dst": dst}
+    try:
+        with locks.operation(manager.state.root, f"clone.{temp}"):
+            atomic.write_json(_intent_path(manager, temp), intent)
+            yield intent
+            atomic.remove(_intent_path(manager, temp))
+    except BaseException:
+        # the operation lock is released now: taking every pool lock runs finish_clones
+        with contextlib.suppress(VmError, OSError), manager._locked(manager.catalog.all()):
+            pass
+        raise
+
+
+def finish_clones(manager: VmManager) -> list[str]:
+    """Roll back every clone that failed or was killed (callers hold all pool locks):
+    delete its temporary VM and the snapshot it took of its source, unless the clone
+    reached its rename (then only the intent is left to drop)."""
+    directory = os.path.join(manager.state.root, "conf", "clones")
+    if not os.path.isdir(directory):
+        return []
+    notes = []
+    for entry in sorted(os.listdir(directory)):
+        path = os.path.join(directory, entry)
+        temp = entry.partition(".")[0]
+        if locks.operation_running(manager.state.root, f"clone.{temp}"):
+            continue  # a clone in progress (in this process or another)
+        if not entry.endswith(".json"):
+            os.unlink(path)  # half written: the clone had not started
+            continue
+        with open(path) as fh:
+            intent = json.load(fh)
+        found = discover(manager.catalog.all(), repair=False)
+        vm = found.find(temp)
+        if vm is not None:
+            for unit in vm.all_units:  # base first: the rest is unreachable after it
+                manager.catalog.get(unit.pool).delete(unit.ref)
+            notes.append(f"unfinished clone {temp} of VM {intent['src']} removed")
+        source = found.find(str(intent["src"]))
+        taken = [
+            r
+            for r in (source.records if source is not None else [])
+            if str(r.header.unit_uuid) == intent.get("snapshot")
+        ]
+        if taken and (vm is not None or found.find(str(intent["dst"])) is None):
+            manager.catalog.get(taken[0].pool).delete(taken[0].ref)
+            notes.append(f"snapshot clone-{intent['dst']} of VM {intent['src']} removed")
+            from .snapshot import collect
+
+            notes.extend(collect(manager, str(intent["src"])))
+        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(locks.operation_path(manager.state.root, f"clone.{temp}"))
+    return notes
 
 
 def unlink(manager: VmManager, name: str, progress: Progress | None = None) -> bool:

@@ -5,8 +5,10 @@ long as it runs; ``vm delete`` and ``vm resize`` need it exclusive and so refuse
 a server exports the VM (a daemon admin socket, which could also tell whether sessions
 are logged in, does not exist yet). Every management command that writes takes
 ``pool.<name>.lock`` exclusive, so two of them never interleave their commits (nor
-allocations in a device pool's table). flock locks die with their process, so a
-kill -9 never leaves anything locked.
+allocations in a device pool's table); a command that works in several such steps
+holds an :func:`operation` lock meanwhile, so a repair elsewhere can tell it from a
+crashed one. flock locks die with their process, so a kill -9 never leaves anything
+locked.
 """
 
 from __future__ import annotations
@@ -62,7 +64,11 @@ def not_served(state_dir: str, unit_uuid: uuid.UUID, what: str) -> Iterator[None
 
 
 def is_served(state_dir: str, unit_uuid: uuid.UUID) -> bool:
-    path = os.path.join(state_dir, "locks", f"{unit_uuid}.lock")
+    return _held_elsewhere(os.path.join(state_dir, "locks", f"{unit_uuid}.lock"))
+
+
+def _held_elsewhere(path: str) -> bool:
+    """Whether another open of the lock file ``path`` holds it (shared or not)."""
     if not os.path.exists(path):
         return False
     fd = _open(path)
@@ -76,13 +82,40 @@ def is_served(state_dir: str, unit_uuid: uuid.UUID) -> bool:
 
 
 @contextlib.contextmanager
-def pool_lock(state_dir: str, pool: str) -> Iterator[None]:
-    """Serialise every writing management command on one pool (and its units)."""
-    directory = os.path.join(state_dir, "locks")
-    os.makedirs(directory, exist_ok=True)
-    fd = _open(os.path.join(directory, f"pool.{pool}.lock"))
+def _exclusive(path: str) -> Iterator[None]:
+    fd = _open(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def pool_lock(state_dir: str, pool: str) -> Iterator[None]:
+    """Serialise every writing management command on one pool (and its units)."""
+    with _exclusive(operation_path(state_dir, f"pool.{pool}")):
+        yield
+
+
+@contextlib.contextmanager
+def operation(state_dir: str, name: str) -> Iterator[None]:
+    """Held (exclusive) while a multi-step command runs - a clone builds its VM under
+    a temporary name between two pool-lock sections - so a repair in another process
+    leaves that command's intent alone (:func:`operation_running`)."""
+    path = operation_path(state_dir, name)
+    with _exclusive(path):
+        yield
+        os.unlink(path)  # while held: names are never reused, so nobody waits on it
+
+
+def operation_path(state_dir: str, name: str) -> str:
+    """``<state-dir>/locks/<name>.lock``."""
+    directory = os.path.join(state_dir, "locks")
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f"{name}.lock")
+
+
+def operation_running(state_dir: str, name: str) -> bool:
+    """Whether a live process holds :func:`operation` ``name`` (kill -9 releases it)."""
+    return _held_elsewhere(operation_path(state_dir, name))

@@ -93,6 +93,8 @@ class VmManager:
     def __init__(self, state: StateDir) -> None:
         self.state = state
         self.catalog = PoolCatalog(state.root)
+        #: what the last locking of every pool finished or rolled back (moves, clones)
+        self.finished: list[str] = []
 
     def close(self) -> None:
         self.catalog.close()
@@ -114,9 +116,10 @@ class VmManager:
             for pool in sorted(pools, key=lambda p: p.name):
                 stack.enter_context(locks.pool_lock(self.state.root, pool.name))
             if len(pools) == len(self.catalog.names()):  # all locks held: finish moves
+                from .clone import finish_clones  # and roll back failed clones
                 from .move import finish_moves
 
-                finish_moves(self)
+                self.finished = finish_moves(self) + finish_clones(self)
             yield
 
     # -- discovery ----------------------------------------------------------------------------
@@ -130,6 +133,9 @@ class VmManager:
             return discover(pools, repair=False)
         with self._locked(pools):
             found = discover(pools, repair=True)
+            for note in self.finished:  # moves finished and clones rolled back just now
+                found.repaired.append({"location": self.state.root, "action": note})
+            self.finished = []
             from .snapshot import collect  # finish what a crash left of snapshot changes
 
             changed = False

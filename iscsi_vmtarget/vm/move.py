@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..storage.backend import BlockBackend
-from . import faults
+from . import atomic, faults
 from .cow import ChainBackend, DeltaLayer
 from .dirty import DirtyGrains, copy_dirty
 from .discovery import FoundUnit, FoundVm, discover
@@ -70,31 +70,12 @@ def _intent_dir(state_root: str) -> str:
     return os.path.join(state_root, "conf", "moves")
 
 
-def _write_intent(path: str, value: dict[str, object]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(value, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync(os.path.dirname(path))
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rename_into_place(dest: Pool, units: list[dict[str, str]]) -> None:
     for u in units:
         final = os.path.join(dest.path, u["key"])
         if not os.path.exists(final):
             os.rename(os.path.join(dest.path, u["temp"]), final)
-    _fsync(dest.path)
+    atomic.fsync_dir(dest.path)
 
 
 def finish_moves(manager: VmManager) -> list[str]:
@@ -181,7 +162,7 @@ def _copy_units(
     except BaseException:
         _remove_temps(dest, plan)
         raise
-    _fsync(dest.path)
+    atomic.fsync_dir(dest.path)
     return plan
 
 
@@ -193,7 +174,7 @@ def _remove_temps(dest: DirectoryPool, plan: list[dict[str, str]]) -> None:
 
 def _commit(manager: VmManager, name: str, dest: DirectoryPool, plan: list[dict[str, str]]) -> None:
     faults.crashpoint("move.copied")
-    _write_intent(_intent_path(manager, name), {"vm": name, "to": dest.name, "units": plan})
+    atomic.write_json(_intent_path(manager, name), {"vm": name, "to": dest.name, "units": plan})
     faults.crashpoint("move.committed")
 
 
@@ -345,7 +326,7 @@ def move_live(
                     grains = tracked[number].take()
                     held += copy_dirty(chain.read_quiesced, copies[number], grains, chain.size)
                     copies[number].flush()
-                _fsync(dest.path)
+                atomic.fsync_dir(dest.path)
                 moved = {_uuid_of(u) for u in plan}
                 final = _locator(vm, dest, plan, "key", by_name)
                 retired = _switch(manager, name, dest, plan, vm, live, raw or {}, final, moved)
@@ -414,8 +395,8 @@ def _switch(
             for key in ("key", "temp"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(dest.path, u[key]))
-        _fsync(dest.path)
-        os.unlink(_intent_path(manager, name))
+        atomic.fsync_dir(dest.path)
+        atomic.remove(_intent_path(manager, name))
         raise
     for chain, layers, root in opened:
         chain.write_hook = None

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from ..storage import BackendError, FileBackend, create_sparse_file
 from ..storage.backend import BlockBackend
+from .atomic import fsync_dir as _fsync_dir
 from .errors import NotFoundError, SizeError, VmError
 from .format import SLOT_OFFSETS, SLOT_SIZE, TAIL_SIZE, decode_header
 
@@ -84,14 +85,6 @@ def check_pool_name(name: str) -> None:
             f"bad pool name {name!r}: use 1-32 of a-z, 0-9, '-' and '_', starting "
             "with a letter or digit"
         )
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _slots_valid(backend: BlockBackend) -> bool:
