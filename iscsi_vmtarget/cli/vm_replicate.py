@@ -40,6 +40,7 @@ from ..vm.crypto import load_key_file
 from ..vm.manager import check_vm_name
 from ..vm.promote import promote
 from ..vm.replicate import RoundReport, replicate
+from .progress import progress_bar
 from .vm import add_common, print_json, run_managed, size_arg
 
 REPLICATOR = "iqn.2026-11.org.iscsi-vmtarget:replicator"
@@ -71,6 +72,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--chap-secret", metavar="S", help="its CHAP secret")
     p.add_argument("--mutual-secret", metavar="S", help="the secret the destination proves")
     p.add_argument("--json", action="store_true", help="one JSON object per round")
+    _progress_flag(p)
     add_common(p)
     p.set_defaults(func=_replicate)
 
@@ -104,8 +106,15 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--source-key", metavar="FILE", help="the source's master key file")
     p.add_argument("--pool", default="default")
     p.add_argument("--json", action="store_true")
+    _progress_flag(p)
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _promote))
+
+
+def _progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress", action="store_true", help="draw the progress bar even off a terminal"
+    )
 
 
 # -- replicate ---------------------------------------------------------------------------
@@ -201,19 +210,19 @@ def _run_rounds(args: argparse.Namespace, manager: VmManager, url: Any) -> int:
             mutual_secret=args.mutual_secret,
         )
 
+    bar = progress_bar("replicating", args.progress)
+
     def on_round(report: RoundReport) -> None:
+        bar.close()
         if args.json:
             print_json(report.to_json())
         else:
             print(_describe(report), flush=True)
 
     def on_error(exc: Exception) -> None:
+        bar.close()
         stamp = time.strftime("%H:%M:%S")
         print(f"iscsi-vmtarget: {stamp} round failed, retrying: {exc}", file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\rreplicating: {done * 100 // max(1, total)}%", end="", file=sys.stderr)
 
     checkpointer = DaemonCheckpointer(args.state_dir, args.key_file, manager, args.name)
     interval = (args.interval if args.interval is not None else 60.0) if args.continuous else None
@@ -231,14 +240,18 @@ def _run_rounds(args: argparse.Namespace, manager: VmManager, url: Any) -> int:
                 interval=interval,
                 on_round=on_round,
                 on_error=on_error,
-                progress=progress,
+                progress=bar,
             )
     except KeyboardInterrupt:
+        bar.close()
         print(f"replication of VM {args.name} stopped", file=sys.stderr)
         return 0
     except InitiatorError as exc:
+        bar.close()
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return 1
+    finally:
+        bar.close()
     return 0 if rounds else 1
 
 
@@ -300,17 +313,15 @@ def _promote(args: argparse.Namespace, manager: VmManager) -> int:
                 raise VmError(f"cannot stop receiving: {exc}") from exc
     keys = [load_key_file(args.source_key)] if args.source_key else []
 
-    def progress(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\rpromoting: {done * 100 // max(1, total)}%", end="", file=sys.stderr)
-
+    bar = progress_bar("promoting", args.progress)
     replica = FileBackend(path)
     try:
         report = promote(
-            manager, args.name, replica, source_keys=keys, pool=args.pool, progress=progress
+            manager, args.name, replica, source_keys=keys, pool=args.pool, progress=bar
         )
     finally:
         replica.close()
+        bar.close()
     if args.replica is None:
         os.unlink(path)
     if args.json:

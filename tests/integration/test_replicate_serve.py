@@ -134,8 +134,10 @@ def test_rounds_kill_and_promote(tmp_path: Path) -> None:
         identity = [naa(ini, 0), naa(ini, 1)]
         write(ini, 0, 0, os.urandom(3 * MIB))
         write(ini, 1, MIB, os.urandom(MIB))
-        first = ok(ivt(src, "vm", "replicate", VM, "--to", url(destination)))
+        run = ivt(src, "vm", "replicate", VM, "--to", url(destination), "--progress")
+        first = ok(run)
         assert "round 1" in first and "(full)" in first and "state and config sent" in first
+        assert "replicating" in run.stderr and "100%" in run.stderr  # the progress bar
         write(ini, 0, 5 * MIB, b"second round" * 128)
         write(ini, 1, 0, bytes(512))  # zeros over zeros: a grain, still
         expected = [disk(ini, 0), disk(ini, 1)]
