@@ -41,6 +41,7 @@ from ..vm.manager import check_vm_name
 from ..vm.promote import promote
 from ..vm.replicate import RoundReport, replicate
 from .progress import progress_bar
+from .target import add_chap, chap_args
 from .vm import add_common, print_json, run_managed, size_arg
 
 REPLICATOR = "iqn.2026-11.org.iscsi-vmtarget:replicator"
@@ -86,10 +87,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("name")
     p.add_argument("--size", type=size_arg, required=True, metavar="SIZE")
     p.add_argument("--initiator", default=REPLICATOR, metavar="IQN")
-    p.add_argument("--chap-user", metavar="U", help="CHAP name the replicator must prove")
-    p.add_argument("--chap-secret", metavar="S", help="its secret (at least 12 bytes)")
-    p.add_argument("--mutual-user", metavar="U")
-    p.add_argument("--mutual-secret", metavar="S")
+    add_chap(p)
     add_common(p, key=False)
     p.set_defaults(func=_receive)
 
@@ -271,10 +269,7 @@ def _receive(args: argparse.Namespace) -> int:
     iqn = replica_target(args.name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     create_sparse_file(path, args.size)
-    acl: dict[str, Any] = {"target": iqn, "initiator": args.initiator}
-    for key in ("chap_user", "chap_secret", "mutual_user", "mutual_secret"):
-        if getattr(args, key) is not None:
-            acl[key] = getattr(args, key)
+    acl: dict[str, Any] = {"target": iqn, "initiator": args.initiator, **chap_args(args)}
     steps = [
         ("target.create", {"name": iqn, "alias": f"replica of VM {args.name}"}),
         ("lun.map", {"target": iqn, "number": 0, "path": path, "size": args.size}),

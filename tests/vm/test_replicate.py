@@ -74,11 +74,11 @@ class Site:
         finally:
             disk.close()
 
-    def promote(self) -> object:
+    def promote(self, *, source_key: bool = True) -> object:
         disk = FileBackend(str(self.replica))
         try:
-            key = load_key_file(str(self.root / "src" / "master.key"))
-            return promote(self.dst, "vm1", disk, source_keys=[key])
+            keys = [load_key_file(str(self.root / "src" / "master.key"))] if source_key else []
+            return promote(self.dst, "vm1", disk, source_keys=keys)
         finally:
             disk.close()
 
@@ -224,21 +224,14 @@ def test_promote_refuses_a_tampered_replica_and_leaves_nothing(site: Site, what:
 def test_promote_without_the_source_key_says_so(site: Site) -> None:
     site.src.write_state("vm1", io.BytesIO(STATE_ONE), len(STATE_ONE))
     site.round()
-    disk = FileBackend(str(site.replica))
-    try:
-        with pytest.raises(KeyFileError, match="--source-key"):
-            promote(site.dst, "vm1", disk)
-    finally:
-        disk.close()
+    with pytest.raises(KeyFileError, match=r"sealed by the source's master key .* --source-key"):
+        site.promote(source_key=False)
+    assert site.dst.discover(repair=False).vms == []
 
 
 def test_promote_of_an_empty_replica_is_refused(site: Site) -> None:
-    disk = FileBackend(str(site.replica))
-    try:
-        with pytest.raises(VmError, match="holds no replica"):
-            promote(site.dst, "vm1", disk)
-    finally:
-        disk.close()
+    with pytest.raises(VmError, match="holds no replica"):
+        site.promote()
 
 
 # -- kill -9 in the middle of a round ------------------------------------------------------
