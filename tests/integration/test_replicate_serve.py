@@ -232,6 +232,14 @@ def test_cli_errors(tmp_path: Path) -> None:
         assert f"vm receive {VM} --size" in small.stderr
         with VmManager(StateDir.at(str(src))) as manager:  # refused before any checkpoint
             assert snaps.list_snapshots(manager, VM) == []
+        nolun = ivt(src, "vm", "replicate", VM, "--to", url(destination)[:-1] + "7")
+        assert nolun.returncode == 1 and f"{REPLICA_IQN} at 127.0.0.1" in nolun.stderr
+        assert "has no LUN 7" in nolun.stderr
+        stranger = ivt(
+            src, "vm", "replicate", VM, "--to", url(destination),
+            "--initiator-name", "iqn.2026-11.org.example:stranger",
+        )  # fmt: skip
+        assert stranger.returncode == 1 and "is not authorized" in stranger.stderr
         other = f"{DEFAULT_BASE_IQN}:replica.chapvm"
         ok(ivt(dst, "vm", "receive", "chapvm", "--size", "8M",
                "--chap-user", "repl", "--chap-secret", "right-secret-1234"))  # fmt: skip
