@@ -212,12 +212,22 @@ class _Round:
     sealed: list[_Sealed]
     layout: Superblock | None
     record_unit: Unit | None = None
+    generations: dict[str, int] | None = None  # sealed_generations, when exact
 
     def close(self) -> None:
         for volume in self.volumes:
             volume.chain.close()
         if self.record_unit is not None:
             self.record_unit.close()
+
+
+def sealed_generations(vm: FoundVm) -> dict[str, int]:
+    """The generations of the base unit's state and config regions: each rewrite bumps
+    them, and they never go back, so two equal readings mean the same plaintext."""
+    return {
+        kind.name.lower(): vm.base.header.require_region(kind).generation
+        for kind in (RegionKind.STATE, RegionKind.CONFIG)
+    }
 
 
 def replica_layout(vm: FoundVm) -> Superblock:
@@ -264,9 +274,15 @@ def _prepare(
     *,
     disk_only: bool,
     lun: int,
+    before: dict[str, int] | None = None,
+    known: dict[str, int] | None = None,
 ) -> _Round:
     """Under the pool locks: the checkpoint's images and what changed since the
-    previous one (the layers' files stay open: nothing of them moves under us)."""
+    previous one (the layers' files stay open: nothing of them moves under us).
+
+    ``before``: :func:`sealed_generations` read just before the checkpoint was taken;
+    ``known``: those of the previous checkpoint, when they were as exact. A sealed
+    region whose generation equals both is unchanged: not decrypted to be compared."""
     pools = manager.catalog.all()
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=False))
@@ -277,6 +293,8 @@ def _prepare(
         numbers = [lun] if disk_only else sorted(luns)
         layout = None if disk_only else replica_layout(vm)
         out = _Round(record.header, [], [], layout)
+        now = sealed_generations(vm)
+        out.generations = now if now == before else None  # exact for this checkpoint
         try:
             for index, number in enumerate(numbers):
                 volume = luns[number]
@@ -297,8 +315,16 @@ def _prepare(
                     for sealed_area in (layout.state, layout.config):
                         kind = sealed_area.kind
                         region = new_unit.header.require_region(kind)
-                        send = prev_unit is None or not _same_plaintext(
-                            prev_unit, new_unit, keyring, kind
+                        key = kind.name.lower()
+                        same = (
+                            prev_unit is not None
+                            and out.generations is not None
+                            and known is not None
+                            and known.get(key) == out.generations[key]
+                        )
+                        send = not same and (
+                            prev_unit is None
+                            or not _same_plaintext(prev_unit, new_unit, keyring, kind)
                         )
                         sealer = replace(sealed_area, sealer=new_unit.header)
                         out.sealed.append(_Sealed(sealer, new_unit, region, send))
@@ -476,8 +502,8 @@ def replicate_round(
     vm = manager.find(name)
     sb: Superblock | None = None
     replayed = 0
+    ack = load_acks(manager.state.root, name).get(tag) or {}
     if disk_only:
-        ack = load_acks(manager.state.root, name).get(tag) or {}
         acked = uuid.UUID(str(ack["record"])) if ack.get("record") else None
         seq = int(ack.get("seq", 0)) + 1  # type: ignore[call-overload]
     else:
@@ -497,9 +523,20 @@ def replicate_round(
     names = [s.name for s in snaps.list_snapshots(manager, name)]
     if snap in names:  # left by a round that never reached its commit
         checkpointer.delete(snap)
+    before = sealed_generations(manager.find(name))
     checkpointer.take(snap, f"replication checkpoint {seq} to {url}")
     faults.crashpoint("replicate.checkpoint")
-    rnd = _prepare(manager, name, snap, acked, disk_only=disk_only, lun=lun)
+    known = ack.get("generations") if ack.get("record") == str(acked) else None
+    rnd = _prepare(
+        manager,
+        name,
+        snap,
+        acked,
+        disk_only=disk_only,
+        lun=lun,
+        before=before,
+        known=known if isinstance(known, dict) else None,
+    )
     report = RoundReport(
         seq, snap, full=any(v.grains is None for v in rnd.volumes), replayed=replayed
     )
@@ -564,6 +601,7 @@ def replicate_round(
             "seq": seq,
             "checkpoint": snap,
             "record": str(rnd.record.unit_uuid),
+            "generations": rnd.generations,
             "time": time.time(),
         },
     )
