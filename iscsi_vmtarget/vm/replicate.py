@@ -15,9 +15,11 @@ resumed at the destination ... based on the last coherent replica". One *round*:
    layers and their nearest common ancestor (:mod:`.cow`) - a superset of the grains
    whose bytes differ, found without reading a byte of data. With no such checkpoint on
    the source (first round, or it was deleted) every grain is sent;
-4. send the changed grains, their hashes and - only where the plaintext changed - the
-   checkpoint's sealed state and config, as ciphertext: staged in the journal, committed,
-   applied (the protocol of :mod:`.replica`); the first round writes directly;
+4. send the changed grains, their hashes and - only where the plaintext changed (told by
+   the base unit's region generations, else by comparing the two checkpoints'
+   plaintexts) - the checkpoint's sealed state and config, as ciphertext: staged in the
+   journal, committed, applied (the protocol of :mod:`.replica`); the first round
+   writes directly;
 5. delete the source's older checkpoints of this destination (their layers merge away),
    so the chain does not grow.
 
@@ -544,52 +546,8 @@ def replicate_round(
         grains_of(v.area.disk_size) if v.grains is None else len(v.grains) for v in rnd.volumes
     )
     report.sealed = [i.area.kind.name.lower() for i in rnd.sealed if i.send and i.region.used]
-    total = report.grains * GRAIN
     try:
-        # the first round has no checkpoint to protect: straight to the areas
-        writer = None if disk_only or sb is None else JournalWriter(disk, sb, seq)
-        done = 0
-        for target, data, length in _pieces(rnd, disk, stage=True):
-            if data is None:
-                report.zeroed += length
-            else:
-                report.payload += length
-            if writer is not None:
-                writer.add(target, data, length)
-            elif data is None:
-                disk.unmap(target, length)
-            else:
-                disk.write(target, data)
-                faults.crashpoint("replicate.writing")
-            done = min(total, done + length)
-            if progress is not None:
-                progress(done, total)
-        disk.flush()
-        if not disk_only:
-            assert rnd.layout is not None
-            base = writer.committed() if writer is not None else (sb or rnd.layout)
-            committed = replace(
-                base,
-                seq=seq,
-                record_uuid=rnd.record.unit_uuid,
-                checkpoint=snap,
-                taken=time.time(),
-                volumes=rnd.layout.volumes,
-                state=_sealed_area(rnd, RegionKind.STATE, sb),
-                config=_sealed_area(rnd, RegionKind.CONFIG, sb),
-            )
-            faults.crashpoint("replicate.staged")
-            committed = write_superblock(disk, committed)  # the commit point
-            faults.crashpoint("replicate.committed")
-            if writer is not None:
-                for target, data, length in _pieces(rnd, disk, stage=False):
-                    if data is None:
-                        disk.unmap(target, length)
-                    else:
-                        disk.write(target, data)
-                    faults.crashpoint("replicate.applying")
-                disk.flush()
-                clear_journal(disk, committed)
+        _push(rnd, disk, sb, report, disk_only=disk_only, progress=progress)
     finally:
         rnd.close()
     _save_ack(
@@ -611,6 +569,64 @@ def replicate_round(
             checkpointer.delete(old.name)
             report.deleted.append(old.name)
     return report
+
+
+def _push(
+    rnd: _Round,
+    disk: BlockBackend,
+    sb: Superblock | None,
+    report: RoundReport,
+    *,
+    disk_only: bool,
+    progress: Progress | None,
+) -> None:
+    """Write the round's pieces: staged, committed, applied (:mod:`.replica`); the
+    first round, and a disk-only mirror, straight to their places."""
+    total = report.grains * GRAIN
+    writer = None if disk_only or sb is None else JournalWriter(disk, sb, report.seq)
+    done = 0
+    for target, data, length in _pieces(rnd, disk, stage=True):
+        if data is None:
+            report.zeroed += length
+        else:
+            report.payload += length
+        if writer is not None:
+            writer.add(target, data, length)
+        elif data is None:
+            disk.unmap(target, length)
+        else:
+            disk.write(target, data)
+            faults.crashpoint("replicate.writing")
+        done = min(total, done + length)
+        if progress is not None:
+            progress(done, total)
+    disk.flush()
+    if disk_only:
+        return
+    assert rnd.layout is not None
+    committed = replace(
+        writer.committed() if writer is not None else (sb or rnd.layout),
+        seq=report.seq,
+        record_uuid=rnd.record.unit_uuid,
+        checkpoint=report.checkpoint,
+        taken=time.time(),
+        volumes=rnd.layout.volumes,
+        state=_sealed_area(rnd, RegionKind.STATE, sb),
+        config=_sealed_area(rnd, RegionKind.CONFIG, sb),
+    )
+    faults.crashpoint("replicate.staged")
+    committed = write_superblock(disk, committed)  # the commit point
+    faults.crashpoint("replicate.committed")
+    if writer is None:
+        return
+    for target, data, length in _pieces(rnd, disk, stage=False):
+        if data is None:
+            disk.unmap(target, length)
+        else:
+            disk.write(target, data)
+        faults.crashpoint("replicate.applying")
+    disk.flush()
+    clear_journal(disk, committed)
 
 
 def _sealed_area(rnd: _Round, kind: RegionKind, sb: Superblock | None) -> SealedArea:
