@@ -22,6 +22,7 @@ from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN
 from iscsi_vmtarget.vm.crypto import load_key_file
 from iscsi_vmtarget.vm.faults import ENV
+from iscsi_vmtarget.vm.format import Mode
 from iscsi_vmtarget.vm.promote import promote
 from iscsi_vmtarget.vm.replica import SB_OFFSETS, Superblock, read_superblock
 from iscsi_vmtarget.vm.replicate import (
@@ -40,11 +41,11 @@ STATE_TWO = b"two!" * 30000
 class Site:
     """A source state directory with VM vm1 (two disks, state) and a replica file."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, mode: Mode = Mode.TRUNCATE) -> None:
         self.root = root
         self.src = VmManager(StateDir.at(str(root / "src")))
         self.dst = VmManager(StateDir.at(str(root / "dst")))
-        self.src.create("vm1", disk=6 * MIB, memory=4 * MIB, secondaries=(3 * MIB,))
+        self.src.create("vm1", disk=6 * MIB, memory=4 * MIB, secondaries=(3 * MIB,), mode=mode)
         self.replica = root / "vm1.replica"
         create_sparse_file(str(self.replica), replica_layout(self.src.find("vm1")).size_needed)
 
@@ -127,6 +128,22 @@ def test_promoted_vm_keeps_the_source_identities(site: Site) -> None:
     assert [u.header.unit_uuid for u in dst.units] == [u.header.unit_uuid for u in src.units]
     assert dst.base.header.wrapped_key != src.base.header.wrapped_key  # sealed anew here
     assert [v.name for v in site.dst.discover(repair=False).vms] == ["vm1"]
+
+
+@pytest.mark.parametrize("mode", [Mode.OFFSET, Mode.ALIGNED])
+def test_promote_in_the_other_concealment_modes(tmp_path: Path, mode: Mode) -> None:
+    site = Site(tmp_path, mode)
+    try:
+        site.write(0, b"head" * 128)  # the guest's LBA 0: its partition table in aligned
+        site.write(6 * MIB - 512, b"tail" * 128)
+        site.write(MIB, b"two!" * 128, lun=1)
+        site.round()
+        expected = site.images(site.src)
+        site.promote()
+        vm = site.dst.find("vm1")
+        assert vm.base.header.mode is mode and site.images(site.dst) == expected
+    finally:
+        site.close()
 
 
 def test_state_sent_only_when_it_changed(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
