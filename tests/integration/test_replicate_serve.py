@@ -173,8 +173,9 @@ def test_continuous_rounds_until_interrupted(tmp_path: Path) -> None:
     with two_sites(tmp_path) as sites:
         src, destination = sites.src, sites.destination
         ini = login(sites.source.port, VM_IQN)
-        pattern = os.urandom(2 * MIB)
-        write(ini, 0, MIB, pattern)
+        model = bytearray(SIZES[0])  # what LUN 0 must read, whatever merged meanwhile
+        model[MIB : 3 * MIB] = os.urandom(2 * MIB)
+        write(ini, 0, MIB, model[MIB : 3 * MIB])
         proc = subprocess.Popen(
             [sys.executable, "-m", "iscsi_vmtarget", "vm", "replicate", VM, "--to",
              url(destination), "--continuous", "--interval", "0.2", "--state-dir", str(src)],
@@ -189,13 +190,15 @@ def test_continuous_rounds_until_interrupted(tmp_path: Path) -> None:
                 break
             if line.startswith("round "):
                 rounds.append(line)
-                write(ini, 0, len(rounds) * GRAIN, os.urandom(512))  # a change per round
+                at = len(rounds) * 3 * GRAIN + 512  # a change per round, some in the pattern
+                model[at : at + 512] = os.urandom(512)
+                write(ini, 0, at, model[at : at + 512])
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=60)
         assert len(rounds) >= 3, err
         assert proc.returncode == 0 and "stopped" in err
         assert all("(incremental)" in r for r in rounds[1:])
-        assert disk(ini, 0)[MIB : 3 * MIB] == pattern  # live merges kept every byte
+        assert disk(ini, 0) == model  # the daemon's live merges kept every byte
         ini.logout()
         with VmManager(StateDir.at(str(src))) as manager:
             vm = manager.find(VM)
