@@ -7,7 +7,7 @@ segment, padding to 4 bytes, data digest.
 
 from __future__ import annotations
 
-from .digest import DIGEST_LEN, digest_bytes
+from .digest import DIGEST_LEN, crc32c, digest_bytes, unpack_digest
 from .pdu import BHS_LEN, Payload, Pdu, RawPdu, peek_lengths
 
 _PAD = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
@@ -78,14 +78,15 @@ class PduReader:
         ahs = bytes(buf[p : p + ahs_len])
         p += ahs_len
         if hd:
-            if buf[p : p + hd] != digest_bytes(bhs, ahs):
+            expected = crc32c(ahs, crc32c(bhs)) if ahs else crc32c(bhs)
+            if unpack_digest(buf, p)[0] != expected:
                 raise FramingError("header digest mismatch")
             p += hd
         data = bytes(buf[p : p + data_len])
         p += data_len + pad_len(data_len)
         bad = False
         if dd:
-            bad = buf[p : p + dd] != digest_bytes(data, _PAD[data_len & 3])
+            bad = unpack_digest(buf, p)[0] != crc32c(_PAD[data_len & 3], crc32c(data))
         self._pos = pos + total
         return RawPdu(bhs=bhs, ahs=ahs, data=data, digest_error=bad)
 
@@ -95,7 +96,7 @@ def encode_pdu(pdu: Pdu, header_digest: bool = False, data_digest: bool = False)
     bhs = pdu.encode_bhs()
     head: bytes = bhs + pdu.ahs if pdu.ahs else bhs
     if header_digest:
-        head += digest_bytes(head)
+        head += crc32c(head).to_bytes(DIGEST_LEN, "little")
     data = pdu.data
     n = len(data)
     if not n:

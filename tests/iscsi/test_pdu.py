@@ -145,6 +145,23 @@ def test_header_digest_mismatch_is_fatal() -> None:
         reader.next_pdu()
 
 
+def test_header_digest_covers_the_ahs() -> None:
+    """§13.1: the header digest covers the BHS and every AHS (here an Extended CDB)."""
+    ahs = (17).to_bytes(2, "big") + b"\x01\x00" + bytes(range(16))  # 16 more CDB bytes
+    pdu = P.ScsiCommand(itt=1, cdb=bytes([0x7F]) + bytes(15), ahs=ahs)
+    wire = bytearray(b"".join(encode_pdu(pdu, True, False)))
+    assert wire[68:72] == digest_bytes(wire[:68])
+    reader = PduReader(header_digest=True)
+    reader.feed(wire)
+    raw = reader.next_pdu()
+    assert raw is not None and raw.ahs == ahs
+    wire[60] ^= 1  # one bit of the AHS
+    reader = PduReader(header_digest=True)
+    reader.feed(wire)
+    with pytest.raises(FramingError, match="header digest mismatch"):
+        reader.next_pdu()
+
+
 def test_data_digest_mismatch_is_flagged_not_fatal() -> None:
     wire = bytearray(
         b"".join(bytes(b) for b in encode_pdu(P.NopIn(itt=1, data=b"hello"), False, True))
