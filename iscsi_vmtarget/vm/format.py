@@ -148,6 +148,7 @@ class RegionStatus(IntEnum):
     EMPTY = 0
     VALID = 1
     WRITING = 2  # a write was started and not finished: the content is unusable
+    STAGED = 3  # complete in the staging chunks (sealed.py); the copy to chunk 0 is owed
 
 
 ENCRYPTED_KINDS: Final = frozenset({RegionKind.STATE, RegionKind.CONFIG, RegionKind.SNAPMETA})

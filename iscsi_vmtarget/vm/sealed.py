@@ -14,6 +14,17 @@ the generation that counts is the region's, in the unit header, and it is part o
 associated data (:mod:`.crypto`).
 
 Only ciphertext is ever written: plaintext exists in memory one chunk at a time.
+
+A rewrite that fits the region twice (the config, the snapshot metadata, a small state
+image) is crash-atomic: it is sealed into the *staging* chunks at the end of the
+region, past every chunk the committed content uses, and the header commit marking the
+region STAGED (new generation, new length) is the switch; the staged chunks and their
+table entries are then copied to chunk 0 onwards and a commit marks it VALID. A crash
+before the STAGED commit leaves the old content untouched; after it, the content is
+read from the staging chunks until the copy is finished (:meth:`Unit.open` repairs it).
+The AEAD binds the chunk's logical index, not its place, so a copy stays valid. A
+rewrite too large for that is done in place under status WRITING: a crash then leaves
+no usable content (:meth:`Unit.write_region` says so).
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from typing import Final
 from ..storage.backend import BlockBackend
 from .crypto import RegionCipher
 from .errors import IntegrityError
-from .format import ALIGN, Move, Region
+from .format import ALIGN, Move, Region, RegionStatus
 
 CHUNK: Final = 64 * 1024
 ENTRY: Final = 64
@@ -56,19 +67,50 @@ def chunks_of(used: int) -> int:
     return -(-used // CHUNK)
 
 
+def staging_slot(region: Region, length: int) -> int | None:
+    """The first staging chunk for a rewrite of ``length`` bytes: the last chunks of
+    the region, clear of the chunks the committed content uses and of those the copy
+    will fill. None: too large to stage, the rewrite goes in place."""
+    new = chunks_of(length)
+    old = chunks_of(region.used) if region.status is RegionStatus.VALID else 0
+    first = capacity(region.length) // CHUNK - new
+    return first if new and first >= max(new, old) else None
+
+
+def first_slot(region: Region) -> int:
+    """Where ``region``'s content starts: chunk 0, or the staging chunks while STAGED."""
+    if region.status is not RegionStatus.STAGED:
+        return 0
+    return capacity(region.length) // CHUNK - chunks_of(region.used)
+
+
 def move_plan(old: Region, new: Region) -> list[Move]:
-    """Copies that carry ``old``'s table entries and used chunks into ``new``."""
+    """Copies that carry ``old``'s table entries and used chunks into ``new`` (the same
+    status and length of content; staged content lands in ``new``'s staging chunks)."""
     if not old.used:
         return []
     used_chunks = chunks_of(old.used)
+    src, dst = first_slot(old), first_slot(new)
     return [
-        Move(old.offset, new.offset, used_chunks * ENTRY),
+        Move(old.offset + src * ENTRY, new.offset + dst * ENTRY, used_chunks * ENTRY),
         Move(
-            old.offset + table_bytes(old.length),
-            new.offset + table_bytes(new.length),
+            old.offset + table_bytes(old.length) + src * CHUNK,
+            new.offset + table_bytes(new.length) + dst * CHUNK,
             used_chunks * CHUNK,
         ),
     ]
+
+
+def unstage(backend: BlockBackend, region: Region) -> None:
+    """Copy a STAGED region's table entries and chunks to chunk 0 onwards (idempotent:
+    the staging chunks are never a target). The caller flushes and commits VALID."""
+    count, first = chunks_of(region.used), first_slot(region)
+    backend.write(region.offset, backend.read(region.offset + first * ENTRY, count * ENTRY))
+    data_base = region.offset + table_bytes(region.length)
+    for index in range(count):
+        length = min(CHUNK, region.used - index * CHUNK)
+        piece = backend.read(data_base + (first + index) * CHUNK, length)
+        backend.write(data_base + index * CHUNK, piece)
 
 
 def write_chunks(
@@ -77,22 +119,24 @@ def write_chunks(
     generation: int,
     cipher: RegionCipher,
     pieces: Iterable[bytes],
+    first: int = 0,
 ) -> int:
     """Encrypt ``pieces`` (each exactly CHUNK bytes but the last) into ``region``
-    under ``generation``; return the plaintext length. The caller flushes."""
+    under ``generation``, from chunk ``first`` on (the staging chunks) or chunk 0;
+    return the plaintext length. The caller flushes."""
     data_base = region.offset + table_bytes(region.length)
-    limit = capacity(region.length)
+    limit = capacity(region.length) - first * CHUNK
     table = bytearray()
     total = 0
     for index, piece in enumerate(pieces):
         if total + len(piece) > limit:
             raise ValueError("plaintext exceeds the region's capacity")
-        nonce, ciphertext, tag = cipher.seal(index, generation, piece)
-        backend.write(data_base + index * CHUNK, ciphertext)
+        nonce, ciphertext, tag = cipher.seal(index, generation, piece)  # logical index
+        backend.write(data_base + (first + index) * CHUNK, ciphertext)
         table += _ENTRY.pack(nonce, tag, generation, len(piece), _PRESENT, b"")
         total += len(piece)
     if table:
-        backend.write(region.offset, table)
+        backend.write(region.offset + first * ENTRY, table)
     return total
 
 
@@ -101,9 +145,9 @@ def read_chunks(
 ) -> Iterator[bytes]:
     """Decrypt the ``region.used`` bytes of ``region``, chunk by chunk, checking each
     against the header's generation and expected length."""
-    count = chunks_of(region.used)
-    table = backend.read(region.offset, count * ENTRY)
-    data_base = region.offset + table_bytes(region.length)
+    count, first = chunks_of(region.used), first_slot(region)
+    table = backend.read(region.offset + first * ENTRY, count * ENTRY)
+    data_base = region.offset + table_bytes(region.length) + first * CHUNK
     for index in range(count):
         nonce, tag, generation, length, flags, _ = _ENTRY.unpack_from(table, index * ENTRY)
         expected = min(CHUNK, region.used - index * CHUNK)

@@ -32,6 +32,7 @@ from .errors import ForeignUnitError, FormatError, IntegrityError, SizeError, Vm
 from .format import (
     SLOT_OFFSETS,
     Mode,
+    Region,
     RegionKind,
     RegionStatus,
     Role,
@@ -95,6 +96,10 @@ class Unit:
             state = unit.header.state.name.lower()
             unit.finish_resize()
             unit.repaired.append(f"interrupted resize completed (was {state})")
+        for region in unit.header.regions if repair else ():
+            if region.status is RegionStatus.STAGED:
+                unit.finish_staged(region.kind)
+                unit.repaired.append(f"{region.kind.name.lower()} region write completed")
         return unit
 
     @property
@@ -179,7 +184,22 @@ class Unit:
                 + ("; grow it with 'vm resize --memory'" if kind is RegionKind.STATE else "")
             )
         cipher = self._cipher(keyring, kind, random)  # wrong key: fail before any change
+        if region.status is RegionStatus.STAGED:  # a crash left a staged write: finish it
+            region = self.finish_staged(kind)
         generation = region.generation + 1
+        first = sealed.staging_slot(region, length)
+        if first is not None:  # crash-atomic: the old content stays until the commit
+            staged = replace(region, status=RegionStatus.STAGED, generation=generation, used=length)
+            written = sealed.write_chunks(self.backend, staged, generation, cipher, pieces, first)
+            if written != length:
+                raise VmError(f"expected {length} bytes of input, got {written}; nothing changed")
+            self.backend.flush()
+            faults.crashpoint("region.written")
+            self.commit(self.header.with_region(staged))  # the switch
+            faults.crashpoint("region.staged")
+            self.finish_staged(kind)
+            return
+        # too large to stage: in place, the old content is gone from this commit on
         started = replace(region, status=RegionStatus.WRITING, generation=generation, used=length)
         self.commit(self.header.with_region(started))
         written = sealed.write_chunks(self.backend, started, generation, cipher, pieces)
@@ -188,6 +208,19 @@ class Unit:
         self.backend.flush()
         faults.crashpoint("region.written")
         self.commit(self.header.with_region(replace(started, status=RegionStatus.VALID)))
+
+    def finish_staged(self, kind: RegionKind) -> Region:
+        """Copy a STAGED region's content to its place and commit it VALID (what a
+        crash after the staged commit left to do; idempotent)."""
+        region = self.header.require_region(kind)
+        if region.status is not RegionStatus.STAGED:
+            return region
+        sealed.unstage(self.backend, region)
+        self.backend.flush()
+        faults.crashpoint("region.unstaged")
+        done = replace(region, status=RegionStatus.VALID)
+        self.commit(self.header.with_region(done))
+        return done
 
     def read_json(self, keyring: Keyring, kind: RegionKind) -> dict[str, object]:
         data = b"".join(self.read_region(keyring, kind))

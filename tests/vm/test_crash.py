@@ -7,6 +7,7 @@ Each test runs the real ``iscsi-vmtarget`` in a subprocess with
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from iscsi_vmtarget.vm import IntegrityError, StateDir, VmManager
+from iscsi_vmtarget.vm import IntegrityError, StateDir, VmManager, sealed
 from iscsi_vmtarget.vm.faults import ENV
-from iscsi_vmtarget.vm.format import Mode, UnitState
+from iscsi_vmtarget.vm.format import Mode, RegionKind, UnitState
+from iscsi_vmtarget.vm.unit import Unit
 from tests.vm.test_manager import guest_read_all, read_state, snapshot
 
 MIB = 1 << 20
@@ -49,8 +51,6 @@ def setup_vm(state: Path, mode: Mode, pool: str = "default") -> None:
         )
         manager.write_state("vm1", io.BytesIO(STATE), len(STATE))
         vm = manager.find("vm1")
-        from iscsi_vmtarget.vm.unit import Unit
-
         unit = Unit.open(manager.catalog.get(vm.base.pool), vm.base.ref)
         view = unit.guest_view()
         view.write(0, HEAD)
@@ -113,11 +113,29 @@ def test_kill_during_state_write(tmp_path: Path) -> None:
     state = tmp_path / "state"
     setup_vm(state, Mode.TRUNCATE)
     image = tmp_path / "new.img"
-    image.write_bytes(b"NEW-IMAGE" * 9000)
-    # torn WRITING commit: the old header (and the old state) stay valid
-    run_killed(state, "header.torn", "vm", "state", "write", "vm1", str(image))
-    check_consistent(state, (DISK,))
-    # killed after the chunks, before the VALID commit: a clear error, never mixed bytes
+    image.write_bytes(b"NEW-IMAGE" * 9000)  # fits the region twice: staged, crash-atomic
+    for point in ("header.torn", "region.written"):  # before the switch: the old state
+        run_killed(state, point, "vm", "state", "write", "vm1", str(image))
+        check_consistent(state, (DISK,))
+    for point in ("region.staged", "region.unstaged"):  # after it: the new state
+        run_killed(state, point, "vm", "state", "write", "vm1", str(image))
+        with VmManager(StateDir.at(str(state))) as manager:
+            vm = manager.discover(repair=False).find("vm1")
+            assert vm is not None
+            unit = Unit.open(manager.catalog.get(vm.base.pool), vm.base.ref, repair=False)
+            with contextlib.closing(unit):
+                assert unit.header.require_region(RegionKind.STATE).status.name == "STAGED"
+                staged = b"".join(unit.read_region(manager.keyring(), RegionKind.STATE))
+            assert staged == image.read_bytes()  # readable before the repair
+            assert manager.discover().repaired  # which finishes the copy
+            assert read_state(manager, "vm1") == image.read_bytes()
+            manager.write_state("vm1", io.BytesIO(STATE), len(STATE))
+        check_consistent(state, (DISK,))
+    # an image too large to stage is written in place: killed after the chunks, before
+    # the VALID commit, it leaves a clear error, never mixed bytes
+    with VmManager(StateDir.at(str(state))) as manager:
+        region = manager.find("vm1").base.header.require_region(RegionKind.STATE)
+    image.write_bytes(b"BIG-IMAGE" * (sealed.capacity(region.length) * 3 // 4 // 9))
     run_killed(state, "region.written", "vm", "state", "write", "vm1", str(image))
     with VmManager(StateDir.at(str(state))) as manager:
         assert not manager.discover().damaged
@@ -125,6 +143,49 @@ def test_kill_during_state_write(tmp_path: Path) -> None:
             read_state(manager, "vm1")
         manager.write_state("vm1", io.BytesIO(STATE), len(STATE))
     check_consistent(state, (DISK,))
+
+
+CONFIG_POINTS = [
+    ("header.torn", False),  # the switch commit torn: the old config
+    ("region.written", False),  # staged, not switched: the old config
+    ("region.staged", True),  # switched, not copied: the new config (read from staging)
+    ("region.unstaged", True),  # copied, not committed VALID: the new config
+]
+
+
+@pytest.mark.parametrize(("point", "switched"), CONFIG_POINTS, ids=[p for p, _ in CONFIG_POINTS])
+def test_kill_during_config_write_keeps_a_whole_config(
+    tmp_path: Path, point: str, switched: bool
+) -> None:
+    """A config rewrite is crash-atomic (it used to lose the whole config)."""
+    state = tmp_path / "state"
+    setup_vm(state, Mode.TRUNCATE)
+    with VmManager(StateDir.at(str(state))) as manager:
+        before = manager.config("vm1")
+    run_killed(state, point, "vm", "config", "set", "vm1", "cpus=7")
+    check_consistent(state, (DISK,))
+    with VmManager(StateDir.at(str(state))) as manager:
+        assert manager.config("vm1") == {**before, "cpus": 7 if switched else before["cpus"]}
+
+
+@pytest.mark.parametrize("point", ["region.written", "region.staged"])
+def test_kill_during_resize_config_update(tmp_path: Path, point: str) -> None:
+    """``vm resize`` grows the unit, then rewrites the config: killed in that rewrite,
+    the unit has its new size and the config is the old or the new one, never lost."""
+    state = tmp_path / "state"
+    setup_vm(state, Mode.TRUNCATE)
+    with VmManager(StateDir.at(str(state))) as manager:
+        before = manager.config("vm1")
+    run_killed(state, point, "vm", "resize", "vm1", "--disk", str(2 * DISK))
+    assert check_consistent(state, (2 * DISK,)) == 2 * DISK
+    with VmManager(StateDir.at(str(state))) as manager:
+        after = manager.config("vm1")
+        assert after["disks"][0] in (DISK, 2 * DISK)  # type: ignore[index]
+        assert {k: v for k, v in after.items() if k != "disks"} == {
+            k: v for k, v in before.items() if k != "disks"
+        }
+        snapshot_of_it = manager.find("vm1")  # and the VM stays usable
+        assert snapshot_of_it.base.header.disk_size == 2 * DISK
 
 
 def test_kill_during_create_leaves_nothing(tmp_path: Path) -> None:
