@@ -57,14 +57,25 @@ def write_config(workdir: Path, lun_bytes: int) -> Path:
     return conf
 
 
-def start(conf: Path, log: Path) -> tuple[subprocess.Popen[str], int]:
-    """Start the target; return it and its port once it says ``ready``."""
+def python_env() -> dict[str, str]:
+    """The environment for ``python -m iscsi_vmtarget`` children: this package is
+    importable from wherever the caller runs (tools/ scripts run from anywhere)."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+def start(
+    conf: Path, log: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """Start the target (``env`` added to its environment, e.g. a crash point); return
+    it and its port once it says ``ready``."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "iscsi_vmtarget", "serve", "--config", str(conf)],
         stdout=subprocess.PIPE,
         stderr=open(log, "a"),
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**python_env(), **(env or {})},
     )
     assert proc.stdout is not None
     port = 0
