@@ -39,7 +39,7 @@ def _discover(args: argparse.Namespace, manager: VmManager) -> int:
         for number, unit in enumerate(vm.units):
             h = unit.header
             print(
-                f"  LUN {number}: {h.role.name.lower()} {format_size(h.disk_size)} "
+                f"  LUN {number}: {h.role.name.lower()} {format_size(vm.disk_size(unit))} "
                 f"naa {h.naa.hex()} {unit.ref.location}"
             )
         for naa in vm.missing:

@@ -201,7 +201,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _summary(vm: FoundVm) -> str:
-    luns = " ".join(f"{n}:{format_size(u.header.disk_size)}" for n, u in enumerate(vm.units))
+    luns = " ".join(f"{n}:{format_size(vm.disk_size(u))}" for n, u in enumerate(vm.units))
     return (
         f"{vm.name:<16} {vm.base.pool:<10} {vm.base.header.mode.name.lower():<9} "
         f"{luns}  {vm_target_name(vm.name)}"

@@ -38,7 +38,16 @@ from .discovery import discover
 from .errors import VmError
 from .format import RegionKind
 from .manager import VmManager, check_vm_name
-from .snapshot import _copy_sealed, _new_delta, _walk, collect, find_snapshot, open_chain, open_live
+from .snapshot import (
+    _copy_sealed,
+    _new_delta,
+    _walk,
+    chain_size,
+    collect,
+    find_snapshot,
+    open_chain,
+    open_live,
+)
 
 Progress = Callable[[int, int], None]
 _STEP = 1 << 20
@@ -93,7 +102,15 @@ def _build(
         if record is None and manager.served(vm):
             raise VmError(f"VM {src!r} is being served: clone a snapshot of it (--from-snapshot)")
         luns = vm.lun_map()
-        sizes = [luns[n].header.disk_size for n in sorted(luns)]
+        sizes = [  # the snapshot's sizes (the disks may have grown since), or the live ones
+            chain_size(
+                vm,
+                dict(record.header.tops)[luns[n].header.naa]
+                if record is not None
+                else vm.base.header.top_of(luns[n].header.naa, luns[n].header.unit_uuid),
+            )
+            for n in sorted(luns)
+        ]
         memory_region = vm.base.header.require_region(RegionKind.STATE)
     manager.create(
         temp,

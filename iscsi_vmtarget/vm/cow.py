@@ -57,12 +57,13 @@ def delta_header(
     disk_size: int,
     created: int,
 ) -> UnitHeader:
-    """The header of a new, empty delta layer of the volume ``volume_naa``."""
+    """The header of a new, empty delta layer of the volume ``volume_naa``, whose image
+    is ``disk_size`` bytes (recorded in the DISK region's ``used`` field)."""
     map_len = align_up(-(-grains_of(disk_size) // 8) or 1, ALIGN)
     disk_len = align_up(disk_size, ALIGN)
     regions = (
         Region(RegionKind.ALLOCMAP, 0, map_len),
-        Region(RegionKind.DISK, map_len, disk_len),
+        Region(RegionKind.DISK, map_len, disk_len, used=disk_size),
         Region(RegionKind.META, map_len + disk_len, TAIL_SIZE),
     )
     return UnitHeader(
@@ -95,14 +96,30 @@ def create_delta(pool: Pool, header: UnitHeader) -> UnitRef:
     return final
 
 
+def layer_size(header: UnitHeader, fallback: int) -> int:
+    """The size of a delta's image: recorded in its DISK region's ``used`` field. Deltas
+    written before a disk with snapshots could grow record 0: they have the size of the
+    unit their chain ends at, ``fallback``, which never grows under them (a unit grows
+    only when its one remaining child is larger, and sizes never shrink up a chain)."""
+    return header.require_region(RegionKind.DISK).used or fallback
+
+
 class DeltaLayer:
-    """One open delta unit: its allocation map in memory, its grains in the file."""
+    """One open delta unit: its allocation map in memory, its grains in the file.
+
+    A layer's image has the size of the volume when the layer was made (a snapshot of
+    a disk grown since keeps its own size): ``size`` is only the fallback for layers
+    that do not record theirs (:func:`layer_size`). A grain past a layer's size is
+    one it never holds; what a grown chain reads there comes from the layers above,
+    else from the volume's unit, whose bytes past any layer's size are zeros (a grown
+    unit's new space is scrubbed, and nothing writes a unit while smaller layers rest
+    on it)."""
 
     def __init__(self, backend: BlockBackend, header: UnitHeader, size: int) -> None:
         self.backend = backend
         self.header = header
         self.unit_uuid = header.unit_uuid
-        self.size = size
+        self.size = size = layer_size(header, size)
         amap = header.require_region(RegionKind.ALLOCMAP)
         self._map_off = amap.offset
         self._disk_off = header.require_region(RegionKind.DISK).offset
@@ -111,7 +128,8 @@ class DeltaLayer:
         self._dirty: set[int] = set()  # map bytes changed since the last flush
 
     def has(self, grain: int) -> bool:
-        return bool(self.bits[grain >> 3] & (1 << (grain & 7)))
+        byte = grain >> 3
+        return byte < len(self.bits) and bool(self.bits[byte] & (1 << (grain & 7)))
 
     def mark(self, grain: int) -> None:
         byte = grain >> 3
@@ -183,7 +201,9 @@ class ChainBackend:
 
     @property
     def size(self) -> int:
-        return self.root.size
+        """The top layer's size (the volume's unit may be larger: reverted to a
+        snapshot taken before the disk grew), or the unit's with no layers."""
+        return self.layers[0].size if self.layers else self.root.size
 
     @property
     def read_only(self) -> bool:
@@ -209,7 +229,8 @@ class ChainBackend:
             value = _ROOT
             byte, bit = grain >> 3, 1 << (grain & 7)
             for index, layer in enumerate(self.layers):
-                if layer.bits[byte] & bit:
+                bits = layer.bits
+                if byte < len(bits) and bits[byte] & bit:  # a smaller layer lacks it
                     value = index
                     break
             owner[grain] = value
@@ -221,12 +242,15 @@ class ChainBackend:
         length = len(buf)
         layers = self.layers
         if start >= len(layers):
-            self.root.read_into(offset, buf)
+            self._read_root(offset, buf)
             return
         if start:  # copy-up of one grain: look it up past the top
             grain = offset // GRAIN
             source = self._source(grain, start)
-            (self.root if source is None else source).read_into(offset, buf)
+            if source is None:
+                self._read_root(offset, buf)
+            else:
+                source.read_into(offset, buf)
             return
         owner_of = self._owner_of
         pos = 0
@@ -242,10 +266,22 @@ class ChainBackend:
                 end = min(length, (nxt + 1) * GRAIN - offset)
             piece = buf[pos:end]
             if owner < 0:
-                self.root.read_into(at, piece)
+                self._read_root(at, piece)
             else:
                 layers[owner].read_into(at, piece)
             pos = end
+
+    def _read_root(self, offset: int, buf: memoryview) -> None:
+        """Read from the volume's unit; zeros past its end (a linked clone's chain ends
+        at its source's unit, which may be smaller than the clone's grown disk)."""
+        size = self.root.size
+        if offset + len(buf) <= size:
+            self.root.read_into(offset, buf)
+            return
+        inside = max(0, size - offset)
+        if inside:
+            self.root.read_into(offset, buf[:inside])
+        buf[inside:] = bytes(len(buf) - inside)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         with self._gate.io():
@@ -262,7 +298,10 @@ class ChainBackend:
         grain = offset // GRAIN
         if length and (offset + length - 1) // GRAIN == grain:  # within one grain
             owner = self._owner_of(grain)
-            (self.root if owner < 0 else layers[owner]).read_into(offset, buf)
+            if owner < 0:
+                self._read_root(offset, buf)
+            else:
+                layers[owner].read_into(offset, buf)
             return
         self._read_from(offset, buf, 0)
 
@@ -397,6 +436,7 @@ class ChainBackend:
         and a replaced root, are closed. A live move binds the same volume's copies
         in another pool this way."""
         keep = {id(layer) for layer in layers}
+        before = self.size
         for old in self.layers:
             if id(old) not in keep:
                 old.close()
@@ -409,3 +449,6 @@ class ChainBackend:
                 for listener in self._listeners:
                     add(listener)
         self._owner = None
+        if self.size != before:  # a revert to a smaller snapshot, a grown top
+            for listener in self._listeners:
+                listener(before, self.size)

@@ -96,13 +96,25 @@ class FoundVm:
                 luns[number] = by_naa[naa]
         return luns
 
+    def disk_size(self, volume: FoundUnit) -> int:
+        """What the guest sees of ``volume``: its top layer's size when it has layers
+        (a disk grown while it had snapshots, or reverted to an older one), else its
+        unit's (:mod:`.snapshot_resize`)."""
+        top = self.index.get(self.base.header.top_of(volume.header.naa, volume.header.unit_uuid))
+        if top is None or top.header.role is not Role.DELTA:
+            return volume.header.disk_size
+        return top.header.require_region(RegionKind.DISK).used or volume.header.disk_size
+
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "pool": self.base.pool,
             "mode": self.base.header.mode.name.lower(),
-            "disk_bytes": self.base.header.disk_size,
-            "luns": [{"lun": number, **unit.to_json()} for number, unit in enumerate(self.units)],
+            "disk_bytes": self.disk_size(self.base),
+            "luns": [
+                {"lun": number, **unit.to_json(), "disk_bytes": self.disk_size(unit)}
+                for number, unit in enumerate(self.units)
+            ],
             "missing_secondaries": [naa.hex() for naa in self.missing],
             "snapshots": [
                 {

@@ -258,14 +258,18 @@ def resize_live(
     from .manager import StateDir, VmManager
 
     views = {}
-    for lu in guest.values():
+    chains = {}
+    for number, lu in guest.items():
         backend = lu.backend
         if isinstance(backend, ChainBackend):
+            chains[number] = backend  # a disk with snapshots grows by a new top
             backend = backend.root
         if isinstance(backend, GuestView):
             views[backend.unit_uuid] = backend
     with VmManager(StateDir.at(state_dir, key_file)) as manager:
-        vm = manager.resize(name, disk=disk, memory=memory, secondaries=secondaries, live=views)
+        vm = manager.resize(
+            name, disk=disk, memory=memory, secondaries=secondaries, live=views, chains=chains
+        )
         for number, found in vm.lun_map().items():
             raw_lu = (raw or {}).get(number)
             if raw_lu is not None and raw_lu.backend.size != found.header.unit_size:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from . import locks, sealed
+from .cow import ChainBackend
 from .crypto import Keyring, create_key_file, load_key_file, pending_path
 from .discovery import Discovery, FoundUnit, FoundVm, discover
 from .errors import InUseError, NotFoundError, SizeError, VmError
@@ -269,14 +270,18 @@ class VmManager:
         memory: int | None = None,
         secondaries: Mapping[int, int] | None = None,
         live: Mapping[uuid.UUID, GuestView] | None = None,
+        chains: Mapping[int, ChainBackend] | None = None,
     ) -> FoundVm:
         """Grow the primary disk, the state region (for ``memory``) and/or secondary
         disks (``{LUN: size}``). Every plan is checked before the first unit changes;
-        each unit then grows crash-safely on its own.
+        each unit then grows crash-safely on its own. A disk with snapshots grows by a
+        new top layer of the new size (:mod:`.snapshot_resize`): every snapshot keeps
+        the size it had, and a revert to it brings that size back.
 
         ``live``: guest views a server in this process exports; they take the new
-        layout and fire their capacity listeners (CAPACITY DATA HAS CHANGED). Without
-        it, a VM exported by a running server is refused.
+        layout and fire their capacity listeners (CAPACITY DATA HAS CHANGED); with
+        ``chains`` (its copy-on-write chains, by LUN) a disk with snapshots takes its
+        new top live. Without them, a VM exported by a running server is refused.
         """
         secondaries = dict(secondaries or {})
         if disk is None and memory is None and not secondaries:
@@ -285,17 +290,23 @@ class VmManager:
             check_memory(memory)
         pools = self.catalog.all()
         with self._locked(pools):
+            from . import snapshot_resize as layered
+            from .snapshot import finish_revert
+
             vm = self.find(name, discover(pools, repair=True))
-            if vm.layers or vm.records:
-                raise VmError(
-                    f"VM {name!r} has snapshots; resizing a VM with snapshots is not "
-                    "supported yet (delete its snapshots first)"
-                )
+            if vm.layers and finish_revert(self, vm, self.keyring()):
+                vm = self.find(name, discover(pools, repair=False))
             luns = vm.lun_map()
             for number in secondaries:
                 if number == 0 or number not in luns:
                     known = ", ".join(str(n) for n in sorted(luns) if n) or "none"
                     raise NotFoundError(f"VM {name!r} has no secondary LUN {number} ({known})")
+            sizes = {n: s for n, s in {0: disk, **secondaries}.items() if s is not None}
+            for number, new_size in sizes.items():
+                check_disk_size(new_size, "disk" if number == 0 else f"LUN {number}")
+            tops = layered.live_sizes(vm, list(sizes))
+            if tops:  # a disk with snapshots: against its top
+                layered.check_growth(self, vm, sizes, self.keyring())
             with contextlib.ExitStack() as stack:
                 units: dict[int, Unit] = {}
                 for number in [0, *sorted(secondaries)]:
@@ -316,7 +327,11 @@ class VmManager:
                     wanted = sealed.length_for(state_capacity_for(memory))
                     current = base.header.require_region(RegionKind.STATE).length
                     state_length = max(wanted, current)
-                growth = {0: (disk, state_length), **{n: (s, None) for n, s in secondaries.items()}}
+                unit_size = {n: s for n, s in sizes.items() if n not in tops}  # else a new top
+                growth = {
+                    0: (unit_size.get(0), state_length),
+                    **{n: (unit_size.get(n), None) for n in secondaries},
+                }
                 for number, (size, state) in growth.items():  # SizeError before any change
                     units[number].plan(size, state)
                 disks = list(config.get("disks") or [])  # type: ignore[call-overload]
@@ -329,8 +344,10 @@ class VmManager:
                         with view.quiesce():  # no guest I/O while a guest segment moves
                             unit.grow(size, state)
                             view.update(unit.header)
+                layered.grow_tops(self, vm, base, sizes, chains)
+                for number, new_size in sizes.items():
                     if number < len(disks):
-                        disks[number] = unit.header.disk_size
+                        disks[number] = new_size
                 if memory is not None:
                     config["memory"] = memory
                 config["disks"] = disks

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from ..scsi.logical_unit import UnitIdentity
 from ..storage.backend import BlockBackend
 from . import faults, locks
-from .cow import GRAIN, ChainBackend, DeltaLayer, create_delta, delta_header
+from .cow import GRAIN, ChainBackend, DeltaLayer, create_delta, delta_header, layer_size
 from .crypto import Keyring, new_data_key
 from .discovery import FoundUnit, FoundVm, discover
 from .errors import NotFoundError, VmError
@@ -145,9 +145,10 @@ def open_chain(
     read_only: bool,
     on_close: contextlib.AbstractContextManager[None] | None = None,
 ) -> ChainBackend:
-    """A block backend of ``volume``'s guest disk as the layer ``start`` sees it."""
+    """A block backend of ``volume``'s guest disk as the layer ``start`` sees it (its
+    size is that layer's: a snapshot keeps the size the disk had)."""
     chain, root_unit = _walk(vm, start)
-    size = volume.header.disk_size
+    size = root_unit.header.disk_size  # what layers that do not record a size have
     layers: list[DeltaLayer] = []
     try:
         for found in chain:
@@ -212,7 +213,21 @@ def find_snapshot(manager: VmManager, vm: FoundVm, keyring: Keyring, snap: str) 
 # -- creation helpers --------------------------------------------------------------------
 
 
-def _new_delta(manager: VmManager, vm: FoundVm, volume: FoundUnit, parent: uuid.UUID) -> FoundUnit:
+def chain_size(vm: FoundVm, start: uuid.UUID) -> int:
+    """The size of the image the layer (or volume unit) ``start`` holds."""
+    chain, root = _walk(vm, start)
+    return layer_size(chain[0].header, root.header.disk_size) if chain else root.header.disk_size
+
+
+def _new_delta(
+    manager: VmManager,
+    vm: FoundVm,
+    volume: FoundUnit,
+    parent: uuid.UUID,
+    size: int | None = None,
+) -> FoundUnit:
+    """A new empty delta over ``parent``, of the parent's size unless ``size`` (a grown
+    disk) says more."""
     unit_uuid = uuid.uuid4()
     header = delta_header(
         unit_uuid=unit_uuid,
@@ -221,7 +236,7 @@ def _new_delta(manager: VmManager, vm: FoundVm, volume: FoundUnit, parent: uuid.
         owner=vm.base.header.unit_uuid,
         volume_naa=volume.header.naa,
         parent=parent,
-        disk_size=volume.header.disk_size,
+        disk_size=size if size is not None else chain_size(vm, parent),
         created=int(time.time()),
     )
     ref = create_delta(manager.catalog.get(volume.pool), header)
@@ -670,7 +685,8 @@ def _collect_step(
             continue
         if live and kids[0].header.unit_uuid in tops:  # the guest writes there
             continue
-        _merge_down(manager, layer, kids[0], _size_of(volumes, layer.header))
+        kid = kids[0].header.unit_uuid
+        _merge_down(manager, layer, kids[0], chain_size(vm, lid), chain_size(vm, kid))
         return f"layer {layer.ref.location} merged into {kids[0].ref.location}"
     for volume in volumes:
         vid = volume.header.unit_uuid
@@ -682,27 +698,28 @@ def _collect_step(
             continue
         if live and child.header.unit_uuid in tops:
             continue
-        _merge_into_root(manager, vm, volume, child, children.get(child.header.unit_uuid, []))
+        size = chain_size(vm, child.header.unit_uuid)
+        if size != volume.header.disk_size and live:
+            continue  # the disk grew: the unit must grow first, never under a served chain
+        _merge_into_root(manager, vm, volume, child, children.get(child.header.unit_uuid, []), size)
         return f"layer {child.ref.location} merged into its volume {volume.ref.location}"
     return None
 
 
-def _size_of(volumes: list[FoundUnit], delta: UnitHeader) -> int:
-    for volume in volumes:
-        if volume.header.naa in delta.secondaries:
-            return volume.header.disk_size
-    raise VmError(f"layer {delta.unit_uuid} belongs to no volume of its VM")
-
-
-def _merge_down(manager: VmManager, layer: FoundUnit, child: FoundUnit, size: int) -> None:
+def _merge_down(
+    manager: VmManager, layer: FoundUnit, child: FoundUnit, size: int, child_size: int
+) -> None:
     """Copy the grains of ``layer`` its child lacks into the child (its image is
     unchanged: it read them through ``layer`` before), re-parent the child, drop
-    ``layer``. Idempotent, so a crash at any point is finished by the next run."""
+    ``layer``. Idempotent, so a crash at any point is finished by the next run. A
+    child larger than ``layer`` (the disk grew in between) reads zeros past the
+    layer's size both before and after: below ``layer`` nothing is larger than it
+    but the volume's unit, zeros there (:class:`~.cow.DeltaLayer`)."""
     src_pool = manager.catalog.get(layer.pool)
     dst_unit = manager._open(child)
     try:
         src = DeltaLayer(src_pool.open(layer.ref), layer.header, size)
-        dst = DeltaLayer(manager.catalog.get(child.pool).open(child.ref), child.header, size)
+        dst = DeltaLayer(manager.catalog.get(child.pool).open(child.ref), child.header, child_size)
         try:
             buf = bytearray(GRAIN)
             for grain in src.allocated():
@@ -732,11 +749,17 @@ def _merge_into_root(
     volume: FoundUnit,
     child: FoundUnit,
     grandchildren: list[FoundUnit],
+    size: int,
 ) -> None:
-    """The volume's own unit is referenced by nobody but its single child: write the
-    child's grains into the unit, re-point the child's dependents (or the VM's top)
-    at the unit, drop the child."""
-    size = volume.header.disk_size
+    """The volume's own unit is referenced by nobody but its single child (of
+    ``size`` bytes): write the child's grains into the unit, re-point the child's
+    dependents (or the VM's top) at the unit, drop the child. A child larger than the
+    unit (the disk grew while it had snapshots) first has the unit grow to its size
+    (crash-safe; the new space reads zeros, as it did through the child)."""
+    if size > volume.header.disk_size:
+        with contextlib.closing(manager._open(volume)) as grown:
+            grown.grow(size)
+        faults.crashpoint("merge.grown")
     unit = manager._open(volume)
     try:
         view = unit.guest_view()

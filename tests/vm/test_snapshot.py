@@ -122,13 +122,3 @@ def test_live_lun_keeps_identity_and_snapshot_has_its_own(manager: VmManager) ->
     own = snaps.snapshot_identity(record.header, vm.base.header.naa)
     assert own.naa != before.naa and own.serial != before.serial
     assert record.header.naa != before.naa
-
-
-def test_resize_with_snapshots_is_refused(manager: VmManager) -> None:
-    manager.create("rs", disk=DISK, memory=MEMORY)
-    snaps.create_snapshot(manager, "rs", "s")
-    with pytest.raises(VmError, match="snapshots"):
-        manager.resize("rs", disk=2 * DISK)
-    manager.delete("rs")
-    found = manager.discover()
-    assert not found.vms and not found.damaged

@@ -1,8 +1,9 @@
 """A stateful hypothesis test of snapshots against an in-memory model: random writes
 (across grain boundaries, partial and whole grains), snapshots, deletes (merges),
-reverts, full and linked clones, unlinks and VM deletes (refused while a linked
-clone rests on the VM); after every step, every snapshot and every live disk of every VM
-reads exactly what the model says, and so does the state image."""
+reverts, full and linked clones, unlinks, VM deletes (refused while a linked clone
+rests on the VM) and disk growth (a snapshot keeps its size, a revert brings it back);
+after every step, every snapshot and every live disk of every VM reads exactly what
+the model says - its size included - and so does the state image."""
 
 from __future__ import annotations
 
@@ -23,10 +24,16 @@ from iscsi_vmtarget.vm.cow import GRAIN
 MIB = 1 << 20
 SIZES = (2 * MIB, 2 * MIB)  # LUN 0 and one secondary
 
-offsets = st.one_of(
-    st.integers(0, SIZES[0] - 1),
-    st.sampled_from([0, GRAIN - 1, GRAIN, 3 * GRAIN + 5, SIZES[0] - GRAIN]),
-)
+#: how much a resize adds: a few blocks (the last grain straddles the old end), about
+#: a grain, or MiBs
+GROWTH = (512, GRAIN + 1536, MIB - 512)
+
+
+def offsets(size: int) -> st.SearchStrategy[int]:
+    return st.one_of(
+        st.integers(0, size - 1),
+        st.sampled_from([0, GRAIN - 1, GRAIN, 3 * GRAIN + 5, size - GRAIN, size - 700]),
+    )
 
 
 class SnapshotModel(RuleBasedStateMachine):
@@ -52,13 +59,14 @@ class SnapshotModel(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         lun=st.integers(0, len(SIZES) - 1),
-        offset=offsets,
         length=st.integers(1, 3 * GRAIN),
         byte=st.integers(1, 255),
     )
-    def write(self, data: st.DataObject, lun: int, offset: int, length: int, byte: int) -> None:
+    def write(self, data: st.DataObject, lun: int, length: int, byte: int) -> None:
         vm = data.draw(st.sampled_from(sorted(self.live)))
-        length = min(length, SIZES[lun] - offset)
+        size = len(self.live[vm][lun])
+        offset = data.draw(offsets(size))
+        length = min(length, size - offset)
         backend = snaps.open_live(self.manager, self.manager.find(vm), lun)
         try:
             backend.write(offset, bytes([byte]) * length)
@@ -138,6 +146,16 @@ class SnapshotModel(RuleBasedStateMachine):
         del self.live[vm], self.state[vm]
         self.linked.pop(vm, None)
         self.snaps = {k: v for k, v in self.snaps.items() if k[0] != vm}
+
+    @rule(data=st.data(), lun=st.integers(0, len(SIZES) - 1), growth=st.sampled_from(GROWTH))
+    def grow(self, data: st.DataObject, lun: int, growth: int) -> None:
+        vm = data.draw(st.sampled_from(sorted(self.live)))
+        size = len(self.live[vm][lun]) + growth
+        if lun == 0:
+            self.manager.resize(vm, disk=size)
+        else:
+            self.manager.resize(vm, secondaries={lun: size})
+        self.live[vm][lun] += bytes(growth)
 
     @invariant()
     def everything_reads_as_modelled(self) -> None:
