@@ -167,7 +167,7 @@ def _move_routed(args: argparse.Namespace) -> int:
         print(
             f"moved VM {args.name} to pool {args.pool} live ({report['units']} units; "
             f"{report['passes']} catch-up passes, {report['recopied']} bytes copied again, "
-            f"{report['held']} while I/O was held)"
+            f"{report['held']} while I/O was held for {report['held_ms']} ms)"
         )
     return 0
 

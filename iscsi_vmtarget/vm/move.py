@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("iscsi_vmtarget")
 Progress = Callable[[int, int], None]
 _STEP = 4 << 20
+#: Flush a copy every this many bytes written: one fsync of a whole large unit at the
+#: end stalls the served LUNs' own flushes (FUA, SYNCHRONIZE CACHE) for a long while.
+_FLUSH_EVERY = 32 << 20
 #: A live move stops catching up and holds I/O once this few grains are dirty...
 HOLD_BELOW_GRAINS = 64  # 4 MiB: the copy made while I/O is held
 #: ... or after this many passes (a writer faster than the copy never lets it shrink).
@@ -144,12 +148,17 @@ def _copy_units(
                     "temp": ref.key,
                 }
             )
+            written = 0
             try:
                 for offset in range(0, found.header.unit_size, _STEP):
                     n = min(_STEP, found.header.unit_size - offset)
                     piece = source.read(offset, n)
                     if piece.count(0) != n:
                         target.write(offset, piece)
+                        written += n
+                    if written >= _FLUSH_EVERY:  # small write-backs, not one huge one
+                        target.flush()
+                        written = 0
                     done += n
                     if progress is not None:
                         progress(done, total)
@@ -202,12 +211,14 @@ def move(manager: VmManager, name: str, pool: str, progress: Progress | None = N
 @dataclass(frozen=True)
 class MoveReport:
     """What a live move did: units moved, catch-up passes run, bytes copied again
-    while the LUNs served, and bytes copied while they were held."""
+    while the LUNs served, bytes copied while they were held, and for how long I/O
+    was held (milliseconds: the final copy, flushes, the commit and the switch)."""
 
     units: int
     passes: int
     recopied: int
     held: int
+    held_ms: float = 0.0
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
@@ -301,6 +312,8 @@ def move_live(
         if not units:
             return MoveReport(0, 0, 0, 0)
         tracked = {n: DirtyGrains() for n in live}
+        for chain in live.values():  # most of the flush before I/O is held for the rest
+            chain.flush()
         with _held(manager, vm, live):  # every earlier write (and its map bits) on disk
             for number, chain in live.items():
                 chain.write_hook = tracked[number].mark
@@ -320,7 +333,10 @@ def move_live(
                     recopied += copy_dirty(chain.read_into, copies[number], grains, chain.size)
                     faults.crashpoint("move.catchup")
                 passes += 1
+            for copy in copies.values():  # likewise: little left to flush while held
+                copy.flush()
             with _held(manager, vm, live):
+                hold_start = time.monotonic()
                 held = 0
                 for number, chain in live.items():
                     grains = tracked[number].take()
@@ -331,6 +347,7 @@ def move_live(
                 final = _locator(vm, dest, plan, "key", by_name)
                 retired = _switch(manager, name, dest, plan, vm, live, raw or {}, final, moved)
                 faults.crashpoint("move.switched")
+                held_ms = (time.monotonic() - hold_start) * 1000
         except BaseException:
             for chain in live.values():
                 chain.write_hook = None
@@ -348,7 +365,7 @@ def move_live(
         finish_moves(manager)  # the originals go
         for old in retired:
             old.close()
-    return MoveReport(len(units), passes, recopied, held)
+    return MoveReport(len(units), passes, recopied, held, round(held_ms, 1))
 
 
 def _intent_path(manager: VmManager, name: str) -> str:
