@@ -13,8 +13,10 @@ the table :data:`OPERATIONS`. An operation turns the current
 
 The daemon serves the operations on ``<state-dir>/admin.sock`` (a UNIX socket, mode
 0600): one JSON object per line each way, ``{"op": ..., "args": {...}}`` ->
-``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``. Requests are
-handled one at a time on the event loop, so concurrent commands never interleave.
+``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "..."}``, after
+``{"progress": ...}`` lines when a long action was asked with ``"progress": true``
+(:data:`PROGRESS_ARG`). Requests are handled one at a time on the event loop, so
+concurrent commands never interleave.
 Without a daemon, :func:`call` runs the same operation on the state directory's
 files under an exclusive lock.
 """
