@@ -386,11 +386,11 @@ def run_cycles(
 
 
 def _choose(cycle: int, rng: random.Random, model: Model) -> str:
-    """The operation of this cycle: the next of OPS that applies now (resizing a VM
-    with snapshots is refused by design), else a random one that does."""
+    """The operation of this cycle: the next of OPS that applies now, else a random
+    one that does."""
     names = _snapshot_names(model)
     usable = {
-        "resize": not names,
+        "resize": True,  # with snapshots too: the disk grows by a new top layer
         "snapshot": len(names) < MAX_SNAPSHOTS,
         "delete": True,  # with no snapshot, one is taken first
         "rotate": True,
@@ -463,7 +463,10 @@ def _repair(
     run = subprocess.run(argv, capture_output=True, text=True, env=python_env())
     if run.returncode:
         return [f"cycle {cycle}: discover failed: {run.stderr.strip()}"]
-    found = json.loads(run.stdout)
+    try:
+        found = json.loads(run.stdout)
+    except ValueError:
+        return [f"cycle {cycle}: discover printed no JSON: {run.stdout[:200]!r} {run.stderr[:500]}"]
     bad = {k: found[k] for k in ("damaged", "orphan_secondaries") if found[k]}
     if bad or VM not in {v["name"] for v in found["vms"]}:
         return [f"cycle {cycle}: discover found {bad or 'no VM'}"]
