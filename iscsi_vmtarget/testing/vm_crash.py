@@ -120,6 +120,7 @@ class Model:
         self.lock = threading.Lock()
         self.sizes = dict(DISKS)  # LUN -> disk bytes as last seen
         self.resize_to: int | None = None  # an unacknowledged resize of LUN 0
+        self.memory_resizes = 0
         self.allowed: Contents = {lun: {} for lun in DISKS}
         self.sent: list[tuple[int, int, bytes]] = []
         self.snapshots: dict[str, Snapshot] = {}
@@ -419,7 +420,8 @@ def _arguments(
         if model.sizes[0] < MAX_DISK:
             model.resize_to = model.sizes[0] + MIB
             return "vm.resize", {"name": VM, "disk": model.resize_to}
-        return "vm.resize", {"name": VM, "memory": MEMORY + MIB * (cycle + 1)}
+        model.memory_resizes += 1  # each asks for 1 MiB more than any before
+        return "vm.resize", {"name": VM, "memory": MEMORY + MIB * model.memory_resizes}
     if short == "snapshot":
         return "vm.snapshot", {"name": VM, "snapshot": f"s{cycle}"}
     if short == "delete":

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from ..storage import BackendError, FileBackend, create_sparse_file
 from ..storage.backend import BlockBackend
+from . import faults
 from .atomic import fsync_dir as _fsync_dir
 from .errors import NotFoundError, SizeError, VmError
 from .format import SLOT_OFFSETS, SLOT_SIZE, TAIL_SIZE, decode_header
@@ -169,10 +170,16 @@ class DirectoryPool:
         """Record the old size, then extend the file. Until :meth:`end_growth`, the tail
         of the file may hold no header yet; :meth:`recover` then shrinks it back."""
         intent = self._intent(ref)
-        with open(intent, "w") as fh:
+        # the intent appears whole or not at all (a kill -9 between creating it and
+        # writing it used to leave an empty one that no later open could read); an
+        # unrenamed temporary is a creation leftover, removed by the next repair
+        tmp = os.path.join(self.path, f".{os.path.basename(intent)}.tmp")
+        with open(tmp, "w") as fh:
             json.dump({"old_size": backend.size, "new_size": new_size}, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        faults.crashpoint("resize.intent")
+        os.rename(tmp, intent)
         _fsync_dir(self.path)
         backend.resize(new_size)
 
@@ -186,11 +193,18 @@ class DirectoryPool:
         intent = self._intent(ref)
         if not os.path.exists(intent):
             return None
-        with open(intent) as fh:
-            old_size = int(json.load(fh)["old_size"])
+        try:
+            with open(intent) as fh:
+                old_size: int | None = int(json.load(fh)["old_size"])
+        except (ValueError, KeyError, TypeError):
+            # written by an older version and cut short: the file was extended only
+            # after the intent was complete and synced, so it never was
+            old_size = None
         backend = self.open(ref)
         try:
-            if _slots_valid(backend):
+            if old_size is None:
+                done = "unfinished extension intent removed (the file was never extended)"
+            elif _slots_valid(backend):
                 done = "extension kept (the new tail holds the header)"
             else:
                 backend.resize(old_size)

@@ -80,6 +80,25 @@ def check_consistent(state: Path, disk_sizes: tuple[int, ...]) -> int:
         return size
 
 
+def test_kill_while_recording_the_growth_intent(tmp_path: Path) -> None:
+    """The growth intent file appears whole or not at all: killed before its rename,
+    only a temporary is left, which the repair removes; an empty intent (what an older
+    version could leave) is dropped instead of breaking every later open."""
+    state = tmp_path / "state"
+    setup_vm(state, Mode.TRUNCATE)
+    run_killed(state, "resize.intent", "vm", "resize", "vm1", "--disk", str(2 * DISK))
+    pool = state / "pools" / "default"
+    assert [p.name for p in pool.glob(".*.grow.tmp")] and not list(pool.glob("*.grow"))
+    assert check_consistent(state, (DISK,)) == DISK
+    assert not list(pool.glob(".*.tmp"))
+    unit = next(pool.glob("*.unit"))
+    (pool / (unit.name + ".grow")).write_text("")  # created, never written
+    with VmManager(StateDir.at(str(state))) as manager:
+        actions = [r["action"] for r in manager.discover().repaired]
+    assert actions == ["unfinished extension intent removed (the file was never extended)"]
+    assert check_consistent(state, (DISK,)) == DISK
+
+
 RESIZE_POINTS = [
     ("resize.extended", (DISK,)),  # room made, no new header yet: rolled back
     ("resize.journaled", (3 * DISK,)),  # journal at the new tail: rolled forward
