@@ -284,7 +284,7 @@ CRASH_POINTS = {
         "header.torn",
         "header.committed",
     ),
-    "rotate": ("header.torn", "header.committed"),
+    "rotate": ("key.written", "header.torn", "header.committed"),
 }
 #: ... and inside the repair that follows (the merge of a deleted snapshot's layer).
 REPAIR_POINTS = ("merge.copying", "merge.copied", "header.torn", "header.committed")

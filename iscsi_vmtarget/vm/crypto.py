@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap,
 )
 
+from . import faults
 from .errors import IntegrityError, KeyFileError
 
 KEY_FILE_HEADER: Final = "iscsi-vmtarget master key v1"
@@ -79,19 +80,35 @@ def _fsync_dir(path: str) -> None:
 
 
 def create_key_file(path: str, random: RandomSource = os.urandom) -> MasterKey:
-    """Create a new key file (mode 0600, never overwriting one) holding a fresh key."""
+    """Create a new key file (mode 0600, never overwriting one) holding a fresh key.
+
+    The file appears whole or not at all: the key is written and synced under a
+    temporary name, then hard-linked to ``path`` (which fails if ``path`` exists). A
+    kill -9 between creating and writing the file used to leave an empty key file
+    that every later command, and the rotation meant to finish, refused to load."""
+    if os.path.exists(path):
+        raise KeyFileError(f"key file {path!r} already exists; not overwriting it")
     key = random(KEY_BYTES)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise KeyFileError(f"key file {path!r} already exists; not overwriting it") from None
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    prefix = f".{os.path.basename(path)}.tmp-"
+    for stale in (n for n in os.listdir(directory) if n.startswith(prefix)):
+        os.unlink(os.path.join(directory, stale))  # a key no unit was ever wrapped with
+    tmp = os.path.join(directory, f"{prefix}{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)  # whatever the umask said
         os.write(fd, f"{KEY_FILE_HEADER}\n{key.hex()}\n".encode())
         os.fsync(fd)
     finally:
         os.close(fd)
+    faults.crashpoint("key.written")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise KeyFileError(f"key file {path!r} already exists; not overwriting it") from None
+    finally:
+        os.unlink(tmp)
     _fsync_dir(path)
     return MasterKey(key, path)
 

@@ -219,6 +219,27 @@ def test_kill_during_create_leaves_nothing(tmp_path: Path) -> None:
     assert snapshot(state) == before
 
 
+def test_kill_while_creating_the_new_master_key(tmp_path: Path) -> None:
+    """The new key file appears whole or not at all: killed before its link, nothing
+    but a temporary is left; units and state stay readable and the next rotation
+    succeeds (and removes the temporary)."""
+    state = tmp_path / "state"
+    setup_vm(state, Mode.TRUNCATE)
+    run_killed(state, "key.written", "key", "rotate")
+    assert not (state / "master.key.new").exists()
+    assert list(state.glob(".master.key.new.tmp-*"))
+    check_consistent(state, (DISK,))
+    proc = subprocess.run(
+        [sys.executable, "-m", "iscsi_vmtarget", "key", "rotate", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not list(state.glob(".master.key*"))
+    check_consistent(state, (DISK,))
+
+
 def test_kill_during_key_rotation(tmp_path: Path) -> None:
     state = tmp_path / "state"
     setup_vm(state, Mode.TRUNCATE)
