@@ -81,7 +81,8 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
         "receive",
         help="export an empty replica LUN for 'vm replicate'",
         description="Create <state-dir>/replicas/NAME.replica (sparse, --size bytes: "
-        "'vm replicate' says how many it needs) and export it as LUN 0 of target "
+        "'vm replicate' says how many it needs; more leaves the disks room to grow "
+        "between rounds) and export it as LUN 0 of target "
         f"{replica_target('NAME')} to --initiator (default {REPLICATOR}).",
     )
     p.add_argument("name")

@@ -234,7 +234,9 @@ class VmManager:
 
     def delete(self, name: str, *, force: bool = False) -> FoundVm:
         """Delete the base unit (crypto-erasing state and config with its wrapped key),
-        then the secondaries. Refused while a server exports the VM unless ``force``."""
+        then the secondaries, and the record of its replicas' acknowledged checkpoints
+        (``conf/replication/<name>.json``). Refused while a server exports the VM unless
+        ``force``."""
         pools = self.catalog.all()
         with self._locked(pools):
             vm = self.find(name, discover(pools, repair=True))
@@ -258,6 +260,9 @@ class VmManager:
                             raise
                 for unit in vm.all_units:  # base first: the rest is unreachable after it
                     self.catalog.get(unit.pool).delete(unit.ref)
+            from .replicate import forget_acks
+
+            forget_acks(self.state.root, name)
         return vm
 
     # -- resize ----------------------------------------------------------------------------
@@ -306,7 +311,7 @@ class VmManager:
                 check_disk_size(new_size, "disk" if number == 0 else f"LUN {number}")
             tops = layered.live_sizes(vm, list(sizes))
             if tops:  # a disk with snapshots: against its top
-                layered.check_growth(self, vm, sizes, self.keyring())
+                layered.check_growth(vm, sizes)
             with contextlib.ExitStack() as stack:
                 units: dict[int, Unit] = {}
                 for number in [0, *sorted(secondaries)]:

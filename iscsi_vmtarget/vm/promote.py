@@ -118,8 +118,9 @@ def _copy_volume(
     step: Callable[[int], None],
 ) -> None:
     """Check every grain of ``area``'s image against its hash; with ``target``, copy the
-    non-zero grains there."""
-    size = area.disk_size
+    non-zero grains there. The image is the checkpoint's, ``area.size`` bytes (more than
+    the source unit's header says when the disk grew while it had snapshots)."""
+    size = area.size
     for offset in range(0, size, RUN):
         n = min(RUN, size - offset)
         data = memoryview(replica.read(area.image + offset, n))
@@ -155,7 +156,8 @@ def _restore_sealed(replica: BlockBackend, base: Unit, area: SealedArea, keyring
 def _create_units(
     manager: VmManager, sb: Superblock, temp: str, pool: str, master: MasterKey
 ) -> None:
-    """Units with the source volumes' UUIDs, secondaries first (as ``vm create``)."""
+    """Units with the source volumes' UUIDs, secondaries first (as ``vm create``), each
+    disk as large as the checkpoint's image."""
     target = manager.catalog.get(pool)
     created: list[FoundUnit] = []
     try:
@@ -165,7 +167,7 @@ def _create_units(
                 target,
                 mode=h.mode,
                 role=Role.SECONDARY,
-                disk_size=h.disk_size,
+                disk_size=area.size,
                 name=temp,
                 owner=sb.base.unit_uuid,
                 unit_uuid=h.unit_uuid,
@@ -175,7 +177,7 @@ def _create_units(
             target,
             mode=sb.base.mode,
             role=Role.BASE,
-            disk_size=sb.base.disk_size,
+            disk_size=sb.volumes[0].size,
             name=temp,
             memory=MIN_MEMORY,
             secondaries=sb.base.secondaries,
@@ -229,7 +231,7 @@ def promote(
             )
     keyring = _keyring(manager, source_keys or [])
     _check_sealers(sb, keyring)
-    total = sum(a.disk_size for a in sb.volumes)
+    total = sum(a.size for a in sb.volumes)
     done = 0
 
     def step(n: int) -> None:

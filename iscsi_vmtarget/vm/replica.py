@@ -11,7 +11,7 @@ can hold a replica. Layout (offsets in bytes, every area MiB aligned)::
 
     0         superblock slot A  (1 MiB)
     1 MiB     superblock slot B  (1 MiB)
-    2 MiB     per volume (LUN order): its guest disk image, then its grain hashes
+    2 MiB     per volume (LUN order): its guest disk image area, then its grain hashes
               (32 bytes per 64 KiB grain: SHA-256 of the grain, all zeros for a grain
               that reads as zeros)
     ...       STATE area, CONFIG area: the sealed regions of the checkpoint's snapshot
@@ -21,14 +21,27 @@ can hold a replica. Layout (offsets in bytes, every area MiB aligned)::
 Superblock slot (little-endian)::
 
      0  8  magic "IVMTREPL"
-     8  2  version (1)
+     8  2  version (2)
     10  2  flags (0)
     12  4  body length B
     16  8  generation (the slot written last holds the highest valid one)
     24  B  body: UTF-8 JSON - checkpoint sequence number, snapshot record UUID and
-           name, VM name, the source's unit headers (their own encoded images, with
-           their SHA-256, :mod:`.format`), the area offsets, and the journal state
+           name, VM name, per volume the source's unit header (its own encoded image,
+           with its SHA-256, :mod:`.format`), its image size and capacity, the area
+           offsets, and the journal state
     24+B 32 SHA-256 of bytes 0 .. 24+B
+
+A volume's *size* is the size of the checkpoint's image - its snapshot chain's
+(:func:`~.snapshot.chain_size`), which is larger than the unit header's once the disk
+grew while it had snapshots (:mod:`.snapshot_resize`) - and is what promote restores.
+Its *capacity* is what the image area holds: a new replica spreads the LUN's room
+beyond the minimum over its disks in proportion to their sizes (:func:`plan`), so a
+disk may grow between rounds up to its capacity; past it the round is refused (a new
+replica is needed). Version 1 (before sizes were recorded) had neither field: both are
+the unit header's disk size there, which is right for every replica it could make but
+one of a disk grown with snapshots - whose next round is then refused, as its chain no
+longer fits. A replica is written as version 2 by its next round; older code refuses
+version 2 ("upgrade"), since it would restore a grown disk's old size.
 
 Journal entry: one 512-byte descriptor (magic "IVMTJRNL", sequence u64, index u32,
 flags u32 (bit 0: the range reads as zeros, no data follows), target offset u64, length
@@ -59,7 +72,7 @@ import hashlib
 import json
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -71,7 +84,7 @@ from .format import SLOT_SIZE, Region, RegionKind, UnitHeader, decode_header, en
 
 MAGIC: Final = b"IVMTREPL"
 JOURNAL_MAGIC: Final = b"IVMTJRNL"
-VERSION: Final = 1
+VERSION: Final = 2
 MIB: Final = 1 << 20
 BLOCK: Final = 512
 SB_SLOT: Final = MIB
@@ -123,17 +136,36 @@ def header_from_image(text: str) -> UnitHeader:
 # -- the superblock ----------------------------------------------------------------------
 
 
+#: A volume to lay out: its unit's header and its image's size (:class:`VolumeArea`).
+Volume = tuple[UnitHeader, int]
+
+
 @dataclass(frozen=True)
 class VolumeArea:
-    """One volume of the VM: its source unit's header and where its image lives."""
+    """One volume of the VM: its source unit's header (identity and mode; its disk size
+    is the unit's, not the image's), where its image lives and how large it is."""
 
     header: UnitHeader
     image: int
     hashes: int  # -1: no hash area (a disk-only replica)
+    size: int  # bytes of the checkpoint's image (its chain's size)
+    capacity: int  # bytes the image area holds: the most ``size`` may grow to here
 
-    @property
-    def disk_size(self) -> int:
-        return self.header.disk_size
+    def to_json(self) -> dict[str, object]:
+        return {
+            "header": header_image(self.header),
+            "image": self.image,
+            "hashes": self.hashes,
+            "size": self.size,
+            "capacity": self.capacity,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> VolumeArea:
+        header = header_from_image(doc["header"])
+        size = int(doc.get("size", header.disk_size))  # version 1: the unit's (docstring)
+        capacity = int(doc.get("capacity", size))
+        return cls(header, int(doc["image"]), int(doc["hashes"]), size, capacity)
 
 
 @dataclass(frozen=True)
@@ -179,13 +211,29 @@ class Superblock:
     def size_needed(self) -> int:
         return self.journal_offset + self.journal_capacity
 
-    def geometry(self) -> tuple[object, ...]:
-        """What must not change between rounds (else: a new replica)."""
-        return (
-            tuple((v.header.unit_uuid, v.disk_size, v.image, v.hashes) for v in self.volumes),
-            (self.state.offset, self.state.length, self.config.offset, self.config.length),
-            (self.journal_offset, self.journal_capacity),
+    def misfit(self, volumes: Sequence[Volume], state_length: int, config_length: int) -> str:
+        """Why this layout cannot take a checkpoint of these volumes (LUN order) and
+        sealed regions ('' when it can): the areas never move once laid out."""
+        if [h.unit_uuid for h, _size in volumes] != [v.header.unit_uuid for v in self.volumes]:
+            return "its disks are not the ones the replica was made of"
+        for lun, ((_header, size), area) in enumerate(zip(volumes, self.volumes, strict=True)):
+            if size > area.capacity:
+                return (
+                    f"LUN {lun} is {size} bytes now, the replica has room for "
+                    f"{area.capacity} bytes of it"
+                )
+        if (state_length, config_length) != (self.state.length, self.config.length):
+            return "its state or config region was resized"
+        return ""
+
+    def holding(self, volumes: Sequence[Volume]) -> Superblock:
+        """This layout with the volumes' current headers and image sizes (they fit:
+        :meth:`misfit`)."""
+        areas = (
+            replace(area, header=header, size=size)
+            for (header, size), area in zip(volumes, self.volumes, strict=True)
         )
+        return replace(self, volumes=tuple(areas))
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -194,10 +242,7 @@ class Superblock:
             "record": str(self.record_uuid) if self.record_uuid else None,
             "checkpoint": self.checkpoint,
             "taken": self.taken,
-            "volumes": [
-                {"header": header_image(v.header), "image": v.image, "hashes": v.hashes}
-                for v in self.volumes
-            ],
+            "volumes": [v.to_json() for v in self.volumes],
             "sealed": {
                 area.kind.name.lower(): {
                     "offset": area.offset,
@@ -230,10 +275,7 @@ class Superblock:
         journal = doc["journal"]
         return cls(
             vm_name=str(doc["vm"]),
-            volumes=tuple(
-                VolumeArea(header_from_image(v["header"]), int(v["image"]), int(v["hashes"]))
-                for v in doc["volumes"]
-            ),
+            volumes=tuple(VolumeArea.from_json(v) for v in doc["volumes"]),
             state=sealed(RegionKind.STATE),
             config=sealed(RegionKind.CONFIG),
             journal_offset=int(journal["offset"]),
@@ -249,25 +291,57 @@ class Superblock:
         )
 
 
-def plan(
-    vm_name: str, volumes: list[UnitHeader], state_length: int, config_length: int
+def _lay_out(
+    vm_name: str,
+    volumes: Sequence[Volume],
+    capacities: Sequence[int],
+    state_length: int,
+    config_length: int,
 ) -> Superblock:
-    """The layout of a new replica of a VM with these volume units and sealed regions."""
     cursor = DATA_START
     areas = []
     entries = 0  # journal descriptors a round rewriting everything needs
-    for header in volumes:
-        grains = grains_of(header.disk_size)
-        image, cursor = cursor, align_mib(cursor + header.disk_size)
+    for (header, size), capacity in zip(volumes, capacities, strict=True):
+        grains = grains_of(capacity)
+        image, cursor = cursor, align_mib(cursor + capacity)
         hashes, cursor = cursor, align_mib(cursor + grains * HASH_BYTES)
-        areas.append(VolumeArea(header, image, hashes))
-        entries += -(-header.disk_size // RUN) + -(-grains * HASH_BYTES // BLOCK)
+        areas.append(VolumeArea(header, image, hashes, size, capacity))
+        entries += -(-capacity // RUN) + -(-grains * HASH_BYTES // BLOCK)
     state, cursor = SealedArea(RegionKind.STATE, cursor, state_length), cursor + state_length
     config, cursor = SealedArea(RegionKind.CONFIG, cursor, config_length), cursor + config_length
     entries += 2 * (-(-state_length // RUN) + -(-config_length // RUN)) + 2
     data = cursor - DATA_START
     capacity = align_mib(data + entries * BLOCK)
     return Superblock(vm_name, tuple(areas), state, config, cursor, capacity)
+
+
+def plan(
+    vm_name: str,
+    volumes: Sequence[Volume],
+    state_length: int,
+    config_length: int,
+    room: int = 0,
+) -> Superblock:
+    """The layout of a new replica of a VM with these volumes (LUN order) and sealed
+    regions: each image area as large as its image, or - when ``room`` (the LUN's
+    bytes) is more than that needs - the largest areas in proportion to the images
+    (in steps of 1/1024 of each) that still fit it: room for the disks to grow."""
+    sizes = [size for _header, size in volumes]
+
+    def scaled(step: int) -> Superblock:
+        capacities = [align_mib(s + s * step // 1024) for s in sizes]
+        return _lay_out(vm_name, volumes, capacities, state_length, config_length)
+
+    low, high = 0, (room // min(sizes) + 1) * 1024  # past it an area alone exceeds room
+    if scaled(0).size_needed > room:
+        high = 0
+    while low < high:  # the largest step that fits: size_needed grows with the step
+        mid = (low + high + 1) // 2
+        if scaled(mid).size_needed <= room:
+            low = mid
+        else:
+            high = mid - 1
+    return scaled(low)
 
 
 def encode_superblock(sb: Superblock) -> bytes:
@@ -461,5 +535,5 @@ def check_room(sb: Superblock, disk: BlockBackend, what: str) -> None:
         raise SizeError(
             f"{what} holds {disk.size} bytes; a replica of VM {sb.vm_name!r} needs "
             f"{sb.size_needed} bytes (on the destination: iscsi-vmtarget vm receive "
-            f"{sb.vm_name} --size {sb.size_needed})"
+            f"{sb.vm_name} --size {sb.size_needed}; more leaves its disks room to grow)"
         )

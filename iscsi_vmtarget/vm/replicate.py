@@ -13,8 +13,9 @@ resumed at the destination ... based on the last coherent replica". One *round*:
 3. work out what changed since the checkpoint the destination holds, from the layers
    alone: the union of the allocation maps of the layers between the two snapshots'
    layers and their nearest common ancestor (:mod:`.cow`) - a superset of the grains
-   whose bytes differ, found without reading a byte of data. With no such checkpoint on
-   the source (first round, or it was deleted) every grain is sent;
+   whose bytes differ, found without reading a byte of data, plus every grain past the
+   older checkpoint's end (the disk grew in between: :mod:`.snapshot_resize`). With no
+   such checkpoint on the source (first round, or it was deleted) every grain is sent;
 4. send the changed grains, their hashes and - only where the plaintext changed (told by
    the base unit's region generations, else by comparing the two checkpoints'
    plaintexts) - the checkpoint's sealed state and config, as ciphertext: staged in the
@@ -22,6 +23,12 @@ resumed at the destination ... based on the last coherent replica". One *round*:
    writes directly;
 5. delete the source's older checkpoints of this destination (their layers merge away),
    so the chain does not grow.
+
+Each disk's image is as large as the checkpoint's chain (what the guest saw), which
+outgrows its unit once the disk grew while it had snapshots. A new replica's layout
+gives each disk the room the destination LUN has to spare (:func:`.replica.plan`); a
+later round whose disk outgrew its area - or whose VM changed shape otherwise - is
+refused before any checkpoint, saying how large a new replica must be.
 
 ``disk_only`` pushes one guest disk's bytes to a plain LUN (any target, e.g. tgtd) at
 offset 0, with no superblock and no journal: a mirror that is coherent only when a round
@@ -43,7 +50,7 @@ from itertools import zip_longest
 from typing import TYPE_CHECKING, Protocol
 
 from ..storage.backend import BlockBackend
-from . import faults, sealed
+from . import atomic, faults, sealed
 from . import snapshot as snaps
 from .cow import GRAIN, ChainBackend, DeltaLayer, grains_of
 from .crypto import Keyring
@@ -74,6 +81,7 @@ if TYPE_CHECKING:
     from .manager import VmManager
 
 CHECKPOINT_PREFIX = "replica."
+SEALED_KINDS = (RegionKind.STATE, RegionKind.CONFIG)
 Progress = Callable[[int, int], None]
 
 
@@ -140,15 +148,13 @@ def _layer_bits(manager: VmManager, found: FoundUnit, size: int) -> int:
 
 
 def changed_grains(
-    manager: VmManager,
-    vm: FoundVm,
-    volume: FoundUnit,
-    new_layer: uuid.UUID,
-    prev_layer: uuid.UUID | None,
+    manager: VmManager, vm: FoundVm, new_layer: uuid.UUID, prev_layer: uuid.UUID | None
 ) -> list[int] | None:
-    """Grains whose bytes may differ between the images at ``prev_layer`` and
-    ``new_layer`` (None: unknown, send everything). Every grain outside the layers above
-    the two layers' nearest common ancestor reads from that ancestor in both images."""
+    """Grains of the image at ``new_layer`` whose bytes may differ from the image at
+    ``prev_layer`` (None: unknown, send everything). Every grain outside the layers
+    above the two layers' nearest common ancestor reads from that ancestor in both
+    images - except past the end of the image at ``prev_layer`` when the disk grew in
+    between: those grains are all changed (the replica holds nothing of them)."""
     if prev_layer is None:
         return None
     new_path, new_root = snaps._walk(vm, new_layer)
@@ -156,27 +162,28 @@ def changed_grains(
     if new_root.header.unit_uuid != prev_root.header.unit_uuid:
         return None  # e.g. unlinked from a clone source since: no common image
     prev_ids = {u.header.unit_uuid for u in prev_path}
-    size = volume.header.disk_size
+    fallback = new_root.header.disk_size  # the size of layers that record none
     union = 0
     common: uuid.UUID | None = None
     for unit in new_path:
         if unit.header.unit_uuid in prev_ids:
             common = unit.header.unit_uuid
             break
-        union |= _layer_bits(manager, unit, size)
+        union |= _layer_bits(manager, unit, fallback)
     for unit in prev_path:
         if unit.header.unit_uuid == common:
             break
-        union |= _layer_bits(manager, unit, size)
-    count = grains_of(size)
+        union |= _layer_bits(manager, unit, fallback)
+    count = grains_of(snaps.chain_size(vm, new_layer))
+    old_end = snaps.chain_size(vm, prev_layer) // GRAIN  # the grain holding its end
     raw = union.to_bytes(-(-count // 8) or 1, "little")
     return [
         byte * 8 + bit
         for byte, value in enumerate(raw)
         if value
         for bit in range(8)
-        if value >> bit & 1 and byte * 8 + bit < count
-    ]
+        if value >> bit & 1 and byte * 8 + bit < min(count, old_end)
+    ] + list(range(old_end, count))
 
 
 def _same_plaintext(a: Unit, b: Unit, keyring: Keyring, kind: RegionKind) -> bool:
@@ -228,44 +235,69 @@ def sealed_generations(vm: FoundVm) -> dict[str, int]:
     them, and they never go back, so two equal readings mean the same plaintext."""
     return {
         kind.name.lower(): vm.base.header.require_region(kind).generation
-        for kind in (RegionKind.STATE, RegionKind.CONFIG)
+        for kind in SEALED_KINDS
     }
 
 
-def replica_layout(vm: FoundVm) -> Superblock:
-    """Where the replica of ``vm`` keeps each volume and sealed region (:mod:`.replica`)."""
+def _sealed_lengths(header: UnitHeader) -> tuple[int, int]:
+    """The lengths of the state and config regions of a base unit or snapshot record
+    (a record's are its base unit's when it was taken)."""
+    state, config = (header.require_region(kind).length for kind in SEALED_KINDS)
+    return state, config
+
+
+def replica_layout(vm: FoundVm, room: int = 0) -> Superblock:
+    """Where a new replica of ``vm`` on a LUN of ``room`` bytes keeps each volume and
+    sealed region (:func:`.replica.plan`); ``size_needed`` is what it needs at least."""
     luns = vm.lun_map()
-    return plan(
-        vm.name,
-        [luns[n].header for n in sorted(luns)],
-        vm.base.header.require_region(RegionKind.STATE).length,
-        vm.base.header.require_region(RegionKind.CONFIG).length,
+    volumes = [(luns[n].header, vm.disk_size(luns[n])) for n in sorted(luns)]
+    return plan(vm.name, volumes, *_sealed_lengths(vm.base.header), room=room)
+
+
+def _too_small(what: str, size: int, vm: FoundVm, lun: int, needed: int) -> SizeError:
+    return SizeError(
+        f"{what} holds {size} bytes; LUN {lun} of VM {vm.name!r} is {needed} bytes: "
+        "mirror it to a LUN at least that large"
     )
 
 
 def _check_destination(
     vm: FoundVm, disk: BlockBackend, sb: Superblock | None, what: str, disk_only: bool, lun: int
-) -> None:
-    """Refuse, before any checkpoint is taken, a destination that cannot take the VM."""
+) -> Superblock | VolumeArea:
+    """Refuse, before any checkpoint is taken, a destination that cannot take the VM;
+    what the round lays out: a disk-only mirror's one area, else the replica's layout
+    (a new one using the whole LUN, or the one the replica has, with today's sizes)."""
     if vm.missing:
         raise VmError(f"VM {vm.name!r} misses secondary units {[n.hex() for n in vm.missing]}")
     luns = vm.lun_map()
     if disk_only:
         if lun not in luns:
             raise VmError(f"VM {vm.name!r} has no LUN {lun}")
-        if disk.size < luns[lun].header.disk_size:
-            raise SizeError(
-                f"{what} holds {disk.size} bytes; LUN {lun} of VM {vm.name!r} is "
-                f"{luns[lun].header.disk_size} bytes"
-            )
-        return
-    layout = replica_layout(vm)
-    check_room(layout, disk, what)
-    if sb is not None and sb.geometry() != layout.geometry():
-        raise ReplicaError(
-            f"VM {vm.name!r} changed shape since {what} was made (disks or regions "
-            "resized): give it a new replica LUN"
-        )
+        size = vm.disk_size(luns[lun])
+        if disk.size < size:
+            raise _too_small(what, disk.size, vm, lun, size)
+        return VolumeArea(luns[lun].header, 0, -1, size, disk.size)
+    fresh = replica_layout(vm)
+    if sb is None:
+        check_room(fresh, disk, what)
+        return replica_layout(vm, room=disk.size)
+    volumes = [(area.header, area.size) for area in fresh.volumes]
+    problem = sb.misfit(volumes, *_sealed_lengths(vm.base.header))
+    if problem:
+        raise ReplicaError(_no_longer_fits(vm.name, what, problem, fresh.size_needed))
+    check_room(sb, disk, what)
+    return sb.holding(volumes)
+
+
+def _no_longer_fits(name: str, what: str, problem: str, needed: int) -> str:
+    return (
+        f"VM {name!r} no longer fits the replica on {what} ({problem}): a replica keeps "
+        f"the layout it was made with (it still holds its last checkpoint). Replicate to "
+        f"a new one of at least {needed} bytes (more leaves its disks room to grow): on "
+        "the destination, stop receiving this one ('iscsi-vmtarget target delete' of its "
+        f"target, then remove its file replicas/{name}.replica) and run 'iscsi-vmtarget "
+        f"vm receive {name} --size {needed}'; the first round to it copies everything"
+    )
 
 
 def _prepare(
@@ -273,14 +305,17 @@ def _prepare(
     name: str,
     snap: str,
     prev_uuid: uuid.UUID | None,
+    planned: Superblock | VolumeArea,
     *,
-    disk_only: bool,
     lun: int,
+    what: str,
     before: dict[str, int] | None = None,
     known: dict[str, int] | None = None,
 ) -> _Round:
     """Under the pool locks: the checkpoint's images and what changed since the
-    previous one (the layers' files stay open: nothing of them moves under us).
+    previous one (the layers' files stay open: nothing of them moves under us), laid
+    out as ``planned`` (:func:`_check_destination`) with the checkpoint's sizes, which
+    are checked against it again (a disk may have grown since it was planned).
 
     ``before``: :func:`sealed_generations` read just before the checkpoint was taken;
     ``known``: those of the previous checkpoint, when they were as exact. A sealed
@@ -292,9 +327,10 @@ def _prepare(
         record = snaps.find_snapshot(manager, vm, keyring, snap)
         prev = next((r for r in vm.records if r.header.unit_uuid == prev_uuid), None)
         luns = vm.lun_map()
-        numbers = [lun] if disk_only else sorted(luns)
-        layout = None if disk_only else replica_layout(vm)
-        out = _Round(record.header, [], [], layout)
+        mirror = isinstance(planned, VolumeArea)  # a disk-only mirror of LUN ``lun``
+        numbers = [lun] if mirror else sorted(luns)
+        areas = [planned] if isinstance(planned, VolumeArea) else list(planned.volumes)
+        out = _Round(record.header, [], [], None)
         now = sealed_generations(vm)
         out.generations = now if now == before else None  # exact for this checkpoint
         try:
@@ -302,11 +338,22 @@ def _prepare(
                 volume = luns[number]
                 new_layer = snaps._record_layer(record.header, volume)
                 prev_layer = snaps._record_layer(prev.header, volume) if prev else None
-                grains = changed_grains(manager, vm, volume, new_layer, prev_layer)
+                grains = changed_grains(manager, vm, new_layer, prev_layer)
                 chain = snaps.open_chain(manager, vm, volume, new_layer, read_only=True)
-                area = layout.volumes[index] if layout else VolumeArea(volume.header, 0, -1)
+                area = replace(areas[index], header=volume.header, size=chain.size)
                 out.volumes.append(_Volume(area, chain, grains))
-            if layout is not None:
+            if isinstance(planned, VolumeArea):
+                size = out.volumes[0].area.size
+                if planned.capacity < size:
+                    raise _too_small(what, planned.capacity, vm, lun, size)
+            else:
+                volumes = [(v.area.header, v.area.size) for v in out.volumes]
+                problem = planned.misfit(volumes, *_sealed_lengths(record.header))
+                if problem:
+                    raise ReplicaError(
+                        _no_longer_fits(vm.name, what, problem, replica_layout(vm).size_needed)
+                    )
+                layout = out.layout = planned.holding(volumes)
                 new_unit = out.record_unit = manager._open(record)
                 with contextlib.ExitStack() as stack:
                     prev_unit = (
@@ -397,7 +444,7 @@ def _volume_pieces(volume: _Volume, disk: BlockBackend, stage: bool) -> Iterator
     """The volume's changed grains (runs of zero grains as None), then its grain-hash
     sectors. The staging pass computes the sectors; the apply pass reuses them."""
     area = volume.area
-    size = area.disk_size
+    size = area.size
     hashing = stage and area.hashes >= 0
     if hashing and volume.grains:
         _prefetch_hashes(volume, disk)
@@ -470,18 +517,17 @@ def load_acks(state_root: str, name: str) -> dict[str, dict[str, object]]:
     return dict(value)
 
 
+def forget_acks(state_root: str, name: str) -> None:
+    """Remove what the source remembers of VM ``name``'s replicas (``vm delete``: a
+    later VM of that name starts its own)."""
+    with contextlib.suppress(FileNotFoundError):
+        atomic.remove(_acks_path(state_root, name))
+
+
 def _save_ack(state_root: str, name: str, tag: str, ack: dict[str, object]) -> None:
-    """Replace the file atomically (temp, fsync, rename)."""
-    path = _acks_path(state_root, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     acks = load_acks(state_root, name)
     acks[tag] = ack
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(acks, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(_acks_path(state_root, name), acks)
 
 
 # -- a round -----------------------------------------------------------------------------
@@ -520,7 +566,7 @@ def replicate_round(
                 sb, replayed = replay(disk, sb)
         acked = sb.record_uuid if sb is not None and sb.seq else None
         seq = (sb.seq if sb is not None else 0) + 1
-    _check_destination(vm, disk, sb, what, disk_only, lun)
+    planned = _check_destination(vm, disk, sb, what, disk_only, lun)
     snap = checkpoint_name(tag, seq)
     names = [s.name for s in snaps.list_snapshots(manager, name)]
     if snap in names:  # left by a round that never reached its commit
@@ -534,8 +580,9 @@ def replicate_round(
         name,
         snap,
         acked,
-        disk_only=disk_only,
+        planned,
         lun=lun,
+        what=what,
         before=before,
         known=known if isinstance(known, dict) else None,
     )
@@ -543,7 +590,7 @@ def replicate_round(
         seq, snap, full=any(v.grains is None for v in rnd.volumes), replayed=replayed
     )
     report.grains = sum(
-        grains_of(v.area.disk_size) if v.grains is None else len(v.grains) for v in rnd.volumes
+        grains_of(v.area.size) if v.grains is None else len(v.grains) for v in rnd.volumes
     )
     report.sealed = [i.area.kind.name.lower() for i in rnd.sealed if i.send and i.region.used]
     try:

@@ -26,10 +26,9 @@ from typing import TYPE_CHECKING
 
 from . import faults
 from .cow import ChainBackend, DeltaLayer
-from .crypto import Keyring
 from .discovery import FoundVm
-from .errors import SizeError, VmError
-from .snapshot import _new_delta, chain_size, snapshots
+from .errors import SizeError
+from .snapshot import _new_delta, chain_size
 from .unit import Unit
 
 if TYPE_CHECKING:
@@ -47,31 +46,16 @@ def live_sizes(vm: FoundVm, numbers: list[int]) -> dict[int, tuple[uuid.UUID, in
     return out
 
 
-def check_growth(
-    manager: VmManager, vm: FoundVm, sizes: Mapping[int, int], keyring: Keyring
-) -> None:
-    """Refuse, before any change, shrinking a disk with layers, and growing one of a
-    replicated VM: a replica is laid out for the sizes of the volumes' units
-    (:mod:`.replicate`), which a new top does not change."""
-    growing = False
+def check_growth(vm: FoundVm, sizes: Mapping[int, int]) -> None:
+    """Refuse, before any change, shrinking a disk with layers. Growing one is fine for
+    replication too: a replica records each checkpoint's chain size and has room for
+    growth where its LUN had it; a round whose disk outgrew it is refused, saying how
+    large a new replica must be (:mod:`.replicate`)."""
     for number, (_top, now) in live_sizes(vm, list(sizes)).items():
         if sizes[number] < now:
             raise SizeError(
                 f"LUN {number} of VM {vm.name!r} is {now} bytes; shrinking it to "
                 f"{sizes[number]} would cut off guest data and is not supported"
-            )
-        growing = growing or sizes[number] > now
-    if not growing:
-        return
-    from .replicate import CHECKPOINT_PREFIX
-
-    for info in snapshots(manager, vm, keyring):
-        if info.name.startswith(CHECKPOINT_PREFIX):
-            raise VmError(
-                f"VM {vm.name!r} is replicated (checkpoint {info.name!r}) and its disks "
-                "have snapshots: a replica keeps the layout it was made with, so growing "
-                "them is refused; stop replicating, delete the VM's snapshots (or resize "
-                "it before its first snapshot), resize, then replicate to a new replica"
             )
 
 

@@ -86,8 +86,12 @@ def write(ini: Initiator, lun: int, offset: int, data: bytes) -> None:
     ini.write16(offset // 512, data, 512, lun)
 
 
-def disk(ini: Initiator, lun: int) -> bytes:
-    return b"".join(ini.read16(lba, 2048, 512, lun) for lba in range(0, SIZES[lun] // 512, 2048))
+def disk(ini: Initiator, lun: int, size: int = 0) -> bytes:
+    """The whole LUN (``size`` bytes; default: its size at creation)."""
+    blocks = (size or SIZES[lun]) // 512
+    return b"".join(
+        ini.read16(lba, min(2048, blocks - lba), 512, lun) for lba in range(0, blocks, 2048)
+    )
 
 
 def naa(ini: Initiator, lun: int) -> bytes:
@@ -112,9 +116,10 @@ class Sites:
 
 
 @contextlib.contextmanager
-def two_sites(tmp_path: Path) -> Iterator[Sites]:
+def two_sites(tmp_path: Path, spare: int = 1) -> Iterator[Sites]:
+    """``spare``: the replica LUN is that many times the size it needs (room to grow)."""
     src, dst = tmp_path / "src", tmp_path / "dst"
-    size = make_vm(src)
+    size = make_vm(src) * spare
     source = start_target(tmp_path / "s", "--state-dir", str(src))
     try:
         destination = start_target(tmp_path / "d", "--state-dir", str(dst))
@@ -167,6 +172,35 @@ def test_rounds_kill_and_promote(tmp_path: Path) -> None:
     ok(ivt(dst, "vm", "state", "read", VM, str(out)))
     assert out.read_bytes() == STATE
     assert not (dst / "replicas" / f"{VM}.replica").exists()
+
+
+def test_a_disk_grown_live_is_replicated_whole(tmp_path: Path) -> None:
+    """A served disk grown through the daemon between rounds (a new top layer: the last
+    checkpoint is a snapshot) into a replica made with room: the next round sends the
+    grown part, and the promoted VM has the grown size and reads the checkpoint's bytes,
+    those written past the old end too."""
+    grown = 12 * MIB + 1536
+    with two_sites(tmp_path, spare=2) as sites:
+        src, destination = sites.src, sites.destination
+        ini = login(sites.source.port, VM_IQN)
+        write(ini, 0, 0, os.urandom(MIB))
+        assert "(full)" in ok(ivt(src, "vm", "replicate", VM, "--to", url(destination)))
+        assert "live" in ok(ivt(src, "vm", "resize", VM, "--disk", str(grown)))
+        write(ini, 0, SIZES[0] - 512, os.urandom(4096))  # across the old end
+        write(ini, 0, grown - 512, os.urandom(512))  # the new last block
+        expected = disk(ini, 0, grown)
+        second = ok(ivt(src, "vm", "replicate", VM, "--to", url(destination)))
+        assert "round 2" in second and "(incremental)" in second
+        ini.logout()
+        ok(ivt(sites.dst, "vm", "promote", VM, "--source-key", str(src / "master.key")))
+    again = start_target(tmp_path / "d2", "--state-dir", str(sites.dst))
+    try:
+        assert again.targets[VM_IQN] == {0: grown, 1: SIZES[1]}
+        ini = login(again.port, VM_IQN)
+        assert disk(ini, 0, grown) == expected
+        ini.logout()
+    finally:
+        again.stop()
 
 
 def test_continuous_rounds_until_interrupted(tmp_path: Path) -> None:

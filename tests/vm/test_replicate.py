@@ -186,8 +186,8 @@ def test_changed_grains_is_none_without_a_previous_checkpoint(site: Site) -> Non
     vm = site.src.find("vm1")
     record = snaps.find_snapshot(site.src, vm, site.src.keyring(), "s")
     layer = dict(record.header.tops)[vm.base.header.naa]
-    assert changed_grains(site.src, vm, vm.base, layer, None) is None
-    assert changed_grains(site.src, vm, vm.base, layer, layer) == []
+    assert changed_grains(site.src, vm, layer, None) is None
+    assert changed_grains(site.src, vm, layer, layer) == []
 
 
 def test_destination_too_small_is_refused_before_any_checkpoint(site: Site) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.scsi import Nexus, ScsiTarget, Status
-from iscsi_vmtarget.vm import Mode, SizeError, StateDir, VmError, VmManager, resize_live, serve_vms
+from iscsi_vmtarget.vm import Mode, SizeError, StateDir, VmManager, resize_live, serve_vms
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN
 from iscsi_vmtarget.vm.faults import ENV
@@ -119,14 +119,6 @@ def test_layers_written_before_sizes_were_recorded(manager: VmManager) -> None:
     snaps.delete_snapshot(manager, "vm1", "s2")
     assert _live(manager) == s2 != s1
     assert not manager.find("vm1", manager.discover()).layers  # merged into its unit
-
-
-def test_a_replicated_vm_is_not_grown_under_its_checkpoints(manager: VmManager) -> None:
-    _setup(manager)
-    snaps.create_snapshot(manager, "vm1", "replica.0123abcd.1")
-    with pytest.raises(VmError, match="replicated"):
-        manager.resize("vm1", disk=NEW[0])
-    assert len(_live(manager)) == OLD[0]
 
 
 def _read_capacity(target: ScsiTarget, nexus: Nexus) -> int:
