@@ -54,6 +54,12 @@ class ProgressBar:
             self.stream.flush()
             self._shown = None
 
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def progress_bar(label: str, forced: bool = False, stream: TextIO | None = None) -> ProgressBar:
     """A bar drawn when ``stream`` (stderr) is a terminal or ``forced`` (--progress)."""

@@ -2,12 +2,18 @@
 revert, delete-merge, clone), through the running daemon where it exports the VM (the
 daemon quiesces the VM's LUNs), offline otherwise.
 
-* ``vm snapshot NAME SNAP [--description TEXT]``
-* ``vm snapshot list NAME [--json]`` (the tree)
+* ``vm snapshot NAME SNAP [--description TEXT] [--full]``: ``--full`` then copies
+  into the snapshot every grain it shares with its predecessors (progress on stderr),
+  so it holds all its data, not only its difference
+* ``vm snapshot fill NAME SNAP``: make an existing snapshot full (finishes a
+  ``--full`` that was interrupted)
+* ``vm snapshot list NAME [--json]`` (the tree; full or delta, bytes held)
 * ``vm snapshot delete NAME SNAP``
-* ``vm snapshot export NAME SNAP [--lun N] [--output FILE] [--stop]``: a read-only LUN
-  of the snapshot (target ``<base IQN>:vm.NAME.snap.SNAP``, its own designator) from
-  the next ``serve``; ``--output`` writes the LUN's image to a file instead
+* ``vm snapshot export NAME SNAP [--lun N] [--output FILE] [--stop]``: a read-only
+  target of the snapshot (``<base IQN>:vm.NAME.snap.SNAP``, its own designators), at
+  once when the running daemon exports the VM and from every later ``serve``;
+  ``--stop`` removes it (its sessions are logged out); ``--output`` writes LUN N's
+  image to a file instead
 * ``vm revert NAME SNAP``
 * ``vm clone SRC DST [--from-snapshot SNAP] [--full]``
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..server.admin import AdminError, DaemonNotRunning, call_daemon
@@ -24,7 +31,7 @@ from ..vm import snapshot as snaps
 from .progress import progress_bar
 from .vm import add_common, print_json, run_managed
 
-_SNAPSHOT_VERBS = ("list", "delete", "export", "create")
+_SNAPSHOT_VERBS = ("list", "delete", "export", "fill", "create")
 
 
 def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -34,9 +41,11 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("words", nargs="+", metavar="[list|delete|export] NAME [SNAP]")
+    p.add_argument("words", nargs="+", metavar="[list|delete|export|fill] NAME [SNAP]")
     p.add_argument("--json", action="store_true")
     p.add_argument("--description", default="")
+    p.add_argument("--full", action="store_true", help="hold every grain, not a difference")
+    _progress_flag(p)
     p.add_argument("--lun", type=int, default=0, help="export: which LUN (default 0)")
     p.add_argument("--output", metavar="FILE", help="export: write the image to FILE")
     p.add_argument("--stop", action="store_true", help="export: stop exporting it")
@@ -116,8 +125,7 @@ def _progress_flag(p: argparse.ArgumentParser) -> None:
 def _clone(args: argparse.Namespace, manager: VmManager) -> int:
     from ..vm.clone import clone
 
-    bar = progress_bar("cloning", args.progress)
-    try:
+    with progress_bar("cloning", args.progress) as bar:
         clone(
             manager,
             args.src,
@@ -126,8 +134,6 @@ def _clone(args: argparse.Namespace, manager: VmManager) -> int:
             full=args.full,
             progress=bar,
         )
-    finally:
-        bar.close()
     kind = "full copy" if args.full else "linked clone"
     print(f"cloned {args.src} as {args.dst} ({kind})")
     return 0
@@ -136,11 +142,8 @@ def _clone(args: argparse.Namespace, manager: VmManager) -> int:
 def _unlink(args: argparse.Namespace, manager: VmManager) -> int:
     from ..vm.clone import unlink
 
-    bar = progress_bar("unlinking", args.progress)
-    try:
+    with progress_bar("unlinking", args.progress) as bar:
         changed = unlink(manager, args.name, progress=bar)
-    finally:
-        bar.close()
     print(f"VM {args.name} is independent" + ("" if changed else " (it already was)"))
     return 0
 
@@ -175,11 +178,8 @@ def _move_routed(args: argparse.Namespace) -> int:
 def _move(args: argparse.Namespace, manager: VmManager) -> int:
     from ..vm.move import move
 
-    bar = progress_bar("moving", args.progress)
-    try:
+    with progress_bar("moving", args.progress) as bar:
         count = move(manager, args.name, args.pool, progress=bar)
-    finally:
-        bar.close()
     if args.json:
         print_json({"vm": args.name, "pool": args.pool, "live": False, "units": count})
     else:
@@ -188,10 +188,19 @@ def _move(args: argparse.Namespace, manager: VmManager) -> int:
 
 
 def _daemon_or_offline(
-    args: argparse.Namespace, op: str, request: dict[str, Any], offline: Any
+    args: argparse.Namespace,
+    op: str,
+    request: dict[str, Any],
+    offline: Any,
+    *,
+    label: str = "",
+    done: Callable[[dict[str, Any]], str] | None = None,
 ) -> int:
+    """``op`` by the running daemon where it exports the VM, else ``offline``; a
+    ``label`` draws a progress bar of the daemon's work; ``done`` says what was done."""
+    bar = progress_bar(label, args.progress) if label else None
     try:
-        result = call_daemon(args.state_dir, op, request, timeout=3600)
+        result = call_daemon(args.state_dir, op, request, timeout=3600, progress=bar)
     except DaemonNotRunning:
         return run_managed(args, offline)
     except AdminError as exc:
@@ -199,8 +208,13 @@ def _daemon_or_offline(
             return run_managed(args, offline)
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if bar is not None:
+            bar.close()
     if args.json:
         print_json(result)
+    elif done is not None:
+        print(done(result))
     else:
         print(f"{op}: done by the running daemon (its LUNs were quiesced)")
     return 0
@@ -223,21 +237,83 @@ def _snapshot(args: argparse.Namespace) -> int:
     args.snapshot = words[1] if need == 2 else None
     request = {"name": args.name, "snapshot": args.snapshot, "key_file": args.key_file}
     if verb == "create":
-        request["description"] = args.description
-        return _daemon_or_offline(args, "vm.snapshot", request, _create)
+        request.update(description=args.description, full=args.full)
+        return _daemon_or_offline(
+            args,
+            "vm.snapshot",
+            request,
+            _create,
+            label="filling" if args.full else "",
+            done=lambda r: (
+                f"snapshot {args.snapshot} of VM {args.name} taken by the running daemon "
+                f"(its LUNs were quiesced; {_kind(r['snapshot'])})"
+            ),
+        )
+    if verb == "fill":
+        return _daemon_or_offline(
+            args,
+            "vm.snapshot.fill",
+            request,
+            _fill,
+            label="filling",
+            done=lambda r: (
+                f"snapshot {args.snapshot} of VM {args.name} is full "
+                f"({r['filled']} bytes filled by the running daemon while it served)"
+            ),
+        )
     if verb == "delete":
         return _daemon_or_offline(args, "vm.snapshot.delete", request, _delete)
     if verb == "list":
         return run_managed(args, _list)
-    return run_managed(args, _export)
+    if args.output:
+        return run_managed(args, _export)
+    request["stop"] = args.stop
+    return _daemon_or_offline(
+        args,
+        "vm.snapshot.export",
+        request,
+        _export,
+        done=lambda r: (
+            f"snapshot {args.snapshot} of VM {args.name} "
+            + ("no longer exported" if args.stop else f"exported read-only as {r['target']}")
+            + " (by the running daemon, at once)"
+        ),
+    )
+
+
+def _kind(info: dict[str, Any]) -> str:
+    """What a snapshot's JSON says it holds: everything, or its difference."""
+    return "full" if info.get("full") else "delta"
 
 
 def _create(args: argparse.Namespace, manager: VmManager) -> int:
-    info = snaps.create_snapshot(manager, args.name, args.snapshot, description=args.description)
+    with progress_bar("filling", args.progress) as bar:
+        info = snaps.create_snapshot(
+            manager,
+            args.name,
+            args.snapshot,
+            description=args.description,
+            full=args.full,
+            progress=bar,
+        )
     if args.json:
         print_json(info.to_json())
     else:
-        print(f"snapshot {info.name} of VM {args.name} taken (naa.{info.record.header.naa.hex()})")
+        naa = info.record.header.naa.hex()
+        print(f"snapshot {info.name} of VM {args.name} taken (naa.{naa}, {_kind(info.to_json())})")
+    return 0
+
+
+def _fill(args: argparse.Namespace, manager: VmManager) -> int:
+    from ..vm.snapshot_fill import fill_snapshot
+
+    with progress_bar("filling", args.progress) as bar:
+        filled = fill_snapshot(manager, args.name, args.snapshot, progress=bar)
+    info = snaps.snapshot_info(manager, args.name, args.snapshot)
+    if args.json:
+        print_json({"snapshot": info.to_json(), "filled": filled})
+    else:
+        print(f"snapshot {args.snapshot} of VM {args.name} is full ({filled} bytes filled)")
     return 0
 
 
@@ -248,7 +324,7 @@ def _delete(args: argparse.Namespace, manager: VmManager) -> int:
 
 
 def _list(args: argparse.Namespace, manager: VmManager) -> int:
-    infos = snaps.list_snapshots(manager, args.name)
+    infos = snaps.list_snapshots(manager, args.name, fullness=True)
     if args.json:
         print_json([i.to_json() for i in infos])
     elif infos:
@@ -271,8 +347,12 @@ def _export(args: argparse.Namespace, manager: VmManager) -> int:
         finally:
             backend.close()
         return 0
-    target = snaps.set_exported(manager, args.name, args.snapshot, not args.stop)
-    if args.stop:
+    from ..vm.snapshot_export import set_exported
+
+    target = set_exported(manager, args.name, args.snapshot, not args.stop)
+    if args.json:
+        print_json({"target": target, "exported": not args.stop, "live": False})
+    elif args.stop:
         print(f"snapshot {args.snapshot} of VM {args.name} no longer exported")
     else:
         print(

@@ -31,7 +31,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .portal import ConnectionHandler, TargetServer
 
 log = logging.getLogger("iscsi_vmtarget")
+_T = TypeVar("_T")
 SOCKET_NAME = "admin.sock"
 MAX_REQUEST = 1 << 20
 #: The args key under which an action gets a ``progress(done, total)`` callback when
@@ -95,6 +96,50 @@ class Runtime:
             for key, t in registry.targets.items()
         }
         self.static_discovery = (registry.discovery_auth, registry.discovery_mutual)
+        #: the daemon's event loop (set by :meth:`Manager.execute`): see :meth:`on_loop`
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def on_loop(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` on the event loop and wait for it: an action runs in an executor
+        thread, but the registry and the sessions' transports belong to the loop."""
+        loop = self.loop
+        with contextlib.suppress(RuntimeError):
+            if asyncio.get_running_loop() is loop:
+                loop = None
+        if loop is None:
+            return fn()
+
+        async def call() -> _T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result()
+
+    def add_pool_target(self, target: Target, cfg: ManagedConfig) -> None:
+        """A target a VM pool defines, added while the daemon runs (an exported
+        snapshot): static like those ``serve`` found, and the overlay ``cfg`` holds for
+        it (ACLs, CHAP) applies. Call on the loop (:meth:`on_loop`)."""
+        key = target.name.lower()
+        self.registry.add_target(target)
+        own = target.entry
+        self.static[key] = _Policy(dict(target.acls), target.allow_all, own.chap, own.mutual_chap)
+        spec = cfg.target(key)
+        try:
+            if spec is not None:
+                self._apply_target(spec, None)
+        except BaseException:  # e.g. an overlay ACL mapping one designator twice
+            del self.static[key], self.registry.targets[key]
+            raise
+        log.info("target %s created", target.name)
+
+    def remove_pool_target(self, name: str) -> bool:
+        """Remove such a target, logging its sessions out (as ``target delete`` does);
+        False if it is not served. Call on the loop (:meth:`on_loop`)."""
+        key = name.lower()
+        if key not in self.registry.targets or key not in self.static:
+            return False
+        del self.static[key]
+        self._remove_target(key)
+        return True
 
     def check(self, cfg: ManagedConfig) -> None:
         """Refuse what cannot apply to this daemon (LUNs on a target defined elsewhere)."""
@@ -555,7 +600,8 @@ def _vm_chains(runtime: Runtime, name: str) -> dict[int, Any]:
 
 def action_vm_snapshot(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """Snapshot a VM the daemon exports: its LUNs are quiesced (in-flight commands
-    drain, new ones wait), flushed, frozen and given new tops, then resume; see
+    drain, new ones wait), flushed, frozen and given new tops, then resume; with
+    ``full``, the frozen layers are then filled while the LUNs serve; see
     :func:`iscsi_vmtarget.vm.snapshot.create_snapshot`."""
     from ..vm import StateDir, VmManager
     from ..vm import snapshot as snaps
@@ -564,10 +610,39 @@ def action_vm_snapshot(state_dir: str, runtime: Runtime, args: Args) -> dict[str
     chains = _vm_chains(runtime, name)
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         info = snaps.create_snapshot(
-            manager, name, snap, description=str(args.get("description") or ""), live=chains
+            manager,
+            name,
+            snap,
+            description=str(args.get("description") or ""),
+            live=chains,
+            full=bool(args.get("full")),
+            progress=args.get(PROGRESS_ARG),
         )
     log.info("vm %s: snapshot %s taken live", name, snap)
     return {"snapshot": info.to_json()}
+
+
+def action_vm_snapshot_fill(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
+    """Make a snapshot of a VM the daemon exports full while its LUNs serve (the
+    snapshot's image does not change); see :mod:`iscsi_vmtarget.vm.snapshot_fill`."""
+    from ..vm import StateDir, VmManager
+    from ..vm import snapshot as snaps
+    from ..vm.snapshot_fill import fill_snapshot
+
+    name, snap = str(args["name"]), str(args["snapshot"])
+    _vm_chains(runtime, name)  # refuses a VM this daemon does not export
+    with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
+        filled = fill_snapshot(manager, name, snap, progress=args.get(PROGRESS_ARG))
+        info = snaps.snapshot_info(manager, name, snap)
+    return {"snapshot": info.to_json(), "filled": filled}
+
+
+def action_vm_snapshot_export(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
+    """Export a snapshot read-only (or stop), at once and from every later start;
+    see :mod:`.snapshot_export`."""
+    from .snapshot_export import export_snapshot_live
+
+    return export_snapshot_live(state_dir, runtime, args)
 
 
 def action_vm_revert(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
@@ -635,6 +710,8 @@ ACTIONS: dict[str, Callable[[str, Runtime, Args], dict[str, Any]]] = {
     "vm.snapshot": action_vm_snapshot,
     "vm.revert": action_vm_revert,
     "vm.snapshot.delete": action_vm_snapshot_delete,
+    "vm.snapshot.fill": action_vm_snapshot_fill,
+    "vm.snapshot.export": action_vm_snapshot_export,
     "vm.move": action_vm_move,
 }
 
@@ -661,7 +738,7 @@ class Manager:
                 if self.runtime is None:
                     raise AdminError(f"{op} needs a running daemon")
                 # Unit I/O (copying regions, fsync): keep the event loop serving.
-                loop = asyncio.get_running_loop()
+                loop = self.runtime.loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(
                     None, ACTIONS[op], self.store.state_dir, self.runtime, args
                 )

@@ -22,7 +22,7 @@ from ..iscsi.params import TargetPreferences
 from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
 from ..sizes import parse_size
 from ..storage import BackendError, FileBackend, create_sparse_file
-from ..vm import VmError, serve_vms, vm_target_name
+from ..vm import VmError, VmLuns, serve_vms, vm_target_name
 from .acl import Acl, check_mutual, check_secret
 from .registry import Registry, Target
 
@@ -306,9 +306,13 @@ def _add_vms(cfg: ServeConfig, registry: Registry, opened: list[LogicalUnit]) ->
     for vm in exports:
         opened.extend([*vm.guest.values(), *vm.raw.values()])
     for vm in exports:
-        entry = TargetEntry(name=vm_target_name(vm.name, BASE_IQN), alias=f"vm.{vm.name}")
-        target = Target(entry, ScsiTarget(vm.guest), origin="vm", raw_luns=vm.raw)
         try:
-            registry.add_target(target)
+            registry.add_target(vm_target(vm))
         except ValueError as exc:
             raise ConfigError(f"VM {vm.name!r}: {exc}") from exc
+
+
+def vm_target(vm: VmLuns) -> Target:
+    """The target of a VM (or of an exported snapshot: ``NAME.snap.SNAP``)."""
+    entry = TargetEntry(name=vm_target_name(vm.name, BASE_IQN), alias=f"vm.{vm.name}")
+    return Target(entry, ScsiTarget(vm.guest), origin="vm", raw_luns=vm.raw)

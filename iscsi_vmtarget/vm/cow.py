@@ -139,6 +139,14 @@ class DeltaLayer:
     def allocated(self) -> list[int]:
         return [g for g in range(grains_of(self.size)) if self.has(g)]
 
+    def held(self) -> int:
+        """Bytes of its image the layer holds itself (its size when it holds every
+        grain: a full snapshot's layer, :mod:`.snapshot_fill`)."""
+        count = int.from_bytes(self.bits, "little").bit_count()
+        last = grains_of(self.size) - 1
+        short = (last + 1) * GRAIN - self.size  # the last grain may end early
+        return count * GRAIN - (short if last >= 0 and self.has(last) else 0)
+
     def read_into(self, offset: int, buf: memoryview) -> None:
         self.backend.read_into(self._disk_off + offset, buf)
 

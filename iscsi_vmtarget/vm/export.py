@@ -20,19 +20,15 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..scsi import LogicalUnit, Reason, UnitIdentity
 from .cow import ChainBackend
-from .discovery import Discovery, FoundUnit, FoundVm
+from .discovery import FoundUnit, FoundVm
 from .errors import VmError
 from .locks import ServeLock
 from .pool import PoolCatalog
 from .unit import Unit
 from .view import GuestView, RawView
-
-if TYPE_CHECKING:
-    from .manager import VmManager
 
 DEFAULT_BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
 log = logging.getLogger("iscsi_vmtarget")
@@ -186,7 +182,9 @@ def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
             found = manager.discover(repair=False)
         for item in found.damaged:
             log.warning("pool unit %s not exported: %s", item["location"], item["reason"])
-        out.extend(_snapshot_exports(manager, found))
+        from .snapshot_export import serve_exported
+
+        out.extend(serve_exported(manager, found))
         try:
             for vm in found.vms:
                 for naa in vm.missing:
@@ -199,44 +197,6 @@ def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
             for luns in out:
                 luns.close()
             raise
-    return out
-
-
-def _snapshot_exports(manager: VmManager, found: Discovery) -> list[VmLuns]:
-    """Read-only LUNs of the snapshots ``vm snapshot export`` marked: one target per
-    snapshot, each LUN reporting the snapshot's own designator and serial (a backup or
-    scan host may see it beside the live VM: never two LUNs with one identity)."""
-    from .snapshot import (
-        exported,
-        find_snapshot,
-        open_chain,
-        snapshot_identity,
-        snapshot_target_suffix,
-    )
-
-    out: list[VmLuns] = []
-    for name, snap in exported(manager.state.root):
-        vm = found.find(name)
-        if vm is None:
-            log.warning("snapshot %s of VM %s not exported: no such VM", snap, name)
-            continue
-        luns = VmLuns(snapshot_target_suffix(name, snap))
-        try:
-            record = find_snapshot(manager, vm, manager.keyring(), snap)
-            for number, volume in vm.lun_map().items():
-                layer = dict(record.header.tops)[volume.header.naa]
-                chain = open_chain(manager, vm, volume, layer, read_only=True)
-                luns.guest[number] = LogicalUnit(
-                    chain,
-                    snapshot_identity(record.header, volume.header.naa),
-                    block_size=volume.header.block_size,
-                    read_only=True,
-                )
-        except (VmError, KeyError) as exc:
-            luns.close()
-            log.warning("snapshot %s of VM %s not exported: %s", snap, name, exc)
-            continue
-        out.append(luns)
     return out
 
 

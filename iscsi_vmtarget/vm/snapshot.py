@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -57,6 +56,7 @@ from .unit import Unit, naa_for
 
 if TYPE_CHECKING:
     from .manager import VmManager
+    from .snapshot_fill import Fullness
 
 MAX_SNAPSHOT_NAME = 128
 
@@ -82,10 +82,13 @@ class SnapshotInfo:
     created: float
     parent: str | None
     current: bool  # the live disks descend from it directly (what revert last bound)
+    #: how much of its image its own layers hold (:mod:`.snapshot_fill`); None: not
+    #: looked up (it reads every layer's allocation map)
+    fill: Fullness | None = None
 
     def to_json(self) -> dict[str, object]:
         h = self.record.header
-        return {
+        out: dict[str, object] = {
             "name": self.name,
             "uuid": str(h.unit_uuid),
             "naa": h.naa.hex(),
@@ -94,6 +97,9 @@ class SnapshotInfo:
             "current": self.current,
             "layers": {naa.hex(): str(layer) for naa, layer in h.tops},
         }
+        if self.fill is not None:  # "bytes": what it holds itself, "size": its images
+            out.update(full=self.fill.full, bytes=self.fill.held, size=self.fill.size)
+        return out
 
 
 # -- structure ---------------------------------------------------------------------------
@@ -201,6 +207,12 @@ def snapshots(manager: VmManager, vm: FoundVm, keyring: Keyring) -> list[Snapsho
         )
     out.sort(key=lambda s: (s.created, s.name))
     return out
+
+
+def with_fullness(manager: VmManager, vm: FoundVm, info: SnapshotInfo) -> SnapshotInfo:
+    from .snapshot_fill import fullness
+
+    return replace(info, fill=fullness(manager, vm, info.record.header))
 
 
 def find_snapshot(manager: VmManager, vm: FoundVm, keyring: Keyring, snap: str) -> FoundUnit:
@@ -340,6 +352,8 @@ def create_snapshot(
     *,
     description: str = "",
     live: Mapping[int, ChainBackend] | None = None,
+    full: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SnapshotInfo:
     """Snapshot every volume of VM ``name`` and its state and config, consistently.
 
@@ -351,6 +365,10 @@ def create_snapshot(
     daemon's ``vm.snapshot`` action). Their I/O is quiesced - in-flight commands drain,
     new ones wait - for the whole operation, their layers flushed first, and the new
     tops are pushed onto them before I/O resumes. Without it, a served VM is refused.
+
+    ``full``: then copy into the frozen layers every grain they lack, I/O flowing
+    (:func:`~.snapshot_fill.fill_snapshot`, reporting to ``progress``), so the
+    snapshot holds all its data rather than its difference against a predecessor.
     """
     check_snapshot_name(snap)
     pools = manager.catalog.all()
@@ -386,18 +404,32 @@ def create_snapshot(
                 pool = manager.catalog.get(found.pool)
                 top = DeltaLayer(pool.open(found.ref), found.header, chain.size)
                 chain.rebind([top, *chain.layers])
-        vm = _rediscover(manager, name)
-        for info in snapshots(manager, vm, keyring):
-            if info.name == snap:
-                return info
-    raise VmError("snapshot vanished")  # pragma: no cover
+    if full:
+        from .snapshot_fill import fill_snapshot
+
+        fill_snapshot(manager, name, snap, progress=progress)
+    return snapshot_info(manager, name, snap)
 
 
-def list_snapshots(manager: VmManager, name: str) -> list[SnapshotInfo]:
+def list_snapshots(manager: VmManager, name: str, *, fullness: bool = False) -> list[SnapshotInfo]:
+    """The VM's snapshots (:func:`snapshots`); ``fullness``: with how much of its
+    image each holds itself (reads every snapshot layer's allocation map)."""
     pools = manager.catalog.all()
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=True))
-        return snapshots(manager, vm, manager.keyring())
+        infos = snapshots(manager, vm, manager.keyring())
+        return [with_fullness(manager, vm, i) for i in infos] if fullness else infos
+
+
+def snapshot_info(manager: VmManager, name: str, snap: str) -> SnapshotInfo:
+    """Snapshot ``snap`` of VM ``name`` as ``vm snapshot list`` shows it (fullness too)."""
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=False))
+        for info in snapshots(manager, vm, manager.keyring()):
+            if info.name == snap:
+                return with_fullness(manager, vm, info)
+    raise NotFoundError(f"VM {name!r} has no snapshot named {snap!r}")
 
 
 def revert(
@@ -492,52 +524,6 @@ def open_snapshot(manager: VmManager, name: str, snap: str, lun: int = 0) -> Cha
         if volume is None:
             raise NotFoundError(f"VM {name!r} has no LUN {lun}")
         return open_chain(manager, vm, volume, _record_layer(record.header, volume), read_only=True)
-
-
-def exports_path(manager: VmManager) -> str:
-    return os.path.join(manager.state.root, "conf", "snapshot-exports.json")
-
-
-def exported(state_root: str) -> list[tuple[str, str]]:
-    """(VM, snapshot) pairs ``vm snapshot export`` asked ``serve`` to export."""
-    path = os.path.join(state_root, "conf", "snapshot-exports.json")
-    try:
-        with open(path) as fh:
-            items = json.load(fh)
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as exc:
-        raise VmError(f"{path}: {exc}") from exc
-    return [(str(i["vm"]), str(i["snapshot"])) for i in items]
-
-
-def snapshot_target_suffix(name: str, snap: str) -> str:
-    """``NAME.snap.SNAP`` with SNAP folded into IQN characters (RFC 3722)."""
-    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-.") else "-" for c in snap.lower())
-    return f"{name}.snap.{safe}"
-
-
-def set_exported(manager: VmManager, name: str, snap: str, on: bool) -> str:
-    """Mark (or unmark) a snapshot for a read-only export; the file is replaced
-    atomically. Returns the target name suffix."""
-    from .export import vm_target_name
-
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=False))
-        find_snapshot(manager, vm, manager.keyring(), snap)
-        items = [p for p in exported(manager.state.root) if p != (name, snap)]
-        if on:
-            items.append((name, snap))
-        path = exports_path(manager)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump([{"vm": v, "snapshot": s} for v, s in items], fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    return vm_target_name(snapshot_target_suffix(name, snap))
 
 
 def open_live(manager: VmManager, vm: FoundVm, lun: int = 0) -> BlockBackend:
@@ -801,6 +787,9 @@ def describe(infos: list[SnapshotInfo]) -> str:
         for info in by_parent.get(parent, []):
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created))
             mark = "  <- current" if info.current else ""
+            if info.fill is not None:
+                kind = "full" if info.fill.full else "delta"
+                mark = f"  {kind} {info.fill.held}/{info.fill.size} bytes{mark}"
             lines.append(
                 f"{'  ' * depth}{info.name}  {stamp}  naa.{info.record.header.naa.hex()}{mark}"
             )

@@ -147,26 +147,35 @@ def _start(
             monkeypatch.delenv(key)
 
 
-def _move_while_writing(tmp_path: Path, state: Path, writer: Writer) -> subprocess.Popen[str]:
-    """Start ``vm move`` (it pauses in the copy), let the writer write DURING_PAUSE
-    blocks, release the copy; returns the running CLI."""
+def run_paused(tmp_path: Path, writer: Writer, point: str, *args: str) -> subprocess.Popen[str]:
+    """Start ``iscsi-vmtarget ARGS`` (the daemon's work pauses at ``point``), let the
+    writer write DURING_PAUSE blocks, release it; returns the running CLI."""
     pausedir = tmp_path / "pause"
     cli = subprocess.Popen(
-        [sys.executable, "-m", "iscsi_vmtarget", "vm", "move", VM, "--pool", "p2", "--json"]
-        + ["--progress"]
-        + ["--state-dir", str(state)],
+        [sys.executable, "-m", "iscsi_vmtarget", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    reached = pausedir / "move.copying.reached"
+    reached = pausedir / f"{point}.reached"
     writer.wait_for(1)
     with writer.progress:  # the writer's notifications pace this wait
         assert writer.progress.wait_for(lambda: reached.exists() or cli.poll() is not None, 300)
     assert reached.exists(), cli.communicate()
     writer.wait_for(writer.count + DURING_PAUSE)
-    (pausedir / "move.copying.go").touch()
+    (pausedir / f"{point}.go").touch()
     return cli
+
+
+def _move_while_writing(tmp_path: Path, state: Path, writer: Writer) -> subprocess.Popen[str]:
+    """Start ``vm move`` (it pauses in the copy), let the writer write DURING_PAUSE
+    blocks, release the copy; returns the running CLI."""
+    return run_paused(
+        tmp_path,
+        writer,
+        "move.copying",
+        *("vm", "move", VM, "--pool", "p2", "--json", "--progress", "--state-dir", str(state)),
+    )
 
 
 def _read_all(port: int, blocks: set[tuple[int, int]]) -> dict[tuple[int, int], bytes]:

@@ -13,6 +13,7 @@ import pytest
 from iscsi_vmtarget.vm import StateDir, VmLuns, VmManager, serve_vms
 from iscsi_vmtarget.vm import move as moving
 from iscsi_vmtarget.vm import snapshot as snaps
+from iscsi_vmtarget.vm import snapshot_export as exports
 from iscsi_vmtarget.vm.clone import clone
 from iscsi_vmtarget.vm.cow import GRAIN, ChainBackend
 from iscsi_vmtarget.vm.dirty import DirtyGrains
@@ -42,7 +43,7 @@ def _setup(state: Path, mode: Mode) -> bytes:
         backend.flush()
         backend.close()
         snaps.create_snapshot(manager, "vm1", "s1")
-        snaps.set_exported(manager, "vm1", "s1", True)
+        exports.set_exported(manager, "vm1", "s1", True)
         clone(manager, "vm1", "kid", from_snapshot="s1", full=False)
         image = snaps.open_snapshot(manager, "vm1", "s1")
         try:
@@ -105,7 +106,7 @@ def test_live_move_with_a_writer(tmp_path: Path, mode: Mode) -> None:
         assert seen and seen[-1][0] == seen[-1][1] and seen == sorted(seen)
         for (lun, offset), data in model.items():
             assert own[lun].read(offset, len(data)) == data
-        snap = _chains(luns[snaps.snapshot_target_suffix("vm1", "s1")])[0]
+        snap = _chains(luns[exports.snapshot_target_suffix("vm1", "s1")])[0]
         assert snap.read(0, snap.size) == image_s1  # a follower, rebound
         kid = _chains(luns["kid"])[0]
         assert kid.read(0, kid.size) == image_s1

@@ -1,9 +1,11 @@
 """A stateful hypothesis test of snapshots against an in-memory model: random writes
-(across grain boundaries, partial and whole grains), snapshots, deletes (merges),
-reverts, full and linked clones, unlinks, VM deletes (refused while a linked clone
-rests on the VM) and disk growth (a snapshot keeps its size, a revert brings it back);
-after every step, every snapshot and every live disk of every VM reads exactly what
-the model says - its size included - and so does the state image."""
+(across grain boundaries, partial and whole grains), snapshots (deltas or full ones),
+fills of existing snapshots, deletes (merges), reverts, full and linked clones,
+unlinks, VM deletes (refused while a linked clone rests on the VM) and disk growth (a
+snapshot keeps its size, a revert brings it back); after every step, every snapshot
+and every live disk of every VM reads exactly what the model says - its size
+included - and so does the state image, and every snapshot made full still is (its
+layers alone hold its image, whatever was deleted below it)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from iscsi_vmtarget.vm import InUseError, StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.clone import clone, unlink
 from iscsi_vmtarget.vm.cow import GRAIN
+from iscsi_vmtarget.vm.snapshot_fill import fill_snapshot
 
 MIB = 1 << 20
 SIZES = (2 * MIB, 2 * MIB)  # LUN 0 and one secondary
@@ -47,6 +50,7 @@ class SnapshotModel(RuleBasedStateMachine):
         self.snaps: dict[tuple[str, str], tuple[list[bytes], bytes]] = {}
         self.counter = 0
         self.linked: dict[str, str] = {}  # linked clone -> its source VM
+        self.full: set[tuple[str, str]] = set()  # snapshots made full
 
     def teardown(self) -> None:
         self.manager.close()
@@ -81,12 +85,22 @@ class SnapshotModel(RuleBasedStateMachine):
         self.manager.write_state(vm, io.BytesIO(payload), len(payload))
         self.state[vm] = payload
 
-    @rule(data=st.data())
-    def snapshot(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), full=st.booleans())
+    def snapshot(self, data: st.DataObject, full: bool) -> None:
         vm = data.draw(st.sampled_from(sorted(self.live)))
         name = self._name("s")
-        snaps.create_snapshot(self.manager, vm, name)
+        info = snaps.create_snapshot(self.manager, vm, name, full=full)
+        assert info.fill is not None and (info.fill.full or not full)
         self.snaps[(vm, name)] = ([bytes(d) for d in self.live[vm]], self.state[vm])
+        if full:
+            self.full.add((vm, name))
+
+    @precondition(lambda self: bool(self.snaps))
+    @rule(data=st.data())
+    def fill(self, data: st.DataObject) -> None:
+        vm, name = data.draw(st.sampled_from(sorted(self.snaps)))
+        fill_snapshot(self.manager, vm, name)
+        self.full.add((vm, name))
 
     @precondition(lambda self: bool(self.snaps))
     @rule(data=st.data())
@@ -94,6 +108,7 @@ class SnapshotModel(RuleBasedStateMachine):
         vm, name = data.draw(st.sampled_from(sorted(self.snaps)))
         snaps.delete_snapshot(self.manager, vm, name)
         del self.snaps[(vm, name)]
+        self.full.discard((vm, name))
 
     @precondition(lambda self: bool(self.snaps))
     @rule(data=st.data())
@@ -146,6 +161,7 @@ class SnapshotModel(RuleBasedStateMachine):
         del self.live[vm], self.state[vm]
         self.linked.pop(vm, None)
         self.snaps = {k: v for k, v in self.snaps.items() if k[0] != vm}
+        self.full = {k for k in self.full if k[0] != vm}
 
     @rule(data=st.data(), lun=st.integers(0, len(SIZES) - 1), growth=st.sampled_from(GROWTH))
     def grow(self, data: st.DataObject, lun: int, growth: int) -> None:
@@ -177,8 +193,19 @@ class SnapshotModel(RuleBasedStateMachine):
                     assert backend.read(0, backend.size) == expected, (vm, name, lun)
                 finally:
                     backend.close()
-        listed = {(vm, i.name) for vm in self.live for i in snaps.list_snapshots(self.manager, vm)}
-        assert listed == set(self.snaps)
+        infos = {
+            (vm, i.name): i
+            for vm in self.live
+            for i in snaps.list_snapshots(self.manager, vm, fullness=True)
+        }
+        assert set(infos) == set(self.snaps)
+        for key in self.full:  # merges below a full snapshot never make it a delta again
+            fill = infos[key].fill
+            assert (
+                fill is not None
+                and fill.full
+                and fill.size == sum(len(i) for i in self.snaps[key][0])
+            ), key
 
 
 SnapshotModel.TestCase.settings = settings(

@@ -1,0 +1,52 @@
+"""The daemon's ``vm.snapshot.export`` action: a snapshot's read-only target, live.
+
+``vm snapshot export NAME SNAP`` marks the snapshot for every later ``serve``
+(:mod:`iscsi_vmtarget.vm.snapshot_export`); a running daemon that exports the VM
+also opens the snapshot's LUNs and adds its target at once - SendTargets lists it
+from then on (RFC 7143 §12.3) - with any ACL or CHAP overlay the managed
+configuration holds for that name. ``--stop`` unmarks it and removes the target,
+logging its sessions out as ``target delete`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..vm import StateDir, VmManager, vm_target_name
+from ..vm import snapshot_export as exports
+from .admin import AdminError, Args, Runtime, log
+from .config import vm_target
+from .persist import ConfigStore
+
+
+def export_snapshot_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
+    """Mark (or unmark) the snapshot and add (or remove) its target in the registry;
+    the registry changes on the event loop (:meth:`Runtime.on_loop`)."""
+    name, snap, stop = str(args["name"]), str(args["snapshot"]), bool(args.get("stop"))
+    if vm_target_name(name).lower() not in runtime.registry.targets:
+        raise AdminError(f"this daemon does not export a VM named {name!r}")
+    iqn = exports.snapshot_target_name(name, snap)
+    with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
+        if stop:
+            exports.set_exported(manager, name, snap, False)
+            removed = runtime.on_loop(lambda: runtime.remove_pool_target(iqn))
+            log.info("vm %s: export of snapshot %s stopped", name, snap)
+            return {"target": iqn, "exported": False, "was_served": removed}
+        if iqn.lower() in runtime.registry.targets:  # exported already: mark it only
+            exports.set_exported(manager, name, snap, True)
+            return {"target": iqn, "exported": True, "was_served": True}
+        luns = exports.open_exported(manager, name, snap)
+        try:
+            target = vm_target(luns)
+            overlay = ConfigStore(state_dir).load()
+            runtime.on_loop(lambda: runtime.add_pool_target(target, overlay))
+        except BaseException:
+            luns.close()
+            raise
+        try:
+            exports.set_exported(manager, name, snap, True)
+        except BaseException:  # not marked: not served either
+            runtime.on_loop(lambda: runtime.remove_pool_target(iqn))
+            raise
+    log.info("vm %s: snapshot %s exported read-only as %s", name, snap, iqn)
+    return {"target": iqn, "exported": True, "was_served": False}

@@ -1,0 +1,120 @@
+"""Exported snapshots: a read-only target per snapshot, for backup or an offline scan.
+
+Seed: snapshots allow "activation of a virtual machine at different points in time
+... for agent-less backup, offline virus scanning and other integrity checks".
+``vm snapshot export NAME SNAP`` marks the snapshot in ``conf/snapshot-exports.json``
+(replaced atomically), so every ``serve`` exports it, and a running daemon exports it
+at once (its ``vm.snapshot.export`` admin action). The target is
+``<base IQN>:vm.NAME.snap.SNAP``, LUN n the snapshot's image of the VM's LUN n, each
+read-only and reporting the snapshot's own designator and serial (VPD 0x83/0x80,
+SPC-4 §7.8.6, §7.8.16): a backup host may see it beside the live VM, and no initiator
+is ever shown two LUNs with one identity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from ..scsi import LogicalUnit
+from .atomic import write_json
+from .discovery import Discovery, FoundVm, discover
+from .errors import VmError
+from .export import VmLuns, vm_target_name
+from .snapshot import find_snapshot, open_chain, snapshot_identity
+
+if TYPE_CHECKING:
+    from .manager import VmManager
+
+log = logging.getLogger("iscsi_vmtarget")
+
+
+def exports_path(state_root: str) -> str:
+    return os.path.join(state_root, "conf", "snapshot-exports.json")
+
+
+def exported(state_root: str) -> list[tuple[str, str]]:
+    """(VM, snapshot) pairs ``vm snapshot export`` marked."""
+    path = exports_path(state_root)
+    try:
+        with open(path) as fh:
+            items = json.load(fh)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise VmError(f"{path}: {exc}") from exc
+    return [(str(i["vm"]), str(i["snapshot"])) for i in items]
+
+
+def snapshot_target_suffix(name: str, snap: str) -> str:
+    """``NAME.snap.SNAP`` with SNAP folded into IQN characters (RFC 3722)."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-.") else "-" for c in snap.lower())
+    return f"{name}.snap.{safe}"
+
+
+def snapshot_target_name(name: str, snap: str) -> str:
+    return vm_target_name(snapshot_target_suffix(name, snap))
+
+
+def set_exported(manager: VmManager, name: str, snap: str, on: bool) -> str:
+    """Mark (or unmark) a snapshot for a read-only export. Returns the target name.
+    Unmarking needs no such snapshot any more (an export of a deleted one can stop)."""
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        if on:
+            vm = manager.find(name, discover(pools, repair=False))
+            find_snapshot(manager, vm, manager.keyring(), snap)
+        items = [p for p in exported(manager.state.root) if p != (name, snap)]
+        if on:
+            items.append((name, snap))
+        write_json(exports_path(manager.state.root), [{"vm": v, "snapshot": s} for v, s in items])
+    return snapshot_target_name(name, snap)
+
+
+def snapshot_luns(manager: VmManager, vm: FoundVm, snap: str) -> VmLuns:
+    """The read-only LUNs of snapshot ``snap`` of ``vm`` (each a chain starting at the
+    snapshot's layer of that volume), under the target name suffix."""
+    luns = VmLuns(snapshot_target_suffix(vm.name, snap))
+    try:
+        record = find_snapshot(manager, vm, manager.keyring(), snap)
+        layers = dict(record.header.tops)
+        for number, volume in vm.lun_map().items():
+            layer = layers.get(volume.header.naa)
+            if layer is None:  # a secondary disk added after the snapshot
+                raise VmError(f"snapshot {snap!r} has no image of LUN {number}")
+            chain = open_chain(manager, vm, volume, layer, read_only=True)
+            luns.guest[number] = LogicalUnit(
+                chain,
+                snapshot_identity(record.header, volume.header.naa),
+                block_size=volume.header.block_size,
+                read_only=True,
+            )
+    except BaseException:
+        luns.close()
+        raise
+    return luns
+
+
+def open_exported(manager: VmManager, name: str, snap: str) -> VmLuns:
+    """:func:`snapshot_luns` of VM ``name`` (a daemon exporting a snapshot live)."""
+    pools = manager.catalog.all()
+    with manager._locked(pools):
+        vm = manager.find(name, discover(pools, repair=False))
+        return snapshot_luns(manager, vm, snap)
+
+
+def serve_exported(manager: VmManager, found: Discovery) -> list[VmLuns]:
+    """What ``serve`` exports of the marked snapshots (those it cannot: a warning)."""
+    out: list[VmLuns] = []
+    for name, snap in exported(manager.state.root):
+        vm = found.find(name)
+        if vm is None:
+            log.warning("snapshot %s of VM %s not exported: no such VM", snap, name)
+            continue
+        try:
+            out.append(snapshot_luns(manager, vm, snap))
+        except VmError as exc:
+            log.warning("snapshot %s of VM %s not exported: %s", snap, name, exc)
+    return out
