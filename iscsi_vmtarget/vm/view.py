@@ -106,26 +106,22 @@ def guest_segments(header: UnitHeader) -> tuple[Segment, ...]:
 class _Gate:
     """Lets guest I/O run concurrently, and lets a live resize wait for it to drain and
     hold it off while a guest segment is copied to its new place (a reader-writer
-    lock where the I/O paths are the readers)."""
+    lock where the I/O paths are the readers).
+
+    ``io()`` is on every guest read and write, so it is a plain object with
+    ``__enter__``/``__exit__`` over a non-reentrant lock rather than a generator-based
+    context manager over a Condition's RLock: about a microsecond instead of three.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._active = 0
         self._closed = False
+        self._io = _GateIo(self)
 
-    @contextlib.contextmanager
-    def io(self) -> Iterator[None]:
-        with self._cond:
-            while self._closed:
-                self._cond.wait()
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                if not self._active:
-                    self._cond.notify_all()
+    def io(self) -> _GateIo:
+        return self._io
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -141,6 +137,30 @@ class _Gate:
             with self._cond:
                 self._closed = False
                 self._cond.notify_all()
+
+
+class _GateIo:
+    """The shared (reader) side of a :class:`_Gate`; one object serves every use, as
+    it keeps no per-use state, only the gate's count."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: _Gate) -> None:
+        self._gate = gate
+
+    def __enter__(self) -> None:
+        gate = self._gate
+        with gate._lock:
+            while gate._closed:
+                gate._cond.wait()
+            gate._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        gate = self._gate
+        with gate._lock:
+            gate._active -= 1
+            if not gate._active and gate._closed:  # only an exclusive() waits for zero
+                gate._cond.notify_all()
 
 
 class GuestView:
