@@ -500,7 +500,16 @@ def delete_snapshot(
     only child (or dropped if nothing depends on it); every other snapshot and the
     live disks read the same bytes as before. While this process serves the VM
     (``live``) layers merge only into frozen children (never into a top the guest
-    writes), then the served chains are rebound to the shorter chains under quiesce."""
+    writes), then the served chains are rebound to the shorter chains under quiesce.
+    A snapshot marked for export is refused: its LUN would go on serving a snapshot
+    that no longer exists (stop the export first)."""
+    from .snapshot_export import exported  # it builds on this module
+
+    if (name, snap) in exported(manager.state.root):
+        raise VmError(
+            f"snapshot {snap!r} of VM {name!r} is exported as a read-only LUN; stop that "
+            f"first: iscsi-vmtarget vm snapshot export {name} {snap} --stop"
+        )
     pools = manager.catalog.all()
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=True))

@@ -122,3 +122,22 @@ def test_live_lun_keeps_identity_and_snapshot_has_its_own(manager: VmManager) ->
     own = snaps.snapshot_identity(record.header, vm.base.header.naa)
     assert own.naa != before.naa and own.serial != before.serial
     assert record.header.naa != before.naa
+
+
+def test_an_exported_snapshot_is_not_deleted(manager: VmManager) -> None:
+    """Deleting a snapshot that is exported as a LUN is refused with the command that
+    stops the export; once stopped, the delete goes through."""
+    from iscsi_vmtarget.vm import snapshot_export as exports
+
+    manager.create("vm1", disk=DISK, memory=MEMORY)
+    _write(manager, "vm1", 0, b"A" * 1000)
+    snaps.create_snapshot(manager, "vm1", "one")
+    image = _read_snap(manager, "vm1", "one")
+    exports.set_exported(manager, "vm1", "one", True)
+    with pytest.raises(VmError, match="vm snapshot export vm1 one --stop"):
+        snaps.delete_snapshot(manager, "vm1", "one")
+    assert _read_snap(manager, "vm1", "one") == image
+    exports.set_exported(manager, "vm1", "one", False)
+    snaps.delete_snapshot(manager, "vm1", "one")
+    with pytest.raises(VmError):
+        _read_snap(manager, "vm1", "one")
