@@ -208,6 +208,24 @@ def _summary(vm: FoundVm) -> str:
     )
 
 
+def serve_now(state_dir: str, name: str, *, quiet: bool = False) -> None:
+    """Have a running daemon export VM ``name``, just made, at once (``vm.serve``);
+    without a daemon the next ``serve`` exports it, as every VM in its pools."""
+    try:
+        result = call_daemon(state_dir, "vm.serve", {"name": name}, timeout=600)
+    except DaemonNotRunning:
+        return
+    except (AdminError, OSError) as exc:
+        print(
+            f"iscsi-vmtarget: the running daemon could not serve VM {name} now ({exc}); "
+            "it will from its next start",
+            file=sys.stderr,
+        )
+        return
+    if not quiet:
+        print(f"served by the running daemon as {result['target']}")
+
+
 def _create(args: argparse.Namespace, manager: VmManager) -> int:
     vm = manager.create(
         args.name,
@@ -221,6 +239,7 @@ def _create(args: argparse.Namespace, manager: VmManager) -> int:
         print_json(vm_json(vm, manager))
     else:
         print(f"created VM {vm.name}: {_summary(vm)}")
+    serve_now(manager.state.root, vm.name, quiet=args.json)
     return 0
 
 

@@ -42,7 +42,7 @@ from ..vm.promote import promote
 from ..vm.replicate import RoundReport, replicate
 from .progress import progress_bar
 from .target import add_chap, chap_args
-from .vm import add_common, print_json, run_managed, size_arg
+from .vm import add_common, print_json, run_managed, serve_now, size_arg
 
 REPLICATOR = "iqn.2026-11.org.iscsi-vmtarget:replicator"
 
@@ -329,4 +329,5 @@ def _promote(args: argparse.Namespace, manager: VmManager) -> int:
             f"VM {args.name} promoted from checkpoint {report.seq} ({report.checkpoint}); "
             f"{report.journal}; {report.volumes} disk(s) verified"
         )
+    serve_now(manager.state.root, args.name, quiet=args.json)
     return 0

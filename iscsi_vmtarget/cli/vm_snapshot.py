@@ -29,7 +29,7 @@ from ..server.admin import AdminError, DaemonNotRunning, call_daemon
 from ..vm import VmManager
 from ..vm import snapshot as snaps
 from .progress import progress_bar
-from .vm import add_common, print_json, run_managed
+from .vm import add_common, print_json, run_managed, serve_now
 
 _SNAPSHOT_VERBS = ("list", "delete", "export", "fill", "create")
 
@@ -136,6 +136,7 @@ def _clone(args: argparse.Namespace, manager: VmManager) -> int:
         )
     kind = "full copy" if args.full else "linked clone"
     print(f"cloned {args.src} as {args.dst} ({kind})")
+    serve_now(manager.state.root, args.dst)
     return 0
 
 

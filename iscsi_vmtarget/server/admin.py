@@ -645,6 +645,13 @@ def action_vm_snapshot_export(state_dir: str, runtime: Runtime, args: Args) -> d
     return export_snapshot_live(state_dir, runtime, args)
 
 
+def action_vm_serve(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
+    """Export a VM made while the daemon runs, at once; see :mod:`.vm_serve`."""
+    from .vm_serve import serve_vm_live
+
+    return serve_vm_live(state_dir, runtime, args)
+
+
 def action_vm_revert(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """Revert a VM the daemon exports to a snapshot, its LUNs quiesced meanwhile."""
     from ..vm import StateDir, VmManager
@@ -713,6 +720,7 @@ ACTIONS: dict[str, Callable[[str, Runtime, Args], dict[str, Any]]] = {
     "vm.snapshot.fill": action_vm_snapshot_fill,
     "vm.snapshot.export": action_vm_snapshot_export,
     "vm.move": action_vm_move,
+    "vm.serve": action_vm_serve,
 }
 
 

@@ -1,0 +1,39 @@
+"""The daemon's ``vm.serve`` action: export a VM that appeared while the daemon runs.
+
+``serve`` exports every VM its pools hold when it starts (:func:`serve_vms`); a VM
+made later - ``vm create``, ``vm clone``, ``vm promote`` - is added by this action at
+once instead of at the next start: its units are opened and locked as at start, and
+its target joins the registry on the event loop, with any ACL or CHAP overlay the
+managed configuration holds for that name; SendTargets lists it from then on
+(RFC 7143 §12.3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..vm import StateDir, VmManager, vm_target_name
+from ..vm.export import export_vm
+from .admin import Args, Runtime, log
+from .config import vm_target
+from .persist import ConfigStore
+
+
+def serve_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
+    """Export VM ``name`` now; nothing to do if this daemon exports it already."""
+    name = str(args["name"])
+    iqn = vm_target_name(name)
+    if iqn.lower() in runtime.registry.targets:
+        return {"target": iqn, "was_served": True}
+    with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
+        vm = manager.find(name, manager.discover(repair=False))
+        luns = export_vm(vm, manager.catalog, manager.state.root)
+    try:
+        target = vm_target(luns)
+        overlay = ConfigStore(state_dir).load()
+        runtime.on_loop(lambda: runtime.add_pool_target(target, overlay))
+    except BaseException:
+        luns.close()
+        raise
+    log.info("vm %s: now served as %s", name, iqn)
+    return {"target": iqn, "was_served": False}
