@@ -15,8 +15,7 @@ from typing import Any
 from ..vm import StateDir, VmManager, vm_target_name
 from ..vm import snapshot_export as exports
 from .admin import AdminError, Args, Runtime, log
-from .config import vm_target
-from .persist import ConfigStore
+from .vm_serve import add_vm_target
 
 
 def export_snapshot_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
@@ -35,14 +34,7 @@ def export_snapshot_live(state_dir: str, runtime: Runtime, args: Args) -> dict[s
         if iqn.lower() in runtime.registry.targets:  # exported already: mark it only
             exports.set_exported(manager, name, snap, True)
             return {"target": iqn, "exported": True, "was_served": True}
-        luns = exports.open_exported(manager, name, snap)
-        try:
-            target = vm_target(luns)
-            overlay = ConfigStore(state_dir).load()
-            runtime.on_loop(lambda: runtime.add_pool_target(target, overlay))
-        except BaseException:
-            luns.close()
-            raise
+        add_vm_target(state_dir, runtime, exports.open_exported(manager, name, snap))
         try:
             exports.set_exported(manager, name, snap, True)
         except BaseException:  # not marked: not served either

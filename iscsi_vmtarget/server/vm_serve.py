@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..vm import StateDir, VmManager, vm_target_name
-from ..vm.export import export_vm
+from ..vm.export import VmLuns, export_vm
 from .admin import Args, Runtime, log
 from .config import vm_target
 from .persist import ConfigStore
@@ -27,7 +27,14 @@ def serve_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any
         return {"target": iqn, "was_served": True}
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         vm = manager.find(name, manager.discover(repair=False))
-        luns = export_vm(vm, manager.catalog, manager.state.root)
+        add_vm_target(state_dir, runtime, export_vm(vm, manager.catalog, manager.state.root))
+    log.info("vm %s: now served as %s", name, iqn)
+    return {"target": iqn, "was_served": False}
+
+
+def add_vm_target(state_dir: str, runtime: Runtime, luns: VmLuns) -> None:
+    """Serve opened VM (or snapshot) LUNs as their target, with the managed overlay's
+    ACLs and CHAP for it; the LUNs are closed again if that fails."""
     try:
         target = vm_target(luns)
         overlay = ConfigStore(state_dir).load()
@@ -35,5 +42,3 @@ def serve_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any
     except BaseException:
         luns.close()
         raise
-    log.info("vm %s: now served as %s", name, iqn)
-    return {"target": iqn, "was_served": False}

@@ -1,27 +1,20 @@
 """A VM made while the daemon runs (``vm create``, ``vm clone --from-snapshot``;
-``vm promote`` goes the same way) is served at once through the daemon's ``vm.serve`` action: SendTargets
-lists its target and its LUNs answer, without restarting ``serve``."""
+``vm promote`` goes the same way) is served at once through the daemon's ``vm.serve``
+action: SendTargets lists its target and its LUNs answer, without restarting
+``serve``."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.server.admin import call_daemon
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN
 from tests.conftest import INITIATOR, start_target
+from tests.integration.test_snapshot_export_live import _send_targets
 from tests.integration.test_snapshot_serve import _read, ivt
 
 PATTERN = b"made-live-" * 51 + b"xx"  # one 512-byte block
-
-
-def _send_targets(port: int) -> list[str]:
-    with contextlib.closing(Initiator(port=port, initiator_name=INITIATOR)) as discovery:
-        discovery.login()
-        names = [v for k, v in discovery.send_targets("All") if k == "TargetName"]
-        discovery.logout()
-    return names
 
 
 def _session(port: int, vm: str) -> Initiator:
