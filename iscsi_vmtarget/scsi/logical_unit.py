@@ -204,6 +204,8 @@ class LogicalUnit:
             raise ValueError("give pr_state_path or pr_store, not both")
         if thin_provisioning and resource_provisioning:
             raise ValueError("an LU is thin or resource provisioned, not both")
+        if resource_provisioning and not hasattr(backend, "zero_range"):
+            raise ValueError("a resource-provisioned LU needs a backend with zero_range")
         self.backend = backend
         self.identity = identity
         self.block_size = block_size

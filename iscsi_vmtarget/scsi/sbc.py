@@ -51,11 +51,8 @@ def unmap_medium(lu: LogicalUnit, offset: int, length: int) -> None:
     try:
         if lu.thin_provisioning:
             lu.backend.unmap(offset, length)
-        else:
-            zero_range = getattr(lu.backend, "zero_range", None)
-            if zero_range is None:
-                raise ScsiError(Reason.WRITE_ERROR)
-            zero_range(offset, length)
+        else:  # LogicalUnit made sure a resource-provisioned LU's backend has it
+            lu.backend.zero_range(offset, length)  # type: ignore[attr-defined]
     except (BackendError, OSError) as exc:
         raise ScsiError(Reason.WRITE_ERROR) from exc
 

@@ -20,8 +20,10 @@ class BlockBackend(Protocol):
     Callers guarantee ``0 <= offset`` and ``offset + length <= size``; backends
     still refuse out-of-range requests with :class:`ValueError` as a last guard.
     Optional extras, looked up with ``getattr``: ``allocated_ranges(offset,
-    length)`` (data extents, for GET LBA STATUS), ``zero_range(offset, length)``
-    (zeros that keep their allocation, for thick LUNs) and ``crypto_erase()``.
+    length)`` (data extents, for GET LBA STATUS), ``written_ranges(offset, length)``
+    (the same without preallocated, unwritten extents, for thick LUNs),
+    ``zero_range(offset, length)`` (zeros that keep their allocation, for thick
+    LUNs) and ``crypto_erase()``.
     """
 
     @property

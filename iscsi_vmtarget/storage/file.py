@@ -7,6 +7,7 @@ import functools
 import os
 import stat
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from .backend import BackendError, check_range
@@ -70,8 +71,8 @@ def _fiemap(fd: int, offset: int, length: int) -> list[tuple[int, int, int]]:
     """(logical offset, length, flags) of every extent overlapping a range."""
     out: list[tuple[int, int, int]] = []
     position, end = offset, offset + length
+    request = bytearray(_FIEMAP_HEADER.size + _FIEMAP_BATCH * _FIEMAP_EXTENT.size)
     while position < end:
-        request = bytearray(_FIEMAP_HEADER.size + _FIEMAP_BATCH * _FIEMAP_EXTENT.size)
         _FIEMAP_HEADER.pack_into(
             request, 0, position, end - position, _FIEMAP_FLAG_SYNC, 0, _FIEMAP_BATCH, 0
         )
@@ -161,19 +162,20 @@ class FileBackend:
             os.fdatasync(self._fd)
 
     def unmap(self, offset: int, length: int) -> None:
-        check_range(self._size, offset, length)
-        if self._read_only or length == 0:
-            return
-        if self.is_block_device or not _punch_hole(self._fd, offset, length):
-            self.write_zeros(offset, length)
+        """Make a range read as zeros and give its space back (a hole)."""
+        self._zero(offset, length, _punch_hole)
 
     def zero_range(self, offset: int, length: int) -> None:
         """Make a range read as zeros without giving its space back (a thick file
         stays fully allocated, so later writes cannot fail for lack of space)."""
+        self._zero(offset, length, _zero_range)
+
+    def _zero(self, offset: int, length: int, fallocate: Callable[[int, int, int], bool]) -> None:
+        """Zero a range with ``fallocate``; written zeros where it does not apply."""
         check_range(self._size, offset, length)
         if self._read_only or length == 0:
             return
-        if self.is_block_device or not _zero_range(self._fd, offset, length):
+        if self.is_block_device or not fallocate(self._fd, offset, length):
             self.write_zeros(offset, length)
 
     def write_zeros(self, offset: int, length: int) -> None:

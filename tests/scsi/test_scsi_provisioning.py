@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import os
 import struct
+import uuid
 from typing import TYPE_CHECKING
 
 import pytest
 
-from iscsi_vmtarget.scsi import LogicalUnit, Status, UnitIdentity
+from iscsi_vmtarget.scsi import LogicalUnit, ScsiTarget, Status, UnitIdentity
 from iscsi_vmtarget.scsi.provisioning import MAX_WRITE_SAME_BLOCKS, coalesce
 from iscsi_vmtarget.storage import FileBackend
+from tests.scsi.conftest import Harness, make_nexus
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    from tests.scsi.conftest import Harness
 
 BLOCK = 512
 INVALID_FIELD = (0x5, 0x24, 0x00)
@@ -250,23 +250,7 @@ def test_get_lba_status_beyond_the_end(thin: Harness) -> None:
 
 def test_get_lba_status_of_a_sparse_file(tmp_path: Path) -> None:
     """Through a real sparse file: SEEK_DATA/SEEK_HOLE after a hole punch."""
-    from tests.scsi.conftest import Harness, make_nexus
-
-    path = tmp_path / "lun.img"
-    path.write_bytes(b"")
-    with open(path, "r+b") as fh:
-        fh.truncate(4 << 20)
-    backend = FileBackend(str(path))
-    lu = LogicalUnit(
-        backend, UnitIdentity.from_uuid(__import__("uuid").uuid4()), thin_provisioning=True
-    )
-    from iscsi_vmtarget.scsi import ScsiTarget
-
-    target = ScsiTarget({0: lu})
-    nexus = make_nexus()
-    target.nexus_added(nexus)
-    harness = Harness(backend, lu, target, nexus)  # type: ignore[arg-type]
-    harness.run(bytes(6))
+    harness = _file_harness(tmp_path, thin_provisioning=True)
     fill(harness, 0, 256)
     data = unmap_list((8, 64))
     harness.good(unmap_cdb(len(data)), data)
@@ -274,16 +258,11 @@ def test_get_lba_status_of_a_sparse_file(tmp_path: Path) -> None:
     assert found[:3] == [(0, 8, MAPPED), (8, 64, DEALLOCATED), (72, 184, MAPPED)]
     assert found[3][2] == DEALLOCATED and found[3][0] == 256
     assert harness.good(harness.cdb10(0x28, 8, 64)) == bytes(64 * BLOCK)
-    backend.close()
+    harness.backend.close()
 
 
 def _file_harness(tmp_path: Path, **lu_options: bool) -> Harness:
     """A harness over a real 4 MiB file; resource-provisioned ones are preallocated."""
-    import uuid
-
-    from iscsi_vmtarget.scsi import ScsiTarget
-    from tests.scsi.conftest import Harness, make_nexus
-
     path = tmp_path / "lun.img"
     with open(path, "wb") as fh:
         fh.truncate(4 << 20)
@@ -325,6 +304,14 @@ def test_thick_lu_unmap_anchors_and_keeps_the_space(tmp_path: Path) -> None:
     ]
     assert os.stat(path).st_blocks >= allocated  # no space given back (+ extent tree)
     harness.backend.close()
+
+
+def test_a_resource_provisioned_lu_needs_a_backend_that_zeroes_in_place() -> None:
+    class Unzeroable:  # a backend without zero_range: UNMAP could only deallocate
+        size = 1 << 20
+
+    with pytest.raises(ValueError, match="zero_range"):
+        LogicalUnit(Unzeroable(), UnitIdentity.from_uuid(uuid.uuid4()), resource_provisioning=True)  # type: ignore[arg-type]
 
 
 def test_thick_lu_reports_resource_provisioning(tmp_path: Path) -> None:
