@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.keywrap import (
 )
 
 from . import faults
+from .atomic import fsync_dir
 from .errors import IntegrityError, KeyFileError
 
 KEY_FILE_HEADER: Final = "iscsi-vmtarget master key v1"
@@ -69,14 +70,6 @@ class MasterKey:
     def wrap(self, data_key: bytes) -> bytes:
         """RFC 3394 AES Key Wrap of ``data_key`` (40 bytes for a 32-byte key)."""
         return aes_key_wrap(self.key, data_key)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def create_key_file(path: str, random: RandomSource = os.urandom) -> MasterKey:
@@ -109,7 +102,7 @@ def create_key_file(path: str, random: RandomSource = os.urandom) -> MasterKey:
         raise KeyFileError(f"key file {path!r} already exists; not overwriting it") from None
     finally:
         os.unlink(tmp)
-    _fsync_dir(path)
+    fsync_dir(directory)
     return MasterKey(key, path)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from . import locks, sealed
+from .atomic import fsync_dir
 from .cow import ChainBackend
 from .crypto import Keyring, create_key_file, load_key_file, pending_path
 from .discovery import Discovery, FoundUnit, FoundVm, discover
@@ -465,12 +466,7 @@ class VmManager:
                     "--force to finish without them)"
                 )
             os.replace(pending, path)
-            directory = os.path.dirname(path)
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(os.path.dirname(path))
         return {
             "key_file": path,
             "key_id": new_key.key_id.hex(),
