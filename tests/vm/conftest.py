@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.vm import StateDir, VmManager
+from tests.vm.replica_site import Site
 
 
 @pytest.fixture
@@ -19,3 +20,11 @@ def state_dir(tmp_path: Path) -> Path:
 def manager(state_dir: Path) -> Iterator[VmManager]:
     with VmManager(StateDir.at(str(state_dir))) as m:
         yield m
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    """A replication site (:class:`tests.vm.replica_site.Site`), closed afterwards."""
+    s = Site(tmp_path)
+    yield s
+    s.close()

@@ -29,15 +29,21 @@ STATE = b"MEMORY-IMAGE" * 5000
 HEAD, TAIL = b"HEAD" * 256, b"TAIL" * 256
 
 
-def run_killed(state: Path, crashpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, ENV: crashpoint}
-    proc = subprocess.run(
+def run_cli(
+    state: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``iscsi-vmtarget ARGS --state-dir STATE`` in a subprocess."""
+    return subprocess.run(
         [sys.executable, "-m", "iscsi_vmtarget", *args, "--state-dir", str(state)],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def run_killed(state: Path, crashpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = run_cli(state, *args, env={**os.environ, ENV: crashpoint})
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
     return proc
 
@@ -229,12 +235,7 @@ def test_kill_while_creating_the_new_master_key(tmp_path: Path) -> None:
     assert not (state / "master.key.new").exists()
     assert list(state.glob(".master.key.new.tmp-*"))
     check_consistent(state, (DISK,))
-    proc = subprocess.run(
-        [sys.executable, "-m", "iscsi_vmtarget", "key", "rotate", "--state-dir", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_cli(state, "key", "rotate")
     assert proc.returncode == 0, proc.stderr
     assert not list(state.glob(".master.key*"))
     check_consistent(state, (DISK,))
@@ -248,12 +249,7 @@ def test_kill_during_key_rotation(tmp_path: Path) -> None:
     run_killed(state, "header.committed", "key", "rotate")
     assert (state / "master.key.new").exists()
     check_consistent(state, (DISK,))  # both keys unwrap meanwhile
-    proc = subprocess.run(
-        [sys.executable, "-m", "iscsi_vmtarget", "key", "rotate", "--state-dir", str(state)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_cli(state, "key", "rotate")
     assert proc.returncode == 0, proc.stderr
     assert "re-wrapped 1 unit keys, 1 already current" in proc.stdout
     assert not (state / "master.key.new").exists()

@@ -10,90 +10,24 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from iscsi_vmtarget.storage import FileBackend, create_sparse_file
+from iscsi_vmtarget.storage import FileBackend
 from iscsi_vmtarget.vm import KeyFileError, StateDir, VmError, VmManager, sealed
 from iscsi_vmtarget.vm import replicate as replicate_mod
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN
-from iscsi_vmtarget.vm.crypto import load_key_file
 from iscsi_vmtarget.vm.faults import ENV
 from iscsi_vmtarget.vm.format import Mode
-from iscsi_vmtarget.vm.promote import promote
-from iscsi_vmtarget.vm.replica import SB_OFFSETS, Superblock, read_superblock
-from iscsi_vmtarget.vm.replicate import (
-    OfflineCheckpointer,
-    changed_grains,
-    replica_layout,
-    replicate_round,
-)
+from iscsi_vmtarget.vm.replica import SB_OFFSETS, Superblock
+from iscsi_vmtarget.vm.replicate import OfflineCheckpointer, changed_grains, replicate_round
+from tests.vm.replica_site import MIB, URL, Site, superblock
 
-MIB = 1 << 20
-URL = "iscsi://127.0.0.1:3260/iqn.2026-11.org.example:replica.vm1/0"
 STATE_ONE = bytes(range(256)) * 400
 STATE_TWO = b"two!" * 30000
-
-
-class Site:
-    """A source state directory with VM vm1 (two disks, state) and a replica file."""
-
-    def __init__(self, root: Path, mode: Mode = Mode.TRUNCATE) -> None:
-        self.root = root
-        self.src = VmManager(StateDir.at(str(root / "src")))
-        self.dst = VmManager(StateDir.at(str(root / "dst")))
-        self.src.create("vm1", disk=6 * MIB, memory=4 * MIB, secondaries=(3 * MIB,), mode=mode)
-        self.replica = root / "vm1.replica"
-        create_sparse_file(str(self.replica), replica_layout(self.src.find("vm1")).size_needed)
-
-    def write(self, offset: int, data: bytes, lun: int = 0) -> None:
-        backend = snaps.open_live(self.src, self.src.find("vm1"), lun)
-        try:
-            backend.write(offset, data)
-            backend.flush()
-        finally:
-            backend.close()
-
-    def image(self, manager: VmManager, lun: int) -> bytes:
-        backend = snaps.open_live(manager, manager.find("vm1"), lun)
-        try:
-            return bytes(backend.read(0, backend.size))
-        finally:
-            backend.close()
-
-    def images(self, manager: VmManager) -> list[bytes]:
-        return [self.image(manager, lun) for lun in (0, 1)]
-
-    def round(self) -> object:
-        disk = FileBackend(str(self.replica))
-        try:
-            return replicate_round(
-                self.src, "vm1", disk, OfflineCheckpointer(self.src, "vm1"), url=URL
-            )
-        finally:
-            disk.close()
-
-    def promote(self, *, source_key: bool = True) -> object:
-        disk = FileBackend(str(self.replica))
-        try:
-            keys = [load_key_file(str(self.root / "src" / "master.key"))] if source_key else []
-            return promote(self.dst, "vm1", disk, source_keys=keys)
-        finally:
-            disk.close()
-
-    def close(self) -> None:
-        self.src.close()
-        self.dst.close()
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
-    yield s
-    s.close()
 
 
 def test_first_round_sends_everything_then_only_changes(site: Site) -> None:
@@ -210,16 +144,6 @@ def test_a_replica_of_another_vm_is_refused(site: Site) -> None:
         other.close()
 
 
-def _superblock(site: Site) -> Superblock:
-    disk = FileBackend(str(site.replica))
-    try:
-        sb = read_superblock(disk)
-    finally:
-        disk.close()
-    assert sb is not None
-    return sb
-
-
 #: what is flipped -> (where, in a replica after one round; what promote says)
 TAMPERED: dict[str, tuple[Callable[[Superblock], int], str]] = {
     "grain": (lambda sb: sb.volumes[0].image + 100, "grain 0 of the replica does not match"),
@@ -239,7 +163,7 @@ def test_promote_refuses_a_tampered_replica_and_leaves_nothing(site: Site, what:
     site.round()
     where, message = TAMPERED[what]
     with open(site.replica, "r+b") as fh:
-        fh.seek(where(_superblock(site)))
+        fh.seek(where(superblock(site)))
         byte = fh.read(1)
         fh.seek(-1, 1)
         fh.write(bytes([byte[0] ^ 1]))

@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -23,17 +21,10 @@ from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN, grains_of
 from iscsi_vmtarget.vm.replica import SB_OFFSETS, ReplicaError, read_superblock
 from iscsi_vmtarget.vm.replicate import OfflineCheckpointer, replica_layout, replicate_round
-from tests.vm.test_replicate import MIB, URL, Site, _superblock
+from tests.vm.replica_site import MIB, URL, Site, superblock
 
 OLD = (6 * MIB, 3 * MIB)  # what Site creates
 GROWN = (9 * MIB + 1536, 4 * MIB)  # LUN 0's last grain straddles its end
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    s = Site(tmp_path)
-    yield s
-    s.close()
 
 
 def _grow(site: Site) -> None:
@@ -72,7 +63,7 @@ def test_first_round_of_a_disk_grown_with_snapshots_sends_it_whole(site: Site) -
     assert _snapshot_names(site) == ["user"]  # refused before any checkpoint
     os.truncate(site.replica, needed)
     assert site.round().full
-    sb = _superblock(site)
+    sb = superblock(site)
     assert [v.size for v in sb.volumes] == list(GROWN)
     assert [v.header.disk_size for v in sb.volumes] == list(OLD)  # the copied headers
     expected = site.images(site.src)
@@ -92,7 +83,7 @@ def test_growth_between_rounds_fits_a_replica_made_with_room(site: Site) -> None
     os.truncate(site.replica, room)
     site.write(0, b"A" * GRAIN)
     site.round()
-    sb = _superblock(site)
+    sb = superblock(site)
     assert sb.size_needed <= room
     assert [v.size for v in sb.volumes] == list(OLD)
     assert all(v.capacity >= g for v, g in zip(sb.volumes, GROWN, strict=True))
@@ -101,7 +92,7 @@ def test_growth_between_rounds_fits_a_replica_made_with_room(site: Site) -> None
     report = site.round()
     new = sum(grains_of(g) - o // GRAIN for g, o in zip(GROWN, OLD, strict=True))
     assert not report.full and report.grains == new + 1  # and the grain below the old end
-    assert [v.size for v in _superblock(site).volumes] == list(GROWN)
+    assert [v.size for v in superblock(site).volumes] == list(GROWN)
     expected = site.images(site.src)
     site.promote()
     assert _promoted_sizes(site) == list(GROWN)
@@ -121,7 +112,7 @@ def test_growth_past_the_replicas_room_is_refused_saying_what_to_do(site: Site) 
     ):
         site.round()
     assert _snapshot_names(site) == before  # refused before any checkpoint
-    assert _superblock(site).seq == 1  # the replica still holds checkpoint 1
+    assert superblock(site).seq == 1  # the replica still holds checkpoint 1
     os.unlink(site.replica)  # what the message says: a new replica of that size
     create_sparse_file(str(site.replica), needed)
     assert site.round().full
@@ -133,7 +124,7 @@ def test_growth_past_the_replicas_room_is_refused_saying_what_to_do(site: Site) 
 def _rewrite_superblock(site: Site, version: int) -> None:
     """Write the replica's superblock again as format ``version``; version 1 as the
     code before image sizes wrote it (no size, no capacity)."""
-    sb = _superblock(site)
+    sb = superblock(site)
     doc = sb.to_json()
     if version == 1:
         for volume in doc["volumes"]:  # type: ignore[attr-defined]
@@ -151,12 +142,12 @@ def test_a_version_1_replica_keeps_working(site: Site) -> None:
     site.write(0, b"A" * GRAIN)
     site.round()
     _rewrite_superblock(site, 1)
-    sb = _superblock(site)
+    sb = superblock(site)
     assert [(v.size, v.capacity) for v in sb.volumes] == [(s, s) for s in OLD]
     site.write(GRAIN, b"B" * GRAIN)
     assert site.round().grains == 1
     with open(site.replica, "rb") as fh:
-        fh.seek(SB_OFFSETS[_superblock(site).generation % 2] + 8)
+        fh.seek(SB_OFFSETS[superblock(site).generation % 2] + 8)
         assert struct.unpack("<H", fh.read(2)) == (2,)  # written as version 2 now
     expected = site.images(site.src)
     site.promote()
