@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import os
+import signal
 import struct
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from iscsi_vmtarget.scsi import LogicalUnit, Nexus, ScsiResponse, ScsiTarget, Status
 from iscsi_vmtarget.scsi.sense import parse_sense
 from iscsi_vmtarget.storage import MemoryBackend
+from iscsi_vmtarget.vm.faults import ENV
 from iscsi_vmtarget.vm.format import Mode, Role, UnitHeader
 from iscsi_vmtarget.vm.layout import initial_regions
 from iscsi_vmtarget.vm.unit import naa_for
@@ -163,3 +169,22 @@ def cdb16(opcode: int, lba: int, blocks: int, flags: int = 0) -> bytes:
 
 def cdb6(opcode: int, lba: int, blocks: int) -> bytes:
     return struct.pack(">BBHBB", opcode, (lba >> 16) & 0x1F, lba & 0xFFFF, blocks & 0xFF, 0)
+
+
+def run_cli(state: Path, *args: str, crashpoint: str = "") -> subprocess.CompletedProcess[str]:
+    """``iscsi-vmtarget ARGS --state-dir STATE`` in a subprocess, SIGKILLing itself at
+    ``crashpoint`` if one is named (:mod:`iscsi_vmtarget.vm.faults`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "iscsi_vmtarget", *args, "--state-dir", str(state)],
+        env={**os.environ, ENV: crashpoint} if crashpoint else None,
+        capture_output=True,
+        text=True,
+        timeout=120,  # a hang guard, not a timing
+    )
+
+
+def run_killed(state: Path, crashpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """:func:`run_cli` that must die by its own SIGKILL at ``crashpoint``."""
+    proc = run_cli(state, *args, crashpoint=crashpoint)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
+    return proc

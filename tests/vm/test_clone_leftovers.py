@@ -18,19 +18,10 @@ import pytest
 from iscsi_vmtarget.vm import StateDir, VmError, VmManager
 from iscsi_vmtarget.vm import clone as cloning
 from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.faults import ENV, PAUSE_ENV
+from iscsi_vmtarget.vm.faults import PAUSE_ENV
+from tests.vm.helpers import run_cli
 
 MIB = 1 << 20
-
-
-def _ivt(state: Path, *args: str, crash: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "iscsi_vmtarget", *args, "--state-dir", str(state)],
-        env={**os.environ, **({ENV: crash} if crash else {})},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def _setup(state: Path) -> bytes:
@@ -73,18 +64,18 @@ def test_killed_clone_is_rolled_back_by_discover(
 ) -> None:
     state = tmp_path / "state"
     image = _setup(state)
-    killed = _ivt(state, "vm", "clone", "vm1", "copy", *how, crash=point)
+    killed = run_cli(state, "vm", "clone", "vm1", "copy", *how, crashpoint=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     names, snapshots = _state(state)
     assert len(names) == 2 and names[0].startswith("c-")  # what the crash left
     if not how:
         assert snapshots == ["clone-copy", "s1"]
-    report = json.loads(_ivt(state, "discover", "--json").stdout)
+    report = json.loads(run_cli(state, "discover", "--json").stdout)
     actions = " ".join(r["action"] for r in report["repaired"])
     assert f"unfinished clone {names[0]} of VM vm1 removed" in actions
     assert _state(state) == (["vm1"], ["s1"])  # the temporary VM and clone-copy are gone
     assert not os.listdir(state / "conf" / "clones")
-    again = _ivt(state, "vm", "clone", "vm1", "copy", *how)  # and it can just run again
+    again = run_cli(state, "vm", "clone", "vm1", "copy", *how)  # and it can just run again
     assert again.returncode == 0, again.stderr
     with VmManager(StateDir.at(str(state))) as manager:
         backend = snaps.open_live(manager, manager.find("copy"))
@@ -131,7 +122,7 @@ def test_a_clone_in_progress_is_left_alone(tmp_path: Path) -> None:
         while not (pause / "clone.created.reached").exists():
             assert cloner.poll() is None and time.monotonic() < deadline, cloner.returncode
             time.sleep(0.01)
-        report = json.loads(_ivt(state, "discover", "--json").stdout)  # a repair meanwhile
+        report = json.loads(run_cli(state, "discover", "--json").stdout)  # a repair meanwhile
         assert not report["repaired"]
         names = _state(state)[0]
         assert len(names) == 2 and names[0].startswith("c-")  # its temporary VM survived

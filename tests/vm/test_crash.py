@@ -9,43 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from iscsi_vmtarget.vm import IntegrityError, StateDir, VmManager, sealed
-from iscsi_vmtarget.vm.faults import ENV
 from iscsi_vmtarget.vm.format import Mode, RegionKind, UnitState
 from iscsi_vmtarget.vm.unit import Unit
+from tests.vm.helpers import run_cli, run_killed
 from tests.vm.test_manager import guest_read_all, read_state, snapshot
 
 MIB = 1 << 20
 DISK = 8 * MIB
 STATE = b"MEMORY-IMAGE" * 5000
 HEAD, TAIL = b"HEAD" * 256, b"TAIL" * 256
-
-
-def run_cli(
-    state: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``iscsi-vmtarget ARGS --state-dir STATE`` in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "iscsi_vmtarget", *args, "--state-dir", str(state)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def run_killed(state: Path, crashpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = run_cli(state, *args, env={**os.environ, ENV: crashpoint})
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
-    return proc
 
 
 def setup_vm(state: Path, mode: Mode, pool: str = "default") -> None:

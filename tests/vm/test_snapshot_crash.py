@@ -6,10 +6,6 @@ image, nothing is damaged and the repair is idempotent (crash points:
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,22 +13,10 @@ import pytest
 from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN
-from iscsi_vmtarget.vm.faults import ENV
+from tests.vm.helpers import run_killed
 
 MIB = 1 << 20
 DISK = 4 * MIB
-
-
-def _run_killed(state: Path, crashpoint: str, *args: str) -> None:
-    env = {**os.environ, ENV: crashpoint}
-    proc = subprocess.run(
-        [sys.executable, "-m", "iscsi_vmtarget", *args, "--state-dir", str(state)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
 
 
 def _write(manager: VmManager, offset: int, data: bytes, lun: int = 0) -> None:
@@ -100,7 +84,7 @@ def _check(state: Path, images: Images, live_ok: list[str]) -> None:
 def test_kill_during_snapshot(tmp_path: Path, point: str) -> None:
     state = tmp_path / "state"
     images = _setup(state, ("s1",))
-    _run_killed(state, point, "vm", "snapshot", "vm1", "s2")
+    run_killed(state, point, "vm", "snapshot", "vm1", "s2")
     images["s2"] = images[""]
     _check(state, images, [""])
 
@@ -111,7 +95,7 @@ def test_kill_during_snapshot(tmp_path: Path, point: str) -> None:
 def test_kill_during_revert(tmp_path: Path, point: str) -> None:
     state = tmp_path / "state"
     images = _setup(state, ("s1", "s2"))
-    _run_killed(state, point, "vm", "revert", "vm1", "s1")
+    run_killed(state, point, "vm", "revert", "vm1", "s1")
     _check(state, images, ["", "s1"])
 
 
@@ -124,7 +108,7 @@ def test_kill_during_delete_merge(
 ) -> None:
     state = tmp_path / "state"
     images = _setup(state, names)
-    _run_killed(state, point, "vm", "snapshot", "delete", "vm1", victim)
+    run_killed(state, point, "vm", "snapshot", "delete", "vm1", victim)
     _check(state, images, [""])
     with VmManager(StateDir.at(str(state))) as manager:
         assert victim not in {i.name for i in snaps.list_snapshots(manager, "vm1")}
@@ -142,7 +126,7 @@ def test_kill_during_delete_merge(
 def test_kill_during_clone(tmp_path: Path, point: str, how: str) -> None:
     state = tmp_path / "state"
     images = _setup(state, ("s1",))
-    _run_killed(state, point, "vm", "clone", "vm1", "copy", "--from-snapshot", "s1", how)
+    run_killed(state, point, "vm", "clone", "vm1", "copy", "--from-snapshot", "s1", how)
     _check(state, images, [""])
     with VmManager(StateDir.at(str(state))) as manager:
         names = {v.name for v in manager.discover().vms}
@@ -157,7 +141,7 @@ def test_kill_during_unlink(tmp_path: Path, point: str) -> None:
     images = _setup(state, ("s1",))
     with VmManager(StateDir.at(str(state))) as manager:
         clone(manager, "vm1", "copy", from_snapshot="s1", full=False)
-    _run_killed(state, point, "vm", "unlink", "copy")
+    run_killed(state, point, "vm", "unlink", "copy")
     _check(state, images, [""])
     with VmManager(StateDir.at(str(state))) as manager:
         unlink(manager, "copy")  # finishes (or confirms) it

@@ -8,10 +8,7 @@ only not full yet."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +16,8 @@ import pytest
 from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN, DeltaLayer, grains_of
-from iscsi_vmtarget.vm.faults import ENV
 from iscsi_vmtarget.vm.snapshot_fill import FLUSH_EVERY, fill_snapshot
+from tests.vm.helpers import run_cli
 from tests.vm.test_snapshot_crash import _write
 
 MIB = 1 << 20
@@ -120,35 +117,24 @@ def test_fill_makes_an_existing_snapshot_full(manager: VmManager) -> None:
     assert fill_snapshot(manager, "vm1", "s1") == 0  # full from the start
 
 
-def _ivt(state: Path, *args: str, crashpoint: str = "") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, ENV: crashpoint} if crashpoint else None
-    return subprocess.run(
-        [sys.executable, "-m", "iscsi_vmtarget", *args, "--state-dir", str(state)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_cli_full_snapshot_list_and_fill(state_dir: Path) -> None:
     with VmManager(StateDir.at(str(state_dir))) as manager:
         _setup(manager)
-    proc = _ivt(state_dir, "vm", "snapshot", "vm1", "s2", "--full", "--progress", "--json")
+    proc = run_cli(state_dir, "vm", "snapshot", "vm1", "s2", "--full", "--progress", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["full"] is True
     assert "filling" in proc.stderr and "100%" in proc.stderr  # the progress bar
-    proc = _ivt(state_dir, "vm", "snapshot", "vm1", "s3")
+    proc = run_cli(state_dir, "vm", "snapshot", "vm1", "s3")
     assert proc.returncode == 0 and "delta" in proc.stdout, proc.stderr
-    proc = _ivt(state_dir, "vm", "snapshot", "list", "vm1", "--json")
+    proc = run_cli(state_dir, "vm", "snapshot", "list", "vm1", "--json")
     listed = {i["name"]: i for i in json.loads(proc.stdout)}
     assert listed["s2"]["full"] and listed["s2"]["bytes"] == sum(SIZES)
     assert not listed["s3"]["full"]
-    proc = _ivt(state_dir, "vm", "snapshot", "list", "vm1")
+    proc = run_cli(state_dir, "vm", "snapshot", "list", "vm1")
     assert f"full {sum(SIZES)}/{sum(SIZES)} bytes" in proc.stdout
-    proc = _ivt(state_dir, "vm", "snapshot", "fill", "vm1", "s3")
+    proc = run_cli(state_dir, "vm", "snapshot", "fill", "vm1", "s3")
     assert proc.returncode == 0 and "is full" in proc.stdout, proc.stderr
-    proc = _ivt(state_dir, "vm", "snapshot", "fill", "vm1", "nope")
+    proc = run_cli(state_dir, "vm", "snapshot", "fill", "vm1", "nope")
     assert proc.returncode != 0 and "no snapshot named 'nope'" in proc.stderr
 
 
@@ -160,9 +146,9 @@ def test_kill_mid_fill_leaves_a_valid_snapshot(state_dir: Path, crashpoint: str)
         expected = _images(manager, "s2")
         held = _info(manager, "s2")["bytes"]
         snaps.delete_snapshot(manager, "vm1", "s2")
-    proc = _ivt(state_dir, "vm", "snapshot", "vm1", "s2", "--full", crashpoint=crashpoint)
+    proc = run_cli(state_dir, "vm", "snapshot", "vm1", "s2", "--full", crashpoint=crashpoint)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    proc = _ivt(state_dir, "discover", "--json")
+    proc = run_cli(state_dir, "discover", "--json")
     assert proc.returncode == 0, proc.stderr
     assert not json.loads(proc.stdout)["damaged"]
     with VmManager(StateDir.at(str(state_dir))) as manager:
@@ -171,7 +157,7 @@ def test_kill_mid_fill_leaves_a_valid_snapshot(state_dir: Path, crashpoint: str)
         assert info["full"] is False
         flushed = FLUSH_EVERY * GRAIN if crashpoint == "fill.flushed" else 0
         assert info["bytes"] == held + flushed  # what was flushed stays filled
-    proc = _ivt(state_dir, "vm", "snapshot", "fill", "vm1", "s2")
+    proc = run_cli(state_dir, "vm", "snapshot", "fill", "vm1", "s2")
     assert proc.returncode == 0, proc.stderr
     with VmManager(StateDir.at(str(state_dir))) as manager:
         assert _info(manager, "s2")["full"] is True

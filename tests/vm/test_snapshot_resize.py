@@ -7,11 +7,7 @@ size; shrinking is refused; kill -9 at each step leaves the old or the new disk.
 from __future__ import annotations
 
 import io
-import os
-import signal
 import struct
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,9 +17,8 @@ from iscsi_vmtarget.scsi import Nexus, ScsiTarget, Status
 from iscsi_vmtarget.vm import Mode, SizeError, StateDir, VmManager, resize_live, serve_vms
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN
-from iscsi_vmtarget.vm.faults import ENV
 from iscsi_vmtarget.vm.format import RegionKind
-from tests.vm.helpers import make_nexus, sense_triplet
+from tests.vm.helpers import make_nexus, run_killed, sense_triplet
 from tests.vm.test_snapshot_crash import _live, _snap, _write
 
 MIB = 1 << 20
@@ -165,15 +160,7 @@ def test_kill_during_resize_with_snapshots(state_dir: Path, point: str) -> None:
     with VmManager(StateDir.at(str(state_dir))) as manager:
         _setup(manager)
         s1, live = _snap(manager, "s1"), _live(manager)
-    proc = subprocess.run(
-        [sys.executable, "-m", "iscsi_vmtarget", "vm", "resize", "vm1", "--disk", str(NEW[0])]
-        + ["--state-dir", str(state_dir)],
-        env={**os.environ, ENV: point},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_killed(state_dir, point, "vm", "resize", "vm1", "--disk", str(NEW[0]))
     with VmManager(StateDir.at(str(state_dir))) as manager:
         found = manager.discover()
         assert not found.damaged and not found.orphans
@@ -191,15 +178,7 @@ def test_kill_while_the_unit_grows_under_its_last_layer(state_dir: Path) -> None
         _setup(manager)
         manager.resize("vm1", disk=NEW[0])
         live = _live(manager)
-    proc = subprocess.run(
-        [sys.executable, "-m", "iscsi_vmtarget", "vm", "snapshot", "delete", "vm1", "s1"]
-        + ["--state-dir", str(state_dir)],
-        env={**os.environ, ENV: "merge.grown"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run_killed(state_dir, "merge.grown", "vm", "snapshot", "delete", "vm1", "s1")
     with VmManager(StateDir.at(str(state_dir))) as manager:
         assert _live(manager) == live  # a grown unit under the top changes nothing
         found = manager.discover()  # finishes the merge
