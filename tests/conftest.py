@@ -83,6 +83,17 @@ def start_target(workdir: Path, *extra: str, nop_interval: float = 0) -> Running
     raise RuntimeError("target did not become ready")
 
 
+def start_with_config(
+    workdir: Path, config: str, *extra: str, nop_interval: float = 0
+) -> RunningTarget:
+    """``start_target`` with ``--config``: CONFIG (TOML text) is written to
+    WORKDIR/target.toml and the target runs in WORKDIR/run."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "target.toml"
+    conf.write_text(config)
+    return start_target(workdir / "run", "--config", str(conf), *extra, nop_interval=nop_interval)
+
+
 @pytest.fixture
 def demo_target(tmp_path: Path) -> Iterator[RunningTarget]:
     """The default `serve` (demo target, one 1 GiB LUN) on an ephemeral port."""

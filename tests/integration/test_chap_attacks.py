@@ -23,7 +23,7 @@ import pytest
 
 from iscsi_vmtarget.client import Initiator, LoginFailed
 from iscsi_vmtarget.server.admin import AdminError, call_daemon
-from tests.conftest import RunningTarget, start_target
+from tests.conftest import RunningTarget, start_target, start_with_config
 
 TARGET = "iqn.2026-11.org.iscsi-vmtarget:chap-attacks"
 USER, SECRET = "host", b"initiator-secret-01"
@@ -47,9 +47,7 @@ size = "1M"
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTarget]:
     tmp = tmp_path_factory.mktemp("chap")
-    conf = tmp / "chap.toml"
-    conf.write_text(CONFIG.format(d=tmp))
-    t = start_target(tmp / "run", "--config", str(conf))
+    t = start_with_config(tmp, CONFIG.format(d=tmp))
     yield t
     t.stop()
 
@@ -139,10 +137,9 @@ def test_truncated_response_is_refused(target: RunningTarget, cut: int) -> None:
 
 
 def test_one_secret_both_ways_is_refused_at_start(tmp_path: Path) -> None:
-    conf = tmp_path / "same.toml"
-    conf.write_text(CONFIG.format(d=tmp_path).replace(MUTUAL.decode(), SECRET.decode()))
+    same = CONFIG.format(d=tmp_path).replace(MUTUAL.decode(), SECRET.decode())
     with pytest.raises(RuntimeError, match="must differ"):
-        start_target(tmp_path / "run", "--config", str(conf))
+        start_with_config(tmp_path, same)
 
 
 def test_short_secrets_are_refused_by_the_running_daemon(tmp_path: Path) -> None:

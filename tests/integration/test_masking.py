@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client import Initiator, InitiatorError, LoginFailed
-from tests.conftest import RunningTarget, run_tool, start_target
+from tests.conftest import RunningTarget, run_tool, start_with_config
 
 A = "iqn.2026-11.org.iscsi-vmtarget:masked"
 B = "iqn.2026-11.org.iscsi-vmtarget:open"
@@ -82,9 +82,8 @@ SIZE = {0: 4 << 20, 1: 8 << 20, 2: 12 << 20}
 @pytest.fixture(scope="module")
 def masked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTarget]:
     tmp = tmp_path_factory.mktemp("masking")
-    conf = tmp / "masked.toml"
-    conf.write_text(CONFIG.format(a=A, b=B, c=C, h1=H1, h2=H2, h3=H3, guesser=GUESSER, d=tmp))
-    t = start_target(tmp / "run", "--config", str(conf))
+    config = CONFIG.format(a=A, b=B, c=C, h1=H1, h2=H2, h3=H3, guesser=GUESSER, d=tmp)
+    t = start_with_config(tmp, config)
     yield t
     t.stop()
 
@@ -246,9 +245,6 @@ def test_failed_logins_are_rate_limited(masked: RunningTarget) -> None:
 
 
 def test_too_short_secret_refused_at_start(tmp_path: Path) -> None:
-    conf = tmp_path / "short.toml"
-    conf.write_text(
-        f'[[target]]\nname = "{A}"\n[target.chap]\nuser = "u"\nsecret = "eleven-byte"\n'
-    )
+    short = f'[[target]]\nname = "{A}"\n[target.chap]\nuser = "u"\nsecret = "eleven-byte"\n'
     with pytest.raises(RuntimeError, match=r"RFC 7143 §12.1.3"):
-        start_target(tmp_path / "run", "--config", str(conf))
+        start_with_config(tmp_path, short)

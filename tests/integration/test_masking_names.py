@@ -14,7 +14,7 @@ import pytest
 
 from iscsi_vmtarget.client import Initiator, LoginFailed
 from iscsi_vmtarget.client.initiator import ScsiResult
-from tests.conftest import RunningTarget, run_tool, start_target
+from tests.conftest import RunningTarget, run_tool, start_with_config
 
 A = "iqn.2026-11.org.iscsi-vmtarget:masked"
 OPEN = "iqn.2026-11.org.iscsi-vmtarget:open"
@@ -92,9 +92,7 @@ SELECT_INVALID = (0x03, 0x13, 0xF8, 0xFF)
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningTarget]:
     tmp = tmp_path_factory.mktemp("names")
-    conf = tmp / "names.toml"
-    conf.write_text(CONFIG.format(a=A, open=OPEN, h1=H1, eui=EUI, naa=NAA, d=tmp))
-    t = start_target(tmp / "run", "--config", str(conf))
+    t = start_with_config(tmp, CONFIG.format(a=A, open=OPEN, h1=H1, eui=EUI, naa=NAA, d=tmp))
     yield t
     t.stop()
 
@@ -186,6 +184,29 @@ def test_each_node_sees_its_own_map(target: RunningTarget) -> None:
     for node, view in VIEWS.items():
         with login(target, node, A) as ini:
             assert check_view(ini, view) == 18
+
+
+@pytest.mark.parametrize(
+    "method", ["00", "40", "80", "d2"], ids=["peripheral", "flat", "logical-unit", "extended"]
+)
+def test_an_unmapped_lun_is_not_reached_in_any_addressing_method(
+    target: RunningTarget, method: str
+) -> None:
+    """host1 is mapped LUN 0 only; target A's unit 1 stays out of reach however its
+    number is written, and LUN 0 is host1's 1 MiB unit in every method."""
+
+    def lun(n: int) -> bytes:
+        if method == "d2":  # extended flat space: the number in bytes 1-3
+            return bytes([0xD2]) + n.to_bytes(3, "big") + bytes(4)
+        return bytes([int(method, 16), n]) + bytes(6)
+
+    with login(target, H1, A) as ini:
+        ini.command(bytes(6))  # LUN 0's power-on unit attention
+        cap = ini.command(bytes([0x25]) + bytes(9), read_length=8, lun_raw=lun(0))
+        assert cap.status == 0 and int.from_bytes(cap.data[:4], "big") + 1 == (1 << 20) // 512
+        for n in (1, 2, 3, 7):
+            cap = ini.command(bytes([0x25]) + bytes(9), read_length=8, lun_raw=lun(n))
+            assert (cap.status, cap.sense_key, cap.asc_ascq) == (2, 5, (0x25, 0x00))
 
 
 @pytest.mark.interop

@@ -11,7 +11,7 @@ import pytest
 
 from iscsi_vmtarget.client import Initiator, InitiatorError, LoginFailed
 from iscsi_vmtarget.iscsi import pdu as P
-from tests.conftest import INITIATOR, RunningTarget, start_target
+from tests.conftest import INITIATOR, RunningTarget, start_target, start_with_config
 
 T1 = "iqn.2026-11.org.iscsi-vmtarget:one"
 T2 = "iqn.2026-11.org.iscsi-vmtarget:two"
@@ -49,9 +49,7 @@ read_only = false
 
 @pytest.fixture
 def multi(tmp_path: Path) -> Iterator[RunningTarget]:
-    conf = tmp_path / "multi.toml"
-    conf.write_text(CONFIG.format(t1=T1, t2=T2, d=tmp_path))
-    t = start_target(tmp_path / "run", "--config", str(conf), nop_interval=1)
+    t = start_with_config(tmp_path, CONFIG.format(t1=T1, t2=T2, d=tmp_path), nop_interval=1)
     yield t
     t.stop()
 

@@ -27,7 +27,7 @@ from iscsi_vmtarget.client import Initiator
 from iscsi_vmtarget.client.initiator import ScsiResult
 from iscsi_vmtarget.server.admin import call_daemon
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
-from tests.conftest import RunningTarget, start_target
+from tests.conftest import RunningTarget, start_target, start_with_config
 from tests.scsi.test_scsi_xcopy import parameters, segment, xcopy
 
 T = "iqn.2026-11.org.iscsi-vmtarget:xcopy"
@@ -110,9 +110,7 @@ def pattern(tag: bytes, blocks: int) -> bytes:
 
 @pytest.fixture
 def units(tmp_path: Path) -> Iterator[RunningTarget]:
-    conf = tmp_path / "xcopy.toml"
-    conf.write_text(CONFIG.format(t=T, a=A, both=BOTH, d=tmp_path))
-    t = start_target(tmp_path / "run", "--config", str(conf))
+    t = start_with_config(tmp_path, CONFIG.format(t=T, a=A, both=BOTH, d=tmp_path))
     yield t
     t.stop()
 
