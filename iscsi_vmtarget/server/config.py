@@ -224,9 +224,6 @@ def _open_lun(target: TargetConfig, lun: LunConfig) -> LogicalUnit:
             )
         os.makedirs(os.path.dirname(lun.path) or ".", exist_ok=True)
         create_sparse_file(lun.path, lun.size)
-        if lun.provisioning == "thick":  # thick means every block allocated up front
-            with open(lun.path, "r+b") as fh:
-                os.posix_fallocate(fh.fileno(), 0, lun.size)
     try:
         backend = FileBackend(lun.path, read_only=lun.read_only)
     except BackendError as exc:
@@ -240,6 +237,18 @@ def _open_lun(target: TargetConfig, lun: LunConfig) -> LogicalUnit:
     if backend.size < lun.block_size:
         backend.close()
         raise ConfigError(f"LUN {lun.number} of {target.name}: {lun.path!r} is empty")
+    if lun.provisioning == "thick" and not backend.is_block_device and not lun.read_only:
+        # thick means every block allocated up front, also for a file that exists (its
+        # holes get space, its data stays): what GET LBA STATUS calls anchored has space
+        try:
+            with open(lun.path, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, backend.size)
+        except OSError as exc:
+            backend.close()
+            raise ConfigError(
+                f"LUN {lun.number} of {target.name}: cannot preallocate {lun.path!r} "
+                f"for thick provisioning: {exc.strerror}"
+            ) from exc
     unit_id = uuid.uuid5(_ID_NAMESPACE, f"{target.name.lower()}/{os.path.abspath(lun.path)}")
     identity = UnitIdentity.from_uuid(unit_id, lun.serial or unit_id.hex[:16])
     return LogicalUnit(

@@ -111,3 +111,25 @@ def test_demo_config_creates_a_sparse_1g_lun_once(tmp_path: Path) -> None:
     lu2 = reg2.targets[demo].scsi.luns[0]
     assert bytes(lu2.backend.read(0, 512)) == b"keep" * 128
     lu2.backend.close()
+
+
+def test_thick_lun_preallocates_an_existing_sparse_file(tmp_path: Path) -> None:
+    """A thick LUN is resource provisioned: every block must have space, also when
+    the file existed sparse before; its data stays as it was."""
+    image = tmp_path / "old.img"
+    with open(image, "wb") as fh:
+        fh.truncate(4 << 20)
+        fh.seek(1 << 20)
+        fh.write(b"data" * 128)
+    assert image.stat().st_blocks * 512 < 4 << 20
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        f'[[target]]\nname = "iqn.x:a"\n[[target.lun]]\nnumber = 0\npath = "{image}"\n'
+        'provisioning = "thick"\n'
+    )
+    reg = build_registry(load_config(str(conf)))
+    lu = reg.targets["iqn.x:a"].scsi.luns[0]
+    assert lu.resource_provisioning
+    assert image.stat().st_blocks * 512 >= 4 << 20
+    assert bytes(lu.backend.read(1 << 20, 512)) == b"data" * 128
+    lu.backend.close()
