@@ -143,7 +143,8 @@ class Initiator:
 
     def send_pdu(self, pdu: P.Pdu) -> None:
         assert self.sock is not None
-        self.sock.sendall(b"".join(bytes(b) for b in encode_pdu(pdu, self._hd, self._dd)))
+        # join takes the buffers as they are: the payload is copied once, into the frame
+        self.sock.sendall(b"".join(encode_pdu(pdu, self._hd, self._dd)))
 
     def send_raw(self, data: bytes) -> None:
         assert self.sock is not None
@@ -302,17 +303,18 @@ class Initiator:
         self,
         cdb: bytes,
         lun: int = 0,
-        data_out: bytes = b"",
+        data_out: P.Payload = b"",
         read_length: int = 0,
         expected_length: int | None = None,
         lun_raw: bytes | None = None,
     ) -> ScsiResult:
         """Run one SCSI command to completion (``lun_raw``: an 8-byte LUN as is)."""
         itt = self.next_itt()
+        data_out = memoryview(data_out).cast("B")  # PDUs take slices of it, not copies
         edtl = expected_length if expected_length is not None else (len(data_out) or read_length)
         first_burst = self._number("FirstBurstLength", 65536)
         mrdsl = self._number("MaxRecvDataSegmentLength", 8192)
-        immediate = b""
+        immediate: P.Payload = b""
         if data_out and self.params.get("ImmediateData") == "Yes":
             immediate = data_out[: min(first_burst, mrdsl, edtl)]
         lun_bytes = lun_raw if lun_raw is not None else encode_lun(lun)
@@ -368,7 +370,7 @@ class Initiator:
         return int(value) if value.isdigit() else default
 
     def _send_data(
-        self, itt: int, lun: bytes, data: bytes, offset: int, length: int, ttt: int
+        self, itt: int, lun: bytes, data: memoryview, offset: int, length: int, ttt: int
     ) -> int:
         mrdsl = self._number("MaxRecvDataSegmentLength", 8192)
         end = offset + length
@@ -393,7 +395,7 @@ class Initiator:
 
     # -- block commands (SBC-3 §5): what replication needs of a destination LUN -----------
     def scsi(
-        self, what: str, cdb: bytes, lun: int = 0, data_out: bytes = b"", read_length: int = 0
+        self, what: str, cdb: bytes, lun: int = 0, data_out: P.Payload = b"", read_length: int = 0
     ) -> bytes:
         """Run ``cdb``; its Data-In on GOOD. A UNIT ATTENTION (power on, capacity or
         LUN map changed: SPC-4 §6.37 lets the initiator just retry) is retried, up to a
@@ -402,7 +404,7 @@ class Initiator:
             result = self.command(cdb, lun=lun, data_out=data_out, read_length=read_length)
             if result.status == GOOD:
                 return result.data
-            sense = parse_sense(result.sense) if result.sense else (0, 0, 0)
+            sense = parse_sense(result.sense)  # (0, 0, 0) when there is none
             if result.status != CHECK_CONDITION or sense[0] != UNIT_ATTENTION:
                 raise ScsiCommandError(what, result.status, sense)
         raise ScsiCommandError(what, result.status, sense)
@@ -425,11 +427,12 @@ class Initiator:
             raise InitiatorError(f"READ(16) returned {len(data)} of {blocks * block_size} bytes")
         return data
 
-    def write16(self, lba: int, data: bytes, block_size: int, lun: int = 0) -> None:
-        """WRITE(16) (SBC-3 §5.35) of whole blocks at ``lba``."""
-        if not data or len(data) % block_size:
-            raise ValueError(f"WRITE(16) of {len(data)} bytes: not whole {block_size}-byte blocks")
-        self.scsi("WRITE(16)", _cdb16(0x8A, 0, lba, len(data) // block_size), lun, bytes(data))
+    def write16(self, lba: int, data: P.Payload, block_size: int, lun: int = 0) -> None:
+        """WRITE(16) (SBC-3 §5.35) of whole blocks at ``lba`` (``data`` is not copied)."""
+        size = memoryview(data).nbytes
+        if not size or size % block_size:
+            raise ValueError(f"WRITE(16) of {size} bytes: not whole {block_size}-byte blocks")
+        self.scsi("WRITE(16)", _cdb16(0x8A, 0, lba, size // block_size), lun, data)
 
     def write_same16(
         self, lba: int, blocks: int, block_size: int, lun: int = 0, unmap: bool = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..iscsi.names import IscsiNameError, normalize_name
 from .initiator import (
     ILLEGAL_REQUEST,
     Initiator,
@@ -70,8 +71,12 @@ def parse_url(text: str) -> LunUrl:
     lun = int(match["lun"] or 0)
     if not 0 < port < 65536:
         raise UrlError(f"bad destination URL {text!r}: port {port} is out of range")
-    if not match["iqn"].lower().startswith(("iqn.", "eui.", "naa.")):
-        raise UrlError(f"bad destination URL {text!r}: {match['iqn']!r} is not a target name")
+    try:
+        normalize_name(match["iqn"])  # the rules login applies (RFC 7143 §4.2.7)
+    except IscsiNameError as exc:
+        raise UrlError(
+            f"bad destination URL {text!r}: {match['iqn']!r} is not a target name: it {exc}"
+        ) from exc
     return LunUrl(
         host=match["host"].strip("[]"),
         port=port,
@@ -112,10 +117,9 @@ class RemoteLun:
         return offset // bs, length // bs
 
     def read(self, offset: int, length: int) -> bytearray:
-        lba, _ = self._blocks(offset, length)
+        lba, blocks = self._blocks(offset, length)
         out = bytearray()
         step = MAX_IO // self.block_size
-        blocks = length // self.block_size
         for first in range(0, blocks, step):
             n = min(step, blocks - first)
             out += self.initiator.read16(lba + first, n, self.block_size, self.lun)
@@ -128,7 +132,7 @@ class RemoteLun:
         view = memoryview(data).cast("B")
         lba, _ = self._blocks(offset, len(view))
         for pos in range(0, len(view), MAX_IO):
-            piece = bytes(view[pos : pos + MAX_IO])
+            piece = view[pos : pos + MAX_IO]  # a view: the PDUs copy it once, into frames
             self.initiator.write16(lba + pos // self.block_size, piece, self.block_size, self.lun)
             self.bytes_written += len(piece)
 
@@ -149,14 +153,14 @@ class RemoteLun:
                         raise
                     self._unmap_mode -= 1  # not supported here: the next way down
                     continue
-            else:
-                zeros = bytes(min(n * self.block_size, MAX_IO))
-                end = (lba + done + n) * self.block_size
-                at = (lba + done) * self.block_size
-                while at < end:
-                    piece = zeros[: end - at]
-                    self.initiator.write16(at // self.block_size, piece, self.block_size, self.lun)
-                    at += len(piece)
+            else:  # WRITE(16)s of zeros, MAX_IO bytes at most
+                step = MAX_IO // self.block_size
+                zeros = memoryview(bytes(min(n, step) * self.block_size))
+                for first in range(lba + done, lba + done + n, step):
+                    count = min(step, lba + done + n - first)
+                    self.initiator.write16(
+                        first, zeros[: count * self.block_size], self.block_size, self.lun
+                    )
             done += n
 
     def flush(self) -> None:
