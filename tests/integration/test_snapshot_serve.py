@@ -8,7 +8,6 @@ refused."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from iscsi_vmtarget.server.acl import Acl, AclError, MappedLun
 from iscsi_vmtarget.server.registry import Registry, Target
 from iscsi_vmtarget.storage import MemoryBackend
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
-from tests.conftest import INITIATOR, start_target
+from tests.conftest import INITIATOR, need_tool, start_target
 
 MIB = 1 << 20
 VM = "snapvm"
@@ -60,11 +59,10 @@ def _identity(ini: Initiator, lun: int = 0) -> tuple[bytes, bytes]:
     return found.group(1), page80[4 : 4 + page80[3]]
 
 
-def _iscsi_inq(url: str) -> tuple[bytes, bytes] | None:
+def _iscsi_inq(url: str) -> tuple[bytes, bytes]:
     """(designator up to its first NUL, serial) as libiscsi's iscsi-inq prints them
-    (it prints the binary designator with %s); None without iscsi-inq."""
-    if shutil.which("iscsi-inq") is None:
-        return None
+    (it prints the binary designator with %s); fails the test without iscsi-inq."""
+    need_tool("iscsi-inq")
     page83 = subprocess.run(
         ["iscsi-inq", "-i", INITIATOR, "-e", "1", "-c", "131", url],
         capture_output=True,
