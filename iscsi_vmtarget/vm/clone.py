@@ -34,6 +34,7 @@ from dataclasses import replace
 
 from ..storage.backend import BlockBackend
 from . import atomic, faults, locks
+from .cow import is_zero
 from .discovery import discover
 from .errors import VmError
 from .format import RegionKind
@@ -145,7 +146,7 @@ def _build(
                 for offset in range(0, source.size, _STEP):
                     n = min(_STEP, source.size - offset)
                     piece = source.read(offset, n)
-                    if piece.count(0) != n:
+                    if not is_zero(piece):
                         target.write(offset, piece)
                     done += n
                     if progress is not None:
@@ -272,7 +273,7 @@ def unlink(manager: VmManager, name: str, progress: Progress | None = None) -> b
                     for offset in range(0, source.size, _STEP):
                         n = min(_STEP, source.size - offset)
                         piece = source.read(offset, n)
-                        if piece.count(0) != n:  # the unit is fresh zeros: keep it sparse
+                        if not is_zero(piece):  # the unit is fresh zeros: keep it sparse
                             target.write(offset, piece)
                         if progress is not None:
                             progress(offset + n, source.size)

@@ -42,8 +42,20 @@ _UNKNOWN = 0xFF  # owner cache: not looked up yet
 _ROOT = 0xFE  # owner cache: no layer holds the grain (read the volume's unit)
 
 
+_ZERO_GRAIN = bytes(GRAIN)
+
+
 def grains_of(size: int) -> int:
     return -(-size // GRAIN)
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` is all zeros: one memcmp per grain against a zero grain, no
+    copy (``not any(data)`` loops per byte, ~600 us a zero grain; this, ~1 us)."""
+    view = memoryview(data).cast("B")
+    return all(
+        _ZERO_GRAIN.startswith(view[start : start + GRAIN]) for start in range(0, len(view), GRAIN)
+    )
 
 
 def delta_header(
@@ -400,10 +412,7 @@ class ChainBackend:
 
     def flush(self) -> None:
         with self._gate.io():
-            if self.layers and not self.read_only:
-                with self._lock:
-                    self.layers[0].flush()
-            self.root.flush()
+            self.flush_quiesced()
 
     def resize(self, size: int) -> None:
         raise BackendError("a VM with snapshots cannot be resized (delete its snapshots)")

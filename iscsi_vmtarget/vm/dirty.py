@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from ..storage.backend import BlockBackend
-from .cow import GRAIN
+from .cow import GRAIN, is_zero
 
 #: Reads ``len(buf)`` bytes at a guest offset into ``buf`` (a chain's read_into, or
 #: its read_quiesced while the LUN is held).
@@ -74,7 +74,7 @@ def copy_dirty(read: Reader, dest: BlockBackend, grains: Iterable[int], size: in
         n = min(GRAIN, size - start)
         piece = memoryview(buf)[:n]
         read(start, piece)
-        if buf.count(0, 0, n) == n:
+        if is_zero(piece):
             dest.unmap(start, n)
         else:
             dest.write(start, piece)

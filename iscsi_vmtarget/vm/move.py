@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from ..storage.backend import BlockBackend
 from . import atomic, faults
-from .cow import ChainBackend, DeltaLayer
+from .cow import ChainBackend, DeltaLayer, is_zero
 from .dirty import DirtyGrains, copy_dirty
 from .discovery import FoundUnit, FoundVm, discover
 from .errors import InUseError, VmError
@@ -153,7 +153,7 @@ def _copy_units(
                 for offset in range(0, found.header.unit_size, _STEP):
                     n = min(_STEP, found.header.unit_size - offset)
                     piece = source.read(offset, n)
-                    if piece.count(0) != n:
+                    if not is_zero(piece):
                         target.write(offset, piece)
                         written += n
                     if written >= _FLUSH_EVERY:  # small write-backs, not one huge one

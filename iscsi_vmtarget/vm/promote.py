@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from ..storage.backend import BlockBackend
 from . import faults, sealed
-from .cow import GRAIN
+from .cow import GRAIN, is_zero
 from .crypto import Keyring, MasterKey, RegionCipher
 from .discovery import FoundUnit, discover
 from .errors import IntegrityError, KeyFileError, VmError
@@ -134,7 +134,7 @@ def _copy_volume(
                     f"LUN {lun}: grain {first + i} of the replica does not match its hash "
                     "(the replica is damaged)"
                 )
-            if target is not None and any(grain):  # zero grains stay holes
+            if target is not None and not is_zero(grain):  # zero grains stay holes
                 target.write(offset + i * GRAIN, grain)
         step(n)
 

@@ -78,7 +78,7 @@ from typing import Any, Final
 
 from ..storage.backend import BlockBackend
 from . import faults
-from .cow import grains_of
+from .cow import grains_of, is_zero
 from .errors import FormatError, IntegrityError, SizeError, VmError
 from .format import SLOT_SIZE, Region, RegionKind, UnitHeader, decode_header, encode_header
 
@@ -113,7 +113,7 @@ def align_block(value: int) -> int:
 
 def grain_hash(data: bytes | bytearray | memoryview) -> bytes:
     """What the hash area holds for a grain: zeros for a grain of zeros, else SHA-256."""
-    if not any(data):
+    if is_zero(data):
         return ZERO_HASH
     return hashlib.sha256(data).digest()
 
@@ -437,7 +437,9 @@ class JournalWriter:
         self.entries = 0
         self._sha = hashlib.sha256()
 
-    def add(self, target: int, data: bytes | bytearray | None, length: int = 0) -> None:
+    def add(
+        self, target: int, data: bytes | bytearray | memoryview | None, length: int = 0
+    ) -> None:
         """Stage ``data`` for ``target`` (None: ``length`` bytes of zeros)."""
         size = length if data is None else len(data)
         if (
@@ -454,7 +456,7 @@ class JournalWriter:
             target,  # where the data goes on this LUN
             size,  # bytes
         ).ljust(BLOCK, b"\0")
-        record = descriptor + (b"" if data is None else bytes(data))
+        record = descriptor if data is None else b"".join((descriptor, data))  # one copy
         if self.length + len(record) > self.sb.journal_capacity:
             raise ReplicaError(
                 f"the round needs more than the journal's {self.sb.journal_capacity} bytes"

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Protocol
 from ..storage.backend import BlockBackend
 from . import atomic, faults, sealed
 from . import snapshot as snaps
-from .cow import GRAIN, ChainBackend, DeltaLayer, grains_of
+from .cow import GRAIN, ChainBackend, DeltaLayer, grains_of, is_zero
 from .crypto import Keyring
 from .discovery import FoundUnit, FoundVm, discover
 from .errors import SizeError, VmError
@@ -385,7 +385,8 @@ def _prepare(
 
 # -- pieces: (offset on the destination LUN, data or None for zeros, length) ------------
 
-Piece = tuple[int, bytes | None, int]
+#: data is a view of a buffer read for this piece alone (never reused): no copy
+Piece = tuple[int, bytes | bytearray | memoryview | None, int]
 
 
 def _grain_runs(grains: list[int] | None, size: int) -> Iterator[tuple[int, int]]:
@@ -453,7 +454,7 @@ def _volume_pieces(volume: _Volume, disk: BlockBackend, stage: bool) -> Iterator
         zeros = []
         for pos in range(0, length, GRAIN):
             grain = data[pos : pos + GRAIN]
-            zeros.append(not any(grain))
+            zeros.append(is_zero(grain))
             if hashing:
                 _note_hash(volume, disk, (offset + pos) // GRAIN, grain)
         start = 0
@@ -462,7 +463,7 @@ def _volume_pieces(volume: _Volume, disk: BlockBackend, stage: bool) -> Iterator
             while end < len(zeros) and zeros[end] == zeros[start]:
                 end += 1
             lo, hi = start * GRAIN, min(end * GRAIN, length)
-            piece = None if zeros[start] else bytes(data[lo:hi])
+            piece = None if zeros[start] else data[lo:hi]
             yield area.image + offset + lo, piece, hi - lo
             start = end
     sectors = sorted(volume.hash_sectors)
@@ -471,8 +472,8 @@ def _volume_pieces(volume: _Volume, disk: BlockBackend, stage: bool) -> Iterator
         j = i + 1
         while j < len(sectors) and sectors[j] == sectors[j - 1] + 1 and (j - i) * BLOCK < RUN:
             j += 1
-        piece = b"".join(bytes(volume.hash_sectors[s]) for s in sectors[i:j])
-        yield area.hashes + sectors[i] * BLOCK, piece, len(piece)
+        run = b"".join(volume.hash_sectors[s] for s in sectors[i:j])
+        yield area.hashes + sectors[i] * BLOCK, run, len(run)
         i = j
 
 
@@ -489,7 +490,7 @@ def _sealed_pieces(item: _Sealed) -> Iterator[Piece]:
     for start, length in spans:
         for pos in range(start, start + length, RUN):
             n = min(RUN, start + length - pos)
-            yield item.area.offset + pos, bytes(item.unit.backend.read(region.offset + pos, n)), n
+            yield item.area.offset + pos, item.unit.backend.read(region.offset + pos, n), n
 
 
 def _pieces(rnd: _Round, disk: BlockBackend, stage: bool) -> Iterator[Piece]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import faults
-from .cow import GRAIN, ChainBackend, DeltaLayer, grains_of
+from .cow import GRAIN, ChainBackend, DeltaLayer, grains_of, is_zero
 from .discovery import FoundVm, discover
 from .format import UnitHeader
 from .snapshot import _record_layer, _volumes, _walk, find_snapshot, open_chain
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 FILL_STEP = 512  #: grains one step copies under the pool locks (32 MiB)
 FLUSH_EVERY = 64  #: grains between two map flushes (4 MiB): what a crash makes redo
 PROGRESS_EVERY = 16  #: grains between two progress reports (1 MiB)
-_ZERO = bytes(GRAIN)
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ def _fill_layer(
         n = min(GRAIN, layer.size - offset)
         piece = memoryview(buf)[:n]
         chain.read_into(offset, piece)
-        if (buf == _ZERO) if n == GRAIN else (bytes(piece) == _ZERO[:n]):
+        if is_zero(piece):
             layer.punch(offset, n)  # a hole reads zeros and costs nothing
         else:
             layer.write(offset, piece)

@@ -27,6 +27,7 @@ from dataclasses import replace
 from ..scsi.logical_unit import UnitIdentity
 from ..storage.backend import BlockBackend
 from . import faults, sealed
+from .cow import is_zero
 from .crypto import Keyring, MasterKey, RandomSource, RegionCipher, new_data_key
 from .errors import ForeignUnitError, FormatError, IntegrityError, SizeError, VmError
 from .format import (
@@ -47,7 +48,6 @@ from .pool import Pool, UnitRef
 from .view import GuestView, RawView
 
 _COPY = 4 << 20
-_ZEROS = bytes(_COPY)
 
 
 def naa_for(unit_uuid: uuid.UUID) -> bytes:
@@ -295,7 +295,7 @@ class Unit:
         while done < length:
             n = min(_COPY, length - done)
             piece = self.backend.read(src + done, n)
-            if piece != _ZEROS[:n]:  # destinations are fresh zeros: keep them sparse
+            if not is_zero(piece):  # destinations are fresh zeros: keep them sparse
                 self.backend.write(dst + done, piece)
             done += n
 

@@ -10,7 +10,7 @@ import pytest
 
 from iscsi_vmtarget.vm import Mode, VmError, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN
+from iscsi_vmtarget.vm.cow import GRAIN, is_zero
 from iscsi_vmtarget.vm.export import export_vm
 
 MIB = 1 << 20
@@ -141,3 +141,14 @@ def test_an_exported_snapshot_is_not_deleted(manager: VmManager) -> None:
     snaps.delete_snapshot(manager, "vm1", "one")
     with pytest.raises(VmError):
         _read_snap(manager, "vm1", "one")
+
+
+@pytest.mark.parametrize("where", [None, 0, GRAIN - 1, GRAIN, 2 * GRAIN + 17])
+def test_is_zero_sees_one_byte_in_any_grain(where: int | None) -> None:
+    """What decides hole or write when grains are copied (fill, clone, move, replicate):
+    one non-zero byte anywhere, also past the first grain or in a view, is data."""
+    data = bytearray(2 * GRAIN + 100)
+    if where is not None:
+        data[where] = 1
+    assert is_zero(data) is (where is None)
+    assert is_zero(memoryview(data)[1:]) is (where in (None, 0))
