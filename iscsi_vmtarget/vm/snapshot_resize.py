@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 def live_sizes(vm: FoundVm, numbers: list[int]) -> dict[int, tuple[uuid.UUID, int]]:
     """(top layer, live size) of the LUNs ``numbers`` that have layers."""
     out = {}
+    luns = vm.lun_map()
     for number in numbers:
-        volume = vm.lun_map()[number]
+        volume = luns[number]
         top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
         if top != volume.header.unit_uuid:
             out[number] = (top, chain_size(vm, top))
