@@ -8,6 +8,7 @@ shows changes, so a copy of millions of pieces writes a few hundred updates.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import TextIO
 
@@ -66,3 +67,12 @@ def progress_bar(label: str, forced: bool = False, stream: TextIO | None = None)
     out = stream if stream is not None else sys.stderr
     tty = getattr(out, "isatty", None)
     return ProgressBar(label, enabled=forced or bool(tty and tty()), stream=out)
+
+
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    """``--progress``: the bar of :func:`progress_bar` even off a terminal."""
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="draw the progress bar even when stderr is not a terminal",
+    )

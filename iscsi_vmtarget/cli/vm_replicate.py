@@ -29,8 +29,8 @@ from types import FrameType
 from typing import Any
 
 from ..client.initiator import InitiatorError
-from ..client.remote import UrlError, open_lun, parse_url
-from ..server.admin import AdminError, DaemonNotRunning, call, call_daemon
+from ..client.remote import LunUrl, UrlError, open_lun, parse_url
+from ..server.admin import AdminError, call, call_for_vm
 from ..sizes import format_size
 from ..storage import FileBackend, create_sparse_file
 from ..storage.backend import BlockBackend
@@ -40,7 +40,7 @@ from ..vm.crypto import load_key_file
 from ..vm.manager import check_vm_name
 from ..vm.promote import promote
 from ..vm.replicate import RoundReport, replicate
-from .progress import progress_bar
+from .progress import add_progress_flag, progress_bar
 from .target import add_chap, chap_args
 from .vm import add_common, print_json, run_managed, serve_now, size_arg
 
@@ -73,7 +73,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--chap-secret", metavar="S", help="its CHAP secret")
     p.add_argument("--mutual-secret", metavar="S", help="the secret the destination proves")
     p.add_argument("--json", action="store_true", help="one JSON object per round")
-    _progress_flag(p)
+    add_progress_flag(p)
     add_common(p)
     p.set_defaults(func=_replicate)
 
@@ -105,15 +105,9 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--source-key", metavar="FILE", help="the source's master key file")
     p.add_argument("--pool", default="default")
     p.add_argument("--json", action="store_true")
-    _progress_flag(p)
+    add_progress_flag(p)
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _promote))
-
-
-def _progress_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--progress", action="store_true", help="draw the progress bar even off a terminal"
-    )
 
 
 # -- replicate ---------------------------------------------------------------------------
@@ -130,15 +124,12 @@ class DaemonCheckpointer:
     name: str
 
     def _daemon(self, op: str, request: dict[str, Any]) -> bool:
+        """Whether the daemon did ``op`` (False: do it offline)."""
         try:
-            call_daemon(self.state_dir, op, {**request, "key_file": self.key_file}, timeout=3600)
-        except DaemonNotRunning:
-            return False
+            result = call_for_vm(self.state_dir, op, {**request, "key_file": self.key_file})
         except AdminError as exc:
-            if "does not export" in str(exc):
-                return False
             raise VmError(f"the daemon refused {op}: {exc}") from exc
-        return True
+        return result is not None
 
     def take(self, snap: str, description: str) -> None:
         request = {"name": self.name, "snapshot": snap, "description": description}
@@ -197,7 +188,7 @@ def _replicate(args: argparse.Namespace) -> int:
     return run_managed(args, lambda a, m: _run_rounds(a, m, url))
 
 
-def _run_rounds(args: argparse.Namespace, manager: VmManager, url: Any) -> int:
+def _run_rounds(args: argparse.Namespace, manager: VmManager, url: LunUrl) -> int:
     manager.find(args.name)  # a clear "no VM named" before any connection
 
     def connect() -> BlockBackend:

@@ -21,14 +21,15 @@ daemon quiesces the VM's LUNs), offline otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..server.admin import AdminError, DaemonNotRunning, call_daemon
+from ..server.admin import AdminError, call_for_vm
 from ..vm import VmManager
 from ..vm import snapshot as snaps
-from .progress import progress_bar
+from .progress import add_progress_flag, progress_bar
 from .vm import add_common, print_json, run_managed, serve_now
 
 _SNAPSHOT_VERBS = ("list", "delete", "export", "fill", "create")
@@ -45,7 +46,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--json", action="store_true")
     p.add_argument("--description", default="")
     p.add_argument("--full", action="store_true", help="hold every grain, not a difference")
-    _progress_flag(p)
+    add_progress_flag(p)
     p.add_argument("--lun", type=int, default=0, help="export: which LUN (default 0)")
     p.add_argument("--output", metavar="FILE", help="export: write the image to FILE")
     p.add_argument("--stop", action="store_true", help="export: stop exporting it")
@@ -81,7 +82,7 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("dst")
     p.add_argument("--from-snapshot", metavar="SNAP")
     p.add_argument("--full", action="store_true", help="copy every block now")
-    _progress_flag(p)
+    add_progress_flag(p)
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _clone))
 
@@ -92,7 +93,7 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
         "units (progress on stderr); the source may then be deleted.",
     )
     p.add_argument("name")
-    _progress_flag(p)
+    add_progress_flag(p)
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _unlink))
 
@@ -109,17 +110,9 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("name")
     p.add_argument("--pool", required=True)
     p.add_argument("--json", action="store_true")
-    _progress_flag(p)
+    add_progress_flag(p)
     add_common(p)
     p.set_defaults(func=_move_routed)
-
-
-def _progress_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--progress",
-        action="store_true",
-        help="draw the progress bar even when stderr is not a terminal",
-    )
 
 
 def _clone(args: argparse.Namespace, manager: VmManager) -> int:
@@ -151,29 +144,24 @@ def _unlink(args: argparse.Namespace, manager: VmManager) -> int:
 
 def _move_routed(args: argparse.Namespace) -> int:
     """``vm move``: the running daemon moves a VM it exports live; else offline."""
-    bar = progress_bar("moving", args.progress)
-    request = {"name": args.name, "pool": args.pool, "key_file": args.key_file}
-    try:
-        result = call_daemon(args.state_dir, "vm.move", request, timeout=3600, progress=bar)
-    except DaemonNotRunning:
-        return run_managed(args, _move)
-    except AdminError as exc:
-        if "does not export" in str(exc):
-            return run_managed(args, _move)
-        bar.close()
-        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
-        return 1
-    bar.close()
-    report = result["moved"]
-    if args.json:
-        print_json({"vm": args.name, "pool": args.pool, "live": True, **report})
-    else:
-        print(
+
+    def moved(result: dict[str, Any]) -> str:
+        report = result["moved"]
+        return (
             f"moved VM {args.name} to pool {args.pool} live ({report['units']} units; "
             f"{report['passes']} catch-up passes, {report['recopied']} bytes copied again, "
             f"{report['held']} while I/O was held for {report['held_ms']} ms)"
         )
-    return 0
+
+    return _daemon_or_offline(
+        args,
+        "vm.move",
+        {"name": args.name, "pool": args.pool, "key_file": args.key_file},
+        _move,
+        label="moving",
+        done=moved,
+        as_json=lambda r: {"vm": args.name, "pool": args.pool, "live": True, **r["moved"]},
+    )
 
 
 def _move(args: argparse.Namespace, manager: VmManager) -> int:
@@ -196,24 +184,22 @@ def _daemon_or_offline(
     *,
     label: str = "",
     done: Callable[[dict[str, Any]], str] | None = None,
+    as_json: Callable[[dict[str, Any]], Any] | None = None,
 ) -> int:
     """``op`` by the running daemon where it exports the VM, else ``offline``; a
-    ``label`` draws a progress bar of the daemon's work; ``done`` says what was done."""
+    ``label`` draws a progress bar of the daemon's work; ``done`` says what was done,
+    ``as_json`` what ``--json`` prints of the daemon's result (default: all of it)."""
     bar = progress_bar(label, args.progress) if label else None
     try:
-        result = call_daemon(args.state_dir, op, request, timeout=3600, progress=bar)
-    except DaemonNotRunning:
-        return run_managed(args, offline)
+        with bar or contextlib.nullcontext():  # the bar's line ends before any message
+            result = call_for_vm(args.state_dir, op, request, progress=bar)
     except AdminError as exc:
-        if "does not export" in str(exc):
-            return run_managed(args, offline)
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return 1
-    finally:
-        if bar is not None:
-            bar.close()
+    if result is None:
+        return run_managed(args, offline)
     if args.json:
-        print_json(result)
+        print_json(as_json(result) if as_json is not None else result)
     elif done is not None:
         print(done(result))
     else:

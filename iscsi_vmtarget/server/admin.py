@@ -564,12 +564,10 @@ def action_vm_resize(state_dir: str, runtime: Runtime, args: Args) -> dict[str, 
     """Grow a VM the daemon exports, live: guest I/O pauses while a region moves, the
     guest views take the new layout and initiators get CAPACITY DATA HAS CHANGED
     (SBC-3 §4.10); see :func:`iscsi_vmtarget.vm.resize_live`."""
-    from ..vm import resize_live, vm_target_name
+    from ..vm import resize_live
 
     name = str(args["name"])
-    target = runtime.registry.targets.get(vm_target_name(name).lower())
-    if target is None:
-        raise AdminError(f"this daemon does not export a VM named {name!r}")
+    target = served_vm_target(runtime, name)
     secondaries = {int(k): int(v) for k, v in dict(args.get("secondaries") or {}).items()}
     vm = resize_live(
         state_dir,
@@ -584,18 +582,28 @@ def action_vm_resize(state_dir: str, runtime: Runtime, args: Args) -> dict[str, 
     return {"vm": vm.to_json()}
 
 
-def _vm_chains(runtime: Runtime, name: str) -> dict[int, Any]:
-    """The copy-on-write chains (:class:`iscsi_vmtarget.vm.cow.ChainBackend`) behind
-    the guest LUNs of the VM ``name`` this daemon exports, by LUN number."""
+#: How an action on a VM the daemon does not export is refused; :func:`call_for_vm`
+#: recognises it (the client then works on the pools offline).
+NOT_EXPORTED = "this daemon does not export a VM named"
+
+
+def served_vm_target(runtime: Runtime, name: str) -> Target:
+    """The target through which this daemon exports the VM ``name``; AdminError if none."""
     from ..vm import vm_target_name
-    from ..vm.cow import ChainBackend
 
     target = runtime.registry.targets.get(vm_target_name(name).lower())
     if target is None:
-        raise AdminError(f"this daemon does not export a VM named {name!r}")
-    return {
-        n: lu.backend for n, lu in target.scsi.luns.items() if isinstance(lu.backend, ChainBackend)
-    }
+        raise AdminError(f"{NOT_EXPORTED} {name!r}")
+    return target
+
+
+def _vm_chains(runtime: Runtime, name: str) -> dict[int, Any]:
+    """The copy-on-write chains (:class:`iscsi_vmtarget.vm.cow.ChainBackend`) behind
+    the guest LUNs of the VM ``name`` this daemon exports, by LUN number."""
+    from ..vm.cow import ChainBackend
+
+    luns = served_vm_target(runtime, name).scsi.luns
+    return {n: lu.backend for n, lu in luns.items() if isinstance(lu.backend, ChainBackend)}
 
 
 def action_vm_snapshot(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
@@ -683,13 +691,13 @@ def action_vm_move(state_dir: str, runtime: Runtime, args: Args) -> dict[str, An
     up on the writes made meanwhile, then switch with the LUNs quiesced; see
     :func:`iscsi_vmtarget.vm.move.move_live`. Other served chains reading the VM's
     units (linked clones, exported snapshots) follow."""
-    from ..vm import StateDir, VmManager, vm_target_name
+    from ..vm import StateDir, VmManager
     from ..vm.cow import ChainBackend
     from ..vm.move import move_live
 
     name, pool = str(args["name"]), str(args["pool"])
     chains = _vm_chains(runtime, name)
-    own = runtime.registry.targets[vm_target_name(name).lower()]
+    own = served_vm_target(runtime, name)
     followers = [
         lu.backend
         for target in runtime.registry.targets.values()
@@ -951,6 +959,25 @@ def call_daemon(
     if not reply.get("ok"):
         raise AdminError(str(reply.get("error")))
     return dict(reply["result"])
+
+
+def call_for_vm(
+    state_dir: str,
+    op: str,
+    args: Args,
+    timeout: float = 3600,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any] | None:
+    """A VM action (``vm.*``) by the running daemon; None when no daemon runs or it
+    does not export that VM, so the caller does the work on the pools offline."""
+    try:
+        return call_daemon(state_dir, op, args, timeout=timeout, progress=progress)
+    except DaemonNotRunning:
+        return None
+    except AdminError as exc:
+        if str(exc).startswith(NOT_EXPORTED):
+            return None
+        raise
 
 
 def call(state_dir: str, op: str, args: Args) -> tuple[dict[str, Any], bool]:

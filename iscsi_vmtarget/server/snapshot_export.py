@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..vm import StateDir, VmManager, vm_target_name
+from ..vm import StateDir, VmManager
 from ..vm import snapshot_export as exports
-from .admin import AdminError, Args, Runtime, log
+from .admin import Args, Runtime, log, served_vm_target
 from .vm_serve import add_vm_target
 
 
@@ -22,8 +22,7 @@ def export_snapshot_live(state_dir: str, runtime: Runtime, args: Args) -> dict[s
     """Mark (or unmark) the snapshot and add (or remove) its target in the registry;
     the registry changes on the event loop (:meth:`Runtime.on_loop`)."""
     name, snap, stop = str(args["name"]), str(args["snapshot"]), bool(args.get("stop"))
-    if vm_target_name(name).lower() not in runtime.registry.targets:
-        raise AdminError(f"this daemon does not export a VM named {name!r}")
+    served_vm_target(runtime, name)  # refuses a VM this daemon does not export
     iqn = exports.snapshot_target_name(name, snap)
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         if stop:
