@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..client import Initiator, InitiatorError
+from ..client.initiator import ScsiCommandError
 from ..server.admin import call_daemon
 from ..vm import DEFAULT_BASE_IQN, StateDir, VmError, VmManager
 from ..vm import snapshot as snaps
@@ -177,29 +178,18 @@ class Writer(threading.Thread):
                     seq += 1
                     data = content(self.cycle, seq, lba + (lun << 32))
                     self.model.sending(lun, lba, data)
-                    _command(ini, write10(lba, fua), lun, data)
+                    ini.scsi(f"LUN {lun} WRITE(10)", write10(lba, fua), lun, data)
                     done.append((lba, data))
                 if not fua:
-                    _command(ini, SYNC10, lun)
+                    ini.scsi(f"LUN {lun} SYNCHRONIZE CACHE(10)", SYNC10, lun)
                 self.model.acknowledged(lun, done)
                 self.acked += len(done)
+        except ScsiCommandError as exc:  # a wrong status (unit attentions are retried)
+            self.error = f"writer: {exc}"
         except (InitiatorError, OSError):
             return  # the daemon was killed: expected
-        except Exception as exc:  # a wrong status: the test fails on it
+        except Exception as exc:  # the test fails on it
             self.error = f"writer: {exc}"
-
-
-def _command(ini: Initiator, cdb: bytes, lun: int, data: bytes = b"") -> None:
-    for _ in range(8):
-        rsp = ini.command(cdb, lun=lun, data_out=data)
-        if rsp.status == 0:
-            return
-        if rsp.status != 2 or rsp.sense_key != 6:  # anything but a unit attention
-            raise RuntimeError(
-                f"LUN {lun} opcode {cdb[0]:#04x}: status {rsp.status}, "
-                f"sense {rsp.sense_key:#x}/{rsp.asc_ascq[0]:#04x}/{rsp.asc_ascq[1]:#04x}"
-            )
-    raise RuntimeError(f"LUN {lun}: unit attentions without end")
 
 
 class Operation(threading.Thread):
@@ -551,10 +541,8 @@ def _verify_live(port: int, model: Model, cycle: int, stats: VmCrashStats) -> li
     ini = Initiator(port=port, target_name=TARGET, timeout=30)
     ini.login()
     for lun in DISKS:
-        ini.command(bytes(6), lun=lun)
-        cdb = bytes([0x9E, 0x10]) + bytes(8) + (32).to_bytes(4, "big") + bytes(2)
-        cap = ini.command(cdb, lun=lun, read_length=32)  # READ CAPACITY(16)
-        size = (int.from_bytes(cap.data[:8], "big") + 1) * BLOCK
+        blocks, _ = ini.read_capacity16(lun)  # past the power-on unit attention
+        size = blocks * BLOCK
         expected = {model.sizes[lun]}
         if lun == 0 and model.resize_to:
             expected.add(model.resize_to)  # an unacknowledged resize: old or new
