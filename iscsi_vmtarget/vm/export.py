@@ -6,7 +6,8 @@ secondary disk the base unit names. Each LUN is a
 the NAA designator stored in its unit header in VPD 0x83 (SPC-4 §7.8.6). The VM layer
 knows nothing of iSCSI: the server wraps these into targets.
 
-A read-only raw-view LU per unit is offered too, for ACLs that grant ``view = "raw"``.
+A read-only raw-view LU per unit is offered too, for ACLs that grant ``view = "raw"``:
+the unit as it would be with its disk's snapshot chain flattened now (:mod:`.flat`).
 Each exported unit's serve lock (:mod:`.locks`) is held until its guest view is closed,
 so management commands know the VM is in use.
 """
@@ -22,9 +23,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..scsi import LogicalUnit, Reason, UnitIdentity
+from ..storage.backend import BlockBackend
 from .cow import ChainBackend
 from .discovery import FoundUnit, FoundVm
 from .errors import VmError
+from .flat import FlatView, live_flat, reopen_live
+from .format import UnitHeader
 from .locks import ServeLock
 from .pool import PoolCatalog
 from .unit import Unit
@@ -70,9 +74,13 @@ class VmLuns:
 def raw_identity(unit: Unit) -> UnitIdentity:
     """A raw view is another logical unit (other size, other content): it gets its own
     designator, derived from the unit UUID, so a host seeing both never merges them."""
-    return UnitIdentity.from_uuid(
-        uuid.uuid5(unit.header.unit_uuid, "raw"), f"{unit.header.unit_uuid.hex}-raw"
-    )
+    return raw_identity_of(unit.header.unit_uuid)
+
+
+def raw_identity_of(ident: uuid.UUID) -> UnitIdentity:
+    """The raw view's designator and serial for the LU whose identity is ``ident``
+    (a unit's UUID, a snapshot volume's :func:`~.snapshot.snapshot_identity` UUID)."""
+    return UnitIdentity.from_uuid(uuid.uuid5(ident, "raw"), f"{ident.hex}-raw")
 
 
 def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
@@ -85,12 +93,13 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
             try:
                 unit = Unit.open(catalog.get(found.pool), found.ref, repair=False)
                 try:
-                    raw = unit.raw_view()
+                    handle = catalog.get(found.pool).open(found.ref)
                     try:
                         view = _live_view(vm, found, unit, catalog, state_dir, lock.release)
                     except BaseException:
-                        raw.close()
+                        handle.close()
                         raise
+                    raw = live_flat(handle, unit.header, view)  # reads through the chain
                 finally:
                     unit.close()
             except BaseException:
@@ -106,13 +115,14 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
             view.add_capacity_listener(capacity_listener(lu))
             out.guest[number] = lu
             options.pop("pr_state_path", None)
-            out.raw[number] = LogicalUnit(
+            out.raw[number] = raw_lu = LogicalUnit(
                 raw,
                 raw_identity(unit),
                 block_size=unit.header.block_size,
                 read_only=True,
                 **options,  # type: ignore[arg-type]
             )
+            view.add_capacity_listener(capacity_listener(raw_lu))  # a grown top grows it
     except BaseException:
         out.close()
         raise
@@ -232,8 +242,24 @@ def resize_live(
         )
         for number, found in vm.lun_map().items():
             raw_lu = (raw or {}).get(number)
-            if raw_lu is not None and raw_lu.backend.size != found.header.unit_size:
-                old = raw_lu.backend
-                raw_lu.backend = RawView(manager.catalog.get(found.pool).open(found.ref))
-                old.close()
+            if raw_lu is not None:
+                handle = manager.catalog.get(found.pool).open(found.ref)
+                for old in reopen_raw(raw_lu, handle, found.header):
+                    old.close()
     return vm
+
+
+def reopen_raw(lu: LogicalUnit, handle: BlockBackend, header: UnitHeader) -> list[BlockBackend]:
+    """Give a raw-view LU a new handle on its unit (grown by a resize, moved to another
+    pool) with ``header``'s layout; it goes on reading the disk through the same chain.
+    Returns what it replaced, for the caller to close; initiators are told of a new
+    capacity (CAPACITY DATA HAS CHANGED)."""
+    backend = lu.backend
+    if isinstance(backend, FlatView):
+        retired = reopen_live(backend, handle, header)
+    else:
+        retired, lu.backend = [backend], RawView(handle)
+    check = getattr(lu, "check_capacity", None)
+    if check is not None:
+        check()
+    return retired

@@ -47,9 +47,10 @@ from .cow import ChainBackend, DeltaLayer, is_zero
 from .dirty import DirtyGrains, copy_dirty
 from .discovery import FoundUnit, FoundVm, discover
 from .errors import InUseError, VmError
+from .export import reopen_raw
+from .format import UnitHeader
 from .pool import DirectoryPool, Pool, UnitRef
 from .unit import Unit
-from .view import RawView
 
 if TYPE_CHECKING:
     from ..scsi import LogicalUnit
@@ -390,7 +391,7 @@ def _switch(
     chains go on with the originals, which no I/O has touched since the commit."""
     _commit(manager, name, dest, plan)
     opened: list[tuple[ChainBackend, list[DeltaLayer], BlockBackend | None]] = []
-    views: dict[int, RawView] = {}
+    views: dict[int, tuple[BlockBackend, UnitHeader]] = {}
     try:
         _rename_into_place(dest, plan)
         for chain in live.values():
@@ -398,7 +399,7 @@ def _switch(
         for number, volume in vm.lun_map().items():
             if number in raw and volume.header.unit_uuid in moved:
                 pool, ref = final(volume.header.unit_uuid)
-                views[number] = RawView(pool.open(ref))
+                views[number] = (pool.open(ref), volume.header)
     except BaseException:
         for _chain, layers, root in opened:
             for layer in layers:
@@ -406,8 +407,8 @@ def _switch(
                     layer.close()
             if root is not None:
                 root.close()
-        for view in views.values():
-            view.close()
+        for handle, _header in views.values():
+            handle.close()
         for u in plan:
             for key in ("key", "temp"):
                 with contextlib.suppress(FileNotFoundError):
@@ -419,9 +420,8 @@ def _switch(
         chain.write_hook = None
         chain.rebind(layers, root)
     retired: list[BlockBackend] = []
-    for number, view in views.items():
-        retired.append(raw[number].backend)
-        raw[number].backend = view
+    for number, (handle, header) in views.items():
+        retired.extend(reopen_raw(raw[number], handle, header))
     return retired
 
 

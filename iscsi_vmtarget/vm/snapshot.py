@@ -69,8 +69,13 @@ def check_snapshot_name(name: str) -> None:
 def snapshot_identity(record: UnitHeader, volume_naa: bytes) -> UnitIdentity:
     """The snapshot's own designator and serial for one of its volumes (what a
     management or backup view of the snapshot reports, never a guest view)."""
-    ident = uuid.uuid5(record.unit_uuid, volume_naa.hex())
+    ident = snapshot_uuid(record, volume_naa)
     return UnitIdentity.from_uuid(ident, f"{ident.hex}")
+
+
+def snapshot_uuid(record: UnitHeader, volume_naa: bytes) -> uuid.UUID:
+    """What :func:`snapshot_identity` derives from: the snapshot's image of a volume."""
+    return uuid.uuid5(record.unit_uuid, volume_naa.hex())
 
 
 @dataclass(frozen=True)

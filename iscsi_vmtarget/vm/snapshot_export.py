@@ -8,7 +8,9 @@ at once (its ``vm.snapshot.export`` admin action). The target is
 ``<base IQN>:vm.NAME.snap.SNAP``, LUN n the snapshot's image of the VM's LUN n, each
 read-only and reporting the snapshot's own designator and serial (VPD 0x83/0x80,
 SPC-4 §7.8.6, §7.8.16): a backup host may see it beside the live VM, and no initiator
-is ever shown two LUNs with one identity.
+is ever shown two LUNs with one identity. An ACL granting ``view = "raw"`` gets the
+unit flattened at the snapshot instead (:func:`~.flat.snapshot_flat`), under a
+designator derived from the snapshot's (never the live raw view's nor a guest's).
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import os
 from typing import TYPE_CHECKING
 
 from ..scsi import LogicalUnit
+from ..storage.backend import BlockBackend
 from .atomic import write_json
-from .discovery import Discovery, FoundVm, discover
+from .discovery import Discovery, FoundUnit, FoundVm, discover
 from .errors import VmError
-from .export import VmLuns, vm_target_name
-from .snapshot import find_snapshot, open_chain, snapshot_identity
+from .export import VmLuns, raw_identity_of, vm_target_name
+from .flat import snapshot_flat
+from .format import Role, UnitHeader
+from .snapshot import find_snapshot, open_chain, snapshot_identity, snapshot_uuid
 
 if TYPE_CHECKING:
     from .manager import VmManager
@@ -91,10 +96,29 @@ def snapshot_luns(manager: VmManager, vm: FoundVm, snap: str) -> VmLuns:
                 block_size=volume.header.block_size,
                 read_only=True,
             )
+            luns.raw[number] = _raw_lun(manager, record, volume.header, chain)
     except BaseException:
         luns.close()
         raise
     return luns
+
+
+def _raw_lun(
+    manager: VmManager, record: FoundUnit, volume: UnitHeader, chain: BlockBackend
+) -> LogicalUnit:
+    """The raw view of one volume of the snapshot: the unit flattened at the snapshot
+    (:func:`~.flat.snapshot_flat`; the base volume's sealed regions as the record holds
+    them), with a designator of its own derived from the snapshot's, as
+    :func:`~.export.raw_identity` derives the live raw view's from the unit's."""
+    handle = None
+    if volume.role is Role.BASE:
+        handle = manager.catalog.get(record.pool).open(record.ref)
+    return LogicalUnit(
+        snapshot_flat(volume, handle, record.header, chain),
+        raw_identity_of(snapshot_uuid(record.header, volume.naa)),
+        block_size=volume.block_size,
+        read_only=True,
+    )
 
 
 def open_exported(manager: VmManager, name: str, snap: str) -> VmLuns:

@@ -44,6 +44,16 @@ def make_header(mode: Mode, disk: int, memory: int = 4 << 20) -> UnitHeader:
     )
 
 
+def flattened(unit: bytes, header: UnitHeader, guest: bytes) -> bytes:
+    """What a raw view of a unit with a snapshot chain serves (the unit flattened
+    now): ``unit``'s bytes, with the guest's disk ``guest`` where ``header``'s
+    concealment mode places it."""
+    out = bytearray(unit)
+    for start, length, unit_off in guest_segments(header):
+        out[unit_off : unit_off + length] = guest[start : start + length]
+    return bytes(out)
+
+
 def disjoint(spans: list[tuple[int, int]]) -> bool:
     """Whether (start, end) spans do not overlap."""
     ordered = sorted(spans)

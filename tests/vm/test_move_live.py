@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from iscsi_vmtarget.vm.cow import GRAIN, ChainBackend
 from iscsi_vmtarget.vm.dirty import DirtyGrains
 from iscsi_vmtarget.vm.errors import InUseError
 from iscsi_vmtarget.vm.format import Mode
+from tests.vm.helpers import flattened
 
 MIB = 1 << 20
 
@@ -113,8 +115,9 @@ def test_live_move_with_a_writer(tmp_path: Path, mode: Mode) -> None:
         with VmManager(StateDir.at(str(state))) as manager:
             vm = manager.find("vm1")
             base_file = state / "pools" / "p2" / f"{vm.base.header.unit_uuid}.unit"
-            raw = luns["vm1"].raw[0].backend
-            assert raw.read(0, raw.size) == base_file.read_bytes()  # raw view: new unit
+            raw = luns["vm1"].raw[0].backend  # raw view: the new unit, through the chain
+            guest = bytes(own[0].read(0, own[0].size))
+            assert raw.read(0, raw.size) == flattened(base_file.read_bytes(), vm.base.header, guest)
     finally:
         stop.set()
         for luns in served:
@@ -139,12 +142,18 @@ def test_failed_switch_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     _setup(state, Mode.TRUNCATE)
     served = serve_vms(str(state))
 
-    def broken(*_args: object) -> None:
-        raise OSError(24, "Too many open files")
+    own = _chains(_by_name(served)["vm1"])
+    opened = moving._open_layers
+    calls: list[object] = []
 
-    monkeypatch.setattr(moving, "RawView", broken)
+    def broken(*args: Any) -> Any:  # the copies open, the switch does not
+        calls.append(args)
+        if len(calls) > len(own):
+            raise OSError(24, "Too many open files")
+        return opened(*args)
+
+    monkeypatch.setattr(moving, "_open_layers", broken)
     try:
-        own = _chains(_by_name(served)["vm1"])
         with VmManager(StateDir.at(str(state))) as manager:
             with pytest.raises(OSError, match="open files"):
                 moving.move_live(manager, "vm1", "p2", own, raw=_by_name(served)["vm1"].raw)
