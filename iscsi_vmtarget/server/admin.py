@@ -273,7 +273,7 @@ class Runtime:
         target = registry.targets.pop(key)
         for handler in registry.connections_of(key):
             handler.abort_session("target deleted")
-        for lu in target.scsi.luns.values():
+        for lu in (*target.scsi.luns.values(), *(target.raw_luns or {}).values()):
             lu.backend.close()
         if self.server is not None:
             self.server.metrics.forget_target(key)
