@@ -53,7 +53,9 @@ def _unit_bytes(manager: VmManager, name: str, number: int) -> tuple[UnitHeader,
         handle.close()
 
 
-def check_flat(manager: VmManager, luns: VmLuns, *, grown: bool = False) -> None:
+def check_flat(
+    manager: VmManager, luns: VmLuns, *, grown: bool = False, state: bytes = STATE
+) -> None:
     """Every LUN's raw view is a unit whose own header's guest view reads what the
     guest sees; outside the disk it holds what the unit holds (the base unit's state
     as ciphertext only); a grown disk is served in the grown unit's layout."""
@@ -69,8 +71,8 @@ def check_flat(manager: VmManager, luns: VmLuns, *, grown: bool = False) -> None
             assert raw.size == len(unit) and header == unit_header
             assert image == flattened(unit, header, guest)
         if number == 0:
-            assert SECRET not in image
-            assert _state(manager, raw, header) == STATE
+            assert SECRET not in image and SECRET[::-1] not in image
+            assert _state(manager, raw, header) == state
 
 
 @pytest.mark.parametrize("mode", list(Mode))
@@ -101,16 +103,22 @@ def test_raw_view_follows_the_live_chain(tmp_path: Path, mode: Mode) -> None:
             _write(luns, 0, 5 * MIB, 8192)  # in the grown part
             assert luns.raw[0].backend.size > manager.find("vm").base.header.unit_size
             check_flat(manager, luns, grown=True)
+            manager.write_state("vm", io.BytesIO(STATE[::-1]), len(STATE))  # served
+            check_flat(manager, luns, grown=True, state=STATE[::-1])
             # a snapshot export's raw view: the unit flattened at that snapshot
             snap = snapshot_luns(manager, manager.find("vm"), "s3")
             try:
+                for number, lu in snap.raw.items():
+                    header = scan_slots(lu.backend).header
+                    assert header is not None
+                    view = GuestView(lu.backend, header, read_only=True)
+                    assert bytes(view.read(0, view.size)) == _guest(snap.guest[number].backend)
                 raw = snap.raw[0].backend
                 header = scan_slots(raw).header
                 assert header is not None
-                record = manager.find("vm").records
-                assert header.unit_uuid in {r.header.unit_uuid for r in record}
-                view = GuestView(raw, header, read_only=True)
-                assert bytes(view.read(0, view.size)) == images[3]
+                assert bytes(GuestView(raw, header, read_only=True).read(0, 4 * MIB)) == images[3]
+                records = manager.find("vm").records  # sealed with the record's identity
+                assert header.unit_uuid in {r.header.unit_uuid for r in records}
                 assert _state(manager, raw, header) == STATE
                 assert SECRET not in bytes(raw.read(0, raw.size))
                 idents = {
