@@ -693,6 +693,7 @@ def action_vm_move(state_dir: str, runtime: Runtime, args: Args) -> dict[str, An
     units (linked clones, exported snapshots) follow."""
     from ..vm import StateDir, VmManager
     from ..vm.cow import ChainBackend
+    from ..vm.flat import FlatView
     from ..vm.move import move_live
 
     name, pool = str(args["name"]), str(args["pool"])
@@ -702,8 +703,8 @@ def action_vm_move(state_dir: str, runtime: Runtime, args: Args) -> dict[str, An
         lu.backend
         for target in runtime.registry.targets.values()
         if target is not own
-        for lu in target.scsi.luns.values()
-        if isinstance(lu.backend, ChainBackend)
+        for lu in (*target.scsi.luns.values(), *(target.raw_luns or {}).values())
+        if isinstance(lu.backend, ChainBackend | FlatView)
     ]
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         report = move_live(

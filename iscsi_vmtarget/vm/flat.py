@@ -32,6 +32,7 @@ to (:class:`~.crypto.RegionCipher`) - so a backup of it is a self-consistent uni
 from __future__ import annotations
 
 import threading
+import uuid
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import replace
@@ -51,6 +52,7 @@ from .format import (
 )
 from .gpt import write_gpt
 from .layout import align_up, initial_regions, plan_growth
+from .pool import Pool, UnitRef
 from .view import guest_segments
 
 
@@ -133,17 +135,29 @@ class _Recorder:
         self.writes.append((offset, bytes(data)))
 
 
+class Home:
+    """A unit this view reads (the live unit, a snapshot record) through a handle that
+    a move swaps for one on the unit's new place (:meth:`FlatView.follow`)."""
+
+    def __init__(self, unit_uuid: uuid.UUID, backend: BlockBackend) -> None:
+        self.unit_uuid = unit_uuid
+        self.backend = backend
+
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        self.backend.read_into(offset, buf)
+
+
 class _LiveTail:
     """Slots A and B of a grown flattened unit: the live unit's header, re-read on
     every read (region generations change as the state is rewritten), with the grown
     layout's region table and size."""
 
-    def __init__(self, unit: BlockBackend, layout: UnitHeader) -> None:
+    def __init__(self, unit: Home, layout: UnitHeader) -> None:
         self._unit = unit
         self._layout = layout
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        live = scan_slots(self._unit).header
+        live = scan_slots(self._unit.backend).header
         if live is None:
             raise BackendError("the unit's header cannot be read")
         image = encode_header(relaid(live, self._layout)).ljust(2 * SLOT_SIZE, b"\0")
@@ -167,18 +181,19 @@ class FlatView:
 
     ``build(disk_size)`` returns the pieces and the size of the flattened unit; they
     are rebuilt when the chain's size changes (a live revert to a smaller snapshot, a
-    grown top), so the view follows the chain it reads through. ``handles`` are the
-    backends this view owns (closed with it); the chain is the guest LU's."""
+    grown top), so the view follows the chain it reads through. ``homes`` are the
+    units it reads besides, through handles it owns (closed with it); the chain is the
+    guest LU's."""
 
     def __init__(
         self,
         disk: BlockBackend,
         build: Callable[[int], _Canvas],
-        handles: list[BlockBackend],
+        homes: list[Home],
     ) -> None:
         self.disk = disk
         self._build = build
-        self._handles = handles
+        self._homes = homes
         self._lock = threading.Lock()
         self._layout: tuple[int, _Canvas, list[int]] | None = None
 
@@ -191,16 +206,36 @@ class FlatView:
                 layout = self._layout = (size, canvas, [p[0] for p in canvas.pieces])
         return layout[1], layout[2]
 
-    def rebuild(
-        self, build: Callable[[int], _Canvas], handles: list[BlockBackend]
-    ) -> list[BlockBackend]:
+    def rebuild(self, build: Callable[[int], _Canvas], homes: list[Home]) -> list[BlockBackend]:
         """Take a new unit handle and layout (the unit grew or moved); returns the
         handles it replaced, for the caller to close."""
         with self._lock:
-            old, self._handles = self._handles, handles
+            old, self._homes = self._homes, homes
             self._build = build
             self._layout = None
-        return old
+        return [home.backend for home in old]
+
+    def follow(
+        self, locate: Callable[[uuid.UUID], tuple[Pool, UnitRef]], moved: set[uuid.UUID]
+    ) -> list[BlockBackend]:
+        """Read the ``moved`` units this view reads at their new places (``locate``);
+        returns the handles replaced, for the caller to close. The layout is theirs
+        still: a move copies a unit byte for byte."""
+        fresh = {}
+        for home in self._homes:
+            if home.unit_uuid in moved:
+                pool, ref = locate(home.unit_uuid)
+                fresh[id(home)] = pool.open(ref)
+        retired = []
+        for home in self._homes:
+            if id(home) in fresh:
+                retired.append(home.backend)
+                home.backend = fresh[id(home)]
+        return retired
+
+    @property
+    def homes(self) -> tuple[Home, ...]:
+        return tuple(self._homes)
 
     @property
     def size(self) -> int:
@@ -242,12 +277,12 @@ class FlatView:
         raise BackendError("a raw view cannot be resized")
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.close()
-        self._handles = []
+        for home in self._homes:
+            home.backend.close()
+        self._homes = []
 
 
-def _live_canvas(unit: BlockBackend, header: UnitHeader, disk: BlockBackend, size: int) -> _Canvas:
+def _live_canvas(unit: Home, header: UnitHeader, disk: BlockBackend, size: int) -> _Canvas:
     if size <= header.disk_size:  # the unit's own layout: everything else as it holds it
         canvas = _Canvas(header.unit_size)
         canvas.paint(0, header.unit_size, unit, 0)
@@ -271,12 +306,11 @@ def _live_canvas(unit: BlockBackend, header: UnitHeader, disk: BlockBackend, siz
 def live_flat(unit: BlockBackend, header: UnitHeader, disk: BlockBackend) -> FlatView:
     """The raw view of a served unit (``unit``: a whole-unit handle this view owns,
     ``header`` its layout) whose guest disk is the live chain ``disk``."""
-    return FlatView(disk, _live_builder(unit, header, disk), [unit])
+    home = Home(header.unit_uuid, unit)
+    return FlatView(disk, _live_builder(home, header, disk), [home])
 
 
-def _live_builder(
-    unit: BlockBackend, header: UnitHeader, disk: BlockBackend
-) -> Callable[[int], _Canvas]:
+def _live_builder(unit: Home, header: UnitHeader, disk: BlockBackend) -> Callable[[int], _Canvas]:
     return lambda size: _live_canvas(unit, header, disk, size)
 
 
@@ -284,7 +318,8 @@ def reopen_live(view: FlatView, unit: BlockBackend, header: UnitHeader) -> list[
     """Point a live raw view at a new handle and layout of its unit (after a resize
     grew it, or a move put it in another pool); it keeps reading the same chain.
     Returns the handles replaced (the caller closes them)."""
-    return view.rebuild(_live_builder(unit, header, view.disk), [unit])
+    home = Home(header.unit_uuid, unit)
+    return view.rebuild(_live_builder(home, header, view.disk), [home])
 
 
 def fresh_layout(template: UnitHeader, disk_size: int, sealed: UnitHeader | None) -> UnitHeader:
@@ -332,14 +367,15 @@ def snapshot_flat(
         )
     layout = fresh_layout(template, disk.size, record_header if record is not None else None)
     canvas = _Canvas(layout.unit_size)
-    if record is not None:
+    homes = [] if record is None else [Home(record_header.unit_uuid, record)]
+    for home in homes:
         for region in layout.regions:
             own = record_header.region(region.kind)
             if region.encrypted and own is not None:
-                canvas.paint(region.offset, own.length, record, own.offset)
+                canvas.paint(region.offset, own.length, home, own.offset)
     canvas.paint_disk(layout, disk, disk.size)
     canvas.paint_label(layout)
-    return FlatView(disk, lambda _size: canvas, [record] if record is not None else [])
+    return FlatView(disk, lambda _size: canvas, homes)
 
 
 __all__ = ["FlatView", "live_flat", "reopen_live", "snapshot_flat"]

@@ -48,6 +48,7 @@ from .dirty import DirtyGrains, copy_dirty
 from .discovery import FoundUnit, FoundVm, discover
 from .errors import InUseError, VmError
 from .export import reopen_raw
+from .flat import FlatView
 from .format import UnitHeader
 from .pool import DirectoryPool, Pool, UnitRef
 from .unit import Unit
@@ -291,14 +292,15 @@ def move_live(
     live: Mapping[int, ChainBackend],
     *,
     raw: Mapping[int, LogicalUnit] | None = None,
-    followers: Iterable[ChainBackend] = (),
+    followers: Iterable[ChainBackend | FlatView] = (),
     progress: Progress | None = None,
 ) -> MoveReport:
     """Move VM ``name`` to ``pool`` while this process serves it (module docstring).
 
     ``live``: the chains behind the VM's guest LUNs, by LUN number; ``raw``: its raw
     view LUs (rebound to the new units); ``followers``: other served chains that may
-    read units of this VM (a linked clone, an exported snapshot), rebound too."""
+    read units of this VM (a linked clone, an exported snapshot and its raw views),
+    rebound too."""
     from .snapshot import _held
 
     dest = _destination(manager, pool)
@@ -425,8 +427,13 @@ def _switch(
     return retired
 
 
-def _follow(chain: ChainBackend, final: Locate, moved: set[uuid.UUID]) -> None:
-    """Rebind a served chain that reads moved units onto their new places."""
+def _follow(chain: ChainBackend | FlatView, final: Locate, moved: set[uuid.UUID]) -> None:
+    """Rebind a served chain that reads moved units onto their new places (or a raw
+    view, which reads its disk through such a chain: the units it reads besides)."""
+    if isinstance(chain, FlatView):
+        for old in chain.follow(final, moved):
+            old.close()
+        return
     uses = {layer.unit_uuid for layer in chain.layers} | {getattr(chain.root, "unit_uuid", None)}
     if not uses & moved:
         return

@@ -19,6 +19,7 @@ from iscsi_vmtarget.vm.clone import clone
 from iscsi_vmtarget.vm.cow import GRAIN, ChainBackend
 from iscsi_vmtarget.vm.dirty import DirtyGrains
 from iscsi_vmtarget.vm.errors import InUseError
+from iscsi_vmtarget.vm.flat import FlatView
 from iscsi_vmtarget.vm.format import Mode
 from tests.vm.helpers import flattened
 
@@ -87,8 +88,14 @@ def test_live_move_with_a_writer(tmp_path: Path, mode: Mode) -> None:
     try:
         luns = _by_name(served)
         own = _chains(luns["vm1"])
-        followers = [c for n, v in luns.items() if n != "vm1" for c in _chains(v).values()]
+        followers: list[ChainBackend | FlatView] = [
+            c for n, v in luns.items() if n != "vm1" for c in _chains(v).values()
+        ]
         assert len(followers) == 4  # the export of s1 and the linked clone kid, 2 LUNs each
+        snap_raw = luns[exports.snapshot_target_suffix("vm1", "s1")].raw[0].backend
+        assert isinstance(snap_raw, FlatView)
+        followers.append(snap_raw)  # it reads the s1 record besides the chain
+        snap_backup = bytes(snap_raw.read(0, snap_raw.size))
         writer = threading.Thread(target=write, args=(own,))
         writer.start()
         seen: list[tuple[int, int]] = []
@@ -110,10 +117,14 @@ def test_live_move_with_a_writer(tmp_path: Path, mode: Mode) -> None:
             assert own[lun].read(offset, len(data)) == data
         snap = _chains(luns[exports.snapshot_target_suffix("vm1", "s1")])[0]
         assert snap.read(0, snap.size) == image_s1  # a follower, rebound
+        assert snap_raw.read(0, snap_raw.size) == snap_backup
         kid = _chains(luns["kid"])[0]
         assert kid.read(0, kid.size) == image_s1
         with VmManager(StateDir.at(str(state))) as manager:
             vm = manager.find("vm1")
+            record = state / "pools" / "p2" / f"{vm.records[0].header.unit_uuid}.unit"
+            paths = [h.backend.path for h in snap_raw.homes]  # type: ignore[attr-defined]
+            assert paths == [str(record)]  # the snapshot's raw view reads the moved record
             base_file = state / "pools" / "p2" / f"{vm.base.header.unit_uuid}.unit"
             raw = luns["vm1"].raw[0].backend  # raw view: the new unit, through the chain
             guest = bytes(own[0].read(0, own[0].size))

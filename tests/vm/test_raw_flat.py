@@ -105,6 +105,11 @@ def test_raw_view_follows_the_live_chain(tmp_path: Path, mode: Mode) -> None:
             check_flat(manager, luns, grown=True)
             manager.write_state("vm", io.BytesIO(STATE[::-1]), len(STATE))  # served
             check_flat(manager, luns, grown=True, state=STATE[::-1])
+            resize_live(str(tmp_path), "vm", luns.guest, luns.raw, memory=24 * MIB)  # unit grows
+            check_flat(manager, luns, grown=True, state=STATE[::-1])
+            snaps.revert(manager, "vm", "s3", live=live)  # back to the unit's disk size
+            assert luns.raw[0].backend.size == manager.find("vm").base.header.unit_size
+            check_flat(manager, luns)
             # a snapshot export's raw view: the unit flattened at that snapshot
             snap = snapshot_luns(manager, manager.find("vm"), "s3")
             try:
