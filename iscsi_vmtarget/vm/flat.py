@@ -36,6 +36,7 @@ import uuid
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Protocol
 
 from ..storage.backend import BackendError, BlockBackend, check_range
 from .format import (
@@ -56,6 +57,12 @@ from .pool import Pool, UnitRef
 from .view import guest_segments
 
 
+class _Source(Protocol):
+    """Where a piece of the flattened unit comes from: offsets are the source's."""
+
+    def read_into(self, offset: int, buf: memoryview) -> None: ...
+
+
 class _Zeros:
     @staticmethod
     def read_into(offset: int, buf: memoryview) -> None:
@@ -73,8 +80,8 @@ class _Bytes:
 
 
 ZEROS = _Zeros()
-# (unit offset, length, source, offset in the source); a source has read_into()
-Piece = tuple[int, int, object, int]
+# (unit offset, length, source, offset in the source)
+Piece = tuple[int, int, _Source, int]
 
 
 class _Canvas:
@@ -84,7 +91,7 @@ class _Canvas:
         self.size = size
         self.pieces: list[Piece] = [(0, size, ZEROS, 0)]
 
-    def paint(self, start: int, length: int, source: object, at: int = 0) -> None:
+    def paint(self, start: int, length: int, source: _Source, at: int = 0) -> None:
         end = min(start + length, self.size)
         if end <= start:
             return
@@ -110,12 +117,12 @@ class _Canvas:
             self.paint(unit_off, inside, disk, guest)
             self.paint(unit_off + inside, length - inside, ZEROS)
 
-    def paint_label(self, header: UnitHeader, tail: object | None = None) -> None:
+    def paint_label(self, header: UnitHeader, tail: _Source | None = None) -> None:
         """Our own GPT (``offset``/``aligned``) and the META region: slot A holds
         ``header`` (or ``tail`` serves the whole region)."""
         recorder = _Recorder()
         if header.mode is not Mode.TRUNCATE:
-            write_gpt(recorder, header)
+            write_gpt(recorder, header)  # type: ignore[arg-type]
         if tail is None:
             recorder.write(header.meta_offset + SLOT_OFFSETS[0], encode_header(header))
         self.paint(header.meta_offset, TAIL_SIZE, ZEROS)
@@ -255,7 +262,7 @@ class FlatView:
             start, length, source, at = pieces[index]
             here = offset + pos
             n = min(len(buf) - pos, start + length - here)
-            source.read_into(at + here - start, buf[pos : pos + n])  # type: ignore[attr-defined]
+            source.read_into(at + here - start, buf[pos : pos + n])
             pos += n
             index += 1
 
@@ -361,6 +368,7 @@ def snapshot_flat(
             volume,
             unit_uuid=record_header.unit_uuid,
             naa=record_header.naa,
+            owner_uuid=record_header.unit_uuid,  # a base unit owns itself
             key_id=record_header.key_id,
             wrapped_key=record_header.wrapped_key,
             generation=record_header.generation,
