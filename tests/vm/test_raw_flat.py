@@ -75,7 +75,7 @@ def check_flat(
             assert _state(manager, raw, header) == state
 
 
-@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.name.lower())
 def test_raw_view_follows_the_live_chain(tmp_path: Path, mode: Mode) -> None:
     with VmManager(StateDir.at(str(tmp_path))) as manager:
         manager.create("vm", disk=4 * MIB, memory=4 * MIB, secondaries=(2 * MIB,), mode=mode)
