@@ -26,8 +26,8 @@ from tests.integration.test_vm_move_live import (
     Writer,
     _setup,
     run_paused,
-    snapshot_images,
 )
+from tests.vm.helpers import snapshot_images
 from tests.vm.test_snapshot_full import layers_alone
 
 MIB = 1 << 20
@@ -35,7 +35,7 @@ CHUNK = 256  # blocks per READ over iSCSI
 
 
 def _images(state: Path, snap: str) -> list[bytes]:
-    return snapshot_images(state, snap, VM, len(SIZES))
+    return snapshot_images(state, VM, snap, len(SIZES))
 
 
 def _block(image: bytes, lba: int) -> bytes:

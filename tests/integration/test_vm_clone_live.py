@@ -35,8 +35,8 @@ from tests.integration.test_vm_move_live import (
     grant,
     ivt,
     run_paused,
-    snapshot_images,
 )
+from tests.vm.helpers import snapshot_images
 
 SRC, DST = "web", "web2"
 SIZES = (8 * MIB, 4 * MIB)  # LUN 0, LUN 1
@@ -71,7 +71,7 @@ def _image(ini: Initiator, lun: int) -> bytes:
 
 
 def _snapshot_images(state: Path, snap: str) -> list[bytes]:
-    return snapshot_images(state, snap, SRC)
+    return snapshot_images(state, SRC, snap)
 
 
 def _with_writes(images: list[bytes], writer: Writer) -> list[bytes]:

@@ -27,6 +27,7 @@ from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import ENV, PAUSE_ENV
 from tests.conftest import INITIATOR, RunningTarget, start_target
 from tests.integration.test_snapshot_serve import _identity, _iscsi_inq, _read
+from tests.vm.helpers import snapshot_images
 
 MIB = 1 << 20
 VM = "mover"
@@ -128,22 +129,8 @@ def _setup(state: Path, snapshot: bool, dest: str = "directory") -> None:
             snaps.create_snapshot(manager, VM, "s1")
 
 
-def snapshot_images(state: Path, snap: str, vm: str = VM, luns: int = 2) -> list[bytes]:
-    """The images of snapshot ``snap`` of ``vm``'s first ``luns`` LUNs, read offline
-    (while a daemon serves the VM too)."""
-    with VmManager(StateDir.at(str(state))) as manager:
-        out = []
-        for lun in range(luns):
-            backend = snaps.open_snapshot(manager, vm, snap, lun)
-            try:
-                out.append(bytes(backend.read(0, backend.size)))
-            finally:
-                backend.close()
-        return out
-
-
 def _snapshot_image(state: Path) -> bytes:
-    return snapshot_images(state, "s1", luns=1)[0]
+    return snapshot_images(state, VM, "s1", luns=1)[0]
 
 
 def grant(state: Path, iqn: str, *initiators: str) -> None:
