@@ -13,7 +13,6 @@ of the daemon at each step of a live clone or unlink, then a restart: a valid st
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.vm import StateDir, VmManager, vm_target_name
 from iscsi_vmtarget.vm import snapshot as snaps
+from iscsi_vmtarget.vm.clone import clone
 from iscsi_vmtarget.vm.faults import ENV
 from tests.conftest import INITIATOR, start_target
 from tests.integration.test_snapshot_serve import _identity
@@ -112,6 +112,8 @@ def test_live_clone_then_unlink_while_both_serve(
         assert "snapshot clone-web2 of web taken" in proc.stdout, proc.stdout
         assert f"served by the running daemon as {vm_target_name(DST)}" in proc.stdout
         writer.wait_for(writer.count + 50)  # web went on serving
+        again = ivt(state, "vm", "clone", SRC, DST, check=False)
+        assert again.returncode == 1 and "a VM named 'web2' already exists" in again.stderr
         grant(state, vm_target_name(DST), WRITER, INITIATOR)
         kid = _session(target.port, DST)
         assert [_identity(watcher, lun) for lun in (0, 1)] == before  # web's VPD 0x83/0x80
@@ -159,6 +161,14 @@ def _block(ini: Initiator, lun: int, lba: int) -> bytes:
     return ini.read16(lba, 1, 512, lun)
 
 
+def _holds(port: int, writer: Writer) -> None:
+    """Every write ``writer`` had acknowledged on web reads back."""
+    ini = _session(port, SRC)
+    writer.holds({k: _block(ini, *k) for k in writer.acked})
+    ini.logout()
+    ini.close()
+
+
 def _kill_at(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: Path, point: str, *args: str
 ) -> Writer:
@@ -181,7 +191,6 @@ def _kill_at(
     ("point", "made"),
     [
         ("snapshot.committed", False),  # web's snapshot taken, the clone not begun
-        ("clone.linking", False),
         ("clone.copied", False),
         ("clone.committed", True),  # renamed: the clone stays, its snapshot too
     ],
@@ -194,10 +203,7 @@ def test_kill_during_live_clone(
     writer = _kill_at(tmp_path, monkeypatch, state, point, "vm", "clone", SRC, DST)
     again = start_target(tmp_path / "again", "--state-dir", str(state))  # repairs first
     try:
-        ini = _session(again.port, SRC)
-        writer.holds({k: _block(ini, *k) for k in writer.acked})
-        ini.logout()
-        ini.close()
+        _holds(again.port, writer)
         names = sorted(again.targets)
         assert (vm_target_name(DST) in names) is made, names
         if made:
@@ -208,9 +214,36 @@ def test_kill_during_live_clone(
             kid.close()
     finally:
         again.stop()
-    found = json.loads(ivt(state, "discover", "--json").stdout)
-    names = [vm["name"] for vm in found["vms"] if vm["name"] != "demo"]
-    assert names == ([SRC, DST] if made else [SRC])  # no temporary c-... VM
-    assert not found["damaged"] and not found["orphan_secondaries"]
-    listed = ivt(state, "vm", "snapshot", "list", SRC).stdout
-    assert ("clone-web2" in listed) is made, listed
+    with VmManager(StateDir.at(str(state))) as manager:
+        found = manager.discover()
+        names = [vm.name for vm in found.vms if vm.name != "demo"]
+        assert names == ([SRC, DST] if made else [SRC])  # no temporary c-... VM
+        assert not found.damaged and not found.orphans
+        taken = [info.name for info in snaps.list_snapshots(manager, SRC)]
+        assert taken == (["clone-web2"] if made else [])
+
+
+def test_kill_after_live_unlink_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of the daemon right after a live unlink committed its first LUN (held
+    meanwhile): restarted, the clone reads what it did, and unlink finishes."""
+    state = tmp_path / "state"
+    _setup(state)
+    with VmManager(StateDir.at(str(state))) as manager:
+        assert clone(manager, SRC, DST, full=False) == "clone-web2"
+    image = _snapshot_images(state, "clone-web2")
+    writer = _kill_at(tmp_path, monkeypatch, state, "unlink.committed", "vm", "unlink", DST)
+    again = start_target(tmp_path / "again", "--state-dir", str(state))
+    try:
+        _holds(again.port, writer)
+        grant(state, vm_target_name(DST), INITIATOR)
+        kid = _session(again.port, DST)
+        assert [_image(kid, lun) for lun in (0, 1)] == image
+        # LUN 0 was unlinked when the daemon died, LUN 1 not yet: running it again
+        # finishes (live, both LUNs still reading the same bytes), then it is done
+        assert "is independent (unlinked live" in ivt(state, "vm", "unlink", DST).stdout
+        assert [_image(kid, lun) for lun in (0, 1)] == image
+        assert "(it already was)" in ivt(state, "vm", "unlink", DST).stdout
+        kid.logout()
+        kid.close()
+    finally:
+        again.stop()
