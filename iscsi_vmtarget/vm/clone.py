@@ -169,8 +169,6 @@ def _build(
             parent = dict(record.header.tops)[volume.header.naa]
             delta = _new_delta(manager, new, new_luns[number], parent)
             linked.append((new_luns[number].header.naa, delta.header.unit_uuid))
-            if progress is not None:
-                progress(len(linked), len(luns))
             faults.crashpoint("clone.linking")
         for number, volume in sorted(luns.items()) if full else ():
             source: BlockBackend
