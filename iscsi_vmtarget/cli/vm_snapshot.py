@@ -15,7 +15,8 @@ daemon quiesces the VM's LUNs), offline otherwise.
   ``--stop`` removes it (its sessions are logged out); ``--output`` writes LUN N's
   image to a file instead
 * ``vm revert NAME SNAP``
-* ``vm clone SRC DST [--from-snapshot SNAP] [--full]``
+* ``vm clone SRC DST [--from-snapshot SNAP] [--full]``, ``vm unlink NAME``, ``vm move
+  NAME --pool P``: by the running daemon too where it exports the VM (live)
 """
 
 from __future__ import annotations
@@ -73,10 +74,13 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
         "clone",
         help="clone a VM (or one of its snapshots) as a new VM",
         description="Make VM DST from VM SRC's snapshot --from-snapshot SNAP (or its live "
-        "disks: a linked clone then first snapshots SRC as clone-DST; a full one needs SRC "
-        "not served): new units, new designators and serials; state and config copied. "
-        "Linked by default (shares the snapshot's blocks copy-on-write until 'vm unlink "
-        "DST'); --full copies every block (progress on stderr).",
+        "disks: a linked clone then first snapshots SRC as clone-DST, kept, and rests on "
+        "it): new units, new designators and serials; state and config copied. Linked by "
+        "default (shares the snapshot's blocks copy-on-write until 'vm unlink DST'); "
+        "--full copies every block (progress on stderr). When the running daemon exports "
+        "SRC it clones it live - the snapshot is taken with SRC's LUNs quiesced, as 'vm "
+        "snapshot' does (a --full copy then reads it and deletes it) - and serves DST at "
+        "once; otherwise a --full copy of the live disks needs SRC not served.",
     )
     p.add_argument("src")
     p.add_argument("dst")
@@ -84,24 +88,27 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--full", action="store_true", help="copy every block now")
     add_progress_flag(p)
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _clone))
+    p.set_defaults(func=_clone_routed)
 
     p = verbs.add_parser(
         "unlink",
         help="make a linked clone independent of its source",
         description="Copy the blocks a linked clone shares with its source into its own "
-        "units (progress on stderr); the source may then be deleted.",
+        "units (progress on stderr); the source may then be deleted. When the running "
+        "daemon exports the clone it unlinks it live: the clone (and its source) keep "
+        "serving and being written meanwhile.",
     )
     p.add_argument("name")
     add_progress_flag(p)
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _unlink))
+    p.set_defaults(func=_unlink_routed)
 
     p = verbs.add_parser(
         "move",
         help="move a VM's units to another pool (live when the daemon serves it)",
         description="Copy every unit of the VM (disks, snapshot layers and records) to "
-        "directory pool --pool, then switch, crash-safely; identities do not change. "
+        "pool --pool (a directory or a device pool), then switch, crash-safely; "
+        "identities do not change. "
         "When the running daemon exports the VM it moves it live: its LUNs keep "
         "serving while the units are copied and the writes made meanwhile caught up, "
         "then are held for the switch (in-flight commands drain, new ones wait). "
@@ -115,11 +122,46 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
     p.set_defaults(func=_move_routed)
 
 
+def _clone_routed(args: argparse.Namespace) -> int:
+    """``vm clone``: the running daemon clones a VM it exports live; else offline."""
+    request = {
+        "src": args.src,
+        "dst": args.dst,
+        "from_snapshot": args.from_snapshot,
+        "full": args.full,
+        "key_file": args.key_file,
+    }
+
+    def cloned(result: dict[str, Any]) -> str:
+        lines = _cloned(args, result["snapshot"], live=True)
+        if "target" in result:
+            lines.append(f"served by the running daemon as {result['target']}")
+        else:
+            lines.append(
+                f"the running daemon could not serve VM {args.dst} now "
+                f"({result.get('serve_error')}); it will from its next start"
+            )
+        return "\n".join(lines)
+
+    return _daemon_or_offline(args, "vm.clone", request, _clone, label="cloning", done=cloned)
+
+
+def _cloned(args: argparse.Namespace, snapshot: str | None, *, live: bool) -> list[str]:
+    """What ``vm clone`` did, as lines for the operator."""
+    lines = []
+    if snapshot:
+        how = " (its LUNs were quiesced)" if live else ""
+        lines.append(f"snapshot {snapshot} of {args.src} taken{how}; the clone rests on it")
+    kind = "full copy" if args.full else "linked clone"
+    lines.append(f"cloned {args.src} as {args.dst} ({kind}{', live' if live else ''})")
+    return lines
+
+
 def _clone(args: argparse.Namespace, manager: VmManager) -> int:
     from ..vm.clone import clone
 
     with progress_bar("cloning", args.progress) as bar:
-        clone(
+        taken = clone(
             manager,
             args.src,
             args.dst,
@@ -127,10 +169,26 @@ def _clone(args: argparse.Namespace, manager: VmManager) -> int:
             full=args.full,
             progress=bar,
         )
-    kind = "full copy" if args.full else "linked clone"
-    print(f"cloned {args.src} as {args.dst} ({kind})")
+    print("\n".join(_cloned(args, taken, live=False)))
     serve_now(manager.state.root, args.dst)
     return 0
+
+
+def _unlink_routed(args: argparse.Namespace) -> int:
+    """``vm unlink``: the running daemon unlinks a clone it exports live; else offline."""
+    return _daemon_or_offline(
+        args,
+        "vm.unlink",
+        {"name": args.name, "key_file": args.key_file},
+        _unlink,
+        label="unlinking",
+        done=lambda r: _independent(args.name, r["changed"], live=True),
+    )
+
+
+def _independent(name: str, changed: bool, *, live: bool) -> str:
+    how = " (unlinked live by the running daemon)" if live else ""
+    return f"VM {name} is independent" + (how if changed else " (it already was)")
 
 
 def _unlink(args: argparse.Namespace, manager: VmManager) -> int:
@@ -138,7 +196,7 @@ def _unlink(args: argparse.Namespace, manager: VmManager) -> int:
 
     with progress_bar("unlinking", args.progress) as bar:
         changed = unlink(manager, args.name, progress=bar)
-    print(f"VM {args.name} is independent" + ("" if changed else " (it already was)"))
+    print(_independent(args.name, changed, live=False))
     return 0
 
 
@@ -198,7 +256,7 @@ def _daemon_or_offline(
         return 1
     if result is None:
         return run_managed(args, offline)
-    if args.json:
+    if getattr(args, "json", False):
         print_json(as_json(result) if as_json is not None else result)
     elif done is not None:
         print(done(result))

@@ -606,6 +606,24 @@ def _vm_chains(runtime: Runtime, name: str) -> dict[int, Any]:
     return {n: lu.backend for n, lu in luns.items() if isinstance(lu.backend, ChainBackend)}
 
 
+def other_chains(runtime: Runtime, own: Target, *, raw: bool = False) -> list[Any]:
+    """Every served chain but those of target ``own``: what may read a VM's units
+    besides the VM itself (linked clones, exported snapshots), for a live change of
+    those units to rebind too; ``raw`` adds the raw views (:class:`~..vm.flat.FlatView`)
+    of every other target, which read units of their own besides their chain."""
+    from ..vm.cow import ChainBackend
+    from ..vm.flat import FlatView
+
+    kinds: tuple[type, ...] = (ChainBackend, FlatView) if raw else (ChainBackend,)
+    return [
+        lu.backend
+        for target in runtime.registry.targets.values()
+        if target is not own
+        for lu in (*target.scsi.luns.values(), *((target.raw_luns or {}).values() if raw else ()))
+        if isinstance(lu.backend, kinds)
+    ]
+
+
 def action_vm_snapshot(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """Snapshot a VM the daemon exports: its LUNs are quiesced (in-flight commands
     drain, new ones wait), flushed, frozen and given new tops, then resume; with
@@ -653,6 +671,21 @@ def action_vm_snapshot_export(state_dir: str, runtime: Runtime, args: Args) -> d
     return export_snapshot_live(state_dir, runtime, args)
 
 
+def action_vm_clone(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
+    """Clone a VM the daemon exports (a snapshot taken with its LUNs quiesced, then a
+    linked clone of it) and serve the clone at once; see :mod:`.vm_clone`."""
+    from .vm_clone import clone_vm_live
+
+    return clone_vm_live(state_dir, runtime, args)
+
+
+def action_vm_unlink(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
+    """Make a linked clone the daemon exports independent while it serves."""
+    from .vm_clone import unlink_vm_live
+
+    return unlink_vm_live(state_dir, runtime, args)
+
+
 def action_vm_serve(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """Export a VM made while the daemon runs, at once; see :mod:`.vm_serve`."""
     from .vm_serve import serve_vm_live
@@ -692,20 +725,12 @@ def action_vm_move(state_dir: str, runtime: Runtime, args: Args) -> dict[str, An
     :func:`iscsi_vmtarget.vm.move.move_live`. Other served chains reading the VM's
     units (linked clones, exported snapshots) follow."""
     from ..vm import StateDir, VmManager
-    from ..vm.cow import ChainBackend
-    from ..vm.flat import FlatView
     from ..vm.move import move_live
 
     name, pool = str(args["name"]), str(args["pool"])
     chains = _vm_chains(runtime, name)
     own = served_vm_target(runtime, name)
-    followers = [
-        lu.backend
-        for target in runtime.registry.targets.values()
-        if target is not own
-        for lu in (*target.scsi.luns.values(), *(target.raw_luns or {}).values())
-        if isinstance(lu.backend, ChainBackend | FlatView)
-    ]
+    followers = other_chains(runtime, own, raw=True)
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         report = move_live(
             manager,
@@ -730,6 +755,8 @@ ACTIONS: dict[str, Callable[[str, Runtime, Args], dict[str, Any]]] = {
     "vm.snapshot.export": action_vm_snapshot_export,
     "vm.move": action_vm_move,
     "vm.serve": action_vm_serve,
+    "vm.clone": action_vm_clone,
+    "vm.unlink": action_vm_unlink,
 }
 
 

@@ -18,9 +18,18 @@ Crash safety: the new VM is built under a temporary name ``c-<12 hex digits>`` a
 only renamed to ``dst`` - one header commit of its base unit - when every byte is in
 place. An intent file ``<state-dir>/conf/clones/<temp>.json``, written first and held
 by an :func:`~.locks.operation` lock while the clone runs, names the temporary VM and
-the snapshot a linked clone of live disks took; a clone that fails, or is killed,
-leaves an intent nobody holds, and :func:`finish_clones` (run with every pool lock,
-so at the next repair or ``discover``) deletes the temporary VM and that snapshot.
+the snapshot a clone of live disks takes (its record UUID, chosen before the snapshot
+exists); a clone that fails, or is killed, leaves an intent nobody holds, and
+:func:`finish_clones` (run with every pool lock, so at the next repair or
+``discover``) deletes the temporary VM and that snapshot.
+
+**Live** (the daemon's ``vm.clone`` and ``vm.unlink`` actions, for a VM it serves):
+a clone of the live disks takes its snapshot with the source's LUNs quiesced, as
+``vm snapshot`` does (``live`` chains), so the guest notices nothing; the linked clone
+is then metadata over that snapshot's frozen layers. :func:`unlink` of a served clone
+copies the frozen image its chains rest on into its own units while its guest writes
+(only into its own top layers, never read by the copy), then commits and rebinds the
+served chains onto its own units under quiesce.
 """
 
 from __future__ import annotations
@@ -28,14 +37,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 
 from ..storage.backend import BlockBackend
 from . import atomic, faults, locks
-from .cow import is_zero
-from .discovery import discover
+from .cow import ChainBackend, is_zero
+from .discovery import FoundUnit, FoundVm, discover
 from .errors import VmError
 from .format import RegionKind
 from .manager import VmManager, check_vm_name
@@ -45,10 +55,14 @@ from .snapshot import (
     _walk,
     chain_size,
     collect,
+    create_snapshot,
+    delete_snapshot,
     find_snapshot,
+    list_snapshots,
     open_chain,
     open_live,
 )
+from .unit import Unit
 
 Progress = Callable[[int, int], None]
 _STEP = 1 << 20
@@ -62,24 +76,46 @@ def clone(
     from_snapshot: str | None = None,
     full: bool = True,
     progress: Progress | None = None,
-) -> None:
+    live: Mapping[int, ChainBackend] | None = None,
+) -> str | None:
     """Clone VM ``src`` (its live disks, or snapshot ``from_snapshot``) as ``dst``.
 
     ``full``: copy every block. Otherwise a linked clone: each of the clone's volumes
     gets a delta over the snapshot's layer of the source volume - no data copied - until
-    :func:`unlink`; a linked clone of the live disks first takes a snapshot named
-    ``clone-DST`` of the source."""
-    check_vm_name(dst)
-    temp = f"c-{uuid.uuid4().hex[:12]}"
-    with _intent(manager, temp, src, dst) as intent:
-        if not full and from_snapshot is None:
-            from .snapshot import create_snapshot
+    :func:`unlink`; a linked clone of the live disks first takes a snapshot of the
+    source named ``clone-DST`` (with the time appended if that name is taken).
 
-            from_snapshot = f"clone-{dst}"
-            info = create_snapshot(manager, src, from_snapshot)
-            intent["snapshot"] = str(info.record.header.unit_uuid)
+    ``live``: the chains this process serves for ``src``, by LUN (the daemon's
+    ``vm.clone``): that snapshot is taken with them quiesced, so a served VM clones
+    too - a full clone then copies from the snapshot and deletes it afterwards.
+    Returns the name of the snapshot taken and kept (a linked clone's), else None."""
+    check_vm_name(dst)
+    if discover(manager.catalog.all(), repair=False).find(dst) is not None:
+        raise VmError(f"a VM named {dst!r} already exists")
+    temp = f"c-{uuid.uuid4().hex[:12]}"
+    snapshot_first = from_snapshot is None and (not full or live is not None)
+    with _intent(manager, temp, src, dst) as intent:
+        if snapshot_first:
+            from_snapshot = _snapshot_name(manager, src, dst)
+            record = uuid.uuid4()  # named before it exists: no crash point escapes the intent
+            intent.update(snapshot=str(record), snapshot_name=from_snapshot)
             atomic.write_json(_intent_path(manager, temp), intent)
+            create_snapshot(manager, src, from_snapshot, live=live, record_uuid=record)
+            faults.crashpoint("clone.snapshotted")
         _build(manager, src, dst, temp, from_snapshot, full, progress)
+    if snapshot_first and full:
+        assert from_snapshot is not None
+        delete_snapshot(manager, src, from_snapshot, live=live)
+    return from_snapshot if snapshot_first and not full else None
+
+
+def _snapshot_name(manager: VmManager, src: str, dst: str) -> str:
+    """``clone-DST``, or ``clone-DST-<UTC time>`` when ``src`` has a snapshot of that
+    name already (kept from an earlier clone named DST, deleted since)."""
+    name = f"clone-{dst}"
+    if any(info.name == name for info in list_snapshots(manager, src)):
+        name += time.strftime("-%Y%m%dT%H%M%SZ", time.gmtime())
+    return name
 
 
 def _build(
@@ -175,6 +211,7 @@ def _build(
                 with contextlib.closing(manager._open(unit)) as u:
                     u.commit(replace(u.header, name=dst))
             base.commit(replace(base.header, name=dst))
+            faults.crashpoint("clone.committed")
 
 
 # -- the intent: what a failed or killed clone leaves, and its removal -----------------------
@@ -233,7 +270,8 @@ def finish_clones(manager: VmManager) -> list[str]:
         ]
         if taken and (vm is not None or found.find(str(intent["dst"])) is None):
             manager.catalog.get(taken[0].pool).delete(taken[0].ref)
-            notes.append(f"snapshot clone-{intent['dst']} of VM {intent['src']} removed")
+            snap = intent.get("snapshot_name", f"clone-{intent['dst']}")
+            notes.append(f"snapshot {snap} of VM {intent['src']} removed")
             from .snapshot import collect
 
             notes.extend(collect(manager, str(intent["src"])))
@@ -243,27 +281,39 @@ def finish_clones(manager: VmManager) -> list[str]:
     return notes
 
 
-def unlink(manager: VmManager, name: str, progress: Progress | None = None) -> bool:
+def unlink(
+    manager: VmManager,
+    name: str,
+    progress: Progress | None = None,
+    *,
+    live: Mapping[int, ChainBackend] | None = None,
+    followers: Iterable[ChainBackend] = (),
+) -> bool:
     """Make linked clone ``name`` independent: the source image each volume's chain
     rests on is copied into the clone's own volume unit, then the clone's lowest layer
     is re-parented onto it (the commit point; a crash before it leaves an unused,
-    partly written unit that the next run overwrites). False if already independent."""
+    partly written unit that the next run overwrites). False if already independent.
+
+    ``live``: the chains this process serves for VM ``name``, by LUN (the daemon's
+    ``vm.unlink``; module docstring); ``followers``: other served chains, those that
+    read through the clone's layers (an exported snapshot of it, a clone of it) are
+    rebound too. Without ``live`` a served VM is refused."""
     pools = manager.catalog.all()
     changed = False
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=False))
-        if manager.served(vm):
-            raise VmError(f"VM {name!r} is being served: unlink it offline")
-        mine = vm.base.header.unit_uuid
-        for number, volume in sorted(vm.lun_map().items()):
-            top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
-            chain, root = _walk(vm, top)
-            if root.header.unit_uuid == volume.header.unit_uuid:
-                continue
-            own = [u for u in chain if u.header.owner_uuid == mine]
-            if not own:
-                raise VmError(f"VM {name!r}: LUN {number} has no layer of its own")
-            lowest = own[-1]
+        if live is None and manager.served(vm):
+            raise VmError(
+                f"VM {name!r} is being served: the daemon serving it unlinks it live "
+                "(run 'vm unlink' with the same --state-dir while it runs)"
+            )
+        missing = set(vm.lun_map()) - set(live if live is not None else vm.lun_map())
+        if missing:
+            raise VmError(f"VM {name!r}: LUNs {sorted(missing)} are not served here")
+        todo = _shared_volumes(vm)
+        total = sum(chain_size(vm, lowest.header.parent_uuid) for _n, _v, lowest in todo)
+        done = 0
+        for number, volume, lowest in todo:
             assert lowest.header.parent_uuid is not None
             source = open_chain(manager, vm, volume, lowest.header.parent_uuid, read_only=True)
             unit = manager._open(volume)
@@ -275,8 +325,10 @@ def unlink(manager: VmManager, name: str, progress: Progress | None = None) -> b
                         piece = source.read(offset, n)
                         if not is_zero(piece):  # the unit is fresh zeros: keep it sparse
                             target.write(offset, piece)
+                        done += n
                         if progress is not None:
-                            progress(offset + n, source.size)
+                            progress(done, total)
+                        faults.pause("unlink.copying")
                         faults.crashpoint("unlink.copying")
                     target.flush()
                 finally:
@@ -284,12 +336,62 @@ def unlink(manager: VmManager, name: str, progress: Progress | None = None) -> b
             finally:
                 unit.close()
                 source.close()
-            with contextlib.closing(manager._open(lowest)) as layer:
-                layer.commit(replace(layer.header, parent_uuid=volume.header.unit_uuid))
-            faults.crashpoint("unlink.committed")
+            chains = [live[number], *followers] if live is not None else []
+            _rest_on(manager, volume, lowest, chains)
             changed = True
         for other in discover(pools, repair=False).vms:
             if other.name != name and (other.layers or other.records):
                 collect(manager, other.name)  # the source's layers may be free now
-        collect(manager, name)
+        collect(manager, name, live=live)
     return changed
+
+
+def _shared_volumes(vm: FoundVm) -> list[tuple[int, FoundUnit, FoundUnit]]:
+    """(LUN, volume, the clone's lowest own layer) of each volume whose chain ends
+    at another VM's unit."""
+    mine = vm.base.header.unit_uuid
+    out = []
+    for number, volume in sorted(vm.lun_map().items()):
+        top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
+        chain, root = _walk(vm, top)
+        if root.header.unit_uuid == volume.header.unit_uuid:
+            continue
+        own = [u for u in chain if u.header.owner_uuid == mine]
+        if not own:
+            raise VmError(f"VM {vm.name!r}: LUN {number} has no layer of its own")
+        out.append((number, volume, own[-1]))
+    return out
+
+
+def _rest_on(
+    manager: VmManager, volume: FoundUnit, lowest: FoundUnit, chains: list[ChainBackend]
+) -> None:
+    """Re-parent ``lowest`` onto ``volume`` (which now holds the image below it) and
+    rebind each served chain reading through ``lowest`` to end at ``volume`` instead:
+    the same image, so the guest sees no change; the first chain (the clone's own, if
+    served) is held across the commit. Every new root is opened before anything
+    changes."""
+    lid = lowest.header.unit_uuid
+    rebinds: list[tuple[ChainBackend, int, BlockBackend]] = []
+    try:
+        for chain in chains:
+            ids = [layer.unit_uuid for layer in chain.layers]
+            if lid in ids:
+                unit = Unit.open(manager.catalog.get(volume.pool), volume.ref, repair=False)
+                try:
+                    rebinds.append((chain, ids.index(lid) + 1, unit.guest_view(read_only=True)))
+                finally:
+                    unit.close()
+    except BaseException:
+        for _chain, _keep, root in rebinds:
+            root.close()
+        raise
+    with contextlib.ExitStack() as held:
+        if rebinds:
+            held.enter_context(rebinds[0][0].quiesce())
+        with contextlib.closing(manager._open(lowest)) as layer:
+            layer.commit(replace(layer.header, parent_uuid=volume.header.unit_uuid))
+        faults.crashpoint("unlink.committed")
+        for index, (chain, keep, root) in enumerate(rebinds):
+            with chain.quiesce() if index else contextlib.nullcontext():
+                chain.rebind(chain.layers[:keep], root)

@@ -21,7 +21,10 @@ Slot layout (little-endian)::
 A unit is allocated by zeroing its extent, writing it whole, then committing the table
 entry: until the commit the extent is free space and a crash loses nothing. Growing a
 unit writes the new tail header into the free space after it, then commits the longer
-entry (:mod:`.unit` explains the rest of a resize).
+entry (:mod:`.unit` explains the rest of a resize). A pool object reserves the extents
+it handed out until they are committed or dropped, so several units can be written
+before one table commit makes them all units at once (:meth:`DevicePool.publish`, the
+switch of a ``vm move`` into the pool).
 """
 
 from __future__ import annotations
@@ -47,6 +50,17 @@ TABLE_AREA: Final = MIB
 _FIXED = struct.Struct("<8sHHIQ16sQI12s")
 _ENTRY = struct.Struct("<16sQQ")
 MAX_ENTRIES: Final = (TABLE_SLOT - _FIXED.size - 32) // _ENTRY.size
+#: The key of an allocated extent not yet in the table: ``pending:UUID:OFFSET:LENGTH``.
+_PENDING: Final = "pending:"
+
+
+def _pending(ref: UnitRef) -> tuple[uuid.UUID, int, int]:
+    """(unit UUID, offset, length) of a pending key."""
+    try:
+        raw_uuid, offset, length = ref.key.removeprefix(_PENDING).split(":")
+        return uuid.UUID(raw_uuid), int(offset), int(length)
+    except ValueError:
+        raise VmError(f"{ref.location} is not an allocated extent") from None
 
 
 @dataclass(frozen=True)
@@ -163,6 +177,8 @@ class DevicePool:
         self._table = table
         self._slot = slot
         self._slices: dict[str, SliceBackend] = {}
+        #: extents allocated and not yet committed or dropped, by pending key
+        self._reserved: dict[str, tuple[int, int]] = {}
 
     # -- the table -----------------------------------------------------------------------
 
@@ -182,6 +198,9 @@ class DevicePool:
         self._table, self._slot = new, slot
 
     def _entry(self, ref: UnitRef) -> tuple[uuid.UUID, int, int]:
+        """The table entry of ``ref``, or the extent of an allocated one (pending)."""
+        if ref.key.startswith(_PENDING):
+            return _pending(ref)
         for entry in self._table.entries:
             if str(entry[0]) == ref.key:
                 return entry
@@ -213,7 +232,8 @@ class DevicePool:
     def allocate(self, unit_uuid: uuid.UUID, size: int) -> tuple[UnitRef, BlockBackend]:
         self.reload()
         cursor = TABLE_AREA
-        for _u, offset, length in sorted(self._table.entries, key=lambda e: e[1]):
+        taken = [(o, n) for _u, o, n in self._table.entries] + list(self._reserved.values())
+        for offset, length in sorted(taken):
             if offset - cursor >= size:
                 break
             cursor = max(cursor, offset + length)
@@ -224,7 +244,9 @@ class DevicePool:
             )
         window = SliceBackend(FileBackend(self.path), cursor, size, owns_base=True)
         window.unmap(0, size)  # a new unit never shows a former unit's bytes
-        return UnitRef(self.name, f"pending:{unit_uuid}:{cursor}"), window
+        ref = UnitRef(self.name, f"{_PENDING}{unit_uuid}:{cursor}:{size}")
+        self._reserved[ref.key] = (cursor, size)
+        return ref, window
 
     def _largest_free(self) -> int:
         best, cursor = 0, TABLE_AREA
@@ -234,13 +256,33 @@ class DevicePool:
         return max(best, self._end() - cursor)
 
     def commit(self, ref: UnitRef, backend: BlockBackend) -> UnitRef:
-        _p, raw_uuid, offset = ref.key.split(":")
         backend.flush()
-        self._commit((*self._table.entries, (uuid.UUID(raw_uuid), int(offset), backend.size)))
-        return UnitRef(self.name, raw_uuid)
+        return self.publish([ref])[0]
+
+    def publish(self, refs: list[UnitRef]) -> list[UnitRef]:
+        """Make allocated extents, written and flushed, units: one table commit for
+        all (atomic: after a crash, all of them are units or none). Idempotent."""
+        self.reload()
+        have = {u for u, _o, _n in self._table.entries}
+        extents = [_pending(ref) for ref in refs]
+        self._commit((*self._table.entries, *(e for e in extents if e[0] not in have)))
+        for ref in refs:
+            self._reserved.pop(ref.key, None)
+        return [UnitRef(self.name, str(unit_uuid)) for unit_uuid, _o, _n in extents]
 
     def abandon(self, ref: UnitRef, backend: BlockBackend) -> None:
         backend.close()  # nothing was committed: the extent is still free space
+        self._reserved.pop(ref.key, None)
+
+    def discard(self, ref: UnitRef) -> None:
+        """Drop an allocated extent that will not become a unit (a move rolled back,
+        maybe by another process after a crash): its bytes are scrubbed, as a deleted
+        unit's, unless a unit committed since occupies them."""
+        self._reserved.pop(ref.key, None)
+        self.reload()
+        _u, offset, length = _pending(ref)
+        if not any(o < offset + length and offset < o + n for _u, o, n in self._table.entries):
+            SliceBackend(self._backend, offset, length).unmap(0, length)
 
     def delete(self, ref: UnitRef) -> None:
         self.reload()

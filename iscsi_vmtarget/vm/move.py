@@ -4,17 +4,23 @@ pool" done by the storage layer), offline or while its LUNs keep serving.
 
 Crash safety, with an intent file ``<state-dir>/conf/moves/<vm>.json``:
 
-1. every unit is copied (sparse: zero runs skipped) into a temporary file of the
-   destination pool, invisible to discovery; a crash here leaves only temporaries,
-   which the next repair removes;
-2. the intent names the units (the commit point);
-3. the temporaries are renamed into place, then the originals deleted, then the intent.
+1. every unit is copied (sparse: zero runs skipped) into a staged copy in the
+   destination pool, invisible to discovery: a temporary file of a directory pool, an
+   extent of a device pool that its unit table does not list yet; a crash here leaves
+   only those, which the next repair removes;
+2. the intent names the units and their copies;
+3. the copies are published - the temporaries renamed into place, or in a device pool
+   all the extents entered into its table in one commit - then the originals deleted,
+   then the intent.
 
 :func:`finish_moves` runs under the pool locks before every VM operation: with an
-intent, if every unit has its copy (renamed or not) the move is rolled forward,
-otherwise rolled back, so discovery never sees a unit in two pools. Unit UUIDs and
-designators do not change, so chains, linked clones and identities stay valid.
-Only directory pools can be destinations.
+intent, a move whose copies can all be published is rolled forward, otherwise rolled
+back, so discovery never sees a unit in two pools. In a directory pool the intent is
+the commit point (every temporary it names is whole); in a device pool the table
+commit is (before it, free space may have been reused: the copies are dropped and
+scrubbed). Unit UUIDs and designators do not change, so chains, linked clones and
+identities stay valid. A unit of a device pool is a fixed extent of the unit's size
+where a directory pool has a sparse file: the copy is the same, block for block.
 
 **Live move** (:func:`move_live`, the daemon's ``vm.move`` action): the same steps
 while the VM's LUNs serve. Before the copy, each LUN's chain is flushed and gets a
@@ -22,11 +28,11 @@ dirty-grain hook (:mod:`.dirty`); the units are copied whole, then the grains wr
 meanwhile are copied again in passes until few are left (or a pass limit is hit).
 Then every LUN of the VM is quiesced (in-flight commands drain, new ones wait - the
 snapshot code's quiesce), the last dirty grains are copied, the copies flushed, the
-intent written and the temporaries renamed; the LUNs' chains are rebound onto the
-new units in place (same LogicalUnit, same designator and serial), I/O resumes, and
-the originals are deleted. A kill -9 before the intent leaves the source whole (every
-acknowledged write is there); after it, I/O was held until the switch, so the
-copies hold every acknowledged write and the roll-forward keeps them.
+intent written and the copies published; the LUNs' chains are rebound onto the new
+units in place (same LogicalUnit, same designator and serial), I/O resumes, and the
+originals are deleted. A kill -9 before the commit point leaves the source whole
+(every acknowledged write is there, and I/O was held from the last copy on); after
+it, the copies hold every acknowledged write and the roll-forward keeps them.
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..storage.backend import BlockBackend
 from . import atomic, faults
 from .cow import ChainBackend, DeltaLayer, is_zero
+from .device import DevicePool
 from .dirty import DirtyGrains, copy_dirty
 from .discovery import FoundUnit, FoundVm, discover
 from .errors import InUseError, VmError
@@ -76,12 +83,112 @@ def _intent_dir(state_root: str) -> str:
     return os.path.join(state_root, "conf", "moves")
 
 
-def _rename_into_place(dest: Pool, units: list[dict[str, str]]) -> None:
-    for u in units:
-        final = os.path.join(dest.path, u["key"])
-        if not os.path.exists(final):
-            os.rename(os.path.join(dest.path, u["temp"]), final)
-    atomic.fsync_dir(dest.path)
+class _Staging(Protocol):
+    """How a destination pool holds the copies of a move until they become its units.
+
+    Each copy is an intent entry: ``key`` (the unit's key once published) and
+    ``temp`` (the copy's key before), besides where the original is."""
+
+    pool: Pool
+
+    def stage(self, found: FoundUnit) -> tuple[dict[str, str], BlockBackend]:
+        """A copy of ``found``'s size to write: its entry and a writable backend."""
+        ...
+
+    def sync(self) -> None:
+        """Make the staged copies durable where they are (data already flushed)."""
+        ...
+
+    def publish(self, units: list[dict[str, str]]) -> None:
+        """Make the copies the pool's units (idempotent)."""
+        ...
+
+    def complete(self, units: list[dict[str, str]]) -> bool:
+        """After a crash: whether :meth:`publish` can still finish the move."""
+        ...
+
+    def undo(self, units: list[dict[str, str]]) -> None:
+        """Remove the copies, staged or published."""
+        ...
+
+
+class _DirectoryStaging:
+    """Copies are hidden temporary files (``.<uuid>.unit.tmp``), renamed into place."""
+
+    def __init__(self, pool: DirectoryPool) -> None:
+        self.pool = pool
+
+    def _file(self, key: str) -> str:
+        return os.path.join(self.pool.path, key)
+
+    def stage(self, found: FoundUnit) -> tuple[dict[str, str], BlockBackend]:
+        ref, backend = self.pool.allocate(found.header.unit_uuid, found.header.unit_size)
+        return {"key": f"{found.header.unit_uuid}.unit", "temp": ref.key}, backend
+
+    def sync(self) -> None:
+        atomic.fsync_dir(self.pool.path)
+
+    def publish(self, units: list[dict[str, str]]) -> None:
+        for u in units:
+            if not os.path.exists(self._file(u["key"])):
+                os.rename(self._file(u["temp"]), self._file(u["key"]))
+        self.sync()
+
+    def complete(self, units: list[dict[str, str]]) -> bool:
+        """Every copy is whole once the intent names it: renamed or not yet."""
+        exists = os.path.exists
+        return all(exists(self._file(u["key"])) or exists(self._file(u["temp"])) for u in units)
+
+    def undo(self, units: list[dict[str, str]]) -> None:
+        for u in units:
+            for key in (u["key"], u["temp"]):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._file(key))
+        if os.path.isdir(self.pool.path):
+            self.sync()
+
+
+class _DeviceStaging:
+    """Copies are extents the pool allocated but its table does not list; one table
+    commit publishes them all (:meth:`~.device.DevicePool.publish`)."""
+
+    def __init__(self, pool: DevicePool) -> None:
+        self.pool = pool
+
+    def stage(self, found: FoundUnit) -> tuple[dict[str, str], BlockBackend]:
+        ref, backend = self.pool.allocate(found.header.unit_uuid, found.header.unit_size)
+        return {"key": str(found.header.unit_uuid), "temp": ref.key}, backend
+
+    def sync(self) -> None:
+        pass  # extents of the device: flushed as written; the table commit flushes itself
+
+    def publish(self, units: list[dict[str, str]]) -> None:
+        self.pool.publish([UnitRef(self.pool.name, u["temp"]) for u in units])
+
+    def _listed(self) -> set[str]:
+        self.pool.reload()
+        return {ref.key for ref in self.pool.candidates()}
+
+    def complete(self, units: list[dict[str, str]]) -> bool:
+        """Only once the table lists them: free space may have been reused since."""
+        listed = self._listed()
+        return all(u["key"] in listed for u in units)
+
+    def undo(self, units: list[dict[str, str]]) -> None:
+        listed = self._listed()
+        for u in units:
+            if u["key"] in listed:
+                self.pool.delete(UnitRef(self.pool.name, u["key"]))  # scrubs it
+            else:
+                self.pool.discard(UnitRef(self.pool.name, u["temp"]))
+
+
+def _staging(pool: Pool) -> _Staging:
+    if isinstance(pool, DirectoryPool):
+        return _DirectoryStaging(pool)
+    if isinstance(pool, DevicePool):
+        return _DeviceStaging(pool)
+    raise VmError(f"vm move: pool {pool.name!r} ({pool.kind}) cannot be a destination")
 
 
 def finish_moves(manager: VmManager) -> list[str]:
@@ -97,25 +204,18 @@ def finish_moves(manager: VmManager) -> list[str]:
             continue
         with open(path) as fh:
             intent = json.load(fh)
-        dest = manager.catalog.get(str(intent["to"]))
-        assert isinstance(dest, DirectoryPool)
+        dest = _staging(manager.catalog.get(str(intent["to"])))
         units = list(intent["units"])
-        final = {u["key"]: os.path.exists(os.path.join(dest.path, u["key"])) for u in units}
-        temp = {u["key"]: os.path.exists(os.path.join(dest.path, u["temp"])) for u in units}
-        if all(final[u["key"]] or temp[u["key"]] for u in units):
-            _rename_into_place(dest, units)
+        if dest.complete(units):
+            dest.publish(units)
             for u in units:
                 src = manager.catalog.get(str(u["pool"]))
                 ref = UnitRef(src.name, str(u["src_key"]))
                 if ref in src.candidates():
                     src.delete(ref)
-            notes.append(f"move of VM {intent['vm']} to pool {dest.name} finished")
+            notes.append(f"move of VM {intent['vm']} to pool {dest.pool.name} finished")
         else:
-            for u in units:
-                for name in (u["key"], u["temp"]):
-                    target = os.path.join(dest.path, name)
-                    if os.path.exists(target):
-                        os.unlink(target)
+            dest.undo(units)
             notes.append(f"interrupted move of VM {intent['vm']} rolled back")
         os.unlink(path)
     return notes
@@ -124,32 +224,22 @@ def finish_moves(manager: VmManager) -> list[str]:
 # -- copying ------------------------------------------------------------------------------
 
 
-def _destination(manager: VmManager, pool: str) -> DirectoryPool:
-    dest = manager.catalog.get(pool)
-    if not isinstance(dest, DirectoryPool):
-        raise VmError("vm move: only directory pools can be destinations for now")
-    return dest
-
-
 def _copy_units(
-    manager: VmManager, units: list[FoundUnit], dest: DirectoryPool, progress: Progress | None
+    manager: VmManager, units: list[FoundUnit], dest: _Staging, progress: Progress | None
 ) -> list[dict[str, str]]:
-    """Copy ``units`` whole into temporaries of ``dest``; the intent's unit list."""
+    """Copy ``units`` whole into staged copies in ``dest``; the intent's unit list."""
     total = sum(u.header.unit_size for u in units)
     done = 0
     plan = []
     try:
         for found in units:
             source = manager.catalog.get(found.pool).open(found.ref, read_only=True)
-            ref, target = dest.allocate(found.header.unit_uuid, found.header.unit_size)
-            plan.append(
-                {
-                    "pool": found.pool,
-                    "src_key": found.ref.key,
-                    "key": f"{found.header.unit_uuid}.unit",
-                    "temp": ref.key,
-                }
-            )
+            try:
+                entry, target = dest.stage(found)
+            except BaseException:
+                source.close()
+                raise
+            plan.append({"pool": found.pool, "src_key": found.ref.key, **entry})
             written = 0
             try:
                 for offset in range(0, found.header.unit_size, _STEP):
@@ -171,27 +261,28 @@ def _copy_units(
                 target.close()
                 source.close()
     except BaseException:
-        _remove_temps(dest, plan)
+        dest.undo(plan)
         raise
-    atomic.fsync_dir(dest.path)
+    dest.sync()
     return plan
 
 
-def _remove_temps(dest: DirectoryPool, plan: list[dict[str, str]]) -> None:
-    for u in plan:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(dest.path, u["temp"]))
-
-
-def _commit(manager: VmManager, name: str, dest: DirectoryPool, plan: list[dict[str, str]]) -> None:
+def _commit(manager: VmManager, name: str, dest: _Staging, plan: list[dict[str, str]]) -> None:
+    """Write the intent naming the copies (module docstring)."""
     faults.crashpoint("move.copied")
-    atomic.write_json(_intent_path(manager, name), {"vm": name, "to": dest.name, "units": plan})
+    intent = {"vm": name, "to": dest.pool.name, "units": plan}
+    atomic.write_json(_intent_path(manager, name), intent)
     faults.crashpoint("move.committed")
+
+
+def _publish(dest: _Staging, plan: list[dict[str, str]]) -> None:
+    dest.publish(plan)
+    faults.crashpoint("move.published")
 
 
 def move(manager: VmManager, name: str, pool: str, progress: Progress | None = None) -> int:
     """Move VM ``name``'s units to ``pool`` offline; returns how many units moved."""
-    dest = _destination(manager, pool)
+    dest = _staging(manager.catalog.get(pool))
     pools = manager.catalog.all()
     with manager._locked(pools):
         vm = manager.find(name, discover(pools, repair=True))
@@ -203,6 +294,7 @@ def move(manager: VmManager, name: str, pool: str, progress: Progress | None = N
         units = [u for u in vm.all_units if u.pool != pool]
         plan = _copy_units(manager, units, dest, progress)
         _commit(manager, name, dest, plan)
+        _publish(dest, plan)
         finish_moves(manager)
     return len(units)
 
@@ -261,7 +353,7 @@ def _open_layers(
 
 def _locator(
     vm: FoundVm,
-    dest: DirectoryPool,
+    dest: Pool,
     plan: list[dict[str, str]],
     key: str,
     pools: Mapping[str, Pool],
@@ -303,7 +395,7 @@ def move_live(
     rebound too."""
     from .snapshot import _held
 
-    dest = _destination(manager, pool)
+    dest = _staging(manager.catalog.get(pool))
     pools = manager.catalog.all()
     by_name = {p.name: p for p in pools}
     with manager._locked(pools):
@@ -324,7 +416,7 @@ def move_live(
         plan: list[dict[str, str]] = []
         try:
             plan = _copy_units(manager, units, dest, progress)
-            temps = _locator(vm, dest, plan, "temp", by_name)
+            temps = _locator(vm, dest.pool, plan, "temp", by_name)
             for number, chain in live.items():
                 layers, root = _open_layers(chain, temps, lambda _u: False)
                 assert root is not None
@@ -345,9 +437,9 @@ def move_live(
                     grains = tracked[number].take()
                     held += copy_dirty(chain.read_quiesced, copies[number], grains, chain.size)
                     copies[number].flush()
-                atomic.fsync_dir(dest.path)
+                dest.sync()
                 moved = {_uuid_of(u) for u in plan}
-                final = _locator(vm, dest, plan, "key", by_name)
+                final = _locator(vm, dest.pool, plan, "key", by_name)
                 retired = _switch(manager, name, dest, plan, vm, live, raw or {}, final, moved)
                 faults.crashpoint("move.switched")
                 held_ms = (time.monotonic() - hold_start) * 1000
@@ -355,7 +447,7 @@ def move_live(
             for chain in live.values():
                 chain.write_hook = None
             if not os.path.exists(_intent_path(manager, name)):
-                _remove_temps(dest, plan)
+                dest.undo(plan)
             raise
         finally:
             for copy in copies.values():
@@ -378,7 +470,7 @@ def _intent_path(manager: VmManager, name: str) -> str:
 def _switch(
     manager: VmManager,
     name: str,
-    dest: DirectoryPool,
+    dest: _Staging,
     plan: list[dict[str, str]],
     vm: FoundVm,
     live: Mapping[int, ChainBackend],
@@ -386,8 +478,8 @@ def _switch(
     final: Locate,
     moved: set[uuid.UUID],
 ) -> list[BlockBackend]:
-    """Commit, rename the copies into place and rebind the (held) chains and raw LUs
-    onto them; returns the raw views replaced. Everything that can fail - opening the
+    """Commit, publish the copies and rebind the (held) chains and raw LUs onto
+    them; returns the raw views replaced. Everything that can fail - opening the
     new units - runs before the first rebind: on a failure the commit is undone
     (copies deleted, then the intent: a crash in between rolls back too) and the
     chains go on with the originals, which no I/O has touched since the commit."""
@@ -395,7 +487,7 @@ def _switch(
     opened: list[tuple[ChainBackend, list[DeltaLayer], BlockBackend | None]] = []
     views: dict[int, tuple[BlockBackend, UnitHeader]] = {}
     try:
-        _rename_into_place(dest, plan)
+        _publish(dest, plan)
         for chain in live.values():
             opened.append((chain, *_open_layers(chain, final, lambda u: u not in moved)))
         for number, volume in vm.lun_map().items():
@@ -411,11 +503,7 @@ def _switch(
                 root.close()
         for handle, _header in views.values():
             handle.close()
-        for u in plan:
-            for key in ("key", "temp"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(dest.path, u[key]))
-        atomic.fsync_dir(dest.path)
+        dest.undo(plan)
         atomic.remove(_intent_path(manager, name))
         raise
     for chain, layers, root in opened:

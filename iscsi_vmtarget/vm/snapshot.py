@@ -267,10 +267,11 @@ def _create_record(
     keyring: Keyring,
     frozen: tuple[tuple[bytes, uuid.UUID], ...],
     meta: dict[str, object],
+    record_uuid: uuid.UUID | None = None,
 ) -> uuid.UUID:
     """A snapshot record holding a copy of the VM's state and config (sealed with a
     data key of its own) and the metadata; visible only once whole (rename)."""
-    record_uuid = uuid.uuid4()
+    record_uuid = record_uuid or uuid.uuid4()
     master = keyring.current
     regions: list[Region] = []
     cursor = 0
@@ -359,6 +360,7 @@ def create_snapshot(
     live: Mapping[int, ChainBackend] | None = None,
     full: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    record_uuid: uuid.UUID | None = None,
 ) -> SnapshotInfo:
     """Snapshot every volume of VM ``name`` and its state and config, consistently.
 
@@ -374,6 +376,9 @@ def create_snapshot(
     ``full``: then copy into the frozen layers every grain they lack, I/O flowing
     (:func:`~.snapshot_fill.fill_snapshot`, reporting to ``progress``), so the
     snapshot holds all its data rather than its difference against a predecessor.
+
+    ``record_uuid``: the UUID the snapshot's record unit gets, chosen by a caller that
+    names it in an intent before the record exists (a clone, :mod:`.clone`).
     """
     check_snapshot_name(snap)
     pools = manager.catalog.all()
@@ -401,6 +406,7 @@ def create_snapshot(
                 keyring,
                 frozen,
                 {"name": snap, "created": time.time(), "description": description},
+                record_uuid,
             )
             base.commit(replace(base.header, tops=new_tops))
             faults.crashpoint("snapshot.committed")

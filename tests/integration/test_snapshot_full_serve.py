@@ -16,11 +16,18 @@ import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.vm import StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import PAUSE_ENV
 from tests.conftest import INITIATOR, start_target
 from tests.integration.test_snapshot_serve import ivt
-from tests.integration.test_vm_move_live import IQN, SIZES, VM, Writer, _setup, run_paused
+from tests.integration.test_vm_move_live import (
+    IQN,
+    SIZES,
+    VM,
+    Writer,
+    _setup,
+    run_paused,
+)
+from tests.vm.helpers import snapshot_images
 from tests.vm.test_snapshot_full import layers_alone
 
 MIB = 1 << 20
@@ -28,15 +35,7 @@ CHUNK = 256  # blocks per READ over iSCSI
 
 
 def _images(state: Path, snap: str) -> list[bytes]:
-    with VmManager(StateDir.at(str(state))) as manager:
-        out = []
-        for lun in range(len(SIZES)):
-            backend = snaps.open_snapshot(manager, VM, snap, lun)
-            try:
-                out.append(bytes(backend.read(0, backend.size)))
-            finally:
-                backend.close()
-        return out
+    return snapshot_images(state, VM, snap, len(SIZES))
 
 
 def _block(image: bytes, lba: int) -> bytes:

@@ -27,6 +27,7 @@ from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import ENV, PAUSE_ENV
 from tests.conftest import INITIATOR, RunningTarget, start_target
 from tests.integration.test_snapshot_serve import _identity, _iscsi_inq, _read
+from tests.vm.helpers import snapshot_images
 
 MIB = 1 << 20
 VM = "mover"
@@ -43,6 +44,8 @@ class Writer:
     what was acknowledged (and the one write in flight when the session died)."""
 
     port: int
+    iqn: str = IQN
+    sizes: tuple[int, int] = SIZES
     acked: dict[tuple[int, int], bytes] = field(default_factory=dict)
     inflight: tuple[int, int, bytes] | None = None
     errors: list[str] = field(default_factory=list)
@@ -52,7 +55,7 @@ class Writer:
     progress: threading.Condition = field(default_factory=threading.Condition)
 
     def run(self) -> None:
-        ini = Initiator(port=self.port, initiator_name=WRITER, target_name=IQN, timeout=120)
+        ini = Initiator(port=self.port, initiator_name=WRITER, target_name=self.iqn, timeout=120)
         try:
             ini.login()
             for lun in (0, 1):
@@ -60,7 +63,7 @@ class Writer:
             i = 0
             while not self.stop.is_set():
                 lun = i % 2
-                lba = (i // 2 * STRIDE) % (SIZES[lun] // 512)
+                lba = (i // 2 * STRIDE) % (self.sizes[lun] // 512)
                 block = f"lun {lun} lba {lba} write {i} ".encode().ljust(512, b".")
                 self.inflight = (lun, lba, block)
                 cdb = bytes([0x2A, 0x08]) + lba.to_bytes(4, "big") + b"\x00\x00\x01\x00"
@@ -109,9 +112,13 @@ def ivt(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     return proc
 
 
-def _setup(state: Path, snapshot: bool) -> None:
+def _setup(state: Path, snapshot: bool, dest: str = "directory") -> None:
+    """VM ``mover`` in pool default and an empty pool p2 of kind ``dest``."""
     with VmManager(StateDir.at(str(state))) as manager:
-        manager.catalog.create_directory("p2", None)
+        if dest == "device":  # a sparse file as the device, as the device-pool tests do
+            manager.catalog.create_device("p2", str(state.parent / "p2.img"), size=192 * MIB)
+        else:
+            manager.catalog.create_directory("p2", None)
         manager.create(VM, disk=SIZES[0], memory=4 * MIB, secondaries=(SIZES[1],))
         for lun in (0, 1):
             backend = snaps.open_live(manager, manager.find(VM), lun)
@@ -123,28 +130,38 @@ def _setup(state: Path, snapshot: bool) -> None:
 
 
 def _snapshot_image(state: Path) -> bytes:
-    with VmManager(StateDir.at(str(state))) as manager:
-        backend = snaps.open_snapshot(manager, VM, "s1", 0)
-        try:
-            return bytes(backend.read(0, backend.size))
-        finally:
-            backend.close()
+    return snapshot_images(state, VM, "s1", luns=1)[0]
+
+
+def grant(state: Path, iqn: str, *initiators: str) -> None:
+    """``acl add`` each initiator on a VM's target (VM targets deny the ungranted)."""
+    for initiator in initiators:
+        ivt(state, "acl", "add", iqn, initiator)
 
 
 def _start(
-    tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch, **env: str
+    tmp_path: Path,
+    state: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pause: str = "move.copying",
+    iqn: str = IQN,
+    **env: str,
 ) -> RunningTarget:
+    """The daemon on ``state``, its work pausing at ``pause`` (:func:`run_paused`),
+    the writer and the watcher granted on the VM of target ``iqn``."""
     pausedir = tmp_path / "pause"
     pausedir.mkdir(exist_ok=True)
-    monkeypatch.setenv(PAUSE_ENV, f"move.copying:{pausedir}")
+    monkeypatch.setenv(PAUSE_ENV, f"{pause}:{pausedir}")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     try:
-        return start_target(tmp_path / "serve", "--state-dir", str(state))
+        running = start_target(tmp_path / "serve", "--state-dir", str(state))
     finally:
         monkeypatch.delenv(PAUSE_ENV)
         for key in env:
             monkeypatch.delenv(key)
+    grant(state, iqn, WRITER, INITIATOR)
+    return running
 
 
 def run_paused(tmp_path: Path, writer: Writer, point: str, *args: str) -> subprocess.Popen[str]:
@@ -201,17 +218,30 @@ def _placement(state: Path) -> tuple[set[str], set[str]]:
         return {u.pool for u in vm.all_units}, {f"{u.header.unit_uuid}.unit" for u in vm.all_units}
 
 
-def _leftovers(directory: Path, names: set[str]) -> list[str]:
-    """Files of the VM's units, or temporaries, in a pool directory."""
-    return sorted(p.name for p in directory.iterdir() if p.name in names or p.name[0] == ".")
+def _leftovers(state: Path, pool: str, names: set[str]) -> list[str]:
+    """The VM's units (file names) in ``pool``, or its temporaries: files named with a
+    dot in a directory pool; in a device pool, data of the VM in its free space (a
+    staged copy that was not scrubbed)."""
+    with VmManager(StateDir.at(str(state))) as manager:
+        where = manager.catalog.get(pool)
+        if where.kind == "directory":
+            found = (p.name for p in Path(where.path).iterdir())
+            return sorted(n for n in found if n in names or n[0] == ".")
+        units = sorted(f"{r.key}.unit" for r in where.candidates() if f"{r.key}.unit" in names)
+    free = b"before the move" in Path(where.path).read_bytes() and not units
+    return [*units, *(["free space"] if free else [])]
 
 
-@pytest.mark.parametrize("snapshot", [False, True], ids=["plain", "with-snapshot"])
+@pytest.mark.parametrize(
+    ("snapshot", "dest"),
+    [(False, "directory"), (True, "directory"), (True, "device")],
+    ids=["plain", "with-snapshot", "device-pool"],
+)
 def test_live_move_keeps_every_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, snapshot: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, snapshot: bool, dest: str
 ) -> None:
     state = tmp_path / "state"
-    _setup(state, snapshot)
+    _setup(state, snapshot, dest)
     image_s1 = _snapshot_image(state) if snapshot else b""
     target = _start(tmp_path, state, monkeypatch)
     try:
@@ -245,8 +275,8 @@ def test_live_move_keeps_every_write(
         target.stop()
     pools, names = _placement(state)
     assert pools == {"p2"}
-    assert not _leftovers(state / "pools" / "default", names)  # the source holds nothing
-    assert not _leftovers(state / "pools" / "p2", set())
+    assert not _leftovers(state, "default", names)  # the source holds nothing
+    assert dest == "device" or not _leftovers(state, "p2", set())  # no temporaries
     with VmManager(StateDir.at(str(state))) as manager:  # the destination units, offline
         vm = manager.find(VM)
         read: dict[tuple[int, int], bytes] = {}
@@ -264,11 +294,21 @@ def test_live_move_keeps_every_write(
 
 
 @pytest.mark.parametrize(
-    "point", ["move.copying", "move.catchup", "move.committed", "move.switched"]
+    ("point", "dest", "expected"),
+    [
+        ("move.copying", "directory", "default"),
+        ("move.catchup", "directory", "default"),
+        ("move.committed", "directory", "p2"),  # the intent names every copy: forward
+        ("move.switched", "directory", "p2"),
+        ("move.committed", "device", "default"),  # the table commit is the commit point
+        ("move.published", "device", "p2"),
+    ],
 )
-def test_kill_during_live_move(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+def test_kill_during_live_move(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str, dest: str, expected: str
+) -> None:
     state = tmp_path / "state"
-    _setup(state, snapshot=True)
+    _setup(state, snapshot=True, dest=dest)
     image_s1 = _snapshot_image(state)
     target = _start(tmp_path, state, monkeypatch, **{ENV: point})
     writer = Writer(target.port)
@@ -289,9 +329,8 @@ def test_kill_during_live_move(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
         writer.holds(_read_all(again.port, set(writer.acked)))
     finally:
         again.stop()
-    expected = "p2" if point in ("move.committed", "move.switched") else "default"
     pools, names = _placement(state)
     assert pools == {expected}  # exactly one pool
     other = "p2" if expected == "default" else "default"
-    assert not _leftovers(state / "pools" / other, names)
+    assert not _leftovers(state, other, names)
     assert _snapshot_image(state) == image_s1

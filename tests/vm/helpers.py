@@ -17,6 +17,8 @@ from pathlib import Path
 from iscsi_vmtarget.scsi import LogicalUnit, Nexus, ScsiResponse, ScsiTarget, Status
 from iscsi_vmtarget.scsi.sense import parse_sense
 from iscsi_vmtarget.storage import MemoryBackend
+from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import ENV
 from iscsi_vmtarget.vm.format import Mode, Role, UnitHeader
 from iscsi_vmtarget.vm.layout import initial_regions
@@ -198,3 +200,17 @@ def run_killed(state: Path, crashpoint: str, *args: str) -> subprocess.Completed
     proc = run_cli(state, *args, crashpoint=crashpoint)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
     return proc
+
+
+def snapshot_images(state: Path, vm: str, snap: str, luns: int = 2) -> list[bytes]:
+    """The images of snapshot ``snap`` of VM ``vm``'s first ``luns`` LUNs, read with
+    a manager of its own (while a server exports the VM too)."""
+    with VmManager(StateDir.at(str(state))) as manager:
+        out = []
+        for lun in range(luns):
+            backend = snaps.open_snapshot(manager, vm, snap, lun)
+            try:
+                out.append(bytes(backend.read(0, backend.size)))
+            finally:
+                backend.close()
+        return out

@@ -36,10 +36,14 @@ def test_dirty_grains_marks_every_grain_touched() -> None:
     assert dirty.take() == [] and len(dirty) == 0
 
 
-def _setup(state: Path, mode: Mode) -> bytes:
-    """vm1 (two disks, snapshot s1 exported) and kid, a linked clone of s1."""
+def _setup(state: Path, mode: Mode, dest: str = "directory") -> bytes:
+    """vm1 (two disks, snapshot s1 exported) and kid, a linked clone of s1; pool p2 of
+    kind ``dest`` (a device pool on a sparse file)."""
     with VmManager(StateDir.at(str(state))) as manager:
-        manager.catalog.create_directory("p2", None)
+        if dest == "device":
+            manager.catalog.create_device("p2", str(state.parent / "p2.img"), size=64 * MIB)
+        else:
+            manager.catalog.create_directory("p2", None)
         manager.create("vm1", disk=4 * MIB, memory=MIB, secondaries=(2 * MIB,), mode=mode)
         backend = snaps.open_live(manager, manager.find("vm1"), 0)
         backend.write(GRAIN + 7, b"s1 data " * 1000)
@@ -67,10 +71,14 @@ def _chains(luns: VmLuns) -> dict[int, ChainBackend]:
     return out
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.name.lower())
-def test_live_move_with_a_writer(tmp_path: Path, mode: Mode) -> None:
+@pytest.mark.parametrize(
+    ("mode", "dest"),
+    [*((m, "directory") for m in Mode), (Mode.OFFSET, "device")],
+    ids=lambda v: v if isinstance(v, str) else v.name.lower(),
+)
+def test_live_move_with_a_writer(tmp_path: Path, mode: Mode, dest: str) -> None:
     state = tmp_path / "state"
-    image_s1 = _setup(state, mode)
+    image_s1 = _setup(state, mode, dest)
     served = serve_vms(str(state))
     model: dict[tuple[int, int], bytes] = {}
     stop = threading.Event()
@@ -122,13 +130,19 @@ def test_live_move_with_a_writer(tmp_path: Path, mode: Mode) -> None:
         assert kid.read(0, kid.size) == image_s1
         with VmManager(StateDir.at(str(state))) as manager:
             vm = manager.find("vm1")
-            record = state / "pools" / "p2" / f"{vm.records[0].header.unit_uuid}.unit"
-            paths = [h.backend.path for h in snap_raw.homes]  # type: ignore[attr-defined]
-            assert paths == [str(record)]  # the snapshot's raw view reads the moved record
-            base_file = state / "pools" / "p2" / f"{vm.base.header.unit_uuid}.unit"
+            assert vm.base.pool == "p2"
+            if dest == "directory":  # the snapshot's raw view reads the moved record
+                record = state / "pools" / "p2" / f"{vm.records[0].header.unit_uuid}.unit"
+                paths = [h.backend.path for h in snap_raw.homes]  # type: ignore[attr-defined]
+                assert paths == [str(record)]
+            base = manager.catalog.get("p2").open(vm.base.ref)
+            try:
+                unit = bytes(base.read(0, base.size))
+            finally:
+                base.close()
             raw = luns["vm1"].raw[0].backend  # raw view: the new unit, through the chain
             guest = bytes(own[0].read(0, own[0].size))
-            assert raw.read(0, raw.size) == flattened(base_file.read_bytes(), vm.base.header, guest)
+            assert raw.read(0, raw.size) == flattened(unit, vm.base.header, guest)
     finally:
         stop.set()
         for luns in served:
@@ -145,7 +159,8 @@ def test_live_move_with_a_writer(tmp_path: Path, mode: Mode) -> None:
                 assert backend.read(offset, len(data)) == data
             finally:
                 backend.close()
-    assert not [p for p in (state / "pools" / "p2").iterdir() if p.name.startswith(".")]
+    if dest == "directory":
+        assert not [p for p in (state / "pools" / "p2").iterdir() if p.name.startswith(".")]
 
 
 def test_failed_switch_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,3 +202,27 @@ def test_failed_switch_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             assert backend.read(0, 500) == b"after" * 100
         finally:
             backend.close()
+
+
+def _image_s1(manager: VmManager) -> bytes:
+    image = snaps.open_snapshot(manager, "vm1", "s1")
+    try:
+        return bytes(image.read(0, image.size))
+    finally:
+        image.close()
+
+
+def test_offline_move_into_a_device_pool_and_back(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    image_s1 = _setup(state, Mode.TRUNCATE, "device")
+    with VmManager(StateDir.at(str(state))) as manager:
+        assert moving.move(manager, "vm1", "p2") == 5  # base, secondary, two deltas, s1
+        device = manager.catalog.get("p2")
+        assert len(device.candidates()) == 5
+        assert {u.pool for u in manager.find("vm1").all_units} == {"p2"}
+        assert _image_s1(manager) == image_s1
+        assert moving.move(manager, "vm1", "default") == 5
+        assert device.candidates() == []
+        assert {u.pool for u in manager.find("vm1").all_units} == {"default"}
+        assert _image_s1(manager) == image_s1
+    assert b"s1 data" not in (tmp_path / "p2.img").read_bytes()  # deleted units: scrubbed
