@@ -94,6 +94,15 @@ def start_with_config(
     return start_target(workdir / "run", "--config", str(conf), *extra, nop_interval=nop_interval)
 
 
+def grant_vms(state: Path, initiator: str = INITIATOR) -> None:
+    """Grant ``initiator`` every VM of state directory ``state`` (``acl default add``:
+    the running daemon's at once, else from the next start). VM targets admit no
+    initiator until granted: tests that log into one say who they are with this."""
+    from iscsi_vmtarget.server.admin import call
+
+    call(str(state), "acl.default.add", {"initiator": initiator})
+
+
 @pytest.fixture
 def demo_target(tmp_path: Path) -> Iterator[RunningTarget]:
     """The default `serve` (demo target, one 1 GiB LUN) on an ephemeral port."""

@@ -31,6 +31,7 @@ from ..vm import VmManager
 from ..vm import snapshot as snaps
 from .progress import add_progress_flag, progress_bar
 from .vm import add_common, print_json, run_managed, serve_now
+from .vm_grants import add_no_grants_flag, copy_grants
 
 _SNAPSHOT_VERBS = ("list", "delete", "export", "fill", "create")
 
@@ -76,12 +77,14 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
         "disks: a linked clone then first snapshots SRC as clone-DST; a full one needs SRC "
         "not served): new units, new designators and serials; state and config copied. "
         "Linked by default (shares the snapshot's blocks copy-on-write until 'vm unlink "
-        "DST'); --full copies every block (progress on stderr).",
+        "DST'); --full copies every block (progress on stderr). The clone starts with "
+        "SRC's grants (who may see it), unless --no-grants.",
     )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--from-snapshot", metavar="SNAP")
     p.add_argument("--full", action="store_true", help="copy every block now")
+    add_no_grants_flag(p)
     add_progress_flag(p)
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _clone))
@@ -129,6 +132,7 @@ def _clone(args: argparse.Namespace, manager: VmManager) -> int:
         )
     kind = "full copy" if args.full else "linked clone"
     print(f"cloned {args.src} as {args.dst} ({kind})")
+    print(copy_grants(manager, args.src, args.dst, none=args.no_grants))
     serve_now(manager.state.root, args.dst)
     return 0
 

@@ -25,7 +25,7 @@ from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN
 from iscsi_vmtarget.vm.faults import ENV
 from iscsi_vmtarget.vm.replicate import replica_layout
-from tests.conftest import INITIATOR, RunningTarget, need_tool, start_target
+from tests.conftest import INITIATOR, RunningTarget, grant_vms, need_tool, start_target
 
 MIB = 1 << 20
 VM = "repvm"
@@ -120,8 +120,10 @@ def two_sites(tmp_path: Path, spare: int = 1) -> Iterator[Sites]:
     """``spare``: the replica LUN is that many times the size it needs (room to grow)."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     size = make_vm(src) * spare
+    grant_vms(src)
     source = start_target(tmp_path / "s", "--state-dir", str(src))
     try:
+        grant_vms(dst)
         destination = start_target(tmp_path / "d", "--state-dir", str(dst))
         try:
             assert "exported now" in ok(ivt(dst, "vm", "receive", VM, "--size", str(size)))
@@ -159,6 +161,7 @@ def test_rounds_kill_and_promote(tmp_path: Path) -> None:
         promoted = ok(ivt(dst, "vm", "promote", VM, "--source-key", str(src / "master.key")))
         assert "from checkpoint 2" in promoted and "uncommitted journal of checkpoint 3" in promoted
         assert VM in ok(ivt(dst, "vm", "list"))
+    grant_vms(dst)
     again = start_target(tmp_path / "d2", "--state-dir", str(dst))
     try:
         assert again.targets[VM_IQN] == {0: SIZES[0], 1: SIZES[1]}
@@ -193,6 +196,7 @@ def test_a_disk_grown_live_is_replicated_whole(tmp_path: Path) -> None:
         assert "round 2" in second and "(incremental)" in second
         ini.logout()
         ok(ivt(sites.dst, "vm", "promote", VM, "--source-key", str(src / "master.key")))
+    grant_vms(sites.dst)
     again = start_target(tmp_path / "d2", "--state-dir", str(sites.dst))
     try:
         assert again.targets[VM_IQN] == {0: grown, 1: SIZES[1]}
@@ -258,6 +262,7 @@ def test_cli_errors(tmp_path: Path) -> None:
     gone = ivt(src, "vm", "replicate", VM, "--to", f"iscsi://127.0.0.1:{port}/{REPLICA_IQN}/0")
     assert gone.returncode == 1
     assert f"cannot reach the destination 127.0.0.1:{port}" in gone.stderr
+    grant_vms(dst)
     destination = start_target(tmp_path / "d", "--state-dir", str(dst))
     try:
         ok(ivt(dst, "vm", "receive", VM, "--size", "8M"))
