@@ -20,7 +20,7 @@ from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import PAUSE_ENV
 from tests.conftest import INITIATOR, grant_vms, start_target
 from tests.integration.test_snapshot_serve import ivt
-from tests.integration.test_vm_move_live import IQN, SIZES, VM, Writer, _setup, run_paused
+from tests.integration.test_vm_move_live import IQN, SIZES, VM, WRITER, Writer, _setup, run_paused
 from tests.vm.test_snapshot_full import layers_alone
 
 MIB = 1 << 20
@@ -87,7 +87,7 @@ def test_full_snapshot_of_a_served_vm_while_writing(
     s1 = _images(state, "s1")
     (tmp_path / "pause").mkdir()
     monkeypatch.setenv(PAUSE_ENV, f"fill.copying:{tmp_path / 'pause'}")
-    grant_vms(state)
+    grant_vms(state, INITIATOR, WRITER)
     target = start_target(tmp_path / "serve", "--state-dir", str(state))
     monkeypatch.delenv(PAUSE_ENV)
     writer = Writer(target.port)

@@ -152,7 +152,7 @@ def test_a_reverted_guest_view_copies_only_within_its_disk(tmp_path: Path) -> No
         for name in ("vm1", "vm2"):
             manager.create(name, disk=VM_BLOCKS * BLOCK, memory=1 << 20)
         manager.write_state("vm1", io.BytesIO(memory), len(memory))
-    grant_vms(state)
+    grant_vms(state, A)
     t = start_target(tmp_path / "run", "--state-dir", str(state))
     try:
         vm1 = login(t.port, A, f"{DEFAULT_BASE_IQN}:vm.vm1", (0,))
