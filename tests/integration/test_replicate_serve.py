@@ -7,6 +7,7 @@ exactly the checkpointed bytes through iSCSI, with the source volumes' identitie
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -158,8 +159,15 @@ def test_rounds_kill_and_promote(tmp_path: Path) -> None:
         )  # fmt: skip
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         ini.logout()
-        promoted = ok(ivt(dst, "vm", "promote", VM, "--source-key", str(src / "master.key")))
+        dr_host = "iqn.2026-11.test:dr-host"
+        promote = ("vm", "promote", VM, "--source-key", str(src / "master.key"), "--grant", dr_host)
+        promoted = ok(ivt(dst, *promote))
         assert "from checkpoint 2" in promoted and "uncommitted journal of checkpoint 3" in promoted
+        assert f"VM {VM} granted to {dr_host}" in promoted  # and nobody else of its own
+        grants = json.loads(ok(ivt(dst, "acl", "list", "--json")))["vms"]
+        assert [(v["vm"], [g["initiator"] for g in v["grants"]]) for v in grants] == [
+            (VM, [dr_host])
+        ]
         assert VM in ok(ivt(dst, "vm", "list"))
     grant_vms(dst)
     again = start_target(tmp_path / "d2", "--state-dir", str(dst))
