@@ -539,10 +539,18 @@ def op_portal_remove(cfg: ManagedConfig, args: Args, runtime: Runtime | None) ->
 
 
 def op_config_apply(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    """The document replaces the configuration; one written before grants existed (no
+    ``vms``/``default_grants`` keys) keeps the grants in force: none silently lost."""
+    doc = args["document"]
     try:
-        return ManagedConfig.from_dict(args["document"], str(args.get("base", ".")))
+        new = ManagedConfig.from_dict(doc, str(args.get("base", ".")))
     except (PersistError, ValueError) as exc:
         raise AdminError(f"configuration: {exc}") from exc
+    if isinstance(doc, dict) and "vms" not in doc:
+        new = replace(new, vms=cfg.vms)
+    if isinstance(doc, dict) and "default_grants" not in doc:
+        new = replace(new, default_grants=cfg.default_grants)
+    return new
 
 
 #: Operations that change the configuration.

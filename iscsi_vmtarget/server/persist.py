@@ -300,10 +300,12 @@ def _portal_text(p: Portal) -> str:
     return f"{host}:{p.port}"
 
 
-def read_document(path: str) -> ManagedConfig:
-    """A configuration file for ``config apply``: JSON, or TOML when it ends in
-    ``.toml`` (the same keys; TOML's ``[[target]]``/``[[target.lun]]``/
-    ``[[target.acl]]`` tables are accepted as in the serve configuration)."""
+def read_document(path: str) -> dict[str, Any]:
+    """A configuration file for ``config apply``, validated, paths resolved: JSON, or
+    TOML when it ends in ``.toml`` (the same keys; TOML's ``[[target]]``/
+    ``[[target.lun]]``/``[[target.acl]]`` tables are accepted as in the serve
+    configuration). A file without ``vms``/``default_grants`` (written before grants)
+    yields a document without them, so applying it keeps the grants in force."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
@@ -314,9 +316,10 @@ def read_document(path: str) -> ManagedConfig:
         kind = "TOML" if path.endswith(".toml") else "JSON"
         raise PersistError(f"{path!r} is not valid {kind}: {exc}") from exc
     try:
-        return ManagedConfig.from_dict(doc, os.path.dirname(os.path.abspath(path)))
+        out = ManagedConfig.from_dict(doc, os.path.dirname(os.path.abspath(path))).to_dict()
     except PersistError as exc:
         raise PersistError(f"{path!r}: {exc}") from exc
+    return {k: v for k, v in out.items() if k not in ("vms", "default_grants") or k in doc}
 
 
 # -- differences ------------------------------------------------------------------------

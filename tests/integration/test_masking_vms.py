@@ -16,7 +16,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from iscsi_vmtarget.client import Initiator, LoginFailed
+import pytest
+
+from iscsi_vmtarget.client import Initiator, InitiatorError, LoginFailed
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
 from tests.conftest import RunningTarget, start_with_config
 from tests.integration.test_vm_move_live import ivt
@@ -150,3 +152,37 @@ def test_no_export_of_a_vm_reaches_an_initiator_it_is_not_granted_to(tmp_path: P
         Attack(again).round(*derived)
     finally:
         again.stop()
+
+
+def test_grants_apply_live_and_revoking_logs_the_session_out(tmp_path: Path) -> None:
+    """``acl add --vm``/``acl default add`` open a served VM and its snapshot export at
+    once; ``acl remove`` logs the session out; an old ``config apply`` document (no
+    grants in it) keeps them."""
+    state = tmp_path / "state"
+    with VmManager(StateDir.at(str(state))) as manager:
+        manager.create("a", disk=2 * MIB, memory=MIB)
+    config = f'state_dir = "{state}"\nexport_vms = true\n'
+    target = start_with_config(tmp_path / "serve", config, "--state-dir", str(state))
+    attack = Attack(target)
+    own, snap = f"{DEFAULT_BASE_IQN}:vm.a", f"{DEFAULT_BASE_IQN}:vm.a.snap.s1"
+    try:
+        ivt(state, "vm", "snapshot", "a", "s1")
+        ivt(state, "vm", "snapshot", "export", "a", "s1")
+        assert attack.listed(GOOD) == []
+        out = ivt(state, "acl", "add", "--vm", "a", GOOD).stdout
+        assert f"+ grant a {GOOD}" in out and "saved for the next start" not in out
+        assert attack.listed(GOOD) == [own, snap]
+        session = attack.session(GOOD, own)
+        assert session.command(bytes(6)).status in (0, 2)  # GOOD (or its unit attention)
+        ivt(state, "acl", "remove", "--vm", "a", GOOD)
+        assert attack.listed(GOOD) == []
+        with session, pytest.raises(InitiatorError, match="connection closed"):
+            session.command(bytes(6))  # the daemon logged the session out
+        ivt(state, "acl", "default", "add", OTHER)  # every VM, every export of it
+        assert attack.listed(OTHER) == [own, snap] and attack.listed(STRANGER) == []
+        old = tmp_path / "old.json"  # a document from before grants: no vms key
+        old.write_text(json.dumps({"version": 1, "targets": []}))
+        ivt(state, "config", "apply", str(old))
+        assert attack.listed(OTHER) == [own, snap]
+    finally:
+        target.stop()
