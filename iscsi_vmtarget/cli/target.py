@@ -104,7 +104,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "set",
         help="change a target's access settings",
         description="Set a target's CHAP secrets and allow-all mode (also for targets "
-        "defined by --config or a VM pool).",
+        "defined by --config or a VM pool; on a target of a VM, --allow-all and "
+        "--deny-unknown apply to the VM: every export of it).",
     )
     p.add_argument("name")
     mode = p.add_mutually_exclusive_group()
