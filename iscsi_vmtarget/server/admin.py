@@ -804,8 +804,13 @@ class Manager:
             live = self.runtime.registry.targets.get(vm_target_name(name).lower())
             key = live.vm_uuid if live is not None else None
         if key is None:  # discovery reads unit headers without the pool locks
-            with VmManager(StateDir.at(self.store.state_dir)) as manager:
-                key = manager.find(name).base.header.unit_uuid
+            try:
+                with VmManager(StateDir.at(self.store.state_dir)) as manager:
+                    key = manager.find(name).base.header.unit_uuid
+            except VmError:
+                if args.get("vm") is None and cfg.target(str(args.get(field))) is not None:
+                    return args  # a deleted VM's old overlay entry: still editable
+                raise
         return {
             **args,
             field: args.get(field) or vm_target_name(name),

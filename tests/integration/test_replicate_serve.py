@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from iscsi_vmtarget.client.initiator import Initiator
+import pytest
+
+from iscsi_vmtarget.client.initiator import Initiator, LoginFailed
 from iscsi_vmtarget.testing.tgtd import Tgtd
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
@@ -34,6 +36,7 @@ VM_IQN = f"{DEFAULT_BASE_IQN}:vm.{VM}"
 REPLICA_IQN = f"{DEFAULT_BASE_IQN}:replica.{VM}"
 STATE = bytes(range(251)) * 997
 SIZES = (8 * MIB, 4 * MIB)
+STRANGER = "iqn.2026-11.test:evil"
 
 
 def ivt(
@@ -173,6 +176,8 @@ def test_rounds_kill_and_promote(tmp_path: Path) -> None:
     again = start_target(tmp_path / "d2", "--state-dir", str(dst))
     try:
         assert again.targets[VM_IQN] == {0: SIZES[0], 1: SIZES[1]}
+        with pytest.raises(LoginFailed):  # granted to dr-host and the defaults only
+            Initiator(port=again.port, initiator_name=STRANGER, target_name=VM_IQN).login()
         ini = login(again.port, VM_IQN)
         assert [disk(ini, 0), disk(ini, 1)] == expected  # checkpoint 2, exactly
         assert [naa(ini, 0), naa(ini, 1)] == identity  # the ORIGINAL volumes' designators
