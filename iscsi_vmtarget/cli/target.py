@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from ..server.admin import AdminError, call
+from ..server.admin import CHAP_KEYS, AdminError, call
 from ..server.config import ServeConfig
 
 Args = dict[str, Any]
@@ -43,7 +43,7 @@ def add_chap(p: argparse.ArgumentParser) -> None:
 def chap_args(args: argparse.Namespace) -> Args:
     return {
         k: getattr(args, k)
-        for k in ("chap_user", "chap_secret", "mutual_user", "mutual_secret")
+        for k in CHAP_KEYS
         if getattr(args, k, None) is not None
     }
 

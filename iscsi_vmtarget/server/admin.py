@@ -449,7 +449,7 @@ def op_target_set(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> Ma
     if "vm_uuid" in args and args.get("allow_all") is not None:  # the VM's, every export
         cfg = grants.vm_allow_all(cfg, args, bool(args["allow_all"]))
         args = {**args, "allow_all": None}
-        if not any(args.get(k) for k in ("alias", "no_chap", "chap_user", "mutual_user")):
+        if not any(args.get(k) for k in ("alias", "no_chap", *CHAP_KEYS)):
             return cfg
     spec = _need_target(cfg, str(args["name"]), runtime)
     where = f"target {spec.name}"
@@ -571,6 +571,8 @@ OPERATIONS: dict[str, Transform] = {
     "grant.set": lambda cfg, args, _rt: grants.grant_set(cfg, args),
     "grant.drop": lambda cfg, args, _rt: grants.grant_drop(cfg, args),
 }
+#: The request keys of CHAP secrets (``target set``, ``acl add``).
+CHAP_KEYS = ("chap_user", "chap_secret", "mutual_user", "mutual_secret")
 #: Operations that may name a VM (``vm``, or a ``target``/``name`` derived from one):
 #: the manager adds its identity (``vm_uuid``, ``vm_name``) before the transform runs.
 VM_OPERATIONS = {"acl.add": "target", "acl.remove": "target", "target.set": "name"}
