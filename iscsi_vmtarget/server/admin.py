@@ -337,7 +337,8 @@ class Runtime:
                 {
                     "name": t.name,
                     "alias": t.entry.alias,
-                    "origin": t.origin if key not in self.static else "static",
+                    # a VM's target says so: its ACLs are the VM's grants
+                    "origin": "vm" if t.vm_uuid else "static" if key in self.static else t.origin,
                     "allow_all": t.allow_all,
                     "chap": t.entry.chap is not None,
                     "luns": {str(n): lu.backend.size for n, lu in sorted(t.scsi.luns.items())},
