@@ -94,6 +94,28 @@ def start_with_config(
     return start_target(workdir / "run", "--config", str(conf), *extra, nop_interval=nop_interval)
 
 
+#: The initiator names this suite's clients log in with: INITIATOR, our initiator's
+#: default, libiscsi's test tools' two defaults, and QEMU's (qemu-img, no VM name).
+CLIENTS = (
+    INITIATOR,
+    "iqn.2026-11.org.iscsi-vmtarget:initiator",
+    "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test",
+    "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2",
+    "iqn.2008-11.org.linux-kvm",
+)
+
+
+def grant_vms(state: Path, *initiators: str) -> None:
+    """Grant ``initiators`` (default: :data:`CLIENTS`) every VM of state directory
+    ``state`` (``acl default add``: the running daemon's at once, else from the next
+    start). VM targets admit no initiator until granted: a test that logs into one
+    says who it is with this."""
+    from iscsi_vmtarget.server.admin import call
+
+    for initiator in initiators or CLIENTS:
+        call(str(state), "acl.default.add", {"initiator": initiator})
+
+
 @pytest.fixture
 def demo_target(tmp_path: Path) -> Iterator[RunningTarget]:
     """The default `serve` (demo target, one 1 GiB LUN) on an ephemeral port."""

@@ -48,7 +48,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _apply(args: argparse.Namespace) -> int:
     try:
-        document = read_document(args.file).to_dict()  # validate (and resolve paths) here
+        document = read_document(args.file)  # validate (and resolve paths) here
     except PersistError as exc:
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from ..server.admin import AdminError, call
+from ..server.admin import CHAP_KEYS, AdminError, call
 from ..server.config import ServeConfig
 
 Args = dict[str, Any]
@@ -43,7 +43,7 @@ def add_chap(p: argparse.ArgumentParser) -> None:
 def chap_args(args: argparse.Namespace) -> Args:
     return {
         k: getattr(args, k)
-        for k in ("chap_user", "chap_secret", "mutual_user", "mutual_secret")
+        for k in CHAP_KEYS
         if getattr(args, k, None) is not None
     }
 
@@ -104,7 +104,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "set",
         help="change a target's access settings",
         description="Set a target's CHAP secrets and allow-all mode (also for targets "
-        "defined by --config or a VM pool).",
+        "defined by --config or a VM pool; on a target of a VM, --allow-all and "
+        "--deny-unknown apply to the VM: every export of it).",
     )
     p.add_argument("name")
     mode = p.add_mutually_exclusive_group()

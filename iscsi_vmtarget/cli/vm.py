@@ -239,6 +239,7 @@ def _create(args: argparse.Namespace, manager: VmManager) -> int:
         print_json(vm_json(vm, manager))
     else:
         print(f"created VM {vm.name}: {_summary(vm)}")
+        print(f"initiators see it once granted: acl add --vm {vm.name} INITIATOR")
     serve_now(manager.state.root, vm.name, quiet=args.json)
     return 0
 
@@ -298,6 +299,10 @@ def _delete(args: argparse.Namespace, manager: VmManager) -> int:
         )
     vm = manager.delete(args.name, force=args.force)
     print(f"deleted VM {vm.name} ({len(vm.units)} units)")
+    from .vm_grants import drop_grants
+
+    if dropped := drop_grants(manager.state.root, vm):
+        print(dropped)
     return 0
 
 

@@ -11,8 +11,10 @@ on the last coherent replica").
   quiesced) and pushes what changed since the last one, coherently; ``--continuous``
   does it every ``--interval`` seconds until interrupted. ``--disk-only`` mirrors one
   guest disk's bytes to any plain LUN (e.g. tgtd) instead;
-* on the destination, ``vm promote NAME`` makes the last coherent checkpoint a VM of
-  its pools (the receiving target goes away); ``serve`` exports it from its next start.
+* on the destination, ``vm promote NAME [--grant INITIATOR]...`` makes the last
+  coherent checkpoint a VM of its pools (the receiving target goes away), granted to
+  the ``--grant`` initiators only (and the default grants); a running daemon serves it
+  at once, else ``serve`` from its next start.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from typing import Any
 
 from ..client.initiator import InitiatorError
 from ..client.remote import LunUrl, UrlError, open_lun, parse_url
+from ..server.acl import AclError
 from ..server.admin import AdminError, call, call_for_vm
+from ..server.grants import acl_from_args
 from ..sizes import format_size
 from ..storage import FileBackend, create_sparse_file
 from ..storage.backend import BlockBackend
@@ -43,6 +47,7 @@ from ..vm.replicate import RoundReport, replicate
 from .progress import add_progress_flag, progress_bar
 from .target import add_chap, chap_args
 from .vm import add_common, print_json, run_managed, serve_now, size_arg
+from .vm_grants import add_grant_flag, set_grants
 
 REPLICATOR = "iqn.2026-11.org.iscsi-vmtarget:replicator"
 
@@ -98,13 +103,16 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
         description="Finish the replica's journal (a committed round is replayed, an "
         "uncommitted one discarded), check every header, grain hash and sealed chunk, "
         "and make the checkpoint VM NAME of --pool: same volume identities (VPD 0x83/0x80) "
-        "as the source, state and config sealed under this state directory's key.",
+        "as the source, state and config sealed under this state directory's key. It "
+        "starts with no grants of its own: only --grant initiators and the default "
+        "grants may see it.",
     )
     p.add_argument("name")
     p.add_argument("--replica", metavar="FILE", help="default <state-dir>/replicas/NAME.replica")
     p.add_argument("--source-key", metavar="FILE", help="the source's master key file")
     p.add_argument("--pool", default="default")
     p.add_argument("--json", action="store_true")
+    add_grant_flag(p)
     add_progress_flag(p)
     add_common(p)
     p.set_defaults(func=lambda a: run_managed(a, _promote))
@@ -261,11 +269,16 @@ def _receive(args: argparse.Namespace) -> int:
     iqn = replica_target(args.name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     create_sparse_file(path, args.size)
-    acl: dict[str, Any] = {"target": iqn, "initiator": args.initiator, **chap_args(args)}
+    try:  # the target is born with its one ACL: only the replicating initiator, ever
+        acl = acl_from_args({"initiator": args.initiator, **chap_args(args)}, f"target {iqn}")
+    except AclError as exc:
+        os.unlink(path)
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 1
+    created = {"name": iqn, "alias": f"replica of VM {args.name}", "acls": [acl.to_dict()]}
     steps = [
-        ("target.create", {"name": iqn, "alias": f"replica of VM {args.name}"}),
+        ("target.create", created),
         ("lun.map", {"target": iqn, "number": 0, "path": path, "size": args.size}),
-        ("acl.add", acl),
     ]
     live = False
     try:
@@ -311,8 +324,9 @@ def _promote(args: argparse.Namespace, manager: VmManager) -> int:
         bar.close()
     if args.replica is None:
         os.unlink(path)
+    granted = "" if report.already else set_grants(manager, args.name, args.grant)
     if args.json:
-        print_json({**report.__dict__, "replica": path})
+        print_json({**report.__dict__, "replica": path, "grants": args.grant})
     elif report.already:
         print(f"VM {args.name} was already promoted; replica {path} removed")
     else:
@@ -320,5 +334,6 @@ def _promote(args: argparse.Namespace, manager: VmManager) -> int:
             f"VM {args.name} promoted from checkpoint {report.seq} ({report.checkpoint}); "
             f"{report.journal}; {report.volumes} disk(s) verified"
         )
+        print(granted)
     serve_now(manager.state.root, args.name, quiet=args.json)
     return 0

@@ -28,10 +28,11 @@ from collections.abc import Callable
 from typing import Any
 
 from ..server.admin import AdminError, call_for_vm
-from ..vm import VmManager
+from ..vm import StateDir, VmError, VmManager
 from ..vm import snapshot as snaps
 from .progress import add_progress_flag, progress_bar
 from .vm import add_common, print_json, run_managed, serve_now
+from .vm_grants import add_no_grants_flag, copy_grants
 
 _SNAPSHOT_VERBS = ("list", "delete", "export", "fill", "create")
 
@@ -80,12 +81,14 @@ def add_clone_parser(verbs: argparse._SubParsersAction) -> None:  # type: ignore
         "--full copies every block (progress on stderr). When the running daemon exports "
         "SRC it clones it live - the snapshot is taken with SRC's LUNs quiesced, as 'vm "
         "snapshot' does (a --full copy then reads it and deletes it) - and serves DST at "
-        "once; otherwise a --full copy of the live disks needs SRC not served.",
+        "once; otherwise a --full copy of the live disks needs SRC not served. "
+        "The clone starts with SRC's grants (who may see it), unless --no-grants.",
     )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--from-snapshot", metavar="SNAP")
     p.add_argument("--full", action="store_true", help="copy every block now")
+    add_no_grants_flag(p)
     add_progress_flag(p)
     add_common(p)
     p.set_defaults(func=_clone_routed)
@@ -134,6 +137,12 @@ def _clone_routed(args: argparse.Namespace) -> int:
 
     def cloned(result: dict[str, Any]) -> str:
         lines = _cloned(args, result["snapshot"], live=True)
+        # served deny-by-default already; the grants open it (applied live)
+        try:
+            with VmManager(StateDir.at(args.state_dir, args.key_file)) as manager:
+                lines.append(copy_grants(manager, args.src, args.dst, none=args.no_grants))
+        except VmError as exc:
+            lines.append(f"VM {args.dst} has no grants yet ({exc}): see 'acl add --vm'")
         if "target" in result:
             lines.append(f"served by the running daemon as {result['target']}")
         else:
@@ -170,6 +179,7 @@ def _clone(args: argparse.Namespace, manager: VmManager) -> int:
             progress=bar,
         )
     print("\n".join(_cloned(args, taken, live=False)))
+    print(copy_grants(manager, args.src, args.dst, none=args.no_grants))
     serve_now(manager.state.root, args.dst)
     return 0
 

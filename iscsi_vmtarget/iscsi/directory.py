@@ -7,8 +7,10 @@ Who may see what is decided by each target's access rules (:class:`AccessRule`, 
 per ACL: an initiator name and optionally the source networks it must come from, with
 CHAP secrets that override the target's). A target with rules denies every initiator
 no rule matches, unless ``allow_all`` (demo mode) is set; a target without rules is
-open. The same decision answers SendTargets (RFC 7143 Appendix C: only targets the
-initiator may log into are listed) and login (§11.13.5: 02/02, authorization failure).
+open, unless it is ``deny_by_default`` (every target derived from a VM: nobody gets in
+until granted, as LIO's generate_node_acls=0). The same decision answers SendTargets
+(RFC 7143 Appendix C: only targets the initiator may log into are listed) and login
+(§11.13.5: 02/02, authorization failure).
 """
 
 from __future__ import annotations
@@ -99,9 +101,9 @@ class TargetEntry:
 
     ``chap`` is what an initiator must prove (one-way CHAP); ``mutual_chap`` is the
     target's own name/secret for mutual CHAP. ``acls`` restrict who may log in (deny
-    by default once there is one, unless ``allow_all``); ``initiators`` is the older,
-    plain list of allowed names (empty = anyone). Masking per LUN is the SCSI side's
-    business.
+    by default once there is one, or always when ``deny_by_default``, unless
+    ``allow_all``); ``initiators`` is the older, plain list of allowed names (empty =
+    anyone). Masking per LUN is the SCSI side's business.
     """
 
     name: str
@@ -113,6 +115,7 @@ class TargetEntry:
     initiators: frozenset[str] = field(default_factory=frozenset)
     acls: tuple[AccessRule, ...] = ()
     allow_all: bool = False
+    deny_by_default: bool = False
 
     def grant(self, initiator_name: str, source: str | None = None) -> Grant | None:
         """May ``initiator_name`` coming from ``source`` log in, and with which CHAP
@@ -120,7 +123,7 @@ class TargetEntry:
         for rule in self.acls:
             if rule.matches(initiator_name, source):
                 return Grant(rule.chap or self.chap, rule.mutual_chap or self.mutual_chap, rule)
-        if self.acls and not self.allow_all:
+        if (self.acls or self.deny_by_default) and not self.allow_all:
             return None
         if self.initiators and not any(same_node(initiator_name, i) for i in self.initiators):
             return None

@@ -36,7 +36,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
 from ..vm.errors import VmError
-from .acl import Acl, AclError, MappedLun, chap_from_dict, check_mutual
+from . import grants
+from .acl import Acl, AclError, check_mutual
+from .grants import effective_acls, summary
 from .persist import (
     ConfigStore,
     LunSpec,
@@ -116,8 +118,9 @@ class Runtime:
 
     def add_pool_target(self, target: Target, cfg: ManagedConfig) -> None:
         """A target a VM pool defines, added while the daemon runs (an exported
-        snapshot): static like those ``serve`` found, and the overlay ``cfg`` holds for
-        it (ACLs, CHAP) applies. Call on the loop (:meth:`on_loop`)."""
+        snapshot, a VM made meanwhile): static like those ``serve`` found; the VM's
+        grants and the overlay ``cfg`` holds for it (ACLs, CHAP) apply
+        (:meth:`set_access`). Call on the loop (:meth:`on_loop`)."""
         key = target.name.lower()
         self.registry.add_target(target)
         own = target.entry
@@ -126,10 +129,37 @@ class Runtime:
         try:
             if spec is not None:
                 self._apply_target(spec, None)
+            self.set_access(key, cfg)
         except BaseException:  # e.g. an overlay ACL mapping one designator twice
             del self.static[key], self.registry.targets[key]
             raise
         log.info("target %s created", target.name)
+
+    def set_access(self, key: str, cfg: ManagedConfig) -> None:
+        """Who may log into the static target ``key`` and which LUNs each one sees: the
+        one place that masks every target a VM pool or the serve configuration defines.
+
+        Its source's ACLs and allow-all (TOML, the demo); for a target derived from a
+        VM (``vm_uuid``: its own target, a snapshot export, any later export) the VM's
+        grants and the default grants (:func:`.grants.effective_acls`; such a target
+        is ``deny_by_default``); then the overlay entry ``cfg`` holds for its name (an
+        ACL of the same initiator replaces the others). Sessions that lost access are
+        logged out."""
+        target = self.registry.targets[key]
+        own = self.static[key]
+        acls, allow_all = dict(own.acls), own.allow_all
+        if target.vm_uuid is not None or target.entry.deny_by_default:
+            granted, vm_all = effective_acls(cfg, target.vm_uuid)
+            acls.update(granted)
+            allow_all = allow_all or vm_all
+        spec = cfg.target(key)
+        if spec is not None:
+            acls.update({a.key: a for a in spec.acls})
+            allow_all = allow_all or spec.allow_all
+        if acls == target.acls and allow_all == target.allow_all:
+            return
+        target.set_acls(acls, allow_all)
+        self._refresh_sessions(target)
 
     def remove_pool_target(self, name: str) -> bool:
         """Remove such a target, logging its sessions out (as ``target delete`` does);
@@ -165,10 +195,12 @@ class Runtime:
                 target.entry = replace(
                     target.entry, chap=policy.chap, mutual_chap=policy.mutual_chap
                 )
-                target.set_acls(policy.acls, policy.allow_all)
                 self._refresh_sessions(target)
         for spec in new.targets:
             self._apply_target(spec, prepared.get(spec.key))
+        for key in self.static:
+            if key in registry.targets:
+                self.set_access(key, new)
         chap, mutual = self.static_discovery
         registry.discovery_auth = new.discovery_chap or chap
         registry.discovery_mutual = new.discovery_mutual_chap or mutual
@@ -260,12 +292,10 @@ class Runtime:
                     if units.get(n) is not lu:
                         lu.backend.close()
                 target.set_luns(units)
-        acls = {a.key: a for a in spec.acls}
-        allow_all = spec.allow_all
-        if spec.key in self.static:  # an overlay adds to (and overrides) the source's ACLs
-            acls = {**self.static[spec.key].acls, **acls}
-            allow_all = allow_all or self.static[spec.key].allow_all
-        target.set_acls(acls, allow_all)
+        if spec.key in self.static:  # its ACLs: set_access, with the VM's grants
+            self._refresh_sessions(target)
+            return
+        target.set_acls({a.key: a for a in spec.acls}, spec.allow_all)
         self._refresh_sessions(target)
 
     def _remove_target(self, key: str) -> None:
@@ -307,12 +337,14 @@ class Runtime:
                 {
                     "name": t.name,
                     "alias": t.entry.alias,
-                    "origin": t.origin if key not in self.static else "static",
+                    # a VM's target says so: its ACLs are the VM's grants
+                    "origin": "vm" if t.vm_uuid else "static" if key in self.static else t.origin,
                     "allow_all": t.allow_all,
                     "chap": t.entry.chap is not None,
                     "luns": {str(n): lu.backend.size for n, lu in sorted(t.scsi.luns.items())},
-                    "acls": [_acl_summary(a) for a in t.acls.values()],
+                    "acls": [summary(a) for a in t.acls.values()],
                     "sessions": len(self.registry.connections_of(key)),
+                    "vm_uuid": None if t.vm_uuid is None else str(t.vm_uuid),
                 }
             )
         return out
@@ -370,13 +402,6 @@ def _swap(handler: ConnectionHandler, scsi: ScsiTarget) -> None:
     handler.scsi = scsi
 
 
-def _acl_summary(acl: Acl) -> dict[str, Any]:
-    out = acl.to_dict()
-    out["chap"] = acl.chap.user if acl.chap else None
-    out["mutual_chap"] = acl.mutual_chap.user if acl.mutual_chap else None
-    return out
-
-
 # ---------------------------------------------------------------------------------------
 # Operations
 # ---------------------------------------------------------------------------------------
@@ -395,15 +420,6 @@ def _need_target(cfg: ManagedConfig, name: str, runtime: Runtime | None) -> Targ
     raise AdminError(f"no target {name}")
 
 
-def _chap_arg(args: Args, prefix: str, where: str) -> ChapSecret | None:
-    user, secret = args.get(f"{prefix}_user"), args.get(f"{prefix}_secret")
-    if user is None and secret is None:
-        return None
-    if not user or not secret:
-        raise AdminError(f"{where}: give both --{prefix.replace('_', '-')}-user and -secret")
-    return chap_from_dict({"user": user, "secret": secret}, where)
-
-
 def op_target_create(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
     name = str(args["name"])
     if cfg.target(name) is not None or (runtime is not None and name.lower() in runtime.static):
@@ -414,6 +430,8 @@ def op_target_create(cfg: ManagedConfig, args: Args, runtime: Runtime | None) ->
             "alias": args.get("alias"),
             "tpgt": args.get("tpgt", 1),
             "allow_all": args.get("allow_all", False),
+            # born with its ACLs: never open, not even between two requests
+            "acls": list(args.get("acls") or ()),
         }
     )
     return cfg.with_target(spec)
@@ -429,6 +447,11 @@ def op_target_delete(cfg: ManagedConfig, args: Args, runtime: Runtime | None) ->
 
 
 def op_target_set(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    if "vm_uuid" in args and args.get("allow_all") is not None:  # the VM's, every export
+        cfg = grants.vm_allow_all(cfg, args, bool(args["allow_all"]))
+        args = {**args, "allow_all": None}
+        if not any(args.get(k) for k in ("alias", "no_chap", *CHAP_KEYS)):
+            return cfg
     spec = _need_target(cfg, str(args["name"]), runtime)
     where = f"target {spec.name}"
     changes: dict[str, Any] = {}
@@ -438,8 +461,8 @@ def op_target_set(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> Ma
         changes["alias"] = str(args["alias"])
     if args.get("no_chap"):
         changes["chap"] = changes["mutual_chap"] = None
-    chap = _chap_arg(args, "chap", where)
-    mutual = _chap_arg(args, "mutual", where)
+    chap = grants.chap_arg(args, "chap", where)
+    mutual = grants.chap_arg(args, "mutual", where)
     if chap is not None:
         changes["chap"] = chap
     if mutual is not None:
@@ -470,40 +493,20 @@ def op_lun_unmap(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> Man
 
 
 def op_acl_add(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
-    """Add the ACL, or replace the one of that initiator (``acl add`` is idempotent)."""
+    """Add the ACL, or replace the one of that initiator (``acl add`` is idempotent).
+    On a target derived from a VM (or with ``vm``), the VM's grant (:mod:`.grants`)."""
+    if "vm_uuid" in args:
+        return grants.grant_add(cfg, args)
     spec = _need_target(cfg, str(args["target"]), runtime)
-    where = f"ACL {args['initiator']} of {spec.name}"
-    luns = args.get("luns")
-    chap = _chap_arg(args, "chap", where)
-    mutual = _chap_arg(args, "mutual", where)
-    if mutual is not None and chap is None and spec.chap is None:
-        raise AdminError(f"{where}: mutual CHAP needs CHAP (--chap-user/--chap-secret)")
-    acl = Acl(
-        initiator=str(args["initiator"]),
-        sources=tuple(args.get("sources") or ()),
-        luns=None if luns is None else tuple(MappedLun.from_dict(m) for m in luns),
-        chap=chap,
-        mutual_chap=mutual,
-        read_only=bool(args.get("read_only", False)),
-        view=str(args.get("view") or "guest"),
-    )
-    if luns is not None and (args.get("read_only") or args.get("view")):
-        acl = replace(
-            acl,
-            luns=tuple(
-                replace(
-                    m,
-                    read_only=m.read_only or bool(args.get("read_only")),
-                    view=str(args.get("view") or m.view),
-                )
-                for m in acl.luns or ()
-            ),
-        )
+    acl = grants.acl_from_args(args, f"ACL {args['initiator']} of {spec.name}", spec.chap)
     acls = [a for a in spec.acls if a.key != acl.key] + [acl]
     return cfg.with_target(replace(spec, acls=tuple(sorted(acls, key=lambda a: a.key))))
 
 
 def op_acl_remove(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    spec = cfg.target(str(args["target"]))
+    if "vm_uuid" in args and (spec is None or spec.acl(str(args["initiator"])) is None):
+        return grants.grant_remove(cfg, args)  # else: an overlay ACL from before grants
     spec = _need_target(cfg, str(args["target"]), runtime)
     initiator = str(args["initiator"]).lower()
     if spec.acl(initiator) is None:
@@ -537,10 +540,18 @@ def op_portal_remove(cfg: ManagedConfig, args: Args, runtime: Runtime | None) ->
 
 
 def op_config_apply(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
+    """The document replaces the configuration; one written before grants existed (no
+    ``vms``/``default_grants`` keys) keeps the grants in force: none silently lost."""
+    doc = args["document"]
     try:
-        return ManagedConfig.from_dict(args["document"], str(args.get("base", ".")))
+        new = ManagedConfig.from_dict(doc, str(args.get("base", ".")))
     except (PersistError, ValueError) as exc:
         raise AdminError(f"configuration: {exc}") from exc
+    if isinstance(doc, dict) and "vms" not in doc:
+        new = replace(new, vms=cfg.vms)
+    if isinstance(doc, dict) and "default_grants" not in doc:
+        new = replace(new, default_grants=cfg.default_grants)
+    return new
 
 
 #: Operations that change the configuration.
@@ -555,7 +566,17 @@ OPERATIONS: dict[str, Transform] = {
     "portal.add": op_portal_add,
     "portal.remove": op_portal_remove,
     "config.apply": op_config_apply,
+    "acl.default.add": lambda cfg, args, _rt: grants.default_add(cfg, args),
+    "acl.default.remove": lambda cfg, args, _rt: grants.default_remove(cfg, args),
+    "grant.copy": lambda cfg, args, _rt: grants.grant_copy(cfg, args),
+    "grant.set": lambda cfg, args, _rt: grants.grant_set(cfg, args),
+    "grant.drop": lambda cfg, args, _rt: grants.grant_drop(cfg, args),
 }
+#: The request keys of CHAP secrets (``target set``, ``acl add``).
+CHAP_KEYS = ("chap_user", "chap_secret", "mutual_user", "mutual_secret")
+#: Operations that may name a VM (``vm``, or a ``target``/``name`` derived from one):
+#: the manager adds its identity (``vm_uuid``, ``vm_name``) before the transform runs.
+VM_OPERATIONS = {"acl.add": "target", "acl.remove": "target", "target.set": "name"}
 #: Operations that only report.
 QUERIES = ("target.list", "acl.list", "config.export", "status", "ping")
 
@@ -770,9 +791,63 @@ class Manager:
 
     def start(self) -> None:
         """Daemon start: bring the registry to the persisted document (the portals
-        were chosen by ``serve`` before binding)."""
+        were chosen by ``serve`` before binding). ACLs that an older version kept on
+        a VM target's overlay become the VM's grants first (and are saved so)."""
+        from ..vm.export import vm_of_target, vm_target_name
+
         assert self.runtime is not None and self.current is not None
+        own_targets = {}
+        for key, target in self.runtime.registry.targets.items():
+            name = vm_of_target(key)
+            if target.vm_uuid is not None and name and key == vm_target_name(name).lower():
+                own_targets[key] = (target.vm_uuid, name)
+        migrated, notes = grants.migrate_overlays(self.current, own_targets)
+        if notes:
+            with self.store.locked():
+                self.store.save(migrated)
+            self.current = migrated
+            for note in notes:
+                log.warning("config: %s", note)
         self.runtime.apply(ManagedConfig(), self.current)
+
+    def _vm_identity(self, op: str, args: Args, cfg: ManagedConfig) -> Args:
+        """``args`` with ``vm_uuid`` and ``vm_name`` of the VM an operation of
+        :data:`VM_OPERATIONS` names: ``vm``, or a target derived from a VM (its own,
+        a snapshot export...). Unchanged for other targets."""
+        from ..vm import StateDir, VmManager
+        from ..vm.export import vm_of_target, vm_target_name
+
+        field = VM_OPERATIONS.get(op)
+        if field is None:
+            return args
+        args = {k: v for k, v in args.items() if k not in ("vm_uuid", "vm_name")}
+        name = args.get("vm")
+        if name is None:
+            target = str(args.get(field) or "")
+            name = vm_of_target(target)
+            spec = cfg.target(target)
+            live = self.runtime.registry.targets.get(target.lower()) if self.runtime else None
+            if name is None or (spec is not None and spec.luns) or (live and not live.vm_uuid):
+                return args  # a target of its own (managed, TOML), not a VM's
+        name = str(name).lower()
+        key = None
+        if self.runtime is not None:  # the daemon knows the VMs it serves
+            live = self.runtime.registry.targets.get(vm_target_name(name).lower())
+            key = live.vm_uuid if live is not None else None
+        if key is None:  # discovery reads unit headers without the pool locks
+            try:
+                with VmManager(StateDir.at(self.store.state_dir)) as manager:
+                    key = manager.find(name).base.header.unit_uuid
+            except VmError:
+                if args.get("vm") is None and cfg.target(str(args.get(field))) is not None:
+                    return args  # a deleted VM's old overlay entry: still editable
+                raise
+        return {
+            **args,
+            field: args.get(field) or vm_target_name(name),
+            "vm_name": name,
+            "vm_uuid": str(key),
+        }
 
     async def execute(self, op: str, args: Args) -> dict[str, Any]:
         try:
@@ -791,8 +866,10 @@ class Manager:
                 raise AdminError(f"unknown operation {op!r}")
             if self.runtime is None:
                 with self.store.locked():
-                    return self._change(self.store.load(), transform, args)
+                    cfg = self.store.load()
+                    return self._change(cfg, transform, self._vm_identity(op, args, cfg))
             assert self.current is not None
+            args = self._vm_identity(op, args, self.current)
             return await self._change_live(self.current, transform, args)
         except (AclError, PersistError, VmError, KeyError, TypeError, ValueError) as exc:
             message = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
@@ -850,22 +927,29 @@ class Manager:
                         "allow_all": t.allow_all,
                         "chap": t.chap is not None,
                         "luns": {str(lun.number): lun.size for lun in t.luns},
-                        "acls": [_acl_summary(a) for a in t.acls],
+                        "acls": [summary(a) for a in t.acls],
                         "sessions": 0,
+                        "vm_uuid": None,
                     }
                     for t in cfg.targets
                 ]
             }
-        # acl.list
+        # acl.list: every target's ACLs in force (a VM target's: its grants), the
+        # targets open to all, and the grants by VM with the defaults
         wanted = args.get("target")
-        targets = self._query("target.list", {})["targets"]
+        targets = [
+            t
+            for t in self._query("target.list", {})["targets"]
+            if wanted is None or t["name"].lower() == str(wanted).lower()
+        ]
         return {
             "acls": [
-                {"target": t["name"], **acl}
+                {"target": t["name"], "vm_uuid": t["vm_uuid"], **acl}
                 for t in targets
-                if wanted is None or t["name"].lower() == str(wanted).lower()
                 for acl in t["acls"]
-            ]
+            ],
+            "allow_all": [t["name"] for t in targets if t["allow_all"]],
+            **grants.report(cfg),
         }
 
 

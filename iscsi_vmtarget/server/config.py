@@ -23,6 +23,7 @@ from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
 from ..sizes import parse_size
 from ..storage import BackendError, FileBackend, create_sparse_file
 from ..vm import VmError, VmLuns, serve_vms, vm_target_name
+from ..vm.export import DEMO_VM
 from .acl import Acl, check_mutual, check_secret
 from .registry import Registry, Target
 
@@ -193,7 +194,9 @@ def load_config(path: str) -> ServeConfig:
 
 def demo_config(state_dir: str) -> ServeConfig:
     """The no-config default: one 1 GiB sparse LUN in the default pool, and the demo
-    VM (a 1 GiB disk, 256 MiB of state) exported as ``<BASE_IQN>:vm.demo``."""
+    VM (a 1 GiB disk, 256 MiB of state) exported as ``<BASE_IQN>:vm.demo``. Both are
+    open to any initiator, visibly (``allow_all``, shown by ``target list`` and ``acl
+    list``); every other VM is denied by default (:mod:`.grants`)."""
     pool = os.path.join(state_dir, "pools", "default")
     return ServeConfig(
         state_dir=state_dir,
@@ -202,6 +205,7 @@ def demo_config(state_dir: str) -> ServeConfig:
                 name=f"{BASE_IQN}:demo",
                 alias="demo",
                 luns=[LunConfig(0, os.path.join(pool, "demo-lun0.img"), DEMO_SIZE)],
+                allow_all=True,
             )
         ],
         demo_vm=True,
@@ -316,12 +320,26 @@ def _add_vms(cfg: ServeConfig, registry: Registry, opened: list[LogicalUnit]) ->
         opened.extend([*vm.guest.values(), *vm.raw.values()])
     for vm in exports:
         try:
-            registry.add_target(vm_target(vm))
+            # the no-config demo VM is open to anyone, visibly; its other exports are not
+            registry.add_target(vm_target(vm, allow_all=cfg.demo_vm and vm.name == DEMO_VM))
         except ValueError as exc:
             raise ConfigError(f"VM {vm.name!r}: {exc}") from exc
 
 
-def vm_target(vm: VmLuns) -> Target:
-    """The target of a VM (or of an exported snapshot: ``NAME.snap.SNAP``)."""
-    entry = TargetEntry(name=vm_target_name(vm.name, BASE_IQN), alias=f"vm.{vm.name}")
-    return Target(entry, ScsiTarget(vm.guest), origin="vm", raw_luns=vm.raw)
+def vm_target(vm: VmLuns, *, allow_all: bool = False) -> Target:
+    """The target of a VM (or of an export derived from it: ``NAME.snap.SNAP``...).
+
+    Denied to every initiator by default (``deny_by_default``): the VM's grants,
+    keyed by ``vm.vm_uuid``, open it when the daemon applies its managed
+    configuration (:meth:`.admin.Runtime.set_access`, :mod:`.grants`)."""
+    entry = TargetEntry(
+        name=vm_target_name(vm.name, BASE_IQN), alias=f"vm.{vm.name}", deny_by_default=True
+    )
+    return Target(
+        entry,
+        ScsiTarget(vm.guest),
+        allow_all=allow_all,
+        origin="vm",
+        raw_luns=vm.raw,
+        vm_uuid=vm.vm_uuid,
+    )

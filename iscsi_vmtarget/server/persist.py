@@ -22,6 +22,17 @@ TOML, the demo target, a VM found in a pool) carries no LUNs: its ACLs are added
 the ones from that source (an ACL of the same initiator replaces the source's), its
 CHAP secrets replace the source's, and its ``allow_all`` can only turn demo mode on.
 
+Who may see a VM is kept apart from its targets, with the VM, keyed by its identity
+(the base unit's UUID, which snapshot, revert, resize and move keep): ``vms`` holds
+one :class:`VmGrants` per VM (its name only for display), ``default_grants`` the ACLs
+that apply to every VM of the state directory (:mod:`.grants`)::
+
+    "vms": [{"uuid": "6f1c...", "name": "web", "allow_all": false,
+             "grants": [{"initiator": "iqn...:host1", "view": "guest", ...}]}],
+    "default_grants": [{"initiator": "iqn...:hypervisor1"}]
+
+A document without these keys (written before them) loads with none.
+
 Every write goes to a temporary file in the same directory, is fsynced, renamed over
 the old file and the directory is fsynced, so a crash leaves the old or the new
 document, never a mix. Writers (the daemon, or the CLI when no daemon runs) hold an
@@ -36,6 +47,7 @@ import json
 import os
 import tempfile
 import tomllib
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -136,9 +148,7 @@ class TargetSpec:
         )
         if len({lun.number for lun in luns}) != len(luns):
             raise AclError(f"{where}: a LUN number is defined twice")
-        acls = tuple(Acl.from_dict(a, f"{where} acl") for a in doc.get("acls", doc.get("acl", [])))
-        if len({a.key for a in acls}) != len(acls):
-            raise AclError(f"{where}: two ACLs for one initiator")
+        acls = _acl_list(doc.get("acls", doc.get("acl", [])), f"{where} acl")
         chap = chap_from_dict(doc.get("chap"), f"{where} chap")
         mutual = chap_from_dict(doc.get("mutual_chap"), f"{where} mutual_chap")
         check_mutual(chap, mutual, where)
@@ -147,10 +157,56 @@ class TargetSpec:
             alias=doc.get("alias"),
             tpgt=int(doc.get("tpgt", 1)),
             luns=luns,
-            acls=tuple(sorted(acls, key=lambda a: a.key)),
+            acls=acls,
             chap=chap,
             mutual_chap=mutual,
             allow_all=bool(doc.get("allow_all", False)),
+        )
+
+
+def _acl_list(docs: Any, where: str) -> tuple[Acl, ...]:
+    """ACL dicts -> ACLs sorted by initiator; two for one initiator are refused."""
+    acls = tuple(Acl.from_dict(a, where) for a in docs or ())
+    if len({a.key for a in acls}) != len(acls):
+        raise AclError(f"{where}: two ACLs for one initiator")
+    return tuple(sorted(acls, key=lambda a: a.key))
+
+
+@dataclass(frozen=True)
+class VmGrants:
+    """Who may see one VM, in every export derived from it (:mod:`.grants`): its
+    ``grants`` (ACLs: initiator, sources, CHAP, view, read-only, LUN map) and
+    ``allow_all`` (any initiator, every LUN). Keyed by ``uuid``, the VM's base unit
+    UUID; ``name`` is the VM's name when the grant was last changed, for display."""
+
+    uuid: uuid.UUID
+    name: str
+    allow_all: bool = False
+    grants: tuple[Acl, ...] = ()
+
+    def grant(self, initiator: str) -> Acl | None:
+        return next((a for a in self.grants if a.key == initiator.lower()), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uuid": str(self.uuid),
+            "name": self.name,
+            "allow_all": self.allow_all,
+            "grants": [a.to_dict() for a in self.grants],
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> VmGrants:
+        try:
+            key = uuid.UUID(str(doc["uuid"]))
+        except ValueError as exc:
+            raise AclError(f"vm grants: {doc['uuid']!r} is not a UUID") from exc
+        name = str(doc.get("name") or key)
+        return cls(
+            key,
+            name,
+            bool(doc.get("allow_all", False)),
+            _acl_list(doc.get("grants"), f"grants of VM {name}"),
         )
 
 
@@ -162,9 +218,22 @@ class ManagedConfig:
     portals: tuple[Portal, ...] = ()
     discovery_chap: ChapSecret | None = None
     discovery_mutual_chap: ChapSecret | None = None
+    vms: tuple[VmGrants, ...] = ()
+    default_grants: tuple[Acl, ...] = ()
 
     def target(self, name: str) -> TargetSpec | None:
         return next((t for t in self.targets if t.key == name.lower()), None)
+
+    def vm(self, key: uuid.UUID) -> VmGrants | None:
+        return next((v for v in self.vms if v.uuid == key), None)
+
+    def with_vm(self, record: VmGrants) -> ManagedConfig:
+        """This document with ``record`` added or replacing the VM's record; a record
+        that grants nothing is dropped (nothing to keep)."""
+        others = [v for v in self.vms if v.uuid != record.uuid]
+        if record.grants or record.allow_all:
+            others.append(record)
+        return replace(self, vms=tuple(sorted(others, key=lambda v: (v.name, str(v.uuid)))))
 
     def with_target(self, spec: TargetSpec) -> ManagedConfig:
         """This document with ``spec`` added or replacing the target of its name."""
@@ -183,6 +252,8 @@ class ManagedConfig:
                 "mutual_chap": chap_to_dict(self.discovery_mutual_chap),
             },
             "targets": [t.to_dict() for t in self.targets],
+            "vms": [v.to_dict() for v in self.vms],
+            "default_grants": [a.to_dict() for a in self.default_grants],
         }
 
     @classmethod
@@ -204,17 +275,23 @@ class ManagedConfig:
             check_mutual(chap, mutual, "discovery")
             listed = doc.get("targets", doc.get("target", []))
             targets = [TargetSpec.from_dict(t, base) for t in listed]
+            vms = [VmGrants.from_dict(v) for v in doc.get("vms", ())]
+            defaults = _acl_list(doc.get("default_grants"), "default grants")
         except (KeyError, TypeError) as exc:
             raise PersistError(f"missing or malformed key {exc}") from exc
         except ValueError as exc:
             raise PersistError(str(exc)) from exc
         if len({t.key for t in targets}) != len(targets):
             raise PersistError("a target is defined twice")
+        if len({v.uuid for v in vms}) != len(vms):
+            raise PersistError("the grants of one VM are defined twice")
         return cls(
             targets=tuple(sorted(targets, key=lambda t: t.key)),
             portals=portals,
             discovery_chap=chap,
             discovery_mutual_chap=mutual,
+            vms=tuple(sorted(vms, key=lambda v: (v.name, str(v.uuid)))),
+            default_grants=defaults,
         )
 
 
@@ -223,10 +300,12 @@ def _portal_text(p: Portal) -> str:
     return f"{host}:{p.port}"
 
 
-def read_document(path: str) -> ManagedConfig:
-    """A configuration file for ``config apply``: JSON, or TOML when it ends in
-    ``.toml`` (the same keys; TOML's ``[[target]]``/``[[target.lun]]``/
-    ``[[target.acl]]`` tables are accepted as in the serve configuration)."""
+def read_document(path: str) -> dict[str, Any]:
+    """A configuration file for ``config apply``, validated, paths resolved: JSON, or
+    TOML when it ends in ``.toml`` (the same keys; TOML's ``[[target]]``/
+    ``[[target.lun]]``/``[[target.acl]]`` tables are accepted as in the serve
+    configuration). A file without ``vms``/``default_grants`` (written before grants)
+    yields a document without them, so applying it keeps the grants in force."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
@@ -237,9 +316,10 @@ def read_document(path: str) -> ManagedConfig:
         kind = "TOML" if path.endswith(".toml") else "JSON"
         raise PersistError(f"{path!r} is not valid {kind}: {exc}") from exc
     try:
-        return ManagedConfig.from_dict(doc, os.path.dirname(os.path.abspath(path)))
+        out = ManagedConfig.from_dict(doc, os.path.dirname(os.path.abspath(path))).to_dict()
     except PersistError as exc:
         raise PersistError(f"{path!r}: {exc}") from exc
+    return {k: v for k, v in out.items() if k not in ("vms", "default_grants") or k in doc}
 
 
 # -- differences ------------------------------------------------------------------------
@@ -275,6 +355,15 @@ def diff(old: ManagedConfig, new: ManagedConfig) -> list[str]:
         new.discovery_mutual_chap,
     ):
         out.append("~ discovery chap")
+    out += _acls_diff(old.default_grants, new.default_grants, "default grant")
+    old_v = {v.uuid: v for v in old.vms}
+    new_v = {v.uuid: v for v in new.vms}
+    for key in sorted(old_v.keys() | new_v.keys(), key=str):
+        was, now = old_v.get(key), new_v.get(key)
+        name = (now or was).name  # type: ignore[union-attr]
+        if (was.allow_all if was else False) != (now.allow_all if now else False):
+            out.append(f"~ vm {name} allow_all={bool(now and now.allow_all)!r}")
+        out += _acls_diff(was.grants if was else (), now.grants if now else (), f"grant {name}")
     olds = {t.key: t for t in old.targets}
     news = {t.key: t for t in new.targets}
     for key, t in olds.items():
@@ -305,14 +394,20 @@ def _target_diff(old: TargetSpec, new: TargetSpec) -> list[str]:
             continue
         sign = "+" if a is None else "-" if b is None else "~"
         out.append(f"{sign} lun {name} {n} {(b or a).path}")  # type: ignore[union-attr]
-    old_a = {a.key: a for a in old.acls}
-    new_a = {a.key: a for a in new.acls}
+    return out + _acls_diff(old.acls, new.acls, f"acl {name}")
+
+
+def _acls_diff(old: tuple[Acl, ...], new: tuple[Acl, ...], what: str) -> list[str]:
+    """``+``/``-``/``~ WHAT INITIATOR`` per ACL added, removed or changed."""
+    out: list[str] = []
+    old_a = {a.key: a for a in old}
+    new_a = {a.key: a for a in new}
     for k in sorted(old_a.keys() | new_a.keys()):
         x, y = old_a.get(k), new_a.get(k)
         if x == y:
             continue
         sign = "+" if x is None else "-" if y is None else "~"
-        out.append(f"{sign} acl {name} {k}")
+        out.append(f"{sign} {what} {k}")
     return out
 
 
@@ -389,6 +484,7 @@ __all__ = [
     "ManagedConfig",
     "PersistError",
     "TargetSpec",
+    "VmGrants",
     "diff",
     "read_document",
     "redacted",

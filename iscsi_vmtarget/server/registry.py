@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,9 @@ class Target:
     gets the :class:`ScsiTarget` of :meth:`scsi_for_acl` instead, built over the same
     (shared) logical units with the ACL's LUN numbers. ``origin`` says where the
     target is defined: ``config`` (TOML file or demo), ``vm`` (a VM in a pool) or
-    ``managed`` (the state directory's persisted configuration).
+    ``managed`` (the state directory's persisted configuration). ``vm_uuid`` is the
+    identity of the VM a target is derived from (its own target, a snapshot export...):
+    whose grants mask it (:mod:`.grants`).
     """
 
     entry: TargetEntry
@@ -41,6 +44,7 @@ class Target:
     allow_all: bool = False
     origin: str = "config"
     raw_luns: dict[int, LogicalUnit] | None = None  # raw views of VM units, by LUN
+    vm_uuid: uuid.UUID | None = None
     _views: dict[str, ScsiTarget] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:

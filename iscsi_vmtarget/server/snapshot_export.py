@@ -3,8 +3,8 @@
 ``vm snapshot export NAME SNAP`` marks the snapshot for every later ``serve``
 (:mod:`iscsi_vmtarget.vm.snapshot_export`); a running daemon that exports the VM
 also opens the snapshot's LUNs and adds its target at once - SendTargets lists it
-from then on (RFC 7143 §12.3) - with any ACL or CHAP overlay the managed
-configuration holds for that name. ``--stop`` unmarks it and removes the target,
+from then on (RFC 7143 §12.3) to the initiators the VM is granted (its grants
+follow it into the export, :mod:`.grants`), read-only. ``--stop`` unmarks it and removes the target,
 logging its sessions out as ``target delete`` does.
 """
 

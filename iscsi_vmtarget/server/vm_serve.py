@@ -3,9 +3,10 @@
 ``serve`` exports every VM its pools hold when it starts (:func:`serve_vms`); a VM
 made later - ``vm create``, ``vm clone``, ``vm promote`` - is added by this action at
 once instead of at the next start: its units are opened and locked as at start, and
-its target joins the registry on the event loop, with any ACL or CHAP overlay the
-managed configuration holds for that name; SendTargets lists it from then on
-(RFC 7143 §12.3).
+its target joins the registry on the event loop, masked by the VM's grants and the
+default grants (:mod:`.grants`; nobody else gets in) and with any CHAP overlay the
+managed configuration holds for that name; SendTargets lists it from then on to
+those it admits (RFC 7143 §12.3).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def serve_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any
 
 
 def add_vm_target(state_dir: str, runtime: Runtime, luns: VmLuns) -> None:
-    """Serve opened VM (or snapshot) LUNs as their target, with the managed overlay's
-    ACLs and CHAP for it; the LUNs are closed again if that fails."""
+    """Serve opened VM (or snapshot) LUNs as their target, masked by the grants of the
+    VM ``luns.vm_uuid`` names (every VM-derived export goes through here); the LUNs
+    are closed again if that fails."""
     try:
         target = vm_target(luns)
         overlay = ConfigStore(state_dir).load()

@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..client import Initiator, InitiatorError
-from ..client.initiator import ScsiCommandError
-from ..server.admin import call_daemon
+from ..client.initiator import DEFAULT_INITIATOR, ScsiCommandError
+from ..server.admin import call, call_daemon
 from ..vm import DEFAULT_BASE_IQN, StateDir, VmError, VmManager
 from ..vm import snapshot as snaps
 from ..vm.crypto import pending_path
@@ -249,6 +249,7 @@ def setup(workdir: Path) -> tuple[Path, Path]:
     with VmManager(StateDir.at(str(state))) as manager:
         manager.create(VM, disk=DISKS[0], memory=MEMORY, secondaries=(DISKS[1],))
         manager.write_state(VM, io.BytesIO(STATE_IMAGE), len(STATE_IMAGE))
+    call(str(state), "acl.default.add", {"initiator": DEFAULT_INITIATOR})  # the writer's
     conf = workdir / "vm-crash.toml"
     conf.write_text(
         f'state_dir = "{state}"\nnop_interval = 0\nexport_vms = true\n'

@@ -42,6 +42,16 @@ def vm_target_name(name: str, base_iqn: str = DEFAULT_BASE_IQN) -> str:
     return f"{base_iqn}:vm.{name}"
 
 
+def vm_of_target(target: str, base_iqn: str = DEFAULT_BASE_IQN) -> str | None:
+    """The VM a target is derived from: ``NAME`` of ``<base>:vm.NAME`` and of every
+    ``<base>:vm.NAME.<suffix>`` (a snapshot export...); VM names hold no dot. None for
+    any other target."""
+    prefix = f"{base_iqn}:vm.".lower()
+    if not target.lower().startswith(prefix):
+        return None
+    return target[len(prefix) :].split(".", 1)[0].lower() or None
+
+
 def capacity_listener(lu: LogicalUnit) -> Callable[[int, int], None]:
     """A GuestView capacity listener queueing CAPACITY DATA HAS CHANGED (2Ah/09h,
     SBC-3 §4.9) for every I_T nexus of ``lu``, so initiators re-read the capacity."""
@@ -65,6 +75,7 @@ class VmLuns:
     name: str
     guest: dict[int, LogicalUnit] = field(default_factory=dict)
     raw: dict[int, LogicalUnit] = field(default_factory=dict)
+    vm_uuid: uuid.UUID | None = None  # the VM's identity (base unit UUID): whose grants mask this export
 
     def close(self) -> None:
         for lu in (*self.guest.values(), *self.raw.values()):
@@ -86,7 +97,7 @@ def raw_identity_of(ident: uuid.UUID) -> UnitIdentity:
 def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
     """Open a guest-view and a raw-view LU per unit of ``vm``; closing a guest LU's
     backend releases the unit's serve lock."""
-    out = VmLuns(vm.name)
+    out = VmLuns(vm.name, vm_uuid=vm.base.header.unit_uuid)
     try:
         for number, found in vm.lun_map().items():
             lock = ServeLock(state_dir, found.header.unit_uuid)

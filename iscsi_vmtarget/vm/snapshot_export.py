@@ -81,7 +81,7 @@ def set_exported(manager: VmManager, name: str, snap: str, on: bool) -> str:
 def snapshot_luns(manager: VmManager, vm: FoundVm, snap: str) -> VmLuns:
     """The read-only LUNs of snapshot ``snap`` of ``vm`` (each a chain starting at the
     snapshot's layer of that volume), under the target name suffix."""
-    luns = VmLuns(snapshot_target_suffix(vm.name, snap))
+    luns = VmLuns(snapshot_target_suffix(vm.name, snap), vm_uuid=vm.base.header.unit_uuid)
     try:
         record = find_snapshot(manager, vm, manager.keyring(), snap)
         layers = dict(record.header.tops)

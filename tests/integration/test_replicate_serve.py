@@ -7,6 +7,7 @@ exactly the checkpointed bytes through iSCSI, with the source volumes' identitie
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -18,14 +19,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from iscsi_vmtarget.client.initiator import Initiator
+import pytest
+
+from iscsi_vmtarget.client.initiator import Initiator, LoginFailed
 from iscsi_vmtarget.testing.tgtd import Tgtd
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.cow import GRAIN
 from iscsi_vmtarget.vm.faults import ENV
 from iscsi_vmtarget.vm.replicate import replica_layout
-from tests.conftest import INITIATOR, RunningTarget, need_tool, start_target
+from tests.conftest import INITIATOR, RunningTarget, grant_vms, need_tool, start_target
 
 MIB = 1 << 20
 VM = "repvm"
@@ -33,6 +36,7 @@ VM_IQN = f"{DEFAULT_BASE_IQN}:vm.{VM}"
 REPLICA_IQN = f"{DEFAULT_BASE_IQN}:replica.{VM}"
 STATE = bytes(range(251)) * 997
 SIZES = (8 * MIB, 4 * MIB)
+STRANGER = "iqn.2026-11.test:evil"
 
 
 def ivt(
@@ -120,8 +124,10 @@ def two_sites(tmp_path: Path, spare: int = 1) -> Iterator[Sites]:
     """``spare``: the replica LUN is that many times the size it needs (room to grow)."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     size = make_vm(src) * spare
+    grant_vms(src)
     source = start_target(tmp_path / "s", "--state-dir", str(src))
     try:
+        grant_vms(dst)
         destination = start_target(tmp_path / "d", "--state-dir", str(dst))
         try:
             assert "exported now" in ok(ivt(dst, "vm", "receive", VM, "--size", str(size)))
@@ -156,12 +162,22 @@ def test_rounds_kill_and_promote(tmp_path: Path) -> None:
         )  # fmt: skip
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         ini.logout()
-        promoted = ok(ivt(dst, "vm", "promote", VM, "--source-key", str(src / "master.key")))
+        dr_host = "iqn.2026-11.test:dr-host"
+        promote = ("vm", "promote", VM, "--source-key", str(src / "master.key"), "--grant", dr_host)
+        promoted = ok(ivt(dst, *promote))
         assert "from checkpoint 2" in promoted and "uncommitted journal of checkpoint 3" in promoted
+        assert f"VM {VM} granted to {dr_host}" in promoted  # and nobody else of its own
+        grants = json.loads(ok(ivt(dst, "acl", "list", "--json")))["vms"]
+        assert [(v["vm"], [g["initiator"] for g in v["grants"]]) for v in grants] == [
+            (VM, [dr_host])
+        ]
         assert VM in ok(ivt(dst, "vm", "list"))
+    grant_vms(dst)
     again = start_target(tmp_path / "d2", "--state-dir", str(dst))
     try:
         assert again.targets[VM_IQN] == {0: SIZES[0], 1: SIZES[1]}
+        with pytest.raises(LoginFailed):  # granted to dr-host and the defaults only
+            Initiator(port=again.port, initiator_name=STRANGER, target_name=VM_IQN).login()
         ini = login(again.port, VM_IQN)
         assert [disk(ini, 0), disk(ini, 1)] == expected  # checkpoint 2, exactly
         assert [naa(ini, 0), naa(ini, 1)] == identity  # the ORIGINAL volumes' designators
@@ -193,6 +209,7 @@ def test_a_disk_grown_live_is_replicated_whole(tmp_path: Path) -> None:
         assert "round 2" in second and "(incremental)" in second
         ini.logout()
         ok(ivt(sites.dst, "vm", "promote", VM, "--source-key", str(src / "master.key")))
+    grant_vms(sites.dst)
     again = start_target(tmp_path / "d2", "--state-dir", str(sites.dst))
     try:
         assert again.targets[VM_IQN] == {0: grown, 1: SIZES[1]}
@@ -258,6 +275,7 @@ def test_cli_errors(tmp_path: Path) -> None:
     gone = ivt(src, "vm", "replicate", VM, "--to", f"iscsi://127.0.0.1:{port}/{REPLICA_IQN}/0")
     assert gone.returncode == 1
     assert f"cannot reach the destination 127.0.0.1:{port}" in gone.stderr
+    grant_vms(dst)
     destination = start_target(tmp_path / "d", "--state-dir", str(dst))
     try:
         ok(ivt(dst, "vm", "receive", VM, "--size", "8M"))

@@ -15,7 +15,7 @@ import pytest
 from iscsi_vmtarget.client.initiator import Initiator, InitiatorError, LoginFailed
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
-from tests.conftest import INITIATOR, start_target
+from tests.conftest import INITIATOR, grant_vms, start_target
 from tests.integration.test_snapshot_serve import _identity, _iscsi_inq, _login, _read, ivt
 
 MIB = 1 << 20
@@ -50,6 +50,7 @@ def _setup(state: Path) -> None:
 def test_live_snapshot_export_and_stop(tmp_path: Path) -> None:
     state = tmp_path / "state"
     _setup(state)
+    grant_vms(state)
     target = start_target(tmp_path / "serve", "--state-dir", str(state))
     try:
         assert SNAP_IQN not in _send_targets(target.port)
@@ -85,6 +86,7 @@ def test_live_snapshot_export_and_stop(tmp_path: Path) -> None:
         ivt(state, "vm", "snapshot", "export", VM, "s1")  # once more, for the restart
     finally:
         target.stop()
+    grant_vms(state)
     target = start_target(tmp_path / "again", "--state-dir", str(state))
     try:
         assert SNAP_IQN in target.targets  # kept for every later start

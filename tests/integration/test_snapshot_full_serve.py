@@ -17,12 +17,13 @@ import pytest
 from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm.faults import PAUSE_ENV
-from tests.conftest import INITIATOR, start_target
+from tests.conftest import INITIATOR, grant_vms, start_target
 from tests.integration.test_snapshot_serve import ivt
 from tests.integration.test_vm_move_live import (
     IQN,
     SIZES,
     VM,
+    WRITER,
     Writer,
     _setup,
     run_paused,
@@ -86,6 +87,7 @@ def test_full_snapshot_of_a_served_vm_while_writing(
     s1 = _images(state, "s1")
     (tmp_path / "pause").mkdir()
     monkeypatch.setenv(PAUSE_ENV, f"fill.copying:{tmp_path / 'pause'}")
+    grant_vms(state, INITIATOR, WRITER)
     target = start_target(tmp_path / "serve", "--state-dir", str(state))
     monkeypatch.delenv(PAUSE_ENV)
     writer = Writer(target.port)

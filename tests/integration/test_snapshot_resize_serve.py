@@ -11,7 +11,7 @@ from pathlib import Path
 
 from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.vm import StateDir, VmManager
-from tests.conftest import start_target
+from tests.conftest import grant_vms, start_target
 from tests.integration.test_snapshot_serve import IQN, VM, _identity, _login, _read, _write, ivt
 
 MIB = 1 << 20
@@ -37,6 +37,7 @@ def test_served_vm_with_snapshots_grows_and_reverts_live(tmp_path: Path) -> None
     state = tmp_path / "state"
     with VmManager(StateDir.at(str(state))) as manager:
         manager.create(VM, disk=OLD, memory=4 * MIB, secondaries=(8 * MIB,))
+    grant_vms(state)
     target = start_target(tmp_path, "--state-dir", str(state))
     try:
         ini = _login(target.port, IQN)

@@ -20,7 +20,7 @@ from iscsi_vmtarget.server.acl import Acl, AclError, MappedLun
 from iscsi_vmtarget.server.registry import Registry, Target
 from iscsi_vmtarget.storage import MemoryBackend
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
-from tests.conftest import INITIATOR, need_tool, start_target
+from tests.conftest import INITIATOR, grant_vms, need_tool, start_target
 
 MIB = 1 << 20
 VM = "snapvm"
@@ -94,6 +94,7 @@ def test_snapshot_and_revert_of_a_served_vm(tmp_path: Path) -> None:
     state = tmp_path / "state"
     with VmManager(StateDir.at(str(state))) as manager:
         manager.create(VM, disk=16 * MIB, memory=4 * MIB, secondaries=(8 * MIB,))
+    grant_vms(state)
     target = start_target(tmp_path, "--state-dir", str(state))
     try:
         urls = [f"iscsi://127.0.0.1:{target.port}/{IQN}/{lun}" for lun in (0, 1)]
@@ -123,6 +124,7 @@ def test_snapshot_and_revert_of_a_served_vm(tmp_path: Path) -> None:
         ivt(state, "vm", "snapshot", "export", VM, "s1")
     finally:
         target.stop()
+    grant_vms(state)
     target = start_target(tmp_path / "again", "--state-dir", str(state))
     try:
         snap_iqn = f"{IQN}.snap.s1"

@@ -25,7 +25,7 @@ from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import ENV, PAUSE_ENV
-from tests.conftest import INITIATOR, RunningTarget, start_target
+from tests.conftest import CLIENTS, INITIATOR, RunningTarget, grant_vms, start_target
 from tests.integration.test_snapshot_serve import _identity, _iscsi_inq, _read
 from tests.vm.helpers import snapshot_images
 
@@ -155,6 +155,7 @@ def _start(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     try:
+        grant_vms(state, *CLIENTS, WRITER)
         running = start_target(tmp_path / "serve", "--state-dir", str(state))
     finally:
         monkeypatch.delenv(PAUSE_ENV)
@@ -324,6 +325,7 @@ def test_kill_during_live_move(
     thread.join(timeout=300)
     assert not writer.errors, writer.errors  # it died with the daemon, never an error
     assert len(writer.acked) > DURING_PAUSE // 2
+    grant_vms(state, *CLIENTS, WRITER)
     again = start_target(tmp_path / "again", "--state-dir", str(state))
     try:
         writer.holds(_read_all(again.port, set(writer.acked)))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, Mode, StateDir, VmManager
-from tests.conftest import INITIATOR, RunningTarget, need_tool, run_tool, start_target
+from tests.conftest import INITIATOR, RunningTarget, grant_vms, need_tool, run_tool, start_target
 
 pytestmark = pytest.mark.interop
 
@@ -66,6 +66,7 @@ def vm_targets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmTargets]:
             manager.write_state(name, io.BytesIO(STATE_PATTERN), len(STATE_PATTERN))
             naa[name] = [u.header.naa for u in vm.units]
             serial[name] = vm.base.header.unit_uuid.hex
+    grant_vms(state)
     target = start_target(work, "--state-dir", str(state))
     try:
         yield VmTargets(target, state, naa, serial)

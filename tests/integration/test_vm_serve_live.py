@@ -10,7 +10,7 @@ from pathlib import Path
 from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.server.admin import call_daemon
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN
-from tests.conftest import INITIATOR, start_target
+from tests.conftest import INITIATOR, grant_vms, start_target
 from tests.integration.test_snapshot_export_live import _send_targets
 from tests.integration.test_snapshot_serve import _read, ivt
 
@@ -26,6 +26,7 @@ def _session(port: int, vm: str) -> Initiator:
 
 def test_created_and_cloned_vms_are_served_at_once(tmp_path: Path) -> None:
     state = tmp_path / "state"
+    grant_vms(state)
     target = start_target(tmp_path / "serve", "--state-dir", str(state))
     try:
         assert f"{DEFAULT_BASE_IQN}:vm.fresh" not in _send_targets(target.port)

@@ -27,7 +27,7 @@ from iscsi_vmtarget.client import Initiator
 from iscsi_vmtarget.client.initiator import ScsiResult
 from iscsi_vmtarget.server.admin import call_daemon
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
-from tests.conftest import RunningTarget, start_target, start_with_config
+from tests.conftest import RunningTarget, grant_vms, start_target, start_with_config
 from tests.scsi.test_scsi_xcopy import parameters, segment, xcopy
 
 T = "iqn.2026-11.org.iscsi-vmtarget:xcopy"
@@ -152,6 +152,7 @@ def test_a_reverted_guest_view_copies_only_within_its_disk(tmp_path: Path) -> No
         for name in ("vm1", "vm2"):
             manager.create(name, disk=VM_BLOCKS * BLOCK, memory=1 << 20)
         manager.write_state("vm1", io.BytesIO(memory), len(memory))
+    grant_vms(state, A)
     t = start_target(tmp_path / "run", "--state-dir", str(state))
     try:
         vm1 = login(t.port, A, f"{DEFAULT_BASE_IQN}:vm.vm1", (0,))

@@ -32,7 +32,7 @@ import pytest
 
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, Mode, StateDir, Unit, UnitHeader, VmManager
 from iscsi_vmtarget.vm.view import guest_segments
-from tests.conftest import RunningTarget, run_tool, start_target
+from tests.conftest import CLIENTS, RunningTarget, grant_vms, run_tool, start_target
 from tests.interop.guestlib import guest_tools, qemu_scsi_drives, scsi_disks_script, step_output
 
 pytestmark = pytest.mark.interop
@@ -153,6 +153,7 @@ def vm_guest(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         manager.set_config(VM, ["cpus=2", "description=interop guest"])
     before = managed(state_dir)
     assert before.state.startswith(state_image) and before.config["cpus"] == 2
+    grant_vms(state_dir, *CLIENTS, QEMU_INITIATOR)
     target = start_target(work, "--state-dir", str(state_dir))
     seen: dict[str, object] = {}
     host: dict[str, str] = {}
