@@ -21,6 +21,8 @@ from ..server.config import (
 from ..server.metrics import MetricsServer
 from ..server.persist import ConfigStore, PersistError
 from ..server.portal import TargetServer
+from ..vm.errors import InUseError
+from ..vm.locks import hold_state_dir
 
 log = logging.getLogger("iscsi_vmtarget")
 
@@ -90,10 +92,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
         os.makedirs(cfg.state_dir, exist_ok=True)
+        hold_state_dir(cfg.state_dir)  # before anything is exported; held until exit
         store = ConfigStore(cfg.state_dir)
         managed = store.load()
         registry = build_registry(cfg)
-    except (ConfigError, PersistError) as exc:
+    except (ConfigError, PersistError, InUseError) as exc:
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return 1
     if not args.portal and managed.portals:

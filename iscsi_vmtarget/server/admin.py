@@ -858,8 +858,12 @@ class AdminServer:
         self.path = socket_path(state_dir)
         self._server: asyncio.base_events.Server | None = None
         self._lock = asyncio.Lock()
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
 
     async def start(self) -> None:
+        """Bind the socket; ``serve`` holds the state-directory lock
+        (:func:`~iscsi_vmtarget.vm.locks.hold_state_dir`), so a socket already there
+        is a dead daemon's."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket of a dead daemon
         old = os.umask(0o177)
@@ -870,12 +874,23 @@ class AdminServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        info = os.stat(self.path)
+        self._bound = (info.st_dev, info.st_ino)
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
+        self._unlink_own()
+
+    def _unlink_own(self) -> None:
+        """Remove the socket only if it is still the one we bound: never another
+        daemon's, whatever happened to the state directory meanwhile."""
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if self._bound == (info.st_dev, info.st_ino):
             os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
