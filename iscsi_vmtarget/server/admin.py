@@ -49,6 +49,7 @@ from .persist import (
 from .registry import Registry, Target
 
 if TYPE_CHECKING:
+    from ..vm.lease_device import LeaseKeeper
     from .portal import ConnectionHandler, TargetServer
 
 log = logging.getLogger("iscsi_vmtarget")
@@ -98,6 +99,8 @@ class Runtime:
         self.static_discovery = (registry.discovery_auth, registry.discovery_mutual)
         #: the daemon's event loop (set by :meth:`Manager.execute`): see :meth:`on_loop`
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: the unit leases of device-pool VMs (:mod:`.ownership`), for ``status``
+        self.leases: LeaseKeeper | None = None
 
     def on_loop(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` on the event loop and wait for it: an action runs in an executor
@@ -345,6 +348,7 @@ class Runtime:
             "sessions": sessions,
             "initiators": sorted({s["initiator"] for s in sessions if s["initiator"]}),
             "luns": luns,
+            "leases": self.leases.status() if self.leases is not None else [],
         }
 
 

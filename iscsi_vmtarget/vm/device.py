@@ -262,12 +262,16 @@ class DevicePool:
         backend.set_length(new_size)
 
     def end_growth(self, ref: UnitRef, backend: BlockBackend) -> None:
-        unit_uuid, _offset, _length = self._entry(ref)
+        from .lease_device import lease_offset, relocating
+
+        unit_uuid, offset, length = self._entry(ref)
         backend.flush()
         entries = tuple(
             (u, o, backend.size if u == unit_uuid else n) for u, o, n in self._table.entries
         )
-        self._commit(entries)
+        old, new = lease_offset(offset, length), lease_offset(offset, backend.size)
+        with relocating(self._backend, unit_uuid, old, new):  # the lease moves with META
+            self._commit(entries)
 
     def recover(self, ref: UnitRef) -> str | None:
         return None  # the table entry is the commit point: nothing to finish

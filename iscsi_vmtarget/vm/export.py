@@ -25,6 +25,7 @@ from ..scsi import LogicalUnit, Reason, UnitIdentity
 from .cow import ChainBackend
 from .discovery import FoundUnit, FoundVm
 from .errors import VmError
+from .lease_device import keeper as lease_keeper
 from .locks import ServeLock
 from .pool import PoolCatalog
 from .unit import Unit
@@ -77,24 +78,29 @@ def raw_identity(unit: Unit) -> UnitIdentity:
 
 def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
     """Open a guest-view and a raw-view LU per unit of ``vm``; closing a guest LU's
-    backend releases the unit's serve lock."""
+    backend releases the unit's serve lock and its lease. LeaseHeldError (a VmError)
+    if a unit in a device pool is leased by a live owner elsewhere (:mod:`.lease`)."""
+    leases = lease_keeper(state_dir)
+    unleased = leases.acquire_vm(vm, catalog)
     out = VmLuns(vm.name)
     try:
         for number, found in vm.lun_map().items():
             lock = ServeLock(state_dir, found.header.unit_uuid)
+            unleased.discard(found.header.unit_uuid)
+            release = leases.releaser(lock.release, found.header.unit_uuid)
             try:
                 unit = Unit.open(catalog.get(found.pool), found.ref, repair=False)
                 try:
                     raw = unit.raw_view()
                     try:
-                        view = _live_view(vm, found, unit, catalog, state_dir, lock.release)
+                        view = _live_view(vm, found, unit, catalog, state_dir, release)
                     except BaseException:
                         raw.close()
                         raise
                 finally:
                     unit.close()
             except BaseException:
-                lock.release()
+                release()
                 raise
             options = _lu_options(state_dir, found.header.unit_uuid)
             lu = LogicalUnit(
@@ -115,6 +121,7 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
             )
     except BaseException:
         out.close()
+        leases.release(unleased)
         raise
     return out
 

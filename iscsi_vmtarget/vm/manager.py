@@ -25,6 +25,7 @@ from .discovery import Discovery, FoundUnit, FoundVm, discover
 from .errors import InUseError, NotFoundError, SizeError, VmError
 from .format import Mode, RegionKind, Role
 from .layout import check_disk_size, state_capacity_for
+from .lease_device import check_not_leased
 from .pool import DEFAULT_POOL, Pool, PoolCatalog
 from .unit import Unit, create_unit
 from .view import GuestView
@@ -166,8 +167,11 @@ class VmManager:
 
     def _open(self, unit: FoundUnit) -> Unit:
         """Open a unit found by a discovery run under the pool locks (callers hold them:
-        opening may finish an interrupted resize, which writes)."""
-        return Unit.open(self.catalog.get(unit.pool), unit.ref)
+        opening may finish an interrupted resize, which writes). Refused while a daemon
+        elsewhere holds the unit's lease (a device pool several hosts see)."""
+        pool = self.catalog.get(unit.pool)
+        check_not_leased(self.state.root, pool, unit.ref, unit.header.unit_uuid, unit.header.name)
+        return Unit.open(pool, unit.ref)
 
     def served(self, vm: FoundVm) -> bool:
         return any(locks.is_served(self.state.root, u.header.unit_uuid) for u in vm.units)

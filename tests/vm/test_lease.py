@@ -1,0 +1,246 @@
+"""The delta-lease rules of :mod:`iscsi_vmtarget.vm.lease`, with a fake block and clock."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iscsi_vmtarget.vm.lease import (
+    BLOCK,
+    TRANSITIONS,
+    LeaseHeldError,
+    LeaseMachine,
+    LeaseRecord,
+    Owner,
+    State,
+    UnitLease,
+    Unreadable,
+    decode_record,
+    encode_record,
+)
+
+UNIT = uuid.UUID(int=7)
+A = Owner(uuid.UUID(int=1), "host-a", 101)
+B = Owner(uuid.UUID(int=2), "host-b", 202)
+DURATION = 10.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Block:
+    """One shared lease block, seen by every host."""
+
+    def __init__(self, data: bytes = bytes(BLOCK)) -> None:
+        self.data = data
+        self.writes = 0
+
+    def read(self) -> bytes:
+        return self.data
+
+    def write(self, block: bytes) -> None:
+        assert len(block) == BLOCK
+        self.data = block
+        self.writes += 1
+
+    def close(self) -> None:
+        pass
+
+
+def lease(block: Block, owner: Owner, clock: Clock, duration: float = DURATION) -> UnitLease:
+    machine = LeaseMachine(UNIT, owner, duration)
+    return UnitLease(block, machine, f"unit {UNIT}", clock, clock.sleep)
+
+
+def holder(block: Block) -> LeaseRecord | None:
+    return decode_record(block.data)
+
+
+def test_free_lease_is_acquired_after_settling_and_renewed() -> None:
+    clock, block = Clock(), Block()
+    a = lease(block, A, clock)
+    assert a.attempt()
+    assert clock.now == 1000.0 + DURATION / 10  # one settle delay, no more
+    record = holder(block)
+    assert record is not None and record.owner == A and record.held and record.unit_uuid == UNIT
+    beat = record.heartbeat
+    clock.sleep(a.renew_interval)
+    assert a.renew()
+    assert holder(block).heartbeat == beat + 1  # type: ignore[union-attr]
+
+
+def test_live_lease_is_refused_and_taken_only_after_a_whole_duration_unchanged() -> None:
+    clock, block = Clock(), Block()
+    a, b = lease(block, A, clock), lease(block, B, clock)
+    assert a.attempt()
+    assert not b.attempt()
+    message = b.busy_message()
+    assert f"owner {A.owner_id} (host host-a, PID 101)" in message and "expires at" in message
+    # A keeps renewing: B never gets it, however long it watches
+    for _ in range(20):
+        clock.sleep(a.renew_interval)
+        assert a.renew()
+        assert not b.attempt()
+    # A dies: B must see the block unchanged for a whole duration
+    died = clock.now
+    while not b.attempt():
+        assert clock.now - died < DURATION + 1
+        clock.sleep(0.5)
+    assert clock.now - died >= DURATION
+    assert holder(block).owner == B  # type: ignore[union-attr]
+    # A wakes up: its renewal finds B's record, so A is fenced
+    assert not a.renew()
+    assert a.state is State.LOST
+
+
+def test_longer_owner_duration_is_respected() -> None:
+    clock, block = Clock(), Block()
+    a = lease(block, A, clock, duration=30.0)
+    b = lease(block, B, clock, duration=5.0)
+    assert a.attempt()
+    start = clock.now
+    while not b.attempt():
+        clock.sleep(1.0)
+    assert clock.now - start >= 30.0
+
+
+def test_release_frees_at_once() -> None:
+    clock, block = Clock(), Block()
+    a, b = lease(block, A, clock), lease(block, B, clock)
+    assert a.attempt()
+    assert not b.attempt()
+    a.release()
+    assert a.state is State.RELEASED
+    record = holder(block)
+    assert record is not None and not record.held
+    assert b.attempt()  # no waiting for expiry
+
+
+def test_our_own_lease_from_a_past_run_is_taken_back_at_once() -> None:
+    clock, block = Clock(), Block()
+    assert lease(block, A, clock).attempt()  # then kill -9: never released
+    again = lease(block, Owner(A.owner_id, "host-a", 999), clock)
+    start = clock.now
+    assert again.attempt()
+    assert clock.now - start <= again.settle  # one settle, no expiry wait
+
+
+def test_simultaneous_acquirers_end_with_one_holder() -> None:
+    """Both read the block free before either wrote: the last writer wins, the
+    other sees a foreign record after settling and goes back to watching."""
+    clock, block = Clock(), Block()
+    a, b = lease(block, A, clock), lease(block, B, clock)
+    free = block.read()
+    a._do(a.machine.observe(free, clock()))
+    b._do(b.machine.observe(free, clock()))  # overwrites A's record
+    clock.sleep(a.settle)
+    a._do(a.machine.observe(block.read(), clock()))
+    b._do(b.machine.observe(block.read(), clock()))
+    assert (a.state, b.state) == (State.WATCHING, State.HELD)
+
+
+def test_late_renewal_fences_itself() -> None:
+    clock, block = Clock(), Block()
+    a = lease(block, A, clock)
+    assert a.attempt()
+    clock.sleep(DURATION + 0.1)  # a stall longer than the lease: another may hold it
+    assert not a.renew()
+    assert a.state is State.LOST
+
+
+def test_copied_block_of_another_unit_and_zeros_are_free() -> None:
+    other = LeaseRecord(uuid.UUID(int=99), B, 5, DURATION)
+    for data in (bytes(BLOCK), encode_record(other)):
+        clock = Clock()
+        assert lease(Block(data), A, clock).attempt()
+        assert clock.now - 1000.0 < 2
+
+
+def test_unreadable_block_is_watched_like_a_live_one() -> None:
+    clock, block = Clock(), Block(b"\x01" * BLOCK)
+    a = lease(block, A, clock)
+    assert not a.attempt()
+    assert "unreadable" in a.busy_message()
+    clock.sleep(DURATION)
+    assert a.attempt()
+
+
+def test_unknown_transition_is_a_bug() -> None:
+    machine = LeaseMachine(UNIT, A, DURATION)
+    machine.state = State.RELEASED
+    with pytest.raises(AssertionError):
+        machine.observe(bytes(BLOCK), 0.0)
+    assert (State.RELEASED, "anything") not in TRANSITIONS
+
+
+def test_held_error_is_an_in_use_error() -> None:
+    from iscsi_vmtarget.vm.errors import InUseError
+
+    assert issubclass(LeaseHeldError, InUseError)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    unit=st.uuids(),
+    owner=st.uuids(),
+    host=st.text(max_size=20),
+    pid=st.integers(0, 2**32 - 1),
+    beat=st.integers(0, 2**64 - 1),
+    ms=st.integers(1, 2**32 - 1),
+    held=st.booleans(),
+)
+def test_record_round_trip(
+    unit: uuid.UUID, owner: uuid.UUID, host: str, pid: int, beat: int, ms: int, held: bool
+) -> None:
+    host = host.encode()[:64].decode(errors="ignore").rstrip("\0")
+    record = LeaseRecord(unit, Owner(owner, host, pid), beat, ms / 1000, held=held, wall_ns=5)
+    raw = encode_record(record)
+    assert len(raw) == BLOCK
+    assert decode_record(raw) == record
+
+
+@settings(max_examples=200, deadline=None)
+@given(flip=st.integers(0, 255), bit=st.integers(0, 7))
+def test_any_flipped_bit_is_unreadable(flip: int, bit: int) -> None:
+    raw = bytearray(encode_record(LeaseRecord(UNIT, A, 3, DURATION)))
+    raw[flip] ^= 1 << bit
+    with pytest.raises(Unreadable):
+        decode_record(raw)
+
+
+@settings(max_examples=100, deadline=None)
+@given(steps=st.lists(st.sampled_from(["a", "b", "tick", "a-dies"]), max_size=60))
+def test_never_two_holders(steps: list[str]) -> None:
+    """Whatever the interleaving of attempts, renewals, time and a crash of A, at no
+    time do both believe they hold the lease while the block names the other
+    (a holder's next renewal would fence it), and B holds it only after A stopped
+    renewing for a whole duration."""
+    clock, block = Clock(), Block()
+    a, b = lease(block, A, clock), lease(block, B, clock)
+    a_alive, a_last = True, None
+    for step in steps:
+        if step == "a" and a_alive:
+            a.renew() if a.state is State.HELD else a.attempt()
+            if a.state is State.HELD:
+                a_last = clock.now
+        elif step == "b":
+            b.renew() if b.state is State.HELD else b.attempt()
+            if b.state is State.HELD and a_last is not None and a.state is State.HELD:
+                assert not a_alive and clock.now - a_last >= DURATION
+        elif step == "tick":
+            clock.sleep(DURATION / 4)
+        elif step == "a-dies":
+            a_alive = False
+        holders = [x for x in (a, b) if x.state is State.HELD and x.io.read() == x.machine.written]
+        assert len(holders) <= 1
