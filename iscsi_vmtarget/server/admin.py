@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
 from ..vm.errors import VmError
+from ..vm.locks import state_dir_holder
 from .acl import Acl, AclError, MappedLun, chap_from_dict, check_mutual
 from .persist import (
     ConfigStore,
@@ -1005,6 +1006,11 @@ def call(state_dir: str, op: str, args: Args) -> tuple[dict[str, Any], bool]:
     try:
         return call_daemon(state_dir, op, args), True
     except DaemonNotRunning:
-        pass
+        holder = state_dir_holder(state_dir)
+        if holder is not None:  # starting (or its socket was removed): not offline
+            raise AdminError(
+                f"state directory {state_dir} is served by {holder}, but its admin socket "
+                f"{socket_path(state_dir)} does not answer (yet); try again"
+            ) from None
     manager = Manager(ConfigStore(state_dir))
     return asyncio.run(manager.execute(op, args)), False

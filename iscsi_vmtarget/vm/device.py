@@ -187,6 +187,12 @@ class DevicePool:
                 return entry
         raise VmError(f"unit {ref.key} is not in pool {self.name!r}")
 
+    def extent(self, ref: UnitRef) -> tuple[int, int]:
+        """(offset, length) of a unit on the device, from a fresh read of the table."""
+        self.reload()
+        _u, offset, length = self._entry(ref)
+        return offset, length
+
     def _end(self) -> int:
         return min(self._backend.size, self._table.device_size) // ALIGN * ALIGN
 

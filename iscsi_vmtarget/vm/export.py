@@ -25,6 +25,7 @@ from ..scsi import LogicalUnit, Reason, UnitIdentity
 from .cow import ChainBackend
 from .discovery import FoundUnit, FoundVm
 from .errors import VmError
+from .lease import LeaseHeldError
 from .lease_device import keeper as lease_keeper
 from .locks import ServeLock
 from .pool import PoolCatalog
@@ -198,6 +199,8 @@ def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
                     log.warning("VM %s: secondary unit naa %s is missing", vm.name, naa.hex())
                 try:
                     out.append(export_vm(vm, manager.catalog, manager.state.root))
+                except LeaseHeldError:
+                    continue  # served elsewhere: the lease keeper logged it and waits
                 except VmError as exc:  # e.g. deleted by a command since the scan
                     log.warning("VM %s not exported: %s", vm.name, exc)
         except BaseException:

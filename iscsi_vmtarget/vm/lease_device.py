@@ -39,6 +39,7 @@ from typing import Any, Final
 
 from ..storage.backend import BlockBackend
 from . import atomic
+from .device import DevicePool
 from .discovery import FoundVm
 from .format import TAIL_SIZE
 from .lease import BLOCK, DEFAULT_SECONDS, LeaseHeldError, LeaseMachine, Owner, State, UnitLease
@@ -103,9 +104,8 @@ def owner_id(state_dir: str) -> uuid.UUID:
 
 def _unit_block(pool: Pool, ref: UnitRef) -> tuple[str, int]:
     """(device path, lease block offset) of a device-pool unit, from a fresh table."""
-    pool.reload()
-    _u, offset, length = pool._entry(ref)  # type: ignore[attr-defined]
-    return pool.path, lease_offset(offset, length)
+    assert isinstance(pool, DevicePool)
+    return pool.path, lease_offset(*pool.extent(ref))
 
 
 def _what(vm_name: str, unit_uuid: uuid.UUID) -> str:
@@ -333,18 +333,23 @@ def check_not_leased(state_dir: str, pool: Pool, ref: UnitRef, unit_uuid: uuid.U
     path, offset = _unit_block(pool, ref)
     io = DirectBlockIO(path, offset)
     try:
-        machine = LeaseMachine(unit_uuid, Owner.here(owner_id(state_dir)), DEFAULT_SECONDS)
+        raw = io.read()
+        if not any(raw):
+            return  # never leased
+        machine = LeaseMachine(unit_uuid, Owner.here(owner_id(state_dir)), 0.0)
         lease = UnitLease(io, machine, _what(vm, unit_uuid), sleep=sleep)
-        machine.observe(io.read(), lease.clock())
+        machine.observe(raw, lease.clock())
         if machine.state is not State.WATCHING:
             return
-        deadline = lease.clock() + machine.expiry()
+        expiry = machine.expiry() or DEFAULT_SECONDS  # unreadable: the default duration
+        deadline = lease.clock() + expiry
         while lease.clock() < deadline:
-            sleep(machine.expiry() / 20)
+            sleep(expiry / 20)
             if io.read() != machine.seen:
                 raise LeaseHeldError(
                     f"{lease.busy_message()}; it is served by that daemon, stop it there first"
                 )
-        log.warning("%s: the lease of %s went stale; going on", lease.what, machine.foreign)
+        owner = machine.foreign.owner.describe() if machine.foreign else "an unreadable lease"
+        log.warning("%s: the lease of %s went stale; going on", lease.what, owner)
     finally:
         io.close()

@@ -151,6 +151,22 @@ def hold_state_dir(state_dir: str) -> int:
     return fd
 
 
+def state_dir_holder(state_dir: str) -> str | None:
+    """ "PID n on host" of the daemon holding ``state_dir``, or None if none does."""
+    path = operation_path(state_dir, DAEMON_LOCK)
+    if not os.path.exists(path):
+        return None
+    fd = _open(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_holder(fd: int) -> str:
     words = os.pread(fd, 256, 0).decode(errors="replace").split()
     if not words:  # the holder has locked but not yet written its PID

@@ -263,6 +263,8 @@ class VmManager:
                     except InUseError:
                         if not force:
                             raise
+                    pool = self.catalog.get(unit.pool)  # --force never overrides a lease
+                    check_not_leased(self.state.root, pool, unit.ref, unit.header.unit_uuid, name)
                 for unit in vm.all_units:  # base first: the rest is unreachable after it
                     self.catalog.get(unit.pool).delete(unit.ref)
             from .replicate import forget_acks

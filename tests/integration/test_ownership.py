@@ -6,15 +6,27 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
+import pytest
+
+from iscsi_vmtarget.client.initiator import Initiator, InitiatorError, LoginFailed
 from iscsi_vmtarget.server.admin import AdminServer, Manager
 from iscsi_vmtarget.server.persist import ConfigStore
-from tests.conftest import start_target
-from tests.integration.test_snapshot_serve import ivt
+from iscsi_vmtarget.vm import DEFAULT_BASE_IQN
+from iscsi_vmtarget.vm.device import DevicePool
+from iscsi_vmtarget.vm.lease import LeaseRecord, decode_record
+from iscsi_vmtarget.vm.lease_device import DirectBlockIO, lease_offset
+from iscsi_vmtarget.vm.pool import UnitRef
+from tests.conftest import INITIATOR, start_target
+from tests.integration.test_snapshot_export_live import _send_targets
+from tests.integration.test_snapshot_serve import _read, ivt
 
 
 def test_second_serve_on_a_served_state_dir_exits_at_once(tmp_path: Path) -> None:
@@ -41,9 +53,12 @@ def test_second_serve_on_a_served_state_dir_exits_at_once(tmp_path: Path) -> Non
         out = ivt(state, "vm", "snapshot", "demo", "s1")
         assert "s1" in out
         assert first.proc.poll() is None
+        # a daemon whose socket is gone is still a daemon: no silent offline work
+        sock.unlink()
+        refused = _ivt_fails(state, "target", "list")
+        assert f"served by PID {first.proc.pid}" in refused and "does not answer" in refused
     finally:
         assert first.stop() == 0
-    assert not (state / "admin.sock").exists()  # the first removes the socket it made
 
 
 def test_admin_server_never_removes_a_socket_it_did_not_bind(tmp_path: Path) -> None:
@@ -60,3 +75,134 @@ def test_admin_server_never_removes_a_socket_it_did_not_bind(tmp_path: Path) -> 
         await other.wait_closed()
 
     asyncio.run(scenario())
+
+
+LEASE = 2.0  # seconds: renewed every 0.5 s, a settle of 0.2 s
+VM = "web"
+VM_IQN = f"{DEFAULT_BASE_IQN}:vm.{VM}"
+
+
+def _lease_block(device: Path, unit_uuid: uuid.UUID) -> LeaseRecord | None:
+    pool = DevicePool("shared", str(device))
+    try:
+        extent = pool.extent(UnitRef("shared", str(unit_uuid)))
+    finally:
+        pool.close()
+    io = DirectBlockIO(str(device), lease_offset(*extent))
+    try:
+        return decode_record(io.read())
+    finally:
+        io.close()
+
+
+def _writer(port: int, acked: dict[int, bytes], stop: threading.Event) -> None:
+    """Write distinct blocks until the target dies; a block counts once its WRITE
+    with FUA (or a later SYNCHRONIZE CACHE) was acknowledged."""
+    ini = Initiator(port=port, initiator_name=INITIATOR, target_name=VM_IQN)
+    try:
+        ini.login()
+        ini.command(bytes(6))  # the power-on unit attention
+        lba = 0
+        while not stop.is_set():
+            block = (f"lba {lba} ".encode() * 128)[:512]
+            fua = 0x08 if lba % 2 else 0  # odd blocks FUA, even ones flushed after
+            cdb = bytes([0x2A, fua]) + lba.to_bytes(4, "big") + b"\x00\x00\x01\x00"
+            if ini.command(cdb, data_out=block).status != 0:
+                break
+            if fua:
+                acked[lba] = block
+            else:
+                if ini.command(bytes([0x35]) + bytes(9)).status != 0:
+                    break
+                acked[lba] = block
+            lba += 1
+    except (InitiatorError, OSError):
+        pass  # the target was killed: what was acknowledged is in ``acked``
+    finally:
+        ini.close()
+
+
+def test_lease_takeover_after_expiry_only(tmp_path: Path) -> None:
+    device = tmp_path / "san" / "shared.img"
+    a_state, b_state = tmp_path / "a", tmp_path / "b"
+    ivt(a_state, "pool", "create", "shared", "--device", str(device), "--size", "64M")
+    ivt(a_state, "vm", "create", VM, "--disk", "8M", "--memory", "4M", "--pool", "shared")
+    ivt(b_state, "pool", "create", "shared", "--device", str(device))  # adopts the table
+    shutil.copy(a_state / "master.key", b_state / "master.key")  # the hosts share keys
+    unit_uuid = uuid.UUID(json.loads(ivt(a_state, "vm", "show", VM, "--json"))["luns"][0]["uuid"])
+
+    a = start_target(tmp_path / "run-a", "--state-dir", str(a_state), "--lease-seconds", str(LEASE))
+    b = None
+    try:
+        assert VM_IQN in a.targets
+        a_owner = json.loads((a_state / "conf" / "owner.json").read_text())["owner_id"]
+        ivt(a_state, "acl", "add", VM_IQN, INITIATOR)  # grants: against the serving daemon
+        record = _lease_block(device, unit_uuid)
+        assert record is not None and record.held and str(record.owner.owner_id) == a_owner
+        acked: dict[int, bytes] = {}
+        stop = threading.Event()
+        writer = threading.Thread(target=_writer, args=(a.port, acked, stop))
+        writer.start()
+
+        b = start_target(
+            tmp_path / "run-b", "--state-dir", str(b_state), "--lease-seconds", str(LEASE)
+        )
+        assert VM_IQN not in b.targets and f"{DEFAULT_BASE_IQN}:vm.demo" in b.targets
+        assert VM_IQN not in _send_targets(b.port)
+        with pytest.raises(LoginFailed):
+            Initiator(port=b.port, initiator_name=INITIATOR, target_name=VM_IQN).login()
+        log = b.log()
+        assert f"unit {unit_uuid} of VM '{VM}' is leased by owner {a_owner}" in log, log
+        assert f"PID {a.proc.pid}" in log and "expires at" in log
+        # B's status says why, and offline writes on B refuse, naming the owner
+        status = json.loads(ivt(b_state, "status", "--json"))
+        waiting = [x for x in status["leases"] if x["vm"] == VM]
+        assert waiting[0]["state"] == "waiting" and a_owner in waiting[0]["reason"]
+        refused = _ivt_fails(b_state, "vm", "snapshot", VM, "s1")
+        assert f"is leased by owner {a_owner}" in refused
+        time.sleep(2 * LEASE)  # A renews all along: B keeps off
+        assert VM_IQN not in _send_targets(b.port)
+        assert len(acked) > 10
+
+        a.proc.kill()  # kill -9: no release, the lease must expire
+        a.proc.wait()
+        killed = time.time()
+        writer.join(timeout=30)
+        stop.set()
+        last = _lease_block(device, unit_uuid)
+        assert last is not None and str(last.owner.owner_id) == a_owner
+        expires = last.wall_ns / 1e9 + LEASE  # A's last renewal + the duration
+        while True:
+            before = time.time()
+            served = VM_IQN in _send_targets(b.port)
+            if served:
+                break
+            assert before - killed < 10 * LEASE, b.log()
+            time.sleep(0.05)
+        assert before >= expires, (before, expires)  # never before the lease expired
+        taken = _lease_block(device, unit_uuid)
+        assert taken is not None and str(taken.owner.owner_id) != a_owner
+
+        ivt(b_state, "acl", "add", VM_IQN, INITIATOR)
+        ini = Initiator(port=b.port, initiator_name=INITIATOR, target_name=VM_IQN)
+        ini.login()
+        ini.command(bytes(6))
+        for lba, block in acked.items():
+            assert _read(ini, lba) == block, lba
+        ini.logout()
+        ini.close()
+    finally:
+        a.stop()
+        if b is not None:
+            assert b.stop() == 0
+    released = _lease_block(device, unit_uuid)
+    assert released is not None and not released.held  # B's clean stop released it
+
+
+def _ivt_fails(state: Path, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "iscsi_vmtarget", *args, "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stdout
+    return proc.stderr
