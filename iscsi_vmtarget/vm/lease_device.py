@@ -133,7 +133,7 @@ class LeaseKeeper:
     ) -> None:
         self.state_dir = os.path.abspath(state_dir)
         self.duration = duration
-        self.me = Owner.here(owner_id(self.state_dir))
+        self._me: Owner | None = None
         self._clock, self._sleep = clock, sleep
         self._leases: dict[uuid.UUID, _Lease] = {}
         self.waiting: dict[str, str] = {}  # VM name -> why it is not served (last message)
@@ -142,6 +142,13 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         #: called after each round of renewals (the daemon fences and retries VMs)
         self.on_tick: Callable[[list[str], list[str]], None] = lambda lost, waiting: None
+
+    @property
+    def me(self) -> Owner:
+        """Our owner identity (its id made on first use: only where a device pool is)."""
+        if self._me is None:
+            self._me = Owner.here(owner_id(self.state_dir))
+        return self._me
 
     # -- acquiring -------------------------------------------------------------------------
 

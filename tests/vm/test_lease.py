@@ -285,3 +285,31 @@ def test_lease_follows_a_growing_device_unit(tmp_path: Path) -> None:
         finally:
             _KEEPERS.pop(leases.state_dir, None)
             leases.close()
+
+
+def test_keeper_reports_a_lease_taken_over_as_lost(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    with VmManager(StateDir.at(state)) as manager:
+        manager.catalog.create_device("dev", str(tmp_path / "dev.img"), 32 * MIB)
+        vm = manager.create("lost", disk=4 * MIB, memory=4 * MIB, pool="dev")
+        leases = LeaseKeeper(state, 2.0)
+        try:
+            (unit,) = leases.acquire_vm(vm, manager.catalog)
+            assert leases.status() == [{"vm": "lost", "unit": str(unit), "state": "held"}]
+            io = leases._leases[unit].lease.io
+            io.write(encode_record(LeaseRecord(unit, B, 1 << 40, 2.0)))  # another took it
+            assert leases.renew() == ["lost"]
+            assert leases.status() == []
+        finally:
+            leases.close()
+        assert (tmp_path / "state" / "conf" / "owner.json").exists()
+
+
+def test_directory_pools_make_no_owner_id(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    with VmManager(StateDir.at(state)) as manager:
+        vm = manager.create("plain", disk=4 * MIB, memory=4 * MIB)
+        leases = LeaseKeeper(state, 2.0)
+        assert leases.acquire_vm(vm, manager.catalog) == set()
+        leases.close()
+    assert not (tmp_path / "state" / "conf" / "owner.json").exists()
