@@ -8,8 +8,10 @@ the owner writes its id and a heartbeat counter into the unit's lease block and 
 the counter every ``duration / 4``; nobody compares clocks across hosts. A lease whose
 owner is not us is free only once we watched its block stay unchanged for a whole lease
 duration (the owner's or ours, the longer), or once its owner released it. A daemon
-that cannot renew for a whole duration considers the lease lost and stops serving the
-unit (it fences itself: another host may take the unit over from then on).
+that could not renew for 3/4 of a duration, or finds another owner's record, considers
+the lease lost and stops serving the unit (it fences itself, checking every
+``duration / 4``: so within one duration of its last renewal, before anyone else may
+take the unit over).
 
 Two hosts may see a free lease at once and both write theirs: each waits ``settle``
 (``duration / 10``, far longer than one read-then-write of a block) and reads the block
@@ -206,7 +208,7 @@ class LeaseMachine:
         self.foreign: LeaseRecord | None = None  # its record, if readable
 
     def classify(self, raw: bytes, now: float) -> Seen:
-        if self.state is State.HELD and now - self.renewed_at > self.duration:
+        if self.overdue(now):
             return Seen.LATE
         if self.written and raw == self.written:
             return Seen.CURRENT
@@ -239,6 +241,16 @@ class LeaseMachine:
 
     def release(self, now: float) -> Action:
         return self._step(Seen.RELEASE, now)
+
+    def overdue(self, now: float) -> bool:
+        """Held, but not renewed for 3/4 of a duration (the device does not answer, or
+        we were stalled): :meth:`fence` then, whether or not a read ever succeeds
+        again. Checked every ``duration / 4``, this stops our writes within one
+        duration of our last renewal: before anyone else may take the unit over."""
+        return self.state is State.HELD and now - self.renewed_at > self.duration * 3 / 4
+
+    def fence(self, now: float) -> Action:
+        return self._step(Seen.LATE, now)
 
     def _step(self, seen: Seen, now: float) -> Action:
         try:
@@ -341,7 +353,13 @@ class UnitLease:
         not renewed in time."""
         if self.machine.state is not State.HELD:
             return False
-        self._do(self.machine.observe(self.io.read(), self.clock()))
+        try:
+            self._do(self.machine.observe(self.io.read(), self.clock()))
+        except OSError:
+            if self.machine.overdue(self.clock()):
+                self.machine.fence(self.clock())
+                return False
+            raise  # the caller retries at the next round
         return self.machine.state is State.HELD
 
     def release(self) -> None:

@@ -78,7 +78,7 @@ def test_admin_server_never_removes_a_socket_it_did_not_bind(tmp_path: Path) -> 
     asyncio.run(scenario())
 
 
-LEASE = 2.0  # seconds: renewed every 0.5 s, a settle of 0.2 s
+LEASE = 3.0  # seconds: renewed every 0.75 s, a settle of 0.3 s
 VM = "web"
 VM_IQN = f"{DEFAULT_BASE_IQN}:vm.{VM}"
 

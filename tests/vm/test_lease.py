@@ -159,7 +159,7 @@ def test_late_renewal_fences_itself() -> None:
     clock, block = Clock(), Block()
     a = lease(block, A, clock)
     assert a.attempt()
-    clock.sleep(DURATION + 0.1)  # a stall longer than the lease: another may hold it
+    clock.sleep(DURATION * 3 / 4 + 0.1)  # a stall: soon another may take it over
     assert not a.renew()
     assert a.state is State.LOST
 
@@ -313,3 +313,27 @@ def test_directory_pools_make_no_owner_id(tmp_path: Path) -> None:
         assert leases.acquire_vm(vm, manager.catalog) == set()
         leases.close()
     assert not (tmp_path / "state" / "conf" / "owner.json").exists()
+
+
+def test_a_device_that_stops_answering_fences_after_one_duration() -> None:
+    clock = Clock()
+
+    class Failing(Block):
+        broken = False
+
+        def read(self) -> bytes:
+            if self.broken:
+                raise OSError(5, "I/O error")
+            return super().read()
+
+    block = Failing()
+    a = lease(block, A, clock)
+    assert a.attempt()
+    block.broken = True
+    clock.sleep(a.renew_interval)
+    with pytest.raises(OSError):
+        a.renew()  # not yet overdue: retried at the next round
+    assert a.state is State.HELD
+    clock.sleep(DURATION)
+    assert not a.renew()
+    assert a.state is State.LOST
