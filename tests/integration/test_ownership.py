@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.cli.main import main
 from iscsi_vmtarget.client.initiator import Initiator, InitiatorError, LoginFailed
 from iscsi_vmtarget.server.admin import AdminServer, Manager
 from iscsi_vmtarget.server.persist import ConfigStore
@@ -245,3 +246,13 @@ def test_restart_takes_its_lease_back_and_clean_stop_hands_over_at_once(tmp_path
         a.stop()
         if b is not None:
             b.stop()
+
+
+@pytest.mark.parametrize("value", ["0", "0.1", "-3", "soon", "7200"])
+def test_lease_seconds_out_of_range_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--lease-seconds", value])
+    assert exc.value.code == 2
+    assert "--lease-seconds" in capsys.readouterr().err
