@@ -194,8 +194,15 @@ class LeaseMachine:
     """The delta-lease rules for one unit, without I/O: :meth:`observe` a read (or
     :meth:`release`), then write what :attr:`to_write` holds if the action says so."""
 
-    def __init__(self, unit_uuid: uuid.UUID, me: Owner, duration: float) -> None:
+    def __init__(
+        self,
+        unit_uuid: uuid.UUID,
+        me: Owner,
+        duration: float,
+        wall_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
         self.unit_uuid = unit_uuid
+        self.wall_ns = wall_ns  # written into the record for messages; never compared
         self.me = me
         self.duration = duration
         self.state = State.IDLE
@@ -268,7 +275,7 @@ class LeaseMachine:
                 self._next_heartbeat(),
                 self.duration,
                 held=action is Action.WRITE,
-                wall_ns=time.time_ns(),
+                wall_ns=self.wall_ns(),
             )
             self.to_write = encode_record(record)
         return action
