@@ -254,6 +254,7 @@ def unlink(manager: VmManager, name: str, progress: Progress | None = None) -> b
         vm = manager.find(name, discover(pools, repair=False))
         if manager.served(vm):
             raise VmError(f"VM {name!r} is being served: unlink it offline")
+        manager.check_leases(vm)  # nor by a daemon on another host (a shared device pool)
         mine = vm.base.header.unit_uuid
         for number, volume in sorted(vm.lun_map().items()):
             top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)

@@ -173,6 +173,14 @@ class VmManager:
         check_not_leased(self.state.root, pool, unit.ref, unit.header.unit_uuid, unit.header.name)
         return Unit.open(pool, unit.ref)
 
+    def check_leases(self, vm: FoundVm) -> None:
+        """LeaseHeldError if a daemon elsewhere serves ``vm`` (a live lease on one of
+        its device-pool units): for commands that write a VM's units without
+        :meth:`_open` (offline move, unlink)."""
+        for unit in vm.lun_map().values():
+            pool = self.catalog.get(unit.pool)
+            check_not_leased(self.state.root, pool, unit.ref, unit.header.unit_uuid, vm.name)
+
     def served(self, vm: FoundVm) -> bool:
         return any(locks.is_served(self.state.root, u.header.unit_uuid) for u in vm.units)
 

@@ -180,8 +180,13 @@ def test_lease_takeover_after_expiry_only(tmp_path: Path) -> None:
         status = json.loads(ivt(b_state, "status", "--json"))
         waiting = [x for x in status["leases"] if x["vm"] == VM]
         assert waiting[0]["state"] == "waiting" and a_owner in waiting[0]["reason"]
-        refused = _ivt_fails(b_state, "vm", "snapshot", VM, "s1")
-        assert f"is leased by owner {a_owner}" in refused
+        for command in (
+            ["vm", "snapshot", VM, "s1"],
+            ["vm", "move", VM, "--pool", "default"],
+            ["vm", "delete", VM, "--force"],  # --force overrides local locks, not a lease
+        ):
+            refused = _ivt_fails(b_state, *command)
+            assert f"is leased by owner {a_owner}" in refused, command
         time.sleep(LEASE)  # A renews all along: B keeps off
         assert VM_IQN not in _send_targets(b.port)
         assert len(acked) == 256  # every block written at least once
