@@ -193,6 +193,13 @@ class DevicePool:
         _u, offset, length = self._entry(ref)
         return offset, length
 
+    def extent_of(self, unit_uuid: uuid.UUID) -> tuple[int, int] | None:
+        """(offset, length) of unit ``unit_uuid`` in the table as last read, if here."""
+        for entry_uuid, offset, length in self._table.entries:
+            if entry_uuid == unit_uuid:
+                return offset, length
+        return None
+
     def _end(self) -> int:
         return min(self._backend.size, self._table.device_size) // ALIGN * ALIGN
 

@@ -41,8 +41,18 @@ from ..storage.backend import BlockBackend
 from . import atomic
 from .device import DevicePool
 from .discovery import FoundVm
-from .format import TAIL_SIZE
-from .lease import BLOCK, DEFAULT_SECONDS, LeaseHeldError, LeaseMachine, Owner, State, UnitLease
+from .format import TAIL_SIZE, UnitHeader
+from .lease import (
+    BLOCK,
+    DEFAULT_SECONDS,
+    LeaseHeldError,
+    LeaseMachine,
+    Owner,
+    State,
+    UnitLease,
+    Unreadable,
+    decode_record,
+)
 from .pool import Pool, PoolCatalog, UnitRef
 
 #: Where a unit's lease block lies inside its META region (the header slots use 16 KiB).
@@ -328,6 +338,34 @@ def relocating(
         for found in list(_KEEPERS.values()):
             stack.enter_context(found.relocating(unit_uuid, new_offset))
         yield
+
+
+def leased_elsewhere(state_dir: str, catalog: PoolCatalog, header: UnitHeader) -> bool:
+    """Whether the VM of the unit ``header`` describes is leased by another owner (its
+    base unit's or this unit's lease block holds another owner's record): then only
+    that owner may repair it. Reads the blocks once, without watching: a stale lease
+    is left to whoever takes it over."""
+    wanted = {header.unit_uuid, header.owner_uuid or header.unit_uuid}
+    for pool in catalog.all():
+        if not isinstance(pool, DevicePool):
+            continue
+        for unit_uuid in wanted:
+            extent = pool.extent_of(unit_uuid)
+            if extent is None:
+                continue
+            io = DirectBlockIO(pool.path, lease_offset(*extent))
+            try:
+                raw = io.read()
+            finally:
+                io.close()
+            try:
+                record = decode_record(raw)
+            except Unreadable:
+                return True
+            if record is not None and record.held and record.unit_uuid == unit_uuid:
+                if record.owner.owner_id != owner_id(state_dir):
+                    return True
+    return False
 
 
 def check_not_leased(state_dir: str, pool: Pool, ref: UnitRef, unit_uuid: uuid.UUID, vm: str,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -9,7 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from iscsi_vmtarget.vm import faults
 from iscsi_vmtarget.vm.device import DevicePool
+from iscsi_vmtarget.vm.format import UnitState
 from iscsi_vmtarget.vm.lease import (
     BLOCK,
     TRANSITIONS,
@@ -337,3 +342,39 @@ def test_a_device_that_stops_answering_fences_after_one_duration() -> None:
     clock.sleep(DURATION)
     assert not a.renew()
     assert a.state is State.LOST
+
+
+def test_another_host_never_repairs_a_unit_whose_vm_is_leased(tmp_path: Path) -> None:
+    """A resize cut short on host A is A's to finish while A holds the VM's lease:
+    host B's discovery (any management command runs one) leaves the unit alone, and
+    repairs it once the lease is free."""
+    device, a_state, b_state = tmp_path / "dev.img", tmp_path / "a", tmp_path / "b"
+    with VmManager(StateDir.at(str(a_state))) as manager:
+        manager.catalog.create_device("dev", str(device), 64 * MIB)
+        manager.create("grow", disk=4 * MIB, memory=4 * MIB, pool="dev")
+    with VmManager(StateDir.at(str(b_state))) as manager:
+        manager.catalog.create_device("dev", str(device))
+    killed = subprocess.run(
+        [sys.executable, "-m", "iscsi_vmtarget", "vm", "resize", "grow", "--disk", "8M",
+         "--state-dir", str(a_state)],
+        env={**os.environ, faults.ENV: "resize.journaled"}, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -9
+    a = LeaseKeeper(str(a_state), 2.0)
+    try:
+        with VmManager(StateDir.at(str(a_state))) as manager:
+            vm = manager.find("grow", manager.discover(repair=False))
+            assert vm.base.header.state is UnitState.RESIZING
+            a.acquire_vm(vm, manager.catalog)
+        with VmManager(StateDir.at(str(b_state))) as manager:
+            found = manager.discover()  # repair=True
+            assert found.repaired == []
+            assert found.find("grow").base.header.state is UnitState.RESIZING  # type: ignore[union-attr]
+    finally:
+        a.close()  # releases the lease
+    with VmManager(StateDir.at(str(b_state))) as manager:
+        found = manager.discover()
+        assert [r["action"] for r in found.repaired] == [
+            "interrupted resize completed (was resizing)"
+        ]
+        assert found.find("grow").base.header.state is UnitState.CLEAN  # type: ignore[union-attr]
