@@ -12,6 +12,13 @@ renews at the new place from then on (:func:`relocating`). Only the volume units
 exports (its LUN map) carry a lease: the copy-on-write layers and snapshot records of
 a volume are only written by whoever serves it.
 
+Writers elsewhere. A management command refuses a unit leased by a live owner elsewhere
+(:func:`check_not_leased`: a changing heartbeat; a lease left by a dead owner costs one
+duration of watching), and discovery repairs a unit only if no other owner holds its
+VM's lease (:func:`leased_elsewhere`). Not covered: the pool's unit table itself is
+serialised per host only (``pool.<name>.lock``), so units must not be created or
+deleted in one device pool from two hosts at the same time.
+
 Directory pools are per host: the state-directory lock of ``serve`` and the per-unit
 serve locks (:mod:`.locks`) already give each of their units a single owner, so their
 units carry no lease.
