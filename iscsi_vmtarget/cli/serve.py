@@ -19,8 +19,14 @@ from ..server.config import (
     parse_portal,
 )
 from ..server.metrics import MetricsServer
+from ..server.ownership import keep_leases
 from ..server.persist import ConfigStore, PersistError
 from ..server.portal import TargetServer
+from ..vm.errors import InUseError
+from ..vm.lease import DEFAULT_SECONDS
+from ..vm.lease_device import LeaseKeeper
+from ..vm.lease_device import keeper as lease_keeper
+from ..vm.locks import hold_state_dir
 
 log = logging.getLogger("iscsi_vmtarget")
 
@@ -58,7 +64,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="serve per-LUN and per-session counters in the Prometheus text format "
         "on http://HOST:PORT/metrics",
     )
+    p.add_argument(
+        "--lease-seconds",
+        type=_lease_seconds,
+        default=DEFAULT_SECONDS,
+        metavar="N",
+        help="unit lease duration for VMs in device pools: renewed every N/4 s; another "
+        f"daemon takes a unit over N s after its last renewal (default {DEFAULT_SECONDS:g})",
+    )
     p.set_defaults(func=run)
+
+
+def _lease_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.5 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"lease seconds {text} out of range (0.5 to 3600)")
+    return value
 
 
 def _portal_arg(text: str) -> str:
@@ -90,6 +114,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
         os.makedirs(cfg.state_dir, exist_ok=True)
+        hold_state_dir(cfg.state_dir)  # before anything is exported; held until exit
+    except (ConfigError, InUseError) as exc:
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 1
+    leases = lease_keeper(cfg.state_dir, args.lease_seconds)
+    try:
+        return _run(args, cfg, leases)
+    finally:
+        leases.close()  # released on every way out: another host may take the units at once
+
+
+def _run(args: argparse.Namespace, cfg: ServeConfig, leases: LeaseKeeper) -> int:
+    try:
         store = ConfigStore(cfg.state_dir)
         managed = store.load()
         registry = build_registry(cfg)
@@ -110,11 +147,14 @@ def run(args: argparse.Namespace) -> int:
     if args.metrics:
         portal = parse_portal(args.metrics)
         metrics = MetricsServer(server.metrics, portal.host, portal.port)
-    return _run_loop(server, admin, metrics)
+    return _run_loop(server, admin, metrics, leases)
 
 
 def _run_loop(
-    server: TargetServer, admin: AdminServer | None = None, metrics: MetricsServer | None = None
+    server: TargetServer,
+    admin: AdminServer | None = None,
+    metrics: MetricsServer | None = None,
+    leases: LeaseKeeper | None = None,
 ) -> int:
     try:
         import uvloop  # optional: a faster event loop (libuv)
@@ -123,20 +163,25 @@ def _run_loop(
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        return runner(_serve(server, admin, metrics))
+        return runner(_serve(server, admin, metrics, leases))
     except OSError as exc:
         print(f"iscsi-vmtarget: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 
 async def _serve(
-    server: TargetServer, admin: AdminServer | None, metrics: MetricsServer | None
+    server: TargetServer,
+    admin: AdminServer | None,
+    metrics: MetricsServer | None,
+    leases: LeaseKeeper | None = None,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     portals = await server.start()
+    if leases is not None and admin is not None and admin.manager.runtime is not None:
+        keep_leases(leases, admin.manager.runtime, loop)
     for portal in portals:
         host = f"[{portal.host}]" if ":" in portal.host else portal.host
         print(f"listening on {host}:{portal.port}", flush=True)

@@ -1,6 +1,7 @@
 """``iscsi-vmtarget status``: the running daemon's portals, sessions (initiator, target,
 peer, connections, visible LUNs), initiators, and per-LUN I/O counters with average
-latencies (the same numbers ``serve --metrics`` exports)."""
+latencies (the same numbers ``serve --metrics`` exports), and the unit leases of
+device-pool VMs: held, or waited for (whose lease, expiring when)."""
 
 from __future__ import annotations
 
@@ -42,4 +43,9 @@ def _status(args: argparse.Namespace) -> int:
             f"{lun['writes']} ({lun['write_bytes']} B, {lun['write_latency_ms']:.3f} ms avg)"
             f"  other {lun['others']}  errors {lun['errors']}"
         )
+    for lease in result.get("leases", []):
+        if lease["state"] == "waiting":
+            print(f"  vm {lease['vm']}: not served: {lease['reason']}")
+        else:
+            print(f"  vm {lease['vm']}: unit {lease['unit']} lease {lease['state']}")
     return 0

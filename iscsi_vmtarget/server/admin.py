@@ -36,6 +36,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
 from ..vm.errors import VmError
+from ..vm.lease import LeaseHeldError
+from ..vm.lease_device import keeper as lease_keeper
+from ..vm.locks import state_dir_holder
 from . import grants
 from .acl import Acl, AclError, check_mutual
 from .grants import effective_acls, summary
@@ -51,6 +54,7 @@ from .persist import (
 from .registry import Registry, Target
 
 if TYPE_CHECKING:
+    from ..vm.lease_device import LeaseKeeper
     from .portal import ConnectionHandler, TargetServer
 
 log = logging.getLogger("iscsi_vmtarget")
@@ -100,6 +104,8 @@ class Runtime:
         self.static_discovery = (registry.discovery_auth, registry.discovery_mutual)
         #: the daemon's event loop (set by :meth:`Manager.execute`): see :meth:`on_loop`
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: the unit leases of device-pool VMs (:mod:`.ownership`), for ``status``
+        self.leases: LeaseKeeper | None = None
 
     def on_loop(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn`` on the event loop and wait for it: an action runs in an executor
@@ -377,6 +383,7 @@ class Runtime:
             "sessions": sessions,
             "initiators": sorted({s["initiator"] for s in sessions if s["initiator"]}),
             "luns": luns,
+            "leases": self.leases.status() if self.leases is not None else [],
         }
 
 
@@ -762,8 +769,24 @@ def action_vm_move(state_dir: str, runtime: Runtime, args: Args) -> dict[str, An
             followers=followers,
             progress=args.get(PROGRESS_ARG),
         )
+        _lease_moved(state_dir, runtime, manager, name)
     log.info("vm %s moved live to pool %s: %s", name, pool, report)
     return {"moved": report.to_json()}
+
+
+def _lease_moved(state_dir: str, runtime: Runtime, manager: Any, name: str) -> None:
+    """A unit's lease lives in its own META region (:mod:`..vm.lease_device`), so it
+    moves with the unit: given up at the old places, taken at the new ones (a unit
+    moved into a device pool is leased from then on). Should another host hold it
+    there, this daemon stops serving the VM, as when a lease is lost."""
+    vm = manager.find(name)
+    leases = lease_keeper(state_dir)
+    leases.release(u.header.unit_uuid for u in vm.lun_map().values())
+    try:
+        leases.acquire_vm(vm, manager.catalog)
+    except LeaseHeldError as exc:
+        log.error("vm %s: no longer serving it, its moved units are leased: %s", name, exc)
+        runtime.on_loop(lambda: runtime.remove_pool_target(served_vm_target(runtime, name).name))
 
 
 #: Operations on what the daemon serves (not configuration), run only in the daemon.
@@ -970,8 +993,12 @@ class AdminServer:
         self.path = socket_path(state_dir)
         self._server: asyncio.base_events.Server | None = None
         self._lock = asyncio.Lock()
+        self._bound: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
 
     async def start(self) -> None:
+        """Bind the socket; ``serve`` holds the state-directory lock
+        (:func:`~iscsi_vmtarget.vm.locks.hold_state_dir`), so a socket already there
+        is a dead daemon's."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket of a dead daemon
         old = os.umask(0o177)
@@ -982,12 +1009,23 @@ class AdminServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        info = os.stat(self.path)
+        self._bound = (info.st_dev, info.st_ino)
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
+        self._unlink_own()
+
+    def _unlink_own(self) -> None:
+        """Remove the socket only if it is still the one we bound: never another
+        daemon's, whatever happened to the state directory meanwhile."""
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if self._bound == (info.st_dev, info.st_ino):
             os.unlink(self.path)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1098,6 +1136,11 @@ def call(state_dir: str, op: str, args: Args) -> tuple[dict[str, Any], bool]:
     try:
         return call_daemon(state_dir, op, args), True
     except DaemonNotRunning:
-        pass
+        holder = state_dir_holder(state_dir)
+        if holder is not None:  # starting (or its socket was removed): not offline
+            raise AdminError(
+                f"state directory {state_dir} is served by {holder}, but its admin socket "
+                f"{socket_path(state_dir)} does not answer (yet); try again"
+            ) from None
     manager = Manager(ConfigStore(state_dir))
     return asyncio.run(manager.execute(op, args)), False

@@ -7,7 +7,8 @@ Modules: :mod:`.format` (unit header), :mod:`.layout` (regions per mode, growth)
 :mod:`.view` (guest and raw views), :mod:`.crypto` and :mod:`.sealed` (keys,
 AES-GCM chunks), :mod:`.unit` (one unit), :mod:`.pool` and :mod:`.device` (pools),
 :mod:`.discovery`, :mod:`.manager` (VM operations), :mod:`.export` (LUNs to serve),
-:mod:`.replica`, :mod:`.replicate` and :mod:`.promote` (replication to another target).
+:mod:`.replica`, :mod:`.replicate` and :mod:`.promote` (replication to another target),
+:mod:`.lease` and :mod:`.lease_device` (unit leases on device pools several hosts see).
 """
 
 from .crypto import Keyring, MasterKey, create_key_file, load_key_file

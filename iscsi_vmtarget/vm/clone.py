@@ -307,6 +307,7 @@ def unlink(
                 f"VM {name!r} is being served: the daemon serving it unlinks it live "
                 "(run 'vm unlink' with the same --state-dir while it runs)"
             )
+        manager.check_leases(vm)  # nor by a daemon on another host (a shared device pool)
         missing = set(vm.lun_map()) - set(live if live is not None else vm.lun_map())
         if missing:
             raise VmError(f"VM {name!r}: LUNs {sorted(missing)} are not served here")

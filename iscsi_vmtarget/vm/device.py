@@ -206,6 +206,19 @@ class DevicePool:
                 return entry
         raise VmError(f"unit {ref.key} is not in pool {self.name!r}")
 
+    def extent(self, ref: UnitRef) -> tuple[int, int]:
+        """(offset, length) of a unit on the device, from a fresh read of the table."""
+        self.reload()
+        _u, offset, length = self._entry(ref)
+        return offset, length
+
+    def extent_of(self, unit_uuid: uuid.UUID) -> tuple[int, int] | None:
+        """(offset, length) of unit ``unit_uuid`` in the table as last read, if here."""
+        for entry_uuid, offset, length in self._table.entries:
+            if entry_uuid == unit_uuid:
+                return offset, length
+        return None
+
     def _end(self) -> int:
         return min(self._backend.size, self._table.device_size) // ALIGN * ALIGN
 
@@ -304,12 +317,16 @@ class DevicePool:
         backend.set_length(new_size)
 
     def end_growth(self, ref: UnitRef, backend: BlockBackend) -> None:
-        unit_uuid, _offset, _length = self._entry(ref)
+        from .lease_device import lease_offset, relocating
+
+        unit_uuid, offset, length = self._entry(ref)
         backend.flush()
         entries = tuple(
             (u, o, backend.size if u == unit_uuid else n) for u, o, n in self._table.entries
         )
-        self._commit(entries)
+        old, new = lease_offset(offset, length), lease_offset(offset, backend.size)
+        with relocating(self._backend, unit_uuid, old, new):  # the lease moves with META
+            self._commit(entries)
 
     def recover(self, ref: UnitRef) -> str | None:
         return None  # the table entry is the commit point: nothing to finish

@@ -14,6 +14,7 @@ base unit they name as owner, so a VM's snapshots are found from its units alone
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import ForeignUnitError, FormatError, NewerFormatError, VmError
@@ -153,8 +154,16 @@ class Discovery:
         }
 
 
-def scan_pool(pool: Pool, result: Discovery, *, repair: bool) -> list[FoundUnit]:
-    """Open every candidate of ``pool``; sort them into ``result``'s lists."""
+def scan_pool(
+    pool: Pool,
+    result: Discovery,
+    *,
+    repair: bool,
+    may_repair: Callable[[UnitHeader], bool] | None = None,
+) -> list[FoundUnit]:
+    """Open every candidate of ``pool``; sort them into ``result``'s lists. With
+    ``may_repair``, a unit of a device pool (which other hosts may see) is repaired
+    only if it says yes: never one a daemon elsewhere is writing (:mod:`.lease`)."""
     found = []
     pool.reload()
     remove_leftovers = getattr(pool, "remove_leftovers", None)
@@ -163,9 +172,13 @@ def scan_pool(pool: Pool, result: Discovery, *, repair: bool) -> list[FoundUnit]
             result.repaired.append(
                 {"location": f"{pool.name}:{name}", "action": "unfinished unit removed"}
             )
+    guarded = repair and may_repair is not None and pool.kind == "device"
     for ref in pool.candidates():
         try:
-            unit = Unit.open(pool, ref, repair=repair)
+            unit = Unit.open(pool, ref, repair=repair and not guarded)
+            if guarded and may_repair is not None and may_repair(unit.header):
+                unit.close()
+                unit = Unit.open(pool, ref, repair=True)
         except ForeignUnitError:
             result.foreign.append({"pool": pool.name, "location": ref.location})
             continue
@@ -237,10 +250,15 @@ def assemble(units: list[FoundUnit], result: Discovery) -> Discovery:
     return result
 
 
-def discover(pools: list[Pool], *, repair: bool = True) -> Discovery:
+def discover(
+    pools: list[Pool],
+    *,
+    repair: bool = True,
+    may_repair: Callable[[UnitHeader], bool] | None = None,
+) -> Discovery:
     """Scan ``pools`` (callers hold each pool's lock when ``repair`` is set)."""
     result = Discovery()
     units: list[FoundUnit] = []
     for pool in pools:
-        units.extend(scan_pool(pool, result, repair=repair))
+        units.extend(scan_pool(pool, result, repair=repair, may_repair=may_repair))
     return assemble(units, result)

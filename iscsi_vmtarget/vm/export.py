@@ -29,6 +29,8 @@ from .discovery import FoundUnit, FoundVm
 from .errors import VmError
 from .flat import FlatView, live_flat, reopen_live
 from .format import UnitHeader
+from .lease import LeaseHeldError
+from .lease_device import keeper as lease_keeper
 from .locks import ServeLock
 from .pool import PoolCatalog
 from .unit import Unit
@@ -96,17 +98,22 @@ def raw_identity_of(ident: uuid.UUID) -> UnitIdentity:
 
 def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
     """Open a guest-view and a raw-view LU per unit of ``vm``; closing a guest LU's
-    backend releases the unit's serve lock."""
+    backend releases the unit's serve lock and its lease. LeaseHeldError (a VmError)
+    if a unit in a device pool is leased by a live owner elsewhere (:mod:`.lease`)."""
+    leases = lease_keeper(state_dir)
+    unleased = leases.acquire_vm(vm, catalog)
     out = VmLuns(vm.name, vm_uuid=vm.base.header.unit_uuid)
     try:
         for number, found in vm.lun_map().items():
             lock = ServeLock(state_dir, found.header.unit_uuid)
+            unleased.discard(found.header.unit_uuid)
+            release = leases.releaser(lock.release, found.header.unit_uuid)
             try:
                 unit = Unit.open(catalog.get(found.pool), found.ref, repair=False)
                 try:
                     handle = catalog.get(found.pool).open(found.ref)
                     try:
-                        view = _live_view(vm, found, unit, catalog, state_dir, lock.release)
+                        view = _live_view(vm, found, unit, catalog, state_dir, release)
                     except BaseException:
                         handle.close()
                         raise
@@ -114,7 +121,7 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
                 finally:
                     unit.close()
             except BaseException:
-                lock.release()
+                release()
                 raise
             options = _lu_options(state_dir, found.header.unit_uuid)
             lu = LogicalUnit(
@@ -136,6 +143,7 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
             view.add_capacity_listener(capacity_listener(raw_lu))  # a grown top grows it
     except BaseException:
         out.close()
+        leases.release(unleased)
         raise
     return out
 
@@ -212,6 +220,8 @@ def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
                     log.warning("VM %s: secondary unit naa %s is missing", vm.name, naa.hex())
                 try:
                     out.append(export_vm(vm, manager.catalog, manager.state.root))
+                except LeaseHeldError:
+                    continue  # served elsewhere: the lease keeper logged it and waits
                 except VmError as exc:  # e.g. deleted by a command since the scan
                     log.warning("VM %s not exported: %s", vm.name, exc)
         except BaseException:

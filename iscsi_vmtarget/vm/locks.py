@@ -9,6 +9,11 @@ allocations in a device pool's table); a command that works in several such step
 holds an :func:`operation` lock meanwhile, so a repair elsewhere can tell it from a
 crashed one. flock locks die with their process, so a kill -9 never leaves anything
 locked.
+
+``serve`` holds ``<state-dir>/locks/daemon.lock`` exclusive for its lifetime
+(:func:`hold_state_dir`), with its PID written inside: a second ``serve`` on the same
+state directory stops at once, naming the first, instead of exporting the same units a
+second time (two writers, two caches over one unit) and taking over ``admin.sock``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -119,3 +125,50 @@ def operation_path(state_dir: str, name: str) -> str:
 def operation_running(state_dir: str, name: str) -> bool:
     """Whether a live process holds :func:`operation` ``name`` (kill -9 releases it)."""
     return _held_elsewhere(operation_path(state_dir, name))
+
+
+DAEMON_LOCK = "daemon"
+
+
+def hold_state_dir(state_dir: str) -> int:
+    """Lock ``state_dir`` for this daemon (exclusive flock, kept until the process
+    exits, which releases it even on kill -9) and write our PID and host into the lock
+    file; the open descriptor is returned. InUseError, naming the holder, if another
+    process holds it."""
+    path = operation_path(state_dir, DAEMON_LOCK)
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise InUseError(
+            f"state directory {state_dir} is served by {holder} (lock file {path}); "
+            "stop it first or use another --state-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def state_dir_holder(state_dir: str) -> str | None:
+    """ "PID n on host" of the daemon holding ``state_dir``, or None if none does."""
+    path = operation_path(state_dir, DAEMON_LOCK)
+    if not os.path.exists(path):
+        return None
+    fd = _open(path)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    words = os.pread(fd, 256, 0).decode(errors="replace").split()
+    if not words:  # the holder has locked but not yet written its PID
+        return "another process"
+    return f"PID {words[0]}" + (f" on {words[1]}" if len(words) > 1 else "")

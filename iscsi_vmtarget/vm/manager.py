@@ -23,8 +23,9 @@ from .cow import ChainBackend
 from .crypto import Keyring, create_key_file, load_key_file, pending_path
 from .discovery import Discovery, FoundUnit, FoundVm, discover
 from .errors import InUseError, NotFoundError, SizeError, VmError
-from .format import Mode, RegionKind, Role
+from .format import Mode, RegionKind, Role, UnitHeader
 from .layout import check_disk_size, state_capacity_for
+from .lease_device import check_not_leased, leased_elsewhere
 from .pool import DEFAULT_POOL, Pool, PoolCatalog
 from .unit import Unit, create_unit
 from .view import GuestView
@@ -134,7 +135,7 @@ class VmManager:
         if not repair:
             return discover(pools, repair=False)
         with self._locked(pools):
-            found = discover(pools, repair=True)
+            found = discover(pools, repair=True, may_repair=self._may_repair)
             for note in self.finished:  # moves finished and clones rolled back just now
                 found.repaired.append({"location": self.state.root, "action": note})
             self.finished = []
@@ -142,7 +143,7 @@ class VmManager:
 
             changed = False
             for vm in found.vms:
-                if vm.layers or vm.records:
+                if (vm.layers or vm.records) and self._may_repair(vm.base.header):
                     for note in collect(self, vm.name):
                         found.repaired.append({"location": vm.base.ref.location, "action": note})
                         changed = True
@@ -151,6 +152,11 @@ class VmManager:
                 found = discover(pools, repair=False)
                 found.repaired = repaired
             return found
+
+    def _may_repair(self, header: UnitHeader) -> bool:
+        """Not a unit of a VM a daemon on another host serves from a shared device
+        pool: that daemon finishes its own interrupted changes."""
+        return not leased_elsewhere(self.state.root, self.catalog, header)
 
     def find(self, name: str, found: Discovery | None = None) -> FoundVm:
         found = found or self.discover(repair=False)
@@ -166,8 +172,19 @@ class VmManager:
 
     def _open(self, unit: FoundUnit) -> Unit:
         """Open a unit found by a discovery run under the pool locks (callers hold them:
-        opening may finish an interrupted resize, which writes)."""
-        return Unit.open(self.catalog.get(unit.pool), unit.ref)
+        opening may finish an interrupted resize, which writes). Refused while a daemon
+        elsewhere holds the unit's lease (a device pool several hosts see)."""
+        pool = self.catalog.get(unit.pool)
+        check_not_leased(self.state.root, pool, unit.ref, unit.header.unit_uuid, unit.header.name)
+        return Unit.open(pool, unit.ref)
+
+    def check_leases(self, vm: FoundVm) -> None:
+        """LeaseHeldError if a daemon elsewhere serves ``vm`` (a live lease on one of
+        its device-pool units): for commands that write a VM's units without
+        :meth:`_open` (offline move, unlink)."""
+        for unit in vm.lun_map().values():
+            pool = self.catalog.get(unit.pool)
+            check_not_leased(self.state.root, pool, unit.ref, unit.header.unit_uuid, vm.name)
 
     def served(self, vm: FoundVm) -> bool:
         return any(locks.is_served(self.state.root, u.header.unit_uuid) for u in vm.units)
@@ -259,6 +276,8 @@ class VmManager:
                     except InUseError:
                         if not force:
                             raise
+                    pool = self.catalog.get(unit.pool)  # --force never overrides a lease
+                    check_not_leased(self.state.root, pool, unit.ref, unit.header.unit_uuid, name)
                 for unit in vm.all_units:  # base first: the rest is unreachable after it
                     self.catalog.get(unit.pool).delete(unit.ref)
             from .replicate import forget_acks

@@ -291,6 +291,7 @@ def move(manager: VmManager, name: str, pool: str, progress: Progress | None = N
                 f"VM {name!r} is being served: the daemon serving it moves it live "
                 "(run 'vm move' with the same --state-dir while it runs)"
             )
+        manager.check_leases(vm)  # nor by a daemon on another host (a shared device pool)
         units = [u for u in vm.all_units if u.pool != pool]
         plan = _copy_units(manager, units, dest, progress)
         _commit(manager, name, dest, plan)

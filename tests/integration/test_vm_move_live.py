@@ -272,6 +272,12 @@ def test_live_move_keeps_every_write(
         watcher.logout()
         watcher.close()
         writer.holds(_read_all(target.port, set(writer.acked)))
+        if dest == "device":  # its units now sit where other hosts may see them: leased
+            status = json.loads(ivt(state, "status", "--json").stdout)
+            with VmManager(StateDir.at(str(state))) as manager:
+                units = {str(u.header.unit_uuid) for u in manager.find(VM).lun_map().values()}
+            held = {x["unit"] for x in status["leases"] if x["state"] == "held"}
+            assert units <= held, (units, status["leases"])
     finally:
         target.stop()
     pools, names = _placement(state)
