@@ -26,7 +26,7 @@ from iscsi_vmtarget.vm.device import DevicePool
 from iscsi_vmtarget.vm.lease import LeaseRecord, decode_record
 from iscsi_vmtarget.vm.lease_device import DirectBlockIO, lease_offset
 from iscsi_vmtarget.vm.pool import UnitRef
-from tests.conftest import INITIATOR, RunningTarget, start_target
+from tests.conftest import INITIATOR, RunningTarget, grant_vms, start_target
 from tests.integration.test_snapshot_export_live import _send_targets
 from tests.integration.test_snapshot_serve import _read, ivt
 
@@ -135,6 +135,8 @@ def _shared_pool(tmp_path: Path) -> tuple[Path, Path, Path, uuid.UUID]:
     with VmManager(StateDir.at(str(b_state))) as manager:
         manager.catalog.create_device("shared", str(device))  # adopts the table
     shutil.copy(a_state / "master.key", b_state / "master.key")  # the hosts share keys
+    for state in (a_state, b_state):  # granted on both hosts: only the lease keeps B off
+        grant_vms(state, INITIATOR)
     return device, a_state, b_state, unit_uuid
 
 
