@@ -2,7 +2,8 @@
 
 VM ``a`` (two disks) is granted to GOOD (LUN 0 only), VM ``b`` to OTHER, VM ``c`` to
 nobody; ``vm receive`` waits for REPLICATOR. After each kind of derived export comes
-to exist - a snapshot exported, a clone, a moved VM, a reverted VM, a restart - every
+to exist - a snapshot exported, a clone (of a snapshot, and live), a moved VM, a
+reverted VM, a promoted replica, a restart - every
 target the daemon exports is attacked by a stranger and by the initiator granted only
 on the other VM: SendTargets lists none of them, every login is refused 02/02, so no
 LUN is read. The granted initiator's own session answers only its mapped LUN numbers: LUN 0..255 in
@@ -47,7 +48,7 @@ def owner(target: str) -> str | None:
     suffix = target.rpartition(":")[2]
     if suffix.startswith(("vm.a.", "vm.a2")) or suffix == "vm.a":
         return GOOD
-    if suffix.startswith("vm.b.") or suffix == "vm.b":
+    if suffix.startswith(("vm.b.", "vm.b2")) or suffix in ("vm.b", "vm.r"):
         return OTHER
     if suffix == "replica.r":
         return REPLICATOR
@@ -92,7 +93,8 @@ class Attack:
                 else:
                     raise AssertionError(f"{who} logged into {name}")
             if name not in self.swept and owner(name) != REPLICATOR:
-                self.sweep(name, {0} if owner(name) == GOOD else {0, 1})
+                one_disk = owner(name) == GOOD or name.endswith(":vm.r")
+                self.sweep(name, {0} if one_disk else {0, 1})
                 self.swept.add(name)
 
     def sweep(self, name: str, mapped: set[int]) -> None:
@@ -117,13 +119,16 @@ def test_no_export_of_a_vm_reaches_an_initiator_it_is_not_granted_to(tmp_path: P
         manager.create("a", disk=2 * MIB, memory=MIB, secondaries=(2 * MIB,))
         manager.create("b", disk=2 * MIB, memory=MIB, secondaries=(2 * MIB,))
         manager.create("c", disk=2 * MIB, memory=MIB)  # granted to nobody: seen by nobody
+    source = tmp_path / "source"  # another site, replicating its VM r here
+    with VmManager(StateDir.at(str(source))) as manager:
+        manager.create("r", disk=2 * MIB, memory=MIB)
     ivt(state, "acl", "add", "--vm", "a", GOOD, "--luns", "0")  # offline: saved
     ivt(state, "acl", "add", f"{DEFAULT_BASE_IQN}:vm.b", OTHER)  # a VM target: b's grant
     config = f'state_dir = "{state}"\nexport_vms = true\n'  # no demo target: VMs only
     target = start_with_config(tmp_path / "serve", config, "--state-dir", str(state))
     attack = Attack(target)
     try:
-        ivt(state, "vm", "receive", "r", "--size", "4M", "--initiator", REPLICATOR)
+        ivt(state, "vm", "receive", "r", "--size", "47M", "--initiator", REPLICATOR)
         attack.round("vm.a", "vm.b", "replica.r")
 
         for vm in ("a", "b"):  # snapshot exports (through the daemon)
@@ -136,14 +141,29 @@ def test_no_export_of_a_vm_reaches_an_initiator_it_is_not_granted_to(tmp_path: P
         derived = ("vm.a", "vm.a2", "vm.b", "vm.a.snap.s1", "vm.b.snap.s1", "replica.r")
         attack.round(*derived)
 
+        out = ivt(state, "vm", "clone", "b", "b2").stdout  # live: snapshot + linked clone
+        assert "grants copied from b: 1 initiator" in out and "served by the running" in out
+        derived = (*derived, "vm.b2")
+        attack.round(*derived)
+
         ivt(state, "vm", "move", "b", "--pool", "p2")  # live, through the daemon
         ivt(state, "vm", "revert", "a", "s1")
         attack.round(*derived)
+
+        replica = f"iscsi://127.0.0.1:{target.port}/{DEFAULT_BASE_IQN}:replica.r/0"
+        ivt(source, "vm", "replicate", "r", "--to", replica, "--initiator-name", REPLICATOR)
+        key = str(source / "master.key")
+        out = ivt(state, "vm", "promote", "r", "--source-key", key, "--grant", OTHER).stdout
+        assert f"VM r granted to {OTHER}" in out
+        derived = (*(d for d in derived if d != "replica.r"), "vm.r")
+        attack.round(*derived)  # the promoted replica: its --grant only
         listed = json.loads(ivt(state, "acl", "list", "--json").stdout)
         assert {v["vm"]: [g["initiator"] for g in v["grants"]] for v in listed["vms"]} == {
             "a": [GOOD],
             "a2": [GOOD],
             "b": [OTHER],
+            "b2": [OTHER],
+            "r": [OTHER],
         }
     finally:
         target.stop()
