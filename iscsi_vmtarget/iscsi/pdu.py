@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
 
+from ..errors import IscsiVmtargetError
+
 BHS_LEN = 48
 RESERVED_TAG = 0xFFFFFFFF
 
@@ -88,7 +90,7 @@ class TmfResponse(IntEnum):
     REJECTED = 255
 
 
-class PduFormatError(ValueError):
+class PduFormatError(IscsiVmtargetError, ValueError):
     """A PDU that cannot be decoded; ``reason`` is what a Reject should say."""
 
     def __init__(self, message: str, reason: RejectReason = RejectReason.PROTOCOL_ERROR) -> None:

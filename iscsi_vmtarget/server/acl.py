@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from ..errors import IscsiVmtargetError
 from ..iscsi.directory import AccessRule, ChapSecret
 from ..iscsi.names import IscsiNameError, normalize_name
 from ..scsi import LogicalUnit
@@ -44,7 +45,7 @@ VIEWS = ("guest", "raw")
 _NAME_PREFIXES = ("iqn.", "eui.", "naa.")
 
 
-class AclError(ValueError):
+class AclError(IscsiVmtargetError, ValueError):
     """An ACL, LUN map or secret the configuration must refuse; says what and why."""
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
 from ..vm.errors import VmError
@@ -67,11 +68,11 @@ MAX_REQUEST = 1 << 20
 PROGRESS_ARG = "progress_callback"
 
 
-class AdminError(Exception):
+class AdminError(IscsiVmtargetError):
     """An operation refused; the message is for the operator."""
 
 
-class DaemonNotRunning(Exception):
+class DaemonNotRunning(IscsiVmtargetError):
     """No daemon answers on the admin socket."""
 
 

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.params import TargetPreferences
 from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
@@ -33,7 +34,7 @@ DEMO_SIZE = 1 << 30
 _ID_NAMESPACE = uuid.UUID("5b0e1c52-8f6e-4d0a-9d3e-2f1f3c6a7b10")
 
 
-class ConfigError(Exception):
+class ConfigError(IscsiVmtargetError):
     """A configuration problem, phrased for the operator."""
 
 
