@@ -1,5 +1,5 @@
 """``iscsi-vmtarget vm replicate|receive|promote``: continuous data protection to another
-target (seed: periodic checkpoints "coincident with the replica updates"; resume "based
+target (US 9,354,927: periodic checkpoints "coincident with the replica updates"; resume "based
 on the last coherent replica").
 
 * on the destination, ``vm receive NAME --size SIZE`` makes an empty replica file

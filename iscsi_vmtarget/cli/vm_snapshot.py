@@ -1,4 +1,4 @@
-"""``iscsi-vmtarget vm snapshot|revert|clone``: snapshots of a VM (seed: snapshot,
+"""``iscsi-vmtarget vm snapshot|revert|clone``: snapshots of a VM (US 9,354,927: snapshot,
 revert, delete-merge, clone), through the running daemon where it exports the VM (the
 daemon quiesces the VM's LUNs), offline otherwise.
 

@@ -291,7 +291,7 @@ def check_unique_designators(luns: Mapping[int, LogicalUnit], who: str) -> None:
     Linux dm-multipath merges two LUNs with the same identity into one device and
     EXTENDED COPY finds LUNs by designator, so one initiator must never be shown two
     LUNs with one designator - e.g. a guest view of a reverted snapshot (which keeps
-    the original volume's designator, seed) beside the original. AclError says which.
+    the original volume's designator, US 9,354,927) beside the original. AclError says which.
     """
     seen: dict[bytes, int] = {}
     for number in sorted(luns):

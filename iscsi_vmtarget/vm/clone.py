@@ -1,4 +1,4 @@
-"""VM clones (seed: "a clone ... a snapshot that is unlinked from its parent").
+"""VM clones (US 9,354,927: "a clone ... a snapshot that is unlinked from its parent").
 
 ``clone`` makes a new VM from the live disks of another, or from one of its snapshots:
 new units, hence new identities (UUIDs, NAA designators, serials) for every volume,

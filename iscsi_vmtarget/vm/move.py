@@ -1,5 +1,5 @@
 """``vm move NAME --pool P2``: move every unit of a VM (disks, snapshot layers and
-records) to another pool (seed: "moving a virtual machine ... to a different storage
+records) to another pool (US 9,354,927: "moving a virtual machine ... to a different storage
 pool" done by the storage layer), offline or while its LUNs keep serving.
 
 Crash safety, with an intent file ``<state-dir>/conf/moves/<vm>.json``:

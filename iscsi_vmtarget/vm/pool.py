@@ -1,4 +1,4 @@
-"""Pools: where units are allocated (seed: "storage pools are then subdivided into
+"""Pools: where units are allocated (US 9,354,927: "storage pools are then subdivided into
 storage units"), behind one small interface.
 
 * :class:`DirectoryPool` (the default): one sparse file per unit, ``<uuid>.unit``.
