@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    state_dir = getattr(args, "state_dir", None)
+    if state_dir and os.path.exists(state_dir) and not os.path.isdir(state_dir):
+        return fail(f"{state_dir}: not a directory (--state-dir)")
     try:
         return int(args.func(args))
     except IscsiVmtargetError as exc:

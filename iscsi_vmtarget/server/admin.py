@@ -966,6 +966,8 @@ class Manager:
             for t in self._query("target.list", {})["targets"]
             if wanted is None or t["name"].lower() == str(wanted).lower()
         ]
+        if wanted is not None and not targets:
+            raise AdminError(f"no target named {wanted}")
         return {
             "acls": [
                 {"target": t["name"], "vm_uuid": t["vm_uuid"], **acl}

@@ -114,7 +114,12 @@ def parse_portal(text: str, tpgt: int = 1) -> Portal:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"portal {text!r} is not HOST:PORT")
-    host = host.strip("[]")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 address, bracketed as in RFC 3986 §3.2.2
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"portal {text!r} is not HOST:PORT (an IPv6 host goes in brackets)")
+    if not host:
+        raise ValueError(f"portal {text!r} has no host")
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"portal {text!r} has a bad port")
     return Portal(host, int(port), tpgt)

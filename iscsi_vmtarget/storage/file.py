@@ -253,7 +253,10 @@ def create_sparse_file(path: str, size: int) -> None:
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OverflowError:  # past off_t (2**63): no file system holds that either
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), path) from None
     except BaseException:
         os.unlink(path)
         raise

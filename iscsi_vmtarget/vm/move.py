@@ -293,6 +293,8 @@ def move(manager: VmManager, name: str, pool: str, progress: Progress | None = N
             )
         manager.check_leases(vm)  # nor by a daemon on another host (a shared device pool)
         units = [u for u in vm.all_units if u.pool != pool]
+        if not units:
+            return 0  # already there: no intent to write (and none left behind)
         plan = _copy_units(manager, units, dest, progress)
         _commit(manager, name, dest, plan)
         _publish(dest, plan)
