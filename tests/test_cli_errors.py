@@ -167,6 +167,8 @@ class Leaf:
                 if action.nargs == "?":
                     continue
                 words = self.value(action, tmp)
+                if action.dest == "names" and bad is not None and bad.dest == "vm":
+                    words = [INITIATOR]  # --vm NAME INITIATOR: the VM's target is implied
             else:
                 continue
             argv += [action.option_strings[0], *words] if action.option_strings else words
@@ -242,6 +244,9 @@ def test_bad_arguments_fail_in_one_line(
         raise AssertionError("serve accepted bad arguments and started serving")
 
     monkeypatch.setattr(serve_cli, "_run_loop", would_serve)
+    # the state-directory lock is held until the process exits: in-process, a serve
+    # case that got that far would lock every later case out of the state directory
+    monkeypatch.setattr(serve_cli, "hold_state_dir", lambda path: None)
     value = value.replace("TMP", str(tmp))
     before = files_under(tmp)
     argv = leaf.argv(tmp, state, bad, value)
