@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import io
 import json
+import sys
 from typing import Any
 
 from ..server.acl import AclError, parse_lun_list
@@ -132,7 +133,7 @@ def _whom(args: argparse.Namespace) -> dict[str, Any] | None:
     want = 1 if args.vm else 2
     if len(args.names) != want:
         usage = "--vm NAME INITIATOR" if args.vm else "TARGET INITIATOR (or --vm NAME INITIATOR)"
-        print(f"iscsi-vmtarget: acl {args.acl_command}: give {usage}")
+        print(f"iscsi-vmtarget: acl {args.acl_command}: give {usage}", file=sys.stderr)
         return None
     args.initiator = args.names[-1]
     if args.vm:

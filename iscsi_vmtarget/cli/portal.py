@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..server.config import parse_portal
-from .target import add_common, done, invoke
+from .target import add_common, done, invoke, tpgt
 
 
 def _portal(text: str) -> str:
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     verbs = portal.add_subparsers(dest="portal_command", metavar="VERB", required=True)
     p = verbs.add_parser("add", help="add a portal", description="Listen on HOST:PORT.")
     p.add_argument("listen", type=_portal, metavar="HOST:PORT")
-    p.add_argument("--tpgt", type=int, default=1, help="portal group tag (default 1)")
+    p.add_argument("--tpgt", type=tpgt, default=1, help="portal group tag (default 1)")
     add_common(p)
     p.set_defaults(
         func=lambda a: done(invoke(a, "portal.add", {"listen": a.listen, "tpgt": a.tpgt}))

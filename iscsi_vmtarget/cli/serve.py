@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -53,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument(
         "--nop-interval",
-        type=float,
+        type=_nop_seconds,
         metavar="SECONDS",
         help="send a NOP-In ping after this much idle time (0 = never; default 30)",
     )
@@ -75,11 +76,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
-def _lease_seconds(text: str) -> float:
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+def _nop_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"NOP-In interval {text} is negative (0 = never)")
+    return value
+
+
+def _lease_seconds(text: str) -> float:
+    value = _seconds(text)
     if not 0.5 <= value <= 3600:
         raise argparse.ArgumentTypeError(f"lease seconds {text} out of range (0.5 to 3600)")
     return value

@@ -13,10 +13,31 @@ import json
 import sys
 from typing import Any
 
+from ..scsi.lun_address import MAX_FLAT_LUN
 from ..server.admin import CHAP_KEYS, AdminError, call
 from ..server.config import ServeConfig
 
 Args = dict[str, Any]
+
+
+def _bounded(text: str, what: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not a number") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{what} {text} is out of range ({low} to {high})")
+    return value
+
+
+def lun_number(text: str) -> int:
+    """A LUN we can address: peripheral or flat space (SAM-5 §4.7)."""
+    return _bounded(text, "LUN", 0, MAX_FLAT_LUN)
+
+
+def tpgt(text: str) -> int:
+    """A target portal group tag: 16 bits (RFC 7143 §13.9)."""
+    return _bounded(text, "portal group tag", 0, 0xFFFF)
 
 
 def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
@@ -78,7 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = verbs.add_parser("create", help="create a target", description="Create a target.")
     p.add_argument("name", help="target IQN")
     p.add_argument("--alias", help="TargetAlias (RFC 7143 §13.6)")
-    p.add_argument("--tpgt", type=int, default=1, help="portal group tag (default 1)")
+    p.add_argument("--tpgt", type=tpgt, default=1, help="portal group tag (default 1)")
     p.add_argument(
         "--allow-all",
         action="store_true",

@@ -1,5 +1,5 @@
 """``iscsi-vmtarget vm replicate|receive|promote``: continuous data protection to another
-target (seed: periodic checkpoints "coincident with the replica updates"; resume "based
+target (US 9,354,927: periodic checkpoints "coincident with the replica updates"; resume "based
 on the last coherent replica").
 
 * on the destination, ``vm receive NAME --size SIZE`` makes an empty replica file
@@ -45,7 +45,7 @@ from ..vm.manager import check_vm_name
 from ..vm.promote import promote
 from ..vm.replicate import RoundReport, replicate
 from .progress import add_progress_flag, progress_bar
-from .target import add_chap, chap_args
+from .target import add_chap, chap_args, lun_number
 from .vm import add_common, print_json, run_managed, serve_now, size_arg
 from .vm_grants import add_grant_flag, set_grants
 
@@ -72,7 +72,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--continuous", action="store_true", help="a round every --interval seconds")
     p.add_argument("--interval", type=float, metavar="SECONDS", help="default 60 (--continuous)")
     p.add_argument("--disk-only", action="store_true", help="mirror one disk to a plain LUN")
-    p.add_argument("--lun", type=int, default=0, help="--disk-only: which disk (default 0)")
+    p.add_argument("--lun", type=lun_number, default=0, help="--disk-only: which disk (default 0)")
     p.add_argument("--initiator-name", default=REPLICATOR, metavar="IQN")
     p.add_argument("--chap-user", metavar="U", help="CHAP name to prove to the destination")
     p.add_argument("--chap-secret", metavar="S", help="its CHAP secret")
@@ -266,9 +266,19 @@ def _receive(args: argparse.Namespace) -> int:
     if os.path.exists(path):
         print(f"iscsi-vmtarget: already receiving VM {args.name} ({path})", file=sys.stderr)
         return 1
+    if args.size <= 0:
+        print("iscsi-vmtarget: --size must be more than 0", file=sys.stderr)
+        return 1
     iqn = replica_target(args.name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    create_sparse_file(path, args.size)
+    directory = os.path.dirname(path)
+    made = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        create_sparse_file(path, args.size)
+    except OSError:
+        if made:
+            os.rmdir(directory)  # a failed receive leaves nothing behind
+        raise
     try:  # the target is born with its one ACL: only the replicating initiator, ever
         acl = acl_from_args({"initiator": args.initiator, **chap_args(args)}, f"target {iqn}")
     except AclError as exc:

@@ -1,4 +1,4 @@
-"""``iscsi-vmtarget vm snapshot|revert|clone``: snapshots of a VM (seed: snapshot,
+"""``iscsi-vmtarget vm snapshot|revert|clone``: snapshots of a VM (US 9,354,927: snapshot,
 revert, delete-merge, clone), through the running daemon where it exports the VM (the
 daemon quiesces the VM's LUNs), offline otherwise.
 
@@ -31,6 +31,7 @@ from ..server.admin import AdminError, call_for_vm
 from ..vm import StateDir, VmError, VmManager
 from ..vm import snapshot as snaps
 from .progress import add_progress_flag, progress_bar
+from .target import lun_number
 from .vm import add_common, print_json, run_managed, serve_now
 from .vm_grants import add_no_grants_flag, copy_grants
 
@@ -49,7 +50,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--description", default="")
     p.add_argument("--full", action="store_true", help="hold every grain, not a difference")
     add_progress_flag(p)
-    p.add_argument("--lun", type=int, default=0, help="export: which LUN (default 0)")
+    p.add_argument("--lun", type=lun_number, default=0, help="export: which LUN (default 0)")
     p.add_argument("--output", metavar="FILE", help="export: write the image to FILE")
     p.add_argument("--stop", action="store_true", help="export: stop exporting it")
     add_common(p)

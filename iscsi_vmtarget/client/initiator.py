@@ -12,6 +12,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from ..errors import IscsiVmtargetError
 from ..iscsi import pdu as P
 from ..iscsi.framing import PduReader, encode_pdu
 from ..scsi.lun_address import encode_lun
@@ -20,7 +21,7 @@ from ..scsi.sense import parse_sense
 DEFAULT_INITIATOR = "iqn.2026-11.org.iscsi-vmtarget:initiator"
 
 
-class InitiatorError(Exception):
+class InitiatorError(IscsiVmtargetError):
     pass
 
 

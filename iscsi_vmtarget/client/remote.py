@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import IscsiVmtargetError
 from ..iscsi.names import IscsiNameError, normalize_name
 from .initiator import (
     ILLEGAL_REQUEST,
@@ -43,7 +44,7 @@ _LOGIN_REFUSED = {
 }
 
 
-class UrlError(ValueError):
+class UrlError(IscsiVmtargetError, ValueError):
     """A destination URL that is not ``iscsi://HOST[:PORT]/IQN[/LUN]``."""
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from ..errors import IscsiVmtargetError
 from .directory import ChapSecret
 from .text import TextFormatError, encode_hex, parse_binary, parse_list, parse_number
 
@@ -36,7 +37,7 @@ MAX_BINARY_LEN = 1024  # §12.1.3: C and R "MUST NOT exceed 1024 bytes"
 MIN_CHALLENGE_LEN = 16  # our floor for challenges we accept (RFC 1994 §2.3: unpredictable)
 
 
-class ChapError(Exception):
+class ChapError(IscsiVmtargetError):
     """CHAP failed: the login answers status 02/01, authentication failure (§11.13.5)."""
 
 

@@ -16,9 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from ..scsi.sense import Reason, build_sense
 from . import pdu as P
 from .events import ConnectionClosing, Event, ExecuteCommand, LoginComplete, ResetRequested
 from .framing import FramingError, PduReader, encode_pdu
@@ -26,27 +25,43 @@ from .serial import in_window, sn_add, sn_lt
 from .task import Burst, DataOutError, DataSequenceError, Task
 
 if TYPE_CHECKING:
-    from ..scsi.task import ScsiResponse
     from .login import LoginMachine, LoginResult
 
-# SAM LUN decoding lives with the SCSI layer (SAM-5 §4.7); injected to keep us pure.
+# What the connection needs of the SCSI layer is injected by the server (which knows
+# both sides), so that iscsi/ never imports scsi/:
+# SAM LUN decoding (SAM-5 §4.7) ...
 LunDecoder = Callable[[bytes], int]
 
-# Task Management function codes (RFC 7143 §11.5.1) and responses (§11.6.1).
-TMF_ABORT_TASK = 1
-TMF_ABORT_TASK_SET = 2
-TMF_CLEAR_ACA = 3
-TMF_CLEAR_TASK_SET = 4
-TMF_LUN_RESET = 5
-TMF_TARGET_WARM_RESET = 6
-TMF_TARGET_COLD_RESET = 7
-TMF_TASK_REASSIGN = 8
-TMF_RSP_COMPLETE = 0
-TMF_RSP_NO_TASK = 1
-TMF_RSP_NO_LUN = 2
-TMF_RSP_REASSIGN_UNSUPPORTED = 4
-TMF_RSP_NOT_SUPPORTED = 5
-TMF_RSP_REJECTED = 255
+
+class Refusal(Enum):
+    """Why the transport itself ends a command with CHECK CONDITION (§11.4)."""
+
+    TRANSFER_TOO_LONG = "transfer too long"  # EDTL beyond any CDB we accept
+    DATA_PHASE_ERROR = "data phase error"  # Data-Out out of sequence at ERL 0 (§7.1.4)
+
+
+# ... and the sense data (SPC-4 §4.5) that reports a refusal.
+SenseBuilder = Callable[[Refusal], bytes]
+
+
+class CommandResult(Protocol):
+    """What the connection reads of a command's completion (SAM-5 §5.1 Execute Command
+    output): status, Data-In, sense, and how many Data-Out bytes the CDB described."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def data_in(self) -> bytes | bytearray | memoryview: ...
+    @property
+    def sense(self) -> bytes: ...
+    @property
+    def data_out_length(self) -> int: ...
+
+
+#: The functions the connection hands to the server as :class:`ResetRequested`.
+RESETS = frozenset(
+    {P.TmfCode.LOGICAL_UNIT_RESET, P.TmfCode.TARGET_WARM_RESET, P.TmfCode.TARGET_COLD_RESET}
+)
 
 LOGOUT_CLOSE_SESSION = 0
 LOGOUT_CLOSE_CONNECTION = 1
@@ -88,12 +103,14 @@ class TargetConnection:
         self,
         login: LoginMachine,
         decode_lun: LunDecoder,
+        refusal_sense: SenseBuilder,
         settings: ConnectionSettings | None = None,
         send_targets: Callable[[str, str | None], list[tuple[str, str]]] | None = None,
     ) -> None:
         self.phase = Phase.LOGIN
         self.login = login
         self.decode_lun = decode_lun
+        self.refusal_sense = refusal_sense
         self.settings = settings or ConnectionSettings()
         self._send_targets = send_targets
         self.reader = PduReader(max_data_length=8192)
@@ -149,7 +166,7 @@ class TargetConnection:
         self._queued = 0
         return out
 
-    def command_completed(self, task: Task, response: ScsiResponse) -> None:
+    def command_completed(self, task: Task, response: CommandResult) -> None:
         """The SCSI layer finished ``task``: queue Data-In and status (§11.4, §11.7)."""
         task.dispatched = True
         self._drop_task(task)
@@ -159,7 +176,7 @@ class TargetConnection:
         self._send_status(task, response)
         self._maybe_finish_logout()
 
-    def task_management_completed(self, itt: int, response: int) -> None:
+    def task_management_completed(self, itt: int, response: P.TmfResponse) -> None:
         self._send(P.TaskMgmtResponse(itt=itt, response=response, **self._status_fields()))
 
     def abort_tasks(self, lun: int | None = None) -> None:
@@ -296,7 +313,7 @@ class TargetConnection:
         if cmd.write and edtl > self.settings.max_data_out_length:
             # More than any CDB we accept may transfer (SBC-3 §6.5.3): refuse it before
             # buffering, as the SCSI layer refuses a too long TRANSFER LENGTH.
-            self._send_early_status(cmd.itt, 0x02, Reason.INVALID_FIELD_IN_CDB)
+            self._send_early_status(cmd.itt, 0x02, Refusal.TRANSFER_TOO_LONG)
             return
         if len(self.tasks) >= self.settings.max_tasks or (
             cmd.write and edtl and edtl + self._buffered > self.settings.max_buffered_data_out
@@ -333,12 +350,12 @@ class TargetConnection:
             self._issue_r2ts(task)
         self._maybe_dispatch(task)
 
-    def _send_early_status(self, itt: int, status: int, reason: Reason | None = None) -> None:
+    def _send_early_status(self, itt: int, status: int, refusal: Refusal | None = None) -> None:
         """End a command the transport refuses itself (§11.4): the status, and for
-        CHECK CONDITION the sense data of ``reason`` (SenseLength + sense, §11.4.7)."""
+        CHECK CONDITION the sense data of ``refusal`` (SenseLength + sense, §11.4.7)."""
         data = b""
-        if reason is not None:
-            sense = build_sense(reason)
+        if refusal is not None:
+            sense = self.refusal_sense(refusal)
             data = len(sense).to_bytes(2, "big") + sense
         self._send(P.ScsiResponsePdu(itt=itt, status=status, data=data, **self._status_fields()))
 
@@ -379,7 +396,7 @@ class TargetConnection:
             # CHECK CONDITION, ABORTED COMMAND / DATA PHASE ERROR; its late Data-Out is
             # dropped. The connection stays up, so other tasks are not disturbed.
             self._abort(task)
-            self._send_early_status(task.itt, 0x02, Reason.DATA_PHASE_ERROR)
+            self._send_early_status(task.itt, 0x02, Refusal.DATA_PHASE_ERROR)
             return
         except DataOutError:
             self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
@@ -396,7 +413,7 @@ class TargetConnection:
             task.dispatched = True
             self._events.append(ExecuteCommand(task))
 
-    def _send_status(self, task: Task, rsp: ScsiResponse) -> None:
+    def _send_status(self, task: Task, rsp: CommandResult) -> None:
         """Data-In PDUs, then status: collapsed into the last Data-In when GOOD (§11.7.4)."""
         params = self.result.params  # type: ignore[union-attr]
         edtl = task.expected_length
@@ -561,38 +578,42 @@ class TargetConnection:
 
     def _task_management(self, pdu: P.TaskMgmtRequest) -> None:
         """Task management (§11.5); resets go to the server, aborts stay here."""
-        fn = pdu.function
+        try:
+            fn = P.TmfCode(pdu.function)
+        except ValueError:
+            self.task_management_completed(pdu.itt, P.TmfResponse.NOT_SUPPORTED)
+            return
         try:
             lun = self.decode_lun(pdu.lun)
         except ValueError:
             lun = -1
-        if fn == TMF_ABORT_TASK:
+        if fn is P.TmfCode.ABORT_TASK:
             task = self.tasks.get(pdu.referenced_task_tag)
             if task is not None and task.lun == lun:
                 self._abort(task)
-                rsp = TMF_RSP_COMPLETE
+                rsp = P.TmfResponse.COMPLETE
             elif in_window(pdu.refcmdsn, self.expcmdsn, self.maxcmdsn) and sn_lt(
                 pdu.refcmdsn, pdu.cmdsn
             ):
                 # §11.5.1: not received yet, within the window and before this TMF:
                 # consider it received (and done) and report Function Complete.
                 self._pending.pop(pdu.refcmdsn, None)
-                rsp = TMF_RSP_COMPLETE if task is None else TMF_RSP_NO_TASK
+                rsp = P.TmfResponse.COMPLETE if task is None else P.TmfResponse.TASK_DOES_NOT_EXIST
             else:
-                rsp = TMF_RSP_NO_TASK
+                rsp = P.TmfResponse.TASK_DOES_NOT_EXIST
             self.task_management_completed(pdu.itt, rsp)
-        elif fn in (TMF_ABORT_TASK_SET, TMF_CLEAR_TASK_SET):
+        elif fn in (P.TmfCode.ABORT_TASK_SET, P.TmfCode.CLEAR_TASK_SET):
             for task in list(self.tasks.values()):
                 if task.lun == lun and task.itt != pdu.itt:
                     self._abort(task)
-            self.task_management_completed(pdu.itt, TMF_RSP_COMPLETE)
-        elif fn in (TMF_LUN_RESET, TMF_TARGET_WARM_RESET, TMF_TARGET_COLD_RESET):
-            self.abort_tasks(lun if fn == TMF_LUN_RESET else None)
+            self.task_management_completed(pdu.itt, P.TmfResponse.COMPLETE)
+        elif fn in RESETS:
+            self.abort_tasks(lun if fn is P.TmfCode.LOGICAL_UNIT_RESET else None)
             self._events.append(ResetRequested(pdu.itt, fn, lun))
-        elif fn == TMF_TASK_REASSIGN:
-            self.task_management_completed(pdu.itt, TMF_RSP_REASSIGN_UNSUPPORTED)
-        else:  # CLEAR ACA (we never establish an ACA) and unknown functions
-            self.task_management_completed(pdu.itt, TMF_RSP_NOT_SUPPORTED)
+        elif fn is P.TmfCode.TASK_REASSIGN:  # needs ErrorRecoveryLevel 2 (§7.2.2)
+            self.task_management_completed(pdu.itt, P.TmfResponse.REASSIGN_NOT_SUPPORTED)
+        else:  # CLEAR ACA: we never establish an ACA
+            self.task_management_completed(pdu.itt, P.TmfResponse.NOT_SUPPORTED)
 
     def _abort(self, task: Task) -> None:
         task.aborted = True

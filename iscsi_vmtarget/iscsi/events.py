@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .login import LoginResult
+    from .pdu import TmfCode
     from .task import Task
 
 
@@ -35,7 +36,7 @@ class ResetRequested:
     """
 
     itt: int
-    function: int
+    function: TmfCode
     lun: int
 
 

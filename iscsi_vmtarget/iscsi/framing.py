@@ -7,6 +7,7 @@ segment, padding to 4 bytes, data digest.
 
 from __future__ import annotations
 
+from ..errors import IscsiVmtargetError
 from .digest import DIGEST_LEN, crc32c, digest_bytes, unpack_digest
 from .pdu import BHS_LEN, Payload, Pdu, RawPdu, peek_lengths
 
@@ -18,7 +19,7 @@ def pad_len(n: int) -> int:
     return -n & 3
 
 
-class FramingError(Exception):
+class FramingError(IscsiVmtargetError):
     """The stream cannot be resynchronised: the connection must be dropped."""
 
 

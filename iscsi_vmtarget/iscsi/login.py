@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 
+from ..errors import IscsiVmtargetError
 from .chap import ChapError, ChapStage, RandomBytes, TargetChap
 from .directory import ChapSecret, Portal, TargetDirectory, TargetEntry
 from .names import IscsiNameError, normalize_name
@@ -69,7 +70,7 @@ class LoginStatus(IntEnum):
     OUT_OF_RESOURCES = 0x0302
 
 
-class LoginFailure(Exception):
+class LoginFailure(IscsiVmtargetError):
     """Ends the login with a failure response carrying ``status``."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -82,7 +83,7 @@ class LoginFailure(Exception):
 # ---------------------------------------------------------------------------------------
 
 
-class SessionTableFull(RuntimeError):
+class SessionTableFull(IscsiVmtargetError, RuntimeError):
     """Every TSIH is in use (login answers 03/02, out of resources)."""
 
 

@@ -30,6 +30,8 @@ import stringprep
 import unicodedata
 from collections.abc import Callable
 
+from ..errors import IscsiVmtargetError
+
 MAX_NAME_BYTES = 223  # RFC 7143 §4.2.7.1
 _ALLOWED_ASCII = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.:")  # RFC 3722 §6.2
 _HEX = frozenset("0123456789abcdef")
@@ -53,7 +55,7 @@ _PROHIBITED: tuple[tuple[Callable[[str], bool], str], ...] = (
 )
 
 
-class IscsiNameError(ValueError):
+class IscsiNameError(IscsiVmtargetError, ValueError):
     """Not an iSCSI name; the message says why (which character, which rule)."""
 
 

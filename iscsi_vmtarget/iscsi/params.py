@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum, Flag
 
+from ..errors import IscsiVmtargetError
 from .text import (
     TextFormatError,
     encode_boolean,
@@ -190,7 +191,7 @@ IRRELEVANCE_RULES: dict[str, Callable[[Negotiator], bool]] = {
 }
 
 
-class NegotiationError(Exception):
+class NegotiationError(IscsiVmtargetError):
     """The initiator broke the negotiation rules; ``status`` is the login status to send
     (class << 8 | detail, RFC 7143 §11.13.5)."""
 

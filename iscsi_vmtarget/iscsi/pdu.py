@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
 
+from ..errors import IscsiVmtargetError
+
 BHS_LEN = 48
 RESERVED_TAG = 0xFFFFFFFF
 
@@ -62,7 +64,33 @@ class RejectReason(IntEnum):
     WAITING_FOR_LOGOUT = 0x0C
 
 
-class PduFormatError(ValueError):
+class TmfCode(IntEnum):
+    """Task Management Function codes (RFC 7143 §11.5.1), on the wire."""
+
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LOGICAL_UNIT_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    TASK_REASSIGN = 8
+
+
+class TmfResponse(IntEnum):
+    """Task Management Function Response codes (RFC 7143 §11.6.1), on the wire."""
+
+    COMPLETE = 0
+    TASK_DOES_NOT_EXIST = 1
+    LUN_DOES_NOT_EXIST = 2
+    TASK_STILL_ALLEGIANT = 3
+    REASSIGN_NOT_SUPPORTED = 4
+    NOT_SUPPORTED = 5
+    AUTHORIZATION_FAILED = 6
+    REJECTED = 255
+
+
+class PduFormatError(IscsiVmtargetError, ValueError):
     """A PDU that cannot be decoded; ``reason`` is what a Reject should say."""
 
     def __init__(self, message: str, reason: RejectReason = RejectReason.PROTOCOL_ERROR) -> None:

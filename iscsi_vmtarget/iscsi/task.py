@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import IscsiVmtargetError
 from .pdu import RESERVED_TAG
 
 
-class DataOutError(Exception):
+class DataOutError(IscsiVmtargetError):
     """A Data-Out that does not fit its task (offset, length or tag)."""
 
 

@@ -15,6 +15,8 @@ import binascii
 import re
 from collections.abc import Iterable
 
+from ..errors import IscsiVmtargetError
+
 # RFC 7143 §6.1: "A key-name ... MUST NOT exceed 63 characters".
 MAX_KEY_LEN = 63
 # RFC 7143 §6.1: "If not otherwise specified, the maximum length of a simple-value (not its
@@ -39,7 +41,7 @@ _BASE64_RE = re.compile(r"0[bB][A-Za-z0-9+/]+={0,2}")
 _MAX_NUMERIC = (1 << 64) - 1  # RFC 7143 §6.1 numerical-value: "always less than 2**64"
 
 
-class TextFormatError(ValueError):
+class TextFormatError(IscsiVmtargetError, ValueError):
     """Malformed text (RFC 7143 §6.1); the message says what and where."""
 
 

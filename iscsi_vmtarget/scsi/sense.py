@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum, auto
 from typing import Final
 
+from ..errors import IscsiVmtargetError
+
 
 class SenseKey(IntEnum):
     """Sense keys (SPC-4 §4.5.6, table 27)."""
@@ -203,7 +205,7 @@ def param_field(byte: int, bit: int | None = None) -> FieldPointer:
     return FieldPointer(byte, bit, False)
 
 
-class ScsiError(Exception):
+class ScsiError(IscsiVmtargetError):
     """A command ends with CHECK CONDITION for ``reason``.
 
     ``information`` fills the INFORMATION field (e.g. the miscompare offset for
@@ -223,7 +225,7 @@ class ScsiError(Exception):
         self.information = information
 
 
-class ReservationConflict(Exception):
+class ReservationConflict(IscsiVmtargetError):
     """A command ends with RESERVATION CONFLICT status and no sense data
     (SAM-5 §5.3.1, SPC-4 §5.13.1): an SPC-2 reservation or a persistent
     reservation held through another I_T nexus forbids it."""

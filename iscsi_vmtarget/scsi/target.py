@@ -135,24 +135,23 @@ class ScsiTarget:
     def task_management(self, nexus: Nexus, function: TmfFunction, lun: int) -> TmfResult:
         """The SCSI side of a task management function (SAM-5 §7).
 
-        Aborting tasks is the transport's work; here LOGICAL UNIT RESET and the
-        target resets reset the LUs (unit attentions, default mode pages), and
-        the other functions only check that the LUN exists.
+        Aborting tasks is the transport's work; here LOGICAL UNIT RESET and
+        TARGET RESET reset the LUs (unit attentions, default mode pages), and
+        the other functions only check that the LUN exists. A function not in
+        :data:`SUPPORTED_TMFS` is FUNCTION REJECTED (SAM-5 §7.1).
         """
-        if function is TmfFunction.TASK_REASSIGN:
-            return TmfResult.REASSIGN_NOT_SUPPORTED
         if function not in SUPPORTED_TMFS:
-            return TmfResult.NOT_SUPPORTED
-        if function in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            return TmfResult.FUNCTION_REJECTED
+        if function is TmfFunction.TARGET_RESET:
             for unit in self._luns.values():
                 unit.reset(Reason.POWER_ON_RESET)
-            return TmfResult.COMPLETE
+            return TmfResult.FUNCTION_COMPLETE
         lu = self._luns.get(lun)
         if lu is None:
-            return TmfResult.LUN_DOES_NOT_EXIST
+            return TmfResult.INCORRECT_LOGICAL_UNIT_NUMBER
         if function is TmfFunction.LOGICAL_UNIT_RESET:
             lu.reset(Reason.BUS_DEVICE_RESET)
-        return TmfResult.COMPLETE
+        return TmfResult.FUNCTION_COMPLETE
 
 
 def _check_reservations(lu: LogicalUnit, nexus: Nexus, row: OpcodeRow, cdb: bytes) -> None:

@@ -9,7 +9,7 @@ the CDB and the data; it gets back status, Data-In and sense (SAM-5 §5.1, the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 
 class Status(IntEnum):
@@ -25,30 +25,30 @@ class Status(IntEnum):
     TASK_ABORTED = 0x40
 
 
-class TmfFunction(IntEnum):
-    """Task management functions (SAM-5 §7; numbering as RFC 7143 §11.5.1)."""
+class TmfFunction(Enum):
+    """Task management functions (SAM-5 §7), as the SCSI layer knows them.
 
-    ABORT_TASK = 1
-    ABORT_TASK_SET = 2
-    CLEAR_ACA = 3
-    CLEAR_TASK_SET = 4
-    LOGICAL_UNIT_RESET = 5
-    TARGET_WARM_RESET = 6
-    TARGET_COLD_RESET = 7
-    TASK_REASSIGN = 8
+    No numbers: SAM-5 defines procedure calls, each transport encodes them its own
+    way (the server maps iSCSI's RFC 7143 §11.5.1 codes onto these).
+    """
+
+    ABORT_TASK = "ABORT TASK"  # SAM-5 §7.2
+    ABORT_TASK_SET = "ABORT TASK SET"  # SAM-5 §7.3
+    CLEAR_ACA = "CLEAR ACA"  # SAM-5 §7.4
+    CLEAR_TASK_SET = "CLEAR TASK SET"  # SAM-5 §7.5
+    LOGICAL_UNIT_RESET = "LOGICAL UNIT RESET"  # SAM-5 §7.7
+    # SAM-3 §6.6; obsolete since SAM-4, but SPC-4's REPORT SUPPORTED TASK MANAGEMENT
+    # FUNCTIONS still has its TRS bit, and iSCSI's TARGET WARM/COLD RESET ask for it.
+    TARGET_RESET = "TARGET RESET"
 
 
-class TmfResult(IntEnum):
-    """Task management responses (RFC 7143 §11.6.1)."""
+class TmfResult(Enum):
+    """Task management service responses (SAM-5 §7.1)."""
 
-    COMPLETE = 0
-    TASK_DOES_NOT_EXIST = 1
-    LUN_DOES_NOT_EXIST = 2
-    TASK_STILL_ALLEGIANT = 3
-    REASSIGN_NOT_SUPPORTED = 4
-    NOT_SUPPORTED = 5
-    AUTHORIZATION_FAILED = 6
-    REJECTED = 255
+    FUNCTION_COMPLETE = "FUNCTION COMPLETE"
+    # The task manager does not implement the requested function.
+    FUNCTION_REJECTED = "FUNCTION REJECTED"
+    INCORRECT_LOGICAL_UNIT_NUMBER = "INCORRECT LOGICAL UNIT NUMBER"
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,5 @@ SUPPORTED_TMFS: dict[TmfFunction, tuple[int, int]] = {
     TmfFunction.ABORT_TASK_SET: (0, 6),  # ATSS
     TmfFunction.CLEAR_TASK_SET: (0, 4),  # CTSS
     TmfFunction.LOGICAL_UNIT_RESET: (0, 3),  # LURS
-    TmfFunction.TARGET_WARM_RESET: (0, 1),  # TRS (SAM-5 TARGET RESET)
-    TmfFunction.TARGET_COLD_RESET: (0, 1),  # TRS as well: a cold reset is a target reset
+    TmfFunction.TARGET_RESET: (0, 1),  # TRS
 }

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+from ..errors import IscsiVmtargetError
 from ..iscsi.directory import AccessRule, ChapSecret
 from ..iscsi.names import IscsiNameError, normalize_name
 from ..scsi import LogicalUnit
@@ -44,7 +45,7 @@ VIEWS = ("guest", "raw")
 _NAME_PREFIXES = ("iqn.", "eui.", "naa.")
 
 
-class AclError(ValueError):
+class AclError(IscsiVmtargetError, ValueError):
     """An ACL, LUN map or secret the configuration must refuse; says what and why."""
 
 
@@ -290,7 +291,7 @@ def check_unique_designators(luns: Mapping[int, LogicalUnit], who: str) -> None:
     Linux dm-multipath merges two LUNs with the same identity into one device and
     EXTENDED COPY finds LUNs by designator, so one initiator must never be shown two
     LUNs with one designator - e.g. a guest view of a reverted snapshot (which keeps
-    the original volume's designator, seed) beside the original. AclError says which.
+    the original volume's designator, US 9,354,927) beside the original. AclError says which.
     """
     seen: dict[bytes, int] = {}
     for number in sorted(luns):

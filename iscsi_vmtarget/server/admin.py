@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
 from ..vm.errors import VmError
@@ -67,11 +68,11 @@ MAX_REQUEST = 1 << 20
 PROGRESS_ARG = "progress_callback"
 
 
-class AdminError(Exception):
+class AdminError(IscsiVmtargetError):
     """An operation refused; the message is for the operator."""
 
 
-class DaemonNotRunning(Exception):
+class DaemonNotRunning(IscsiVmtargetError):
     """No daemon answers on the admin socket."""
 
 
@@ -965,6 +966,8 @@ class Manager:
             for t in self._query("target.list", {})["targets"]
             if wanted is None or t["name"].lower() == str(wanted).lower()
         ]
+        if wanted is not None and not targets:
+            raise AdminError(f"no target named {wanted}")
         return {
             "acls": [
                 {"target": t["name"], "vm_uuid": t["vm_uuid"], **acl}

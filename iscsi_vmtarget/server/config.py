@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.params import TargetPreferences
 from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
@@ -33,7 +34,7 @@ DEMO_SIZE = 1 << 30
 _ID_NAMESPACE = uuid.UUID("5b0e1c52-8f6e-4d0a-9d3e-2f1f3c6a7b10")
 
 
-class ConfigError(Exception):
+class ConfigError(IscsiVmtargetError):
     """A configuration problem, phrased for the operator."""
 
 
@@ -113,7 +114,12 @@ def parse_portal(text: str, tpgt: int = 1) -> Portal:
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"portal {text!r} is not HOST:PORT")
-    host = host.strip("[]")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 address, bracketed as in RFC 3986 §3.2.2
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"portal {text!r} is not HOST:PORT (an IPv6 host goes in brackets)")
+    if not host:
+        raise ValueError(f"portal {text!r} has no host")
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"portal {text!r} has a bad port")
     return Portal(host, int(port), tpgt)

@@ -52,6 +52,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal
 from ..sizes import parse_size
 from .acl import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
@@ -61,7 +62,7 @@ CONF_DIR = "conf"
 CONF_FILE = "config.json"
 
 
-class PersistError(Exception):
+class PersistError(IscsiVmtargetError):
     """A configuration document that cannot be read or is invalid; says where."""
 
 

@@ -16,19 +16,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..iscsi import discovery
-from ..iscsi.connection import (
-    TMF_RSP_COMPLETE,
-    TMF_RSP_NO_LUN,
-    TMF_TARGET_COLD_RESET,
-    ConnectionSettings,
-    TargetConnection,
-)
+from ..iscsi.connection import ConnectionSettings, TargetConnection
 from ..iscsi.directory import Portal
 from ..iscsi.events import ConnectionClosing, ExecuteCommand, LoginComplete, ResetRequested
 from ..iscsi.login import LoginMachine, TargetPreferences
+from ..iscsi.pdu import TmfCode, TmfResponse
 from ..iscsi.task import Task
-from ..scsi import ScsiTarget, TmfFunction, TmfResult, decode_lun
+from ..scsi import ScsiTarget
 from ..scsi.task import Nexus, ScsiResponse, Status
+from . import fabric
 from .metrics import Metrics, SessionInfo
 from .registry import Registry
 
@@ -53,7 +49,8 @@ class ConnectionHandler(asyncio.Protocol):
                 prefs=server.prefs,
                 throttle=server.registry.throttle,
             ),
-            decode_lun=decode_lun,
+            decode_lun=fabric.decode_lun,
+            refusal_sense=fabric.refusal_sense,
             settings=ConnectionSettings(cmd_window=server.prefs.cmdsn_window),
             send_targets=self._send_targets,
         )
@@ -235,17 +232,16 @@ class ConnectionHandler(asyncio.Protocol):
     def _reset(self, event: ResetRequested) -> None:
         scsi, nexus = self.scsi, self.nexus
         if scsi is None or nexus is None:
-            self.conn.task_management_completed(event.itt, TMF_RSP_NO_LUN)
+            self.conn.task_management_completed(event.itt, TmfResponse.LUN_DOES_NOT_EXIST)
             return
-        fn = TmfFunction(event.function)
-        result = scsi.task_management(nexus, fn, event.lun)
-        if result == TmfResult.COMPLETE:
-            lun = event.lun if fn == TmfFunction.LOGICAL_UNIT_RESET else None
+        response = fabric.task_management(scsi, nexus, event.function, event.lun)
+        if response is TmfResponse.COMPLETE:
+            lun = event.lun if event.function is TmfCode.LOGICAL_UNIT_RESET else None
             for other in self.server.registry.connections_of(self.target_name):
                 if other is not self:
                     other.conn.abort_tasks(lun)
-        self.conn.task_management_completed(event.itt, int(result))
-        if event.function == TMF_TARGET_COLD_RESET and result == TMF_RSP_COMPLETE:
+        self.conn.task_management_completed(event.itt, response)
+        if event.function is TmfCode.TARGET_COLD_RESET and response is TmfResponse.COMPLETE:
             # A cold reset ends every session of the target (RFC 7143 §11.5.1).
             self._flush()
             for other in self.server.registry.connections_of(self.target_name):

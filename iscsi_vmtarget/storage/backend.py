@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from ..errors import IscsiVmtargetError
 
-class BackendError(Exception):
+
+class BackendError(IscsiVmtargetError):
     """An I/O error from a backend (maps to MEDIUM ERROR or similar above)."""
 
 

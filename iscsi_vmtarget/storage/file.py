@@ -246,9 +246,19 @@ class FileBackend:
 
 
 def create_sparse_file(path: str, size: int) -> None:
-    """Create a new sparse file of ``size`` bytes; refuses to touch an existing file."""
+    """Create a new sparse file of ``size`` bytes; refuses to touch an existing file.
+
+    A size the file system refuses (EFBIG, ENOSPC) leaves nothing behind: the empty
+    file just created is removed before the error is raised.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OverflowError:  # past off_t (2**63): no file system holds that either
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), path) from None
+    except BaseException:
+        os.unlink(path)
+        raise
     finally:
         os.close(fd)

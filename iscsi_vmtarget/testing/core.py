@@ -22,7 +22,8 @@ from ..iscsi.framing import encode_pdu
 from ..iscsi.login import LoginMachine, SessionTable
 from ..iscsi.params import TargetPreferences
 from ..iscsi.text import encode_text
-from ..scsi import LogicalUnit, Nexus, ScsiTarget, TmfFunction, UnitIdentity, decode_lun
+from ..scsi import LogicalUnit, Nexus, ScsiTarget, UnitIdentity
+from ..server import fabric
 from ..storage import MemoryBackend
 
 TARGET_NAME = "iqn.2026-11.org.iscsi-vmtarget:fuzz"
@@ -84,7 +85,11 @@ class CoreHarness:
             prefs=self.prefs,
         )
         self.conn = RecordingConnection(
-            login, decode_lun=decode_lun, settings=self.settings, send_targets=self._send_targets
+            login,
+            decode_lun=fabric.decode_lun,
+            refusal_sense=fabric.refusal_sense,
+            settings=self.settings,
+            send_targets=self._send_targets,
         )
         self.nexus: Nexus | None = None
         self.closed: str | None = None
@@ -122,10 +127,8 @@ class CoreHarness:
                 self.scsi.nexus_added(self.nexus)
             elif isinstance(event, ResetRequested):
                 assert self.nexus is not None
-                result = self.scsi.task_management(
-                    self.nexus, TmfFunction(event.function), event.lun
-                )
-                self.conn.task_management_completed(event.itt, int(result))
+                response = fabric.task_management(self.scsi, self.nexus, event.function, event.lun)
+                self.conn.task_management_completed(event.itt, response)
             elif isinstance(event, ConnectionClosing):
                 self.closed = event.reason
 

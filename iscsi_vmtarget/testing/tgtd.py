@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import IscsiVmtargetError
+
 LUN = 1
 
 
-class TgtdError(RuntimeError):
+class TgtdError(IscsiVmtargetError, RuntimeError):
     pass
 
 

@@ -1,5 +1,6 @@
-"""The VM/unit layer (the seed's core): storage units holding a VM's disk and its
-hidden non-disk data, guest views in three concealment modes, encrypted state,
+"""The VM/unit layer, the core of US 9,354,927 ("Securing virtual machine data", the
+patent this target implements): storage units holding a VM's disk and its hidden
+non-disk data, guest views in three concealment modes, encrypted state,
 pools and discovery. It sits between the SCSI device server and the block backends
 and knows nothing of iSCSI.
 

@@ -1,4 +1,4 @@
-"""VM clones (seed: "a clone ... a snapshot that is unlinked from its parent").
+"""VM clones (US 9,354,927: "a clone ... a snapshot that is unlinked from its parent").
 
 ``clone`` makes a new VM from the live disks of another, or from one of its snapshots:
 new units, hence new identities (UUIDs, NAA designators, serials) for every volume,
@@ -90,8 +90,14 @@ def clone(
     too - a full clone then copies from the snapshot and deletes it afterwards.
     Returns the name of the snapshot taken and kept (a linked clone's), else None."""
     check_vm_name(dst)
-    if discover(manager.catalog.all(), repair=False).find(dst) is not None:
+    found = discover(manager.catalog.all(), repair=False)
+    if found.find(dst) is not None:
         raise VmError(f"a VM named {dst!r} already exists")
+    # no such VM or snapshot: refused before the intent is written (nothing to undo)
+    vm = manager.find(src, found)
+    keyring = manager.keyring()  # an unusable key file, too
+    if from_snapshot is not None:
+        find_snapshot(manager, vm, keyring, from_snapshot)
     temp = f"c-{uuid.uuid4().hex[:12]}"
     snapshot_first = from_snapshot is None and (not full or live is not None)
     with _intent(manager, temp, src, dst) as intent:

@@ -1,7 +1,7 @@
 """Copy-on-write layers: grain-based deltas with an allocation map, and chains of them.
 
-The seed's snapshots are taken "at the storage layer" by the array itself (seed:
-"snapshot, clone and move operations ... performed by the storage array"); a snapshot
+The snapshots of US 9,354,927 are taken "at the storage layer" by the array itself (in its
+words: "snapshot, clone and move operations ... performed by the storage array"); a snapshot
 "may contain all of the data or only the differences relative to a predecessor". Our
 array keeps each volume (a base or secondary unit's guest disk) as a chain of layers:
 

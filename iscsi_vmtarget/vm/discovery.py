@@ -1,8 +1,8 @@
-"""Discovery: find every VM in a set of pools from the units alone (seed: "a virtual
+"""Discovery: find every VM in a set of pools from the units alone (US 9,354,927: "a virtual
 machine management system can efficiently and automatically discover virtual machines
 by examining visible network storage units").
 
-The seed's procedure, step for step: list the candidates of every pool; keep those
+The procedure of US 9,354,927, step for step: list the candidates of every pool; keep those
 whose header carries the marker and a valid checksum; take each base unit, read the
 secondary-disk designators it names and attach the units that carry them, removing
 them from the list; what remains is listed apart - secondaries no base names

@@ -6,8 +6,10 @@ the CLI prints ``iscsi-vmtarget: <message>`` and exits 1.
 
 from __future__ import annotations
 
+from ..errors import IscsiVmtargetError
 
-class VmError(Exception):
+
+class VmError(IscsiVmtargetError):
     """Base class: a problem with a pool, a unit or a VM, phrased for the operator."""
 
 

@@ -159,7 +159,7 @@ def _live_view(
     """The guest's live disk: a copy-on-write chain (:mod:`.cow`) over the unit's guest
     view - with no layers until the VM has snapshots - so a daemon can snapshot or
     revert it in place. Either way the LU keeps the unit's own identity (VPD 0x83 and
-    0x80), so a guest never notices it runs on a snapshot's descendant (seed)."""
+    0x80), so a guest never notices it runs on a snapshot's descendant (US 9,354,927)."""
     top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
     if top == volume.header.unit_uuid:
         return ChainBackend([], unit.guest_view(), on_close=on_close)

@@ -2,7 +2,7 @@
 if the chain were flattened (merged into the unit) now, or at a snapshot.
 
 A management host granted ``view = "raw"`` backs a VM up by reading the whole unit
-(seed: the raw view serves the non-disk data as the ciphertext it is). Once the VM has
+(US 9,354,927: the raw view serves the non-disk data as the ciphertext it is). Once the VM has
 snapshots the guest's writes go to delta layers (:mod:`.cow`), so the unit's own disk
 region is only the oldest image. A :class:`FlatView` composes, per request and without
 copying any region:

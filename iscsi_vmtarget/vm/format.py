@@ -1,13 +1,13 @@
 """The on-unit format: a self-describing unit header kept in two slots at the unit's tail.
 
-The seed marks a storage unit "by writing a partition type into a root partition"
+US 9,354,927 marks a storage unit "by writing a partition type into a root partition"
 and adds "a checksum ... coded into the virtual machine data", so that "a discovery
-operation would then search for both" (seed: provisioning, marking). Our header is that
+operation would then search for both" (US 9,354,927: provisioning, marking). Our header is that
 mark: a magic marker, a format version, the unit UUID, the unit's NAA designator (what
 INQUIRY VPD 0x83 reports, SPC-4 §7.8.6.6.5), the region table and a SHA-256 checksum.
 
 Where it lives. In ``truncate`` mode the guest's disk starts at byte 0 of the unit (the
-seed's truncation "obviates modification of I/O requests with offsets"), so the guest
+patent's truncation "obviates modification of I/O requests with offsets"), so the guest
 owns LBA 0 and may rewrite any partition table there. The only place that belongs to us
 in every mode is the end, so the header lives in the last MiB of the unit (the META
 region), in two 8 KiB slots A and B. Modes that keep LBA 0 for us (``offset``,
@@ -49,7 +49,7 @@ Slot layout, format version 1 (little-endian, like GPT; offsets in bytes)::
             250 6 reserved
     256     R x 48  regions: kind u8, flags u8 (bit 0 encrypted), status u8, 0 u8,
                     0 u32, offset u64, length u64, generation u64, used u64, 0 u64
-            S x 16  NAA designators of the VM's secondary-disk units (seed: "the base
+            S x 16  NAA designators of the VM's secondary-disk units (US 9,354,927: "the base
                     unit will identify a globally unique ID such as SCSI Inquiry VPD
                     page 0x83 for a secondary virtual disk")
             M x 24  pending moves of a resize: source u64, destination u64, length u64
@@ -58,7 +58,7 @@ Slot layout, format version 1 (little-endian, like GPT; offsets in bytes)::
                     volume NAA (16) + top layer unit UUID (16) (:mod:`.snapshot`)
       N 32  SHA-256 of bytes 0..N
 
-Version 2 (snapshots, seed: "snapshot metadata" kept with the VM) adds two roles, DELTA
+Version 2 (snapshots, US 9,354,927: "snapshot metadata" kept with the VM) adds two roles, DELTA
 (a copy-on-write layer of one volume) and SNAPSHOT (a snapshot record: the VM's state
 and config when the snapshot was taken, and its sealed snapshot metadata), the parent
 layer UUID and the tops list. A unit that needs none of them is still written as
@@ -106,7 +106,7 @@ assert _FIXED.size == 256 and _REGION.size == 48
 
 
 class Mode(IntEnum):
-    """Concealment mode (seed: truncation, offsets, alignment)."""
+    """Concealment mode (US 9,354,927: truncation, offsets, alignment)."""
 
     TRUNCATE = 0  # non-disk data after the disk; capacity truncated
     OFFSET = 1  # non-disk data first; guest LBAs shifted

@@ -1,7 +1,7 @@
 """A GPT naming every region of a unit, with partition types of our own.
 
-The seed marks units "by writing a partition type into a root partition" so that
-discovery and standard tools can tell VM units apart (seed: provisioning, marking).
+US 9,354,927 marks units "by writing a partition type into a root partition" so that
+discovery and standard tools can tell VM units apart (US 9,354,927: provisioning, marking).
 ``offset`` and ``aligned`` units keep LBA 0 for us, so they carry a protective MBR,
 a primary GPT at LBA 1-33 and the backup GPT in the last 33 LBAs (UEFI 2.10 §5.2.3,
 §5.3): ``partx --show``, ``sgdisk -p`` or ``blkid -p`` on a raw unit list the regions.

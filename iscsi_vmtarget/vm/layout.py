@@ -6,19 +6,19 @@ Initial layouts (every region MiB aligned; META is always the last MiB)::
     offset    | LABEL | CONFIG | SNAPMETA | STATE | DISK ....... | META |
     aligned   | LABEL | DISK (from 1 MiB) ...... | GUEST_HEAD | CONFIG | SNAPMETA | STATE | META |
 
-``truncate`` (seed: "the size ... is truncated when reported to a guest to hide the
+``truncate`` (US 9,354,927: "the size ... is truncated when reported to a guest to hide the
 region occupied by non disk data"): guest LBA n is unit LBA n, the hidden data lies
-after the disk. ``offset`` (seed: the I/O handler "subtracts an offset"): hidden data
-first, guest LBAs shifted by the DISK offset. ``aligned`` (seed: "a partition table for
+after the disk. ``offset`` (US 9,354,927: the I/O handler "subtracts an offset"): hidden data
+first, guest LBAs shifted by the DISK offset. ``aligned`` (US 9,354,927: "a partition table for
 the virtual disk is stored in a non disk data partition. When a guest requests access
 to the beginning of the storage the second partition table is fetched"): guest LBA n
 is unit LBA n from 1 MiB on; the guest's first MiB lives in GUEST_HEAD, while LBA 0 of
 the unit carries the unit's own GPT.
 
-Growth (seed: "extending the unit ... updating a top level partition data structure
+Growth (US 9,354,927: "extending the unit ... updating a top level partition data structure
 and moving the data around"): the DISK region grows in place; every region in its way,
 and every non-disk region that grows, moves to fresh space past the old end of the
-unit, so no move ever overwrites a source (the seed's "fragmented model", which frees
+unit, so no move ever overwrites a source (the patent's "fragmented model", which frees
 us from ordering copies). The vacated ranges are scrubbed before the guest may see them.
 """
 
@@ -47,7 +47,7 @@ MIN_DISK = 2 * MIB
 MAX_DISK = 1 << 50  # 1 PiB
 CONFIG_CAPACITY = 256 * 1024
 SNAPMETA_CAPACITY = 256 * 1024
-#: State headroom over the VM's memory (seed: "over allocate space to accommodate the
+#: State headroom over the VM's memory (US 9,354,927: "over allocate space to accommodate the
 #: growth"): device state, video memory and a little growth.
 STATE_HEADROOM_MIN = 16 * MIB
 

@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from ..errors import IscsiVmtargetError
 from .errors import InUseError
 
 MAGIC: Final = b"IVMTLEAS"
@@ -108,7 +109,7 @@ def encode_record(record: LeaseRecord) -> bytes:
     return (body + hashlib.sha256(body).digest()).ljust(BLOCK, b"\0")
 
 
-class Unreadable(Exception):
+class Unreadable(IscsiVmtargetError):
     """A block that is neither zeros nor a valid lease record (torn or foreign)."""
 
 

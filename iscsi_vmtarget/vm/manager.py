@@ -1,7 +1,7 @@
 """VM operations over the pools of one state directory: what the CLI calls.
 
 A VM is a base unit (state, config, snapshot metadata, primary disk) plus the
-secondary-disk units it names by NAA designator (seed: the base unit "will identify a
+secondary-disk units it names by NAA designator (US 9,354,927: the base unit "will identify a
 globally unique ID such as SCSI Inquiry VPD page 0x83 for a secondary virtual disk").
 Every operation checks its input before changing anything, and every change is a unit
 header commit, so a refused command leaves what is stored as it was.
@@ -34,7 +34,7 @@ _VM_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_MEMORY = 1 << 44  # 16 TiB
 MIN_MEMORY = 1 << 20
 
-#: Virtual hardware keys of the config region (seed: "type of virtual processor type
+#: Virtual hardware keys of the config region (US 9,354,927: "type of virtual processor type
 #: of virtual network card type of virtual storage HBA amount of virtual RAM virtual
 #: chipset type and size of a virtual primary disk"), and how ``config set`` parses them.
 CONFIG_KEYS: dict[str, type] = {

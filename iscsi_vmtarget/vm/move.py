@@ -1,5 +1,5 @@
 """``vm move NAME --pool P2``: move every unit of a VM (disks, snapshot layers and
-records) to another pool (seed: "moving a virtual machine ... to a different storage
+records) to another pool (US 9,354,927: "moving a virtual machine ... to a different storage
 pool" done by the storage layer), offline or while its LUNs keep serving.
 
 Crash safety, with an intent file ``<state-dir>/conf/moves/<vm>.json``:
@@ -293,6 +293,8 @@ def move(manager: VmManager, name: str, pool: str, progress: Progress | None = N
             )
         manager.check_leases(vm)  # nor by a daemon on another host (a shared device pool)
         units = [u for u in vm.all_units if u.pool != pool]
+        if not units:
+            return 0  # already there: no intent to write (and none left behind)
         plan = _copy_units(manager, units, dest, progress)
         _commit(manager, name, dest, plan)
         _publish(dest, plan)

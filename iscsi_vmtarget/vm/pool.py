@@ -1,4 +1,4 @@
-"""Pools: where units are allocated (seed: "storage pools are then subdivided into
+"""Pools: where units are allocated (US 9,354,927: "storage pools are then subdivided into
 storage units"), behind one small interface.
 
 * :class:`DirectoryPool` (the default): one sparse file per unit, ``<uuid>.unit``.
@@ -141,7 +141,10 @@ class DirectoryPool:
         try:
             create_sparse_file(self._file(ref), size)
         except OSError as exc:
-            raise VmError(f"cannot create a unit in pool {self.name}: {exc.strerror}") from exc
+            raise VmError(
+                f"cannot create a unit of {size} bytes in pool {self.name} ({self.path}): "
+                f"{exc.strerror}"
+            ) from exc
         return ref, self.open(ref)
 
     def commit(self, ref: UnitRef, backend: BlockBackend) -> UnitRef:

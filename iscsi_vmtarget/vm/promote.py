@@ -1,6 +1,6 @@
 """``vm promote``: resume a replicated VM here, from the replica's last coherent checkpoint.
 
-Seed: "at any point in time the virtual machine may be resumed at the destination ...
+US 9,354,927: "at any point in time the virtual machine may be resumed at the destination ...
 based on the last coherent replica". From a replica (:mod:`.replica`, usually the file
 ``vm receive`` made) this:
 

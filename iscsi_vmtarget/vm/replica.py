@@ -1,7 +1,7 @@
 """The replica: a VM's last coherent checkpoint as ``vm replicate`` keeps it on a LUN of
 another target, and the redo journal that keeps it coherent while a round is written.
 
-Seed (continuous data protection): "running the move command operations 24 7 without
+US 9,354,927 (continuous data protection): "running the move command operations 24 7 without
 the final suspend resume. Periodic check points ... coincident with the replica
 updates. At any point in time the virtual machine may be resumed at the destination
 ... based on the last coherent replica." The destination is a plain LUN (for our own

@@ -1,6 +1,6 @@
 """``vm replicate``: push consistent checkpoints of a VM to a replica on another target.
 
-Seed: continuous data protection is the move "24 7 without the final suspend resume",
+US 9,354,927: continuous data protection is the move "24 7 without the final suspend resume",
 with "periodic check points ... coincident with the replica updates", so the VM "may be
 resumed at the destination ... based on the last coherent replica". One *round*:
 

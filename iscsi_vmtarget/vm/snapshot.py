@@ -1,6 +1,6 @@
 """VM snapshots: create, list, revert, delete (merge), open; all from the units alone.
 
-Seed: the storage layer takes "a snapshot of the virtual machine, including its
+US 9,354,927: the storage layer takes "a snapshot of the virtual machine, including its
 execution state and virtual disks", keeps chains of snapshots where each "may contain
 only the differences relative to a predecessor", reverts ("binding" the matching
 secondary-disk snapshots), and deletes an intermediate snapshot by merging it into its
@@ -327,7 +327,7 @@ def _held(
 ) -> Iterator[None]:
     """Offline: refuse while a server exports the VM. Live (the daemon's chains, by
     LUN): quiesce every LUN of the VM - in-flight commands drain, new ones wait - and
-    flush, so the snapshot is consistent across all the VM's volumes (seed)."""
+    flush, so the snapshot is consistent across all the VM's volumes (US 9,354,927)."""
     with contextlib.ExitStack() as stack:
         if live is None:
             for unit in vm.units:

@@ -1,6 +1,6 @@
 """Exported snapshots: a read-only target per snapshot, for backup or an offline scan.
 
-Seed: snapshots allow "activation of a virtual machine at different points in time
+US 9,354,927: snapshots allow "activation of a virtual machine at different points in time
 ... for agent-less backup, offline virus scanning and other integrity checks".
 ``vm snapshot export NAME SNAP`` marks the snapshot in ``conf/snapshot-exports.json``
 (replaced atomically), so every ``serve`` exports it, and a running daemon exports it

@@ -1,6 +1,6 @@
 """Full snapshots: a snapshot whose own layers hold every grain of its image.
 
-Seed: "each snapshot in a series of snapshots may include all data at the particular
+US 9,354,927: "each snapshot in a series of snapshots may include all data at the particular
 moment of the snapshot or only the difference between the current snapshot and a
 predecessor snapshot". A snapshot is taken as a difference, metadata only
 (:func:`~.snapshot.create_snapshot`); :func:`fill_snapshot` then copies into each of

@@ -6,7 +6,7 @@ offsets per concealment mode (:mod:`.layout`) and refuses anything past the disk
 The SCSI device server above it never learns there is more: its READ CAPACITY and
 its LOGICAL BLOCK ADDRESS OUT OF RANGE check (SBC-3 §4.5) both derive from
 ``GuestView.size``, so the bound is defined once, here, and enforced here a second
-time for every byte that reaches the raw unit (seed: "the virtualization layer
+time for every byte that reaches the raw unit (US 9,354,927: "the virtualization layer
 intercepts requests from a guest"). No command of any kind - READ, WRITE, WRITE SAME,
 UNMAP, COMPARE AND WRITE, VERIFY, GET LBA STATUS - has another path to the unit.
 
@@ -228,7 +228,7 @@ class GuestView:
     @staticmethod
     def _within(offset: int, length: int, mapping: _Map) -> int:
         """The unit offset of a request inside one segment (the common case: one
-        compare and one add, the seed's "compare operation" on the I/O path), or -1
+        compare and one add, the patent's "compare operation" on the I/O path), or -1
         when it spans segments. Raises ValueError outside the disk."""
         size, segments, _raw = mapping
         check_range(size, offset, length)

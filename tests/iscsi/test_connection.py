@@ -20,6 +20,7 @@ from iscsi_vmtarget.iscsi.events import (
 from iscsi_vmtarget.iscsi.framing import PduReader, encode_pdu
 from iscsi_vmtarget.iscsi.params import SessionParams
 from iscsi_vmtarget.scsi.task import ScsiResponse, Status
+from iscsi_vmtarget.server.fabric import refusal_sense
 
 PARAMS = SessionParams(
     max_recv_data_segment_length=8192,
@@ -73,7 +74,9 @@ def wire(*pdus: P.Pdu, hd: bool = False, dd: bool = False) -> bytes:
 
 class Harness:
     def __init__(self, params: SessionParams = PARAMS) -> None:
-        self.conn = TargetConnection(FakeLogin(params), decode_lun=lambda raw: raw[1])
+        self.conn = TargetConnection(
+            FakeLogin(params), decode_lun=lambda raw: raw[1], refusal_sense=refusal_sense
+        )
         self.reader = PduReader(max_data_length=1 << 20)
         self.send(P.LoginRequest(itt=1, transit=True, csg=1, nsg=3, cmdsn=10))
         assert isinstance(self.conn.next_event(), LoginComplete)
@@ -322,7 +325,9 @@ def test_every_initiator_opcode_in_full_feature_phase_is_handled(
 
 
 def test_login_phase_rejects_other_opcodes_by_closing() -> None:
-    conn = TargetConnection(FakeLogin(PARAMS), decode_lun=lambda raw: 0)
+    conn = TargetConnection(
+        FakeLogin(PARAMS), decode_lun=lambda raw: 0, refusal_sense=refusal_sense
+    )
     conn.receive_data(wire(P.NopOut(itt=1, immediate=True)))
     assert conn.phase is Phase.CLOSED
     assert isinstance(conn.next_event(), ConnectionClosing)

@@ -102,8 +102,13 @@ def test_report_supported_tmfs(scsi: Harness) -> None:
 
 def test_tmf_table_drives_task_management(scsi: Harness) -> None:
     target = scsi.target
-    assert target.task_management(scsi.nexus, TmfFunction.CLEAR_ACA, 0) is TmfResult.NOT_SUPPORTED
-    assert target.task_management(scsi.nexus, TmfFunction.CLEAR_TASK_SET, 0) is TmfResult.COMPLETE
+    assert (
+        target.task_management(scsi.nexus, TmfFunction.CLEAR_ACA, 0) is TmfResult.FUNCTION_REJECTED
+    )
+    assert (
+        target.task_management(scsi.nexus, TmfFunction.CLEAR_TASK_SET, 0)
+        is TmfResult.FUNCTION_COMPLETE
+    )
 
 
 def test_read_defect_data(scsi: Harness) -> None:

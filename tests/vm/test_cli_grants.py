@@ -45,7 +45,7 @@ def test_grants_follow_the_vm_through_clone_and_delete(cli: Cli) -> None:  # noq
     assert code == 1 and f"VM web has no grant for {GOOD}" in err
     code, _, err = cli("acl", "remove", "--vm", "web", HYPERVISOR)
     assert code == 1 and "it is a default grant" in err
-    code, out, _ = cli("acl", "add", "--vm", "web", "iqn.x:a", "iqn.x:b")
-    assert code == 2 and "give --vm NAME INITIATOR" in out
+    code, _, err = cli("acl", "add", "--vm", "web", "iqn.x:a", "iqn.x:b")
+    assert code == 2 and "give --vm NAME INITIATOR" in err
     code, _, err = cli("acl", "add", "--vm", "nope", GOOD)
     assert code == 1 and "no VM named 'nope'" in err
