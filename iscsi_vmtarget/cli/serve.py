@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from ..server.admin import AdminError, AdminServer, Manager, Runtime
+from ..server.admin import AdminError, AdminServer, Manager
 from ..server.config import (
     ConfigError,
     ServeConfig,
@@ -22,6 +22,7 @@ from ..server.metrics import MetricsServer
 from ..server.ownership import keep_leases
 from ..server.persist import ConfigStore, PersistError
 from ..server.portal import TargetServer
+from ..server.runtime import Runtime
 from ..vm.errors import InUseError
 from ..vm.lease import DEFAULT_SECONDS
 from ..vm.lease_device import LeaseKeeper

@@ -13,8 +13,9 @@ import json
 import sys
 from typing import Any
 
-from ..server.admin import CHAP_KEYS, AdminError, call
+from ..server.admin import AdminError, call
 from ..server.config import ServeConfig
+from ..server.operations import CHAP_KEYS
 
 Args = dict[str, Any]
 
@@ -141,11 +142,11 @@ def _list(args: argparse.Namespace) -> int:
             flags += ["chap"] if t["chap"] else []
             print(f"{t['name']}  [{' '.join(flags)}]  luns {luns}  sessions {t['sessions']}")
             for acl in t["acls"]:
-                print(f"  acl {_describe_acl(acl)}")
+                print(f"  acl {describe_acl(acl)}")
     return 0
 
 
-def _describe_acl(acl: dict[str, Any]) -> str:
+def describe_acl(acl: dict[str, Any]) -> str:
     if acl.get("luns") is None:
         luns = "all" + (" ro" if acl.get("read_only") else "")
     else:

@@ -212,7 +212,7 @@ def demo_config(state_dir: str) -> ServeConfig:
     )
 
 
-def _open_lun(target: TargetConfig, lun: LunConfig) -> LogicalUnit:
+def open_lun(target: TargetConfig, lun: LunConfig) -> LogicalUnit:
     if lun.block_size not in (512, 1024, 2048, 4096):
         raise ConfigError(f"LUN {lun.number} of {target.name}: bad block_size {lun.block_size}")
     if not os.path.exists(lun.path):
@@ -284,7 +284,7 @@ def build_registry(cfg: ServeConfig) -> Registry:
             for lun in t.luns:
                 if lun.number in luns:
                     raise ConfigError(f"target {t.name}: LUN {lun.number} defined twice")
-                luns[lun.number] = _open_lun(t, lun)
+                luns[lun.number] = open_lun(t, lun)
                 opened.append(luns[lun.number])
             entry = TargetEntry(
                 name=t.name,
@@ -331,7 +331,7 @@ def vm_target(vm: VmLuns, *, allow_all: bool = False) -> Target:
 
     Denied to every initiator by default (``deny_by_default``): the VM's grants,
     keyed by ``vm.vm_uuid``, open it when the daemon applies its managed
-    configuration (:meth:`.admin.Runtime.set_access`, :mod:`.grants`)."""
+    configuration (:meth:`.runtime.Runtime.set_access`, :mod:`.grants`)."""
     entry = TargetEntry(
         name=vm_target_name(vm.name, BASE_IQN), alias=f"vm.{vm.name}", deny_by_default=True
     )
