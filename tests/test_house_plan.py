@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "iscsi_vmtarget"
 #: The packages held to the plan (vm/ joins once its circles are gone, see above).
-PACKAGES = ["server"]
+PACKAGES = ["server", "cli"]
 
 
 def _module_name(path: Path) -> str:

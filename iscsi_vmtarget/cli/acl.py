@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from ..server.acl import AclError, parse_lun_list
-from .target import describe_acl, add_chap, add_common, chap_args, done, invoke
+from .target import add_chap, add_common, chap_args, describe_acl, done, invoke
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

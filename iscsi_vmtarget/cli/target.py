@@ -13,21 +13,17 @@ import json
 import sys
 from typing import Any
 
-from ..server.admin import AdminError, call
-from ..server.config import ServeConfig
+from ..server.admin import AdminError
 from ..server.operations import CHAP_KEYS
+from .options import add_state_dir
+from .route import router
 
 Args = dict[str, Any]
 
 
 def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     """--state-dir (where the daemon's socket and conf/ are) and --json."""
-    p.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        default=ServeConfig().state_dir,
-        help="the daemon's state directory (default ./var/iscsi-vmtarget)",
-    )
+    add_state_dir(p, "the daemon's state directory")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -52,7 +48,7 @@ def chap_args(args: argparse.Namespace) -> Args:
 def invoke(args: argparse.Namespace, op: str, payload: Args) -> dict[str, Any] | None:
     """Run ``op``; print its changes (or JSON). None (after a message) on refusal."""
     try:
-        result, live = call(args.state_dir, op, payload)
+        result, live = router(args).operation(op, payload)
     except AdminError as exc:
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return None
