@@ -16,9 +16,9 @@ from ..server.config import (
     build_registry,
     demo_config,
     load_config,
-    parse_portal,
 )
 from ..server.metrics import MetricsServer
+from ..server.model import parse_portal
 from ..server.ownership import keep_leases
 from ..server.persist import ConfigStore, PersistError
 from ..server.portal import TargetServer

@@ -18,8 +18,8 @@ from typing import Any
 
 from . import grants
 from .acl import check_mutual
-from .config import parse_portal
-from .persist import LunSpec, ManagedConfig, PersistError, TargetSpec
+from .model import LunSpec, TargetSpec, parse_portal
+from .persist import ManagedConfig, PersistError
 from .runtime import AdminError, Args, Runtime
 
 Transform = Callable[[ManagedConfig, Args, "Runtime | None"], ManagedConfig]

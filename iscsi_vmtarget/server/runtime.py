@@ -24,9 +24,9 @@ from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
 from ..scsi.command import it_key
 from .acl import Acl
-from .config import ConfigError, LunConfig, TargetConfig, open_lun
 from .grants import effective_acls, summary
-from .persist import ManagedConfig, TargetSpec
+from .model import LunError, TargetSpec, open_lun
+from .persist import ManagedConfig
 from .registry import Connection, Registry, Target
 
 if TYPE_CHECKING:
@@ -209,19 +209,11 @@ class Runtime:
                     if live is not None and same and lun.number in live.scsi.luns:
                         units[lun.number] = live.scsi.luns[lun.number]
                         continue
-                    cfg = LunConfig(
-                        lun.number,
-                        lun.path,
-                        lun.size,
-                        lun.read_only,
-                        lun.block_size,
-                        lun.serial,
-                    )
-                    lu = open_lun(TargetConfig(spec.name), cfg)
+                    lu = open_lun(spec.name, lun)
                     opened.append(lu)
                     units[lun.number] = lu
                 out[spec.key] = units
-        except ConfigError as exc:
+        except LunError as exc:
             for lu in opened:
                 lu.backend.close()
             raise AdminError(str(exc)) from exc
@@ -240,7 +232,12 @@ class Runtime:
             )
         elif target is None:
             entry = TargetEntry(
-                spec.name, spec.alias, spec.tpgt, chap=spec.chap, mutual_chap=spec.mutual_chap
+                spec.name,
+                spec.alias,
+                spec.tpgt,
+                chap=spec.chap,
+                mutual_chap=spec.mutual_chap,
+                initiators=frozenset(i.lower() for i in spec.initiators),
             )
             target = Target(entry, ScsiTarget(units or {}), origin="managed")
             registry.add_target(target)
