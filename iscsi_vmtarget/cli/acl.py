@@ -24,7 +24,7 @@ import sys
 from typing import Any
 
 from ..server.acl import AclError, parse_lun_list
-from .target import _describe_acl, add_chap, add_common, chap_args, done, invoke
+from .target import add_chap, add_common, chap_args, describe_acl, done, invoke
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -167,17 +167,17 @@ def _list(args: argparse.Namespace, defaults_only: bool = False) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
     for grant in result["default_grants"]:
-        print(f"default (every VM)  {_describe_acl(grant)}")
+        print(f"default (every VM)  {describe_acl(grant)}")
     if defaults_only:
         return 0
     for vm in result["vms"]:
         if vm["allow_all"]:
             print(f"vm {vm['vm']}  * allow-all (any initiator, every LUN)")
         for grant in vm["grants"]:
-            print(f"vm {vm['vm']}  {_describe_acl(grant)}")
+            print(f"vm {vm['vm']}  {describe_acl(grant)}")
     for target in result["allow_all"]:
         print(f"{target}  * allow-all (any initiator, every LUN)")
     for acl in result["acls"]:
         if acl.get("vm_uuid") is None:  # a VM's targets: its grants, above
-            print(f"{acl['target']}  {_describe_acl(acl)}")
+            print(f"{acl['target']}  {describe_acl(acl)}")
     return 0

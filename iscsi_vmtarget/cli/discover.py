@@ -12,7 +12,8 @@ import argparse
 
 from ..sizes import format_size
 from ..vm import VmManager, vm_target_name
-from .vm import add_common, print_json, run_managed
+from .options import add_common
+from .route import print_json, run_offline
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--no-repair", action="store_true", help="report interrupted resizes, do not finish them"
     )
     add_common(p, key=False)
-    p.set_defaults(func=lambda a: run_managed(a, _discover))
+    p.set_defaults(func=lambda a: run_offline(a, _discover))
 
 
 def _discover(args: argparse.Namespace, manager: VmManager) -> int:

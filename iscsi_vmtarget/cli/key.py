@@ -12,7 +12,8 @@ import argparse
 from typing import cast
 
 from ..vm import VmManager
-from .vm import add_common, print_json, run_managed
+from .options import add_common
+from .route import print_json, run_offline
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,11 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--json", action="store_true")
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _rotate))
+    p.set_defaults(func=lambda a: run_offline(a, _rotate))
     p = verbs.add_parser("show", help="print the key file's path and key id")
     p.add_argument("--json", action="store_true")
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _show))
+    p.set_defaults(func=lambda a: run_offline(a, _show))
 
 
 def _rotate(args: argparse.Namespace, manager: VmManager) -> int:

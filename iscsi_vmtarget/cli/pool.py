@@ -12,7 +12,8 @@ import sys
 
 from ..sizes import format_size
 from ..vm import VmManager
-from .vm import add_common, print_json, run_managed, size_arg
+from .options import add_common, size_arg
+from .route import print_json, run_offline
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -36,12 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--force", action="store_true", help="format a device that holds data")
     p.add_argument("--json", action="store_true")
     add_common(p, key=False)
-    p.set_defaults(func=lambda a: run_managed(a, _create))
+    p.set_defaults(func=lambda a: run_offline(a, _create))
 
     p = verbs.add_parser("list", help="list pools", description="List the defined pools.")
     p.add_argument("--json", action="store_true")
     add_common(p, key=False)
-    p.set_defaults(func=lambda a: run_managed(a, _list))
+    p.set_defaults(func=lambda a: run_offline(a, _list))
 
 
 def _create(args: argparse.Namespace, manager: VmManager) -> int:

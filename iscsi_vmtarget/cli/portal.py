@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..server.config import parse_portal
+from ..server.model import parse_portal
 from .target import add_common, done, invoke, tpgt
 
 

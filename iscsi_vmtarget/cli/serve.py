@@ -10,19 +10,20 @@ import os
 import signal
 import sys
 
-from ..server.admin import AdminError, AdminServer, Manager, Runtime
+from ..server.admin import AdminError, AdminServer, Manager
 from ..server.config import (
     ConfigError,
     ServeConfig,
     build_registry,
     demo_config,
     load_config,
-    parse_portal,
 )
 from ..server.metrics import MetricsServer
+from ..server.model import parse_portal
 from ..server.ownership import keep_leases
 from ..server.persist import ConfigStore, PersistError
 from ..server.portal import TargetServer
+from ..server.runtime import Runtime
 from ..vm.errors import InUseError
 from ..vm.lease import DEFAULT_SECONDS
 from ..vm.lease_device import LeaseKeeper

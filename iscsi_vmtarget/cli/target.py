@@ -14,8 +14,10 @@ import sys
 from typing import Any
 
 from ..scsi.lun_address import MAX_FLAT_LUN
-from ..server.admin import CHAP_KEYS, AdminError, call
-from ..server.config import ServeConfig
+from ..server.admin import AdminError
+from ..server.operations import CHAP_KEYS
+from .options import add_state_dir
+from .route import router
 
 Args = dict[str, Any]
 
@@ -42,12 +44,7 @@ def tpgt(text: str) -> int:
 
 def add_common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
     """--state-dir (where the daemon's socket and conf/ are) and --json."""
-    p.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        default=ServeConfig().state_dir,
-        help="the daemon's state directory (default ./var/iscsi-vmtarget)",
-    )
+    add_state_dir(p, "the daemon's state directory")
     if json_flag:
         p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -72,7 +69,7 @@ def chap_args(args: argparse.Namespace) -> Args:
 def invoke(args: argparse.Namespace, op: str, payload: Args) -> dict[str, Any] | None:
     """Run ``op``; print its changes (or JSON). None (after a message) on refusal."""
     try:
-        result, live = call(args.state_dir, op, payload)
+        result, live = router(args).operation(op, payload)
     except AdminError as exc:
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return None
@@ -162,11 +159,11 @@ def _list(args: argparse.Namespace) -> int:
             flags += ["chap"] if t["chap"] else []
             print(f"{t['name']}  [{' '.join(flags)}]  luns {luns}  sessions {t['sessions']}")
             for acl in t["acls"]:
-                print(f"  acl {_describe_acl(acl)}")
+                print(f"  acl {describe_acl(acl)}")
     return 0
 
 
-def _describe_acl(acl: dict[str, Any]) -> str:
+def describe_acl(acl: dict[str, Any]) -> str:
     if acl.get("luns") is None:
         luns = "all" + (" ro" if acl.get("read_only") else "")
     else:

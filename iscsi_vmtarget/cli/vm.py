@@ -11,62 +11,14 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
 
-from ..server.admin import AdminError, DaemonNotRunning, call_daemon
-from ..server.config import ServeConfig
-from ..sizes import format_size, parse_size
-from ..vm import Mode, StateDir, VmError, VmManager, vm_target_name
+from ..sizes import format_size
+from ..vm import Mode, VmError, VmManager, vm_target_name
 from ..vm.discovery import FoundVm
-
-Handler = Callable[[argparse.Namespace, VmManager], int]
-
-
-# -- shared by the vm, pool, discover and key commands -------------------------------------
-
-
-def add_common(p: argparse.ArgumentParser, *, key: bool = True) -> None:
-    """--state-dir (and --key-file) for a management command."""
-    p.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        default=ServeConfig().state_dir,
-        help="where pools, pool definitions and the key file live (default ./var/iscsi-vmtarget)",
-    )
-    if key:
-        p.add_argument(
-            "--key-file",
-            metavar="FILE",
-            help="master key file (default <state-dir>/master.key, created 0600 by the "
-            "first 'vm create')",
-        )
-
-
-def size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def run_managed(args: argparse.Namespace, handler: Handler) -> int:
-    """Run ``handler`` with a manager; VmError -> message on stderr, status 1."""
-    state = StateDir.at(args.state_dir, getattr(args, "key_file", None))
-    try:
-        with VmManager(state) as manager:
-            return handler(args, manager)
-    except VmError as exc:
-        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"iscsi-vmtarget: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
-        return 1
-
-
-def print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2, sort_keys=False)
-    sys.stdout.write("\n")
+from . import vm_replicate, vm_snapshot
+from .options import add_common, size_arg
+from .route import Router, print_json, run_offline, run_vm_verb
+from .vm_grants import drop_grants
 
 
 def vm_json(vm: FoundVm, manager: VmManager) -> dict[str, object]:
@@ -110,19 +62,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--pool", default="default", help="pool to allocate from (default: default)")
     p.add_argument("--json", action="store_true")
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _create))
+    p.set_defaults(func=lambda a: run_offline(a, _create))
 
     p = verbs.add_parser("list", help="list VMs", description="List the VMs of every pool.")
     p.add_argument("--pool")
     p.add_argument("--json", action="store_true")
     add_common(p, key=False)
-    p.set_defaults(func=lambda a: run_managed(a, _list))
+    p.set_defaults(func=lambda a: run_offline(a, _list))
 
     p = verbs.add_parser("show", help="show one VM", description="Show a VM's units and LUNs.")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     add_common(p, key=False)
-    p.set_defaults(func=lambda a: run_managed(a, _show))
+    p.set_defaults(func=lambda a: run_offline(a, _show))
 
     p = verbs.add_parser(
         "delete",
@@ -133,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="delete even if a server exports it")
     add_common(p, key=False)
-    p.set_defaults(func=lambda a: run_managed(a, _delete))
+    p.set_defaults(func=lambda a: run_offline(a, _delete))
 
     p = verbs.add_parser(
         "resize",
@@ -156,15 +108,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--json", action="store_true")
     add_common(p)
-    p.set_defaults(func=_resize_live)
+    p.set_defaults(func=_resize_routed)
 
-    from .vm_snapshot import add_parsers as add_snapshot_parsers
-
-    add_snapshot_parsers(verbs)
-
-    from .vm_replicate import add_parsers as add_replicate_parsers
-
-    add_replicate_parsers(verbs)
+    vm_snapshot.add_parsers(verbs)
+    vm_replicate.add_parsers(verbs)
 
     state = verbs.add_parser(
         "state", help="read or write the encrypted state", description="The VM's state image."
@@ -174,12 +121,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("name")
     p.add_argument("file")
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _state_write))
+    p.set_defaults(func=lambda a: run_vm_verb(a, "vm state write", {}, _state_write))
     p = state_verbs.add_parser("read", help="write the decrypted state image to FILE ('-')")
     p.add_argument("name")
     p.add_argument("file")
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _state_read))
+    p.set_defaults(func=lambda a: run_offline(a, _state_read))
 
     config = verbs.add_parser(
         "config", help="show or set the virtual hardware", description="The VM's config."
@@ -189,12 +136,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _config_show))
+    p.set_defaults(func=lambda a: run_offline(a, _config_show))
     p = config_verbs.add_parser("set", help="set KEY=VALUE pairs")
     p.add_argument("name")
     p.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _config_set))
+    p.set_defaults(func=lambda a: run_vm_verb(a, "vm config set", {}, _config_set))
 
 
 # -- handlers -----------------------------------------------------------------------------
@@ -206,24 +153,6 @@ def _summary(vm: FoundVm) -> str:
         f"{vm.name:<16} {vm.base.pool:<10} {vm.base.header.mode.name.lower():<9} "
         f"{luns}  {vm_target_name(vm.name)}"
     )
-
-
-def serve_now(state_dir: str, name: str, *, quiet: bool = False) -> None:
-    """Have a running daemon export VM ``name``, just made, at once (``vm.serve``);
-    without a daemon the next ``serve`` exports it, as every VM in its pools."""
-    try:
-        result = call_daemon(state_dir, "vm.serve", {"name": name}, timeout=600)
-    except DaemonNotRunning:
-        return
-    except (AdminError, OSError) as exc:
-        print(
-            f"iscsi-vmtarget: the running daemon could not serve VM {name} now ({exc}); "
-            "it will from its next start",
-            file=sys.stderr,
-        )
-        return
-    if not quiet:
-        print(f"served by the running daemon as {result['target']}")
 
 
 def _create(args: argparse.Namespace, manager: VmManager) -> int:
@@ -240,7 +169,7 @@ def _create(args: argparse.Namespace, manager: VmManager) -> int:
     else:
         print(f"created VM {vm.name}: {_summary(vm)}")
         print(f"initiators see it once granted: acl add --vm {vm.name} INITIATOR")
-    serve_now(manager.state.root, vm.name, quiet=args.json)
+    Router(manager.state.root).serve_now(vm.name, quiet=args.json)
     return 0
 
 
@@ -275,23 +204,9 @@ def _show(args: argparse.Namespace, manager: VmManager) -> int:
     return 0
 
 
-def logged_in(state_dir: str, target: str) -> list[str] | None:
-    """Initiators with a session on ``target``, from the running daemon's admin socket;
-    None when no daemon answers."""
-    try:
-        status = call_daemon(state_dir, "status", {}, timeout=10)
-    except (DaemonNotRunning, AdminError, OSError, ValueError):
-        return None
-    return [
-        str(s.get("initiator") or "?")
-        for s in status.get("sessions", [])
-        if str(s.get("target") or "").lower() == target.lower()
-    ]
-
-
 def _delete(args: argparse.Namespace, manager: VmManager) -> int:
     manager.find(args.name)  # a clear "no VM named" first
-    sessions = logged_in(manager.state.root, vm_target_name(args.name))
+    sessions = Router(manager.state.root).logged_in(vm_target_name(args.name))
     if sessions and not args.force:
         raise VmError(
             f"VM {args.name!r} has {len(sessions)} session(s) logged in "
@@ -299,8 +214,6 @@ def _delete(args: argparse.Namespace, manager: VmManager) -> int:
         )
     vm = manager.delete(args.name, force=args.force)
     print(f"deleted VM {vm.name} ({len(vm.units)} units)")
-    from .vm_grants import drop_grants
-
     if dropped := drop_grants(manager.state.root, vm):
         print(dropped)
     return 0
@@ -313,28 +226,22 @@ def _lun_size(text: str) -> tuple[int, int]:
     return int(lun), size_arg(size)
 
 
-def _resize_live(args: argparse.Namespace) -> int:
-    """``vm resize`` of a VM a running daemon exports: the daemon resizes it live."""
-    from ..server.admin import AdminError, DaemonNotRunning, call_daemon
-
+def _resize_routed(args: argparse.Namespace) -> int:
+    """``vm resize``: the running daemon resizes a VM it exports live; else offline."""
     request = {
         "name": args.name,
         "disk": args.disk,
         "memory": args.memory,
         "secondaries": {str(k): v for k, v in args.secondary},
     }
-    try:
-        result = call_daemon(args.state_dir, "vm.resize", request, timeout=3600)
-    except DaemonNotRunning:
-        return run_managed(args, _resize)
-    except AdminError as exc:
-        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print_json(result["vm"])
-    else:
-        print(f"resized VM {args.name} live (initiators see CAPACITY DATA HAS CHANGED)")
-    return 0
+    return run_vm_verb(
+        args,
+        "vm resize",
+        request,
+        _resize,
+        done=lambda _r: f"resized VM {args.name} live (initiators see CAPACITY DATA HAS CHANGED)",
+        as_json=lambda r: r["vm"],
+    )
 
 
 def _resize(args: argparse.Namespace, manager: VmManager) -> int:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import uuid
 
-from ..server.admin import AdminError, call
+from ..server.admin import AdminError
 from ..server.persist import ConfigStore
 from ..vm import VmError, VmManager
 from ..vm.discovery import FoundVm
+from .route import Router
 
 
 def add_no_grants_flag(p: argparse.ArgumentParser) -> None:
@@ -37,7 +38,7 @@ def add_grant_flag(p: argparse.ArgumentParser) -> None:
 
 def _run(state_dir: str, op: str, args: dict[str, object], what: str) -> None:
     try:
-        call(state_dir, op, args)
+        Router(state_dir).operation(op, args)
     except AdminError as exc:
         raise VmError(f"{what}: {exc}") from exc
 

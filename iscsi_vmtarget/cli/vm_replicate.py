@@ -33,7 +33,7 @@ from typing import Any
 from ..client.initiator import InitiatorError
 from ..client.remote import LunUrl, UrlError, open_lun, parse_url
 from ..server.acl import AclError
-from ..server.admin import AdminError, call, call_for_vm
+from ..server.admin import AdminError
 from ..server.grants import acl_from_args
 from ..sizes import format_size
 from ..storage import FileBackend, create_sparse_file
@@ -44,9 +44,10 @@ from ..vm.crypto import load_key_file
 from ..vm.manager import check_vm_name
 from ..vm.promote import promote
 from ..vm.replicate import RoundReport, replicate
+from .options import add_common, size_arg
 from .progress import add_progress_flag, progress_bar
+from .route import VM_VERBS, Router, print_json, router, run_offline
 from .target import add_chap, chap_args, lun_number
-from .vm import add_common, print_json, run_managed, serve_now, size_arg
 from .vm_grants import add_grant_flag, set_grants
 
 REPLICATOR = "iqn.2026-11.org.iscsi-vmtarget:replicator"
@@ -115,7 +116,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     add_grant_flag(p)
     add_progress_flag(p)
     add_common(p)
-    p.set_defaults(func=lambda a: run_managed(a, _promote))
+    p.set_defaults(func=lambda a: run_offline(a, _promote))
 
 
 # -- replicate ---------------------------------------------------------------------------
@@ -124,28 +125,30 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
 @dataclass
 class DaemonCheckpointer:
     """Checkpoint snapshots through the running daemon's admin actions where it exports
-    the VM (its LUNs are quiesced, as for ``vm snapshot``), on the pools otherwise."""
+    the VM (its LUNs are quiesced, as for ``vm snapshot``), on the pools otherwise:
+    the verbs ``vm snapshot`` and ``vm snapshot delete`` of the router."""
 
-    state_dir: str
-    key_file: str | None
+    router: Router
     manager: VmManager
     name: str
 
-    def _daemon(self, op: str, request: dict[str, Any]) -> bool:
-        """Whether the daemon did ``op`` (False: do it offline)."""
+    def _daemon(self, verb: str, request: dict[str, Any]) -> bool:
+        """Whether the daemon did ``verb`` (False: do it offline)."""
+        op = VM_VERBS[verb]
+        assert op is not None
         try:
-            result = call_for_vm(self.state_dir, op, {**request, "key_file": self.key_file})
+            result = self.router.vm_action(op, request)
         except AdminError as exc:
             raise VmError(f"the daemon refused {op}: {exc}") from exc
         return result is not None
 
     def take(self, snap: str, description: str) -> None:
         request = {"name": self.name, "snapshot": snap, "description": description}
-        if not self._daemon("vm.snapshot", request):
+        if not self._daemon("vm snapshot", request):
             snaps.create_snapshot(self.manager, self.name, snap, description=description)
 
     def delete(self, snap: str) -> None:
-        if not self._daemon("vm.snapshot.delete", {"name": self.name, "snapshot": snap}):
+        if not self._daemon("vm snapshot delete", {"name": self.name, "snapshot": snap}):
             snaps.delete_snapshot(self.manager, self.name, snap)
 
 
@@ -193,7 +196,7 @@ def _replicate(args: argparse.Namespace) -> int:
     if bool(args.chap_user) != bool(args.chap_secret) and not url.user:
         print("iscsi-vmtarget: give both --chap-user and --chap-secret", file=sys.stderr)
         return 2
-    return run_managed(args, lambda a, m: _run_rounds(a, m, url))
+    return run_offline(args, lambda a, m: _run_rounds(a, m, url))
 
 
 def _run_rounds(args: argparse.Namespace, manager: VmManager, url: LunUrl) -> int:
@@ -222,7 +225,7 @@ def _run_rounds(args: argparse.Namespace, manager: VmManager, url: LunUrl) -> in
         stamp = time.strftime("%H:%M:%S")
         print(f"iscsi-vmtarget: {stamp} round failed, retrying: {exc}", file=sys.stderr)
 
-    checkpointer = DaemonCheckpointer(args.state_dir, args.key_file, manager, args.name)
+    checkpointer = DaemonCheckpointer(router(args), manager, args.name)
     interval = (args.interval if args.interval is not None else 60.0) if args.continuous else None
     rounds = 0
     try:
@@ -293,10 +296,10 @@ def _receive(args: argparse.Namespace) -> int:
     live = False
     try:
         for op, payload in steps:
-            _result, live = call(args.state_dir, op, payload)
+            _result, live = router(args).operation(op, payload)
     except AdminError as exc:
         with contextlib.suppress(AdminError):
-            call(args.state_dir, "target.delete", {"name": iqn})
+            router(args).operation("target.delete", {"name": iqn})
         os.unlink(path)
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return 1
@@ -317,7 +320,9 @@ def _promote(args: argparse.Namespace, manager: VmManager) -> int:
         raise VmError(f"no replica of VM {args.name!r} here ({path}); see 'vm receive'")
     if args.replica is None:  # stop receiving first: no round may write meanwhile
         try:
-            call(manager.state.root, "target.delete", {"name": replica_target(args.name)})
+            Router(manager.state.root).operation(
+                "target.delete", {"name": replica_target(args.name)}
+            )
         except AdminError as exc:
             if "no target" not in str(exc):
                 raise VmError(f"cannot stop receiving: {exc}") from exc
@@ -345,5 +350,5 @@ def _promote(args: argparse.Namespace, manager: VmManager) -> int:
             f"{report.journal}; {report.volumes} disk(s) verified"
         )
         print(granted)
-    serve_now(manager.state.root, args.name, quiet=args.json)
+    Router(manager.state.root).serve_now(args.name, quiet=args.json)
     return 0

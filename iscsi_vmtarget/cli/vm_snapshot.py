@@ -22,17 +22,19 @@ daemon quiesces the VM's LUNs), offline otherwise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from ..server.admin import AdminError, call_for_vm
 from ..vm import StateDir, VmError, VmManager
 from ..vm import snapshot as snaps
+from ..vm.clone import clone, unlink
+from ..vm.move import move
+from ..vm.snapshot_export import set_exported
+from ..vm.snapshot_fill import fill_snapshot
+from .options import add_common
 from .progress import add_progress_flag, progress_bar
+from .route import Router, print_json, run_offline, run_vm_verb
 from .target import lun_number
-from .vm import add_common, print_json, run_managed, serve_now
 from .vm_grants import add_no_grants_flag, copy_grants
 
 _SNAPSHOT_VERBS = ("list", "delete", "export", "fill", "create")
@@ -133,7 +135,6 @@ def _clone_routed(args: argparse.Namespace) -> int:
         "dst": args.dst,
         "from_snapshot": args.from_snapshot,
         "full": args.full,
-        "key_file": args.key_file,
     }
 
     def cloned(result: dict[str, Any]) -> str:
@@ -153,7 +154,7 @@ def _clone_routed(args: argparse.Namespace) -> int:
             )
         return "\n".join(lines)
 
-    return _daemon_or_offline(args, "vm.clone", request, _clone, label="cloning", done=cloned)
+    return run_vm_verb(args, "vm clone", request, _clone, label="cloning", done=cloned)
 
 
 def _cloned(args: argparse.Namespace, snapshot: str | None, *, live: bool) -> list[str]:
@@ -168,8 +169,6 @@ def _cloned(args: argparse.Namespace, snapshot: str | None, *, live: bool) -> li
 
 
 def _clone(args: argparse.Namespace, manager: VmManager) -> int:
-    from ..vm.clone import clone
-
     with progress_bar("cloning", args.progress) as bar:
         taken = clone(
             manager,
@@ -181,16 +180,16 @@ def _clone(args: argparse.Namespace, manager: VmManager) -> int:
         )
     print("\n".join(_cloned(args, taken, live=False)))
     print(copy_grants(manager, args.src, args.dst, none=args.no_grants))
-    serve_now(manager.state.root, args.dst)
+    Router(manager.state.root).serve_now(args.dst)
     return 0
 
 
 def _unlink_routed(args: argparse.Namespace) -> int:
     """``vm unlink``: the running daemon unlinks a clone it exports live; else offline."""
-    return _daemon_or_offline(
+    return run_vm_verb(
         args,
-        "vm.unlink",
-        {"name": args.name, "key_file": args.key_file},
+        "vm unlink",
+        {"name": args.name},
         _unlink,
         label="unlinking",
         done=lambda r: _independent(args.name, r["changed"], live=True),
@@ -203,8 +202,6 @@ def _independent(name: str, changed: bool, *, live: bool) -> str:
 
 
 def _unlink(args: argparse.Namespace, manager: VmManager) -> int:
-    from ..vm.clone import unlink
-
     with progress_bar("unlinking", args.progress) as bar:
         changed = unlink(manager, args.name, progress=bar)
     print(_independent(args.name, changed, live=False))
@@ -222,10 +219,10 @@ def _move_routed(args: argparse.Namespace) -> int:
             f"{report['held']} while I/O was held for {report['held_ms']} ms)"
         )
 
-    return _daemon_or_offline(
+    return run_vm_verb(
         args,
-        "vm.move",
-        {"name": args.name, "pool": args.pool, "key_file": args.key_file},
+        "vm move",
+        {"name": args.name, "pool": args.pool},
         _move,
         label="moving",
         done=moved,
@@ -234,45 +231,12 @@ def _move_routed(args: argparse.Namespace) -> int:
 
 
 def _move(args: argparse.Namespace, manager: VmManager) -> int:
-    from ..vm.move import move
-
     with progress_bar("moving", args.progress) as bar:
         count = move(manager, args.name, args.pool, progress=bar)
     if args.json:
         print_json({"vm": args.name, "pool": args.pool, "live": False, "units": count})
     else:
         print(f"moved VM {args.name} to pool {args.pool} ({count} units)")
-    return 0
-
-
-def _daemon_or_offline(
-    args: argparse.Namespace,
-    op: str,
-    request: dict[str, Any],
-    offline: Any,
-    *,
-    label: str = "",
-    done: Callable[[dict[str, Any]], str] | None = None,
-    as_json: Callable[[dict[str, Any]], Any] | None = None,
-) -> int:
-    """``op`` by the running daemon where it exports the VM, else ``offline``; a
-    ``label`` draws a progress bar of the daemon's work; ``done`` says what was done,
-    ``as_json`` what ``--json`` prints of the daemon's result (default: all of it)."""
-    bar = progress_bar(label, args.progress) if label else None
-    try:
-        with bar or contextlib.nullcontext():  # the bar's line ends before any message
-            result = call_for_vm(args.state_dir, op, request, progress=bar)
-    except AdminError as exc:
-        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
-        return 1
-    if result is None:
-        return run_managed(args, offline)
-    if getattr(args, "json", False):
-        print_json(as_json(result) if as_json is not None else result)
-    elif done is not None:
-        print(done(result))
-    else:
-        print(f"{op}: done by the running daemon (its LUNs were quiesced)")
     return 0
 
 
@@ -291,12 +255,12 @@ def _snapshot(args: argparse.Namespace) -> int:
         return 2
     args.name = words[0]
     args.snapshot = words[1] if need == 2 else None
-    request = {"name": args.name, "snapshot": args.snapshot, "key_file": args.key_file}
+    request = {"name": args.name, "snapshot": args.snapshot}
     if verb == "create":
         request.update(description=args.description, full=args.full)
-        return _daemon_or_offline(
+        return run_vm_verb(
             args,
-            "vm.snapshot",
+            "vm snapshot",
             request,
             _create,
             label="filling" if args.full else "",
@@ -306,9 +270,9 @@ def _snapshot(args: argparse.Namespace) -> int:
             ),
         )
     if verb == "fill":
-        return _daemon_or_offline(
+        return run_vm_verb(
             args,
-            "vm.snapshot.fill",
+            "vm snapshot fill",
             request,
             _fill,
             label="filling",
@@ -318,15 +282,15 @@ def _snapshot(args: argparse.Namespace) -> int:
             ),
         )
     if verb == "delete":
-        return _daemon_or_offline(args, "vm.snapshot.delete", request, _delete)
+        return run_vm_verb(args, "vm snapshot delete", request, _delete)
     if verb == "list":
-        return run_managed(args, _list)
+        return run_offline(args, _list)
     if args.output:
-        return run_managed(args, _export)
+        return run_offline(args, _export)
     request["stop"] = args.stop
-    return _daemon_or_offline(
+    return run_vm_verb(
         args,
-        "vm.snapshot.export",
+        "vm snapshot export",
         request,
         _export,
         done=lambda r: (
@@ -361,8 +325,6 @@ def _create(args: argparse.Namespace, manager: VmManager) -> int:
 
 
 def _fill(args: argparse.Namespace, manager: VmManager) -> int:
-    from ..vm.snapshot_fill import fill_snapshot
-
     with progress_bar("filling", args.progress) as bar:
         filled = fill_snapshot(manager, args.name, args.snapshot, progress=bar)
     info = snaps.snapshot_info(manager, args.name, args.snapshot)
@@ -403,8 +365,6 @@ def _export(args: argparse.Namespace, manager: VmManager) -> int:
         finally:
             backend.close()
         return 0
-    from ..vm.snapshot_export import set_exported
-
     target = set_exported(manager, args.name, args.snapshot, not args.stop)
     if args.json:
         print_json({"target": target, "exported": not args.stop, "live": False})
@@ -419,7 +379,7 @@ def _export(args: argparse.Namespace, manager: VmManager) -> int:
 
 
 def _revert(args: argparse.Namespace) -> int:
-    request = {"name": args.name, "snapshot": args.snapshot, "key_file": args.key_file}
+    request = {"name": args.name, "snapshot": args.snapshot}
 
     def offline(a: argparse.Namespace, manager: VmManager) -> int:
         info = snaps.revert(manager, a.name, a.snapshot)
@@ -429,4 +389,4 @@ def _revert(args: argparse.Namespace) -> int:
             print(f"VM {a.name} reverted to snapshot {info.name}")
         return 0
 
-    return _daemon_or_offline(args, "vm.revert", request, offline)
+    return run_vm_verb(args, "vm revert", request, offline)

@@ -1,4 +1,6 @@
-"""Serve configuration: a typed model loaded from TOML (``conf/target.example.toml``).
+"""Serve configuration: the TOML reader (``conf/target.example.toml``) of the
+configuration model (:mod:`.model`: targets, LUNs, ACLs, portals, CHAP), with the
+daemon's own settings (:class:`ServeConfig`), and the registry built from it.
 
 Only what the operator wrote is used; nothing is created unless a LUN names a
 ``size`` for a file that does not exist yet, and an existing file is never truncated.
@@ -11,27 +13,24 @@ turns that off); the no-config default also provisions the demo VM ``demo``.
 from __future__ import annotations
 
 import os
-import time
 import tomllib
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.params import TargetPreferences
-from ..scsi import LogicalUnit, ScsiTarget, UnitIdentity
+from ..scsi import LogicalUnit, ScsiTarget
 from ..sizes import parse_size
-from ..storage import BackendError, FileBackend, create_sparse_file
 from ..vm import VmError, VmLuns, serve_vms, vm_target_name
 from ..vm.export import DEMO_VM
 from .acl import Acl, check_mutual, check_secret
+from .model import LunError, LunSpec, TargetSpec, check_provisioning, open_lun, parse_portal
 from .registry import Registry, Target
 
 BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
 DEFAULT_PORTAL = "127.0.0.1:3260"
 DEMO_SIZE = 1 << 30
-_ID_NAMESPACE = uuid.UUID("5b0e1c52-8f6e-4d0a-9d3e-2f1f3c6a7b10")
 
 
 class ConfigError(IscsiVmtargetError):
@@ -39,34 +38,10 @@ class ConfigError(IscsiVmtargetError):
 
 
 @dataclass
-class LunConfig:
-    number: int
-    path: str
-    size: int | None = None
-    read_only: bool = False
-    block_size: int = 512
-    serial: str | None = None
-    provisioning: str = "thin"  # "thin": UNMAP punches holes; "thick": UNMAP zeroes in place
-
-
-@dataclass
-class TargetConfig:
-    name: str
-    alias: str | None = None
-    tpgt: int = 1
-    luns: list[LunConfig] = field(default_factory=list)
-    chap: ChapSecret | None = None
-    mutual_chap: ChapSecret | None = None
-    initiators: list[str] = field(default_factory=list)
-    acls: list[Acl] = field(default_factory=list)  # [[target.acl]] (server/acl.py)
-    allow_all: bool = False  # demo mode: initiators without an ACL see every LUN
-
-
-@dataclass
 class ServeConfig:
     state_dir: str = "./var/iscsi-vmtarget"
     portals: list[Portal] = field(default_factory=list)
-    targets: list[TargetConfig] = field(default_factory=list)
+    targets: list[TargetSpec] = field(default_factory=list)
     discovery_chap: ChapSecret | None = None
     discovery_mutual_chap: ChapSecret | None = None
     nop_interval: float = 30.0
@@ -109,22 +84,6 @@ def _negotiation(section: dict[str, Any]) -> TargetPreferences:
     return TargetPreferences(**values)
 
 
-def parse_portal(text: str, tpgt: int = 1) -> Portal:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> :class:`Portal`; ValueError naming the problem."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"portal {text!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]  # an IPv6 address, bracketed as in RFC 3986 §3.2.2
-    elif ":" in host or "[" in host or "]" in host:
-        raise ValueError(f"portal {text!r} is not HOST:PORT (an IPv6 host goes in brackets)")
-    if not host:
-        raise ValueError(f"portal {text!r} has no host")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"portal {text!r} has a bad port")
-    return Portal(host, int(port), tpgt)
-
-
 def _chap(section: Any, where: str) -> ChapSecret | None:
     if section is None:
         return None
@@ -133,12 +92,6 @@ def _chap(section: Any, where: str) -> ChapSecret | None:
     except (KeyError, TypeError) as exc:
         raise ConfigError(f"{where}: needs 'user' and 'secret'") from exc
     return check_secret(chap, where)  # RFC 7143 §12.1.3: at least 96 bits
-
-
-def _provisioning(value: Any) -> str:
-    if value not in ("thin", "thick"):
-        raise ValueError(f"provisioning must be 'thin' or 'thick', not {value!r}")
-    return str(value)
 
 
 def load_config(path: str) -> ServeConfig:
@@ -165,37 +118,44 @@ def load_config(path: str) -> ServeConfig:
             doc.get("discovery", {}).get("mutual_chap"), "discovery.mutual_chap"
         )
         check_mutual(cfg.discovery_chap, cfg.discovery_mutual_chap, "discovery")
-        for t in doc.get("target", []):
-            tc = TargetConfig(
-                name=str(t["name"]),
-                alias=t.get("alias"),
-                tpgt=int(t.get("tpgt", 1)),
-                chap=_chap(t.get("chap"), f"target {t['name']}.chap"),
-                mutual_chap=_chap(t.get("mutual_chap"), f"target {t['name']}.mutual_chap"),
-                initiators=[str(i) for i in t.get("initiators", [])],
-                acls=[Acl.from_dict(a, f"target {t['name']} acl") for a in t.get("acl", [])],
-                allow_all=bool(t.get("allow_all", False)),
-            )
-            check_mutual(tc.chap, tc.mutual_chap, f"target {tc.name}")
-            for lun in t.get("lun", []):
-                lpath = str(lun["path"])
-                tc.luns.append(
-                    LunConfig(
-                        number=int(lun["number"]),
-                        path=lpath if os.path.isabs(lpath) else os.path.join(base, lpath),
-                        size=parse_size(lun["size"]) if "size" in lun else None,
-                        read_only=bool(lun.get("read_only", False)),
-                        block_size=int(lun.get("block_size", 512)),
-                        serial=lun.get("serial"),
-                        provisioning=_provisioning(lun.get("provisioning", "thin")),
-                    )
-                )
-            cfg.targets.append(tc)
+        cfg.targets = [_target(t, base) for t in doc.get("target", [])]
     except KeyError as exc:
         raise ConfigError(f"config {path!r}: missing key {exc}") from exc
     except ValueError as exc:
         raise ConfigError(f"config {path!r}: {exc}") from exc
     return cfg
+
+
+def _target(t: dict[str, Any], base: str) -> TargetSpec:
+    """A ``[[target]]`` table with its ``[[target.lun]]`` and ``[[target.acl]]`` tables.
+    Unlike the managed JSON (:meth:`TargetSpec.from_dict`), LUNs and ACLs stay in the
+    file's order: a LUN number given twice is refused when the registry is built."""
+    spec = TargetSpec(
+        name=str(t["name"]),
+        alias=t.get("alias"),
+        tpgt=int(t.get("tpgt", 1)),
+        chap=_chap(t.get("chap"), f"target {t['name']}.chap"),
+        mutual_chap=_chap(t.get("mutual_chap"), f"target {t['name']}.mutual_chap"),
+        initiators=tuple(str(i) for i in t.get("initiators", [])),
+        acls=tuple(Acl.from_dict(a, f"target {t['name']} acl") for a in t.get("acl", [])),
+        allow_all=bool(t.get("allow_all", False)),
+    )
+    check_mutual(spec.chap, spec.mutual_chap, f"target {spec.name}")
+    luns = []
+    for lun in t.get("lun", []):
+        lpath = str(lun["path"])
+        luns.append(
+            LunSpec(
+                number=int(lun["number"]),
+                path=lpath if os.path.isabs(lpath) else os.path.join(base, lpath),
+                size=parse_size(lun["size"]) if "size" in lun else None,
+                read_only=bool(lun.get("read_only", False)),
+                block_size=int(lun.get("block_size", 512)),
+                serial=lun.get("serial"),
+                provisioning=check_provisioning(lun.get("provisioning", "thin")),
+            )
+        )
+    return replace(spec, luns=tuple(luns))
 
 
 def demo_config(state_dir: str) -> ServeConfig:
@@ -207,72 +167,14 @@ def demo_config(state_dir: str) -> ServeConfig:
     return ServeConfig(
         state_dir=state_dir,
         targets=[
-            TargetConfig(
+            TargetSpec(
                 name=f"{BASE_IQN}:demo",
                 alias="demo",
-                luns=[LunConfig(0, os.path.join(pool, "demo-lun0.img"), DEMO_SIZE)],
+                luns=(LunSpec(0, os.path.join(pool, "demo-lun0.img"), DEMO_SIZE),),
                 allow_all=True,
             )
         ],
         demo_vm=True,
-    )
-
-
-def _open_lun(target: TargetConfig, lun: LunConfig) -> LogicalUnit:
-    if lun.block_size not in (512, 1024, 2048, 4096):
-        raise ConfigError(f"LUN {lun.number} of {target.name}: bad block_size {lun.block_size}")
-    if not os.path.exists(lun.path):
-        if lun.size is None:
-            raise ConfigError(
-                f"LUN {lun.number} of {target.name}: backing file {lun.path!r} does not exist "
-                "(give a size to create it)"
-            )
-        if lun.size == 0 or lun.size % lun.block_size:
-            raise ConfigError(
-                f"LUN {lun.number} of {target.name}: size {lun.size} is not a positive "
-                f"multiple of the block size {lun.block_size}"
-            )
-        os.makedirs(os.path.dirname(lun.path) or ".", exist_ok=True)
-        create_sparse_file(lun.path, lun.size)
-    try:
-        backend = FileBackend(lun.path, read_only=lun.read_only)
-    except BackendError as exc:
-        raise ConfigError(f"LUN {lun.number} of {target.name}: {exc}") from exc
-    if lun.size is not None and backend.size != lun.size:
-        backend.close()
-        raise ConfigError(
-            f"LUN {lun.number} of {target.name}: {lun.path!r} holds {backend.size} bytes, "
-            f"config says {lun.size}; refusing to resize it"
-        )
-    if backend.size < lun.block_size:
-        backend.close()
-        raise ConfigError(f"LUN {lun.number} of {target.name}: {lun.path!r} is empty")
-    if lun.provisioning == "thick" and not backend.is_block_device and not lun.read_only:
-        # thick means every block allocated up front, also for a file that exists (its
-        # holes get space, its data stays): what GET LBA STATUS calls anchored has space
-        try:
-            with open(lun.path, "r+b") as fh:
-                os.posix_fallocate(fh.fileno(), 0, backend.size)
-        except OSError as exc:
-            backend.close()
-            raise ConfigError(
-                f"LUN {lun.number} of {target.name}: cannot preallocate {lun.path!r} "
-                f"for thick provisioning: {exc.strerror}"
-            ) from exc
-    unit_id = uuid.uuid5(_ID_NAMESPACE, f"{target.name.lower()}/{os.path.abspath(lun.path)}")
-    identity = UnitIdentity.from_uuid(unit_id, lun.serial or unit_id.hex[:16])
-    return LogicalUnit(
-        backend,
-        identity,
-        block_size=lun.block_size,
-        read_only=lun.read_only,
-        thin_provisioning=lun.provisioning == "thin" and not backend.is_block_device,
-        # a preallocated file keeps its space: UNMAP zeroes in place (anchors)
-        resource_provisioning=lun.provisioning == "thick" and not backend.is_block_device,
-        # APTPL persistent reservations live in a file beside the unit
-        pr_state_path=None if backend.is_block_device else f"{lun.path}.pr",
-        clock=time.monotonic,
-        sleep=time.sleep,
     )
 
 
@@ -290,7 +192,10 @@ def build_registry(cfg: ServeConfig) -> Registry:
             for lun in t.luns:
                 if lun.number in luns:
                     raise ConfigError(f"target {t.name}: LUN {lun.number} defined twice")
-                luns[lun.number] = _open_lun(t, lun)
+                try:
+                    luns[lun.number] = open_lun(t.name, lun)
+                except LunError as exc:
+                    raise ConfigError(str(exc)) from exc
                 opened.append(luns[lun.number])
             entry = TargetEntry(
                 name=t.name,
@@ -337,7 +242,7 @@ def vm_target(vm: VmLuns, *, allow_all: bool = False) -> Target:
 
     Denied to every initiator by default (``deny_by_default``): the VM's grants,
     keyed by ``vm.vm_uuid``, open it when the daemon applies its managed
-    configuration (:meth:`.admin.Runtime.set_access`, :mod:`.grants`)."""
+    configuration (:meth:`.runtime.Runtime.set_access`, :mod:`.grants`)."""
     entry = TargetEntry(
         name=vm_target_name(vm.name, BASE_IQN), alias=f"vm.{vm.name}", deny_by_default=True
     )

@@ -11,7 +11,7 @@ the grant follows the VM. ``default_grants`` apply to every VM of the state
 directory (the hypervisor hosts that may see them all).
 
 What one VM-derived target admits is decided in one place,
-:func:`effective_acls` (called by :meth:`.admin.Runtime.set_access` for every target
+:func:`effective_acls` (called by :meth:`.runtime.Runtime.set_access` for every target
 whose ``vm_uuid`` is set): the default grants, then the VM's own grants (a VM grant of
 the same initiator replaces the default one), and the VM's ``allow_all``. The
 operations here (``grant.*``, ``acl.default.*`` and the VM side of ``acl.add``/

@@ -20,15 +20,14 @@ import logging
 from ..vm import VmError, vm_target_name
 from ..vm.lease import LeaseHeldError
 from ..vm.lease_device import LeaseKeeper
-from .admin import Runtime
+from .actions.serve_vm import serve_vm_live
+from .runtime import Runtime
 
 log = logging.getLogger("iscsi_vmtarget")
 
 
 def keep_leases(keeper: LeaseKeeper, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
     """Hook ``keeper``'s rounds to this daemon's runtime (call on the event loop)."""
-    from .vm_serve import serve_vm_live
-
     runtime.loop = loop
     runtime.leases = keeper
 

@@ -1,4 +1,5 @@
-"""The persisted management configuration and its atomic store.
+"""The persisted management configuration and its atomic store: the JSON reader and
+writer of the configuration model (:mod:`.model`: targets, LUNs, ACLs, portals, CHAP).
 
 ``<state-dir>/conf/config.json`` (mode 0600: it holds CHAP secrets; the directory is
 0700) is the source of truth for everything made with the management commands:
@@ -54,8 +55,8 @@ from typing import Any
 
 from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal
-from ..sizes import parse_size
-from .acl import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
+from .acl import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual
+from .model import TargetSpec, acl_list, parse_portal, portal_text
 
 VERSION = 1
 CONF_DIR = "conf"
@@ -64,113 +65,6 @@ CONF_FILE = "config.json"
 
 class PersistError(IscsiVmtargetError):
     """A configuration document that cannot be read or is invalid; says where."""
-
-
-@dataclass(frozen=True)
-class LunSpec:
-    """A LUN of a managed target: a backing file or block device (RFC 7143 is silent;
-    SBC-3 direct-access block device)."""
-
-    number: int
-    path: str
-    size: int | None = None
-    read_only: bool = False
-    block_size: int = 512
-    serial: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"number": self.number, "path": self.path}
-        if self.size is not None:
-            out["size"] = self.size
-        out["read_only"] = self.read_only
-        out["block_size"] = self.block_size
-        if self.serial is not None:
-            out["serial"] = self.serial
-        return out
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any], base: str = ".") -> LunSpec:
-        path = str(doc["path"])
-        size = doc.get("size")
-        return cls(
-            number=int(doc["number"]),
-            path=path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path)),
-            size=None if size is None else parse_size(size),
-            read_only=bool(doc.get("read_only", False)),
-            block_size=int(doc.get("block_size", 512)),
-            serial=doc.get("serial"),
-        )
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """One target of the managed configuration (see the module docstring)."""
-
-    name: str
-    alias: str | None = None
-    tpgt: int = 1
-    luns: tuple[LunSpec, ...] = ()
-    acls: tuple[Acl, ...] = ()
-    chap: ChapSecret | None = None
-    mutual_chap: ChapSecret | None = None
-    allow_all: bool = False
-
-    @property
-    def key(self) -> str:
-        return self.name.lower()
-
-    def lun(self, number: int) -> LunSpec | None:
-        return next((lun for lun in self.luns if lun.number == number), None)
-
-    def acl(self, initiator: str) -> Acl | None:
-        return next((a for a in self.acls if a.key == initiator.lower()), None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "alias": self.alias,
-            "tpgt": self.tpgt,
-            "allow_all": self.allow_all,
-            "chap": chap_to_dict(self.chap),
-            "mutual_chap": chap_to_dict(self.mutual_chap),
-            "luns": [lun.to_dict() for lun in self.luns],
-            "acls": [a.to_dict() for a in self.acls],
-        }
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any], base: str = ".") -> TargetSpec:
-        name = check_name(str(doc["name"]), "target")
-        where = f"target {name}"
-        luns = tuple(
-            sorted(
-                (LunSpec.from_dict(x, base) for x in doc.get("luns", doc.get("lun", []))),
-                key=lambda lun: lun.number,
-            )
-        )
-        if len({lun.number for lun in luns}) != len(luns):
-            raise AclError(f"{where}: a LUN number is defined twice")
-        acls = _acl_list(doc.get("acls", doc.get("acl", [])), f"{where} acl")
-        chap = chap_from_dict(doc.get("chap"), f"{where} chap")
-        mutual = chap_from_dict(doc.get("mutual_chap"), f"{where} mutual_chap")
-        check_mutual(chap, mutual, where)
-        return cls(
-            name=name,
-            alias=doc.get("alias"),
-            tpgt=int(doc.get("tpgt", 1)),
-            luns=luns,
-            acls=acls,
-            chap=chap,
-            mutual_chap=mutual,
-            allow_all=bool(doc.get("allow_all", False)),
-        )
-
-
-def _acl_list(docs: Any, where: str) -> tuple[Acl, ...]:
-    """ACL dicts -> ACLs sorted by initiator; two for one initiator are refused."""
-    acls = tuple(Acl.from_dict(a, where) for a in docs or ())
-    if len({a.key for a in acls}) != len(acls):
-        raise AclError(f"{where}: two ACLs for one initiator")
-    return tuple(sorted(acls, key=lambda a: a.key))
 
 
 @dataclass(frozen=True)
@@ -207,7 +101,7 @@ class VmGrants:
             key,
             name,
             bool(doc.get("allow_all", False)),
-            _acl_list(doc.get("grants"), f"grants of VM {name}"),
+            acl_list(doc.get("grants"), f"grants of VM {name}"),
         )
 
 
@@ -247,7 +141,7 @@ class ManagedConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": VERSION,
-            "portals": [{"listen": _portal_text(p), "tpgt": p.tpgt} for p in self.portals],
+            "portals": [{"listen": portal_text(p), "tpgt": p.tpgt} for p in self.portals],
             "discovery": {
                 "chap": chap_to_dict(self.discovery_chap),
                 "mutual_chap": chap_to_dict(self.discovery_mutual_chap),
@@ -259,8 +153,6 @@ class ManagedConfig:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], base: str = ".") -> ManagedConfig:
-        from .config import parse_portal  # config imports this module's users
-
         if not isinstance(doc, dict):
             raise PersistError("the configuration is not a JSON object / TOML table")
         if int(doc.get("version", VERSION)) > VERSION:
@@ -277,7 +169,7 @@ class ManagedConfig:
             listed = doc.get("targets", doc.get("target", []))
             targets = [TargetSpec.from_dict(t, base) for t in listed]
             vms = [VmGrants.from_dict(v) for v in doc.get("vms", ())]
-            defaults = _acl_list(doc.get("default_grants"), "default grants")
+            defaults = acl_list(doc.get("default_grants"), "default grants")
         except (KeyError, TypeError) as exc:
             raise PersistError(f"missing or malformed key {exc}") from exc
         except ValueError as exc:
@@ -294,11 +186,6 @@ class ManagedConfig:
             vms=tuple(sorted(vms, key=lambda v: (v.name, str(v.uuid)))),
             default_grants=defaults,
         )
-
-
-def _portal_text(p: Portal) -> str:
-    host = f"[{p.host}]" if ":" in p.host else p.host
-    return f"{host}:{p.port}"
 
 
 def read_document(path: str) -> dict[str, Any]:
@@ -348,9 +235,9 @@ def diff(old: ManagedConfig, new: ManagedConfig) -> list[str]:
     out: list[str] = []
     old_p = {(p.host, p.port): p for p in old.portals}
     new_p = {(p.host, p.port): p for p in new.portals}
-    out += [f"- portal {_portal_text(p)}" for k, p in old_p.items() if k not in new_p]
-    out += [f"+ portal {_portal_text(p)}" for k, p in new_p.items() if k not in old_p]
-    out += [f"~ portal {_portal_text(p)}" for k, p in new_p.items() if k in old_p and old_p[k] != p]
+    out += [f"- portal {portal_text(p)}" for k, p in old_p.items() if k not in new_p]
+    out += [f"+ portal {portal_text(p)}" for k, p in new_p.items() if k not in old_p]
+    out += [f"~ portal {portal_text(p)}" for k, p in new_p.items() if k in old_p and old_p[k] != p]
     if (old.discovery_chap, old.discovery_mutual_chap) != (
         new.discovery_chap,
         new.discovery_mutual_chap,
@@ -382,7 +269,7 @@ def diff(old: ManagedConfig, new: ManagedConfig) -> list[str]:
 def _target_diff(old: TargetSpec, new: TargetSpec) -> list[str]:
     out: list[str] = []
     name = new.name
-    for attr in ("alias", "tpgt", "allow_all"):
+    for attr in ("alias", "tpgt", "allow_all", "initiators"):
         if getattr(old, attr) != getattr(new, attr):
             out.append(f"~ target {name} {attr}={getattr(new, attr)!r}")
     if (old.chap, old.mutual_chap) != (new.chap, new.mutual_chap):
@@ -481,10 +368,8 @@ class ConfigStore:
 
 __all__ = [
     "ConfigStore",
-    "LunSpec",
     "ManagedConfig",
     "PersistError",
-    "TargetSpec",
     "VmGrants",
     "diff",
     "read_document",

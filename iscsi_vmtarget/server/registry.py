@@ -12,15 +12,13 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from ..iscsi.connection import TargetConnection
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.login import LoginThrottle, SessionTable
-from ..scsi import LogicalUnit, ScsiTarget
+from ..scsi import LogicalUnit, Nexus, ScsiTarget
 from .acl import Acl, build_lun_map, check_unique_designators
-
-if TYPE_CHECKING:
-    from .portal import ConnectionHandler
 
 log = logging.getLogger("iscsi_vmtarget")
 
@@ -95,6 +93,22 @@ class Target:
         return self.scsi_for_acl(acl)
 
 
+class Connection(Protocol):
+    """A logged-in connection as the registry keeps it (by TSIH) and management sees
+    it: the portal's :class:`~.portal.ConnectionHandler`, which imports this module."""
+
+    conn: TargetConnection
+    tsih: int
+    peer: str
+    source: str | None
+    target_name: str  # lower case, "" for a discovery session
+    nexus: Nexus | None
+    scsi: ScsiTarget | None  # the LUN map its ACL gives it
+    lun_names: dict[int, int]  # LUN number shown -> the target's own LUN number
+
+    def abort_session(self, reason: str) -> None: ...
+
+
 @dataclass
 class Registry:
     """Targets, portals and sessions of one daemon."""
@@ -104,7 +118,7 @@ class Registry:
     discovery_auth: ChapSecret | None = None
     discovery_mutual: ChapSecret | None = None
     sessions: SessionTable = field(default_factory=SessionTable)
-    connections: dict[int, ConnectionHandler] = field(default_factory=dict)  # by TSIH
+    connections: dict[int, Connection] = field(default_factory=dict)  # by TSIH
     throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(time.monotonic))
 
     # -- TargetDirectory -------------------------------------------------------------
@@ -163,6 +177,6 @@ class Registry:
                 out[shown] = by_unit[id(shared)]
         return out
 
-    def connections_of(self, target_name: str) -> list[ConnectionHandler]:
+    def connections_of(self, target_name: str) -> list[Connection]:
         key = target_name.lower()
         return [c for c in self.connections.values() if c.target_name == key]

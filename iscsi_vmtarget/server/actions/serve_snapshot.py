@@ -4,18 +4,22 @@
 (:mod:`iscsi_vmtarget.vm.snapshot_export`); a running daemon that exports the VM
 also opens the snapshot's LUNs and adds its target at once - SendTargets lists it
 from then on (RFC 7143 §12.3) to the initiators the VM is granted (its grants
-follow it into the export, :mod:`.grants`), read-only. ``--stop`` unmarks it and removes the target,
-logging its sessions out as ``target delete`` does.
+follow it into the export, :mod:`..grants`), read-only. ``--stop`` unmarks it and
+removes the target, logging its sessions out as ``target delete`` does.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from ..vm import StateDir, VmManager
-from ..vm import snapshot_export as exports
-from .admin import Args, Runtime, log, served_vm_target
-from .vm_serve import add_vm_target
+from ...vm import StateDir, VmManager
+from ...vm import snapshot_export as exports
+from ..runtime import Args, Runtime
+from .serve_vm import add_vm_target
+from .served import served_vm_target
+
+log = logging.getLogger("iscsi_vmtarget")
 
 
 def export_snapshot_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:

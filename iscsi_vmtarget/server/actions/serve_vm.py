@@ -4,20 +4,23 @@
 made later - ``vm create``, ``vm clone``, ``vm promote`` - is added by this action at
 once instead of at the next start: its units are opened and locked as at start, and
 its target joins the registry on the event loop, masked by the VM's grants and the
-default grants (:mod:`.grants`; nobody else gets in) and with any CHAP overlay the
+default grants (:mod:`..grants`; nobody else gets in) and with any CHAP overlay the
 managed configuration holds for that name; SendTargets lists it from then on to
 those it admits (RFC 7143 §12.3).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from ..vm import StateDir, VmManager, vm_target_name
-from ..vm.export import VmLuns, export_vm
-from .admin import Args, Runtime, log
-from .config import vm_target
-from .persist import ConfigStore
+from ...vm import StateDir, VmManager, vm_target_name
+from ...vm.export import VmLuns, export_vm
+from ..config import vm_target
+from ..persist import ConfigStore
+from ..runtime import Args, Runtime
+
+log = logging.getLogger("iscsi_vmtarget")
 
 
 def serve_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:

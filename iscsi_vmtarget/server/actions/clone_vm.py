@@ -6,32 +6,35 @@
   ``vm snapshot`` does (in-flight commands drain, new ones wait, the guest notices
   nothing and its LUNs keep their VPD 0x83 identities), then links to that snapshot,
   which is kept and named in the result. The clone is served at once, under its own
-  target and designators (:func:`~.vm_serve.serve_vm_live`).
+  target and designators (:func:`~.serve_vm.serve_vm_live`).
 * ``vm.unlink`` ``{name, key_file?}``: make linked clone ``name`` independent while it
   serves (its guest writing) and its source too; the served chains that read through
   its layers end at its own units afterwards.
 
-Both refuse a VM this daemon does not export with :data:`~.admin.NOT_EXPORTED`, so the
-CLI then works on the pools offline (:func:`~.admin.call_for_vm`).
+Both refuse a VM this daemon does not export with :data:`~.served.NOT_EXPORTED`, so the
+CLI then works on the pools offline (:func:`~..admin.call_for_vm`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from ..vm import StateDir, VmError, VmManager
-from .admin import PROGRESS_ARG, Args, Runtime, _vm_chains, log, other_chains, served_vm_target
-from .vm_serve import serve_vm_live
+from ...vm import StateDir, VmError, VmManager
+from ...vm.clone import clone, unlink
+from ..runtime import Args, Runtime
+from .serve_vm import serve_vm_live
+from .served import PROGRESS_ARG, key_args, other_chains, served_vm_target, vm_chains
+
+log = logging.getLogger("iscsi_vmtarget")
 
 
 def clone_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """``vm.clone`` (module docstring); the result names the snapshot taken (None
     when the clone was made from a named snapshot or copied in full) and the clone's
     target, or why it could not be served now (``serve_error``)."""
-    from ..vm.clone import clone
-
     src, dst, full = str(args["src"]), str(args["dst"]), bool(args.get("full"))
-    chains = _vm_chains(runtime, src)
+    chains = vm_chains(runtime, src)
     snapshot = args.get("from_snapshot")
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         taken = clone(
@@ -46,7 +49,7 @@ def clone_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any
     log.info("vm %s: cloned live as %s (snapshot %s)", src, dst, taken or snapshot or "-")
     result: dict[str, Any] = {"src": src, "dst": dst, "full": full, "snapshot": taken}
     try:
-        result.update(serve_vm_live(state_dir, runtime, {"name": dst, **_key(args)}))
+        result.update(serve_vm_live(state_dir, runtime, {"name": dst, **key_args(args)}))
     except (VmError, OSError, ValueError) as exc:  # made, and served from the next start
         log.warning("vm %s: cloned but not served now: %s", dst, exc)
         result["serve_error"] = str(exc)
@@ -55,16 +58,10 @@ def clone_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any
 
 def unlink_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """``vm.unlink`` (module docstring); ``changed`` is False if it was independent."""
-    from ..vm.clone import unlink
-
     name = str(args["name"])
-    chains = _vm_chains(runtime, name)
+    chains = vm_chains(runtime, name)
     followers = other_chains(runtime, served_vm_target(runtime, name))
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         changed = unlink(manager, name, args.get(PROGRESS_ARG), live=chains, followers=followers)
     log.info("vm %s: unlinked live" if changed else "vm %s: already independent", name)
     return {"name": name, "changed": changed}
-
-
-def _key(args: Args) -> dict[str, Any]:
-    return {"key_file": args["key_file"]} if args.get("key_file") else {}

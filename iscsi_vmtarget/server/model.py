@@ -1,0 +1,247 @@
+"""The configuration model: targets with their LUNs, ACLs, portals and CHAP secrets.
+
+One model, two readers: the serve configuration in TOML (:func:`.config.load_config`)
+and the managed configuration in JSON (:class:`.persist.ManagedConfig`, what the
+management commands write) both yield :class:`TargetSpec` with :class:`LunSpec`; in
+the spirit of rtslib-fb's ``setup()``/``dump()``, :meth:`TargetSpec.from_dict` loads
+a target from its document and :meth:`TargetSpec.to_dict` dumps it back, and
+:func:`open_lun` opens the logical unit a LUN spec describes (SBC-3 direct-access
+block device on a file or block device).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import IscsiVmtargetError
+from ..iscsi.directory import ChapSecret, Portal
+from ..scsi import LogicalUnit, UnitIdentity
+from ..sizes import parse_size
+from ..storage import BackendError, FileBackend, create_sparse_file
+from .acl import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
+
+_ID_NAMESPACE = uuid.UUID("5b0e1c52-8f6e-4d0a-9d3e-2f1f3c6a7b10")
+BLOCK_SIZES = (512, 1024, 2048, 4096)
+PROVISIONING = ("thin", "thick")
+
+
+class LunError(IscsiVmtargetError):
+    """A LUN that cannot be opened as configured; says which and why."""
+
+
+def check_provisioning(value: Any) -> str:
+    """``thin`` (UNMAP punches holes) or ``thick`` (every block allocated up front,
+    UNMAP zeroes in place); ValueError otherwise."""
+    if value not in PROVISIONING:
+        raise ValueError(f"provisioning must be 'thin' or 'thick', not {value!r}")
+    return str(value)
+
+
+def parse_portal(text: str, tpgt: int = 1) -> Portal:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> :class:`Portal`; ValueError naming the problem."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"portal {text!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 address, bracketed as in RFC 3986 §3.2.2
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"portal {text!r} is not HOST:PORT (an IPv6 host goes in brackets)")
+    if not host:
+        raise ValueError(f"portal {text!r} has no host")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"portal {text!r} has a bad port")
+    return Portal(host, int(port), tpgt)
+
+
+def portal_text(p: Portal) -> str:
+    """The ``HOST:PORT`` (``[V6]:PORT``) of a portal, as :func:`parse_portal` reads it."""
+    host = f"[{p.host}]" if ":" in p.host else p.host
+    return f"{host}:{p.port}"
+
+
+@dataclass(frozen=True)
+class LunSpec:
+    """A LUN of a target: a backing file or block device (SBC-3 direct-access block
+    device). ``size`` creates a missing file sparse (never resizes one); ``thick``
+    provisioning preallocates it."""
+
+    number: int
+    path: str
+    size: int | None = None
+    read_only: bool = False
+    block_size: int = 512
+    serial: str | None = None
+    provisioning: str = "thin"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"number": self.number, "path": self.path}
+        if self.size is not None:
+            out["size"] = self.size
+        out["read_only"] = self.read_only
+        out["block_size"] = self.block_size
+        if self.serial is not None:
+            out["serial"] = self.serial
+        if self.provisioning != "thin":
+            out["provisioning"] = self.provisioning
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], base: str = ".") -> LunSpec:
+        """A LUN's document; a relative ``path`` is relative to ``base``."""
+        path = str(doc["path"])
+        size = doc.get("size")
+        return cls(
+            number=int(doc["number"]),
+            path=path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path)),
+            size=None if size is None else parse_size(size),
+            read_only=bool(doc.get("read_only", False)),
+            block_size=int(doc.get("block_size", 512)),
+            serial=doc.get("serial"),
+            provisioning=check_provisioning(doc.get("provisioning", "thin")),
+        )
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One target: its LUNs, ACLs (:class:`~.acl.Acl`), CHAP secrets, ``allow_all``
+    (initiators without an ACL see every LUN) and, from older configurations, a plain
+    list of ``initiators`` allowed to log in."""
+
+    name: str
+    alias: str | None = None
+    tpgt: int = 1
+    luns: tuple[LunSpec, ...] = ()
+    acls: tuple[Acl, ...] = ()
+    chap: ChapSecret | None = None
+    mutual_chap: ChapSecret | None = None
+    allow_all: bool = False
+    initiators: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+    def lun(self, number: int) -> LunSpec | None:
+        return next((lun for lun in self.luns if lun.number == number), None)
+
+    def acl(self, initiator: str) -> Acl | None:
+        return next((a for a in self.acls if a.key == initiator.lower()), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "name": self.name,
+            "alias": self.alias,
+            "tpgt": self.tpgt,
+            "allow_all": self.allow_all,
+            "chap": chap_to_dict(self.chap),
+            "mutual_chap": chap_to_dict(self.mutual_chap),
+            "luns": [lun.to_dict() for lun in self.luns],
+            "acls": [a.to_dict() for a in self.acls],
+        }
+        if self.initiators:
+            out["initiators"] = list(self.initiators)
+        return out
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], base: str = ".") -> TargetSpec:
+        """A target's document (``luns``/``acls``, or TOML's ``lun``/``acl`` tables);
+        LUN paths relative to ``base``. AclError names what is wrong."""
+        name = check_name(str(doc["name"]), "target")
+        where = f"target {name}"
+        luns = tuple(
+            sorted(
+                (LunSpec.from_dict(x, base) for x in doc.get("luns", doc.get("lun", []))),
+                key=lambda lun: lun.number,
+            )
+        )
+        if len({lun.number for lun in luns}) != len(luns):
+            raise AclError(f"{where}: a LUN number is defined twice")
+        acls = acl_list(doc.get("acls", doc.get("acl", [])), f"{where} acl")
+        chap = chap_from_dict(doc.get("chap"), f"{where} chap")
+        mutual = chap_from_dict(doc.get("mutual_chap"), f"{where} mutual_chap")
+        check_mutual(chap, mutual, where)
+        return cls(
+            name=name,
+            alias=doc.get("alias"),
+            tpgt=int(doc.get("tpgt", 1)),
+            luns=luns,
+            acls=acls,
+            chap=chap,
+            mutual_chap=mutual,
+            allow_all=bool(doc.get("allow_all", False)),
+            initiators=tuple(str(i) for i in doc.get("initiators", ())),
+        )
+
+
+def acl_list(docs: Any, where: str) -> tuple[Acl, ...]:
+    """ACL dicts -> ACLs sorted by initiator; two for one initiator are refused."""
+    acls = tuple(Acl.from_dict(a, where) for a in docs or ())
+    if len({a.key for a in acls}) != len(acls):
+        raise AclError(f"{where}: two ACLs for one initiator")
+    return tuple(sorted(acls, key=lambda a: a.key))
+
+
+def open_lun(target: str, lun: LunSpec) -> LogicalUnit:
+    """The logical unit LUN ``lun`` of target ``target`` describes: its backing file
+    created sparse when missing and ``size`` is given, preallocated for ``thick``
+    provisioning, never resized; its identity (VPD 0x83/0x80) derived from the target
+    and the path, so it stays the same from one start to the next. LunError says
+    what is wrong, and nothing is left open."""
+    where = f"LUN {lun.number} of {target}"
+    if lun.block_size not in BLOCK_SIZES:
+        raise LunError(f"{where}: bad block_size {lun.block_size}")
+    if not os.path.exists(lun.path):
+        if lun.size is None:
+            raise LunError(
+                f"{where}: backing file {lun.path!r} does not exist (give a size to create it)"
+            )
+        if lun.size == 0 or lun.size % lun.block_size:
+            raise LunError(
+                f"{where}: size {lun.size} is not a positive "
+                f"multiple of the block size {lun.block_size}"
+            )
+        os.makedirs(os.path.dirname(lun.path) or ".", exist_ok=True)
+        create_sparse_file(lun.path, lun.size)
+    try:
+        backend = FileBackend(lun.path, read_only=lun.read_only)
+    except BackendError as exc:
+        raise LunError(f"{where}: {exc}") from exc
+    if lun.size is not None and backend.size != lun.size:
+        backend.close()
+        raise LunError(
+            f"{where}: {lun.path!r} holds {backend.size} bytes, "
+            f"config says {lun.size}; refusing to resize it"
+        )
+    if backend.size < lun.block_size:
+        backend.close()
+        raise LunError(f"{where}: {lun.path!r} is empty")
+    if lun.provisioning == "thick" and not backend.is_block_device and not lun.read_only:
+        # thick means every block allocated up front, also for a file that exists (its
+        # holes get space, its data stays): what GET LBA STATUS calls anchored has space
+        try:
+            with open(lun.path, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, backend.size)
+        except OSError as exc:
+            backend.close()
+            raise LunError(
+                f"{where}: cannot preallocate {lun.path!r} for thick provisioning: {exc.strerror}"
+            ) from exc
+    unit_id = uuid.uuid5(_ID_NAMESPACE, f"{target.lower()}/{os.path.abspath(lun.path)}")
+    identity = UnitIdentity.from_uuid(unit_id, lun.serial or unit_id.hex[:16])
+    return LogicalUnit(
+        backend,
+        identity,
+        block_size=lun.block_size,
+        read_only=lun.read_only,
+        thin_provisioning=lun.provisioning == "thin" and not backend.is_block_device,
+        # a preallocated file keeps its space: UNMAP zeroes in place (anchors)
+        resource_provisioning=lun.provisioning == "thick" and not backend.is_block_device,
+        # APTPL persistent reservations live in a file beside the unit
+        pr_state_path=None if backend.is_block_device else f"{lun.path}.pr",
+        clock=time.monotonic,
+        sleep=time.sleep,
+    )
