@@ -30,7 +30,13 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 
-from ..storage.backend import BackendError, BlockBackend, check_range
+from ..storage.backend import (
+    AllocationMap,
+    BackendError,
+    BlockBackend,
+    CapacityNotifier,
+    check_range,
+)
 from .format import ALIGN, TAIL_SIZE, Mode, Region, RegionKind, Role, UnitHeader, encode_header
 from .format import SLOT_OFFSETS as _SLOTS
 from .layout import align_up
@@ -213,6 +219,7 @@ class ChainBackend:
         self._owner: bytearray | None = None  # grain -> layer index cache (_owner_of)
         self._listeners: list[Callable[[int, int], None]] = []
         self.unit_uuid = getattr(root, "unit_uuid", None)
+        self._root_ranges = _ranges_of(root)
         #: called as ``hook(offset, length)`` after every write or unmap, inside the
         #: I/O gate (so a :meth:`quiesce` waits for it): a live move's dirty tracking
         self.write_hook: Callable[[int, int], None] | None = None
@@ -403,7 +410,7 @@ class ChainBackend:
 
     def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """GET LBA STATUS: the root's map without layers; with layers, all mapped."""
-        ranges = getattr(self.root, "allocated_ranges", None)
+        ranges = self._root_ranges
         if not self.layers and ranges is not None:
             with self._gate.io():
                 result: list[tuple[int, int]] = ranges(offset, length)
@@ -430,9 +437,8 @@ class ChainBackend:
 
     def add_capacity_listener(self, listener: Callable[[int, int], None]) -> None:
         self._listeners.append(listener)  # handed on to a root :meth:`rebind` brings
-        add = getattr(self.root, "add_capacity_listener", None)
-        if add is not None:
-            add(listener)
+        if isinstance(self.root, CapacityNotifier):
+            self.root.add_capacity_listener(listener)
 
     @contextlib.contextmanager
     def quiesce(self) -> Iterator[None]:
@@ -461,11 +467,16 @@ class ChainBackend:
         if root is not None and root is not self.root:
             self.root.close()
             self.root = root
-            add = getattr(root, "add_capacity_listener", None)
-            if add is not None:
+            self._root_ranges = _ranges_of(root)
+            if isinstance(root, CapacityNotifier):
                 for listener in self._listeners:
-                    add(listener)
+                    root.add_capacity_listener(listener)
         self._owner = None
         if self.size != before:  # a revert to a smaller snapshot, a grown top
             for listener in self._listeners:
                 listener(before, self.size)
+
+
+def _ranges_of(root: BlockBackend) -> Callable[[int, int], list[tuple[int, int]]] | None:
+    """The root's allocation map (:class:`AllocationMap`), looked up once per root."""
+    return root.allocated_ranges if isinstance(root, AllocationMap) else None
