@@ -20,7 +20,13 @@ class BlockBackend(Protocol):
     """A fixed-size byte-addressed store.
 
     Callers guarantee ``0 <= offset`` and ``offset + length <= size``; backends
-    still refuse out-of-range requests with :class:`ValueError` as a last guard.
+    still refuse out-of-range requests with :class:`ValueError` as a last guard for
+    management callers (unit headers, pool copies), nothing more. Who owns the check
+    of a guest's request: the SCSI layer's ``check_lba_range`` (LOGICAL BLOCK ADDRESS
+    OUT OF RANGE sense, SBC-3 §4.5) for an initiator; ``vm.view.GuestView`` for
+    isolation (no byte outside the guest's disk, whoever asks); ``vm.cow.ChainBackend``
+    only where it maps offsets to delta layers itself (with no layers it trusts its
+    guest view).
     Optional abilities are the protocols below (:class:`AllocationMap`,
     :class:`WrittenMap`, :class:`Zeroing`, :class:`CryptoErasable`,
     :class:`CapacityNotifier`), read once into :class:`Abilities` where a logical

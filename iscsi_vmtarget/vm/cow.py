@@ -200,6 +200,13 @@ class ChainBackend:
     live volume is one, so a daemon can snapshot or revert it in place
     (:meth:`quiesce` drains in-flight I/O and holds new I/O, :meth:`rebind` swaps the
     layers). A snapshot is read through a read-only chain starting at its frozen layer.
+
+    The range check: with no layers the chain passes every request to its root, a
+    :class:`~.view.GuestView` that owns the bound (the concealment check), and checks
+    nothing itself; with layers it resolves offsets to delta units itself, so it
+    checks each request once against its size (past a delta's DISK region lies its
+    header), whoever calls: a SCSI command (already checked, with sense data, by
+    ``check_lba_range``) or a management copy, a snapshot export, a replication.
     """
 
     def __init__(
@@ -316,12 +323,12 @@ class ChainBackend:
 
     def read_quiesced(self, offset: int, buf: memoryview) -> None:
         """:meth:`read_into` without the gate: for a caller inside :meth:`quiesce`."""
-        length = len(buf)
-        check_range(self.size, offset, length)
         layers = self.layers
-        if not layers:
+        if not layers:  # the root owns the bound (class docstring)
             self.root.read_into(offset, buf)
             return
+        length = len(buf)
+        check_range(layers[0].size, offset, length)
         grain = offset // GRAIN
         if length and (offset + length - 1) // GRAIN == grain:  # within one grain
             owner = self._owner_of(grain)
@@ -342,7 +349,8 @@ class ChainBackend:
             raise BackendError("this snapshot is read-only")
         view = memoryview(data).cast("B")
         with self._gate.io():
-            check_range(self.size, offset, len(view))
+            if self.layers:  # else the root owns the bound (class docstring)
+                check_range(self.size, offset, len(view))
             self._write(offset, view)
             hook = self.write_hook
             if hook is not None:  # after the write: a copy reading later sees it
@@ -380,7 +388,8 @@ class ChainBackend:
         if self.read_only:
             return
         with self._gate.io():
-            check_range(self.size, offset, length)
+            if self.layers:  # else the root owns the bound (class docstring)
+                check_range(self.size, offset, length)
             self._unmap(offset, length)
             hook = self.write_hook
             if hook is not None:
