@@ -13,6 +13,7 @@ import os
 import sys
 
 from ..sizes import format_size
+from ..storage import atomic_file
 from ..vm import Mode, VmError, VmManager, vm_target_name
 from ..vm.discovery import FoundVm
 from . import vm_replicate, vm_snapshot
@@ -271,17 +272,9 @@ def _state_read(args: argparse.Namespace, manager: VmManager) -> int:
             sys.stdout.buffer.write(piece)
         sys.stdout.buffer.flush()
         return 0
-    tmp = f"{args.file}.partial"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for piece in manager.read_state(args.name):
-                out.write(piece)
-        os.replace(tmp, args.file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file.writing(args.file, tmp=f"{args.file}.partial", mode=0o600) as out:
+        for piece in manager.read_state(args.name):
+            out.write(piece)
     return 0
 
 

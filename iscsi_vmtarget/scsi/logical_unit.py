@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from ..storage.backend import BlockBackend
+from ..storage.backend import Abilities, BlockBackend
 from .command import ItKey
 from .mode import ModeState
 from .pr_state import Initiator, PrStore, ReservationState
@@ -204,9 +204,10 @@ class LogicalUnit:
             raise ValueError("give pr_state_path or pr_store, not both")
         if thin_provisioning and resource_provisioning:
             raise ValueError("an LU is thin or resource provisioned, not both")
-        if resource_provisioning and not hasattr(backend, "zero_range"):
-            raise ValueError("a resource-provisioned LU needs a backend with zero_range")
         self.backend = backend
+        self.abilities = Abilities.of(backend)  # once, not per command
+        if resource_provisioning and self.abilities.zero_range is None:
+            raise ValueError("a resource-provisioned LU needs a backend with zero_range")
         self.identity = identity
         self.block_size = block_size
         self.read_only = read_only
@@ -246,6 +247,14 @@ class LogicalUnit:
     def provisioning_managed(self) -> bool:
         """LBPME (SBC-4 §4.7.1): thin or resource provisioned, so UNMAP exists."""
         return self.thin_provisioning or self.resource_provisioning
+
+    def replace_backend(self, backend: BlockBackend) -> None:
+        """Serve ``backend`` from now on (a raw view reopened on a moved or grown unit):
+        its abilities are checked again, as when the LU was built."""
+        abilities = Abilities.of(backend)
+        if self.resource_provisioning and abilities.zero_range is None:
+            raise ValueError("a resource-provisioned LU needs a backend with zero_range")
+        self.backend, self.abilities = backend, abilities
 
     def check_capacity(self) -> None:
         """A grown (or shrunk) backend gives every I_T nexus CAPACITY DATA CHANGED

@@ -2,14 +2,14 @@
 
 The one piece of ``scsi/`` that touches the file system, kept behind the
 :class:`~.pr_state.PrStore` protocol so the reservation logic stays pure and
-tests can pass a :class:`MemoryPrStore`. Writes are crash-atomic: a temporary
-file is written and fsynced, renamed over the old one, and the directory is
-fsynced, so a restart finds either the old state or the new one.
+tests can pass a :class:`MemoryPrStore`. Writes are crash-atomic
+(:mod:`iscsi_vmtarget.storage.atomic_file`, a plain file helper that knows nothing
+of SCSI): a restart finds either the old state or the new one.
 """
 
 from __future__ import annotations
 
-import os
+from ..storage import atomic_file
 
 
 class FilePrStore:
@@ -26,25 +26,10 @@ class FilePrStore:
             return None
 
     def save(self, data: bytes) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        tmp = f"{self.path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        _fsync_dir(directory)
+        atomic_file.write_file(self.path, data, tmp=f"{self.path}.tmp", mode=0o600)
 
     def clear(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            return
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        atomic_file.remove(self.path, missing_ok=True)
 
 
 class MemoryPrStore:
@@ -61,11 +46,3 @@ class MemoryPrStore:
 
     def clear(self) -> None:
         self.data = None
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -222,9 +222,9 @@ def lba_extents(lu: LogicalUnit, start: int, limit: int) -> list[tuple[int, int,
     end = lu.num_blocks
     # thick: FIEMAP's written extents (a read of an anchored block must not make it
     # look mapped, which SEEK_DATA does once the zero pages are cached)
-    finder = getattr(lu.backend, "allocated_ranges", None)
+    finder = lu.abilities.allocated_ranges
     if lu.resource_provisioning:
-        finder = getattr(lu.backend, "written_ranges", finder)
+        finder = lu.abilities.written_ranges or finder
     if not lu.provisioning_managed or finder is None:
         return [(start, end - start, PROVISIONING_MAPPED)]
     # What is not data: a hole (thin) or a preallocated, unwritten extent (thick)

@@ -123,7 +123,9 @@ def _block_erase(lu: LogicalUnit, progress: SanitizeProgress) -> None:
 def _crypto_erase(lu: LogicalUnit, progress: SanitizeProgress) -> None:
     """Replace the media encryption key: every block becomes unreadable noise."""
     with lu.ranges.hold(0, lu.num_blocks):
-        lu.backend.crypto_erase()  # type: ignore[attr-defined]
+        erase = lu.abilities.crypto_erase
+        assert erase is not None  # the row is offered only when it is (supported=)
+        erase()
     progress.done = progress.total
 
 
@@ -152,4 +154,4 @@ def block_erase_supported(lu: LogicalUnit) -> bool:
 
 def crypto_erase_supported(lu: LogicalUnit) -> bool:
     """CRYPTO ERASE needs a backend that encrypts user data and can change its key."""
-    return callable(getattr(lu.backend, "crypto_erase", None))
+    return lu.abilities.crypto_erase is not None

@@ -52,7 +52,9 @@ def unmap_medium(lu: LogicalUnit, offset: int, length: int) -> None:
         if lu.thin_provisioning:
             lu.backend.unmap(offset, length)
         else:  # LogicalUnit made sure a resource-provisioned LU's backend has it
-            lu.backend.zero_range(offset, length)  # type: ignore[attr-defined]
+            zero = lu.abilities.zero_range
+            assert zero is not None
+            zero(offset, length)
     except (BackendError, OSError) as exc:
         raise ScsiError(Reason.WRITE_ERROR) from exc
 

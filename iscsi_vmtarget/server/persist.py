@@ -43,10 +43,8 @@ exclusive ``flock`` on ``conf/.lock`` across read-modify-write.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import tempfile
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -55,6 +53,7 @@ from typing import Any
 
 from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal
+from ..storage import atomic_file
 from .acl import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual
 from .model import TargetSpec, acl_list, parse_portal, portal_text
 
@@ -328,42 +327,18 @@ class ConfigStore:
             raise PersistError(f"{self.path!r}: {exc}") from exc
 
     def save(self, cfg: ManagedConfig) -> None:
-        """Write ``cfg``: temp file (0600), fsync, rename, fsync the directory."""
+        """Write ``cfg`` crash-atomically (:mod:`~iscsi_vmtarget.storage.atomic_file`,
+        a fresh hidden temporary, mode 0600)."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         data = (json.dumps(cfg.to_dict(), indent=2, sort_keys=False) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".tmp", dir=self.dir)
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        try:
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_file.write_file(self.path, data, mode=0o600)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive across processes for a read-modify-write."""
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with atomic_file.locked(os.path.join(self.dir, ".lock")):
             yield
-        finally:
-            os.close(fd)
 
 
 __all__ = [

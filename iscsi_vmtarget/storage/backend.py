@@ -6,6 +6,8 @@ object of fixed size, in the spirit of LIO's ``exec_cmd_ops`` (rw, sync, unmap).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from ..errors import IscsiVmtargetError
@@ -20,12 +22,17 @@ class BlockBackend(Protocol):
     """A fixed-size byte-addressed store.
 
     Callers guarantee ``0 <= offset`` and ``offset + length <= size``; backends
-    still refuse out-of-range requests with :class:`ValueError` as a last guard.
-    Optional extras, looked up with ``getattr``: ``allocated_ranges(offset,
-    length)`` (data extents, for GET LBA STATUS), ``written_ranges(offset, length)``
-    (the same without preallocated, unwritten extents, for thick LUNs),
-    ``zero_range(offset, length)`` (zeros that keep their allocation, for thick
-    LUNs) and ``crypto_erase()``.
+    still refuse out-of-range requests with :class:`ValueError` as a last guard for
+    management callers (unit headers, pool copies), nothing more. Who owns the check
+    of a guest's request: the SCSI layer's ``check_lba_range`` (LOGICAL BLOCK ADDRESS
+    OUT OF RANGE sense, SBC-3 §4.5) for an initiator; ``vm.view.GuestView`` for
+    isolation (no byte outside the guest's disk, whoever asks); ``vm.cow.ChainBackend``
+    only where it maps offsets to delta layers itself (with no layers it trusts its
+    guest view).
+    Optional abilities are the protocols below (:class:`AllocationMap`,
+    :class:`WrittenMap`, :class:`Zeroing`, :class:`CryptoErasable`,
+    :class:`CapacityNotifier`), read once into :class:`Abilities` where a logical
+    unit is built, never looked up per command.
     """
 
     @property
@@ -61,6 +68,75 @@ class BlockBackend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+Ranges = list[tuple[int, int]]
+RangeFinder = Callable[[int, int], Ranges]
+CapacityListener = Callable[[int, int], None]
+
+
+@runtime_checkable
+class AllocationMap(Protocol):
+    """Knows which extents hold data (holes are not), for GET LBA STATUS (SBC-3 §5.7)."""
+
+    def allocated_ranges(self, offset: int, length: int) -> Ranges:
+        """``(offset, length)`` of the data extents within the range, in order."""
+        ...
+
+
+@runtime_checkable
+class WrittenMap(Protocol):
+    """Tells written data from preallocated but unwritten extents (a thick LU's
+    anchored blocks, SBC-4 §4.7.2.2)."""
+
+    def written_ranges(self, offset: int, length: int) -> Ranges: ...
+
+
+@runtime_checkable
+class Zeroing(Protocol):
+    """Zeros a range and keeps its allocation (what a resource-provisioned LU's
+    UNMAP does, SBC-4 §4.7.2.2)."""
+
+    def zero_range(self, offset: int, length: int) -> None: ...
+
+
+@runtime_checkable
+class CryptoErasable(Protocol):
+    """Encrypts what it stores and can replace the key (SANITIZE CRYPTO ERASE,
+    SBC-3 §5.30.3): every block becomes unreadable at once."""
+
+    def crypto_erase(self) -> None: ...
+
+
+@runtime_checkable
+class CapacityNotifier(Protocol):
+    """Changes size under its user (a live resize, a revert) and says so."""
+
+    def add_capacity_listener(self, listener: CapacityListener) -> None:
+        """Call ``listener(old_size, new_size)`` after every size change."""
+        ...
+
+
+@dataclass(frozen=True)
+class Abilities:
+    """What one backend offers beyond :class:`BlockBackend`, checked once
+    (:meth:`of`) where its logical unit is built: the bound methods, or None."""
+
+    allocated_ranges: RangeFinder | None = None
+    written_ranges: RangeFinder | None = None
+    zero_range: Callable[[int, int], None] | None = None
+    crypto_erase: Callable[[], None] | None = None
+
+    @classmethod
+    def of(cls, backend: object) -> Abilities:
+        return cls(
+            allocated_ranges=(
+                backend.allocated_ranges if isinstance(backend, AllocationMap) else None
+            ),
+            written_ranges=backend.written_ranges if isinstance(backend, WrittenMap) else None,
+            zero_range=backend.zero_range if isinstance(backend, Zeroing) else None,
+            crypto_erase=backend.crypto_erase if isinstance(backend, CryptoErasable) else None,
+        )
 
 
 def check_range(size: int, offset: int, length: int) -> None:

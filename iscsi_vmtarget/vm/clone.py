@@ -42,8 +42,9 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 
+from ..storage import atomic_file
 from ..storage.backend import BlockBackend
-from . import atomic, faults, locks
+from . import faults, locks
 from .cow import ChainBackend, is_zero
 from .discovery import FoundUnit, FoundVm, discover
 from .errors import VmError
@@ -105,7 +106,7 @@ def clone(
             from_snapshot = _snapshot_name(manager, src, dst)
             record = uuid.uuid4()  # named before it exists: no crash point escapes the intent
             intent.update(snapshot=str(record), snapshot_name=from_snapshot)
-            atomic.write_json(_intent_path(manager, temp), intent)
+            atomic_file.write_json(_intent_path(manager, temp), intent)
             create_snapshot(manager, src, from_snapshot, live=live, record_uuid=record)
             faults.crashpoint("clone.snapshotted")
         _build(manager, src, dst, temp, from_snapshot, full, progress)
@@ -234,9 +235,9 @@ def _intent(manager: VmManager, temp: str, src: str, dst: str) -> Iterator[dict[
     intent = {"temp": temp, "src": src, "dst": dst}
     try:
         with locks.operation(manager.state.root, f"clone.{temp}"):
-            atomic.write_json(_intent_path(manager, temp), intent)
+            atomic_file.write_json(_intent_path(manager, temp), intent)
             yield intent
-            atomic.remove(_intent_path(manager, temp))
+            atomic_file.remove(_intent_path(manager, temp))
     except BaseException:
         # the operation lock is released now: taking every pool lock runs finish_clones
         with contextlib.suppress(VmError, OSError), manager._locked(manager.catalog.all()):

@@ -30,7 +30,13 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 
-from ..storage.backend import BackendError, BlockBackend, check_range
+from ..storage.backend import (
+    AllocationMap,
+    BackendError,
+    BlockBackend,
+    CapacityNotifier,
+    check_range,
+)
 from .format import ALIGN, TAIL_SIZE, Mode, Region, RegionKind, Role, UnitHeader, encode_header
 from .format import SLOT_OFFSETS as _SLOTS
 from .layout import align_up
@@ -194,6 +200,13 @@ class ChainBackend:
     live volume is one, so a daemon can snapshot or revert it in place
     (:meth:`quiesce` drains in-flight I/O and holds new I/O, :meth:`rebind` swaps the
     layers). A snapshot is read through a read-only chain starting at its frozen layer.
+
+    The range check: with no layers the chain passes every request to its root, a
+    :class:`~.view.GuestView` that owns the bound (the concealment check), and checks
+    nothing itself; with layers it resolves offsets to delta units itself, so it
+    checks each request once against its size (past a delta's DISK region lies its
+    header), whoever calls: a SCSI command (already checked, with sense data, by
+    ``check_lba_range``) or a management copy, a snapshot export, a replication.
     """
 
     def __init__(
@@ -213,6 +226,7 @@ class ChainBackend:
         self._owner: bytearray | None = None  # grain -> layer index cache (_owner_of)
         self._listeners: list[Callable[[int, int], None]] = []
         self.unit_uuid = getattr(root, "unit_uuid", None)
+        self._root_ranges = _ranges_of(root)
         #: called as ``hook(offset, length)`` after every write or unmap, inside the
         #: I/O gate (so a :meth:`quiesce` waits for it): a live move's dirty tracking
         self.write_hook: Callable[[int, int], None] | None = None
@@ -309,12 +323,12 @@ class ChainBackend:
 
     def read_quiesced(self, offset: int, buf: memoryview) -> None:
         """:meth:`read_into` without the gate: for a caller inside :meth:`quiesce`."""
-        length = len(buf)
-        check_range(self.size, offset, length)
         layers = self.layers
-        if not layers:
+        if not layers:  # the root owns the bound (class docstring)
             self.root.read_into(offset, buf)
             return
+        length = len(buf)
+        check_range(layers[0].size, offset, length)
         grain = offset // GRAIN
         if length and (offset + length - 1) // GRAIN == grain:  # within one grain
             owner = self._owner_of(grain)
@@ -335,7 +349,8 @@ class ChainBackend:
             raise BackendError("this snapshot is read-only")
         view = memoryview(data).cast("B")
         with self._gate.io():
-            check_range(self.size, offset, len(view))
+            if self.layers:  # else the root owns the bound (class docstring)
+                check_range(self.size, offset, len(view))
             self._write(offset, view)
             hook = self.write_hook
             if hook is not None:  # after the write: a copy reading later sees it
@@ -373,7 +388,8 @@ class ChainBackend:
         if self.read_only:
             return
         with self._gate.io():
-            check_range(self.size, offset, length)
+            if self.layers:  # else the root owns the bound (class docstring)
+                check_range(self.size, offset, length)
             self._unmap(offset, length)
             hook = self.write_hook
             if hook is not None:
@@ -403,7 +419,7 @@ class ChainBackend:
 
     def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """GET LBA STATUS: the root's map without layers; with layers, all mapped."""
-        ranges = getattr(self.root, "allocated_ranges", None)
+        ranges = self._root_ranges
         if not self.layers and ranges is not None:
             with self._gate.io():
                 result: list[tuple[int, int]] = ranges(offset, length)
@@ -430,9 +446,8 @@ class ChainBackend:
 
     def add_capacity_listener(self, listener: Callable[[int, int], None]) -> None:
         self._listeners.append(listener)  # handed on to a root :meth:`rebind` brings
-        add = getattr(self.root, "add_capacity_listener", None)
-        if add is not None:
-            add(listener)
+        if isinstance(self.root, CapacityNotifier):
+            self.root.add_capacity_listener(listener)
 
     @contextlib.contextmanager
     def quiesce(self) -> Iterator[None]:
@@ -461,11 +476,16 @@ class ChainBackend:
         if root is not None and root is not self.root:
             self.root.close()
             self.root = root
-            add = getattr(root, "add_capacity_listener", None)
-            if add is not None:
+            self._root_ranges = _ranges_of(root)
+            if isinstance(root, CapacityNotifier):
                 for listener in self._listeners:
-                    add(listener)
+                    root.add_capacity_listener(listener)
         self._owner = None
         if self.size != before:  # a revert to a smaller snapshot, a grown top
             for listener in self._listeners:
                 listener(before, self.size)
+
+
+def _ranges_of(root: BlockBackend) -> Callable[[int, int], list[tuple[int, int]]] | None:
+    """The root's allocation map (:class:`AllocationMap`), looked up once per root."""
+    return root.allocated_ranges if isinstance(root, AllocationMap) else None

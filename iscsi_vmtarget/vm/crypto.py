@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap,
 )
 
+from ..storage import atomic_file
 from . import faults
-from .atomic import fsync_dir
 from .errors import IntegrityError, KeyFileError
 
 KEY_FILE_HEADER: Final = "iscsi-vmtarget master key v1"
@@ -87,22 +87,16 @@ def create_key_file(path: str, random: RandomSource = os.urandom) -> MasterKey:
     prefix = f".{os.path.basename(path)}.tmp-"
     for stale in (n for n in os.listdir(directory) if n.startswith(prefix)):
         os.unlink(os.path.join(directory, stale))  # a key no unit was ever wrapped with
-    tmp = os.path.join(directory, f"{prefix}{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask said
-        os.write(fd, f"{KEY_FILE_HEADER}\n{key.hex()}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    faults.crashpoint("key.written")
-    try:
-        os.link(tmp, path)
+        atomic_file.create_file(
+            path,
+            f"{KEY_FILE_HEADER}\n{key.hex()}\n".encode(),
+            tmp=os.path.join(directory, f"{prefix}{os.getpid()}"),
+            mode=0o600,  # whatever the umask said
+            before_link=lambda: faults.crashpoint("key.written"),
+        )
     except FileExistsError:
         raise KeyFileError(f"key file {path!r} already exists; not overwriting it") from None
-    finally:
-        os.unlink(tmp)
-    fsync_dir(directory)
     return MasterKey(key, path)
 
 

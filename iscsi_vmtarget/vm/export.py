@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ..scsi import LogicalUnit, Reason, UnitIdentity
+from ..scsi import LogicalUnit, UnitIdentity
 from ..storage.backend import BlockBackend
 from .cow import ChainBackend
 from .discovery import FoundUnit, FoundVm
@@ -59,11 +59,7 @@ def capacity_listener(lu: LogicalUnit) -> Callable[[int, int], None]:
     SBC-3 §4.9) for every I_T nexus of ``lu``, so initiators re-read the capacity."""
 
     def listener(old: int, new: int) -> None:
-        check = getattr(lu, "check_capacity", None)
-        if check is not None:  # the SCSI layer tracks capacity itself: let it decide once
-            check()
-        else:
-            lu.establish_attention(Reason.CAPACITY_DATA_CHANGED)
+        lu.check_capacity()  # the LU tracks its capacity itself: it decides once
 
     return listener
 
@@ -77,7 +73,9 @@ class VmLuns:
     name: str
     guest: dict[int, LogicalUnit] = field(default_factory=dict)
     raw: dict[int, LogicalUnit] = field(default_factory=dict)
-    vm_uuid: uuid.UUID | None = None  # the VM's identity (base unit UUID): whose grants mask this export
+    vm_uuid: uuid.UUID | None = (
+        None  # the VM's identity (base unit UUID): whose grants mask this export
+    )
 
     def close(self) -> None:
         for lu in (*self.guest.values(), *self.raw.values()):
@@ -279,8 +277,7 @@ def reopen_raw(lu: LogicalUnit, handle: BlockBackend, header: UnitHeader) -> lis
     if isinstance(backend, FlatView):
         retired = reopen_live(backend, handle, header)
     else:
-        retired, lu.backend = [backend], RawView(handle)
-    check = getattr(lu, "check_capacity", None)
-    if check is not None:
-        check()
+        retired = [backend]
+        lu.replace_backend(RawView(handle))
+    lu.check_capacity()
     return retired

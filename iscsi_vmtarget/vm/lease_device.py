@@ -44,8 +44,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ..storage import atomic_file
 from ..storage.backend import BlockBackend
-from . import atomic
 from .device import DevicePool
 from .discovery import FoundVm
 from .format import TAIL_SIZE, UnitHeader
@@ -115,7 +115,7 @@ def owner_id(state_dir: str) -> uuid.UUID:
             return uuid.UUID(str(json.load(fh)["owner_id"]))
     except FileNotFoundError:
         made = uuid.uuid4()
-        atomic.write_json(path, {"owner_id": str(made)})
+        atomic_file.write_json(path, {"owner_id": str(made)})
         return made
 
 

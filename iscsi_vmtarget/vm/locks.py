@@ -25,6 +25,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 
+from ..storage import atomic_file
 from .errors import InUseError
 
 
@@ -88,19 +89,9 @@ def _held_elsewhere(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive(path: str) -> Iterator[None]:
-    fd = _open(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
 def pool_lock(state_dir: str, pool: str) -> Iterator[None]:
     """Serialise every writing management command on one pool (and its units)."""
-    with _exclusive(operation_path(state_dir, f"pool.{pool}")):
+    with atomic_file.locked(operation_path(state_dir, f"pool.{pool}")):
         yield
 
 
@@ -110,7 +101,7 @@ def operation(state_dir: str, name: str) -> Iterator[None]:
     a temporary name between two pool-lock sections - so a repair in another process
     leaves that command's intent alone (:func:`operation_running`)."""
     path = operation_path(state_dir, name)
-    with _exclusive(path):
+    with atomic_file.locked(path):
         yield
         os.unlink(path)  # while held: names are never reused, so nobody waits on it
 

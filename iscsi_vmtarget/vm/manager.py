@@ -17,8 +17,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ..storage import atomic_file
 from . import locks, sealed
-from .atomic import fsync_dir
 from .cow import ChainBackend
 from .crypto import Keyring, create_key_file, load_key_file, pending_path
 from .discovery import Discovery, FoundUnit, FoundVm, discover
@@ -484,8 +484,7 @@ class VmManager:
                     + f" (the new key stays in {pending}; fix them and run it again, or "
                     "--force to finish without them)"
                 )
-            os.replace(pending, path)
-            fsync_dir(os.path.dirname(path))
+            atomic_file.replace(pending, path)
         return {
             "key_file": path,
             "key_id": new_key.key_id.hex(),

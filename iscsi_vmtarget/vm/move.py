@@ -47,8 +47,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ..storage import atomic_file
 from ..storage.backend import BlockBackend
-from . import atomic, faults
+from . import faults
 from .cow import ChainBackend, DeltaLayer, is_zero
 from .device import DevicePool
 from .dirty import DirtyGrains, copy_dirty
@@ -126,7 +127,7 @@ class _DirectoryStaging:
         return {"key": f"{found.header.unit_uuid}.unit", "temp": ref.key}, backend
 
     def sync(self) -> None:
-        atomic.fsync_dir(self.pool.path)
+        atomic_file.fsync_dir(self.pool.path)
 
     def publish(self, units: list[dict[str, str]]) -> None:
         for u in units:
@@ -271,7 +272,7 @@ def _commit(manager: VmManager, name: str, dest: _Staging, plan: list[dict[str, 
     """Write the intent naming the copies (module docstring)."""
     faults.crashpoint("move.copied")
     intent = {"vm": name, "to": dest.pool.name, "units": plan}
-    atomic.write_json(_intent_path(manager, name), intent)
+    atomic_file.write_json(_intent_path(manager, name), intent)
     faults.crashpoint("move.committed")
 
 
@@ -507,7 +508,7 @@ def _switch(
         for handle, _header in views.values():
             handle.close()
         dest.undo(plan)
-        atomic.remove(_intent_path(manager, name))
+        atomic_file.remove(_intent_path(manager, name))
         raise
     for chain, layers, root in opened:
         chain.write_hook = None

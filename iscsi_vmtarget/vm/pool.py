@@ -23,10 +23,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..storage import BackendError, FileBackend, create_sparse_file
+from ..storage import BackendError, FileBackend, atomic_file, create_sparse_file
 from ..storage.backend import BlockBackend
 from . import faults
-from .atomic import fsync_dir as _fsync_dir
 from .errors import NotFoundError, SizeError, VmError
 from .format import SLOT_OFFSETS, SLOT_SIZE, TAIL_SIZE, decode_header
 
@@ -151,8 +150,7 @@ class DirectoryPool:
         """Make a fully written unit visible under its final name (atomic rename)."""
         backend.flush()
         final = UnitRef(self.name, ref.key[1:].removesuffix(".tmp"))
-        os.rename(self._file(ref), self._file(final))
-        _fsync_dir(self.path)
+        atomic_file.replace(self._file(ref), self._file(final))
         return final
 
     def abandon(self, ref: UnitRef, backend: BlockBackend) -> None:
@@ -163,8 +161,7 @@ class DirectoryPool:
             pass
 
     def delete(self, ref: UnitRef) -> None:
-        os.unlink(self._file(ref))
-        _fsync_dir(self.path)
+        atomic_file.remove(self._file(ref))
 
     def _intent(self, ref: UnitRef) -> str:
         return self._file(ref) + GROW_SUFFIX
@@ -176,20 +173,17 @@ class DirectoryPool:
         # the intent appears whole or not at all (a kill -9 between creating it and
         # writing it used to leave an empty one that no later open could read); an
         # unrenamed temporary is a creation leftover, removed by the next repair
-        tmp = os.path.join(self.path, f".{os.path.basename(intent)}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"old_size": backend.size, "new_size": new_size}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        faults.crashpoint("resize.intent")
-        os.rename(tmp, intent)
-        _fsync_dir(self.path)
+        atomic_file.write_file(
+            intent,
+            json.dumps({"old_size": backend.size, "new_size": new_size}).encode(),
+            tmp=os.path.join(self.path, f".{os.path.basename(intent)}.tmp"),
+            before_rename=lambda: faults.crashpoint("resize.intent"),
+        )
         backend.resize(new_size)
 
     def end_growth(self, ref: UnitRef, backend: BlockBackend) -> None:
         backend.flush()
-        os.unlink(self._intent(ref))
-        _fsync_dir(self.path)
+        atomic_file.remove(self._intent(ref))
 
     def recover(self, ref: UnitRef) -> str | None:
         """Finish or roll back an extension interrupted between its two steps."""
@@ -215,8 +209,7 @@ class DirectoryPool:
                 done = "interrupted extension rolled back"
         finally:
             backend.close()
-        os.unlink(intent)
-        _fsync_dir(self.path)
+        atomic_file.remove(intent)
         return done
 
     def leftovers(self) -> list[str]:
@@ -245,19 +238,16 @@ class DirectoryPool:
 
 
 def write_definition(conf_dir: str, name: str, kind: str, path: str) -> None:
-    """Write ``<conf>/pools/<name>.toml`` atomically (temp file, fsync, rename)."""
+    """Write ``<conf>/pools/<name>.toml`` crash-atomically (:mod:`~..storage.atomic_file`)."""
     directory = os.path.join(conf_dir, "pools")
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"{name}.toml")
-    tmp = final + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write("# iscsi-vmtarget pool definition (written by 'pool create')\n")
-        fh.write(f"name = {json.dumps(name)}\nkind = {json.dumps(kind)}\n")
-        fh.write(f"path = {json.dumps(path)}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, final)
-    _fsync_dir(directory)
+    text = (
+        "# iscsi-vmtarget pool definition (written by 'pool create')\n"
+        f"name = {json.dumps(name)}\nkind = {json.dumps(kind)}\n"
+        f"path = {json.dumps(path)}\n"
+    )
+    atomic_file.write_file(final, text.encode(), tmp=final + ".tmp")
 
 
 def read_definition(path: str) -> tuple[str, str, str]:

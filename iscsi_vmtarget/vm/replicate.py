@@ -49,8 +49,9 @@ from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 from typing import TYPE_CHECKING, Protocol
 
+from ..storage import atomic_file
 from ..storage.backend import BlockBackend
-from . import atomic, faults, sealed
+from . import faults, sealed
 from . import snapshot as snaps
 from .cow import GRAIN, ChainBackend, DeltaLayer, grains_of, is_zero
 from .crypto import Keyring
@@ -522,13 +523,13 @@ def forget_acks(state_root: str, name: str) -> None:
     """Remove what the source remembers of VM ``name``'s replicas (``vm delete``: a
     later VM of that name starts its own)."""
     with contextlib.suppress(FileNotFoundError):
-        atomic.remove(_acks_path(state_root, name))
+        atomic_file.remove(_acks_path(state_root, name))
 
 
 def _save_ack(state_root: str, name: str, tag: str, ack: dict[str, object]) -> None:
     acks = load_acks(state_root, name)
     acks[tag] = ack
-    atomic.write_json(_acks_path(state_root, name), acks)
+    atomic_file.write_json(_acks_path(state_root, name), acks)
 
 
 # -- a round -----------------------------------------------------------------------------

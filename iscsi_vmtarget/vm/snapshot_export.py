@@ -21,8 +21,8 @@ import os
 from typing import TYPE_CHECKING
 
 from ..scsi import LogicalUnit
+from ..storage import atomic_file
 from ..storage.backend import BlockBackend
-from .atomic import write_json
 from .discovery import Discovery, FoundUnit, FoundVm, discover
 from .errors import VmError
 from .export import VmLuns, raw_identity_of, vm_target_name
@@ -74,7 +74,9 @@ def set_exported(manager: VmManager, name: str, snap: str, on: bool) -> str:
         items = [p for p in exported(manager.state.root) if p != (name, snap)]
         if on:
             items.append((name, snap))
-        write_json(exports_path(manager.state.root), [{"vm": v, "snapshot": s} for v, s in items])
+        atomic_file.write_json(
+            exports_path(manager.state.root), [{"vm": v, "snapshot": s} for v, s in items]
+        )
     return snapshot_target_name(name, snap)
 
 

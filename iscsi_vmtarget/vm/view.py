@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 from ..storage import FileBackend
-from ..storage.backend import BackendError, BlockBackend, check_range
+from ..storage.backend import AllocationMap, BackendError, BlockBackend, RangeFinder, check_range
 from .format import Mode, UnitHeader, UnitState
 
 CapacityListener = Callable[[int, int], None]
@@ -36,6 +36,7 @@ class SliceBackend:
     ) -> None:
         check_range(base.size, offset, length)
         self._base = base
+        self._ranges = base.allocated_ranges if isinstance(base, AllocationMap) else None
         self._owns_base = owns_base
         self.offset = offset
         self._size = length
@@ -78,7 +79,7 @@ class SliceBackend:
 
     def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         check_range(self._size, offset, length)
-        ranges = getattr(self._base, "allocated_ranges", None)
+        ranges = self._ranges
         if ranges is None:
             return [(offset, length)]
         return [(o - self.offset, n) for o, n in ranges(self.offset + offset, length)]
@@ -297,7 +298,7 @@ class GuestView:
         out: list[tuple[int, int]] = []
         with self._gate.io() if self._gate is not None else contextlib.nullcontext():
             mapping = self._map
-            ranges = getattr(mapping[2], "allocated_ranges", None)
+            ranges = _ranges_of(mapping[2])
             for unit_off, at, n in self._pieces(offset, length, mapping):
                 if ranges is None:
                     out.append((offset + at, n))
@@ -348,6 +349,11 @@ class GuestView:
         if header.disk_size != old_size:
             for listener in self._listeners:
                 listener(old_size, header.disk_size)
+
+
+def _ranges_of(raw: BlockBackend) -> RangeFinder | None:
+    """A unit handle's allocation map, if it has one (:class:`AllocationMap`)."""
+    return raw.allocated_ranges if isinstance(raw, AllocationMap) else None
 
 
 def _follow(raw: BlockBackend, size: int) -> BlockBackend:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -141,9 +142,12 @@ class Harness:
         block: int = BLOCK,
         *,
         thin: bool = False,
+        crypto_erase: Callable[[], None] | None = None,
         **options: object,
     ) -> Harness:
         backend = (SparseBackend if thin else CountingBackend)(blocks * block)
+        if crypto_erase is not None:  # abilities are declared before the LU is built
+            backend.crypto_erase = crypto_erase  # type: ignore[attr-defined]
         identity = UnitIdentity.from_uuid(uuid.UUID("12345678-1234-5678-1234-567812345678"))
         lu = LogicalUnit(
             backend,

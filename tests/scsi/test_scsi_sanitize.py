@@ -167,9 +167,8 @@ def test_sanitize_marks_the_lu_busy_while_it_runs(harness_factory: type[Harness]
 def test_crypto_erase_where_the_backend_can_change_its_key(
     harness_factory: type[Harness],
 ) -> None:
-    harness = harness_factory.create()
     erased: list[bool] = []
-    harness.backend.crypto_erase = lambda: erased.append(True)  # type: ignore[attr-defined]
+    harness = harness_factory.create(crypto_erase=lambda: erased.append(True))
     assert harness.good(bytes([0x12, 1, 0xB1, 0, 255, 0]))[7] == 0x10  # WACEREQ=01b
     one = harness.good(struct.pack(">BBBBHIBB", 0xA3, 0x0C, 0b010, 0x48, 0x03, 64, 0, 0))
     assert one[1] == 0x03  # supported

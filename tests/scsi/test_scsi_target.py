@@ -244,10 +244,9 @@ _DISPATCH_OUTCOMES: dict[str, tuple[int, int, int] | Status] = {
 
 
 @pytest.fixture
-def every(thin: Harness) -> Harness:
+def every(harness_factory: type[Harness]) -> Harness:
     """A thin LU whose backend can also crypto-erase: every row of the table is offered."""
-    thin.backend.crypto_erase = lambda: None  # type: ignore[attr-defined]
-    return thin
+    return harness_factory.create(thin=True, crypto_erase=lambda: None)
 
 
 @pytest.mark.parametrize("row", OPCODE_TABLE, ids=lambda row: row.name)

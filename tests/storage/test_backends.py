@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.storage import (
+    Abilities,
+    AllocationMap,
     BackendError,
     BlockBackend,
+    CryptoErasable,
     FileBackend,
     MemoryBackend,
+    Zeroing,
     create_sparse_file,
 )
 
@@ -114,3 +118,22 @@ def test_block_device_backend(loop_device: str) -> None:
             b.resize(64 << 20)
     finally:
         b.close()
+
+
+def test_abilities_are_declared_protocols(tmp_path: Path) -> None:
+    """What a LU may ask of its backend beyond BlockBackend, read once: a file can
+    zero in place and map its extents; memory cannot change a key; a plain
+    BlockBackend-only object offers nothing."""
+    path = tmp_path / "lun.img"
+    create_sparse_file(str(path), 1 << 20)
+    file = FileBackend(str(path))
+    try:
+        got = Abilities.of(file)
+        assert isinstance(file, Zeroing) and isinstance(file, AllocationMap)
+        assert got.zero_range is not None and got.written_ranges is not None
+        assert got.allocated_ranges is not None and got.crypto_erase is None
+    finally:
+        file.close()
+    assert Abilities.of(MemoryBackend(4096)).written_ranges is None
+    assert not isinstance(MemoryBackend(4096), CryptoErasable)
+    assert Abilities.of(object()) == Abilities()
