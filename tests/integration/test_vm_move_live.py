@@ -36,7 +36,7 @@ SIZES = (32 * MIB, 8 * MIB)  # LUN 0, LUN 1
 WRITER = "iqn.2026-11.org.iscsi-vmtarget.test:writer"
 DURING_PAUSE = 300  # writes while the copy is held at its pause point (> 64 grains)
 STRIDE = 131  # blocks between two writes' LBAs: every write lands in another grain
-BEFORE = 3 * MIB  # 64 KiB written on LUN 0 before the move, checked unchanged after it
+BEFORE = 3 * MIB  # 64 KiB written on each LUN before the move, checked unchanged after it
 BEFORE_LBAS = range(BEFORE // 512, (BEFORE + (64 << 10)) // 512)
 
 
@@ -66,7 +66,7 @@ class Writer:
             while not self.stop.is_set():
                 lun = i % 2
                 lba = (i // 2 * STRIDE) % (self.sizes[lun] // 512)
-                if lun == 0 and lba in BEFORE_LBAS:  # what the checks expect unchanged
+                if lba in BEFORE_LBAS:  # what the checks expect unchanged
                     i += 1
                     continue
                 block = f"lun {lun} lba {lba} write {i} ".encode().ljust(512, b".")
