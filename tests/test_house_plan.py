@@ -205,6 +205,25 @@ def test_layer_imports_only_what_lies_below(layer: str) -> None:
     assert not offenders, "imports across the layers:\n" + "\n".join(offenders)
 
 
+def _testing_users(modules: Modules = MODULES) -> list[str]:
+    """Modules of the product, outside ``testing/`` itself, that import ``testing/``."""
+    testing = "iscsi_vmtarget.testing"
+    return sorted(
+        f"{name} imports {target}"
+        for name in modules
+        if name != testing and not name.startswith(testing + ".")
+        for target, _, _ in _imports(name, modules)
+        if target == testing or target.startswith(testing + ".")
+    )
+
+
+def test_the_target_never_imports_testing() -> None:
+    """``testing/`` is shipped for tools/ and tests/ (README "Tools"), never used by the
+    target: no product module outside it imports it."""
+    users = _testing_users()
+    assert not users, "the product imports its test harnesses:\n" + "\n".join(users)
+
+
 def test_the_graph_sees_a_circle() -> None:
     """The checks can fail: a two-module circle is found, a chain is not."""
     assert _circles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
@@ -234,4 +253,9 @@ def test_the_walker_sees_every_import(tmp_path: Path) -> None:
     assert [u.split(" ", 1)[1] for u in _private_uses("iscsi_vmtarget.iscsi.fake", modules)] == [
         "imports iscsi_vmtarget.iscsi.pdu._SECRET",
         "uses iscsi_vmtarget.iscsi.pdu._SECRET",
+    ]
+    assert _testing_users(modules) == []
+    (iscsi / "pdu.py").write_text("from ..testing.core import wire\n")
+    assert _testing_users(modules) == [
+        "iscsi_vmtarget.iscsi.pdu imports iscsi_vmtarget.testing.core"
     ]
