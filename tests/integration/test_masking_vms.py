@@ -22,6 +22,7 @@ import pytest
 from iscsi_vmtarget.client import Initiator, InitiatorError, LoginFailed
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
 from tests.conftest import RunningTarget, start_with_config
+from tests.integration.test_masking_names import login
 from tests.integration.test_vm_move_live import ivt
 
 MIB = 1 << 20
@@ -63,13 +64,7 @@ class Attack:
         self.swept: set[str] = set()
 
     def session(self, initiator: str, target: str | None) -> Initiator:
-        ini = Initiator(port=self.target.port, initiator_name=initiator, target_name=target)
-        try:
-            ini.login()
-        except BaseException:
-            ini.close()
-            raise
-        return ini
+        return login(self.target, initiator, target)
 
     def listed(self, initiator: str, value: str = "All") -> list[str]:
         with self.session(initiator, None) as discovery:
