@@ -12,7 +12,7 @@ import iscsi_vmtarget
 from iscsi_vmtarget.errors import IscsiVmtargetError
 from iscsi_vmtarget.iscsi.names import IscsiNameError
 from iscsi_vmtarget.iscsi.pdu import PduFormatError
-from iscsi_vmtarget.server.acl import AclError
+from iscsi_vmtarget.server.masking import AclError
 from iscsi_vmtarget.vm.errors import NotFoundError, VmError
 
 

@@ -23,7 +23,7 @@ import json
 import sys
 from typing import Any
 
-from ..server.acl import AclError, parse_lun_list
+from ..server.masking import AclError, parse_lun_list
 from .target import add_chap, add_common, chap_args, describe_acl, done, invoke
 
 

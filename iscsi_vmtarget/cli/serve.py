@@ -18,11 +18,11 @@ from ..server.config import (
     demo_config,
     load_config,
 )
+from ..server.listener import TargetServer
 from ..server.metrics import MetricsServer
 from ..server.model import parse_portal
 from ..server.ownership import keep_leases
 from ..server.persist import ConfigStore, PersistError
-from ..server.portal import TargetServer
 from ..server.runtime import Runtime
 from ..vm.errors import InUseError
 from ..vm.lease import DEFAULT_SECONDS

@@ -32,9 +32,9 @@ from typing import Any
 
 from ..client.initiator import InitiatorError
 from ..client.remote import LunUrl, UrlError, open_lun, parse_url
-from ..server.acl import AclError
 from ..server.admin import AdminError
 from ..server.grants import acl_from_args
+from ..server.masking import AclError
 from ..sizes import format_size
 from ..storage import FileBackend, create_sparse_file
 from ..storage.backend import BlockBackend

@@ -22,7 +22,7 @@ from . import pdu as P
 from .events import ConnectionClosing, Event, ExecuteCommand, LoginComplete, ResetRequested
 from .framing import FramingError, PduReader, encode_pdu
 from .serial import in_window, sn_add, sn_lt
-from .task import Burst, DataOutError, DataSequenceError, Task
+from .transfer import Burst, DataOutError, DataSequenceError, Task
 
 if TYPE_CHECKING:
     from .login import LoginMachine, LoginResult

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .login import LoginResult
     from .pdu import TmfCode
-    from .task import Task
+    from .transfer import Task
 
 
 @dataclass(frozen=True, slots=True)

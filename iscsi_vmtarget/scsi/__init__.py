@@ -9,7 +9,7 @@ from .logical_unit import LogicalUnit, UnitIdentity
 from .lun_address import decode_lun, encode_lun
 from .opcodes import OPCODE_TABLE, DataDirection, OpcodeRow, PrPolicy
 from .sense import Reason, ReservationConflict, ScsiError, SenseKey, build_sense
-from .target import ScsiTarget
+from .target_device import ScsiTarget
 from .task import Nexus, ScsiResponse, Status, TmfFunction, TmfResult
 
 __all__ = [

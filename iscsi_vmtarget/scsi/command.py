@@ -1,7 +1,7 @@
 """One command as handlers see it, plus the CDB field readers they share.
 
 Parsing is kept apart from execution (as in LIO's ``sbc_parse_cdb``): the
-dispatcher in :mod:`.target` finds the opcode row, checks the CDB against the
+dispatcher in :mod:`.target_device` finds the opcode row, checks the CDB against the
 row's usage mask, then hands a :class:`Command` to the row's handler.
 """
 

@@ -36,10 +36,10 @@ from ..vm.errors import VmError
 from ..vm.export import vm_of_target, vm_target_name
 from ..vm.locks import state_dir_holder
 from . import grants
-from .acl import AclError
 from .actions import ACTIONS
 from .actions.served import NOT_EXPORTED, PROGRESS_ARG
 from .grants import summary
+from .masking import AclError
 from .operations import OPERATIONS, QUERIES, VM_OPERATIONS, Transform
 from .persist import ConfigStore, ManagedConfig, PersistError, diff, redacted
 from .runtime import AdminError, Args, Runtime

@@ -24,7 +24,7 @@ from ..scsi import LogicalUnit, ScsiTarget
 from ..sizes import parse_size
 from ..vm import VmError, VmLuns, serve_vms, vm_target_name
 from ..vm.export import DEMO_VM
-from .acl import Acl, check_mutual, check_secret
+from .masking import Acl, check_mutual, check_secret
 from .model import LunError, LunSpec, TargetSpec, check_provisioning, open_lun, parse_portal
 from .registry import Registry, Target
 

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..iscsi.directory import ChapSecret
-from .acl import Acl, AclError, MappedLun, chap_from_dict
+from .masking import Acl, AclError, MappedLun, chap_from_dict
 from .persist import ManagedConfig, VmGrants
 
 Args = dict[str, Any]

@@ -22,7 +22,7 @@ from ..iscsi.directory import ChapSecret, Portal
 from ..scsi import LogicalUnit, UnitIdentity
 from ..sizes import parse_size
 from ..storage import BackendError, FileBackend, create_sparse_file
-from .acl import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
+from .masking import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
 
 _ID_NAMESPACE = uuid.UUID("5b0e1c52-8f6e-4d0a-9d3e-2f1f3c6a7b10")
 BLOCK_SIZES = (512, 1024, 2048, 4096)

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from . import grants
-from .acl import check_mutual
+from .masking import check_mutual
 from .model import LunSpec, TargetSpec, parse_portal
 from .persist import ManagedConfig, PersistError
 from .runtime import AdminError, Args, Runtime

@@ -54,7 +54,7 @@ from typing import Any
 from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal
 from ..storage import atomic_file
-from .acl import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual
+from .masking import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual
 from .model import TargetSpec, acl_list, parse_portal, portal_text
 
 VERSION = 1

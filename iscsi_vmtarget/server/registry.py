@@ -3,7 +3,7 @@
 This is the one place that ties the layers together: it implements the iSCSI core's
 :class:`~iscsi_vmtarget.iscsi.directory.TargetDirectory` and owns the SCSI
 :class:`~iscsi_vmtarget.scsi.ScsiTarget` of each target, and one more per ACL that
-shows the initiator only its mapped LUNs (:mod:`.acl`).
+shows the initiator only its mapped LUNs (:mod:`.masking`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..iscsi.connection import TargetConnection
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.login import LoginThrottle, SessionTable
 from ..scsi import LogicalUnit, Nexus, ScsiTarget
-from .acl import Acl, build_lun_map, check_unique_designators
+from .masking import Acl, build_lun_map, check_unique_designators
 
 log = logging.getLogger("iscsi_vmtarget")
 

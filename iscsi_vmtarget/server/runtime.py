@@ -24,15 +24,15 @@ from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
 from ..scsi.command import it_key
-from .acl import Acl
 from .grants import effective_acls, summary
+from .masking import Acl
 from .model import LunError, TargetSpec, open_lun
 from .persist import ManagedConfig
 from .registry import Connection, Registry, Target
 
 if TYPE_CHECKING:
     from ..vm.lease_device import LeaseKeeper
-    from .portal import TargetServer
+    from .listener import TargetServer
 
 log = logging.getLogger("iscsi_vmtarget")
 _T = TypeVar("_T")

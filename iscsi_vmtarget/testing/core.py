@@ -13,8 +13,8 @@ import hashlib
 import uuid
 from dataclasses import dataclass, field
 
-from ..iscsi import discovery
 from ..iscsi import pdu as P
+from ..iscsi import send_targets
 from ..iscsi.connection import ConnectionSettings, Phase, TargetConnection
 from ..iscsi.directory import Portal, StaticDirectory, TargetEntry
 from ..iscsi.events import ConnectionClosing, ExecuteCommand, LoginComplete, ResetRequested
@@ -133,7 +133,7 @@ class CoreHarness:
                 self.closed = event.reason
 
     def _send_targets(self, value: str, session_target: str | None) -> list[tuple[str, str]]:
-        return discovery.send_targets(self.directory, INITIATOR_NAME, value, session_target)
+        return send_targets.send_targets(self.directory, INITIATOR_NAME, value, session_target)
 
     # -- a well-behaved initiator's login --------------------------------------------------
     def login(self, discovery_session: bool = False, digests: bool = False) -> None:

@@ -28,7 +28,7 @@ import pytest
 from iscsi_vmtarget.client import Initiator
 from iscsi_vmtarget.iscsi.directory import Portal, TargetEntry
 from iscsi_vmtarget.scsi import LogicalUnit, ScsiTarget, UnitIdentity
-from iscsi_vmtarget.server.portal import TargetServer
+from iscsi_vmtarget.server.listener import TargetServer
 from iscsi_vmtarget.server.registry import Registry, Target
 from iscsi_vmtarget.storage import MemoryBackend
 from iscsi_vmtarget.storage.file import FileBackend, create_sparse_file

@@ -16,7 +16,7 @@ import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.scsi import LogicalUnit, UnitIdentity
-from iscsi_vmtarget.server.acl import Acl, AclError, MappedLun
+from iscsi_vmtarget.server.masking import Acl, AclError, MappedLun
 from iscsi_vmtarget.server.registry import Registry, Target
 from iscsi_vmtarget.storage import MemoryBackend
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager

@@ -14,17 +14,17 @@ import pytest
 
 from iscsi_vmtarget.iscsi.directory import TargetEntry
 from iscsi_vmtarget.scsi import ScsiTarget
-from iscsi_vmtarget.server.acl import Acl, AclError
 from iscsi_vmtarget.server.admin import AdminError, Manager
 from iscsi_vmtarget.server.config import vm_target
 from iscsi_vmtarget.server.grants import effective_acls, migrate_overlays
+from iscsi_vmtarget.server.masking import Acl, AclError
 from iscsi_vmtarget.server.model import TargetSpec
 from iscsi_vmtarget.server.persist import ConfigStore, ManagedConfig, PersistError, VmGrants, diff
 from iscsi_vmtarget.server.registry import Registry, Target
 from iscsi_vmtarget.server.runtime import Runtime
 from iscsi_vmtarget.vm import StateDir, VmLuns, VmManager
 from iscsi_vmtarget.vm.export import vm_of_target, vm_target_name
-from tests.server.test_acl import unit
+from tests.server.test_masking import unit
 
 GOOD = "iqn.2026-11.test:good"
 OTHER = "iqn.2026-11.test:other"

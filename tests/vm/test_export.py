@@ -9,8 +9,8 @@ import threading
 from pathlib import Path
 
 from iscsi_vmtarget.scsi import Status
-from iscsi_vmtarget.server.acl import Acl
 from iscsi_vmtarget.server.config import build_registry, demo_config
+from iscsi_vmtarget.server.masking import Acl
 from iscsi_vmtarget.server.registry import Registry
 from iscsi_vmtarget.vm import StateDir, VmManager, resize_live
 from iscsi_vmtarget.vm.format import Mode

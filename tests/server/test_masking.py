@@ -8,10 +8,10 @@ import uuid
 import pytest
 
 from iscsi_vmtarget.iscsi.directory import ChapSecret, StaticDirectory, TargetEntry
-from iscsi_vmtarget.iscsi.discovery import send_targets
 from iscsi_vmtarget.iscsi.login import LoginMachine, LoginStatus, LoginThrottle, SessionTable
+from iscsi_vmtarget.iscsi.send_targets import send_targets
 from iscsi_vmtarget.scsi import LogicalUnit, Nexus, ScsiTarget, UnitIdentity
-from iscsi_vmtarget.server.acl import (
+from iscsi_vmtarget.server.masking import (
     Acl,
     AclError,
     MappedLun,

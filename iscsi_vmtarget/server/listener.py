@@ -15,13 +15,13 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..iscsi import discovery
+from ..iscsi import send_targets
 from ..iscsi.connection import ConnectionSettings, TargetConnection
 from ..iscsi.directory import Portal
 from ..iscsi.events import ConnectionClosing, ExecuteCommand, LoginComplete, ResetRequested
 from ..iscsi.login import LoginMachine, TargetPreferences
 from ..iscsi.pdu import TmfCode, TmfResponse
-from ..iscsi.task import Task
+from ..iscsi.transfer import Task
 from ..scsi import ScsiTarget
 from ..scsi.task import Nexus, ScsiResponse, Status
 from . import fabric
@@ -73,7 +73,7 @@ class ConnectionHandler(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.source = str(peer[0]) if peer else None
-        self.conn.login.source = self.source  # ACL source rules (server/acl.py)
+        self.conn.login.source = self.source  # ACL source rules (server/masking.py)
         self.server.handlers.add(self)
         self._arm_ping()
 
@@ -269,7 +269,7 @@ class ConnectionHandler(asyncio.Protocol):
 
     def _send_targets(self, value: str, session_target: str | None) -> list[tuple[str, str]]:
         initiator = self.conn.result.params.initiator_name if self.conn.result else ""
-        return discovery.send_targets(
+        return send_targets.send_targets(
             self.server.registry, initiator, value, session_target, source=self.source
         )
 

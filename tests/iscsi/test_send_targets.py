@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from iscsi_vmtarget.iscsi.directory import Portal, StaticDirectory, TargetEntry
-from iscsi_vmtarget.iscsi.discovery import send_targets
+from iscsi_vmtarget.iscsi.send_targets import send_targets
 
 INIT = "iqn.2024-01.org.example:host1"
 OTHER = "iqn.2024-01.org.example:host2"
