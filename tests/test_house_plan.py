@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "iscsi_vmtarget"
-#: The packages held to the plan (vm/ joins once its circles are gone, see above).
-PACKAGES = ["server", "cli"]
+#: The packages held to the plan: every one but vm/ (it joins once its circles are gone, see above).
+PACKAGES = ["iscsi", "scsi", "storage", "server", "cli"]
 #: Not yet: vm/ still has circles and private names crossing modules (issue 15's vm/
 #: step removes them; strict, so this fails once they are gone: move vm to PACKAGES).
 NOT_YET = [

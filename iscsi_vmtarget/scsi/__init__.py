@@ -7,7 +7,9 @@ I_T nexus, a decoded LUN, the CDB and the Data-Out bytes, and gets back a
 
 from .logical_unit import LogicalUnit, UnitIdentity
 from .lun_address import decode_lun, encode_lun
-from .opcodes import OPCODE_TABLE, DataDirection, OpcodeRow, PrPolicy
+from .opcode_row import DataDirection, OpcodeRow
+from .opcodes import OPCODE_TABLE
+from .pr_state import PrPolicy
 from .sense import Reason, ReservationConflict, ScsiError, SenseKey, build_sense
 from .target_device import ScsiTarget
 from .task import Nexus, ScsiResponse, Status, TmfFunction, TmfResult

@@ -9,22 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
+from .logical_unit import LogicalUnit
 from .sense import Reason, ScsiError, cdb_field
 from .task import Nexus
-
-if TYPE_CHECKING:
-    from .logical_unit import LogicalUnit
-    from .opcodes import OpcodeRow
-
-
-ItKey = tuple[str, str]
-
-
-def it_key(nexus: Nexus) -> ItKey:
-    """Identity of an I_T nexus: initiator port name and target port name (SAM-5 §3.1.45)."""
-    return (nexus.initiator_port, nexus.target_port)
 
 
 @dataclass
@@ -37,7 +26,6 @@ class Command:
     lu: LogicalUnit | None
     cdb: bytes
     data_out: memoryview
-    row: OpcodeRow
     luns: Mapping[int, LogicalUnit]
 
     @property

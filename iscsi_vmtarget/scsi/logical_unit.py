@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..storage.backend import Abilities, BlockBackend
-from .command import ItKey
-from .mode import ModeState
+from .mode_pages import ModeState
 from .pr_state import Initiator, PrStore, ReservationState
 from .pr_store import FilePrStore
 from .sense import Progress, Reason, ScsiError
+from .task import ItKey
 
 #: IEEE company identifier put in generated NAA type 6 designators (SPC-4 §7.8.6.6.5).
 #: A placeholder in the company-ID (CID, first octet ``xA``) space until the project

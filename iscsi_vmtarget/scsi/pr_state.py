@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final, Protocol
 
-from .command import ItKey
 from .sense import Reason, ReservationConflict
+from .task import ItKey
 
 STATE_VERSION: Final = 1
 

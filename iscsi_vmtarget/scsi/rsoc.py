@@ -7,14 +7,13 @@ management function table :data:`~.task.SUPPORTED_TMFS`.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Final
+from collections.abc import Sequence
+from typing import Final
 
 from .command import Command, be, require
+from .logical_unit import LogicalUnit
+from .opcode_row import SERVICE_ACTION_OPCODES, OpcodeRow
 from .task import SUPPORTED_TMFS
-
-if TYPE_CHECKING:
-    from .logical_unit import LogicalUnit
-    from .opcodes import OpcodeRow
 
 OPTIONS_ALL: Final = 0b000
 OPTIONS_OPCODE: Final = 0b001
@@ -35,23 +34,20 @@ _TIMEOUTS: Final = struct.pack(
 )
 
 
-def _rows(lu: LogicalUnit) -> list[OpcodeRow]:
-    from .opcodes import OPCODE_TABLE
-
-    return [row for row in OPCODE_TABLE if row.supported(lu)]
+def _rows(lu: LogicalUnit, table: Sequence[OpcodeRow]) -> list[OpcodeRow]:
+    return [row for row in table if row.supported(lu)]
 
 
-def report_supported_operation_codes(cmd: Command) -> bytes:
-    """REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35)."""
-    from .opcodes import SERVICE_ACTION_OPCODES
-
+def report_supported_operation_codes(cmd: Command, table: Sequence[OpcodeRow]) -> bytes:
+    """REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35) over ``table`` (the opcode table,
+    passed in by :mod:`.opcodes`, which owns it)."""
     lu = cmd.unit
     cdb = cmd.cdb
     rctd = bool(cdb[2] & 0x80)  # RCTD
     options = cdb[2] & 0x07  # REPORTING OPTIONS
     opcode = cdb[3]  # REQUESTED OPERATION CODE
     action = be(cdb, 4, 2)  # REQUESTED SERVICE ACTION
-    rows = _rows(lu)
+    rows = _rows(lu, table)
     if options == OPTIONS_ALL:
         return _all_commands(rows, rctd)
     has_actions = opcode in SERVICE_ACTION_OPCODES

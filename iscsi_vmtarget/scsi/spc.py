@@ -8,10 +8,11 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from .command import Command, it_key, require
+from .command import Command, require
 from .logical_unit import UnitIdentity
 from .lun_address import encode_lun
 from .sense import Reason, ScsiError, build_sense
+from .task import it_key
 from .vpd import PERIPHERAL_DIRECT_ACCESS, vpd_page
 
 #: PERIPHERAL QUALIFIER 011b, DEVICE TYPE 1Fh: no logical unit at this LUN (SPC-4 §6.6.2).

@@ -12,12 +12,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from .command import Command, it_key
+from .command import Command
 from .logical_unit import LogicalUnit
-from .opcodes import DataDirection, OpcodeRow, find_row, lookup, validate_cdb
+from .opcode_row import DataDirection, OpcodeRow
+from .opcodes import find_row, lookup, validate_cdb
 from .pr import initiator_of
 from .sense import Reason, ReservationConflict, ScsiError, build_sense
-from .task import SUPPORTED_TMFS, Nexus, ScsiResponse, Status, TmfFunction, TmfResult
+from .task import (
+    SUPPORTED_TMFS,
+    Nexus,
+    ScsiResponse,
+    Status,
+    TmfFunction,
+    TmfResult,
+    it_key,
+)
 
 _log = logging.getLogger(__name__)
 _EMPTY = memoryview(b"")
@@ -118,7 +127,7 @@ class ScsiTarget:
             if row.writes_medium:
                 lu.check_writable()
         view = _EMPTY if data_out is None else memoryview(data_out).cast("B")
-        command = Command(nexus, lun, lu, cdb, view, row, self._luns)
+        command = Command(nexus, lun, lu, cdb, view, self._luns)
         result = row.handler(command)
         if isinstance(result, ScsiResponse):
             response = result

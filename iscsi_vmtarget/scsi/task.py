@@ -96,3 +96,11 @@ SUPPORTED_TMFS: dict[TmfFunction, tuple[int, int]] = {
     TmfFunction.LOGICAL_UNIT_RESET: (0, 3),  # LURS
     TmfFunction.TARGET_RESET: (0, 1),  # TRS
 }
+
+
+ItKey = tuple[str, str]
+
+
+def it_key(nexus: Nexus) -> ItKey:
+    """Identity of an I_T nexus: initiator port name and target port name (SAM-5 §3.1.45)."""
+    return (nexus.initiator_port, nexus.target_port)

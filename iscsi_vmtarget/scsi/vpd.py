@@ -9,12 +9,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
+from .atomic import MAX_ATOMIC_TRANSFER_BLOCKS, MAX_COMPARE_AND_WRITE_BLOCKS
+from .logical_unit import LogicalUnit
+from .provisioning import MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT, MAX_WRITE_SAME_BLOCKS
+from .sanitize import block_erase_supported, crypto_erase_supported
 from .task import Nexus
-
-if TYPE_CHECKING:
-    from .logical_unit import LogicalUnit
+from .xcopy import third_party_copy_page
 
 PERIPHERAL_DIRECT_ACCESS: Final = 0x00  # PERIPHERAL QUALIFIER 000b, DEVICE TYPE 00h (SBC)
 
@@ -140,8 +142,6 @@ def _block_limits(lu: LogicalUnit, nexus: Nexus) -> bytes:
     UNMAP limits are reported only when UNMAP exists (a thin or resource-provisioned
     LU, LBPU=1); the unmap and atomic granularity is the 4 KiB allocation unit of the backing file.
     """
-    from .atomic import MAX_ATOMIC_TRANSFER_BLOCKS, MAX_COMPARE_AND_WRITE_BLOCKS
-    from .provisioning import MAX_UNMAP_DESCRIPTORS, MAX_UNMAP_LBA_COUNT, MAX_WRITE_SAME_BLOCKS
 
     physical = lu.allocation_unit_blocks
     unmaps = lu.provisioning_managed
@@ -170,7 +170,6 @@ def _block_device_characteristics(lu: LogicalUnit, nexus: Nexus) -> bytes:
     """Block Device Characteristics (SBC-3 §6.5.2), page length 3Ch: a non-rotating
     medium. WABEREQ=01b where SANITIZE BLOCK ERASE exists (LBPME=1) and WACEREQ=01b
     where CRYPTO ERASE does: reads after the erase succeed."""
-    from .sanitize import block_erase_supported, crypto_erase_supported
 
     wabereq = 0b01 if block_erase_supported(lu) else 0b00
     wacereq = 0b01 if crypto_erase_supported(lu) else 0b00
@@ -200,7 +199,6 @@ def _logical_block_provisioning(lu: LogicalUnit, nexus: Nexus) -> bytes:
 
 
 def _third_party_copy(lu: LogicalUnit, nexus: Nexus) -> bytes:
-    from .xcopy import third_party_copy_page
 
     return third_party_copy_page(lu, nexus)
 

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from .command import Command, be, it_key, require
+from .command import Command, be, require
 from .logical_unit import LogicalUnit
 from .sbc import read_medium, write_medium
 from .sense import Reason, ScsiError, param_field
-
-if TYPE_CHECKING:
-    from .task import Nexus
+from .task import Nexus, it_key
 
 OP_EXTENDED_COPY: Final = 0x83
 OP_RECEIVE_COPY_RESULTS: Final = 0x84

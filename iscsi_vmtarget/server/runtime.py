@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..scsi import LogicalUnit, ScsiTarget
-from ..scsi.command import it_key
+from ..scsi.task import it_key
 from .grants import effective_acls, summary
 from .masking import Acl
 from .model import LunError, TargetSpec, open_lun
