@@ -28,6 +28,7 @@ class RunningTarget:
     log_path: Path | None = None
     ports: list[int] = field(default_factory=list)
     api: str = ""  # https://HOST:PORT of ``serve --api``
+    metrics: str = ""  # http://HOST:PORT/metrics of ``serve --metrics``
 
     @property
     def portal(self) -> str:
@@ -78,6 +79,8 @@ def start_target(workdir: Path, *extra: str, nop_interval: float = 0) -> Running
             running.port = running.ports[0]
         elif line.startswith("target "):
             running.targets.setdefault(words[1], {})[int(words[3])] = int(words[4])
+        elif line.startswith("metrics on "):
+            running.metrics = words[-1]
         elif line.startswith("api on "):
             running.api = words[-1]
         elif line.startswith("ready"):
