@@ -1,4 +1,5 @@
-"""``iscsi-vmtarget serve``: run the target until SIGINT/SIGTERM."""
+"""``iscsi-vmtarget serve``: run the target until SIGINT/SIGTERM; SIGHUP reloads
+(:mod:`iscsi_vmtarget.server.reload`), and systemd hears of readiness (sd_notify)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from ..server import sd_notify
 from ..server.admin import AdminError, AdminServer, Manager
 from ..server.config import (
     ConfigError,
@@ -24,6 +26,7 @@ from ..server.metrics import MetricsServer
 from ..server.model import parse_portal
 from ..server.ownership import keep_leases
 from ..server.persist import ConfigStore, PersistError
+from ..server.reload import reload_logged
 from ..server.runtime import Runtime
 from ..vm.errors import InUseError
 from ..vm.lease import DEFAULT_SECONDS
@@ -227,6 +230,7 @@ async def _serve(
     api: ApiServer | None = None,
 ) -> int:
     stop = asyncio.Event()
+    reloads: list[asyncio.Task[None]] = []  # held, so a running reload is not collected
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -249,8 +253,14 @@ async def _serve(
     for target in server.registry.targets.values():
         for number, lu in sorted(target.scsi.luns.items()):
             print(f"target {target.name} lun {number} {lu.backend.size} bytes", flush=True)
+    if admin is not None:
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: reloads.append(loop.create_task(_reload(admin)))
+        )
     print("ready", flush=True)
+    sd_notify.notify("READY=1", f"STATUS=serving on {len(portals)} portal(s)")
     await stop.wait()
+    sd_notify.notify("STOPPING=1")
     log.info("stopping")
     if admin is not None:
         await admin.stop()
@@ -261,3 +271,11 @@ async def _serve(
     await server.stop()
     print("stopped", flush=True)
     return 0
+
+
+async def _reload(admin: AdminServer) -> None:
+    """SIGHUP: re-read the configuration (:mod:`iscsi_vmtarget.server.reload`), telling
+    systemd (``RELOADING=1``, then ``READY=1``)."""
+    sd_notify.reloading()
+    await reload_logged(admin)
+    sd_notify.notify("READY=1")
