@@ -51,11 +51,15 @@ class RunningTarget:
         return self.proc.returncode
 
 
-def start_target(workdir: Path, *extra: str, nop_interval: float = 0) -> RunningTarget:
-    """Start ``iscsi-vmtarget serve`` on an ephemeral port and wait until it listens."""
+def start_target(
+    workdir: Path, *extra: str, nop_interval: float = 0, command: list[str] | None = None
+) -> RunningTarget:
+    """Start ``iscsi-vmtarget serve`` on an ephemeral port and wait until it listens.
+    ``command``: how to run ``iscsi-vmtarget`` (default: this checkout's package)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "target.log"
-    args = [sys.executable, "-m", "iscsi_vmtarget", "-v", "serve", "--portal", "127.0.0.1:0"]
+    program = command or [sys.executable, "-m", "iscsi_vmtarget"]
+    args = [*program, "-v", "serve", "--portal", "127.0.0.1:0"]
     if "--state-dir" not in extra:
         args += ["--state-dir", str(workdir / "state")]
     args += ["--nop-interval", str(nop_interval), *extra]
