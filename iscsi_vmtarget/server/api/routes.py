@@ -11,6 +11,7 @@ the grants) makes the same two requests.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -323,7 +324,7 @@ def openapi() -> dict[str, Any]:
         ]
         operation: dict[str, Any] = {
             "summary": route.summary,
-            "operationId": f"{route.method.lower()}{route.path}".replace("/", "_"),
+            "operationId": re.sub(r"\W+", "_", f"{route.method.lower()}{route.path}").strip("_"),
             "x-role": route.role,
             "parameters": params,
             "responses": {
