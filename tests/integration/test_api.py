@@ -192,6 +192,7 @@ def test_every_route(api: Api) -> None:
     assert "api read-tok GET /v1/vms -> 200" in log
 
 
+@pytest.mark.slow
 def test_tokens_and_roles(api: Api, tmp_path: Path) -> None:
     assert api.call("GET", "/v1/vms", token=None)[0] == 401
     status, body = api.call("GET", "/v1/vms", token="ivt_not-a-token")

@@ -9,6 +9,7 @@ import re
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from iscsi_vmtarget.client.initiator import Initiator
@@ -26,6 +27,7 @@ def _queried_names() -> set[str]:
     return {n for e in exprs for n in re.findall(r"\biscsi_vmtarget_\w+", e)}
 
 
+@pytest.mark.slow
 def test_dashboard_queries_exist_in_metrics(tmp_path: Path) -> None:
     state = tmp_path / "state"
     grant_vms(state, INITIATOR)
