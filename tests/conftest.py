@@ -27,6 +27,8 @@ class RunningTarget:
     targets: dict[str, dict[int, int]] = field(default_factory=dict)  # iqn -> lun -> bytes
     log_path: Path | None = None
     ports: list[int] = field(default_factory=list)
+    api: str = ""  # https://HOST:PORT of ``serve --api``
+    metrics: str = ""  # http://HOST:PORT/metrics of ``serve --metrics``
 
     @property
     def portal(self) -> str:
@@ -49,11 +51,15 @@ class RunningTarget:
         return self.proc.returncode
 
 
-def start_target(workdir: Path, *extra: str, nop_interval: float = 0) -> RunningTarget:
-    """Start ``iscsi-vmtarget serve`` on an ephemeral port and wait until it listens."""
+def start_target(
+    workdir: Path, *extra: str, nop_interval: float = 0, command: list[str] | None = None
+) -> RunningTarget:
+    """Start ``iscsi-vmtarget serve`` on an ephemeral port and wait until it listens.
+    ``command``: how to run ``iscsi-vmtarget`` (default: this checkout's package)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "target.log"
-    args = [sys.executable, "-m", "iscsi_vmtarget", "-v", "serve", "--portal", "127.0.0.1:0"]
+    program = command or [sys.executable, "-m", "iscsi_vmtarget"]
+    args = [*program, "-v", "serve", "--portal", "127.0.0.1:0"]
     if "--state-dir" not in extra:
         args += ["--state-dir", str(workdir / "state")]
     args += ["--nop-interval", str(nop_interval), *extra]
@@ -77,6 +83,10 @@ def start_target(workdir: Path, *extra: str, nop_interval: float = 0) -> Running
             running.port = running.ports[0]
         elif line.startswith("target "):
             running.targets.setdefault(words[1], {})[int(words[3])] = int(words[4])
+        elif line.startswith("metrics on "):
+            running.metrics = words[-1]
+        elif line.startswith("api on "):
+            running.api = words[-1]
         elif line.startswith("ready"):
             return running
     proc.kill()

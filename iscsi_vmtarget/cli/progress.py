@@ -1,9 +1,12 @@
-"""A progress bar for long copies (full clone, unlink, move) on stderr.
+"""A progress bar for long copies (full clone, unlink, move, fill) on stderr, drawn by
+tqdm.
 
 Drawn only where someone watches - stderr is a terminal - or when ``--progress``
 asks for it (a log file, a CI run); otherwise silent, so scripts reading stderr see
-only errors. The bar is redrawn in place (carriage return) and only when what it
-shows changes, so a copy of millions of pieces writes a few hundred updates.
+only errors. tqdm redraws the line in place at most every :data:`REDRAW` seconds (and
+once more at the end), so a copy of millions of pieces writes a few hundred updates;
+the copies report ``(done, total)`` bytes (:data:`~iscsi_vmtarget.server.admin.PROGRESS_ARG`),
+which :class:`ProgressBar` turns into tqdm updates.
 """
 
 from __future__ import annotations
@@ -12,48 +15,52 @@ import argparse
 import sys
 from typing import TextIO
 
-_WIDTH = 30
+from tqdm import tqdm
 
-
-def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
+#: ``moving   [##########--------------------]  33%  1.00MiB / 3.00MiB  52.1MiB/s 00:00``
+FORMAT = (
+    "{desc:<9}[{bar:30}] {percentage:3.0f}%  {n_fmt}{unit} / {total_fmt}{unit}"
+    "  {rate_fmt} {remaining}"
+)
+REDRAW = 0.1
 
 
 class ProgressBar:
-    """``moving   [##########--------------------]  33%  1.0 GiB / 3.0 GiB``"""
+    """The ``(done, total)`` callback of a copy; its bar appears with the first call."""
 
     def __init__(self, label: str, *, enabled: bool, stream: TextIO | None = None) -> None:
         self.label = label
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
-        self._shown: tuple[int, int] | None = None
+        self._bar: tqdm | None = None  # type: ignore[type-arg]
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
             return
         total = max(total, 1)
         done = min(max(done, 0), total)
-        percent = done * 100 // total
-        filled = done * _WIDTH // total
-        if self._shown == (percent, filled):
-            return
-        self._shown = (percent, filled)
-        bar = "#" * filled + "-" * (_WIDTH - filled)
-        line = f"\r{self.label:<9}[{bar}] {percent:3d}%  {_human(done)} / {_human(total)}"
-        self.stream.write(line)
-        self.stream.flush()
+        if self._bar is None:
+            self._bar = tqdm(
+                desc=self.label,
+                total=total,
+                file=self.stream,
+                unit="iB",  # with divisor 1024: KiB, MiB, GiB
+                unit_scale=True,
+                unit_divisor=1024,
+                ascii="-#",
+                bar_format=FORMAT,
+                mininterval=REDRAW,
+                dynamic_ncols=False,
+            )
+        elif self._bar.total != total:
+            self._bar.total = total
+        self._bar.update(done - self._bar.n)
 
     def close(self) -> None:
-        """End the bar's line (if one was drawn)."""
-        if self._shown is not None:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._shown = None
+        """Draw the bar as it was left and end its line (if one was drawn)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def __enter__(self) -> ProgressBar:
         return self

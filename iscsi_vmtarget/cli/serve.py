@@ -1,4 +1,5 @@
-"""``iscsi-vmtarget serve``: run the target until SIGINT/SIGTERM."""
+"""``iscsi-vmtarget serve``: run the target until SIGINT/SIGTERM; SIGHUP reloads
+(:mod:`iscsi_vmtarget.server.reload`), and systemd hears of readiness (sd_notify)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import math
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
+from ..server import sd_notify
 from ..server.admin import AdminError, AdminServer, Manager
 from ..server.config import (
     ConfigError,
@@ -23,12 +26,16 @@ from ..server.metrics import MetricsServer
 from ..server.model import parse_portal
 from ..server.ownership import keep_leases
 from ..server.persist import ConfigStore, PersistError
+from ..server.reload import reload_logged
 from ..server.runtime import Runtime
 from ..vm.errors import InUseError
 from ..vm.lease import DEFAULT_SECONDS
 from ..vm.lease_device import LeaseKeeper
 from ..vm.lease_device import keeper as lease_keeper
 from ..vm.locks import hold_state_dir
+
+if TYPE_CHECKING:
+    from ..server.api.app import ApiServer
 
 log = logging.getLogger("iscsi_vmtarget")
 
@@ -66,6 +73,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="serve per-LUN and per-session counters in the Prometheus text format "
         "on http://HOST:PORT/metrics",
     )
+    p.add_argument(
+        "--api",
+        metavar="HOST:PORT",
+        type=_portal_arg,
+        help="serve the management API (JSON over HTTPS, bearer tokens: 'api token "
+        "create') on https://HOST:PORT/v1/..., its OpenAPI document at /openapi.json",
+    )
+    p.add_argument(
+        "--api-cert",
+        metavar="PEM",
+        help="the API's TLS certificate (chain); default: a self-signed one made in "
+        "<state-dir>/conf/api-cert.pem on first use",
+    )
+    p.add_argument("--api-key", metavar="PEM", help="the private key of --api-cert")
     p.add_argument(
         "--lease-seconds",
         type=_lease_seconds,
@@ -163,7 +184,22 @@ def _run(args: argparse.Namespace, cfg: ServeConfig, leases: LeaseKeeper) -> int
     if args.metrics:
         portal = parse_portal(args.metrics)
         metrics = MetricsServer(server.metrics, portal.host, portal.port)
-    return _run_loop(server, admin, metrics, leases)
+    api = None
+    if args.api:
+        if bool(args.api_cert) != bool(args.api_key):
+            print("iscsi-vmtarget: give both --api-cert and --api-key, or neither", file=sys.stderr)
+            return 1
+        from ..server.api.app import ApiServer  # aiohttp only when asked for
+
+        portal = parse_portal(args.api)
+        try:
+            api = ApiServer(
+                admin, cfg.state_dir, portal.host, portal.port, args.api_cert, args.api_key
+            )
+        except (OSError, ValueError) as exc:
+            print(f"iscsi-vmtarget: the API's certificate: {exc}", file=sys.stderr)
+            return 1
+    return _run_loop(server, admin, metrics, leases, api)
 
 
 def _run_loop(
@@ -171,6 +207,7 @@ def _run_loop(
     admin: AdminServer | None = None,
     metrics: MetricsServer | None = None,
     leases: LeaseKeeper | None = None,
+    api: ApiServer | None = None,
 ) -> int:
     try:
         import uvloop  # optional: a faster event loop (libuv)
@@ -179,7 +216,7 @@ def _run_loop(
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     try:
-        return runner(_serve(server, admin, metrics, leases))
+        return runner(_serve(server, admin, metrics, leases, api))
     except OSError as exc:
         print(f"iscsi-vmtarget: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -190,8 +227,10 @@ async def _serve(
     admin: AdminServer | None,
     metrics: MetricsServer | None,
     leases: LeaseKeeper | None = None,
+    api: ApiServer | None = None,
 ) -> int:
     stop = asyncio.Event()
+    reloads: list[asyncio.Task[None]] = []  # held, so a running reload is not collected
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -207,16 +246,36 @@ async def _serve(
     if metrics is not None:
         port = await metrics.start()
         print(f"metrics on http://{metrics.host}:{port}/metrics", flush=True)
+    if api is not None:
+        port = await api.start()
+        host = f"[{api.host}]" if ":" in api.host else api.host
+        print(f"api on https://{host}:{port}", flush=True)
     for target in server.registry.targets.values():
         for number, lu in sorted(target.scsi.luns.items()):
             print(f"target {target.name} lun {number} {lu.backend.size} bytes", flush=True)
+    if admin is not None:
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: reloads.append(loop.create_task(_reload(admin)))
+        )
     print("ready", flush=True)
+    sd_notify.notify("READY=1", f"STATUS=serving on {len(portals)} portal(s)")
     await stop.wait()
+    sd_notify.notify("STOPPING=1")
     log.info("stopping")
     if admin is not None:
         await admin.stop()
     if metrics is not None:
         await metrics.stop()
+    if api is not None:
+        await api.stop()
     await server.stop()
     print("stopped", flush=True)
     return 0
+
+
+async def _reload(admin: AdminServer) -> None:
+    """SIGHUP: re-read the configuration (:mod:`iscsi_vmtarget.server.reload`), telling
+    systemd (``RELOADING=1``, then ``READY=1``)."""
+    sd_notify.reloading()
+    await reload_logged(admin)
+    sd_notify.notify("READY=1")

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from ..server.actions.catalog import vm_json
 from ..sizes import format_size
 from ..storage import atomic_file
 from ..vm import Mode, VmError, VmManager, vm_target_name
@@ -20,15 +21,6 @@ from . import vm_replicate, vm_snapshot
 from .options import add_common, size_arg
 from .route import Router, print_json, run_offline, run_vm_verb
 from .vm_grants import drop_grants
-
-
-def vm_json(vm: FoundVm, manager: VmManager) -> dict[str, object]:
-    return {
-        **vm.to_json(),
-        "target": vm_target_name(vm.name),
-        "served": manager.served(vm),
-    }
-
 
 # -- the parser ---------------------------------------------------------------------------
 

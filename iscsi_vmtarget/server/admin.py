@@ -315,14 +315,22 @@ class AdminServer:
         args.pop(PROGRESS_ARG, None)  # only ever the daemon's own callback
         if request.get("progress") and progress is not None:
             args[PROGRESS_ARG] = progress
+        try:
+            return {"ok": True, "result": await self.run(op, args)}
+        except AdminError as exc:
+            return {"ok": False, "error": str(exc)}
+
+    async def run(self, op: str, args: Args) -> dict[str, Any]:
+        """Run one request in turn with every other (the socket's, the HTTPS API's):
+        its result, or AdminError (a bug's exception is logged and reported as one)."""
         async with self._lock:  # one change at a time, in order
             try:
-                return {"ok": True, "result": await self.manager.execute(op, args)}
-            except AdminError as exc:
-                return {"ok": False, "error": str(exc)}
+                return await self.manager.execute(op, args)
+            except AdminError:
+                raise
             except Exception as exc:  # never let a bug take the daemon down
                 log.exception("admin operation %s failed", op)
-                return {"ok": False, "error": f"internal error: {exc!r}"}
+                raise AdminError(f"internal error: {exc!r}") from exc
 
 
 def call_daemon(

@@ -1,19 +1,42 @@
-"""I/O counters per LUN and per session, in the Prometheus text format.
+"""I/O counters and latency histograms per LUN and per session, for Prometheus.
 
-The server counts every SCSI command it completes (:meth:`Metrics.record`): per
-target LUN (the target's own LUN number, whatever number an ACL shows it under) and
-per session (TSIH, RFC 7143 §11.12.6). ``serve --metrics HOST:PORT`` answers
-``GET /metrics`` with the text exposition format 0.0.4; ``iscsi-vmtarget status``
-shows the same numbers. Latencies are sums of seconds with their command counts, the
-Prometheus way to get averages (``rate(x_seconds_total) / rate(x_total)``).
+The server counts every SCSI command it completes (:meth:`Metrics.record`, the one
+place on the data path that observes latency): per target LUN (the target's own LUN
+number, whatever number an ACL shows it under) and per session (TSIH, RFC 7143
+§11.12.6). ``serve --metrics HOST:PORT`` answers ``GET /metrics`` with what
+:class:`Collector` reports, in the format the scraper asks for, written by the
+``prometheus-client`` library; ``iscsi-vmtarget status`` shows the same numbers.
+
+The data path keeps plain integers (a few additions and one :func:`bisect.bisect_left`
+per command, no lock and no label lookup); the library's metric families are built
+from them only when scraped. Series (``iscsi_vmtarget_`` prefix; ``lun_`` with
+labels target, lun; ``session_`` with target, initiator, isid, tsih):
+
+* ``{lun,session}_{read,write,other}_commands_total``, ``..._errors_total``,
+  ``..._{read,write}_bytes_total``, ``..._{read,write}_seconds_total`` (counters);
+* ``{lun,session}_latency_seconds`` (histogram; also labels ``vm``, the VM the target
+  is derived from or "", and ``op``: read, write or other; buckets :data:`BOUNDS`);
+* ``sessions`` per target (gauge), ``logins_total``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
+
+from ..vm.export import vm_of_target
 
 log = logging.getLogger("iscsi_vmtarget")
 
@@ -21,11 +44,23 @@ log = logging.getLogger("iscsi_vmtarget")
 READ_OPCODES = frozenset({0x08, 0x28, 0xA8, 0x88})
 WRITE_OPCODES = frozenset({0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0xAE, 0x8E})
 PREFIX = "iscsi_vmtarget"
+#: Latency bucket upper bounds in seconds: a command on a page-cached file takes tens
+#: of microseconds, one that waits for a disk flush milliseconds, a stalled one more.
+BOUNDS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+)  # fmt: skip
+OPS = ("read", "write", "other")
+READ, WRITE, OTHER = range(3)
+
+
+def _buckets() -> list[list[int]]:
+    return [[0] * (len(BOUNDS) + 1) for _ in OPS]
 
 
 @dataclass
 class IoCounters:
-    """Commands, bytes and seconds spent, by kind."""
+    """Commands, bytes and seconds spent, by kind, and each kind's latency buckets."""
 
     reads: int = 0
     writes: int = 0
@@ -36,24 +71,30 @@ class IoCounters:
     read_seconds: float = 0.0
     write_seconds: float = 0.0
     other_seconds: float = 0.0
+    #: per kind (READ, WRITE, OTHER): commands by bucket of BOUNDS (last: over all)
+    latency: list[list[int]] = field(default_factory=_buckets)
 
     def add(self, opcode: int, good: bool, nbytes: int, seconds: float) -> None:
         if opcode in READ_OPCODES:
             self.reads += 1
             self.read_bytes += nbytes
             self.read_seconds += seconds
+            kind = READ
         elif opcode in WRITE_OPCODES:
             self.writes += 1
             self.write_bytes += nbytes
             self.write_seconds += seconds
+            kind = WRITE
         else:
             self.others += 1
             self.other_seconds += seconds
+            kind = OTHER
+        self.latency[kind][bisect_left(BOUNDS, seconds)] += 1
         if not good:
             self.errors += 1
 
     def summary(self) -> dict[str, float]:
-        out: dict[str, float] = asdict(self)
+        out: dict[str, float] = {k: v for k, v in vars(self).items() if k != "latency"}
         out["read_latency_ms"] = 1000 * self.read_seconds / self.reads if self.reads else 0.0
         out["write_latency_ms"] = 1000 * self.write_seconds / self.writes if self.writes else 0.0
         return out
@@ -103,112 +144,113 @@ class Metrics:
         for key in [k for k in self.luns if k[0] == target]:
             del self.luns[key]
 
-    # -- Prometheus text exposition format 0.0.4 ------------------------------------------
+    def registry(self) -> CollectorRegistry:
+        """A prometheus-client registry that reports these metrics when scraped."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(Collector(self))
+        return registry
 
-    def render(self) -> str:
-        lines: list[str] = []
-        series: list[tuple[str, str, str, Callable[[IoCounters], float]]] = [
-            ("read_commands_total", "counter", "READ commands", lambda c: c.reads),
-            ("write_commands_total", "counter", "WRITE commands", lambda c: c.writes),
-            ("other_commands_total", "counter", "other SCSI commands", lambda c: c.others),
-            ("errors_total", "counter", "commands ending in a non-GOOD status", lambda c: c.errors),
-            ("read_bytes_total", "counter", "bytes read", lambda c: c.read_bytes),
-            ("write_bytes_total", "counter", "bytes written", lambda c: c.write_bytes),
-            ("read_seconds_total", "counter", "time spent in READs", lambda c: c.read_seconds),
-            ("write_seconds_total", "counter", "time spent in WRITEs", lambda c: c.write_seconds),
+
+#: The counters of each scope: (name, help, value of IoCounters).
+SERIES: list[tuple[str, str, Callable[[IoCounters], float]]] = [
+    ("read_commands", "READ commands", lambda c: c.reads),
+    ("write_commands", "WRITE commands", lambda c: c.writes),
+    ("other_commands", "other SCSI commands", lambda c: c.others),
+    ("errors", "commands ending in a non-GOOD status", lambda c: c.errors),
+    ("read_bytes", "bytes read", lambda c: c.read_bytes),
+    ("write_bytes", "bytes written", lambda c: c.write_bytes),
+    ("read_seconds", "time spent in READs", lambda c: c.read_seconds),
+    ("write_seconds", "time spent in WRITEs", lambda c: c.write_seconds),
+]
+_LE = [*(repr(b) for b in BOUNDS), "+Inf"]
+
+
+class Collector:
+    """A prometheus-client collector over :class:`Metrics` (module docstring)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        lun_labels = ["target", "lun"]
+        session_labels = ["target", "initiator", "isid", "tsih"]
+        luns = [([t, str(n)], c) for (t, n), c in sorted(m.luns.items())]
+        sessions = [
+            ([s.target, s.initiator, s.isid, str(s.tsih)], s.io)
+            for s in sorted(m.sessions.values(), key=lambda s: s.tsih)
         ]
-        for scope, items in (
-            ("lun", [({"target": t, "lun": str(n)}, c) for (t, n), c in sorted(self.luns.items())]),
-            (
-                "session",
-                [
-                    (
-                        {
-                            "target": s.target,
-                            "initiator": s.initiator,
-                            "isid": s.isid,
-                            "tsih": str(s.tsih),
-                        },
-                        s.io,
-                    )
-                    for s in sorted(self.sessions.values(), key=lambda s: s.tsih)
-                ],
-            ),
+        for scope, labels, items in (
+            ("lun", lun_labels, luns),
+            ("session", session_labels, sessions),
         ):
-            for name, kind, help_text, get in series:
-                metric = f"{PREFIX}_{scope}_{name}"
-                lines.append(f"# HELP {metric} {help_text} per {scope}")
-                lines.append(f"# TYPE {metric} {kind}")
-                lines += [f"{metric}{_labels(labels)} {_number(get(c))}" for labels, c in items]
+            for name, help_text, get in SERIES:
+                family = CounterMetricFamily(
+                    f"{PREFIX}_{scope}_{name}", f"{help_text} per {scope}", labels=labels
+                )
+                for values, counters in items:
+                    family.add_metric(values, get(counters))
+                yield family
+            yield _histogram(scope, labels, items)
         per_target: dict[str, int] = {}
-        for s in self.sessions.values():
+        for s in m.sessions.values():
             if s.target:
                 per_target[s.target] = per_target.get(s.target, 0) + 1
-        lines.append(f"# HELP {PREFIX}_sessions live normal sessions per target")
-        lines.append(f"# TYPE {PREFIX}_sessions gauge")
-        lines += [
-            f"{PREFIX}_sessions{_labels({'target': t})} {n}" for t, n in sorted(per_target.items())
-        ]
-        lines.append(f"# HELP {PREFIX}_logins_total successful logins")
-        lines.append(f"# TYPE {PREFIX}_logins_total counter")
-        lines.append(f"{PREFIX}_logins_total {self.logins}")
-        return "\n".join(lines) + "\n"
+        gauge = GaugeMetricFamily(
+            f"{PREFIX}_sessions", "live normal sessions per target", labels=["target"]
+        )
+        for target, count in sorted(per_target.items()):
+            gauge.add_metric([target], count)
+        yield gauge
+        yield CounterMetricFamily(f"{PREFIX}_logins", "successful logins", value=m.logins)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(labels: dict[str, str]) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _number(value: float) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
+def _histogram(
+    scope: str, labels: list[str], items: list[tuple[list[str], IoCounters]]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(
+        f"{PREFIX}_{scope}_latency_seconds",
+        f"SCSI command latency per {scope}, by kind (read, write, other)",
+        labels=[*labels, "vm", "op"],
+    )
+    for values, counters in items:
+        vm = vm_of_target(values[0]) or ""
+        sums = (counters.read_seconds, counters.write_seconds, counters.other_seconds)
+        for kind, op in enumerate(OPS):
+            running = 0
+            buckets = []
+            for le, count in zip(_LE, counters.latency[kind], strict=True):
+                running += count
+                buckets.append((le, running))
+            family.add_metric([*values, vm, op], buckets, sum_value=sums[kind])
+    return family
 
 
 class MetricsServer:
-    """A tiny HTTP/1.0 responder: ``GET /metrics`` -> the exposition, else 404."""
+    """``GET /metrics`` over HTTP on the daemon's event loop (aiohttp, as the API): the
+    registry in the format the scraper's Accept header asks for (text or OpenMetrics)."""
 
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        self.metrics = metrics
+        self.registry = metrics.registry()
         self.host = host
         self.port = port
-        self._server: asyncio.base_events.Server | None = None
+        self._runner: Any = None
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        from aiohttp import web  # only for a daemon serving metrics
+
+        async def scrape(request: web.Request) -> web.Response:
+            encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+            return web.Response(body=encode(self.registry), headers={"Content-Type": content_type})
+
+        app = web.Application()
+        app.router.add_get("/metrics", scrape)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = int(self._runner.addresses[0][1])
         return self.port
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 10)
-            for _ in range(100):  # headers, ignored
-                line = await asyncio.wait_for(reader.readline(), 10)
-                if line in (b"\r\n", b"\n", b""):
-                    break
-            parts = request.decode("latin-1").split()
-            wanted = len(parts) >= 2 and parts[1].split("?")[0] == "/metrics"
-            if wanted and parts[0] in ("GET", "HEAD"):
-                body = self.metrics.render().encode()
-                head = "200 OK"
-                ctype = "text/plain; version=0.0.4; charset=utf-8"
-            else:
-                body, head, ctype = b"not found\n", "404 Not Found", "text/plain"
-            writer.write(
-                f"HTTP/1.0 {head}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            )
-            if parts and parts[0] != "HEAD":
-                writer.write(body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError) as exc:
-            log.debug("metrics request failed: %r", exc)
-        finally:
-            writer.close()
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -280,6 +280,17 @@ def test_concurrent_admin_commands_do_not_corrupt_the_config(
     assert not [p for p in (state / "conf").iterdir() if p.name.endswith(".tmp")]
 
 
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a /metrics page: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def test_metrics_endpoint_counts_io_per_lun_and_session(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -299,14 +310,25 @@ def test_metrics_endpoint_counts_io_per_lun_and_session(
             ini.command(bytes([0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0]), data_out=bytes(512)).status == 0
         )
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as rsp:
-            assert rsp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-            text = rsp.read().decode()
-        lun = f'{{target="{DB}",lun="1"}}'  # the target's LUN 1, shown to host1 as 0
-        assert f"iscsi_vmtarget_lun_read_commands_total{lun} 3" in text
-        assert f"iscsi_vmtarget_lun_read_bytes_total{lun} 12288" in text
-        assert f"iscsi_vmtarget_lun_write_bytes_total{lun} 512" in text
-        assert f'iscsi_vmtarget_session_read_commands_total{{target="{DB}",initiator="{H1}"' in text
-        assert f'iscsi_vmtarget_sessions{{target="{DB}"}} 1' in text
+            assert rsp.headers["Content-Type"].startswith("text/plain; version=")
+            samples = scrape(rsp.read().decode())
+        lun = (("lun", "1"), ("target", DB))  # the target's LUN 1, shown to host1 as 0
+        assert samples["iscsi_vmtarget_lun_read_commands_total", lun] == 3
+        assert samples["iscsi_vmtarget_lun_read_bytes_total", lun] == 12288
+        assert samples["iscsi_vmtarget_lun_write_bytes_total", lun] == 512
+        session = [k for k in samples if k[0] == "iscsi_vmtarget_session_read_commands_total"]
+        assert [dict(k[1])["initiator"] for k in session] == [H1]
+        assert samples["iscsi_vmtarget_sessions", (("target", DB),)] == 1
+        # the latency histogram: every READ in a bucket, cumulative up to +Inf
+        reads = {**dict(lun), "vm": "", "op": "read"}
+        key = (
+            "iscsi_vmtarget_lun_latency_seconds_bucket",
+            tuple(sorted({**reads, "le": "+Inf"}.items())),
+        )
+        assert samples[key] == 3
+        assert (
+            samples["iscsi_vmtarget_lun_latency_seconds_count", tuple(sorted(reads.items()))] == 3
+        )
         _, out = cli(capsys, state, "status")
         assert f"lun {DB}/1: reads 3 (12288 B" in out
     finally:

@@ -32,8 +32,11 @@ def test_bar_only_on_a_terminal_or_when_asked() -> None:
         bar.close()
         lines = stream.getvalue().split("\r")[1:]
         assert lines[0].startswith("moving   [------------------------------]   0%")
-        assert lines[-1] == "moving   [##############################] 100%  3.0 MiB / 3.0 MiB\n"
-        assert len(lines) <= 131  # redrawn when percent or bar change, not per piece
+        assert lines[-1].startswith(
+            "moving   [##############################] 100%  3.00MiB / 3.00MiB"
+        )
+        assert lines[-1].endswith("\n")
+        assert len(lines) <= 131  # redrawn at most every 0.1 s, not per piece
 
 
 def _ivt(state: Path, *args: str) -> tuple[str, str]:
@@ -55,7 +58,10 @@ def test_clone_and_move_show_progress_when_asked(tmp_path: Path) -> None:
         manager.catalog.create_directory("p2", None)
     assert _ivt(state, "vm", "clone", "vm1", "quiet", "--full")[1] == ""  # not a tty
     shown = _ivt(state, "vm", "clone", "vm1", "loud", "--full", "--progress")[1]
-    assert shown.startswith("\rcloning  [") and shown.endswith("100%  8.0 MiB / 8.0 MiB\n")
+    assert (
+        shown.startswith("\rcloning  [") and "100%  8.00MiB / 8.00MiB" in shown.rpartition("\r")[2]
+    )
+    assert shown.endswith("\n")
     out, err = _ivt(state, "vm", "move", "vm1", "--pool", "p2", "--progress")
     last = err.rpartition("\r")[2]  # the bar as it was left
     assert err.startswith("\rmoving   [") and last.startswith("moving   [" + "#" * 30 + "] 100%")

@@ -9,7 +9,9 @@ offline (:func:`~..admin.call_for_vm`). One module per kind of action:
 * :mod:`.resize_vm` ``vm.resize``; :mod:`.move_vm` ``vm.move``;
 * :mod:`.snapshot_vm` ``vm.snapshot``, ``vm.revert``, ``vm.snapshot.delete``/``fill``;
 * :mod:`.serve_snapshot` ``vm.snapshot.export``; :mod:`.serve_vm` ``vm.serve``;
-* :mod:`.clone_vm` ``vm.clone``, ``vm.unlink``.
+* :mod:`.clone_vm` ``vm.clone``, ``vm.unlink``;
+* :mod:`.catalog` ``vm.list``, ``vm.show``, ``vm.create``, ``vm.delete``,
+  ``vm.snapshot.list`` (for the HTTPS API: the CLI does these on the pools).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..runtime import Args, Runtime
+from .catalog import create_vm, delete_vm, list_snapshots, list_vms, show_vm
 from .clone_vm import clone_vm_live, unlink_vm_live
 from .move_vm import move_vm_live
 from .resize_vm import resize_vm_live
@@ -39,4 +42,9 @@ ACTIONS: dict[str, Action] = {
     "vm.serve": serve_vm_live,
     "vm.clone": clone_vm_live,
     "vm.unlink": unlink_vm_live,
+    "vm.list": list_vms,
+    "vm.show": show_vm,
+    "vm.create": create_vm,
+    "vm.delete": delete_vm,
+    "vm.snapshot.list": list_snapshots,
 }
