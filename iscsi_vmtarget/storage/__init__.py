@@ -13,6 +13,7 @@ from .backend import (
 )
 from .file import FileBackend, create_sparse_file
 from .memory import MemoryBackend
+from .rbd import RbdBackend, RbdImageSpec, RbdPoolSpec
 
 __all__ = [
     "Abilities",
@@ -23,6 +24,9 @@ __all__ = [
     "CryptoErasable",
     "FileBackend",
     "MemoryBackend",
+    "RbdBackend",
+    "RbdImageSpec",
+    "RbdPoolSpec",
     "WrittenMap",
     "Zeroing",
     "check_range",
