@@ -26,6 +26,7 @@ What RBD offers beyond reads and writes, and how each ability maps:
 
 from __future__ import annotations
 
+import base64
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -211,6 +212,14 @@ def image_exists(spec: RbdImageSpec) -> bool:
     return spec.name in list_images(spec.where)
 
 
+def open_image(spec: RbdImageSpec, size: int | None, read_only: bool = False) -> RbdBackend:
+    """Open an image, first creating it thin when it is missing and ``size`` is given
+    (an existing image is never resized); BackendError naming the problem."""
+    if size is not None and not image_exists(spec):
+        create_image(spec, size)
+    return RbdBackend(spec, read_only=read_only)
+
+
 class RbdBackend:
     """An open RBD image as a :class:`~.backend.BlockBackend`, with the abilities
     :class:`~.backend.AllocationMap` and :class:`~.backend.Zeroing`."""
@@ -334,6 +343,10 @@ class RbdBackend:
             raise self._io_error(f"resize to {size}", exc) from exc
         self._size = size
 
+    def metadata_store(self, key: str) -> RbdMetadataBlob:
+        """A small blob kept in this image's own metadata under ``key``."""
+        return RbdMetadataBlob(self, key)
+
     def close(self) -> None:
         if self._image is not None:
             try:
@@ -341,3 +354,47 @@ class RbdBackend:
             finally:
                 self._image = None
                 self._pool.close()
+
+
+class RbdMetadataBlob:
+    """Bytes kept under one key of an image's metadata (``rbd image-meta``; stored in
+    the image header object, so whoever opens the image reads the same, and it goes
+    with the image). ``load``/``save``/``clear``, each one round trip to the cluster."""
+
+    def __init__(self, backend: RbdBackend, key: str) -> None:
+        self._backend = backend
+        self.key = key
+
+    def _image(self) -> Any:
+        image = self._backend._image
+        if image is None:
+            raise BackendError(f"RBD image {self._backend.spec} is closed")
+        return image
+
+    def load(self) -> bytes | None:
+        rbd = self._backend._rbd
+        try:
+            text = self._image().metadata_get(self.key)
+        except KeyError:
+            return None
+        except rbd.Error as exc:
+            raise self._backend._io_error(f"reading metadata {self.key}", exc) from exc
+        return base64.b64decode(text)
+
+    def save(self, data: bytes) -> None:
+        rbd = self._backend._rbd
+        try:
+            self._image().metadata_set(self.key, base64.b64encode(data).decode("ascii"))
+        except rbd.Error as exc:
+            raise self._backend._io_error(f"writing metadata {self.key}", exc) from exc
+
+    def clear(self) -> None:
+        if self.load() is None:  # nothing to do, also on a read-only image
+            return
+        rbd = self._backend._rbd
+        try:
+            self._image().metadata_remove(self.key)
+        except KeyError:
+            pass
+        except rbd.Error as exc:
+            raise self._backend._io_error(f"removing metadata {self.key}", exc) from exc
