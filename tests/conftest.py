@@ -130,18 +130,22 @@ def demo_target(tmp_path: Path) -> Iterator[RunningTarget]:
 @pytest.fixture(scope="session")
 def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
     """One real Ceph cluster (tools/ceph-cluster: a monitor, one bluestore OSD, pool
-    ``rbd``) for the whole test session, stopped at its end. Skipped where Ceph is not
-    installed, unless the run must have it (CI: tools/run-tests installs it)."""
+    ``rbd``) for the whole test session, in /dev/shm where bluestore can run there,
+    stopped and removed at its end. Skipped where Ceph is not installed, unless the
+    run must have it (CI: tools/run-tests installs it)."""
     why = ceph.missing()
     if why is not None:
         if ceph.required():
             pytest.fail(why)
         pytest.skip(why)
-    cluster = CephCluster(tmp_path_factory.mktemp("ceph")).start()
+    shm = ceph.fast_directory()
+    cluster = CephCluster(shm or tmp_path_factory.mktemp("ceph"))
     try:
-        yield cluster
+        yield cluster.start()
     finally:
         cluster.stop()
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
 
 
 def need_tool(name: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,24 @@ class CephCluster:
         if done.returncode:
             raise CephError(f"rbd {' '.join(args)}: {done.stderr}")
         return done.stdout
+
+
+def fast_directory() -> Path | None:
+    """A new directory in /dev/shm when bluestore can run there (tmpfs takes O_DIRECT
+    since Linux 6.6): an OSD's every commit then skips the disk, which makes a test's
+    small synchronous writes 2-3x faster on a busy machine. None where it cannot."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return None
+    directory = Path(tempfile.mkdtemp(prefix="iscsi-vmtarget-ceph-", dir=shm))
+    probe = directory / "probe"
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o600))
+    except OSError:
+        shutil.rmtree(directory)
+        return None
+    probe.unlink()
+    return directory
 
 
 def required() -> bool:
