@@ -154,6 +154,7 @@ class _PoolSession:
         self.where = where
         rados, _ = bindings()
         self._conn = _connect(where)
+        self.cluster = self._conn.cluster
         try:
             self.ioctx = self._conn.cluster.open_ioctx(where.pool)
             if where.namespace:
@@ -206,6 +207,27 @@ def list_images(where: RbdPoolSpec) -> list[str]:
             return sorted(rbd.RBD().list(pool.ioctx))
         except rbd.Error as exc:
             raise BackendError(f"cannot list RBD pool {where}: {exc}") from exc
+
+
+def rename_image(where: RbdPoolSpec, old: str, new: str) -> None:
+    """Rename an image (atomic in RBD's directory; an open image stays usable: it is
+    addressed by its id)."""
+    _, rbd = bindings()
+    with _PoolSession(where) as pool:
+        try:
+            rbd.RBD().rename(pool.ioctx, old, new)
+        except rbd.Error as exc:
+            raise BackendError(f"cannot rename RBD image {where}/{old} to {new}: {exc}") from exc
+
+
+def free_bytes(where: RbdPoolSpec) -> int:
+    """Raw space still free in the cluster (before replication; pool quotas not counted)."""
+    rados, _ = bindings()
+    with _PoolSession(where) as pool:
+        try:
+            return int(pool.cluster.get_cluster_stats()["kb_avail"]) * 1024
+        except rados.Error as exc:
+            raise BackendError(f"cannot read the free space of {where}: {exc}") from exc
 
 
 def image_exists(spec: RbdImageSpec) -> bool:
