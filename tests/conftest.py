@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.storage.rbd import close_connections
 from iscsi_vmtarget.testing import ceph
 from iscsi_vmtarget.testing.ceph import CephCluster
 
@@ -143,6 +144,7 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephClust
     try:
         yield cluster.start()
     finally:
+        close_connections()
         cluster.stop()
         if shm is not None:
             shutil.rmtree(shm, ignore_errors=True)

@@ -6,7 +6,7 @@ image is first opened, so this module loads, and everything else works, without 
 
 One ``rados.Rados`` connection is shared by every image of one cluster and user
 (librados multiplexes them; a connection per image would cost a monitor session and
-threads each) and shut down when its last image closes.
+threads each) and kept up while the process runs (:func:`close_connections`).
 
 What RBD offers beyond reads and writes, and how each ability maps:
 
@@ -26,6 +26,7 @@ What RBD offers beyond reads and writes, and how each ability maps:
 
 from __future__ import annotations
 
+import atexit
 import base64
 import threading
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ class RbdImageSpec:
 
 
 class _Connection:
-    """A shared ``rados.Rados`` with a count of the images that use it."""
+    """A shared ``rados.Rados`` with a count of the pools sessions that use it."""
 
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster
@@ -134,17 +135,29 @@ def _connect(where: RbdPoolSpec) -> _Connection:
                     f"cannot connect to the Ceph cluster of {where.conf or 'ceph.conf'} "
                     f"as client.{where.client_id or 'admin'}: {exc}"
                 ) from exc
+            if not _connections:
+                atexit.register(close_connections)
             conn = _connections[key] = _Connection(cluster)
         conn.users += 1
         return conn
 
 
-def _release(where: RbdPoolSpec, conn: _Connection) -> None:
+def _release(conn: _Connection) -> None:
+    """One user less. The connection stays up for the next image: connecting costs a
+    monitor session and tens of milliseconds, and units open and close images often
+    (:func:`close_connections` ends them all)."""
     with _connections_lock:
         conn.users -= 1
-        if conn.users == 0:
-            _connections.pop((where.conf, where.client_id), None)
-            conn.cluster.shutdown()
+
+
+def close_connections() -> None:
+    """Shut down every connection no image uses any more (at exit; before a test
+    stops its cluster)."""
+    with _connections_lock:
+        for key, conn in list(_connections.items()):
+            if conn.users == 0:
+                del _connections[key]
+                conn.cluster.shutdown()
 
 
 class _PoolSession:
@@ -160,14 +173,14 @@ class _PoolSession:
             if where.namespace:
                 self.ioctx.set_namespace(where.namespace)
         except rados.Error as exc:
-            _release(where, self._conn)
+            _release(self._conn)
             raise BackendError(f"cannot open RADOS pool {where.pool!r}: {exc}") from exc
 
     def close(self) -> None:
         if self.ioctx is not None:
             self.ioctx.close()
             self.ioctx = None
-            _release(self.where, self._conn)
+            _release(self._conn)
 
     def __enter__(self) -> _PoolSession:
         return self
