@@ -257,7 +257,8 @@ def open_image(spec: RbdImageSpec, size: int | None, read_only: bool = False) ->
 
 class RbdBackend:
     """An open RBD image as a :class:`~.backend.BlockBackend`, with the abilities
-    :class:`~.backend.AllocationMap` and :class:`~.backend.Zeroing`."""
+    :class:`~.backend.AllocationMap`, :class:`~.backend.Zeroing` and
+    :class:`~.backend.Remeasurable`."""
 
     def __init__(self, spec: RbdImageSpec, read_only: bool = False) -> None:
         _, rbd = bindings()
@@ -267,6 +268,7 @@ class RbdBackend:
         self._pool = _PoolSession(spec.where)
         try:
             self._image = rbd.Image(self._pool.ioctx, spec.name, read_only=read_only)
+            self._retired: list[Any] = []
             self._size = int(self._image.size())
             #: the image's own id: stays the same when the image is renamed
             self.image_id = str(self._image.id())
@@ -278,6 +280,22 @@ class RbdBackend:
 
     @property
     def size(self) -> int:
+        return self._size
+
+    def remeasure(self) -> int:
+        """The image's size now; :attr:`size` from then on. librbd refreshes a
+        writable handle whose image another handle resized (it watches the image's
+        header); a read-only handle does not watch, so it is opened again (by the
+        image's id: a unit's image may have been renamed since). The old handle
+        stays open until :meth:`close`, for I/O still running on it."""
+        try:
+            if self.read_only:
+                again = self._rbd.Image(self._pool.ioctx, image_id=self.image_id, read_only=True)
+                self._retired.append(self._image)
+                self._image = again
+            self._size = int(self._image.size())
+        except self._rbd.Error as exc:
+            raise self._io_error("size", exc) from exc
         return self._size
 
     def _io_error(self, what: str, exc: Exception) -> BackendError:
@@ -385,7 +403,8 @@ class RbdBackend:
     def close(self) -> None:
         if self._image is not None:
             try:
-                self._image.close()
+                for image in [*self._retired, self._image]:
+                    image.close()
             finally:
                 self._image = None
                 self._pool.close()

@@ -7,7 +7,14 @@ import os
 
 import pytest
 
-from iscsi_vmtarget.storage import Abilities, AllocationMap, BackendError, BlockBackend, Zeroing
+from iscsi_vmtarget.storage import (
+    Abilities,
+    AllocationMap,
+    BackendError,
+    BlockBackend,
+    Remeasurable,
+    Zeroing,
+)
 from iscsi_vmtarget.storage.rbd import (
     RbdBackend,
     RbdImageSpec,
@@ -95,14 +102,19 @@ def test_zero_range_keeps_space_and_abilities(ceph_cluster: CephCluster) -> None
 def test_resize_is_seen_by_the_cluster(ceph_cluster: CephCluster) -> None:
     spec = ceph_cluster.image(4 * MiB)
     b = RbdBackend(spec)
+    other = RbdBackend(spec, read_only=True)  # a served view's handle, say
     try:
         b.write(0, b"keep" * 128)
         b.resize(12 * MiB)
         assert b.size == 12 * MiB
         b.write(11 * MiB, b"new!" * 128)
         b.flush()
+        assert other.size == 4 * MiB  # measured once, until asked
+        assert isinstance(other, Remeasurable) and other.remeasure() == 12 * MiB
+        assert bytes(other.read(11 * MiB, 4)) == b"new!"
     finally:
         b.close()
+        other.close()
     assert "12 MiB" in ceph_cluster.rbd("info", str(spec))
     again = RbdBackend(spec)
     try:
