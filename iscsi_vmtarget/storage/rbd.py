@@ -233,14 +233,17 @@ def rename_image(where: RbdPoolSpec, old: str, new: str) -> None:
             raise BackendError(f"cannot rename RBD image {where}/{old} to {new}: {exc}") from exc
 
 
-def free_bytes(where: RbdPoolSpec) -> int:
-    """Raw space still free in the cluster (before replication; pool quotas not counted)."""
+def free_bytes(where: RbdPoolSpec) -> int | None:
+    """Raw space still free in the cluster (before replication; pool quotas not
+    counted); None when the cluster does not know (its usage comes from ceph-mgr: a
+    cluster without one reports 0 of 0)."""
     rados, _ = bindings()
     with _PoolSession(where) as pool:
         try:
-            return int(pool.cluster.get_cluster_stats()["kb_avail"]) * 1024
+            stats = pool.cluster.get_cluster_stats()
         except rados.Error as exc:
             raise BackendError(f"cannot read the free space of {where}: {exc}") from exc
+    return int(stats["kb_avail"]) * 1024 if stats["kb"] else None
 
 
 def image_exists(spec: RbdImageSpec) -> bool:
