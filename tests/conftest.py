@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.storage.rbd import close_connections
+from iscsi_vmtarget.testing import ceph
+from iscsi_vmtarget.testing.ceph import CephCluster
+
 INITIATOR = "iqn.2026-11.org.iscsi-vmtarget.test:host1"
 
 
@@ -132,6 +136,28 @@ def demo_target(tmp_path: Path) -> Iterator[RunningTarget]:
     t = start_target(tmp_path)
     yield t
     t.stop()
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """One real Ceph cluster (tools/ceph-cluster: a monitor, one bluestore OSD, pool
+    ``rbd``) for the whole test session, in /dev/shm where bluestore can run there,
+    stopped and removed at its end. Skipped where Ceph is not installed, unless the
+    run must have it (CI: tools/run-tests installs it)."""
+    why = ceph.missing()
+    if why is not None:
+        if ceph.required():
+            pytest.fail(why)
+        pytest.skip(why)
+    shm = ceph.fast_directory()
+    cluster = CephCluster(shm or tmp_path_factory.mktemp("ceph"))
+    try:
+        yield cluster.start()
+    finally:
+        close_connections()
+        cluster.stop()
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
 
 
 def need_tool(name: str) -> str:

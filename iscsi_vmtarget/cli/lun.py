@@ -1,5 +1,5 @@
-"""``iscsi-vmtarget lun``: give a target a LUN backed by a file or block device, or take
-it away (sessions that see it lose it; the backing file stays)."""
+"""``iscsi-vmtarget lun``: give a target a LUN backed by a file, a block device or a Ceph
+RBD image, or take it away (sessions that see it lose it; the backing stays)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import errno
 import os
 
+from ..errors import IscsiVmtargetError
 from ..sizes import parse_size
 from .target import add_common, done, invoke, lun_number
 
@@ -18,13 +19,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = verbs.add_parser(
         "map",
         help="add a LUN to a target",
-        description="Add LUN NUMBER to TARGET, backed by PATH (a file is created sparse "
-        "when --size is given and it does not exist; an existing one is never resized).",
+        description="Add LUN NUMBER to TARGET, backed by PATH or by the RBD image --rbd "
+        "(a file is created sparse, an image thin, when --size is given and it does not "
+        "exist; an existing one is never resized).",
     )
     p.add_argument("target")
     p.add_argument("number", type=lun_number)
-    p.add_argument("path")
-    p.add_argument("--size", type=parse_size, help="size of a new backing file (e.g. 1G)")
+    p.add_argument("path", nargs="?", help="backing file or block device (or give --rbd)")
+    p.add_argument(
+        "--rbd", metavar="POOL[/NAMESPACE]/IMAGE", help="back the LUN by this Ceph RBD image"
+    )
+    p.add_argument("--ceph-conf", metavar="FILE", help="the cluster's ceph.conf (with --rbd)")
+    p.add_argument("--ceph-id", metavar="USER", help="cephx user, without client. (with --rbd)")
+    p.add_argument("--size", type=parse_size, help="size of a new backing file or image (e.g. 1G)")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--block-size", type=int, default=512, choices=(512, 1024, 2048, 4096))
     add_common(p)
@@ -40,6 +47,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _map(args: argparse.Namespace) -> int:
+    if (args.path is None) == (args.rbd is None):
+        raise IscsiVmtargetError("lun map: give a PATH or --rbd POOL/IMAGE (one of them)")
+    if args.rbd is None and (args.ceph_conf or args.ceph_id):
+        raise IscsiVmtargetError("lun map: --ceph-conf and --ceph-id go with --rbd")
+    if args.rbd is not None:
+        return done(invoke(args, "lun.map", _rbd_payload(args)))
     path = os.path.abspath(args.path)
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "a LUN's backing is a file or a device", path)
@@ -57,3 +70,20 @@ def _map(args: argparse.Namespace) -> int:
     if args.size is not None:
         payload["size"] = args.size
     return done(invoke(args, "lun.map", payload))
+
+
+def _rbd_payload(args: argparse.Namespace) -> dict[str, object]:
+    payload: dict[str, object] = {
+        "target": args.target,
+        "number": args.number,
+        "rbd": args.rbd,
+        "read_only": args.read_only,
+        "block_size": args.block_size,
+    }
+    if args.ceph_conf is not None:
+        payload["ceph_conf"] = os.path.abspath(args.ceph_conf)
+    if args.ceph_id is not None:
+        payload["ceph_id"] = args.ceph_id
+    if args.size is not None:
+        payload["size"] = args.size
+    return payload

@@ -1,8 +1,9 @@
 """``iscsi-vmtarget pool``: create and list the pools units are allocated from.
 
-A pool is a directory of sparse files (``--path``, the default kind) or a block device
-or large file carved into units with an on-device unit table (``--device``). The pool
-``default`` (``<state-dir>/pools/default``) always exists.
+A pool is a directory of sparse files (``--path``, the default kind), a block device
+or large file carved into units with an on-device unit table (``--device``), or a Ceph
+RBD pool where each unit is an image (``--rbd``). The pool ``default``
+(``<state-dir>/pools/default``) always exists.
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = verbs.add_parser(
         "create",
         help="define a pool",
-        description="Define a pool: a directory (--path, default <state-dir>/pools/NAME) "
-        "or a device (--device). A device that already holds a unit table is adopted; "
-        "one holding other data is refused unless --force.",
+        description="Define a pool: a directory (--path, default <state-dir>/pools/NAME), "
+        "a device (--device) or a Ceph RBD pool (--rbd). A device that already holds a "
+        "unit table is adopted; one holding other data is refused unless --force.",
     )
     p.add_argument("name")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--path", metavar="DIR", help="directory of sparse unit files")
     where.add_argument("--device", metavar="PATH", help="block device or large file")
+    where.add_argument(
+        "--rbd", metavar="POOL[/NAMESPACE]", help="Ceph RBD pool: each unit an image"
+    )
+    p.add_argument("--ceph-conf", metavar="FILE", help="with --rbd: the cluster's ceph.conf")
+    p.add_argument("--ceph-id", metavar="USER", help="with --rbd: cephx user, without client.")
     p.add_argument(
         "--size", type=size_arg, metavar="SIZE", help="with --device: create the file this big"
     )
@@ -49,7 +55,14 @@ def _create(args: argparse.Namespace, manager: VmManager) -> int:
     if args.size is not None and not args.device:
         print("iscsi-vmtarget: --size goes with --device", file=sys.stderr)
         return 2
-    if args.device:
+    if (args.ceph_conf or args.ceph_id) and not args.rbd:
+        print("iscsi-vmtarget: --ceph-conf and --ceph-id go with --rbd", file=sys.stderr)
+        return 2
+    if args.rbd:
+        from ..vm.rbd_pool import create_rbd_pool
+
+        pool = create_rbd_pool(manager.catalog, args.name, args.rbd, args.ceph_conf, args.ceph_id)
+    elif args.device:
         pool = manager.catalog.create_device(args.name, args.device, args.size, args.force)
     else:
         pool = manager.catalog.create_directory(args.name, args.path)

@@ -21,11 +21,10 @@ from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.params import TargetPreferences
 from ..scsi import LogicalUnit, ScsiTarget
-from ..sizes import parse_size
 from ..vm import VmError, VmLuns, serve_vms, vm_target_name
 from ..vm.export import DEMO_VM
 from .masking import Acl, check_mutual, check_secret
-from .model import LunError, LunSpec, TargetSpec, check_provisioning, open_lun, parse_portal
+from .model import LunError, LunSpec, TargetSpec, open_lun, parse_portal
 from .registry import Registry, Target
 
 BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
@@ -141,20 +140,7 @@ def _target(t: dict[str, Any], base: str) -> TargetSpec:
         allow_all=bool(t.get("allow_all", False)),
     )
     check_mutual(spec.chap, spec.mutual_chap, f"target {spec.name}")
-    luns = []
-    for lun in t.get("lun", []):
-        lpath = str(lun["path"])
-        luns.append(
-            LunSpec(
-                number=int(lun["number"]),
-                path=lpath if os.path.isabs(lpath) else os.path.join(base, lpath),
-                size=parse_size(lun["size"]) if "size" in lun else None,
-                read_only=bool(lun.get("read_only", False)),
-                block_size=int(lun.get("block_size", 512)),
-                serial=lun.get("serial"),
-                provisioning=check_provisioning(lun.get("provisioning", "thin")),
-            )
-        )
+    luns = [LunSpec.from_dict(lun, base) for lun in t.get("lun", [])]
     return replace(spec, luns=tuple(luns))
 
 

@@ -21,7 +21,8 @@ from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal
 from ..scsi import LogicalUnit, UnitIdentity
 from ..sizes import parse_size
-from ..storage import BackendError, FileBackend, create_sparse_file
+from ..storage import BackendError, BlockBackend, FileBackend, RbdImageSpec, create_sparse_file
+from ..storage.rbd import RbdBackend, open_image
 from .masking import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
 
 _ID_NAMESPACE = uuid.UUID("5b0e1c52-8f6e-4d0a-9d3e-2f1f3c6a7b10")
@@ -66,8 +67,9 @@ def portal_text(p: Portal) -> str:
 @dataclass(frozen=True)
 class LunSpec:
     """A LUN of a target: a backing file or block device (SBC-3 direct-access block
-    device). ``size`` creates a missing file sparse (never resizes one); ``thick``
-    provisioning preallocates it."""
+    device), or an RBD image (``rbd``, then ``path`` is empty). ``size`` creates a
+    missing file sparse or a missing image thin (never resizes one); ``thick``
+    provisioning preallocates a file."""
 
     number: int
     path: str
@@ -76,9 +78,19 @@ class LunSpec:
     block_size: int = 512
     serial: str | None = None
     provisioning: str = "thin"
+    rbd: RbdImageSpec | None = None
+
+    @property
+    def backing(self) -> str:
+        """What backs the LUN, for messages: the path, or ``rbd:POOL/IMAGE``."""
+        return f"rbd:{self.rbd}" if self.rbd is not None else self.path
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"number": self.number, "path": self.path}
+        out: dict[str, Any] = {"number": self.number}
+        if self.rbd is not None:
+            out.update(rbd_to_dict(self.rbd))
+        else:
+            out["path"] = self.path
         if self.size is not None:
             out["size"] = self.size
         out["read_only"] = self.read_only
@@ -91,18 +103,49 @@ class LunSpec:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], base: str = ".") -> LunSpec:
-        """A LUN's document; a relative ``path`` is relative to ``base``."""
-        path = str(doc["path"])
+        """A LUN's document: ``path`` (relative to ``base``) or ``rbd`` (with
+        ``ceph_conf`` relative to ``base`` and ``ceph_id``). ValueError names a problem."""
+        rbd = rbd_from_dict(doc, base)
+        path = "" if rbd is not None else _absolute(str(doc["path"]), base)
         size = doc.get("size")
         return cls(
             number=int(doc["number"]),
-            path=path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path)),
+            path=path,
+            rbd=rbd,
             size=None if size is None else parse_size(size),
             read_only=bool(doc.get("read_only", False)),
             block_size=int(doc.get("block_size", 512)),
             serial=doc.get("serial"),
             provisioning=check_provisioning(doc.get("provisioning", "thin")),
         )
+
+
+def _absolute(path: str, base: str) -> str:
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def rbd_from_dict(doc: dict[str, Any], base: str) -> RbdImageSpec | None:
+    """The ``rbd`` image (``POOL[/NAMESPACE]/IMAGE``) a LUN document names, with its
+    ``ceph_conf`` and ``ceph_id``; None when it names a ``path``."""
+    if "rbd" not in doc:
+        return None
+    if "path" in doc:
+        raise ValueError(f"LUN {doc.get('number')}: give path or rbd, not both")
+    conf = doc.get("ceph_conf")
+    return RbdImageSpec.parse(
+        str(doc["rbd"]),
+        conf=None if conf is None else _absolute(str(conf), base),
+        client_id=None if doc.get("ceph_id") is None else str(doc["ceph_id"]),
+    )
+
+
+def rbd_to_dict(spec: RbdImageSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"rbd": str(spec)}
+    if spec.where.conf is not None:
+        out["ceph_conf"] = spec.where.conf
+    if spec.where.client_id is not None:
+        out["ceph_id"] = spec.where.client_id
+    return out
 
 
 @dataclass(frozen=True)
@@ -187,61 +230,105 @@ def acl_list(docs: Any, where: str) -> tuple[Acl, ...]:
 
 def open_lun(target: str, lun: LunSpec) -> LogicalUnit:
     """The logical unit LUN ``lun`` of target ``target`` describes: its backing file
-    created sparse when missing and ``size`` is given, preallocated for ``thick``
-    provisioning, never resized; its identity (VPD 0x83/0x80) derived from the target
-    and the path, so it stays the same from one start to the next. LunError says
-    what is wrong, and nothing is left open."""
+    created sparse (or its RBD image thin) when missing and ``size`` is given, a file
+    preallocated for ``thick`` provisioning, never resized; its identity (VPD
+    0x83/0x80) derived from the target and the path (or the RBD image's id), so it
+    stays the same from one start to the next, and on every gateway serving that
+    image. LunError says what is wrong, and nothing is left open."""
     where = f"LUN {lun.number} of {target}"
     if lun.block_size not in BLOCK_SIZES:
         raise LunError(f"{where}: bad block_size {lun.block_size}")
-    if not os.path.exists(lun.path):
-        if lun.size is None:
-            raise LunError(
-                f"{where}: backing file {lun.path!r} does not exist (give a size to create it)"
-            )
-        if lun.size == 0 or lun.size % lun.block_size:
-            raise LunError(
-                f"{where}: size {lun.size} is not a positive "
-                f"multiple of the block size {lun.block_size}"
-            )
-        os.makedirs(os.path.dirname(lun.path) or ".", exist_ok=True)
-        create_sparse_file(lun.path, lun.size)
-    try:
-        backend = FileBackend(lun.path, read_only=lun.read_only)
-    except BackendError as exc:
-        raise LunError(f"{where}: {exc}") from exc
+    backend: BlockBackend
+    if lun.rbd is not None:
+        backend = _open_rbd(where, lun, lun.rbd)
+    else:
+        backend = _open_file(where, lun)
     if lun.size is not None and backend.size != lun.size:
         backend.close()
         raise LunError(
-            f"{where}: {lun.path!r} holds {backend.size} bytes, "
+            f"{where}: {lun.backing!r} holds {backend.size} bytes, "
             f"config says {lun.size}; refusing to resize it"
         )
     if backend.size < lun.block_size:
         backend.close()
-        raise LunError(f"{where}: {lun.path!r} is empty")
-    if lun.provisioning == "thick" and not backend.is_block_device and not lun.read_only:
-        # thick means every block allocated up front, also for a file that exists (its
-        # holes get space, its data stays): what GET LBA STATUS calls anchored has space
-        try:
-            with open(lun.path, "r+b") as fh:
-                os.posix_fallocate(fh.fileno(), 0, backend.size)
-        except OSError as exc:
-            backend.close()
-            raise LunError(
-                f"{where}: cannot preallocate {lun.path!r} for thick provisioning: {exc.strerror}"
-            ) from exc
-    unit_id = uuid.uuid5(_ID_NAMESPACE, f"{target.lower()}/{os.path.abspath(lun.path)}")
+        raise LunError(f"{where}: {lun.backing!r} is empty")
+    if isinstance(backend, RbdBackend):
+        key = f"{target.lower()}/rbd:{backend.spec.where}/{backend.image_id}"
+        sparse, pr_store = True, backend.metadata_store(PR_METADATA_KEY)
+        pr_path = None
+    else:
+        assert isinstance(backend, FileBackend)
+        _preallocate(where, lun, backend)
+        key = f"{target.lower()}/{os.path.abspath(lun.path)}"
+        sparse, pr_store = not backend.is_block_device, None
+        pr_path = None if backend.is_block_device else f"{lun.path}.pr"
+    unit_id = uuid.uuid5(_ID_NAMESPACE, key)
     identity = UnitIdentity.from_uuid(unit_id, lun.serial or unit_id.hex[:16])
     return LogicalUnit(
         backend,
         identity,
         block_size=lun.block_size,
         read_only=lun.read_only,
-        thin_provisioning=lun.provisioning == "thin" and not backend.is_block_device,
+        thin_provisioning=lun.provisioning == "thin" and sparse,
         # a preallocated file keeps its space: UNMAP zeroes in place (anchors)
-        resource_provisioning=lun.provisioning == "thick" and not backend.is_block_device,
-        # APTPL persistent reservations live in a file beside the unit
-        pr_state_path=None if backend.is_block_device else f"{lun.path}.pr",
+        resource_provisioning=lun.provisioning == "thick" and sparse,
+        # APTPL persistent reservations live in a file beside the unit, or in the
+        # RBD image's own metadata (every gateway of the image reads the same)
+        pr_state_path=pr_path,
+        pr_store=pr_store,
         clock=time.monotonic,
         sleep=time.sleep,
     )
+
+
+#: The RBD image metadata key holding a LUN's APTPL reservation state.
+PR_METADATA_KEY = "iscsi_vmtarget.pr"
+
+
+def _open_file(where: str, lun: LunSpec) -> FileBackend:
+    if not os.path.exists(lun.path):
+        if lun.size is None:
+            raise LunError(
+                f"{where}: backing file {lun.path!r} does not exist (give a size to create it)"
+            )
+        _check_new_size(where, lun)
+        os.makedirs(os.path.dirname(lun.path) or ".", exist_ok=True)
+        create_sparse_file(lun.path, lun.size)
+    try:
+        return FileBackend(lun.path, read_only=lun.read_only)
+    except BackendError as exc:
+        raise LunError(f"{where}: {exc}") from exc
+
+
+def _open_rbd(where: str, lun: LunSpec, spec: RbdImageSpec) -> RbdBackend:
+    if lun.provisioning == "thick":
+        raise LunError(f"{where}: RBD images are thin; thick provisioning is for files")
+    if lun.size is not None:
+        _check_new_size(where, lun)
+    try:
+        return open_image(spec, lun.size, read_only=lun.read_only)
+    except BackendError as exc:
+        raise LunError(f"{where}: {exc}") from exc
+
+
+def _check_new_size(where: str, lun: LunSpec) -> None:
+    if lun.size is not None and (lun.size == 0 or lun.size % lun.block_size):
+        raise LunError(
+            f"{where}: size {lun.size} is not a positive "
+            f"multiple of the block size {lun.block_size}"
+        )
+
+
+def _preallocate(where: str, lun: LunSpec, backend: FileBackend) -> None:
+    """Thick: every block allocated up front, also for a file that exists (its holes
+    get space, its data stays): what GET LBA STATUS calls anchored has space."""
+    if lun.provisioning != "thick" or backend.is_block_device or lun.read_only:
+        return
+    try:
+        with open(lun.path, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, backend.size)
+    except OSError as exc:
+        backend.close()
+        raise LunError(
+            f"{where}: cannot preallocate {lun.path!r} for thick provisioning: {exc.strerror}"
+        ) from exc

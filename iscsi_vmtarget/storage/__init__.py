@@ -7,12 +7,14 @@ from .backend import (
     BlockBackend,
     CapacityNotifier,
     CryptoErasable,
+    Remeasurable,
     WrittenMap,
     Zeroing,
     check_range,
 )
 from .file import FileBackend, create_sparse_file
 from .memory import MemoryBackend
+from .rbd import RbdBackend, RbdImageSpec, RbdPoolSpec
 
 __all__ = [
     "Abilities",
@@ -23,6 +25,10 @@ __all__ = [
     "CryptoErasable",
     "FileBackend",
     "MemoryBackend",
+    "RbdBackend",
+    "RbdImageSpec",
+    "RbdPoolSpec",
+    "Remeasurable",
     "WrittenMap",
     "Zeroing",
     "check_range",

@@ -117,6 +117,14 @@ class CapacityNotifier(Protocol):
         ...
 
 
+@runtime_checkable
+class Remeasurable(Protocol):
+    """Sees its object grown through another handle once asked (an RBD image that
+    another open image resized): measures itself again and returns the new size."""
+
+    def remeasure(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Abilities:
     """What one backend offers beyond :class:`BlockBackend`, checked once

@@ -17,4 +17,5 @@ only extra needs (hypothesis, scapy) come with the ``[test]`` extra.
 * :mod:`.process` - RSS and liveness of a target process.
 * :mod:`.snapshot_chain` - a VM disk behind a chain of snapshots (the benchmarks).
 * :mod:`.tgtd` - Debian's tgtd on 127.0.0.1, the baseline target for tests.
+* :mod:`.ceph` - a Ceph cluster of our own (``tools/ceph-cluster``) for RBD tests.
 """

@@ -87,7 +87,7 @@ def check_pool_name(name: str) -> None:
         )
 
 
-def _slots_valid(backend: BlockBackend) -> bool:
+def slots_valid(backend: BlockBackend) -> bool:
     """Whether the tail of ``backend`` holds at least one valid header slot."""
     if backend.size < TAIL_SIZE:
         return False
@@ -201,7 +201,7 @@ class DirectoryPool:
         try:
             if old_size is None:
                 done = "unfinished extension intent removed (the file was never extended)"
-            elif _slots_valid(backend):
+            elif slots_valid(backend):
                 done = "extension kept (the new tail holds the header)"
             else:
                 backend.resize(old_size)
@@ -237,8 +237,11 @@ class DirectoryPool:
         pass
 
 
-def write_definition(conf_dir: str, name: str, kind: str, path: str) -> None:
-    """Write ``<conf>/pools/<name>.toml`` crash-atomically (:mod:`~..storage.atomic_file`)."""
+def write_definition(
+    conf_dir: str, name: str, kind: str, path: str, extra: dict[str, str] | None = None
+) -> None:
+    """Write ``<conf>/pools/<name>.toml`` crash-atomically (:mod:`~..storage.atomic_file`);
+    ``extra``: more keys a kind of pool needs (an rbd pool's ``ceph_conf``)."""
     directory = os.path.join(conf_dir, "pools")
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"{name}.toml")
@@ -246,6 +249,7 @@ def write_definition(conf_dir: str, name: str, kind: str, path: str) -> None:
         "# iscsi-vmtarget pool definition (written by 'pool create')\n"
         f"name = {json.dumps(name)}\nkind = {json.dumps(kind)}\n"
         f"path = {json.dumps(path)}\n"
+        + "".join(f"{key} = {json.dumps(value)}\n" for key, value in (extra or {}).items())
     )
     atomic_file.write_file(final, text.encode(), tmp=final + ".tmp")
 
@@ -294,6 +298,12 @@ class PoolCatalog:
             from .device import DevicePool
 
             pool = DevicePool(name, path)
+        elif kind == "rbd":  # a pool of RBD images (Ceph): needs Ceph only when used
+            from .rbd_pool import RbdPool
+
+            pool = RbdPool.from_definition(
+                name, path, os.path.join(self.conf_dir, "pools", f"{name}.toml")
+            )
         else:
             raise VmError(f"pool {name!r} has unknown kind {kind!r}")
         self._open[name] = pool

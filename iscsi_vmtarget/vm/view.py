@@ -21,7 +21,14 @@ import threading
 from collections.abc import Callable, Iterator
 
 from ..storage import FileBackend
-from ..storage.backend import AllocationMap, BackendError, BlockBackend, RangeFinder, check_range
+from ..storage.backend import (
+    AllocationMap,
+    BackendError,
+    BlockBackend,
+    RangeFinder,
+    Remeasurable,
+    check_range,
+)
 from .format import Mode, UnitHeader, UnitState
 
 CapacityListener = Callable[[int, int], None]
@@ -358,7 +365,8 @@ def _ranges_of(raw: BlockBackend) -> RangeFinder | None:
 
 def _follow(raw: BlockBackend, size: int) -> BlockBackend:
     """A handle on a unit that another handle grew to ``size`` bytes: a device-pool
-    window is widened, a file is opened again (a FileBackend measures once)."""
+    window is widened, a file is opened again (a FileBackend measures once), an RBD
+    image measured again (:class:`Remeasurable`)."""
     if raw.size >= size:
         return raw
     if isinstance(raw, SliceBackend):
@@ -369,6 +377,8 @@ def _follow(raw: BlockBackend, size: int) -> BlockBackend:
         if again.size >= size:
             return again
         again.close()
+    if isinstance(raw, Remeasurable) and raw.remeasure() >= size:
+        return raw
     raise BackendError(f"the unit behind this view is not {size} bytes long")
 
 

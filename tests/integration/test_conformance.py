@@ -47,9 +47,15 @@ _SUMMARY = re.compile(r"^\s*tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", re.M
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_passes(demo_target: RunningTarget, family: str) -> None:
+    run_family(demo_target.url(DEMO), family)
+
+
+def run_family(url: str, family: str) -> None:
+    """``iscsi-test-cu --dataloss`` family ``ALL.<family>`` on ``url``: it must run
+    tests, and every one must pass."""
     need_tool("iscsi-test-cu")
     proc = subprocess.run(
-        ["iscsi-test-cu", "--dataloss", "-n", "-t", f"ALL.{family}", demo_target.url(DEMO)],
+        ["iscsi-test-cu", "--dataloss", "-n", "-t", f"ALL.{family}", url],
         capture_output=True,
         text=True,
         timeout=240,

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client import Initiator
+from iscsi_vmtarget.server.model import PR_METADATA_KEY
+from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
 from tests.conftest import RunningTarget, need_tool, start_target
 
 pytestmark = pytest.mark.interop
@@ -83,7 +85,7 @@ CONFIG = """
 name = "{iqn}"
 [[target.lun]]
 number = 0
-path = "{path}"
+{backing}
 size = "4M"
 """
 
@@ -112,12 +114,34 @@ def _read_reservation(ini: Initiator) -> tuple[int, int] | None:
     return int.from_bytes(result.data[8:16], "big"), result.data[21] & 0x0F
 
 
-def test_aptpl_reservation_survives_a_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["file", "rbd"])
+def test_aptpl_reservation_survives_a_restart(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
     """SPC-4 §5.13.5: registered with APTPL=1, the registrations and the reservation
-    are back after the target restarts; another initiator still conflicts."""
-    backing = tmp_path / "aptpl.img"
+    are back after the target restarts; another initiator still conflicts. On a file
+    LUN the state is kept in <file>.pr, on an RBD LUN in the image's own metadata
+    (so every gateway of the image would read it)."""
+    if kind == "rbd":
+        cluster = request.getfixturevalue("ceph_cluster")
+        image = RbdImageSpec(cluster.pool, f"aptpl-{tmp_path.name}")
+        backing = f'rbd = "{image}"\nceph_conf = "{cluster.conf}"'
+
+        def saved() -> bool:
+            rbd = RbdBackend(image, read_only=True)
+            try:
+                return rbd.metadata_store(PR_METADATA_KEY).load() is not None
+            finally:
+                rbd.close()
+    else:
+        path = tmp_path / "aptpl.img"
+        backing = f'path = "{path}"'
+
+        def saved() -> bool:
+            return Path(f"{path}.pr").exists()
+
     conf = tmp_path / "aptpl.toml"
-    conf.write_text(CONFIG.format(iqn=IQN, path=backing))
+    conf.write_text(CONFIG.format(iqn=IQN, backing=backing))
     first = start_target(tmp_path / "run1", "--config", str(conf))
     try:
         a = _session(first, HOST_A, "400000000001")
@@ -126,7 +150,7 @@ def test_aptpl_reservation_survives_a_restart(tmp_path: Path) -> None:
         a.close()
     finally:
         first.stop()
-    assert Path(f"{backing}.pr").exists()
+    assert saved()
 
     second = start_target(tmp_path / "run2", "--config", str(conf))
     try:
@@ -139,6 +163,6 @@ def test_aptpl_reservation_survives_a_restart(tmp_path: Path) -> None:
         assert write.status == 0
         assert _prout(a, 0x00, 0xA11CE, 0, 0, aptpl=False) == 0  # unregister, APTPL off
         assert _read_reservation(b) is None
-        assert not Path(f"{backing}.pr").exists()
+        assert not saved()
     finally:
         second.stop()

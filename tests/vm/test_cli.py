@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.cli.main import main
+from iscsi_vmtarget.testing.ceph import CephCluster
 from iscsi_vmtarget.vm.format import RegionKind
 from iscsi_vmtarget.vm.sealed import table_bytes
 from tests.vm.test_manager import snapshot
@@ -218,3 +219,26 @@ def test_discover_text_lists_things_apart(cli: Cli) -> None:
     assert code == 0
     assert "VM db (default, truncate)" in out and "LUN 1: secondary 4M" in out
     assert "foreign default:stray.img" in out
+
+
+def test_rbd_pool_create_list_and_errors(cli: Cli, ceph_cluster: CephCluster) -> None:
+    """``pool create --rbd``: a RADOS pool that is not there, or options that go with
+    --rbd alone, are clear errors that define nothing; a good one is listed (free
+    space unknown: the test cluster has no ceph-mgr to count it), and a second
+    definition of the same RBD pool is refused."""
+    conf = ceph_cluster.conf
+    code, _, err = cli("pool", "create", "c", "--rbd", "nopool", "--ceph-conf", conf)
+    assert code == 1 and "cannot open RADOS pool 'nopool'" in err, err
+    code, _, err = cli("pool", "create", "c", "--ceph-id", "gw")
+    assert code == 2 and "--ceph-conf and --ceph-id go with --rbd" in err
+    code, _, err = cli("pool", "create", "c", "--rbd", "a/b/c", "--ceph-conf", conf)
+    assert code == 1 and "is not POOL or POOL/NAMESPACE" in err, err
+    assert not (cli.state / "conf" / "pools").exists()
+    made = cli.json("pool", "create", "ceph", "--rbd", ceph_cluster.pool.pool, "--ceph-conf", conf)
+    assert made["kind"] == "rbd" and made["path"] == "rbd:rbd"  # type: ignore[index]
+    assert made["ceph_conf"] == conf  # type: ignore[index]
+    assert made["free_bytes"] is None  # type: ignore[index]  # no ceph-mgr: usage unknown
+    listed = {p["name"]: p for p in cli.json("pool", "list")}  # type: ignore[union-attr]
+    assert listed["ceph"] == made
+    code, _, err = cli("pool", "create", "again", "--rbd", "rbd", "--ceph-conf", conf)
+    assert code == 1 and "'rbd:rbd' is already pool 'ceph'" in err, err

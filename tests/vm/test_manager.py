@@ -71,8 +71,11 @@ def guest_read_all(manager: VmManager, name: str) -> bytes:
 
 
 @pytest.mark.parametrize("mode", list(Mode))
-def test_create_and_discover_with_secondaries(manager: VmManager, mode: Mode) -> None:
-    vm = manager.create("web", disk=DISK, memory=MEMORY, secondaries=(4 * MIB, 6 * MIB), mode=mode)
+def test_create_and_discover_with_secondaries(manager: VmManager, mode: Mode, pool: str) -> None:
+    vm = manager.create(
+        "web", disk=DISK, memory=MEMORY, secondaries=(4 * MIB, 6 * MIB), mode=mode, pool=pool
+    )
+    assert {u.pool for u in vm.units} == {pool}
     assert [u.header.disk_size for u in vm.units] == [DISK, 4 * MIB, 6 * MIB]
     assert vm.base.header.role is Role.BASE and vm.base.header.mode is mode
     assert all(u.header.role is Role.SECONDARY for u in vm.secondaries)
@@ -148,9 +151,9 @@ def test_newer_format_unit_is_reported_and_left_alone(manager: VmManager, state_
 
 @pytest.mark.parametrize("mode", list(Mode))
 def test_state_pattern_never_reaches_disk_or_guest(
-    manager: VmManager, state_dir: Path, mode: Mode
+    manager: VmManager, state_dir: Path, mode: Mode, pool: str
 ) -> None:
-    manager.create("vm1", disk=DISK, memory=MEMORY, mode=mode)
+    manager.create("vm1", disk=DISK, memory=MEMORY, mode=mode, pool=pool)
     write_state(manager, "vm1", PATTERN)
     manager.set_config("vm1", ["description=STATE-PATTERN-7f3a9c"])
     assert read_state(manager, "vm1") == PATTERN
@@ -273,8 +276,8 @@ def _guest_write(manager: VmManager, name: str, offset: int, data: bytes) -> Non
 
 
 @pytest.mark.parametrize("mode", list(Mode))
-def test_resize_keeps_data_and_shows_zeros(manager: VmManager, mode: Mode) -> None:
-    manager.create("vm1", disk=DISK, memory=MEMORY, mode=mode)
+def test_resize_keeps_data_and_shows_zeros(manager: VmManager, mode: Mode, pool: str) -> None:
+    manager.create("vm1", disk=DISK, memory=MEMORY, mode=mode, pool=pool)
     write_state(manager, "vm1", PATTERN)
     head, tail = b"HEAD" * 128, b"TAIL" * 128
     _guest_write(manager, "vm1", 0, head)

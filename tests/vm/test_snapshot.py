@@ -56,8 +56,8 @@ def _set_state(manager: VmManager, name: str, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("mode", list(Mode), ids=lambda m: m.name.lower())
-def test_snapshot_revert_delete_flow(manager: VmManager, mode: Mode) -> None:
-    manager.create("vm1", disk=DISK, memory=MEMORY, secondaries=(2 * MIB,), mode=mode)
+def test_snapshot_revert_delete_flow(manager: VmManager, mode: Mode, pool: str) -> None:
+    manager.create("vm1", disk=DISK, memory=MEMORY, secondaries=(2 * MIB,), mode=mode, pool=pool)
     _write(manager, "vm1", 0, b"A" * 1000)
     _write(manager, "vm1", 5, b"s" * 10, lun=1)
     _set_state(manager, "vm1", b"state-one")
