@@ -24,7 +24,7 @@ from iscsi_vmtarget.server.registry import Registry, Target
 from iscsi_vmtarget.server.runtime import Runtime
 from iscsi_vmtarget.vm import StateDir, VmLuns, VmManager
 from iscsi_vmtarget.vm.export import vm_of_target, vm_target_name
-from tests.server.test_masking import unit
+from tests.server.test_masking_model import unit
 
 GOOD = "iqn.2026-11.test:good"
 OTHER = "iqn.2026-11.test:other"
