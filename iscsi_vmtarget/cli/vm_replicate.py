@@ -35,10 +35,11 @@ from ..client.remote import LunUrl, UrlError, open_lun, parse_url
 from ..server.admin import AdminError
 from ..server.grants import acl_from_args
 from ..server.masking import AclError
+from ..server.vm_luns import DEFAULT_BASE_IQN
 from ..sizes import format_size
 from ..storage import FileBackend, create_sparse_file
 from ..storage.backend import BlockBackend
-from ..vm import DEFAULT_BASE_IQN, VmError, VmManager
+from ..vm import VmError, VmManager
 from ..vm import snapshot as snaps
 from ..vm.crypto import load_key_file
 from ..vm.manager import check_vm_name

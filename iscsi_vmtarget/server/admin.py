@@ -33,7 +33,6 @@ from typing import Any
 from ..errors import IscsiVmtargetError
 from ..vm import StateDir, VmManager
 from ..vm.errors import VmError
-from ..vm.export import vm_of_target, vm_target_name
 from ..vm.locks import state_dir_holder
 from . import grants
 from .actions import ACTIONS
@@ -43,6 +42,7 @@ from .masking import AclError
 from .operations import OPERATIONS, QUERIES, VM_OPERATIONS, Transform
 from .persist import ConfigStore, ManagedConfig, PersistError, diff, redacted
 from .runtime import AdminError, Args, Runtime
+from .vm_luns import vm_of_target, vm_target_name
 
 log = logging.getLogger("iscsi_vmtarget")
 SOCKET_NAME = "admin.sock"

@@ -17,11 +17,12 @@ import asyncio
 import functools
 import logging
 
-from ..vm import VmError, vm_target_name
+from ..vm import VmError
 from ..vm.lease import LeaseHeldError
 from ..vm.lease_device import LeaseKeeper
 from .actions.serve_vm import serve_vm_live
 from .runtime import Runtime
+from .vm_luns import vm_target_name
 
 log = logging.getLogger("iscsi_vmtarget")
 

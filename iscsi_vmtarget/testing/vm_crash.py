@@ -53,7 +53,8 @@ from pathlib import Path
 from ..client import Initiator, InitiatorError
 from ..client.initiator import DEFAULT_INITIATOR, ScsiCommandError
 from ..server.admin import call, call_daemon
-from ..vm import DEFAULT_BASE_IQN, StateDir, VmError, VmManager
+from ..server.vm_luns import DEFAULT_BASE_IQN
+from ..vm import StateDir, VmError, VmManager
 from ..vm import snapshot as snaps
 from ..vm.crypto import pending_path
 from ..vm.faults import ENV

@@ -12,6 +12,8 @@ AES-GCM chunks), :mod:`.unit` (one unit), :mod:`.pool` and :mod:`.device` (pools
 :mod:`.lease` and :mod:`.lease_device` (unit leases on device pools several hosts see).
 """
 
+# the operations register their crash recovery with the manager when imported
+from . import clone, move, replicate, snapshot  # noqa: F401
 from .crypto import Keyring, MasterKey, create_key_file, load_key_file
 from .discovery import Discovery, FoundUnit, FoundVm
 from .errors import (
@@ -25,15 +27,6 @@ from .errors import (
     SizeError,
     VmError,
 )
-from .export import (
-    DEFAULT_BASE_IQN,
-    VmLuns,
-    capacity_listener,
-    export_vm,
-    resize_live,
-    serve_vms,
-    vm_target_name,
-)
 from .format import Mode, RegionKind, Role, UnitHeader
 from .manager import StateDir, VmManager
 from .pool import DEFAULT_POOL, PoolCatalog
@@ -41,7 +34,6 @@ from .unit import Unit, create_unit
 from .view import GuestView, RawView, SliceBackend
 
 __all__ = [
-    "DEFAULT_BASE_IQN",
     "DEFAULT_POOL",
     "Discovery",
     "ForeignUnitError",
@@ -67,14 +59,8 @@ __all__ = [
     "Unit",
     "UnitHeader",
     "VmError",
-    "VmLuns",
     "VmManager",
-    "capacity_listener",
     "create_key_file",
     "create_unit",
-    "export_vm",
     "load_key_file",
-    "resize_live",
-    "serve_vms",
-    "vm_target_name",
 ]

@@ -49,20 +49,9 @@ from .cow import ChainBackend, is_zero
 from .discovery import FoundUnit, FoundVm, discover
 from .errors import VmError
 from .format import RegionKind
-from .manager import VmManager, check_vm_name
-from .snapshot import (
-    _copy_sealed,
-    _new_delta,
-    _walk,
-    chain_size,
-    collect,
-    create_snapshot,
-    delete_snapshot,
-    find_snapshot,
-    list_snapshots,
-    open_chain,
-    open_live,
-)
+from .manager import RECOVERY, VmManager, check_vm_name
+from .snapshot import collect, create_snapshot, delete_snapshot, list_snapshots, open_live
+from .snapshot_tree import chain_size, copy_sealed, find_snapshot, new_delta, open_chain, walk_chain
 from .unit import Unit
 
 Progress = Callable[[int, int], None]
@@ -135,9 +124,8 @@ def _build(
     progress: Progress | None,
 ) -> None:
     """Make VM ``temp`` the clone, then rename it ``dst`` (the commit point)."""
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        found = discover(pools, repair=False)
+    with manager.session(repair=False) as session:
+        found = session.found
         if found.find(dst) is not None:
             raise VmError(f"a VM named {dst!r} already exists")
         vm = manager.find(src, found)
@@ -165,8 +153,8 @@ def _build(
         pool=vm.base.pool,
     )
     faults.pause("clone.created")  # between two pool-lock sections (a repair may run)
-    with manager._locked(pools):
-        new = manager.find(temp, discover(pools, repair=False))
+    with manager.session(repair=False) as session:
+        new = session.find(temp)
         total = sum(sizes)
         done = 0
         linked: list[tuple[bytes, uuid.UUID]] = []
@@ -174,7 +162,7 @@ def _build(
         for number, volume in sorted(luns.items()) if not full else ():
             assert record is not None  # a linked clone always rests on a snapshot
             parent = dict(record.header.tops)[volume.header.naa]
-            delta = _new_delta(manager, new, new_luns[number], parent)
+            delta = new_delta(manager, new, new_luns[number], parent)
             linked.append((new_luns[number].header.naa, delta.header.unit_uuid))
             faults.crashpoint("clone.linking")
         for number, volume in sorted(luns.items()) if full else ():
@@ -200,12 +188,12 @@ def _build(
                 source.close()
                 target.close()
         with (
-            contextlib.closing(manager._open(new.base)) as base,
-            contextlib.closing(manager._open(record if record is not None else vm.base)) as old,
+            contextlib.closing(manager.open_unit(new.base)) as base,
+            contextlib.closing(manager.open_unit(record if record is not None else vm.base)) as old,
         ):
             if base.header.require_region(RegionKind.STATE).length < memory_region.length:
                 base.grow(state_length=memory_region.length)
-            _copy_sealed(old, base, keyring, RegionKind.STATE)
+            copy_sealed(old, base, keyring, RegionKind.STATE)
             config = old.read_json(keyring, RegionKind.CONFIG)
             config["name"] = dst
             base.write_json(keyring, RegionKind.CONFIG, config)
@@ -215,7 +203,7 @@ def _build(
             for unit in new.units:  # the rename: the base unit last (the commit point)
                 if unit is new.base:
                     continue
-                with contextlib.closing(manager._open(unit)) as u:
+                with contextlib.closing(manager.open_unit(unit)) as u:
                     u.commit(replace(u.header, name=dst))
             base.commit(replace(base.header, name=dst))
             faults.crashpoint("clone.committed")
@@ -240,7 +228,7 @@ def _intent(manager: VmManager, temp: str, src: str, dst: str) -> Iterator[dict[
             atomic_file.remove(_intent_path(manager, temp))
     except BaseException:
         # the operation lock is released now: taking every pool lock runs finish_clones
-        with contextlib.suppress(VmError, OSError), manager._locked(manager.catalog.all()):
+        with contextlib.suppress(VmError, OSError), manager.locked(manager.catalog.all()):
             pass
         raise
 
@@ -279,8 +267,6 @@ def finish_clones(manager: VmManager) -> list[str]:
             manager.catalog.get(taken[0].pool).delete(taken[0].ref)
             snap = intent.get("snapshot_name", f"clone-{intent['dst']}")
             notes.append(f"snapshot {snap} of VM {intent['src']} removed")
-            from .snapshot import collect
-
             notes.extend(collect(manager, str(intent["src"])))
         os.unlink(path)
         with contextlib.suppress(FileNotFoundError):
@@ -305,10 +291,9 @@ def unlink(
     ``vm.unlink``; module docstring); ``followers``: other served chains, those that
     read through the clone's layers (an exported snapshot of it, a clone of it) are
     rebound too. Without ``live`` a served VM is refused."""
-    pools = manager.catalog.all()
     changed = False
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=False))
+    with manager.session(repair=False) as session:
+        vm = session.find(name)
         if live is None and manager.served(vm):
             raise VmError(
                 f"VM {name!r} is being served: the daemon serving it unlinks it live "
@@ -324,7 +309,7 @@ def unlink(
         for number, volume, lowest in todo:
             assert lowest.header.parent_uuid is not None
             source = open_chain(manager, vm, volume, lowest.header.parent_uuid, read_only=True)
-            unit = manager._open(volume)
+            unit = manager.open_unit(volume)
             try:
                 target = unit.guest_view()
                 try:
@@ -347,7 +332,7 @@ def unlink(
             chains = [live[number], *followers] if live is not None else []
             _rest_on(manager, volume, lowest, chains)
             changed = True
-        for other in discover(pools, repair=False).vms:
+        for other in session.rediscover().vms:
             if other.name != name and (other.layers or other.records):
                 collect(manager, other.name)  # the source's layers may be free now
         collect(manager, name, live=live)
@@ -361,7 +346,7 @@ def _shared_volumes(vm: FoundVm) -> list[tuple[int, FoundUnit, FoundUnit]]:
     out = []
     for number, volume in sorted(vm.lun_map().items()):
         top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
-        chain, root = _walk(vm, top)
+        chain, root = walk_chain(vm, top)
         if root.header.unit_uuid == volume.header.unit_uuid:
             continue
         own = [u for u in chain if u.header.owner_uuid == mine]
@@ -397,9 +382,12 @@ def _rest_on(
     with contextlib.ExitStack() as held:
         if rebinds:
             held.enter_context(rebinds[0][0].quiesce())
-        with contextlib.closing(manager._open(lowest)) as layer:
+        with contextlib.closing(manager.open_unit(lowest)) as layer:
             layer.commit(replace(layer.header, parent_uuid=volume.header.unit_uuid))
         faults.crashpoint("unlink.committed")
         for index, (chain, keep, root) in enumerate(rebinds):
             with chain.quiesce() if index else contextlib.nullcontext():
                 chain.rebind(chain.layers[:keep], root)
+
+
+RECOVERY.when_all_locked(finish_clones, rank=2)  # after an interrupted move is finished

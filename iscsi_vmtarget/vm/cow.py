@@ -41,7 +41,7 @@ from .format import ALIGN, TAIL_SIZE, Mode, Region, RegionKind, Role, UnitHeader
 from .format import SLOT_OFFSETS as _SLOTS
 from .layout import align_up
 from .pool import Pool, UnitRef
-from .view import _Gate
+from .view import Gate
 
 GRAIN = 64 * 1024
 _UNKNOWN = 0xFF  # owner cache: not looked up yet
@@ -222,7 +222,7 @@ class ChainBackend:
         self._read_only = read_only
         self._on_close = on_close
         self._lock = threading.Lock()  # copy-on-write of one grain is read-modify-write
-        self._gate = _Gate()
+        self._gate = Gate()
         self._owner: bytearray | None = None  # grain -> layer index cache (_owner_of)
         self._listeners: list[Callable[[int, int], None]] = []
         self.unit_uuid = getattr(root, "unit_uuid", None)

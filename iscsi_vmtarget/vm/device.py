@@ -29,19 +29,37 @@ switch of a ``vm move`` into the pool).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Final
 
 from ..storage import BackendError, FileBackend
 from ..storage.backend import BlockBackend
 from .errors import FormatError, NewerFormatError, SizeError, VmError
-from .format import ALIGN, MIB
-from .pool import UnitRef
+from .format import ALIGN, MIB, TAIL_SIZE
+from .pool_protocol import UnitRef
 from .view import SliceBackend
+
+#: Where a unit's lease block lies inside its META region (the header slots use 16 KiB).
+LEASE_AT: Final = 512 * 1024
+
+#: What moves a unit's lease block when a growth moves its META region: called as
+#: ``(device, unit UUID, old lease offset, new)`` around the table commit. The unit
+#: leases (:func:`.lease_device.relocating`) register themselves here.
+LeaseMover = Callable[
+    [BlockBackend, uuid.UUID, int, int], contextlib.AbstractContextManager[None]
+]
+LEASE_MOVERS: list[LeaseMover] = []
+
+
+def lease_offset(unit_offset: int, unit_length: int) -> int:
+    """Device offset of the lease block of the unit at ``[unit_offset, +unit_length)``."""
+    return unit_offset + unit_length - TAIL_SIZE + LEASE_AT
 
 MAGIC: Final = b"IVMTPOOL"
 VERSION: Final = 1
@@ -317,15 +335,15 @@ class DevicePool:
         backend.set_length(new_size)
 
     def end_growth(self, ref: UnitRef, backend: BlockBackend) -> None:
-        from .lease_device import lease_offset, relocating
-
         unit_uuid, offset, length = self._entry(ref)
         backend.flush()
         entries = tuple(
             (u, o, backend.size if u == unit_uuid else n) for u, o, n in self._table.entries
         )
         old, new = lease_offset(offset, length), lease_offset(offset, backend.size)
-        with relocating(self._backend, unit_uuid, old, new):  # the lease moves with META
+        with contextlib.ExitStack() as stack:  # the lease moves with META
+            for mover in LEASE_MOVERS:
+                stack.enter_context(mover(self._backend, unit_uuid, old, new))
             self._commit(entries)
 
     def recover(self, ref: UnitRef) -> str | None:

@@ -54,7 +54,7 @@ from .format import (
 from .gpt import write_gpt
 from .layout import align_up, initial_regions, plan_growth
 from .pool import Pool, UnitRef
-from .view import guest_segments
+from .view import RawView, guest_segments
 
 
 class _Source(Protocol):
@@ -387,3 +387,30 @@ def snapshot_flat(
 
 
 __all__ = ["FlatView", "live_flat", "reopen_live", "snapshot_flat"]
+
+
+class ServedRaw(Protocol):
+    """What :func:`reopen_raw` needs of a served raw-view logical unit (the server's
+    :class:`~iscsi_vmtarget.scsi.LogicalUnit`)."""
+
+    @property
+    def backend(self) -> BlockBackend: ...
+
+    def replace_backend(self, backend: BlockBackend) -> None: ...
+
+    def check_capacity(self) -> None: ...
+
+
+def reopen_raw(lu: ServedRaw, handle: BlockBackend, header: UnitHeader) -> list[BlockBackend]:
+    """Give a raw-view LU a new handle on its unit (grown by a resize, moved to another
+    pool) with ``header``'s layout; it goes on reading the disk through the same chain.
+    Returns what it replaced, for the caller to close; initiators are told of a new
+    capacity (CAPACITY DATA HAS CHANGED)."""
+    backend = lu.backend
+    if isinstance(backend, FlatView):
+        retired = reopen_live(backend, handle, header)
+    else:
+        retired = [backend]
+        lu.replace_backend(RawView(handle))
+    lu.check_capacity()
+    return retired

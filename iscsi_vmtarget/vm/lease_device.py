@@ -42,13 +42,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from ..storage import atomic_file
 from ..storage.backend import BlockBackend
-from .device import DevicePool
+from .device import LEASE_MOVERS, DevicePool, lease_offset
 from .discovery import FoundVm
-from .format import TAIL_SIZE, UnitHeader
+from .format import UnitHeader
 from .lease import (
     BLOCK,
     DEFAULT_SECONDS,
@@ -62,14 +62,7 @@ from .lease import (
 )
 from .pool import Pool, PoolCatalog, UnitRef
 
-#: Where a unit's lease block lies inside its META region (the header slots use 16 KiB).
-LEASE_AT: Final = 512 * 1024
 log = logging.getLogger("iscsi_vmtarget")
-
-
-def lease_offset(unit_offset: int, unit_length: int) -> int:
-    """Device offset of the lease block of the unit at ``[unit_offset, +unit_length)``."""
-    return unit_offset + unit_length - TAIL_SIZE + LEASE_AT
 
 
 class DirectBlockIO:
@@ -405,3 +398,6 @@ def check_not_leased(state_dir: str, pool: Pool, ref: UnitRef, unit_uuid: uuid.U
         log.warning("%s: the lease of %s went stale; going on", lease.what, owner)
     finally:
         io.close()
+
+
+LEASE_MOVERS.append(relocating)

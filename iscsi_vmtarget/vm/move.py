@@ -45,7 +45,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..storage import atomic_file
 from ..storage.backend import BlockBackend
@@ -55,15 +55,12 @@ from .device import DevicePool
 from .dirty import DirtyGrains, copy_dirty
 from .discovery import FoundUnit, FoundVm, discover
 from .errors import InUseError, VmError
-from .export import reopen_raw
-from .flat import FlatView
+from .flat import FlatView, ServedRaw, reopen_raw
 from .format import UnitHeader
+from .manager import RECOVERY, VmManager
 from .pool import DirectoryPool, Pool, UnitRef
+from .snapshot_tree import holding_vm
 from .unit import Unit
-
-if TYPE_CHECKING:
-    from ..scsi import LogicalUnit
-    from .manager import VmManager
 
 log = logging.getLogger("iscsi_vmtarget")
 Progress = Callable[[int, int], None]
@@ -284,9 +281,8 @@ def _publish(dest: _Staging, plan: list[dict[str, str]]) -> None:
 def move(manager: VmManager, name: str, pool: str, progress: Progress | None = None) -> int:
     """Move VM ``name``'s units to ``pool`` offline; returns how many units moved."""
     dest = _staging(manager.catalog.get(pool))
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=True))
+    with manager.session() as session:
+        vm = session.find(name)
         if manager.served(vm):
             raise InUseError(
                 f"VM {name!r} is being served: the daemon serving it moves it live "
@@ -387,7 +383,7 @@ def move_live(
     pool: str,
     live: Mapping[int, ChainBackend],
     *,
-    raw: Mapping[int, LogicalUnit] | None = None,
+    raw: Mapping[int, ServedRaw] | None = None,
     followers: Iterable[ChainBackend | FlatView] = (),
     progress: Progress | None = None,
 ) -> MoveReport:
@@ -397,12 +393,10 @@ def move_live(
     view LUs (rebound to the new units); ``followers``: other served chains that may
     read units of this VM (a linked clone, an exported snapshot and its raw views),
     rebound too."""
-    from .snapshot import _held
-
     dest = _staging(manager.catalog.get(pool))
     pools = manager.catalog.all()
     by_name = {p.name: p for p in pools}
-    with manager._locked(pools):
+    with manager.locked(pools):
         vm = manager.find(name, discover(pools, repair=True))
         missing = set(vm.lun_map()) - set(live)
         if missing:
@@ -413,7 +407,7 @@ def move_live(
         tracked = {n: DirtyGrains() for n in live}
         for chain in live.values():  # most of the flush before I/O is held for the rest
             chain.flush()
-        with _held(manager, vm, live):  # every earlier write (and its map bits) on disk
+        with holding_vm(manager, vm, live):  # every earlier write (and its map bits) on disk
             for number, chain in live.items():
                 chain.write_hook = tracked[number].mark
         copies: dict[int, ChainBackend] = {}
@@ -434,7 +428,7 @@ def move_live(
                 passes += 1
             for copy in copies.values():  # likewise: little left to flush while held
                 copy.flush()
-            with _held(manager, vm, live):
+            with holding_vm(manager, vm, live):
                 hold_start = time.monotonic()
                 held = 0
                 for number, chain in live.items():
@@ -478,7 +472,7 @@ def _switch(
     plan: list[dict[str, str]],
     vm: FoundVm,
     live: Mapping[int, ChainBackend],
-    raw: Mapping[int, LogicalUnit],
+    raw: Mapping[int, ServedRaw],
     final: Locate,
     moved: set[uuid.UUID],
 ) -> list[BlockBackend]:
@@ -531,3 +525,6 @@ def _follow(chain: ChainBackend | FlatView, final: Locate, moved: set[uuid.UUID]
         return
     with chain.quiesce():
         chain.rebind(*_open_layers(chain, final, lambda u: u not in moved))
+
+
+RECOVERY.when_all_locked(finish_moves, rank=1)

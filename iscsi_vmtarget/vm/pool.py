@@ -20,63 +20,19 @@ import os
 import re
 import tomllib
 import uuid
-from dataclasses import dataclass
-from typing import Protocol
 
 from ..storage import BackendError, FileBackend, atomic_file, create_sparse_file
 from ..storage.backend import BlockBackend
 from . import faults
+from .device import DevicePool, format_device
 from .errors import NotFoundError, SizeError, VmError
 from .format import SLOT_OFFSETS, SLOT_SIZE, TAIL_SIZE, decode_header
+from .pool_protocol import Pool, UnitRef
 
 DEFAULT_POOL = "default"
 _POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 UNIT_SUFFIX = ".unit"
 GROW_SUFFIX = ".grow"
-
-
-@dataclass(frozen=True)
-class UnitRef:
-    """Where a candidate unit lives in its pool: a file name or a table entry."""
-
-    pool: str
-    key: str  # file name in a directory pool, unit UUID in a device pool
-
-    @property
-    def location(self) -> str:
-        return f"{self.pool}:{self.key}"
-
-
-class Pool(Protocol):
-    """What the VM layer needs from a pool."""
-
-    name: str
-    kind: str
-    path: str
-
-    def candidates(self) -> list[UnitRef]: ...
-
-    def reload(self) -> None: ...
-
-    def open(self, ref: UnitRef, read_only: bool = False) -> BlockBackend: ...
-
-    def allocate(self, unit_uuid: uuid.UUID, size: int) -> tuple[UnitRef, BlockBackend]: ...
-
-    def commit(self, ref: UnitRef, backend: BlockBackend) -> UnitRef: ...
-
-    def abandon(self, ref: UnitRef, backend: BlockBackend) -> None: ...
-
-    def delete(self, ref: UnitRef) -> None: ...
-
-    def begin_growth(self, ref: UnitRef, backend: BlockBackend, new_size: int) -> None: ...
-
-    def end_growth(self, ref: UnitRef, backend: BlockBackend) -> None: ...
-
-    def recover(self, ref: UnitRef) -> str | None: ...
-
-    def describe(self) -> dict[str, object]: ...
-
-    def close(self) -> None: ...
 
 
 def check_pool_name(name: str) -> None:
@@ -291,8 +247,6 @@ class PoolCatalog:
         if kind == "directory":
             pool = DirectoryPool(name, path)
         elif kind == "device":
-            from .device import DevicePool
-
             pool = DevicePool(name, path)
         else:
             raise VmError(f"pool {name!r} has unknown kind {kind!r}")
@@ -319,8 +273,6 @@ class PoolCatalog:
     def create_device(
         self, name: str, device: str, size: int | None = None, force: bool = False
     ) -> Pool:
-        from .device import format_device
-
         check_pool_name(name)
         if name in self._definitions():
             raise VmError(f"pool {name!r} already exists")

@@ -33,7 +33,7 @@ from ..storage.backend import BlockBackend
 from . import faults, sealed
 from .cow import GRAIN, is_zero
 from .crypto import Keyring, MasterKey, RegionCipher
-from .discovery import FoundUnit, discover
+from .discovery import FoundUnit
 from .errors import IntegrityError, KeyFileError, VmError
 from .format import RegionKind, RegionStatus, Role
 from .manager import MIN_MEMORY, check_vm_name
@@ -262,11 +262,10 @@ def _fill(
     step: Callable[[int], None],
 ) -> None:
     """Disk images, state and config into the temporary VM, then the rename."""
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(temp, discover(pools, repair=False))
+    with manager.session(repair=False) as session:
+        vm = session.find(temp)
         luns = vm.lun_map()
-        units = [manager._open(luns[n]) for n in sorted(luns)]
+        units = [manager.open_unit(luns[n]) for n in sorted(luns)]
         try:
             for lun, (unit, area) in enumerate(zip(units, sb.volumes, strict=True)):
                 if unit.header.naa != area.header.naa:  # keep the source's designator

@@ -47,7 +47,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import zip_longest
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..storage import atomic_file
 from ..storage.backend import BlockBackend
@@ -55,9 +55,10 @@ from . import faults, sealed
 from . import snapshot as snaps
 from .cow import GRAIN, ChainBackend, DeltaLayer, grains_of, is_zero
 from .crypto import Keyring
-from .discovery import FoundUnit, FoundVm, discover
+from .discovery import FoundUnit, FoundVm
 from .errors import SizeError, VmError
 from .format import Region, RegionKind, RegionStatus, UnitHeader
+from .manager import RECOVERY, VmManager
 from .replica import (
     BLOCK,
     HASH_BYTES,
@@ -76,10 +77,8 @@ from .replica import (
     replay,
     write_superblock,
 )
+from .snapshot_tree import chain_size, find_snapshot, open_chain, record_layer, walk_chain
 from .unit import Unit
-
-if TYPE_CHECKING:
-    from .manager import VmManager
 
 CHECKPOINT_PREFIX = "replica."
 SEALED_KINDS = (RegionKind.STATE, RegionKind.CONFIG)
@@ -158,8 +157,8 @@ def changed_grains(
     between: those grains are all changed (the replica holds nothing of them)."""
     if prev_layer is None:
         return None
-    new_path, new_root = snaps._walk(vm, new_layer)
-    prev_path, prev_root = snaps._walk(vm, prev_layer)
+    new_path, new_root = walk_chain(vm, new_layer)
+    prev_path, prev_root = walk_chain(vm, prev_layer)
     if new_root.header.unit_uuid != prev_root.header.unit_uuid:
         return None  # e.g. unlinked from a clone source since: no common image
     prev_ids = {u.header.unit_uuid for u in prev_path}
@@ -175,8 +174,8 @@ def changed_grains(
         if unit.header.unit_uuid == common:
             break
         union |= _layer_bits(manager, unit, fallback)
-    count = grains_of(snaps.chain_size(vm, new_layer))
-    old_end = snaps.chain_size(vm, prev_layer) // GRAIN  # the grain holding its end
+    count = grains_of(chain_size(vm, new_layer))
+    old_end = chain_size(vm, prev_layer) // GRAIN  # the grain holding its end
     raw = union.to_bytes(-(-count // 8) or 1, "little")
     return [
         byte * 8 + bit
@@ -321,11 +320,10 @@ def _prepare(
     ``before``: :func:`sealed_generations` read just before the checkpoint was taken;
     ``known``: those of the previous checkpoint, when they were as exact. A sealed
     region whose generation equals both is unchanged: not decrypted to be compared."""
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=False))
+    with manager.session(repair=False) as session:
+        vm = session.find(name)
         keyring = manager.keyring()
-        record = snaps.find_snapshot(manager, vm, keyring, snap)
+        record = find_snapshot(manager, vm, keyring, snap)
         prev = next((r for r in vm.records if r.header.unit_uuid == prev_uuid), None)
         luns = vm.lun_map()
         mirror = isinstance(planned, VolumeArea)  # a disk-only mirror of LUN ``lun``
@@ -337,10 +335,10 @@ def _prepare(
         try:
             for index, number in enumerate(numbers):
                 volume = luns[number]
-                new_layer = snaps._record_layer(record.header, volume)
-                prev_layer = snaps._record_layer(prev.header, volume) if prev else None
+                new_layer = record_layer(record.header, volume)
+                prev_layer = record_layer(prev.header, volume) if prev else None
                 grains = changed_grains(manager, vm, new_layer, prev_layer)
-                chain = snaps.open_chain(manager, vm, volume, new_layer, read_only=True)
+                chain = open_chain(manager, vm, volume, new_layer, read_only=True)
                 area = replace(areas[index], header=volume.header, size=chain.size)
                 out.volumes.append(_Volume(area, chain, grains))
             if isinstance(planned, VolumeArea):
@@ -355,10 +353,10 @@ def _prepare(
                         _no_longer_fits(vm.name, what, problem, replica_layout(vm).size_needed)
                     )
                 layout = out.layout = planned.holding(volumes)
-                new_unit = out.record_unit = manager._open(record)
+                new_unit = out.record_unit = manager.open_unit(record)
                 with contextlib.ExitStack() as stack:
                     prev_unit = (
-                        stack.enter_context(contextlib.closing(manager._open(prev)))
+                        stack.enter_context(contextlib.closing(manager.open_unit(prev)))
                         if prev
                         else None
                     )
@@ -736,3 +734,6 @@ def replicate(
         if interval is None:
             return rounds
         sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+RECOVERY.deleted.append(lambda manager, name: forget_acks(manager.state.root, name))

@@ -28,324 +28,44 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 
-from ..scsi.logical_unit import UnitIdentity
 from ..storage.backend import BlockBackend
-from . import faults, locks
-from .cow import GRAIN, ChainBackend, DeltaLayer, create_delta, delta_header, layer_size
-from .crypto import Keyring, new_data_key
-from .discovery import FoundUnit, FoundVm, discover
+from . import faults
+from .cow import GRAIN, ChainBackend, DeltaLayer
+from .crypto import Keyring
+from .discovery import FoundUnit, FoundVm
 from .errors import NotFoundError, VmError
+from .export_marks import exported
 from .format import (
-    ALIGN,
-    SLOT_OFFSETS,
-    TAIL_SIZE,
-    Mode,
-    Region,
     RegionKind,
-    RegionStatus,
     Role,
-    UnitHeader,
-    encode_header,
 )
-from .layout import align_up
-from .unit import Unit, naa_for
-
-if TYPE_CHECKING:
-    from .manager import VmManager
-    from .snapshot_fill import Fullness
-
-MAX_SNAPSHOT_NAME = 128
-
-
-def check_snapshot_name(name: str) -> None:
-    if not name or len(name) > MAX_SNAPSHOT_NAME or not name.isprintable() or "/" in name:
-        raise VmError(f"bad snapshot name {name!r}: 1-{MAX_SNAPSHOT_NAME} printable characters")
-
-
-def snapshot_identity(record: UnitHeader, volume_naa: bytes) -> UnitIdentity:
-    """The snapshot's own designator and serial for one of its volumes (what a
-    management or backup view of the snapshot reports, never a guest view)."""
-    ident = snapshot_uuid(record, volume_naa)
-    return UnitIdentity.from_uuid(ident, f"{ident.hex}")
-
-
-def snapshot_uuid(record: UnitHeader, volume_naa: bytes) -> uuid.UUID:
-    """What :func:`snapshot_identity` derives from: the snapshot's image of a volume."""
-    return uuid.uuid5(record.unit_uuid, volume_naa.hex())
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """One snapshot as ``vm snapshot list`` shows it."""
-
-    name: str
-    record: FoundUnit
-    created: float
-    parent: str | None
-    current: bool  # the live disks descend from it directly (what revert last bound)
-    #: how much of its image its own layers hold (:mod:`.snapshot_fill`); None: not
-    #: looked up (it reads every layer's allocation map)
-    fill: Fullness | None = None
-
-    def to_json(self) -> dict[str, object]:
-        h = self.record.header
-        out: dict[str, object] = {
-            "name": self.name,
-            "uuid": str(h.unit_uuid),
-            "naa": h.naa.hex(),
-            "created": self.created,
-            "parent": self.parent,
-            "current": self.current,
-            "layers": {naa.hex(): str(layer) for naa, layer in h.tops},
-        }
-        if self.fill is not None:  # "bytes": what it holds itself, "size": its images
-            out.update(full=self.fill.full, bytes=self.fill.held, size=self.fill.size)
-        return out
-
-
-# -- structure ---------------------------------------------------------------------------
-
-
-def _volumes(vm: FoundVm) -> dict[int, FoundUnit]:
-    return vm.lun_map()
-
-
-def _top(vm: FoundVm, volume: FoundUnit) -> uuid.UUID:
-    return vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
-
-
-def _record_layer(record: UnitHeader, volume: FoundUnit) -> uuid.UUID:
-    for naa, layer in record.tops:
-        if naa == volume.header.naa:
-            return layer
-    raise VmError(f"snapshot {record.unit_uuid} has no layer for volume {volume.header.naa.hex()}")
-
-
-def _walk(vm: FoundVm, start: uuid.UUID) -> tuple[list[FoundUnit], FoundUnit]:
-    """The delta layers from ``start`` down, and the volume unit the chain ends at: the
-    volume's own unit, or for a linked clone its source's (:mod:`.clone`)."""
-    index = vm.index or {u.header.unit_uuid: u for u in (*vm.units, *vm.layers)}
-    out: list[FoundUnit] = []
-    current = start
-    while True:
-        unit = index.get(current)
-        if unit is None or len(out) > 100000:
-            raise VmError(f"VM {vm.name!r}: layer {current} of a snapshot chain is missing")
-        if unit.header.role is not Role.DELTA:
-            return out, unit
-        out.append(unit)
-        assert unit.header.parent_uuid is not None
-        current = unit.header.parent_uuid
-
-
-def _chain(vm: FoundVm, volume: FoundUnit, start: uuid.UUID) -> list[FoundUnit]:
-    """The delta layers from ``start`` down to (not including) the root volume unit."""
-    return _walk(vm, start)[0]
-
-
-def open_chain(
-    manager: VmManager,
-    vm: FoundVm,
-    volume: FoundUnit,
-    start: uuid.UUID,
-    *,
-    read_only: bool,
-    on_close: contextlib.AbstractContextManager[None] | None = None,
-) -> ChainBackend:
-    """A block backend of ``volume``'s guest disk as the layer ``start`` sees it (its
-    size is that layer's: a snapshot keeps the size the disk had)."""
-    chain, root_unit = _walk(vm, start)
-    size = root_unit.header.disk_size  # what layers that do not record a size have
-    layers: list[DeltaLayer] = []
-    try:
-        for found in chain:
-            pool = manager.catalog.get(found.pool)
-            layers.append(DeltaLayer(pool.open(found.ref), found.header, size))
-        unit = Unit.open(manager.catalog.get(root_unit.pool), root_unit.ref, repair=False)
-        try:
-            root = unit.guest_view(read_only=True)
-        finally:
-            unit.close()
-    except BaseException:
-        for layer in layers:
-            layer.close()
-        raise
-    return ChainBackend(layers, root, read_only=read_only)
-
-
-def _meta(manager: VmManager, keyring: Keyring, record: FoundUnit) -> dict[str, object]:
-    with contextlib.closing(manager._open(record)) as unit:
-        return unit.read_json(keyring, RegionKind.SNAPMETA)
-
-
-def snapshots(manager: VmManager, vm: FoundVm, keyring: Keyring) -> list[SnapshotInfo]:
-    """The VM's snapshots, oldest first, with their parents (the tree)."""
-    lun0 = vm.base
-    layer_of = {r.header.unit_uuid: _record_layer(r.header, lun0) for r in vm.records}
-    record_at = {layer: r for r, layer in ((r, layer_of[r.header.unit_uuid]) for r in vm.records)}
-    names = {
-        r.header.unit_uuid: str(_meta(manager, keyring, r).get("name", "")) for r in vm.records
-    }
-    top_chain = _chain(vm, lun0, _top(vm, lun0))
-    current_layer = top_chain[0].header.parent_uuid if top_chain else None
-    out = []
-    for record in vm.records:
-        parent = None
-        chain = _chain(vm, lun0, layer_of[record.header.unit_uuid])
-        ancestors = [u.header.parent_uuid for u in chain]
-        for ancestor in ancestors:
-            if ancestor in record_at:
-                parent = names[record_at[ancestor].header.unit_uuid]
-                break
-        out.append(
-            SnapshotInfo(
-                names[record.header.unit_uuid],
-                record,
-                record.header.created,
-                parent,
-                layer_of[record.header.unit_uuid] == current_layer,
-            )
-        )
-    out.sort(key=lambda s: (s.created, s.name))
-    return out
+from .manager import RECOVERY, VmManager
+from .snapshot_fill import fill_snapshot, fullness
+from .snapshot_tree import (
+    SnapshotInfo,
+    chain_size,
+    check_snapshot_name,
+    copy_sealed,
+    create_record,
+    find_snapshot,
+    holding_vm,
+    live_top,
+    new_delta,
+    open_chain,
+    record_layer,
+    rediscover_vm,
+    snapshots,
+    vm_volumes,
+)
+from .unit import Unit
 
 
 def with_fullness(manager: VmManager, vm: FoundVm, info: SnapshotInfo) -> SnapshotInfo:
-    from .snapshot_fill import fullness
-
     return replace(info, fill=fullness(manager, vm, info.record.header))
 
-
-def find_snapshot(manager: VmManager, vm: FoundVm, keyring: Keyring, snap: str) -> FoundUnit:
-    for info in snapshots(manager, vm, keyring):
-        if info.name == snap:
-            return info.record
-    raise NotFoundError(f"VM {vm.name!r} has no snapshot named {snap!r}")
-
-
-# -- creation helpers --------------------------------------------------------------------
-
-
-def chain_size(vm: FoundVm, start: uuid.UUID) -> int:
-    """The size of the image the layer (or volume unit) ``start`` holds."""
-    chain, root = _walk(vm, start)
-    return layer_size(chain[0].header, root.header.disk_size) if chain else root.header.disk_size
-
-
-def _new_delta(
-    manager: VmManager,
-    vm: FoundVm,
-    volume: FoundUnit,
-    parent: uuid.UUID,
-    size: int | None = None,
-) -> FoundUnit:
-    """A new empty delta over ``parent``, of the parent's size unless ``size`` (a grown
-    disk) says more."""
-    unit_uuid = uuid.uuid4()
-    header = delta_header(
-        unit_uuid=unit_uuid,
-        naa=naa_for(unit_uuid),
-        name=vm.name,
-        owner=vm.base.header.unit_uuid,
-        volume_naa=volume.header.naa,
-        parent=parent,
-        disk_size=size if size is not None else chain_size(vm, parent),
-        created=int(time.time()),
-    )
-    ref = create_delta(manager.catalog.get(volume.pool), header)
-    return FoundUnit(volume.pool, ref, header)
-
-
-def _create_record(
-    manager: VmManager,
-    vm: FoundVm,
-    base: Unit,
-    keyring: Keyring,
-    frozen: tuple[tuple[bytes, uuid.UUID], ...],
-    meta: dict[str, object],
-    record_uuid: uuid.UUID | None = None,
-) -> uuid.UUID:
-    """A snapshot record holding a copy of the VM's state and config (sealed with a
-    data key of its own) and the metadata; visible only once whole (rename)."""
-    record_uuid = record_uuid or uuid.uuid4()
-    master = keyring.current
-    regions: list[Region] = []
-    cursor = 0
-    for kind in (RegionKind.CONFIG, RegionKind.SNAPMETA, RegionKind.STATE):
-        length = base.header.require_region(kind).length
-        regions.append(Region(kind, cursor, length, encrypted=True))
-        cursor = align_up(cursor + length, ALIGN)
-    regions.append(Region(RegionKind.META, cursor, TAIL_SIZE))
-    header = UnitHeader(
-        unit_uuid=record_uuid,
-        naa=naa_for(record_uuid),
-        role=Role.SNAPSHOT,
-        mode=Mode.TRUNCATE,
-        unit_size=cursor + TAIL_SIZE,
-        regions=tuple(regions),
-        name=vm.name,
-        owner_uuid=vm.base.header.unit_uuid,
-        created=int(time.time()),
-        key_id=master.key_id,
-        wrapped_key=master.wrap(new_data_key()),
-        tops=frozen,
-        generation=1,
-    )
-    pool = manager.catalog.get(vm.base.pool)
-    ref, backend = pool.allocate(record_uuid, header.unit_size)
-    try:
-        backend.write(header.meta_offset + SLOT_OFFSETS[0], encode_header(header))
-        record = Unit(pool, ref, backend, header, 0)
-        _copy_sealed(base, record, keyring, RegionKind.STATE)
-        _copy_sealed(base, record, keyring, RegionKind.CONFIG)
-        record.write_json(keyring, RegionKind.SNAPMETA, meta)
-        backend.flush()
-        faults.crashpoint("snapshot.record")
-        pool.commit(ref, backend)
-    except BaseException:
-        pool.abandon(ref, backend)
-        raise
-    backend.close()
-    return record_uuid
-
-
-def _copy_sealed(src: Unit, dst: Unit, keyring: Keyring, kind: RegionKind) -> None:
-    region = src.header.require_region(kind)
-    if region.status is RegionStatus.EMPTY:
-        dst.write_region(keyring, kind, [], 0)
-        return
-    dst.write_region(keyring, kind, src.read_region(keyring, kind), region.used)
-
-
-@contextlib.contextmanager
-def _held(
-    manager: VmManager, vm: FoundVm, live: Mapping[int, ChainBackend] | None
-) -> Iterator[None]:
-    """Offline: refuse while a server exports the VM. Live (the daemon's chains, by
-    LUN): quiesce every LUN of the VM - in-flight commands drain, new ones wait - and
-    flush, so the snapshot is consistent across all the VM's volumes (US 9,354,927)."""
-    with contextlib.ExitStack() as stack:
-        if live is None:
-            for unit in vm.units:
-                stack.enter_context(
-                    locks.not_served(manager.state.root, unit.header.unit_uuid, f"VM {vm.name!r}")
-                )
-        else:
-            missing = set(_volumes(vm)) - set(live)
-            if missing:
-                raise VmError(f"VM {vm.name!r}: LUNs {sorted(missing)} are not served here")
-            for _number, chain in sorted(live.items()):
-                stack.enter_context(chain.quiesce())
-                chain.flush_quiesced()
-        yield
-
-
-def _rediscover(manager: VmManager, name: str) -> FoundVm:
-    return manager.find(name, discover(manager.catalog.all(), repair=False))
 
 
 # -- operations --------------------------------------------------------------------------
@@ -381,25 +101,24 @@ def create_snapshot(
     names it in an intent before the record exists (a clone, :mod:`.clone`).
     """
     check_snapshot_name(snap)
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=True))
+    with manager.session() as session:
+        vm = session.find(name)
         keyring = manager.keyring()
         if finish_revert(manager, vm, keyring):
-            vm = _rediscover(manager, name)
+            vm = rediscover_vm(manager, name)
         if any(s.name == snap for s in snapshots(manager, vm, keyring)):
             raise VmError(f"VM {name!r} already has a snapshot named {snap!r}")
         with (
-            _held(manager, vm, live),
-            contextlib.closing(manager._open(vm.base)) as base,
+            holding_vm(manager, vm, live),
+            contextlib.closing(manager.open_unit(vm.base)) as base,
         ):
             base.data_key(keyring)  # a wrong key file fails before any change
-            volumes = _volumes(vm)
-            frozen = tuple((v.header.naa, _top(vm, v)) for v in volumes.values())
-            deltas = {n: _new_delta(manager, vm, v, _top(vm, v)) for n, v in volumes.items()}
+            volumes = vm_volumes(vm)
+            frozen = tuple((v.header.naa, live_top(vm, v)) for v in volumes.values())
+            deltas = {n: new_delta(manager, vm, v, live_top(vm, v)) for n, v in volumes.items()}
             new_tops = tuple((v.header.naa, deltas[n].header.unit_uuid) for n, v in volumes.items())
             faults.crashpoint("snapshot.deltas")
-            _create_record(
+            create_record(
                 manager,
                 vm,
                 base,
@@ -416,8 +135,6 @@ def create_snapshot(
                 top = DeltaLayer(pool.open(found.ref), found.header, chain.size)
                 chain.rebind([top, *chain.layers])
     if full:
-        from .snapshot_fill import fill_snapshot
-
         fill_snapshot(manager, name, snap, progress=progress)
     return snapshot_info(manager, name, snap)
 
@@ -425,18 +142,16 @@ def create_snapshot(
 def list_snapshots(manager: VmManager, name: str, *, fullness: bool = False) -> list[SnapshotInfo]:
     """The VM's snapshots (:func:`snapshots`); ``fullness``: with how much of its
     image each holds itself (reads every snapshot layer's allocation map)."""
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=True))
+    with manager.session() as session:
+        vm = session.find(name)
         infos = snapshots(manager, vm, manager.keyring())
         return [with_fullness(manager, vm, i) for i in infos] if fullness else infos
 
 
 def snapshot_info(manager: VmManager, name: str, snap: str) -> SnapshotInfo:
     """Snapshot ``snap`` of VM ``name`` as ``vm snapshot list`` shows it (fullness too)."""
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=False))
+    with manager.session(repair=False) as session:
+        vm = session.find(name)
         for info in snapshots(manager, vm, manager.keyring()):
             if info.name == snap:
                 return with_fullness(manager, vm, info)
@@ -456,23 +171,22 @@ def revert(
 
     ``live``: as for :func:`create_snapshot`; the served chains are rebound to the
     snapshot's layers under quiesce (the guest keeps seeing its volume's identity)."""
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=True))
+    with manager.session() as session:
+        vm = session.find(name)
         keyring = manager.keyring()
         if finish_revert(manager, vm, keyring):
-            vm = _rediscover(manager, name)
+            vm = rediscover_vm(manager, name)
         record_found = find_snapshot(manager, vm, keyring, snap)
         with (
-            _held(manager, vm, live),
-            contextlib.closing(manager._open(vm.base)) as base,
-            contextlib.closing(manager._open(record_found)) as record,
+            holding_vm(manager, vm, live),
+            contextlib.closing(manager.open_unit(vm.base)) as base,
+            contextlib.closing(manager.open_unit(record_found)) as record,
         ):
             base.data_key(keyring)
             record.data_key(keyring)
-            volumes = _volumes(vm)
+            volumes = vm_volumes(vm)
             deltas = {
-                n: _new_delta(manager, vm, v, _record_layer(record.header, v))
+                n: new_delta(manager, vm, v, record_layer(record.header, v))
                 for n, v in volumes.items()
             }
             new_tops = tuple((v.header.naa, deltas[n].header.unit_uuid) for n, v in volumes.items())
@@ -483,7 +197,7 @@ def revert(
             _restore(base, record, keyring)
             faults.crashpoint("revert.restored")
             if live:
-                vm = _rediscover(manager, name)
+                vm = rediscover_vm(manager, name)
                 for number, chain in live.items():
                     volume = volumes[number]
                     fresh = open_chain(
@@ -493,7 +207,7 @@ def revert(
                     fresh.close()  # its read-only root only
                     chain.rebind(layers)
         collect(manager, name)
-        vm = _rediscover(manager, name)
+        vm = rediscover_vm(manager, name)
         for info in snapshots(manager, vm, keyring):
             if info.name == snap:
                 return info
@@ -514,21 +228,18 @@ def delete_snapshot(
     writes), then the served chains are rebound to the shorter chains under quiesce.
     A snapshot marked for export is refused: its LUN would go on serving a snapshot
     that no longer exists (stop the export first)."""
-    from .snapshot_export import exported  # it builds on this module
-
     if (name, snap) in exported(manager.state.root):
         raise VmError(
             f"snapshot {snap!r} of VM {name!r} is exported as a read-only LUN; stop that "
             f"first: iscsi-vmtarget vm snapshot export {name} {snap} --stop"
         )
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=True))
+    with manager.session() as session:
+        vm = session.find(name)
         keyring = manager.keyring()
         if finish_revert(manager, vm, keyring):
-            vm = _rediscover(manager, name)
+            vm = rediscover_vm(manager, name)
         record = find_snapshot(manager, vm, keyring, snap)
-        with _held(manager, vm, live):
+        with holding_vm(manager, vm, live):
             manager.catalog.get(record.pool).delete(record.ref)
             faults.crashpoint("snapshot.deleted")
         collect(manager, name, live=live)
@@ -536,22 +247,21 @@ def delete_snapshot(
 
 def open_snapshot(manager: VmManager, name: str, snap: str, lun: int = 0) -> ChainBackend:
     """A read-only block backend of the snapshot's image of LUN ``lun``."""
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=False))
+    with manager.session(repair=False) as session:
+        vm = session.find(name)
         record = find_snapshot(manager, vm, manager.keyring(), snap)
-        volume = _volumes(vm).get(lun)
+        volume = vm_volumes(vm).get(lun)
         if volume is None:
             raise NotFoundError(f"VM {name!r} has no LUN {lun}")
-        return open_chain(manager, vm, volume, _record_layer(record.header, volume), read_only=True)
+        return open_chain(manager, vm, volume, record_layer(record.header, volume), read_only=True)
 
 
 def open_live(manager: VmManager, vm: FoundVm, lun: int = 0) -> BlockBackend:
     """A writable backend of LUN ``lun``'s live disk (offline use: tests, tools)."""
-    volume = _volumes(vm)[lun]
-    top = _top(vm, volume)
+    volume = vm_volumes(vm)[lun]
+    top = live_top(vm, volume)
     if top == volume.header.unit_uuid:
-        unit = manager._open(volume)
+        unit = manager.open_unit(volume)
         try:
             return unit.guest_view()
         finally:
@@ -570,8 +280,8 @@ PENDING_REVERT = bytes(15) + b"\x01"
 def _restore(base: Unit, record: Unit, keyring: Keyring) -> None:
     """Copy the record's state and config into the base unit, then drop the pending
     mark (idempotent: a crash in between is finished by running it again)."""
-    _copy_sealed(record, base, keyring, RegionKind.STATE)
-    _copy_sealed(record, base, keyring, RegionKind.CONFIG)
+    copy_sealed(record, base, keyring, RegionKind.STATE)
+    copy_sealed(record, base, keyring, RegionKind.CONFIG)
     tops = tuple((n, t) for n, t in base.header.tops if n != PENDING_REVERT)
     base.commit(replace(base.header, tops=tops))
 
@@ -583,13 +293,13 @@ def finish_revert(manager: VmManager, vm: FoundVm, keyring: Keyring) -> str | No
     if not pending:
         return None
     records = {r.header.unit_uuid: r for r in vm.records}
-    with contextlib.closing(manager._open(vm.base)) as base:
+    with contextlib.closing(manager.open_unit(vm.base)) as base:
         found = records.get(pending[0])
         if found is None:
             tops = tuple((n, t) for n, t in base.header.tops if n != PENDING_REVERT)
             base.commit(replace(base.header, tops=tops))
             return "pending revert dropped: its snapshot record is gone"
-        with contextlib.closing(manager._open(found)) as record:
+        with contextlib.closing(manager.open_unit(found)) as record:
             _restore(base, record, keyring)
     return f"interrupted revert finished (state and config from {found.ref.location})"
 
@@ -614,13 +324,13 @@ def collect(
     """
     notes: list[str] = []
     try:
-        note = finish_revert(manager, _rediscover(manager, name), manager.keyring())
+        note = finish_revert(manager, rediscover_vm(manager, name), manager.keyring())
     except VmError as exc:  # e.g. no key file here: leave it for a run that has one
         note = f"interrupted revert not finished: {exc}"
     if note:
         notes.append(note)
     while True:
-        vm = _rediscover(manager, name)
+        vm = rediscover_vm(manager, name)
         merges = live is not None or not manager.served(vm)
         step = _collect_step(manager, vm, merges=merges, live=live is not None)
         if step is None:
@@ -634,12 +344,12 @@ def collect(
 def _rebind_live(manager: VmManager, name: str, live: Mapping[int, ChainBackend]) -> None:
     """Give the served chains their layers as they now are (merged layers gone), under
     quiesce, after their tops were flushed (as :func:`revert` does)."""
-    vm = _rediscover(manager, name)
-    volumes = _volumes(vm)
-    with _held(manager, vm, live):
+    vm = rediscover_vm(manager, name)
+    volumes = vm_volumes(vm)
+    with holding_vm(manager, vm, live):
         for number, chain in live.items():
             volume = volumes[number]
-            fresh = open_chain(manager, vm, volume, _top(vm, volume), read_only=False)
+            fresh = open_chain(manager, vm, volume, live_top(vm, volume), read_only=False)
             layers, fresh.layers = fresh.layers, []
             fresh.close()  # its read-only root only
             chain.rebind(layers)
@@ -648,8 +358,8 @@ def _rebind_live(manager: VmManager, name: str, live: Mapping[int, ChainBackend]
 def _collect_step(
     manager: VmManager, vm: FoundVm, *, merges: bool, live: bool = False
 ) -> str | None:
-    volumes = list(_volumes(vm).values())
-    tops = {_top(vm, v) for v in volumes}
+    volumes = list(vm_volumes(vm).values())
+    tops = {live_top(vm, v) for v in volumes}
     for record in vm.records:
         if any(layer in tops for _naa, layer in record.header.tops):
             manager.catalog.get(record.pool).delete(record.ref)
@@ -722,7 +432,7 @@ def _merge_down(
     layer's size both before and after: below ``layer`` nothing is larger than it
     but the volume's unit, zeros there (:class:`~.cow.DeltaLayer`)."""
     src_pool = manager.catalog.get(layer.pool)
-    dst_unit = manager._open(child)
+    dst_unit = manager.open_unit(child)
     try:
         src = DeltaLayer(src_pool.open(layer.ref), layer.header, size)
         dst = DeltaLayer(manager.catalog.get(child.pool).open(child.ref), child.header, child_size)
@@ -763,10 +473,10 @@ def _merge_into_root(
     unit (the disk grew while it had snapshots) first has the unit grow to its size
     (crash-safe; the new space reads zeros, as it did through the child)."""
     if size > volume.header.disk_size:
-        with contextlib.closing(manager._open(volume)) as grown:
+        with contextlib.closing(manager.open_unit(volume)) as grown:
             grown.grow(size)
         faults.crashpoint("merge.grown")
-    unit = manager._open(volume)
+    unit = manager.open_unit(volume)
     try:
         view = unit.guest_view()
         src = DeltaLayer(manager.catalog.get(child.pool).open(child.ref), child.header, size)
@@ -787,10 +497,10 @@ def _merge_into_root(
         unit.close()
     faults.crashpoint("merge.copied")
     for grandchild in grandchildren:
-        with contextlib.closing(manager._open(grandchild)) as g:
+        with contextlib.closing(manager.open_unit(grandchild)) as g:
             g.commit(replace(g.header, parent_uuid=volume.header.unit_uuid))
-    if _top(vm, volume) == child.header.unit_uuid:
-        with contextlib.closing(manager._open(vm.base)) as base:
+    if live_top(vm, volume) == child.header.unit_uuid:
+        with contextlib.closing(manager.open_unit(vm.base)) as base:
             tops = tuple((n, t) for n, t in base.header.tops if n != volume.header.naa)
             base.commit(replace(base.header, tops=tops))
     manager.catalog.get(child.pool).delete(child.ref)
@@ -832,5 +542,7 @@ __all__ = [
     "open_live",
     "open_snapshot",
     "revert",
-    "snapshot_identity",
 ]
+
+
+RECOVERY.vm_found.append(lambda manager, vm: collect(manager, vm.name))

@@ -26,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import faults
 from .cow import GRAIN, ChainBackend, DeltaLayer, grains_of, is_zero
 from .discovery import FoundVm, discover
 from .format import UnitHeader
-from .snapshot import _record_layer, _volumes, _walk, find_snapshot, open_chain
+from .snapshot_tree import Fullness, find_snapshot, open_chain, record_layer, vm_volumes, walk_chain
 
 if TYPE_CHECKING:
     from .manager import VmManager
@@ -43,24 +42,12 @@ FLUSH_EVERY = 64  #: grains between two map flushes (4 MiB): what a crash makes 
 PROGRESS_EVERY = 16  #: grains between two progress reports (1 MiB)
 
 
-@dataclass(frozen=True)
-class Fullness:
-    """How much of its image (all its volumes) a snapshot holds in its own layers."""
-
-    held: int
-    size: int
-
-    @property
-    def full(self) -> bool:
-        return self.held >= self.size
-
-
 def fullness(manager: VmManager, vm: FoundVm, record: UnitHeader) -> Fullness:
     """Read from the snapshot's layers' allocation maps (what ``vm snapshot list``
     shows): a fill's progress and a crashed fill are seen as they are."""
     held = size = 0
-    for volume in _volumes(vm).values():
-        chain, root = _walk(vm, _record_layer(record, volume))
+    for volume in vm_volumes(vm).values():
+        chain, root = walk_chain(vm, record_layer(record, volume))
         if not chain:  # it froze the volume's own unit: that holds the whole image
             held += root.header.disk_size
             size += root.header.disk_size
@@ -96,7 +83,7 @@ def fill_snapshot(
 
     finished = False
     while not finished:
-        with manager._locked(pools):  # a merge into the layer waits (and the reverse)
+        with manager.locked(pools):  # a merge into the layer waits (and the reverse)
             vm = manager.find(name, discover(pools, repair=False))
             record = find_snapshot(manager, vm, manager.keyring(), snap).header
             if total < 0:
@@ -118,9 +105,9 @@ def _fill_step(
     """Fill up to FILL_STEP grains, layer by layer from where the last step stopped;
     True when every layer of the snapshot is full."""
     budget = FILL_STEP
-    for volume in _volumes(vm).values():
-        layer_uuid = _record_layer(record, volume)
-        chain_units, _root = _walk(vm, layer_uuid)
+    for volume in vm_volumes(vm).values():
+        layer_uuid = record_layer(record, volume)
+        chain_units, _root = walk_chain(vm, layer_uuid)
         if not chain_units or cursors.get(layer_uuid, 0) < 0:
             continue  # the volume's own unit, or a layer filled by an earlier step
         chain = open_chain(manager, vm, volume, layer_uuid, read_only=True)

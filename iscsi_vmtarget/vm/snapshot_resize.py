@@ -28,7 +28,7 @@ from . import faults
 from .cow import ChainBackend, DeltaLayer
 from .discovery import FoundVm
 from .errors import SizeError
-from .snapshot import _new_delta, chain_size
+from .snapshot_tree import chain_size, new_delta
 from .unit import Unit
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def grow_tops(
     if not grown:
         return
     luns = vm.lun_map()
-    deltas = {n: _new_delta(manager, vm, luns[n], top, size) for n, (top, size) in grown.items()}
+    deltas = {n: new_delta(manager, vm, luns[n], top, size) for n, (top, size) in grown.items()}
     faults.crashpoint("resize.deltas")
     new = {luns[n].header.naa: d.header.unit_uuid for n, d in deltas.items()}
     served = {n: c for n, c in (chains or {}).items() if n in deltas}

@@ -104,7 +104,7 @@ def guest_segments(header: UnitHeader) -> tuple[Segment, ...]:
     return tuple(out)
 
 
-class _Gate:
+class Gate:
     """Lets guest I/O run concurrently, and lets a live resize wait for it to drain and
     hold it off while a guest segment is copied to its new place (a reader-writer
     lock where the I/O paths are the readers).
@@ -141,12 +141,12 @@ class _Gate:
 
 
 class _GateIo:
-    """The shared (reader) side of a :class:`_Gate`; one object serves every use, as
+    """The shared (reader) side of a :class:`Gate`; one object serves every use, as
     it keeps no per-use state, only the gate's count."""
 
     __slots__ = ("_gate",)
 
-    def __init__(self, gate: _Gate) -> None:
+    def __init__(self, gate: Gate) -> None:
         self._gate = gate
 
     def __enter__(self) -> None:
@@ -192,7 +192,7 @@ class GuestView:
         self.unit_uuid = header.unit_uuid
         # size, segments and backend handle in one attribute, swapped atomically
         self._map = (header.disk_size, guest_segments(header), raw)
-        self._gate = _Gate() if header.mode is Mode.ALIGNED else None
+        self._gate = Gate() if header.mode is Mode.ALIGNED else None
 
     # -- BlockBackend ------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator
-from iscsi_vmtarget.vm import StateDir, VmManager, vm_target_name
+from iscsi_vmtarget.server.vm_luns import vm_target_name
+from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.clone import clone
 from iscsi_vmtarget.vm.faults import ENV

@@ -95,7 +95,7 @@ def test_failed_clone_is_rolled_back_at_once(
     def broken(*_args: object) -> None:
         raise VmError("state region unreadable")
 
-    monkeypatch.setattr(cloning, "_copy_sealed", broken)
+    monkeypatch.setattr(cloning, "copy_sealed", broken)
     with VmManager(StateDir.at(str(state))) as manager:
         with pytest.raises(VmError, match="unreadable"):
             cloning.clone(manager, "vm1", "copy", full=False)

@@ -30,6 +30,7 @@ from iscsi_vmtarget.vm.lease import (
 )
 from iscsi_vmtarget.vm.lease_device import _KEEPERS, LeaseKeeper, lease_offset
 from iscsi_vmtarget.vm.manager import StateDir, VmManager
+from iscsi_vmtarget.vm.resize import resize_vm
 
 UNIT = uuid.UUID(int=7)
 A = Owner(uuid.UUID(int=1), "host-a", 101)
@@ -275,7 +276,7 @@ def test_lease_follows_a_growing_device_unit(tmp_path: Path) -> None:
         try:
             assert leases.acquire_vm(vm, manager.catalog) == {vm.base.header.unit_uuid}
             old = leases._leases[vm.base.header.unit_uuid].lease.io.offset  # type: ignore[attr-defined]
-            manager.resize("grow", disk=8 * MIB)
+            resize_vm(manager, "grow", disk=8 * MIB)
             held = leases._leases[vm.base.header.unit_uuid].lease
             new = held.io.offset  # type: ignore[attr-defined]
             pool = manager.catalog.get("dev")

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.server.snapshot_luns import snapshot_luns
+from iscsi_vmtarget.server.vm_luns import VmLuns, export_vm, resize_live
 from iscsi_vmtarget.storage.backend import BlockBackend
-from iscsi_vmtarget.vm import StateDir, VmManager, resize_live
+from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.crypto import RegionCipher
-from iscsi_vmtarget.vm.export import VmLuns, export_vm
 from iscsi_vmtarget.vm.format import Mode, RegionKind, UnitHeader, scan_slots
 from iscsi_vmtarget.vm.sealed import read_chunks
-from iscsi_vmtarget.vm.snapshot_export import snapshot_luns
 from iscsi_vmtarget.vm.view import GuestView
 from tests.vm.helpers import flattened
 

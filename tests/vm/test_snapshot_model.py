@@ -22,6 +22,7 @@ from iscsi_vmtarget.vm import InUseError, StateDir, VmManager
 from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.clone import clone, unlink
 from iscsi_vmtarget.vm.cow import GRAIN
+from iscsi_vmtarget.vm.resize import resize_vm
 from iscsi_vmtarget.vm.snapshot_fill import fill_snapshot
 
 MIB = 1 << 20
@@ -168,9 +169,9 @@ class SnapshotModel(RuleBasedStateMachine):
         vm = data.draw(st.sampled_from(sorted(self.live)))
         size = len(self.live[vm][lun]) + growth
         if lun == 0:
-            self.manager.resize(vm, disk=size)
+            resize_vm(self.manager, vm, disk=size)
         else:
-            self.manager.resize(vm, secondaries={lun: size})
+            resize_vm(self.manager, vm, secondaries={lun: size})
         self.live[vm][lun] += bytes(growth)
 
     @invariant()

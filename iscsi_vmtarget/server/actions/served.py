@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...vm import vm_target_name
 from ...vm.cow import ChainBackend
 from ...vm.flat import FlatView
 from ..registry import Target
 from ..runtime import AdminError, Args, Runtime
+from ..vm_luns import vm_target_name
 
 #: The args key under which an action gets a ``progress(done, total)`` callback when
 #: the request asked for progress (``"progress": true``); the daemon then sends

@@ -23,18 +23,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..scsi import LogicalUnit, UnitIdentity
-from ..storage.backend import BlockBackend
-from .cow import ChainBackend
-from .discovery import FoundUnit, FoundVm
-from .errors import VmError
-from .flat import FlatView, live_flat, reopen_live
-from .format import UnitHeader
-from .lease import LeaseHeldError
-from .lease_device import keeper as lease_keeper
-from .locks import ServeLock
-from .pool import PoolCatalog
-from .unit import Unit
-from .view import GuestView, RawView
+from ..vm.cow import ChainBackend
+from ..vm.discovery import FoundUnit, FoundVm
+from ..vm.flat import live_flat, reopen_raw
+from ..vm.lease_device import keeper as lease_keeper
+from ..vm.locks import ServeLock
+from ..vm.manager import StateDir, VmManager
+from ..vm.pool import PoolCatalog
+from ..vm.resize import resize_vm
+from ..vm.snapshot_tree import open_chain
+from ..vm.unit import Unit
+from ..vm.view import GuestView
 
 DEFAULT_BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
 log = logging.getLogger("iscsi_vmtarget")
@@ -161,19 +160,10 @@ def _live_view(
     top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
     if top == volume.header.unit_uuid:
         return ChainBackend([], unit.guest_view(), on_close=on_close)
-    from .manager import StateDir, VmManager
-    from .snapshot import open_chain
-
     manager = VmManager(StateDir.at(state_dir))
     manager.catalog = catalog
-    chain = open_chain(manager, vm, volume, top, read_only=False)
-    chain._on_close = on_close  # its root (read-only) is only ever read: writes go on top
-    return chain
-
-
-DEMO_VM = "demo"
-DEMO_DISK = 1 << 30
-DEMO_MEMORY = 256 << 20
+    # its root (read-only) is only ever read: writes go on top
+    return open_chain(manager, vm, volume, top, read_only=False, on_close=on_close)
 
 
 def _lu_options(state_dir: str, unit_uuid: uuid.UUID) -> dict[str, object]:
@@ -195,40 +185,6 @@ def _lu_options(state_dir: str, unit_uuid: uuid.UUID) -> dict[str, object]:
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
-def serve_vms(state_dir: str, *, demo: bool = False) -> list[VmLuns]:
-    """What a server exports at start: every VM discovery finds in the pools of
-    ``state_dir`` (finishing interrupted resizes first), after provisioning the demo VM
-    when ``demo`` is set and it does not exist yet."""
-    from .manager import StateDir, VmManager
-
-    out: list[VmLuns] = []
-    with VmManager(StateDir.at(state_dir)) as manager:
-        found = manager.discover(repair=True)
-        if demo and found.find(DEMO_VM) is None:
-            manager.create(DEMO_VM, disk=DEMO_DISK, memory=DEMO_MEMORY)
-            found = manager.discover(repair=False)
-        for item in found.damaged:
-            log.warning("pool unit %s not exported: %s", item["location"], item["reason"])
-        from .snapshot_export import serve_exported
-
-        out.extend(serve_exported(manager, found))
-        try:
-            for vm in found.vms:
-                for naa in vm.missing:
-                    log.warning("VM %s: secondary unit naa %s is missing", vm.name, naa.hex())
-                try:
-                    out.append(export_vm(vm, manager.catalog, manager.state.root))
-                except LeaseHeldError:
-                    continue  # served elsewhere: the lease keeper logged it and waits
-                except VmError as exc:  # e.g. deleted by a command since the scan
-                    log.warning("VM %s not exported: %s", vm.name, exc)
-        except BaseException:
-            for luns in out:
-                luns.close()
-            raise
-    return out
-
-
 def resize_live(
     state_dir: str,
     name: str,
@@ -244,8 +200,6 @@ def resize_live(
     runs): guest I/O pauses while a guest segment moves, the guest views take the new
     layout and their initiators get CAPACITY DATA HAS CHANGED; raw views reopen on the
     grown unit."""
-    from .manager import StateDir, VmManager
-
     views = {}
     chains = {}
     for number, lu in guest.items():
@@ -256,7 +210,8 @@ def resize_live(
         if isinstance(backend, GuestView):
             views[backend.unit_uuid] = backend
     with VmManager(StateDir.at(state_dir, key_file)) as manager:
-        vm = manager.resize(
+        vm = resize_vm(
+            manager,
             name, disk=disk, memory=memory, secondaries=secondaries, live=views, chains=chains
         )
         for number, found in vm.lun_map().items():
@@ -266,18 +221,3 @@ def resize_live(
                 for old in reopen_raw(raw_lu, handle, found.header):
                     old.close()
     return vm
-
-
-def reopen_raw(lu: LogicalUnit, handle: BlockBackend, header: UnitHeader) -> list[BlockBackend]:
-    """Give a raw-view LU a new handle on its unit (grown by a resize, moved to another
-    pool) with ``header``'s layout; it goes on reading the disk through the same chain.
-    Returns what it replaced, for the caller to close; initiators are told of a new
-    capacity (CAPACITY DATA HAS CHANGED)."""
-    backend = lu.backend
-    if isinstance(backend, FlatView):
-        retired = reopen_live(backend, handle, header)
-    else:
-        retired = [backend]
-        lu.replace_backend(RawView(handle))
-    lu.check_capacity()
-    return retired

@@ -15,42 +15,20 @@ designator derived from the snapshot's (never the live raw view's nor a guest's)
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from typing import TYPE_CHECKING
 
 from ..scsi import LogicalUnit
-from ..storage import atomic_file
 from ..storage.backend import BlockBackend
-from .discovery import Discovery, FoundUnit, FoundVm, discover
-from .errors import VmError
-from .export import VmLuns, raw_identity_of, vm_target_name
-from .flat import snapshot_flat
-from .format import Role, UnitHeader
-from .snapshot import find_snapshot, open_chain, snapshot_identity, snapshot_uuid
-
-if TYPE_CHECKING:
-    from .manager import VmManager
+from ..vm.discovery import Discovery, FoundUnit, FoundVm
+from ..vm.errors import VmError
+from ..vm.export_marks import exported
+from ..vm.flat import snapshot_flat
+from ..vm.format import Role, UnitHeader
+from ..vm.manager import VmManager
+from ..vm.snapshot_tree import find_snapshot, open_chain, snapshot_identity, snapshot_uuid
+from .vm_luns import VmLuns, raw_identity_of, vm_target_name
 
 log = logging.getLogger("iscsi_vmtarget")
-
-
-def exports_path(state_root: str) -> str:
-    return os.path.join(state_root, "conf", "snapshot-exports.json")
-
-
-def exported(state_root: str) -> list[tuple[str, str]]:
-    """(VM, snapshot) pairs ``vm snapshot export`` marked."""
-    path = exports_path(state_root)
-    try:
-        with open(path) as fh:
-            items = json.load(fh)
-    except FileNotFoundError:
-        return []
-    except (OSError, ValueError) as exc:
-        raise VmError(f"{path}: {exc}") from exc
-    return [(str(i["vm"]), str(i["snapshot"])) for i in items]
 
 
 def snapshot_target_suffix(name: str, snap: str) -> str:
@@ -61,23 +39,6 @@ def snapshot_target_suffix(name: str, snap: str) -> str:
 
 def snapshot_target_name(name: str, snap: str) -> str:
     return vm_target_name(snapshot_target_suffix(name, snap))
-
-
-def set_exported(manager: VmManager, name: str, snap: str, on: bool) -> str:
-    """Mark (or unmark) a snapshot for a read-only export. Returns the target name.
-    Unmarking needs no such snapshot any more (an export of a deleted one can stop)."""
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        if on:
-            vm = manager.find(name, discover(pools, repair=False))
-            find_snapshot(manager, vm, manager.keyring(), snap)
-        items = [p for p in exported(manager.state.root) if p != (name, snap)]
-        if on:
-            items.append((name, snap))
-        atomic_file.write_json(
-            exports_path(manager.state.root), [{"vm": v, "snapshot": s} for v, s in items]
-        )
-    return snapshot_target_name(name, snap)
 
 
 def snapshot_luns(manager: VmManager, vm: FoundVm, snap: str) -> VmLuns:
@@ -125,9 +86,8 @@ def _raw_lun(
 
 def open_exported(manager: VmManager, name: str, snap: str) -> VmLuns:
     """:func:`snapshot_luns` of VM ``name`` (a daemon exporting a snapshot live)."""
-    pools = manager.catalog.all()
-    with manager._locked(pools):
-        vm = manager.find(name, discover(pools, repair=False))
+    with manager.session(repair=False) as session:
+        vm = session.find(name)
         return snapshot_luns(manager, vm, snap)
 
 
