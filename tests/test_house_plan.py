@@ -233,7 +233,7 @@ def test_the_walker_sees_every_import(tmp_path: Path) -> None:
     (iscsi / "fake.py").write_text(
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from ..scsi.task import X\n"
-        "import iscsi_vmtarget.vm.unit\n"
+        "import iscsi_vmtarget.vm.units.unit\n"
         "def f():\n    from .. import server\n"
         "from . import pdu\n"
         "from .pdu import _SECRET\n"

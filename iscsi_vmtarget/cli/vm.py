@@ -16,8 +16,8 @@ from ..server.vm_luns import vm_target_name
 from ..sizes import format_size
 from ..storage import atomic_file
 from ..vm import Mode, VmError, VmManager
-from ..vm.discovery import FoundVm
-from ..vm.resize import resize_vm
+from ..vm.operations.resize import resize_vm
+from ..vm.units.scan import FoundVm
 from . import vm_replicate, vm_snapshot
 from .options import add_common, size_arg
 from .route import Router, print_json, run_offline, run_vm_verb

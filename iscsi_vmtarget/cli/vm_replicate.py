@@ -40,11 +40,11 @@ from ..sizes import format_size
 from ..storage import FileBackend, create_sparse_file
 from ..storage.backend import BlockBackend
 from ..vm import VmError, VmManager
-from ..vm import snapshot as snaps
-from ..vm.crypto import load_key_file
+from ..vm.format.crypto import load_key_file
 from ..vm.manager import check_vm_name
-from ..vm.promote import promote
-from ..vm.replicate import RoundReport, replicate
+from ..vm.operations import snapshot as snaps
+from ..vm.operations.promote import promote
+from ..vm.operations.replicate import RoundReport, replicate
 from .options import add_common, size_arg
 from .progress import add_progress_flag, progress_bar
 from .route import VM_VERBS, Router, print_json, router, run_offline

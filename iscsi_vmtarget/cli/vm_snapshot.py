@@ -27,11 +27,11 @@ from typing import Any
 
 from ..server.snapshot_luns import snapshot_target_name
 from ..vm import StateDir, VmError, VmManager
-from ..vm import snapshot as snaps
-from ..vm.clone import clone, unlink
-from ..vm.export_marks import set_exported
-from ..vm.move import move
-from ..vm.snapshot_fill import fill_snapshot
+from ..vm.operations import snapshot as snaps
+from ..vm.operations.clone import clone, unlink
+from ..vm.operations.export_marks import set_exported
+from ..vm.operations.move import move
+from ..vm.operations.snapshot_fill import fill_snapshot
 from .options import add_common
 from .progress import add_progress_flag, progress_bar
 from .route import Router, print_json, run_offline, run_vm_verb

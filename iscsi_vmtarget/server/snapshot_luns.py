@@ -19,13 +19,18 @@ import logging
 
 from ..scsi import LogicalUnit
 from ..storage.backend import BlockBackend
-from ..vm.discovery import Discovery, FoundUnit, FoundVm
-from ..vm.errors import VmError
-from ..vm.export_marks import exported
-from ..vm.flat import snapshot_flat
-from ..vm.format import Role, UnitHeader
+from ..vm.format.header import Role, UnitHeader
+from ..vm.layers.flat import snapshot_flat
 from ..vm.manager import VmManager
-from ..vm.snapshot_tree import find_snapshot, open_chain, snapshot_identity, snapshot_uuid
+from ..vm.operations.export_marks import exported
+from ..vm.operations.snapshot_tree import (
+    find_snapshot,
+    open_chain,
+    snapshot_identity,
+    snapshot_uuid,
+)
+from ..vm.units.scan import Discovery, FoundUnit, FoundVm
+from ..vm.vm_errors import VmError
 from .vm_luns import VmLuns, raw_identity_of, vm_target_name
 
 log = logging.getLogger("iscsi_vmtarget")
@@ -72,7 +77,7 @@ def _raw_lun(
     """The raw view of one volume of the snapshot: the unit flattened at the snapshot
     (:func:`~.flat.snapshot_flat`; the base volume's sealed regions as the record holds
     them), with a designator of its own derived from the snapshot's, as
-    :func:`~.export.raw_identity` derives the live raw view's from the unit's."""
+    :func:`~.vm_luns.raw_identity` derives the live raw view's from the unit's."""
     handle = None
     if volume.role is Role.BASE:
         handle = manager.catalog.get(record.pool).open(record.ref)

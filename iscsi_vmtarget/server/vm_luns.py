@@ -23,17 +23,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..scsi import LogicalUnit, UnitIdentity
-from ..vm.cow import ChainBackend
-from ..vm.discovery import FoundUnit, FoundVm
-from ..vm.flat import live_flat, reopen_raw
-from ..vm.lease_device import keeper as lease_keeper
-from ..vm.locks import ServeLock
+from ..vm.layers.cow import ChainBackend
+from ..vm.layers.flat import live_flat, reopen_raw
+from ..vm.layers.view import GuestView
 from ..vm.manager import StateDir, VmManager
-from ..vm.pool import PoolCatalog
-from ..vm.resize import resize_vm
-from ..vm.snapshot_tree import open_chain
-from ..vm.unit import Unit
-from ..vm.view import GuestView
+from ..vm.operations.resize import resize_vm
+from ..vm.operations.snapshot_tree import open_chain
+from ..vm.units.device_lease import keeper as lease_keeper
+from ..vm.units.locks import ServeLock
+from ..vm.units.scan import FoundUnit, FoundVm
+from ..vm.units.unit import Unit
+from ..vm.units.unit_pools import PoolCatalog
 
 DEFAULT_BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
 log = logging.getLogger("iscsi_vmtarget")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 
-from ..vm.errors import VmError
-from ..vm.lease import LeaseHeldError
 from ..vm.manager import StateDir, VmManager
+from ..vm.units.lease import LeaseHeldError
+from ..vm.vm_errors import VmError
 from .snapshot_luns import serve_exported
 from .vm_luns import VmLuns, export_vm
 

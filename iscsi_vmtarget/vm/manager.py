@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..storage import atomic_file
-from . import locks, sealed
-from .crypto import Keyring, create_key_file, load_key_file, pending_path
-from .discovery import Discovery, FoundUnit, FoundVm, discover
-from .errors import InUseError, NotFoundError, SizeError, VmError
-from .format import Mode, RegionKind, Role, UnitHeader
-from .layout import check_disk_size
-from .lease_device import check_not_leased, leased_elsewhere
-from .pool import DEFAULT_POOL, Pool, PoolCatalog
-from .unit import Unit, create_unit
+from .format import sealed
+from .format.crypto import Keyring, create_key_file, load_key_file, pending_path
+from .format.header import Mode, RegionKind, Role, UnitHeader
+from .format.layout import check_disk_size
+from .units import locks
+from .units.device_lease import check_not_leased, leased_elsewhere
+from .units.scan import Discovery, FoundUnit, FoundVm, discover
+from .units.unit import Unit, create_unit
+from .units.unit_pools import DEFAULT_POOL, Pool, PoolCatalog
+from .vm_errors import InUseError, NotFoundError, SizeError, VmError
 
 _VM_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_MEMORY = 1 << 44  # 16 TiB

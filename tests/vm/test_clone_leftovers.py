@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.vm import StateDir, VmError, VmManager
-from iscsi_vmtarget.vm import clone as cloning
-from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import PAUSE_ENV
+from iscsi_vmtarget.vm.operations import clone as cloning
+from iscsi_vmtarget.vm.operations import snapshot as snaps
 from tests.vm.helpers import run_cli
 
 MIB = 1 << 20

@@ -1,4 +1,4 @@
-"""The delta-lease rules of :mod:`iscsi_vmtarget.vm.lease`, with a fake block and clock."""
+"""The delta-lease rules of :mod:`iscsi_vmtarget.vm.units.lease`, with a fake block and clock."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from iscsi_vmtarget.vm.format.header.header import UnitState
 
 from iscsi_vmtarget.vm import faults
-from iscsi_vmtarget.vm.device import DevicePool
-from iscsi_vmtarget.vm.format import UnitState
-from iscsi_vmtarget.vm.lease import (
+from iscsi_vmtarget.vm.manager import StateDir, VmManager
+from iscsi_vmtarget.vm.operations.resize import resize_vm
+from iscsi_vmtarget.vm.units.device_lease import _KEEPERS, LeaseKeeper, lease_offset
+from iscsi_vmtarget.vm.units.device_pool import DevicePool
+from iscsi_vmtarget.vm.units.lease import (
     BLOCK,
     TRANSITIONS,
     LeaseHeldError,
@@ -28,9 +31,6 @@ from iscsi_vmtarget.vm.lease import (
     decode_record,
     encode_record,
 )
-from iscsi_vmtarget.vm.lease_device import _KEEPERS, LeaseKeeper, lease_offset
-from iscsi_vmtarget.vm.manager import StateDir, VmManager
-from iscsi_vmtarget.vm.resize import resize_vm
 
 UNIT = uuid.UUID(int=7)
 A = Owner(uuid.UUID(int=1), "host-a", 101)
@@ -196,7 +196,7 @@ def test_unknown_transition_is_a_bug() -> None:
 
 
 def test_held_error_is_an_in_use_error() -> None:
-    from iscsi_vmtarget.vm.errors import InUseError
+    from iscsi_vmtarget.vm.vm_errors import InUseError
 
     assert issubclass(LeaseHeldError, InUseError)
 

@@ -17,11 +17,15 @@ import pytest
 
 from iscsi_vmtarget.storage import FileBackend, create_sparse_file
 from iscsi_vmtarget.vm import SizeError
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN, grains_of
-from iscsi_vmtarget.vm.replica import SB_OFFSETS, ReplicaError, read_superblock
-from iscsi_vmtarget.vm.replicate import OfflineCheckpointer, replica_layout, replicate_round
-from iscsi_vmtarget.vm.resize import resize_vm
+from iscsi_vmtarget.vm.layers.cow import GRAIN, grains_of
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.replica import SB_OFFSETS, ReplicaError, read_superblock
+from iscsi_vmtarget.vm.operations.replicate import (
+    OfflineCheckpointer,
+    replica_layout,
+    replicate_round,
+)
+from iscsi_vmtarget.vm.operations.resize import resize_vm
 from tests.vm.replica_site import MIB, URL, Site, superblock
 
 OLD = (6 * MIB, 3 * MIB)  # what Site creates

@@ -10,9 +10,9 @@ import pytest
 
 from iscsi_vmtarget.server.vm_luns import export_vm
 from iscsi_vmtarget.vm import Mode, VmError, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN, is_zero
-from iscsi_vmtarget.vm.snapshot_tree import snapshot_identity
+from iscsi_vmtarget.vm.layers.cow import GRAIN, is_zero
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.snapshot_tree import snapshot_identity
 
 MIB = 1 << 20
 DISK = 4 * MIB
@@ -128,7 +128,7 @@ def test_live_lun_keeps_identity_and_snapshot_has_its_own(manager: VmManager) ->
 def test_an_exported_snapshot_is_not_deleted(manager: VmManager) -> None:
     """Deleting a snapshot that is exported as a LUN is refused with the command that
     stops the export; once stopped, the delete goes through."""
-    from iscsi_vmtarget.vm import export_marks as exports
+    from iscsi_vmtarget.vm.operations import export_marks as exports
 
     manager.create("vm1", disk=DISK, memory=MEMORY)
     _write(manager, "vm1", 0, b"A" * 1000)

@@ -12,15 +12,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from iscsi_vmtarget.vm.format.header.header import RegionKind
 
 from iscsi_vmtarget.scsi import Nexus, ScsiTarget, Status
 from iscsi_vmtarget.server.vm_luns import resize_live
 from iscsi_vmtarget.server.vm_startup import serve_vms
 from iscsi_vmtarget.vm import Mode, SizeError, StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN
-from iscsi_vmtarget.vm.format import RegionKind
-from iscsi_vmtarget.vm.resize import resize_vm
+from iscsi_vmtarget.vm.layers.cow import GRAIN
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.resize import resize_vm
 from tests.vm.helpers import make_nexus, run_killed, sense_triplet
 from tests.vm.test_snapshot_crash import _live, _snap, _write
 

@@ -1,7 +1,7 @@
 """The daemon's ``vm.snapshot.export`` action: a snapshot's read-only target, live.
 
 ``vm snapshot export NAME SNAP`` marks the snapshot for every later ``serve``
-(:mod:`iscsi_vmtarget.vm.export_marks`); a running daemon that exports the VM
+(:mod:`iscsi_vmtarget.vm.operations.export_marks`); a running daemon that exports the VM
 also opens the snapshot's LUNs and adds its target at once - SendTargets lists it
 from then on (RFC 7143 §12.3) to the initiators the VM is granted (its grants
 follow it into the export, :mod:`..grants`), read-only. ``--stop`` unmarks it and
@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from ...vm import StateDir, VmManager
-from ...vm.export_marks import set_exported
+from ...vm.operations.export_marks import set_exported
 from .. import snapshot_luns as exports
 from ..runtime import Args, Runtime
 from .serve_vm import add_vm_target
