@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 
-from ..scsi import LogicalUnit
+from ..scsi import LogicalUnit, UnitIdentity
 from ..storage.backend import BlockBackend
 from ..vm.format.header import Role, UnitHeader
 from ..vm.layers.flat import snapshot_flat
@@ -26,7 +26,6 @@ from ..vm.operations.export_marks import exported
 from ..vm.operations.snapshot_tree import (
     find_snapshot,
     open_chain,
-    snapshot_identity,
     snapshot_uuid,
 )
 from ..vm.units.scan import Discovery, FoundUnit, FoundVm
@@ -34,6 +33,13 @@ from ..vm.vm_errors import VmError
 from .vm_luns import VmLuns, raw_identity_of, vm_target_name
 
 log = logging.getLogger("iscsi_vmtarget")
+
+
+def snapshot_identity(record: UnitHeader, volume_naa: bytes) -> UnitIdentity:
+    """The snapshot's own designator and serial for one of its volumes (what a
+    management or backup view of the snapshot reports, never a guest view)."""
+    ident = snapshot_uuid(record, volume_naa)
+    return UnitIdentity.from_uuid(ident, f"{ident.hex}")
 
 
 def snapshot_target_suffix(name: str, snap: str) -> str:

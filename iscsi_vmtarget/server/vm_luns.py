@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..scsi import LogicalUnit, UnitIdentity
+from ..vm.format.header import UnitHeader
 from ..vm.layers.cow import ChainBackend
 from ..vm.layers.flat import live_flat, reopen_raw
 from ..vm.layers.view import GuestView
@@ -81,6 +82,12 @@ class VmLuns:
             lu.backend.close()
 
 
+def unit_identity(header: UnitHeader) -> UnitIdentity:
+    """A guest LU's INQUIRY identity: the NAA designator stored in the unit header (VPD
+    0x83, SPC-4 §7.8.6), the unit UUID as serial number (VPD 0x80, §7.8.16)."""
+    return UnitIdentity(naa=header.naa, serial=header.unit_uuid.hex)
+
+
 def raw_identity(unit: Unit) -> UnitIdentity:
     """A raw view is another logical unit (other size, other content): it gets its own
     designator, derived from the unit UUID, so a host seeing both never merges them."""
@@ -89,7 +96,7 @@ def raw_identity(unit: Unit) -> UnitIdentity:
 
 def raw_identity_of(ident: uuid.UUID) -> UnitIdentity:
     """The raw view's designator and serial for the LU whose identity is ``ident``
-    (a unit's UUID, a snapshot volume's :func:`~.snapshot.snapshot_identity` UUID)."""
+    (a unit's UUID, a snapshot volume's :func:`~.snapshot_luns.snapshot_identity` UUID)."""
     return UnitIdentity.from_uuid(uuid.uuid5(ident, "raw"), f"{ident.hex}-raw")
 
 
@@ -123,7 +130,7 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
             options = _lu_options(state_dir, found.header.unit_uuid)
             lu = LogicalUnit(
                 view,
-                unit.identity(),
+                unit_identity(unit.header),
                 block_size=unit.header.block_size,
                 **options,  # type: ignore[arg-type]
             )

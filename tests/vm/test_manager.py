@@ -14,7 +14,7 @@ from iscsi_vmtarget.vm.format.header.header import SLOT_OFFSETS, Mode, RegionKin
 from iscsi_vmtarget.vm.format.header.sealed import table_bytes
 
 from iscsi_vmtarget.scsi import LogicalUnit, ScsiTarget, Status
-from iscsi_vmtarget.server.vm_luns import capacity_listener
+from iscsi_vmtarget.server.vm_luns import capacity_listener, unit_identity
 from iscsi_vmtarget.vm import (
     IntegrityError,
     InUseError,
@@ -322,7 +322,7 @@ def test_live_resize_raises_capacity_data_has_changed(manager: VmManager) -> Non
     unit = Unit.open(manager.catalog.get(vm.base.pool), vm.base.ref)
     view = unit.guest_view()
     unit.close()
-    lu = LogicalUnit(view, unit.identity(), block_size=512)
+    lu = LogicalUnit(view, unit_identity(unit.header), block_size=512)
     view.add_capacity_listener(capacity_listener(lu))
     target = ScsiTarget({0: lu})
     nexus = make_nexus()

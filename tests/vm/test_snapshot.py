@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.server.snapshot_luns import snapshot_identity
 from iscsi_vmtarget.server.vm_luns import export_vm
 from iscsi_vmtarget.vm import Mode, VmError, VmManager
 from iscsi_vmtarget.vm.layers.cow import GRAIN, is_zero
 from iscsi_vmtarget.vm.operations import snapshot as snaps
-from iscsi_vmtarget.vm.operations.snapshot_tree import snapshot_identity
 
 MIB = 1 << 20
 DISK = 4 * MIB

@@ -56,7 +56,7 @@ from ..layers.dirty import DirtyGrains, copy_dirty
 from ..layers.flat import FlatView, ServedRaw, reopen_raw
 from ..manager import RECOVERY, VmManager
 from ..units.device_pool import DevicePool
-from ..units.scan import FoundUnit, FoundVm, discover
+from ..units.scan import FoundUnit, FoundVm
 from ..units.unit import Unit
 from ..units.unit_pools import DirectoryPool, Pool, UnitRef
 from ..vm_errors import InUseError, VmError
@@ -394,10 +394,9 @@ def move_live(
     read units of this VM (a linked clone, an exported snapshot and its raw views),
     rebound too."""
     dest = _staging(manager.catalog.get(pool))
-    pools = manager.catalog.all()
-    by_name = {p.name: p for p in pools}
-    with manager.locked(pools):
-        vm = manager.find(name, discover(pools, repair=True))
+    with manager.session() as session:
+        by_name = {p.name: p for p in session.pools}
+        vm = session.find(name)
         missing = set(vm.lun_map()) - set(live)
         if missing:
             raise VmError(f"VM {name!r}: LUNs {sorted(missing)} are not served here")

@@ -28,7 +28,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
 from ...storage.backend import BlockBackend
@@ -58,6 +58,18 @@ from .snapshot_tree import (
     snapshots,
     vm_volumes,
 )
+
+
+@contextlib.contextmanager
+def _settled(manager: VmManager, name: str) -> Iterator[tuple[FoundVm, Keyring]]:
+    """VM ``name`` in a session of ``manager``, a revert a crash interrupted finished
+    first (what every snapshot change starts from)."""
+    with manager.session() as session:
+        vm = session.find(name)
+        keyring = manager.keyring()
+        if finish_revert(manager, vm, keyring):
+            vm = rediscover_vm(manager, name)
+        yield vm, keyring
 
 
 def with_fullness(manager: VmManager, vm: FoundVm, info: SnapshotInfo) -> SnapshotInfo:
@@ -98,11 +110,7 @@ def create_snapshot(
     names it in an intent before the record exists (a clone, :mod:`.clone`).
     """
     check_snapshot_name(snap)
-    with manager.session() as session:
-        vm = session.find(name)
-        keyring = manager.keyring()
-        if finish_revert(manager, vm, keyring):
-            vm = rediscover_vm(manager, name)
+    with _settled(manager, name) as (vm, keyring):
         if any(s.name == snap for s in snapshots(manager, vm, keyring)):
             raise VmError(f"VM {name!r} already has a snapshot named {snap!r}")
         with (
@@ -168,11 +176,7 @@ def revert(
 
     ``live``: as for :func:`create_snapshot`; the served chains are rebound to the
     snapshot's layers under quiesce (the guest keeps seeing its volume's identity)."""
-    with manager.session() as session:
-        vm = session.find(name)
-        keyring = manager.keyring()
-        if finish_revert(manager, vm, keyring):
-            vm = rediscover_vm(manager, name)
+    with _settled(manager, name) as (vm, keyring):
         record_found = find_snapshot(manager, vm, keyring, snap)
         with (
             holding_vm(manager, vm, live),
@@ -230,11 +234,7 @@ def delete_snapshot(
             f"snapshot {snap!r} of VM {name!r} is exported as a read-only LUN; stop that "
             f"first: iscsi-vmtarget vm snapshot export {name} {snap} --stop"
         )
-    with manager.session() as session:
-        vm = session.find(name)
-        keyring = manager.keyring()
-        if finish_revert(manager, vm, keyring):
-            vm = rediscover_vm(manager, name)
+    with _settled(manager, name) as (vm, keyring):
         record = find_snapshot(manager, vm, keyring, snap)
         with holding_vm(manager, vm, live):
             manager.catalog.get(record.pool).delete(record.ref)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from .. import faults
 from ..format.header import UnitHeader
 from ..layers.cow import GRAIN, ChainBackend, DeltaLayer, grains_of, is_zero
-from ..units.scan import FoundVm, discover
+from ..units.scan import FoundVm
 from .snapshot_tree import Fullness, find_snapshot, open_chain, record_layer, vm_volumes, walk_chain
 
 if TYPE_CHECKING:
@@ -70,7 +70,6 @@ def fill_snapshot(
 ) -> int:
     """Make snapshot ``snap`` of VM ``name`` full (module docstring); returns the bytes
     its layers took in (0: it was full). ``progress(done, total)`` counts bytes."""
-    pools = manager.catalog.all()
     cursors: dict[uuid.UUID, int] = {}  # layer -> first grain a later step looks at
     done, total, calls = 0, -1, 0
 
@@ -83,8 +82,9 @@ def fill_snapshot(
 
     finished = False
     while not finished:
-        with manager.locked(pools):  # a merge into the layer waits (and the reverse)
-            vm = manager.find(name, discover(pools, repair=False))
+        # a merge into the layer waits (and the reverse)
+        with manager.session(repair=False) as session:
+            vm = session.find(name)
             record = find_snapshot(manager, vm, manager.keyring(), snap).header
             if total < 0:
                 state = fullness(manager, vm, record)

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from ...scsi.logical_unit import UnitIdentity
 from .. import faults
 from ..format.crypto import Keyring, new_data_key
 from ..format.header import (
@@ -45,15 +44,9 @@ def check_snapshot_name(name: str) -> None:
         raise VmError(f"bad snapshot name {name!r}: 1-{MAX_SNAPSHOT_NAME} printable characters")
 
 
-def snapshot_identity(record: UnitHeader, volume_naa: bytes) -> UnitIdentity:
-    """The snapshot's own designator and serial for one of its volumes (what a
-    management or backup view of the snapshot reports, never a guest view)."""
-    ident = snapshot_uuid(record, volume_naa)
-    return UnitIdentity.from_uuid(ident, f"{ident.hex}")
-
-
 def snapshot_uuid(record: UnitHeader, volume_naa: bytes) -> uuid.UUID:
-    """What :func:`snapshot_identity` derives from: the snapshot's image of a volume."""
+    """The identity of the snapshot's image of a volume (what its exported LU's
+    designator derives from: :mod:`iscsi_vmtarget.server.snapshot_luns`)."""
     return uuid.uuid5(record.unit_uuid, volume_naa.hex())
 
 

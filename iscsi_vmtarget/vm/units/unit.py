@@ -108,10 +108,6 @@ class Unit:
         label = f" of VM {self.header.name!r}" if self.header.name else ""
         return f"unit {self.header.unit_uuid}{label}"
 
-    def identity(self) -> UnitIdentity:
-        """INQUIRY identity: the NAA stored in the header, the UUID as serial number."""
-        return UnitIdentity(naa=self.header.naa, serial=self.header.unit_uuid.hex)
-
     # -- header commits ------------------------------------------------------------------
 
     def commit(self, header: UnitHeader) -> UnitHeader:
