@@ -14,14 +14,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from iscsi_vmtarget.vm.format.header.header import Mode, Role, UnitHeader
-from iscsi_vmtarget.vm.format.header.layout import initial_regions
-
 from iscsi_vmtarget.scsi import LogicalUnit, Nexus, ScsiResponse, ScsiTarget, Status
 from iscsi_vmtarget.scsi.sense import parse_sense
 from iscsi_vmtarget.storage import MemoryBackend
 from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm.faults import ENV
+from iscsi_vmtarget.vm.format.header import Mode, Role, UnitHeader
+from iscsi_vmtarget.vm.format.layout import initial_regions
 from iscsi_vmtarget.vm.layers.view import GuestView, guest_segments
 from iscsi_vmtarget.vm.operations import snapshot as snaps
 from iscsi_vmtarget.vm.units.unit import naa_for

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iscsi_vmtarget.vm.format.header.crypto import load_key_file
-from iscsi_vmtarget.vm.format.header.header import Mode
-
 from iscsi_vmtarget.storage import FileBackend, create_sparse_file
 from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.format.crypto import load_key_file
+from iscsi_vmtarget.vm.format.header import Mode
 from iscsi_vmtarget.vm.operations import snapshot as snaps
 from iscsi_vmtarget.vm.operations.promote import promote
 from iscsi_vmtarget.vm.operations.replica import Superblock, read_superblock

@@ -8,10 +8,10 @@ import stat
 from pathlib import Path
 
 import pytest
-from iscsi_vmtarget.vm.format.header.header import RegionKind
-from iscsi_vmtarget.vm.format.header.sealed import table_bytes
 
 from iscsi_vmtarget.cli.main import main
+from iscsi_vmtarget.vm.format.header import RegionKind
+from iscsi_vmtarget.vm.format.sealed import table_bytes
 from tests.vm.test_manager import snapshot
 
 MIB = 1 << 20

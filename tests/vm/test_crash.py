@@ -12,10 +12,10 @@ import io
 from pathlib import Path
 
 import pytest
-from iscsi_vmtarget.vm.format.header.header import Mode, RegionKind, UnitState
 
 from iscsi_vmtarget.vm import IntegrityError, StateDir, VmManager
-from iscsi_vmtarget.vm.format.header import sealed
+from iscsi_vmtarget.vm.format import sealed
+from iscsi_vmtarget.vm.format.header import Mode, RegionKind, UnitState
 from iscsi_vmtarget.vm.units.unit import Unit
 from tests.vm.helpers import run_cli, run_killed
 from tests.vm.test_manager import guest_read_all, read_state, snapshot

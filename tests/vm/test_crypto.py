@@ -8,15 +8,17 @@ import uuid
 from pathlib import Path
 
 import pytest
-from iscsi_vmtarget.vm.format.header.crypto import (
+
+from iscsi_vmtarget.storage import MemoryBackend
+from iscsi_vmtarget.vm.format.crypto import (
     Keyring,
     RegionCipher,
     create_key_file,
     key_id_of,
     load_key_file,
 )
-from iscsi_vmtarget.vm.format.header.header import Region, RegionKind
-from iscsi_vmtarget.vm.format.header.sealed import (
+from iscsi_vmtarget.vm.format.header import Region, RegionKind
+from iscsi_vmtarget.vm.format.sealed import (
     CHUNK,
     capacity,
     length_for,
@@ -24,8 +26,6 @@ from iscsi_vmtarget.vm.format.header.sealed import (
     table_bytes,
     write_chunks,
 )
-
-from iscsi_vmtarget.storage import MemoryBackend
 from iscsi_vmtarget.vm.vm_errors import IntegrityError, KeyFileError
 
 UNIT = uuid.UUID("11111111-2222-4333-8444-555555555555")

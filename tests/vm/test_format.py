@@ -10,8 +10,10 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from iscsi_vmtarget.vm.format.header.gpt import TYPE_GUIDS, read_gpt_types, write_gpt
-from iscsi_vmtarget.vm.format.header.header import (
+
+from iscsi_vmtarget.storage import MemoryBackend
+from iscsi_vmtarget.vm.format.gpt import TYPE_GUIDS, read_gpt_types, write_gpt
+from iscsi_vmtarget.vm.format.header import (
     ALIGN,
     MAGIC,
     SLOT_OFFSETS,
@@ -27,9 +29,7 @@ from iscsi_vmtarget.vm.format.header.header import (
     scan_slots,
     write_slot,
 )
-from iscsi_vmtarget.vm.format.header.layout import initial_regions, plan_growth
-
-from iscsi_vmtarget.storage import MemoryBackend
+from iscsi_vmtarget.vm.format.layout import initial_regions, plan_growth
 from iscsi_vmtarget.vm.vm_errors import FormatError, NewerFormatError
 from tests.vm.helpers import disjoint, make_header
 

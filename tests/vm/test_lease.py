@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from iscsi_vmtarget.vm.format.header.header import UnitState
 
 from iscsi_vmtarget.vm import faults
+from iscsi_vmtarget.vm.format.header import UnitState
 from iscsi_vmtarget.vm.manager import StateDir, VmManager
 from iscsi_vmtarget.vm.operations.resize import resize_vm
 from iscsi_vmtarget.vm.units.device_lease import _KEEPERS, LeaseKeeper, lease_offset

@@ -10,8 +10,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from iscsi_vmtarget.vm.format.header.header import SLOT_OFFSETS, Mode, RegionKind, Role
-from iscsi_vmtarget.vm.format.header.sealed import table_bytes
 
 from iscsi_vmtarget.scsi import LogicalUnit, ScsiTarget, Status
 from iscsi_vmtarget.server.vm_luns import capacity_listener, unit_identity
@@ -25,6 +23,8 @@ from iscsi_vmtarget.vm import (
     VmError,
     VmManager,
 )
+from iscsi_vmtarget.vm.format.header import SLOT_OFFSETS, Mode, RegionKind, Role
+from iscsi_vmtarget.vm.format.sealed import table_bytes
 from iscsi_vmtarget.vm.operations.resize import resize_vm
 from iscsi_vmtarget.vm.units.locks import ServeLock
 from iscsi_vmtarget.vm.units.unit import Unit
@@ -199,7 +199,7 @@ def test_wrong_key_file_fails_clearly_and_changes_nothing(
     write_state(manager, "vm1", PATTERN)
     before = snapshot(state_dir)
     other = VmManager(StateDir.at(str(state_dir), str(tmp_path / "other.key")))
-    from iscsi_vmtarget.vm.format.header.crypto import create_key_file
+    from iscsi_vmtarget.vm.format.crypto import create_key_file
 
     create_key_file(str(tmp_path / "other.key"))
     with other:
@@ -249,7 +249,7 @@ def test_key_rotation_rewraps_without_reencrypting(manager: VmManager, state_dir
 def test_interrupted_rotation_finishes_on_the_next_run(manager: VmManager, state_dir: Path) -> None:
     manager.create("a", disk=DISK, memory=MEMORY)
     write_state(manager, "a", PATTERN)
-    from iscsi_vmtarget.vm.format.header.crypto import create_key_file
+    from iscsi_vmtarget.vm.format.crypto import create_key_file
 
     create_key_file(str(state_dir / "master.key.new"))  # as if killed mid-rotation
     assert read_state(manager, "a") == PATTERN  # both keys are in the ring meanwhile

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iscsi_vmtarget.vm.format.header.header import Mode
 
 from iscsi_vmtarget.server import snapshot_luns as exports
 from iscsi_vmtarget.server.vm_luns import VmLuns
 from iscsi_vmtarget.server.vm_startup import serve_vms
 from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.format.header import Mode
 from iscsi_vmtarget.vm.layers.cow import GRAIN, ChainBackend
 from iscsi_vmtarget.vm.layers.dirty import DirtyGrains
 from iscsi_vmtarget.vm.layers.flat import FlatView

@@ -11,14 +11,14 @@ import os
 from pathlib import Path
 
 import pytest
-from iscsi_vmtarget.vm.format.header.crypto import RegionCipher
-from iscsi_vmtarget.vm.format.header.header import Mode, RegionKind, UnitHeader, scan_slots
-from iscsi_vmtarget.vm.format.header.sealed import read_chunks
 
 from iscsi_vmtarget.server.snapshot_luns import snapshot_luns
 from iscsi_vmtarget.server.vm_luns import VmLuns, export_vm, resize_live
 from iscsi_vmtarget.storage.backend import BlockBackend
 from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.format.crypto import RegionCipher
+from iscsi_vmtarget.vm.format.header import Mode, RegionKind, UnitHeader, scan_slots
+from iscsi_vmtarget.vm.format.sealed import read_chunks
 from iscsi_vmtarget.vm.layers.view import GuestView
 from iscsi_vmtarget.vm.operations import snapshot as snaps
 from tests.vm.helpers import flattened

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from iscsi_vmtarget.vm.format.header.header import Mode
 
 from iscsi_vmtarget.storage import FileBackend
 from iscsi_vmtarget.vm import KeyFileError, StateDir, VmError, VmManager
 from iscsi_vmtarget.vm.faults import ENV
-from iscsi_vmtarget.vm.format.header import sealed
+from iscsi_vmtarget.vm.format import sealed
+from iscsi_vmtarget.vm.format.header import Mode
 from iscsi_vmtarget.vm.layers.cow import GRAIN
 from iscsi_vmtarget.vm.operations import replicate as replicate_mod
 from iscsi_vmtarget.vm.operations import snapshot as snaps

@@ -12,12 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from iscsi_vmtarget.vm.format.header.header import RegionKind
 
 from iscsi_vmtarget.scsi import Nexus, ScsiTarget, Status
 from iscsi_vmtarget.server.vm_luns import resize_live
 from iscsi_vmtarget.server.vm_startup import serve_vms
 from iscsi_vmtarget.vm import Mode, SizeError, StateDir, VmManager
+from iscsi_vmtarget.vm.format.header import RegionKind
 from iscsi_vmtarget.vm.layers.cow import GRAIN
 from iscsi_vmtarget.vm.operations import snapshot as snaps
 from iscsi_vmtarget.vm.operations.resize import resize_vm

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from iscsi_vmtarget.vm.format.header.header import LABEL_SIZE, Mode, RegionKind, UnitState
-from iscsi_vmtarget.vm.format.header.layout import plan_growth
 
 from iscsi_vmtarget.storage import BackendError, MemoryBackend
+from iscsi_vmtarget.vm.format.header import LABEL_SIZE, Mode, RegionKind, UnitState
+from iscsi_vmtarget.vm.format.layout import plan_growth
 from iscsi_vmtarget.vm.layers.view import GuestView, RawView, SliceBackend
 from tests.vm.helpers import HIDDEN_BYTE, ViewUnit
 

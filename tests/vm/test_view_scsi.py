@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from iscsi_vmtarget.vm.format.header.header import Mode
 
 from iscsi_vmtarget.scsi import Status
 from iscsi_vmtarget.scsi.opcodes import find_row
+from iscsi_vmtarget.vm.format.header import Mode
 from tests.vm.helpers import (
     BLOCK,
     HIDDEN_BYTE,
