@@ -7,7 +7,7 @@ a primary GPT at LBA 1-33 and the backup GPT in the last 33 LBAs (UEFI 2.10 §5.
 §5.3): ``partx --show``, ``sgdisk -p`` or ``blkid -p`` on a raw unit list the regions.
 ``truncate`` units have none: there the guest owns LBA 0.
 
-The GPT is derived data. Discovery trusts the unit header (:mod:`.format`), which is
+The GPT is derived data. Discovery trusts the unit header (:mod:`.header`), which is
 what updates crash-atomically; the GPT is rewritten after every layout change.
 """
 

@@ -55,7 +55,7 @@ Slot layout, format version 1 (little-endian, like GPT; offsets in bytes)::
             M x 24  pending moves of a resize: source u64, destination u64, length u64
             Z x 16  pending scrubs of a resize: offset u64, length u64
             T x 32  version 2, base units: the live top layer of each volume of the VM,
-                    volume NAA (16) + top layer unit UUID (16) (:mod:`.snapshot`)
+                    volume NAA (16) + top layer unit UUID (16) (:mod:`..operations.snapshot`)
       N 32  SHA-256 of bytes 0..N
 
 Version 2 (snapshots, US 9,354,927: "snapshot metadata" kept with the VM) adds two roles, DELTA

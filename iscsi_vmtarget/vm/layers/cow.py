@@ -7,7 +7,7 @@ array keeps each volume (a base or secondary unit's guest disk) as a chain of la
 
 * the root: the volume's own unit, read through its :class:`~.view.GuestView` (so the
   concealment mode is applied exactly as for the guest);
-* delta units (role DELTA, :mod:`.format` version 2): an ALLOCMAP region, one bit per
+* delta units (role DELTA, :mod:`..format.header` version 2): an ALLOCMAP region, one bit per
   64 KiB grain, and a DISK region as long as the guest disk where a grain held by the
   layer sits at its own guest offset (a sparse file: holes cost nothing).
 
@@ -168,7 +168,7 @@ class DeltaLayer:
 
     def held(self) -> int:
         """Bytes of its image the layer holds itself (its size when it holds every
-        grain: a full snapshot's layer, :mod:`.snapshot_fill`)."""
+        grain: a full snapshot's layer, :mod:`..operations.snapshot_fill`)."""
         count = int.from_bytes(self.bits, "little").bit_count()
         last = grains_of(self.size) - 1
         short = (last + 1) * GRAIN - self.size  # the last grain may end early

@@ -1,6 +1,6 @@
 """Dirty-grain tracking: what a live copy of a served volume still owes.
 
-A live move (:mod:`.move`) copies a volume while its LUN keeps serving. Before the
+A live move (:mod:`..operations.move`) copies a volume while its LUN keeps serving. Before the
 first byte is copied, a :class:`DirtyGrains` is hooked onto the volume's
 :class:`~.cow.ChainBackend` (``write_hook``): every write or unmap that completes
 from then on marks the 64 KiB grains it touched. The copy then catches up in passes

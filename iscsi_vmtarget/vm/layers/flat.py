@@ -16,8 +16,8 @@ copying any region:
   partition table is).
 
 A chain larger than the unit's disk (``vm resize`` of a disk with snapshots grows a new
-top, not the unit: :mod:`.snapshot_resize`) is served in the layout the unit takes when
-it grows to that size (:func:`~.layout.plan_growth`, what a merge into the unit does):
+top, not the unit: :mod:`..operations.snapshot_resize`) is served in the layout the unit takes when
+it grows to that size (:func:`~..format.layout.plan_growth`, what a merge into the unit does):
 the regions in the way sit at their new offsets, carried whole, and the header (the
 live one, re-read on every read of the tail, with the new region table) and GPT are
 those of the grown unit.
@@ -26,7 +26,7 @@ A snapshot's raw view (:func:`snapshot_flat`) is the unit flattened at the snaps
 fresh layout of the unit's mode for the snapshot's disk size, the disk through the
 snapshot's read-only chain, the sealed regions as the snapshot record holds them, and a
 header naming the record's UUID and wrapped data key - the ones its ciphertext is bound
-to (:class:`~.crypto.RegionCipher`) - so a backup of it is a self-consistent unit.
+to (:class:`~..format.crypto.RegionCipher`) - so a backup of it is a self-consistent unit.
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def reopen_live(view: FlatView, unit: BlockBackend, header: UnitHeader) -> list[
 def fresh_layout(template: UnitHeader, disk_size: int, sealed: UnitHeader | None) -> UnitHeader:
     """A new unit of ``template``'s mode and role with a ``disk_size`` disk and the
     sealed regions of ``sealed`` (their lengths, status and generations): regions in
-    :func:`~.layout.initial_regions`' order, each at the next MiB after the last."""
+    :func:`~..format.layout.initial_regions`' order, each at the next MiB after the last."""
     regions, _size = initial_regions(template.mode, template.role, disk_size)
     placed: list[Region] = []
     cursor = 0

@@ -2,7 +2,7 @@
 
 A :class:`GuestView` is a :class:`~iscsi_vmtarget.storage.BlockBackend` whose size is
 the guest's disk and whose offsets are guest offsets: it translates them to unit
-offsets per concealment mode (:mod:`.layout`) and refuses anything past the disk.
+offsets per concealment mode (:mod:`..format.layout`) and refuses anything past the disk.
 The SCSI device server above it never learns there is more: its READ CAPACITY and
 its LOGICAL BLOCK ADDRESS OUT OF RANGE check (SBC-3 §4.5) both derive from
 ``GuestView.size``, so the bound is defined once, here, and enforced here a second

@@ -17,7 +17,7 @@ unit's own data key.
 Crash safety: the new VM is built under a temporary name ``c-<12 hex digits>`` and
 only renamed to ``dst`` - one header commit of its base unit - when every byte is in
 place. An intent file ``<state-dir>/conf/clones/<temp>.json``, written first and held
-by an :func:`~.locks.operation` lock while the clone runs, names the temporary VM and
+by an :func:`~..units.locks.operation` lock while the clone runs, names the temporary VM and
 the snapshot a clone of live disks takes (its record UUID, chosen before the snapshot
 exists); a clone that fails, or is killed, leaves an intent nobody holds, and
 :func:`finish_clones` (run with every pool lock, so at the next repair or

@@ -24,7 +24,7 @@ where a directory pool has a sparse file: the copy is the same, block for block.
 
 **Live move** (:func:`move_live`, the daemon's ``vm.move`` action): the same steps
 while the VM's LUNs serve. Before the copy, each LUN's chain is flushed and gets a
-dirty-grain hook (:mod:`.dirty`); the units are copied whole, then the grains written
+dirty-grain hook (:mod:`..layers.dirty`); the units are copied whole, then the grains written
 meanwhile are copied again in passes until few are left (or a pass limit is hit).
 Then every LUN of the VM is quiesced (in-flight commands drain, new ones wait - the
 snapshot code's quiesce), the last dirty grains are copied, the copies flushed, the
@@ -148,7 +148,7 @@ class _DirectoryStaging:
 
 class _DeviceStaging:
     """Copies are extents the pool allocated but its table does not list; one table
-    commit publishes them all (:meth:`~.device.DevicePool.publish`)."""
+    commit publishes them all (:meth:`~..units.device_pool.DevicePool.publish`)."""
 
     def __init__(self, pool: DevicePool) -> None:
         self.pool = pool

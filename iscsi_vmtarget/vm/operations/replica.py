@@ -15,7 +15,7 @@ can hold a replica. Layout (offsets in bytes, every area MiB aligned)::
               (32 bytes per 64 KiB grain: SHA-256 of the grain, all zeros for a grain
               that reads as zeros)
     ...       STATE area, CONFIG area: the sealed regions of the checkpoint's snapshot
-              record, byte for byte (chunk table + AES-GCM chunks, :mod:`.sealed`)
+              record, byte for byte (chunk table + AES-GCM chunks, :mod:`..format.sealed`)
     ...       journal: room for a round that rewrites every area
 
 Superblock slot (little-endian)::
@@ -27,7 +27,7 @@ Superblock slot (little-endian)::
     16  8  generation (the slot written last holds the highest valid one)
     24  B  body: UTF-8 JSON - checkpoint sequence number, snapshot record UUID and
            name, VM name, per volume the source's unit header (its own encoded image,
-           with its SHA-256, :mod:`.format`), its image size and capacity, the area
+           with its SHA-256, :mod:`..format.header`), its image size and capacity, the area
            offsets, and the journal state
     24+B 32 SHA-256 of bytes 0 .. 24+B
 

@@ -12,7 +12,7 @@ resumed at the destination ... based on the last coherent replica". One *round*:
    the destination, so one VM may replicate to several;
 3. work out what changed since the checkpoint the destination holds, from the layers
    alone: the union of the allocation maps of the layers between the two snapshots'
-   layers and their nearest common ancestor (:mod:`.cow`) - a superset of the grains
+   layers and their nearest common ancestor (:mod:`..layers.cow`) - a superset of the grains
    whose bytes differ, found without reading a byte of data, plus every grain past the
    older checkpoint's end (the disk grew in between: :mod:`.snapshot_resize`). With no
    such checkpoint on the source (first round, or it was deleted) every grain is sent;

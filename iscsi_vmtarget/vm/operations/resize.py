@@ -1,7 +1,7 @@
 """``vm resize``: grow a VM's disks and its state region, offline or while served.
 
 Every plan is checked before the first unit changes; each unit then grows
-crash-safely on its own (:meth:`~.unit.Unit.grow`); a disk with snapshots grows by a
+crash-safely on its own (:meth:`~..units.unit.Unit.grow`); a disk with snapshots grows by a
 new top layer instead (:mod:`.snapshot_resize`).
 """
 

@@ -4,10 +4,10 @@ US 9,354,927: the storage layer takes "a snapshot of the virtual machine, includ
 execution state and virtual disks", keeps chains of snapshots where each "may contain
 only the differences relative to a predecessor", reverts ("binding" the matching
 secondary-disk snapshots), and deletes an intermediate snapshot by merging it into its
-neighbour. Our objects (all units in the VM's pools, :mod:`.format` version 2):
+neighbour. Our objects (all units in the VM's pools, :mod:`..format.header` version 2):
 
 * every volume (the base unit's disk, each secondary's) is a chain of copy-on-write
-  layers (:mod:`.cow`); the base unit's header lists the live *top* layer of each
+  layers (:mod:`..layers.cow`); the base unit's header lists the live *top* layer of each
   volume (its ``tops``); a volume without snapshots has no entry and is its own top;
 * a snapshot is a *record* unit (role SNAPSHOT) owned by the base unit: its header
   lists, per volume, the frozen layer holding the snapshot's image (plaintext, so
@@ -427,7 +427,7 @@ def _merge_down(
     ``layer``. Idempotent, so a crash at any point is finished by the next run. A
     child larger than ``layer`` (the disk grew in between) reads zeros past the
     layer's size both before and after: below ``layer`` nothing is larger than it
-    but the volume's unit, zeros there (:class:`~.cow.DeltaLayer`)."""
+    but the volume's unit, zeros there (:class:`~..layers.cow.DeltaLayer`)."""
     src_pool = manager.catalog.get(layer.pool)
     dst_unit = manager.open_unit(child)
     try:

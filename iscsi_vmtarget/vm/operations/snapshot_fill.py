@@ -12,7 +12,7 @@ volume's own unit - a disk's first - holds everything from the start.)
 The snapshot's image never changes while it fills, so the daemon may serve the VM
 meanwhile: a grain's bytes are written (a grain of zeros is punched to a hole, so
 bytes an interrupted earlier copy left there never show) before its allocation bit
-is set, and :meth:`~.cow.DeltaLayer.flush` makes the grains stable before it writes
+is set, and :meth:`~..layers.cow.DeltaLayer.flush` makes the grains stable before it writes
 the map naming them. A reader that finds a bit finds its bytes; readers that opened
 the layer before (the daemon's chains, exported snapshots) keep their map and read
 the same bytes from below. A kill -9 leaves a valid snapshot that is not full yet:

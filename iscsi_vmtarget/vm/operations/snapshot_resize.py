@@ -1,7 +1,7 @@
 """Growing a disk that has snapshots (``vm resize`` of a VM with copy-on-write layers).
 
 A snapshot keeps the size its disk had, and a revert to it brings that size back:
-every delta layer records the size of its image (:func:`~.cow.layer_size`), and a
+every delta layer records the size of its image (:func:`~..layers.cow.layer_size`), and a
 chain is as large as its top layer. Growing a disk with layers puts a new empty top
 layer of the new size over the current top and commits the base unit's header naming
 it - the commit point, as for a snapshot - then, for a served disk, rebinds the chain
@@ -10,7 +10,7 @@ chain's capacity listeners. Metadata only, whatever the sizes.
 
 The volume's own unit does not grow: a snapshot may have frozen the unit itself (the
 first snapshot of a disk does), so its size is that snapshot's. Past the unit's end a
-chain reads zeros (:class:`~.cow.ChainBackend`), and so does a layer's image past its
+chain reads zeros (:class:`~..layers.cow.ChainBackend`), and so does a layer's image past its
 own size. The unit grows later, offline, when its last layer is merged into it
 (:func:`~.snapshot.collect`). A crash before the commit leaves an unreferenced delta,
 which the next repair removes; the disk keeps its old size.

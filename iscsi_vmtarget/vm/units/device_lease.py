@@ -1,7 +1,7 @@
 """Unit leases on device pools: where the lease block lives, its uncached I/O, and the
 leases one process holds for the VMs of one state directory (:class:`LeaseKeeper`).
 
-Where. Each unit's META region (its last MiB, :mod:`.format`) holds the header slots in
+Where. Each unit's META region (its last MiB, :mod:`..format.header`) holds the header slots in
 its first 16 KiB and nothing else; the lease block is the 4 KiB at **512 KiB into META**
 (:func:`lease_offset`). It thus travels with the unit, needs no slot allocation shared
 between hosts (nothing on a shared device could arbitrate one), and every unit made

@@ -1,5 +1,5 @@
 """What the VM layer needs of a pool (:class:`Pool`) and where a unit lives in one
-(:class:`UnitRef`): the interface every pool kind (:mod:`.pool`, :mod:`.device`)
+(:class:`UnitRef`): the interface every pool kind (:mod:`.unit_pools`, :mod:`.device_pool`)
 implements, apart from the pools themselves so that each kind depends on it alone.
 """
 

@@ -7,7 +7,7 @@ whose header carries the marker and a valid checksum; take each base unit, read 
 secondary-disk designators it names and attach the units that carry them, removing
 them from the list; what remains is listed apart - secondaries no base names
 (orphans), units with our marker but no valid header (damaged) and everything else
-(foreign). Delta layers and snapshot records (:mod:`.snapshot`) are claimed by the
+(foreign). Delta layers and snapshot records (:mod:`..operations.snapshot`) are claimed by the
 base unit they name as owner, so a VM's snapshots are found from its units alone.
 """
 
@@ -100,7 +100,7 @@ class FoundVm:
     def disk_size(self, volume: FoundUnit) -> int:
         """What the guest sees of ``volume``: its top layer's size when it has layers
         (a disk grown while it had snapshots, or reverted to an older one), else its
-        unit's (:mod:`.snapshot_resize`)."""
+        unit's (:mod:`..operations.snapshot_resize`)."""
         top = self.index.get(self.base.header.top_of(volume.header.naa, volume.header.unit_uuid))
         if top is None or top.header.role is not Role.DELTA:
             return volume.header.disk_size

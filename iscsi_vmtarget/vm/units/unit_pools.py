@@ -4,7 +4,7 @@ storage units"), behind one small interface.
 * :class:`DirectoryPool` (the default): one sparse file per unit, ``<uuid>.unit``.
   A unit is created under a hidden temporary name and renamed into place when whole,
   so a crash never leaves half a unit under a unit name.
-* :class:`DevicePool` (:mod:`.device`): a block device or one large file carved into
+* :class:`DevicePool` (:mod:`.device_pool`): a block device or one large file carved into
   units, with an on-device unit table.
 
 Pool definitions live in ``<state-dir>/conf/pools/<name>.toml``; the pool ``default``
