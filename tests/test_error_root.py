@@ -13,7 +13,7 @@ from iscsi_vmtarget.errors import IscsiVmtargetError
 from iscsi_vmtarget.iscsi.names import IscsiNameError
 from iscsi_vmtarget.iscsi.pdu import PduFormatError
 from iscsi_vmtarget.server.masking import AclError
-from iscsi_vmtarget.vm.errors import NotFoundError, VmError
+from iscsi_vmtarget.vm.vm_errors import NotFoundError, VmError
 
 
 def package_exceptions() -> list[type[BaseException]]:

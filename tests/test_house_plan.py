@@ -9,11 +9,9 @@ graph, two kinds of rule):
 
 Every import is counted: at module level, inside functions and under
 ``if TYPE_CHECKING:`` (an import moved into a function or behind a type check still
-ties two modules together). ``vm/`` is not held to the in-package rules yet: it still
-has import circles (manager <-> its operations) and private names crossing modules,
-which the vm/ step of issue 15 removes; it is checked as an expected failure
-(:data:`NOT_YET`) until then. Private attributes read off an object
-(``manager._locked``) are not seen: only those imported or read off a module.
+ties two modules together). A package's sub-packages count as its modules (``vm/``'s
+wings: a circle between two wings is a circle of ``vm/``). Private attributes read off
+an object (``manager._locked``) are not seen: only those imported or read off a module.
 """
 
 from __future__ import annotations
@@ -25,13 +23,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "iscsi_vmtarget"
-#: The packages held to the plan: every one but vm/ (it joins once its circles are gone, see above).
-PACKAGES = ["iscsi", "scsi", "storage", "server", "cli"]
-#: Not yet: vm/ still has circles and private names crossing modules (issue 15's vm/
-#: step removes them; strict, so this fails once they are gone: move vm to PACKAGES).
-NOT_YET = [
-    pytest.param("vm", marks=pytest.mark.xfail(strict=True, reason="vm/ still has import circles"))
-]
+#: The packages held to the plan: every one.
+PACKAGES = ["iscsi", "scsi", "storage", "server", "cli", "vm"]
 
 #: Top-level modules with no dependencies of their own, usable by every layer.
 LEAVES = {"errors", "sizes"}
@@ -145,7 +138,7 @@ def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-@pytest.mark.parametrize("package", PACKAGES + NOT_YET)
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_import_circle(package: str) -> None:
     graph = _graph(package)
     assert graph, f"no modules found for {package}"
@@ -182,7 +175,7 @@ def _private_uses(name: str, modules: Modules = MODULES) -> Iterator[str]:
             yield f"{name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}"
 
 
-@pytest.mark.parametrize("package", PACKAGES + NOT_YET)
+@pytest.mark.parametrize("package", PACKAGES)
 def test_no_private_name_across_modules(package: str) -> None:
     uses = [u for m in _graph(package) for u in _private_uses(m)]
     assert not uses, "private names taken from other modules:\n" + "\n".join(uses)
@@ -240,7 +233,7 @@ def test_the_walker_sees_every_import(tmp_path: Path) -> None:
     (iscsi / "fake.py").write_text(
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from ..scsi.task import X\n"
-        "import iscsi_vmtarget.vm.unit\n"
+        "import iscsi_vmtarget.vm.units.unit\n"
         "def f():\n    from .. import server\n"
         "from . import pdu\n"
         "from .pdu import _SECRET\n"

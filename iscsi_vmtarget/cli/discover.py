@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..server.vm_luns import vm_target_name
 from ..sizes import format_size
-from ..vm import VmManager, vm_target_name
+from ..vm import VmManager
 from .options import add_common
 from .route import print_json, run_offline
 

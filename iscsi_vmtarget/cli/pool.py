@@ -59,9 +59,7 @@ def _create(args: argparse.Namespace, manager: VmManager) -> int:
         print("iscsi-vmtarget: --ceph-conf and --ceph-id go with --rbd", file=sys.stderr)
         return 2
     if args.rbd:
-        from ..vm.rbd_pool import create_rbd_pool
-
-        pool = create_rbd_pool(manager.catalog, args.name, args.rbd, args.ceph_conf, args.ceph_id)
+        pool = manager.catalog.create_rbd(args.name, args.rbd, args.ceph_conf, args.ceph_id)
     elif args.device:
         pool = manager.catalog.create_device(args.name, args.device, args.size, args.force)
     else:

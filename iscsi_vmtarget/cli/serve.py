@@ -28,11 +28,11 @@ from ..server.ownership import keep_leases
 from ..server.persist import ConfigStore, PersistError
 from ..server.reload import reload_logged
 from ..server.runtime import Runtime
-from ..vm.errors import InUseError
-from ..vm.lease import DEFAULT_SECONDS
-from ..vm.lease_device import LeaseKeeper
-from ..vm.lease_device import keeper as lease_keeper
-from ..vm.locks import hold_state_dir
+from ..vm.units.device_lease import LeaseKeeper
+from ..vm.units.device_lease import keeper as lease_keeper
+from ..vm.units.lease import DEFAULT_SECONDS
+from ..vm.units.locks import hold_state_dir
+from ..vm.vm_errors import InUseError
 
 if TYPE_CHECKING:
     from ..server.api.app import ApiServer

@@ -13,10 +13,12 @@ import os
 import sys
 
 from ..server.actions.catalog import vm_json
+from ..server.vm_luns import vm_target_name
 from ..sizes import format_size
 from ..storage import atomic_file
-from ..vm import Mode, VmError, VmManager, vm_target_name
-from ..vm.discovery import FoundVm
+from ..vm import Mode, VmError, VmManager
+from ..vm.operations.resize import resize_vm
+from ..vm.units.scan import FoundVm
 from . import vm_replicate, vm_snapshot
 from .options import add_common, size_arg
 from .route import Router, print_json, run_offline, run_vm_verb
@@ -238,7 +240,8 @@ def _resize_routed(args: argparse.Namespace) -> int:
 
 
 def _resize(args: argparse.Namespace, manager: VmManager) -> int:
-    vm = manager.resize(
+    vm = resize_vm(
+        manager,
         args.name, disk=args.disk, memory=args.memory, secondaries=dict(args.secondary)
     )
     if args.json:

@@ -14,7 +14,7 @@ import uuid
 from ..server.admin import AdminError
 from ..server.persist import ConfigStore
 from ..vm import VmError, VmManager
-from ..vm.discovery import FoundVm
+from ..vm.units.scan import FoundVm
 from .route import Router
 
 

@@ -35,15 +35,16 @@ from ..client.remote import LunUrl, UrlError, open_lun, parse_url
 from ..server.admin import AdminError
 from ..server.grants import acl_from_args
 from ..server.masking import AclError
+from ..server.vm_luns import DEFAULT_BASE_IQN
 from ..sizes import format_size
 from ..storage import FileBackend, create_sparse_file
 from ..storage.backend import BlockBackend
-from ..vm import DEFAULT_BASE_IQN, VmError, VmManager
-from ..vm import snapshot as snaps
-from ..vm.crypto import load_key_file
+from ..vm import VmError, VmManager
+from ..vm.format.crypto import load_key_file
 from ..vm.manager import check_vm_name
-from ..vm.promote import promote
-from ..vm.replicate import RoundReport, replicate
+from ..vm.operations import snapshot as snaps
+from ..vm.operations.promote import promote
+from ..vm.operations.replicate import RoundReport, replicate
 from .options import add_common, size_arg
 from .progress import add_progress_flag, progress_bar
 from .route import VM_VERBS, Router, print_json, router, run_offline

@@ -25,12 +25,13 @@ import argparse
 import sys
 from typing import Any
 
+from ..server.snapshot_luns import snapshot_target_name
 from ..vm import StateDir, VmError, VmManager
-from ..vm import snapshot as snaps
-from ..vm.clone import clone, unlink
-from ..vm.move import move
-from ..vm.snapshot_export import set_exported
-from ..vm.snapshot_fill import fill_snapshot
+from ..vm.operations import snapshot as snaps
+from ..vm.operations.clone import clone, unlink
+from ..vm.operations.export_marks import set_exported
+from ..vm.operations.move import move
+from ..vm.operations.snapshot_fill import fill_snapshot
 from .options import add_common
 from .progress import add_progress_flag, progress_bar
 from .route import Router, print_json, run_offline, run_vm_verb
@@ -365,7 +366,8 @@ def _export(args: argparse.Namespace, manager: VmManager) -> int:
         finally:
             backend.close()
         return 0
-    target = set_exported(manager, args.name, args.snapshot, not args.stop)
+    set_exported(manager, args.name, args.snapshot, not args.stop)
+    target = snapshot_target_name(args.name, args.snapshot)
     if args.json:
         print_json({"target": target, "exported": not args.stop, "live": False})
     elif args.stop:

@@ -32,9 +32,8 @@ from typing import Any
 
 from ..errors import IscsiVmtargetError
 from ..vm import StateDir, VmManager
-from ..vm.errors import VmError
-from ..vm.export import vm_of_target, vm_target_name
-from ..vm.locks import state_dir_holder
+from ..vm.units.locks import state_dir_holder
+from ..vm.vm_errors import VmError
 from . import grants
 from .actions import ACTIONS
 from .actions.served import NOT_EXPORTED, PROGRESS_ARG
@@ -43,6 +42,7 @@ from .masking import AclError
 from .operations import OPERATIONS, QUERIES, VM_OPERATIONS, Transform
 from .persist import ConfigStore, ManagedConfig, PersistError, diff, redacted
 from .runtime import AdminError, Args, Runtime
+from .vm_luns import vm_of_target, vm_target_name
 
 log = logging.getLogger("iscsi_vmtarget")
 SOCKET_NAME = "admin.sock"
@@ -254,7 +254,7 @@ class AdminServer:
 
     async def start(self) -> None:
         """Bind the socket; ``serve`` holds the state-directory lock
-        (:func:`~iscsi_vmtarget.vm.locks.hold_state_dir`), so a socket already there
+        (:func:`~iscsi_vmtarget.vm.units.locks.hold_state_dir`), so a socket already there
         is a dead daemon's."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)  # a stale socket of a dead daemon

@@ -21,11 +21,12 @@ from ..errors import IscsiVmtargetError
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.params import TargetPreferences
 from ..scsi import LogicalUnit, ScsiTarget
-from ..vm import VmError, VmLuns, serve_vms, vm_target_name
-from ..vm.export import DEMO_VM
+from ..vm import VmError
 from .masking import Acl, check_mutual, check_secret
 from .model import LunError, LunSpec, TargetSpec, open_lun, parse_portal
 from .registry import Registry, Target
+from .vm_luns import VmLuns, vm_target_name
+from .vm_startup import DEMO_VM, serve_vms
 
 BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
 DEFAULT_PORTAL = "127.0.0.1:3260"

@@ -36,7 +36,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
-from ..vm.export import vm_of_target
+from .vm_luns import vm_of_target
 
 log = logging.getLogger("iscsi_vmtarget")
 

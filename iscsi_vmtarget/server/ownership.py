@@ -1,4 +1,4 @@
-"""The daemon's side of unit leases (:mod:`iscsi_vmtarget.vm.lease`): fence a VM whose
+"""The daemon's side of unit leases (:mod:`iscsi_vmtarget.vm.units.lease`): fence a VM whose
 lease was lost, and serve a VM as soon as the lease it waited for is ours.
 
 A VM whose device-pool unit is leased by a live daemon elsewhere is not exported at
@@ -17,11 +17,12 @@ import asyncio
 import functools
 import logging
 
-from ..vm import VmError, vm_target_name
-from ..vm.lease import LeaseHeldError
-from ..vm.lease_device import LeaseKeeper
+from ..vm import VmError
+from ..vm.units.device_lease import LeaseKeeper
+from ..vm.units.lease import LeaseHeldError
 from .actions.serve_vm import serve_vm_live
 from .runtime import Runtime
+from .vm_luns import vm_target_name
 
 log = logging.getLogger("iscsi_vmtarget")
 

@@ -31,7 +31,7 @@ from .persist import ManagedConfig
 from .registry import Connection, Registry, Target
 
 if TYPE_CHECKING:
-    from ..vm.lease_device import LeaseKeeper
+    from ..vm.units.device_lease import LeaseKeeper
     from .listener import TargetServer
 
 log = logging.getLogger("iscsi_vmtarget")

@@ -22,8 +22,8 @@ import time
 
 from ..sizes import parse_size
 from ..vm import StateDir, VmError, VmManager
-from ..vm import snapshot as snaps
-from ..vm.cow import GRAIN, grains_of
+from ..vm.layers.cow import GRAIN, grains_of
+from ..vm.operations import snapshot as snaps
 
 MIB = 1 << 20
 LAYOUTS = ("scattered", "clustered")

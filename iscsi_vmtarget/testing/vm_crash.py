@@ -53,10 +53,11 @@ from pathlib import Path
 from ..client import Initiator, InitiatorError
 from ..client.initiator import DEFAULT_INITIATOR, ScsiCommandError
 from ..server.admin import call, call_daemon
-from ..vm import DEFAULT_BASE_IQN, StateDir, VmError, VmManager
-from ..vm import snapshot as snaps
-from ..vm.crypto import pending_path
+from ..server.vm_luns import DEFAULT_BASE_IQN
+from ..vm import StateDir, VmError, VmManager
 from ..vm.faults import ENV
+from ..vm.format.crypto import pending_path
+from ..vm.operations import snapshot as snaps
 from .crash import BLOCK, content, python_env, read10, start, write10
 
 VM = "crashvm"

@@ -4,17 +4,31 @@ non-disk data, guest views in three concealment modes, encrypted state,
 pools and discovery. It sits between the SCSI device server and the block backends
 and knows nothing of iSCSI.
 
-Modules: :mod:`.format` (unit header), :mod:`.layout` (regions per mode, growth),
-:mod:`.view` (guest and raw views), :mod:`.crypto` and :mod:`.sealed` (keys,
-AES-GCM chunks), :mod:`.unit` (one unit), :mod:`.pool` and :mod:`.device` (pools),
-:mod:`.discovery`, :mod:`.manager` (VM operations), :mod:`.export` (LUNs to serve),
-:mod:`.replica`, :mod:`.replicate` and :mod:`.promote` (replication to another target),
-:mod:`.lease` and :mod:`.lease_device` (unit leases on device pools several hosts see).
+Four wings, each a sub-package (see its docstring):
+
+* :mod:`.format`: the on-disk format (header, layout, GPT, keys, sealed regions);
+* :mod:`.units`: units and where they live (pools, devices, discovery, locks, leases);
+* :mod:`.layers`: what serves a unit's bytes (guest/raw views, copy-on-write chains,
+  the flattened raw view);
+* :mod:`.operations`: snapshots, resize, clone, move, replication, promote.
+
+:mod:`.manager` is the way in: :class:`~.manager.VmManager` creates, finds, changes
+and deletes VMs, and its :meth:`~.manager.VmManager.session` (every pool locked and
+discovered once) is what every operation works under; the operations register their
+crash recovery with :data:`~.manager.RECOVERY`. :mod:`.vm_errors` holds the layer's
+exceptions, :mod:`.faults` the crash points tests use. The SCSI logical units a server
+builds over VMs are :mod:`iscsi_vmtarget.server.vm_luns`' job.
 """
 
-from .crypto import Keyring, MasterKey, create_key_file, load_key_file
-from .discovery import Discovery, FoundUnit, FoundVm
-from .errors import (
+from .format.crypto import Keyring, MasterKey, create_key_file, load_key_file
+from .format.header import Mode, RegionKind, Role, UnitHeader
+from .layers.view import GuestView, RawView, SliceBackend
+from .manager import StateDir, VmManager
+from .operations import clone, move, replicate, snapshot  # noqa: F401  (register recovery)
+from .units.scan import Discovery, FoundUnit, FoundVm
+from .units.unit import Unit, create_unit
+from .units.unit_pools import DEFAULT_POOL, PoolCatalog
+from .vm_errors import (
     ForeignUnitError,
     FormatError,
     IntegrityError,
@@ -25,23 +39,8 @@ from .errors import (
     SizeError,
     VmError,
 )
-from .export import (
-    DEFAULT_BASE_IQN,
-    VmLuns,
-    capacity_listener,
-    export_vm,
-    resize_live,
-    serve_vms,
-    vm_target_name,
-)
-from .format import Mode, RegionKind, Role, UnitHeader
-from .manager import StateDir, VmManager
-from .pool import DEFAULT_POOL, PoolCatalog
-from .unit import Unit, create_unit
-from .view import GuestView, RawView, SliceBackend
 
 __all__ = [
-    "DEFAULT_BASE_IQN",
     "DEFAULT_POOL",
     "Discovery",
     "ForeignUnitError",
@@ -67,14 +66,8 @@ __all__ = [
     "Unit",
     "UnitHeader",
     "VmError",
-    "VmLuns",
     "VmManager",
-    "capacity_listener",
     "create_key_file",
     "create_unit",
-    "export_vm",
     "load_key_file",
-    "resize_live",
-    "serve_vms",
-    "vm_target_name",
 ]

@@ -13,22 +13,21 @@ import contextlib
 import os
 import re
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..storage import atomic_file
-from . import locks, sealed
-from .cow import ChainBackend
-from .crypto import Keyring, create_key_file, load_key_file, pending_path
-from .discovery import Discovery, FoundUnit, FoundVm, discover
-from .errors import InUseError, NotFoundError, SizeError, VmError
-from .format import Mode, RegionKind, Role, UnitHeader
-from .layout import check_disk_size, state_capacity_for
-from .lease_device import check_not_leased, leased_elsewhere
-from .pool import DEFAULT_POOL, Pool, PoolCatalog
-from .unit import Unit, create_unit
-from .view import GuestView
+from .format import sealed
+from .format.crypto import Keyring, create_key_file, load_key_file, pending_path
+from .format.header import Mode, RegionKind, Role, UnitHeader
+from .format.layout import check_disk_size
+from .units import locks
+from .units.device_lease import check_not_leased, leased_elsewhere
+from .units.scan import Discovery, FoundUnit, FoundVm, discover
+from .units.unit import Unit, create_unit
+from .units.unit_pools import DEFAULT_POOL, Pool, PoolCatalog
+from .vm_errors import InUseError, NotFoundError, SizeError, VmError
 
 _VM_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_MEMORY = 1 << 44  # 16 TiB
@@ -90,6 +89,56 @@ class StateDir:
         return cls(root, os.path.abspath(key_file or os.path.join(root, "master.key")))
 
 
+@dataclass
+class Recovery:
+    """What the operations register to finish what a crash left of them: the manager
+    runs it without knowing the operations (each registers itself when imported;
+    :mod:`iscsi_vmtarget.vm` imports them all)."""
+
+    #: run once every pool lock is held, by rank (:meth:`when_all_locked`): each
+    #: returns notes of what it finished or rolled back (interrupted moves, failed clones)
+    all_locked: list[tuple[int, Callable[[VmManager], list[str]]]] = field(
+        default_factory=list
+    )
+    #: run by a repairing discovery for every VM a crash may have left half changed
+    #: (snapshot layers): notes of what it finished
+    vm_found: list[Callable[[VmManager, FoundVm], list[str]]] = field(default_factory=list)
+    #: run when a VM is deleted, with its name (records of it kept outside its units)
+    deleted: list[Callable[[VmManager, str], None]] = field(default_factory=list)
+
+    def when_all_locked(self, run: Callable[[VmManager], list[str]], *, rank: int) -> None:
+        """Register ``run`` for :attr:`all_locked`; lower ranks run first."""
+        self.all_locked.append((rank, run))
+        self.all_locked.sort(key=lambda item: item[0])
+
+
+#: The one registry of crash recovery (see :class:`Recovery`).
+RECOVERY = Recovery()
+
+
+class Session:
+    """One management command's hold on the pools: every pool locked and discovered
+    once. Operations take one from :meth:`VmManager.session` and find VMs and open
+    units through it."""
+
+    def __init__(self, manager: VmManager, pools: list[Pool], found: Discovery) -> None:
+        self.manager = manager
+        self.pools = pools
+        self.found = found
+
+    def find(self, name: str) -> FoundVm:
+        """VM ``name`` as the session's discovery saw it (NotFoundError if none)."""
+        return self.manager.find(name, self.found)
+
+    def rediscover(self) -> Discovery:
+        """Discover again (no repair) after a change under the locks."""
+        self.found = discover(self.pools, repair=False)
+        return self.found
+
+    def open(self, unit: FoundUnit) -> Unit:
+        return self.manager.open_unit(unit)
+
+
 class VmManager:
     """Create, find, change and delete VMs in the pools of one state directory."""
 
@@ -114,16 +163,23 @@ class VmManager:
         return Keyring.load(self.state.key_file, create=create)
 
     @contextlib.contextmanager
-    def _locked(self, pools: list[Pool]) -> Iterator[None]:
+    def locked(self, pools: list[Pool]) -> Iterator[None]:
+        """Hold the locks of ``pools``; with all of them, first finish what a crash
+        left of operations (:data:`RECOVERY`: moves finished, clones rolled back)."""
         with contextlib.ExitStack() as stack:
             for pool in sorted(pools, key=lambda p: p.name):
                 stack.enter_context(locks.pool_lock(self.state.root, pool.name))
-            if len(pools) == len(self.catalog.names()):  # all locks held: finish moves
-                from .clone import finish_clones  # and roll back failed clones
-                from .move import finish_moves
-
-                self.finished = finish_moves(self) + finish_clones(self)
+            if len(pools) == len(self.catalog.names()):
+                self.finished = [note for _rank, run in RECOVERY.all_locked for note in run(self)]
             yield
+
+    @contextlib.contextmanager
+    def session(self, *, repair: bool = True) -> Iterator[Session]:
+        """Lock every pool and discover once (repairing unless ``repair`` is False):
+        the opening of every command that changes a VM."""
+        pools = self.catalog.all()
+        with self.locked(pools):
+            yield Session(self, pools, discover(pools, repair=repair))
 
     # -- discovery ----------------------------------------------------------------------------
 
@@ -134,17 +190,17 @@ class VmManager:
         pools = self.pools(pool)
         if not repair:
             return discover(pools, repair=False)
-        with self._locked(pools):
+        with self.locked(pools):
             found = discover(pools, repair=True, may_repair=self._may_repair)
             for note in self.finished:  # moves finished and clones rolled back just now
                 found.repaired.append({"location": self.state.root, "action": note})
             self.finished = []
-            from .snapshot import collect  # finish what a crash left of snapshot changes
-
             changed = False
-            for vm in found.vms:
-                if (vm.layers or vm.records) and self._may_repair(vm.base.header):
-                    for note in collect(self, vm.name):
+            for vm in found.vms:  # finish what a crash left of snapshot changes
+                if not ((vm.layers or vm.records) and self._may_repair(vm.base.header)):
+                    continue
+                for run in RECOVERY.vm_found:
+                    for note in run(self, vm):
                         found.repaired.append({"location": vm.base.ref.location, "action": note})
                         changed = True
             if changed:
@@ -170,7 +226,7 @@ class VmManager:
             raise NotFoundError(f"no VM named {name!r} (VMs: {known}){unreadable}")
         return vm
 
-    def _open(self, unit: FoundUnit) -> Unit:
+    def open_unit(self, unit: FoundUnit) -> Unit:
         """Open a unit found by a discovery run under the pool locks (callers hold them:
         opening may finish an interrupted resize, which writes). Refused while a daemon
         elsewhere holds the unit's lease (a device pool several hosts see)."""
@@ -181,7 +237,7 @@ class VmManager:
     def check_leases(self, vm: FoundVm) -> None:
         """LeaseHeldError if a daemon elsewhere serves ``vm`` (a live lease on one of
         its device-pool units): for commands that write a VM's units without
-        :meth:`_open` (offline move, unlink)."""
+        :meth:`open_unit` (offline move, unlink)."""
         for unit in vm.lun_map().values():
             pool = self.catalog.get(unit.pool)
             check_not_leased(self.state.root, pool, unit.ref, unit.header.unit_uuid, vm.name)
@@ -210,9 +266,8 @@ class VmManager:
         if len(secondaries) > 62:
             raise SizeError("at most 62 secondary disks")
         target = self.catalog.get(pool)
-        all_pools = self.catalog.all()
-        with self._locked(all_pools):
-            found = discover(all_pools, repair=False)
+        with self.session(repair=False) as session:
+            found = session.found
             clash = found.find(name)
             if clash is not None:
                 raise VmError(f"a VM named {name!r} already exists ({clash.base.ref.location})")
@@ -255,9 +310,8 @@ class VmManager:
         then the secondaries, and the record of its replicas' acknowledged checkpoints
         (``conf/replication/<name>.json``). Refused while a server exports the VM unless
         ``force``."""
-        pools = self.catalog.all()
-        with self._locked(pools):
-            vm = self.find(name, discover(pools, repair=True))
+        with self.session() as session:
+            vm = session.find(name)
             mine = {u.header.unit_uuid for u in vm.all_units}
             for unit in vm.index.values():
                 if unit.header.parent_uuid in mine and unit.header.unit_uuid not in mine:
@@ -280,112 +334,16 @@ class VmManager:
                     check_not_leased(self.state.root, pool, unit.ref, unit.header.unit_uuid, name)
                 for unit in vm.all_units:  # base first: the rest is unreachable after it
                     self.catalog.get(unit.pool).delete(unit.ref)
-            from .replicate import forget_acks
-
-            forget_acks(self.state.root, name)
+            for run in RECOVERY.deleted:
+                run(self, name)
         return vm
-
-    # -- resize ----------------------------------------------------------------------------
-
-    def resize(
-        self,
-        name: str,
-        *,
-        disk: int | None = None,
-        memory: int | None = None,
-        secondaries: Mapping[int, int] | None = None,
-        live: Mapping[uuid.UUID, GuestView] | None = None,
-        chains: Mapping[int, ChainBackend] | None = None,
-    ) -> FoundVm:
-        """Grow the primary disk, the state region (for ``memory``) and/or secondary
-        disks (``{LUN: size}``). Every plan is checked before the first unit changes;
-        each unit then grows crash-safely on its own. A disk with snapshots grows by a
-        new top layer of the new size (:mod:`.snapshot_resize`): every snapshot keeps
-        the size it had, and a revert to it brings that size back.
-
-        ``live``: guest views a server in this process exports; they take the new
-        layout and fire their capacity listeners (CAPACITY DATA HAS CHANGED); with
-        ``chains`` (its copy-on-write chains, by LUN) a disk with snapshots takes its
-        new top live. Without them, a VM exported by a running server is refused.
-        """
-        secondaries = dict(secondaries or {})
-        if disk is None and memory is None and not secondaries:
-            raise VmError("give --disk, --memory and/or --secondary LUN=SIZE")
-        if memory is not None:
-            check_memory(memory)
-        pools = self.catalog.all()
-        with self._locked(pools):
-            from . import snapshot_resize as layered
-            from .snapshot import finish_revert
-
-            vm = self.find(name, discover(pools, repair=True))
-            if vm.layers and finish_revert(self, vm, self.keyring()):
-                vm = self.find(name, discover(pools, repair=False))
-            luns = vm.lun_map()
-            for number in secondaries:
-                if number == 0 or number not in luns:
-                    known = ", ".join(str(n) for n in sorted(luns) if n) or "none"
-                    raise NotFoundError(f"VM {name!r} has no secondary LUN {number} ({known})")
-            sizes = {n: s for n, s in {0: disk, **secondaries}.items() if s is not None}
-            for number, new_size in sizes.items():
-                check_disk_size(new_size, "disk" if number == 0 else f"LUN {number}")
-            tops = layered.live_sizes(vm, list(sizes))
-            if tops:  # a disk with snapshots: against its top
-                layered.check_growth(vm, sizes)
-            with contextlib.ExitStack() as stack:
-                units: dict[int, Unit] = {}
-                for number in [0, *sorted(secondaries)]:
-                    if live is None:
-                        stack.enter_context(
-                            locks.not_served(
-                                self.state.root, luns[number].header.unit_uuid, f"VM {name!r}"
-                            )
-                        )
-                    units[number] = stack.enter_context(
-                        contextlib.closing(self._open(luns[number]))
-                    )
-                base = units[0]
-                keyring = self.keyring()
-                config = base.read_json(keyring, RegionKind.CONFIG)  # wrong key: stop here
-                state_length = None
-                if memory is not None:
-                    wanted = sealed.length_for(state_capacity_for(memory))
-                    current = base.header.require_region(RegionKind.STATE).length
-                    state_length = max(wanted, current)
-                unit_size = {n: s for n, s in sizes.items() if n not in tops}  # else a new top
-                growth = {
-                    0: (unit_size.get(0), state_length),
-                    **{n: (unit_size.get(n), None) for n in secondaries},
-                }
-                for number, (size, state) in growth.items():  # SizeError before any change
-                    units[number].plan(size, state)
-                disks = list(config.get("disks") or [])  # type: ignore[call-overload]
-                for number, (size, state) in growth.items():
-                    unit = units[number]
-                    view = (live or {}).get(unit.header.unit_uuid)
-                    if view is None:
-                        unit.grow(size, state)
-                    else:
-                        with view.quiesce():  # no guest I/O while a guest segment moves
-                            unit.grow(size, state)
-                            view.update(unit.header)
-                layered.grow_tops(self, vm, base, sizes, chains)
-                for number, new_size in sizes.items():
-                    if number < len(disks):
-                        disks[number] = new_size
-                if memory is not None:
-                    config["memory"] = memory
-                config["disks"] = disks
-                base.write_json(keyring, RegionKind.CONFIG, config)
-        return self.find(name)
 
     # -- state and config (the management plane's path to hidden data) -----------------
 
     def write_state(self, name: str, source: BinaryIO, length: int) -> None:
-        pools = self.catalog.all()
-        with self._locked(pools):
-            vm = self.find(name, discover(pools, repair=True))
-            with contextlib.closing(self._open(vm.base)) as unit:
+        with self.session() as session:
+            vm = session.find(name)
+            with contextlib.closing(self.open_unit(vm.base)) as unit:
                 keyring = self.keyring()
                 unit.data_key(keyring)  # a wrong key file fails before any change
 
@@ -403,20 +361,18 @@ class VmManager:
 
         Holds the pool locks while it streams, so no resize or state write of another
         command interleaves (and an interrupted resize is finished first)."""
-        pools = self.catalog.all()
-        with self._locked(pools):
-            vm = self.find(name, discover(pools, repair=True))
-            unit = self._open(vm.base)
+        with self.session() as session:
+            vm = session.find(name)
+            unit = self.open_unit(vm.base)
             try:
                 yield from unit.read_region(self.keyring(), RegionKind.STATE)
             finally:
                 unit.close()
 
     def config(self, name: str) -> dict[str, object]:
-        pools = self.catalog.all()
-        with self._locked(pools):
-            vm = self.find(name, discover(pools, repair=True))
-            with contextlib.closing(self._open(vm.base)) as unit:
+        with self.session() as session:
+            vm = session.find(name)
+            with contextlib.closing(self.open_unit(vm.base)) as unit:
                 return unit.read_json(self.keyring(), RegionKind.CONFIG)
 
     def set_config(self, name: str, assignments: list[str]) -> dict[str, object]:
@@ -438,10 +394,9 @@ class VmManager:
                 updates[key] = int(raw)
             else:
                 updates[key] = raw
-        pools = self.catalog.all()
-        with self._locked(pools):
-            vm = self.find(name, discover(pools, repair=True))
-            with contextlib.closing(self._open(vm.base)) as unit:
+        with self.session() as session:
+            vm = session.find(name)
+            with contextlib.closing(self.open_unit(vm.base)) as unit:
                 keyring = self.keyring()
                 config = unit.read_json(keyring, RegionKind.CONFIG)
                 config.update(updates)
@@ -464,12 +419,11 @@ class VmManager:
         rewrapped: list[str] = []
         already: list[str] = []
         failed: list[dict[str, str]] = []
-        pools = self.catalog.all()
-        with self._locked(pools):
-            found = discover(pools, repair=True)
+        with self.session() as session:
+            found = session.found
             for unit_info in [u for vm in found.vms for u in (vm.base, *vm.records)]:
                 try:
-                    with contextlib.closing(self._open(unit_info)) as unit:
+                    with contextlib.closing(self.open_unit(unit_info)) as unit:
                         changed = unit.rewrap(keyring, new_key)
                 except VmError as exc:
                     failed.append({"location": unit_info.ref.location, "reason": str(exc)})

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from tests.conftest import INITIATOR, RunningTarget, need_tool, start_target
 from tests.integration.test_snapshot_serve import _read, ivt
 

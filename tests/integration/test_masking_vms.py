@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client import Initiator, InitiatorError, LoginFailed
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
+from iscsi_vmtarget.vm import StateDir, VmManager
 from tests.conftest import RunningTarget, start_with_config
 from tests.integration.test_masking_names import login
 from tests.integration.test_vm_move_live import ivt

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from iscsi_vmtarget.client.initiator import Initiator
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from tests.conftest import INITIATOR, grant_vms, start_target
 from tests.integration.test_snapshot_serve import _read
 

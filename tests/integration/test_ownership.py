@@ -21,11 +21,12 @@ from iscsi_vmtarget.cli.main import main
 from iscsi_vmtarget.client.initiator import Initiator, InitiatorError, LoginFailed
 from iscsi_vmtarget.server.admin import AdminServer, Manager
 from iscsi_vmtarget.server.persist import ConfigStore
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
-from iscsi_vmtarget.vm.device import DevicePool
-from iscsi_vmtarget.vm.lease import LeaseRecord, decode_record
-from iscsi_vmtarget.vm.lease_device import DirectBlockIO, lease_offset
-from iscsi_vmtarget.vm.pool import UnitRef
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
+from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.units.device_lease import DirectBlockIO, lease_offset
+from iscsi_vmtarget.vm.units.device_pool import DevicePool
+from iscsi_vmtarget.vm.units.lease import LeaseRecord, decode_record
+from iscsi_vmtarget.vm.units.unit_pools import UnitRef
 from tests.conftest import INITIATOR, RunningTarget, grant_vms, start_target
 from tests.integration.test_snapshot_export_live import _send_targets
 from tests.integration.test_snapshot_serve import _read, ivt

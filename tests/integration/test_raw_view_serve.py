@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 
 from iscsi_vmtarget.client.initiator import Initiator
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from iscsi_vmtarget.storage import MemoryBackend
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
-from iscsi_vmtarget.vm.format import Mode, scan_slots
-from iscsi_vmtarget.vm.view import GuestView
+from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.format.header import Mode, scan_slots
+from iscsi_vmtarget.vm.layers.view import GuestView
 from tests.conftest import start_target
 from tests.integration.test_snapshot_serve import _identity, ivt
 

@@ -22,12 +22,13 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator, LoginFailed
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from iscsi_vmtarget.testing.tgtd import Tgtd
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN
+from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm.faults import ENV
-from iscsi_vmtarget.vm.replicate import replica_layout
+from iscsi_vmtarget.vm.layers.cow import GRAIN
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.replicate import replica_layout
 from tests.conftest import INITIATOR, RunningTarget, grant_vms, need_tool, start_target
 
 MIB = 1 << 20

@@ -17,7 +17,7 @@ from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.server.admin import call_daemon
 from iscsi_vmtarget.server.model import TargetSpec
 from iscsi_vmtarget.server.persist import ConfigStore
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from tests.conftest import INITIATOR, start_target
 from tests.integration.test_snapshot_serve import _read
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator, InitiatorError, LoginFailed
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
+from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.operations import snapshot as snaps
 from tests.conftest import INITIATOR, grant_vms, start_target
 from tests.integration.test_snapshot_serve import _identity, _iscsi_inq, _login, _read, ivt
 

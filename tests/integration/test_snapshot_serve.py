@@ -18,8 +18,9 @@ from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.scsi import LogicalUnit, UnitIdentity
 from iscsi_vmtarget.server.masking import Acl, AclError, MappedLun
 from iscsi_vmtarget.server.registry import Registry, Target
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from iscsi_vmtarget.storage import MemoryBackend
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
+from iscsi_vmtarget.vm import StateDir, VmManager
 from tests.conftest import INITIATOR, grant_vms, need_tool, start_target
 
 MIB = 1 << 20

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator
-from iscsi_vmtarget.vm import StateDir, VmManager, vm_target_name
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.clone import clone
+from iscsi_vmtarget.server.vm_luns import vm_target_name
+from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm.faults import ENV
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.clone import clone
 from tests.conftest import INITIATOR, start_target
 from tests.integration.test_snapshot_serve import _identity
 from tests.integration.test_vm_move_live import (

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
+from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm.faults import ENV, PAUSE_ENV
+from iscsi_vmtarget.vm.operations import snapshot as snaps
 from tests.conftest import CLIENTS, INITIATOR, RunningTarget, grant_vms, start_target
 from tests.integration.test_snapshot_serve import _identity, _iscsi_inq, _read
 from tests.vm.helpers import snapshot_images

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from iscsi_vmtarget.storage.rbd import RbdPoolSpec, list_images
 from iscsi_vmtarget.testing.ceph import CephCluster
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, Mode, StateDir, VmManager
-from iscsi_vmtarget.vm.rbd_pool import create_rbd_pool
+from iscsi_vmtarget.vm import Mode, StateDir, VmManager
 from tests.conftest import INITIATOR, grant_vms, run_tool, start_target
 from tests.integration.test_conformance import run_family
 from tests.integration.test_vm_serve import ivt
@@ -68,7 +68,7 @@ def test_vm_on_rbd_pool_served_resized_and_found_again(
     # another gateway's state directory finds the VM by scanning the pool alone
     other = tmp_path / "other"
     with VmManager(StateDir.at(str(other))) as manager:
-        create_rbd_pool(manager.catalog, "shared", namespace, ceph_cluster.conf)
+        manager.catalog.create_rbd("shared", namespace, ceph_cluster.conf)
         found = manager.discover()
         assert [v.name for v in found.vms] == ["web"]
         assert found.vms[0].base.header.disk_size == 2 * DISK

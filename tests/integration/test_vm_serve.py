@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, Mode, StateDir, VmManager
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
+from iscsi_vmtarget.vm import Mode, StateDir, VmManager
 from tests.conftest import INITIATOR, RunningTarget, grant_vms, need_tool, run_tool, start_target
 
 pytestmark = pytest.mark.interop

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.server.admin import call_daemon
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from tests.conftest import INITIATOR, grant_vms, start_target
 from tests.integration.test_snapshot_export_live import _send_targets
 from tests.integration.test_snapshot_serve import _read, ivt

@@ -26,7 +26,8 @@ import pytest
 from iscsi_vmtarget.client import Initiator
 from iscsi_vmtarget.client.initiator import ScsiResult
 from iscsi_vmtarget.server.admin import call_daemon
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
+from iscsi_vmtarget.vm import StateDir, VmManager
 from tests.conftest import RunningTarget, grant_vms, start_target, start_with_config
 from tests.scsi.test_scsi_xcopy import parameters, segment, xcopy
 

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, Mode, StateDir, Unit, UnitHeader, VmManager
-from iscsi_vmtarget.vm.view import guest_segments
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
+from iscsi_vmtarget.vm import Mode, StateDir, Unit, UnitHeader, VmManager
+from iscsi_vmtarget.vm.layers.view import guest_segments
 from tests.conftest import CLIENTS, RunningTarget, grant_vms, run_tool, start_target
 from tests.interop.guestlib import guest_tools, qemu_scsi_drives, scsi_disks_script, step_output
 

@@ -22,8 +22,8 @@ from iscsi_vmtarget.server.model import TargetSpec
 from iscsi_vmtarget.server.persist import ConfigStore, ManagedConfig, PersistError, VmGrants, diff
 from iscsi_vmtarget.server.registry import Registry, Target
 from iscsi_vmtarget.server.runtime import Runtime
-from iscsi_vmtarget.vm import StateDir, VmLuns, VmManager
-from iscsi_vmtarget.vm.export import vm_of_target, vm_target_name
+from iscsi_vmtarget.server.vm_luns import VmLuns, vm_of_target, vm_target_name
+from iscsi_vmtarget.vm import StateDir, VmManager
 from tests.server.test_masking_model import unit
 
 GOOD = "iqn.2026-11.test:good"

@@ -10,8 +10,7 @@ import pytest
 
 from iscsi_vmtarget.testing.ceph import CephCluster
 from iscsi_vmtarget.vm import StateDir, VmManager
-from iscsi_vmtarget.vm.pool import DEFAULT_POOL
-from iscsi_vmtarget.vm.rbd_pool import create_rbd_pool
+from iscsi_vmtarget.vm.units.unit_pools import DEFAULT_POOL
 from tests.vm.replica_site import Site
 
 
@@ -39,7 +38,7 @@ def pool(request: pytest.FixtureRequest, manager: VmManager, tmp_path: Path) -> 
     cluster: CephCluster = request.getfixturevalue("ceph_cluster")
     namespace = f"{cluster.pool}/t{uuid.uuid4().hex[:12]}"
     cluster.rbd("namespace", "create", namespace)
-    return create_rbd_pool(manager.catalog, "ceph", namespace, cluster.conf).name
+    return manager.catalog.create_rbd("ceph", namespace, cluster.conf).name
 
 
 @pytest.fixture

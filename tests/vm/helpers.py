@@ -18,12 +18,12 @@ from iscsi_vmtarget.scsi import LogicalUnit, Nexus, ScsiResponse, ScsiTarget, St
 from iscsi_vmtarget.scsi.sense import parse_sense
 from iscsi_vmtarget.storage import MemoryBackend
 from iscsi_vmtarget.vm import StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import ENV
-from iscsi_vmtarget.vm.format import Mode, Role, UnitHeader
-from iscsi_vmtarget.vm.layout import initial_regions
-from iscsi_vmtarget.vm.unit import naa_for
-from iscsi_vmtarget.vm.view import GuestView, guest_segments
+from iscsi_vmtarget.vm.format.header import Mode, Role, UnitHeader
+from iscsi_vmtarget.vm.format.layout import initial_regions
+from iscsi_vmtarget.vm.layers.view import GuestView, guest_segments
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.units.unit import naa_for
 
 BLOCK = 512
 HIDDEN_BYTE = 0xA5  # what every byte outside the guest disk holds in these tests

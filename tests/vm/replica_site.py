@@ -7,12 +7,16 @@ from pathlib import Path
 
 from iscsi_vmtarget.storage import FileBackend, create_sparse_file
 from iscsi_vmtarget.vm import StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.crypto import load_key_file
-from iscsi_vmtarget.vm.format import Mode
-from iscsi_vmtarget.vm.promote import promote
-from iscsi_vmtarget.vm.replica import Superblock, read_superblock
-from iscsi_vmtarget.vm.replicate import OfflineCheckpointer, replica_layout, replicate_round
+from iscsi_vmtarget.vm.format.crypto import load_key_file
+from iscsi_vmtarget.vm.format.header import Mode
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.promote import promote
+from iscsi_vmtarget.vm.operations.replica import Superblock, read_superblock
+from iscsi_vmtarget.vm.operations.replicate import (
+    OfflineCheckpointer,
+    replica_layout,
+    replicate_round,
+)
 
 MIB = 1 << 20
 URL = "iscsi://127.0.0.1:3260/iqn.2026-11.org.example:replica.vm1/0"

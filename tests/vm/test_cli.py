@@ -11,8 +11,8 @@ import pytest
 
 from iscsi_vmtarget.cli.main import main
 from iscsi_vmtarget.testing.ceph import CephCluster
-from iscsi_vmtarget.vm.format import RegionKind
-from iscsi_vmtarget.vm.sealed import table_bytes
+from iscsi_vmtarget.vm.format.header import RegionKind
+from iscsi_vmtarget.vm.format.sealed import table_bytes
 from tests.vm.test_manager import snapshot
 
 MIB = 1 << 20

@@ -4,7 +4,7 @@ grants go with it."""
 
 from __future__ import annotations
 
-from iscsi_vmtarget.vm import DEFAULT_BASE_IQN
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from tests.vm.test_cli import MIB, Cli, cli  # noqa: F401  (cli: the fixture)
 
 GOOD = "iqn.2026-11.test:good"

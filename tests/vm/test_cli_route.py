@@ -21,9 +21,12 @@ MIB = 1 << 20
 
 def test_every_daemon_action_is_routed() -> None:
     """A VM verb with a daemon action is routed to it; no action goes unused
-    (``vm.serve`` is the notice after a VM is made: ``Router.serve_now``)."""
+    (``vm.serve`` is the notice after a VM is made: ``Router.serve_now``; the catalog
+    actions serve the HTTPS API, the CLI does them on the pools)."""
     routed = {op for op in VM_VERBS.values() if op is not None}
-    assert routed | {"vm.serve"} == set(ACTIONS)
+    catalog = {"vm.list", "vm.show", "vm.create", "vm.delete", "vm.snapshot.list"}
+    assert routed | {"vm.serve"} | catalog == set(ACTIONS)
+    assert not routed & catalog
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.vm import StateDir, VmError, VmManager
-from iscsi_vmtarget.vm import clone as cloning
-from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import PAUSE_ENV
+from iscsi_vmtarget.vm.operations import clone as cloning
+from iscsi_vmtarget.vm.operations import snapshot as snaps
 from tests.vm.helpers import run_cli
 
 MIB = 1 << 20
@@ -95,7 +95,7 @@ def test_failed_clone_is_rolled_back_at_once(
     def broken(*_args: object) -> None:
         raise VmError("state region unreadable")
 
-    monkeypatch.setattr(cloning, "_copy_sealed", broken)
+    monkeypatch.setattr(cloning, "copy_sealed", broken)
     with VmManager(StateDir.at(str(state))) as manager:
         with pytest.raises(VmError, match="unreadable"):
             cloning.clone(manager, "vm1", "copy", full=False)

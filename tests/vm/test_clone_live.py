@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from iscsi_vmtarget.vm import StateDir, VmError, VmManager, serve_vms
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.clone import clone, unlink
-from iscsi_vmtarget.vm.cow import ChainBackend
-from iscsi_vmtarget.vm.export import export_vm
+from iscsi_vmtarget.server.vm_luns import export_vm
+from iscsi_vmtarget.server.vm_startup import serve_vms
+from iscsi_vmtarget.vm import StateDir, VmError, VmManager
+from iscsi_vmtarget.vm.layers.cow import ChainBackend
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.clone import clone, unlink
 from tests.vm.helpers import snapshot_images
 from tests.vm.test_move_live import _by_name, _chains
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.testing.ceph import CephCluster
-from iscsi_vmtarget.vm import IntegrityError, StateDir, VmManager, sealed
-from iscsi_vmtarget.vm.format import Mode, RegionKind, UnitState
-from iscsi_vmtarget.vm.rbd_pool import create_rbd_pool
-from iscsi_vmtarget.vm.unit import Unit
+from iscsi_vmtarget.vm import IntegrityError, StateDir, VmManager
+from iscsi_vmtarget.vm.format import sealed
+from iscsi_vmtarget.vm.format.header import Mode, RegionKind, UnitState
+from iscsi_vmtarget.vm.units.unit import Unit
 from tests.vm.helpers import run_cli, run_killed
 from tests.vm.test_manager import guest_read_all, read_state, snapshot
 
@@ -36,7 +36,7 @@ def setup_vm(
         if ceph is not None:
             namespace = f"{ceph.pool}/crash{state.parent.name[-12:]}"
             ceph.rbd("namespace", "create", namespace)
-            create_rbd_pool(manager.catalog, pool, namespace, ceph.conf)
+            manager.catalog.create_rbd(pool, namespace, ceph.conf)
         elif pool != "default":
             manager.catalog.create_device(pool, str(state.parent / "device.img"), size=256 * MIB)
         manager.create(

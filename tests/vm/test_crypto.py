@@ -10,16 +10,15 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.storage import MemoryBackend
-from iscsi_vmtarget.vm.crypto import (
+from iscsi_vmtarget.vm.format.crypto import (
     Keyring,
     RegionCipher,
     create_key_file,
     key_id_of,
     load_key_file,
 )
-from iscsi_vmtarget.vm.errors import IntegrityError, KeyFileError
-from iscsi_vmtarget.vm.format import Region, RegionKind
-from iscsi_vmtarget.vm.sealed import (
+from iscsi_vmtarget.vm.format.header import Region, RegionKind
+from iscsi_vmtarget.vm.format.sealed import (
     CHUNK,
     capacity,
     length_for,
@@ -27,6 +26,7 @@ from iscsi_vmtarget.vm.sealed import (
     table_bytes,
     write_chunks,
 )
+from iscsi_vmtarget.vm.vm_errors import IntegrityError, KeyFileError
 
 UNIT = uuid.UUID("11111111-2222-4333-8444-555555555555")
 MIB = 1 << 20

@@ -12,9 +12,10 @@ from iscsi_vmtarget.scsi import Status
 from iscsi_vmtarget.server.config import build_registry, demo_config
 from iscsi_vmtarget.server.masking import Acl
 from iscsi_vmtarget.server.registry import Registry
-from iscsi_vmtarget.vm import StateDir, VmManager, resize_live
-from iscsi_vmtarget.vm.format import Mode
-from iscsi_vmtarget.vm.locks import is_served
+from iscsi_vmtarget.server.vm_luns import resize_live
+from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.format.header import Mode
+from iscsi_vmtarget.vm.units.locks import is_served
 from tests.vm.helpers import make_nexus, sense_triplet
 
 MIB = 1 << 20

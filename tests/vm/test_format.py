@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iscsi_vmtarget.storage import MemoryBackend
-from iscsi_vmtarget.vm.errors import FormatError, NewerFormatError
-from iscsi_vmtarget.vm.format import (
+from iscsi_vmtarget.vm.format.gpt import TYPE_GUIDS, read_gpt_types, write_gpt
+from iscsi_vmtarget.vm.format.header import (
     ALIGN,
     MAGIC,
     SLOT_OFFSETS,
@@ -29,8 +29,8 @@ from iscsi_vmtarget.vm.format import (
     scan_slots,
     write_slot,
 )
-from iscsi_vmtarget.vm.gpt import TYPE_GUIDS, read_gpt_types, write_gpt
-from iscsi_vmtarget.vm.layout import initial_regions, plan_growth
+from iscsi_vmtarget.vm.format.layout import initial_regions, plan_growth
+from iscsi_vmtarget.vm.vm_errors import FormatError, NewerFormatError
 from tests.vm.helpers import disjoint, make_header
 
 MIB = 1 << 20

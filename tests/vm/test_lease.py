@@ -1,4 +1,4 @@
-"""The delta-lease rules of :mod:`iscsi_vmtarget.vm.lease`, with a fake block and clock."""
+"""The delta-lease rules of :mod:`iscsi_vmtarget.vm.units.lease`, with a fake block and clock."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iscsi_vmtarget.vm import faults
-from iscsi_vmtarget.vm.device import DevicePool
-from iscsi_vmtarget.vm.format import UnitState
-from iscsi_vmtarget.vm.lease import (
+from iscsi_vmtarget.vm.format.header import UnitState
+from iscsi_vmtarget.vm.manager import StateDir, VmManager
+from iscsi_vmtarget.vm.operations.resize import resize_vm
+from iscsi_vmtarget.vm.units.device_lease import _KEEPERS, LeaseKeeper, lease_offset
+from iscsi_vmtarget.vm.units.device_pool import DevicePool
+from iscsi_vmtarget.vm.units.lease import (
     BLOCK,
     TRANSITIONS,
     LeaseHeldError,
@@ -28,8 +31,6 @@ from iscsi_vmtarget.vm.lease import (
     decode_record,
     encode_record,
 )
-from iscsi_vmtarget.vm.lease_device import _KEEPERS, LeaseKeeper, lease_offset
-from iscsi_vmtarget.vm.manager import StateDir, VmManager
 
 UNIT = uuid.UUID(int=7)
 A = Owner(uuid.UUID(int=1), "host-a", 101)
@@ -195,7 +196,7 @@ def test_unknown_transition_is_a_bug() -> None:
 
 
 def test_held_error_is_an_in_use_error() -> None:
-    from iscsi_vmtarget.vm.errors import InUseError
+    from iscsi_vmtarget.vm.vm_errors import InUseError
 
     assert issubclass(LeaseHeldError, InUseError)
 
@@ -275,7 +276,7 @@ def test_lease_follows_a_growing_device_unit(tmp_path: Path) -> None:
         try:
             assert leases.acquire_vm(vm, manager.catalog) == {vm.base.header.unit_uuid}
             old = leases._leases[vm.base.header.unit_uuid].lease.io.offset  # type: ignore[attr-defined]
-            manager.resize("grow", disk=8 * MIB)
+            resize_vm(manager, "grow", disk=8 * MIB)
             held = leases._leases[vm.base.header.unit_uuid].lease
             new = held.io.offset  # type: ignore[attr-defined]
             pool = manager.catalog.get("dev")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.scsi import LogicalUnit, ScsiTarget, Status
+from iscsi_vmtarget.server.vm_luns import capacity_listener, unit_identity
 from iscsi_vmtarget.vm import (
     IntegrityError,
     InUseError,
@@ -21,12 +22,12 @@ from iscsi_vmtarget.vm import (
     StateDir,
     VmError,
     VmManager,
-    capacity_listener,
 )
-from iscsi_vmtarget.vm.format import SLOT_OFFSETS, Mode, RegionKind, Role
-from iscsi_vmtarget.vm.locks import ServeLock
-from iscsi_vmtarget.vm.sealed import table_bytes
-from iscsi_vmtarget.vm.unit import Unit
+from iscsi_vmtarget.vm.format.header import SLOT_OFFSETS, Mode, RegionKind, Role
+from iscsi_vmtarget.vm.format.sealed import table_bytes
+from iscsi_vmtarget.vm.operations.resize import resize_vm
+from iscsi_vmtarget.vm.units.locks import ServeLock
+from iscsi_vmtarget.vm.units.unit import Unit
 from tests.vm.helpers import make_nexus, sense_triplet
 
 MIB = 1 << 20
@@ -137,7 +138,7 @@ def test_newer_format_unit_is_reported_and_left_alone(manager: VmManager, state_
     found = manager.discover()
     assert not found.vms and "format version 3" in found.damaged[0]["reason"]
     for action in (
-        lambda: manager.resize("old", disk=2 * DISK),
+        lambda: resize_vm(manager, "old", disk=2 * DISK),
         lambda: write_state(manager, "old", b"x"),
         lambda: manager.delete("old"),
     ):
@@ -201,7 +202,7 @@ def test_wrong_key_file_fails_clearly_and_changes_nothing(
     write_state(manager, "vm1", PATTERN)
     before = snapshot(state_dir)
     other = VmManager(StateDir.at(str(state_dir), str(tmp_path / "other.key")))
-    from iscsi_vmtarget.vm.crypto import create_key_file
+    from iscsi_vmtarget.vm.format.crypto import create_key_file
 
     create_key_file(str(tmp_path / "other.key"))
     with other:
@@ -209,7 +210,7 @@ def test_wrong_key_file_fails_clearly_and_changes_nothing(
             lambda: read_state(other, "vm1"),
             lambda: write_state(other, "vm1", b"new state"),
             lambda: other.set_config("vm1", ["cpus=2"]),
-            lambda: other.resize("vm1", disk=2 * DISK),
+            lambda: resize_vm(other, "vm1", disk=2 * DISK),
             lambda: other.config("vm1"),
         ):
             with pytest.raises(KeyFileError, match="wrong key file"):
@@ -251,7 +252,7 @@ def test_key_rotation_rewraps_without_reencrypting(manager: VmManager, state_dir
 def test_interrupted_rotation_finishes_on_the_next_run(manager: VmManager, state_dir: Path) -> None:
     manager.create("a", disk=DISK, memory=MEMORY)
     write_state(manager, "a", PATTERN)
-    from iscsi_vmtarget.vm.crypto import create_key_file
+    from iscsi_vmtarget.vm.format.crypto import create_key_file
 
     create_key_file(str(state_dir / "master.key.new"))  # as if killed mid-rotation
     assert read_state(manager, "a") == PATTERN  # both keys are in the ring meanwhile
@@ -282,7 +283,7 @@ def test_resize_keeps_data_and_shows_zeros(manager: VmManager, mode: Mode, pool:
     head, tail = b"HEAD" * 128, b"TAIL" * 128
     _guest_write(manager, "vm1", 0, head)
     _guest_write(manager, "vm1", DISK - len(tail), tail)
-    vm = manager.resize("vm1", disk=3 * DISK, memory=8 * MEMORY)
+    vm = resize_vm(manager, "vm1", disk=3 * DISK, memory=8 * MEMORY)
     assert vm.base.header.disk_size == 3 * DISK
     guest = guest_read_all(manager, "vm1")
     assert len(guest) == 3 * DISK
@@ -297,9 +298,9 @@ def test_resize_refuses_shrinking_and_changes_nothing(manager: VmManager, state_
     manager.create("vm1", disk=DISK, memory=MEMORY)
     before = snapshot(state_dir)
     with pytest.raises(SizeError, match="shrinking"):
-        manager.resize("vm1", disk=DISK // 2)
+        resize_vm(manager, "vm1", disk=DISK // 2)
     with pytest.raises(SizeError, match="not a multiple"):
-        manager.resize("vm1", disk=DISK + 1)
+        resize_vm(manager, "vm1", disk=DISK + 1)
     assert snapshot(state_dir) == before
 
 
@@ -308,7 +309,7 @@ def test_resize_while_served_is_refused(manager: VmManager, state_dir: Path) -> 
     lock = ServeLock(str(state_dir), vm.base.header.unit_uuid)
     try:
         with pytest.raises(InUseError, match="running iscsi-vmtarget server"):
-            manager.resize("vm1", disk=2 * DISK)
+            resize_vm(manager, "vm1", disk=2 * DISK)
         with pytest.raises(InUseError):
             manager.delete("vm1")
         assert manager.served(manager.find("vm1"))
@@ -324,13 +325,13 @@ def test_live_resize_raises_capacity_data_has_changed(manager: VmManager) -> Non
     unit = Unit.open(manager.catalog.get(vm.base.pool), vm.base.ref)
     view = unit.guest_view()
     unit.close()
-    lu = LogicalUnit(view, unit.identity(), block_size=512)
+    lu = LogicalUnit(view, unit_identity(unit.header), block_size=512)
     view.add_capacity_listener(capacity_listener(lu))
     target = ScsiTarget({0: lu})
     nexus = make_nexus()
     target.nexus_added(nexus)
     target.execute(nexus, 0, bytes(6), None)  # power-on attention
-    manager.resize("vm1", disk=2 * DISK, live={vm.base.header.unit_uuid: view})
+    resize_vm(manager, "vm1", disk=2 * DISK, live={vm.base.header.unit_uuid: view})
     first = target.execute(nexus, 0, bytes(6), None)
     assert sense_triplet(first) == (0x6, 0x2A, 0x09)
     rc16 = target.execute(nexus, 0, struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), None)

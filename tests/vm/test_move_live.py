@@ -11,16 +11,19 @@ from typing import Any
 
 import pytest
 
-from iscsi_vmtarget.vm import StateDir, VmLuns, VmManager, serve_vms
-from iscsi_vmtarget.vm import move as moving
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm import snapshot_export as exports
-from iscsi_vmtarget.vm.clone import clone
-from iscsi_vmtarget.vm.cow import GRAIN, ChainBackend
-from iscsi_vmtarget.vm.dirty import DirtyGrains
-from iscsi_vmtarget.vm.errors import InUseError
-from iscsi_vmtarget.vm.flat import FlatView
-from iscsi_vmtarget.vm.format import Mode
+from iscsi_vmtarget.server import snapshot_luns as exports
+from iscsi_vmtarget.server.vm_luns import VmLuns
+from iscsi_vmtarget.server.vm_startup import serve_vms
+from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.format.header import Mode
+from iscsi_vmtarget.vm.layers.cow import GRAIN, ChainBackend
+from iscsi_vmtarget.vm.layers.dirty import DirtyGrains
+from iscsi_vmtarget.vm.layers.flat import FlatView
+from iscsi_vmtarget.vm.operations import export_marks
+from iscsi_vmtarget.vm.operations import move as moving
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.clone import clone
+from iscsi_vmtarget.vm.vm_errors import InUseError
 from tests.vm.helpers import flattened
 
 MIB = 1 << 20
@@ -50,7 +53,7 @@ def _setup(state: Path, mode: Mode, dest: str = "directory") -> bytes:
         backend.flush()
         backend.close()
         snaps.create_snapshot(manager, "vm1", "s1")
-        exports.set_exported(manager, "vm1", "s1", True)
+        export_marks.set_exported(manager, "vm1", "s1", True)
         clone(manager, "vm1", "kid", from_snapshot="s1", full=False)
         image = snaps.open_snapshot(manager, "vm1", "s1")
         try:

@@ -1,5 +1,5 @@
 """The raw view of a VM with snapshots is the unit flattened through the live chain
-(:mod:`iscsi_vmtarget.vm.flat`): a backup read through it holds the guest's data as the
+(:mod:`iscsi_vmtarget.vm.layers.flat`): a backup read through it holds the guest's data as the
 guest sees it now, every other byte as the unit holds it (ciphertext), and it follows
 live snapshot, revert, delete and resize. A snapshot's raw view is the unit flattened
 at that snapshot."""
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.server.snapshot_luns import snapshot_luns
+from iscsi_vmtarget.server.vm_luns import VmLuns, export_vm, resize_live
 from iscsi_vmtarget.storage.backend import BlockBackend
-from iscsi_vmtarget.vm import StateDir, VmManager, resize_live
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.crypto import RegionCipher
-from iscsi_vmtarget.vm.export import VmLuns, export_vm
-from iscsi_vmtarget.vm.format import Mode, RegionKind, UnitHeader, scan_slots
-from iscsi_vmtarget.vm.sealed import read_chunks
-from iscsi_vmtarget.vm.snapshot_export import snapshot_luns
-from iscsi_vmtarget.vm.view import GuestView
+from iscsi_vmtarget.vm import StateDir, VmManager
+from iscsi_vmtarget.vm.format.crypto import RegionCipher
+from iscsi_vmtarget.vm.format.header import Mode, RegionKind, UnitHeader, scan_slots
+from iscsi_vmtarget.vm.format.sealed import read_chunks
+from iscsi_vmtarget.vm.layers.view import GuestView
+from iscsi_vmtarget.vm.operations import snapshot as snaps
 from tests.vm.helpers import flattened
 
 MIB = 1 << 20

@@ -16,14 +16,19 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.storage import FileBackend
-from iscsi_vmtarget.vm import KeyFileError, StateDir, VmError, VmManager, sealed
-from iscsi_vmtarget.vm import replicate as replicate_mod
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN
+from iscsi_vmtarget.vm import KeyFileError, StateDir, VmError, VmManager
 from iscsi_vmtarget.vm.faults import ENV
-from iscsi_vmtarget.vm.format import Mode
-from iscsi_vmtarget.vm.replica import SB_OFFSETS, Superblock
-from iscsi_vmtarget.vm.replicate import OfflineCheckpointer, changed_grains, replicate_round
+from iscsi_vmtarget.vm.format import sealed
+from iscsi_vmtarget.vm.format.header import Mode
+from iscsi_vmtarget.vm.layers.cow import GRAIN
+from iscsi_vmtarget.vm.operations import replicate as replicate_mod
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.replica import SB_OFFSETS, Superblock
+from iscsi_vmtarget.vm.operations.replicate import (
+    OfflineCheckpointer,
+    changed_grains,
+    replicate_round,
+)
 from tests.vm.replica_site import MIB, URL, Site, superblock
 
 STATE_ONE = bytes(range(256)) * 400
@@ -191,7 +196,7 @@ _ROUND = """
 import sys
 from iscsi_vmtarget.storage import FileBackend
 from iscsi_vmtarget.vm import StateDir, VmManager
-from iscsi_vmtarget.vm.replicate import OfflineCheckpointer, replicate_round
+from iscsi_vmtarget.vm.operations.replicate import OfflineCheckpointer, replicate_round
 with VmManager(StateDir.at(sys.argv[1])) as m:
     disk = FileBackend(sys.argv[2])
     replicate_round(m, "vm1", disk, OfflineCheckpointer(m, "vm1"), url=sys.argv[3])

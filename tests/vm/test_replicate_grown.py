@@ -17,10 +17,15 @@ import pytest
 
 from iscsi_vmtarget.storage import FileBackend, create_sparse_file
 from iscsi_vmtarget.vm import SizeError
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN, grains_of
-from iscsi_vmtarget.vm.replica import SB_OFFSETS, ReplicaError, read_superblock
-from iscsi_vmtarget.vm.replicate import OfflineCheckpointer, replica_layout, replicate_round
+from iscsi_vmtarget.vm.layers.cow import GRAIN, grains_of
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.replica import SB_OFFSETS, ReplicaError, read_superblock
+from iscsi_vmtarget.vm.operations.replicate import (
+    OfflineCheckpointer,
+    replica_layout,
+    replicate_round,
+)
+from iscsi_vmtarget.vm.operations.resize import resize_vm
 from tests.vm.replica_site import MIB, URL, Site, superblock
 
 OLD = (6 * MIB, 3 * MIB)  # what Site creates
@@ -28,7 +33,7 @@ GROWN = (9 * MIB + 1536, 4 * MIB)  # LUN 0's last grain straddles its end
 
 
 def _grow(site: Site) -> None:
-    site.src.resize("vm1", disk=GROWN[0], secondaries={1: GROWN[1]})
+    resize_vm(site.src, "vm1", disk=GROWN[0], secondaries={1: GROWN[1]})
 
 
 def _write_past_the_old_end(site: Site) -> None:
@@ -191,13 +196,13 @@ def test_a_disk_only_mirror_follows_growth_within_its_lun(site: Site) -> None:
 
     site.write(0, b"A" * GRAIN)
     mirror_round()
-    site.src.resize("vm1", disk=8 * MIB - 512)  # grows by a new top: a checkpoint exists
+    resize_vm(site.src, "vm1", disk=8 * MIB - 512)  # grows by a new top: a checkpoint exists
     site.write(8 * MIB - 1024, b"Z" * 512)
     report = mirror_round()
     assert not report.full  # type: ignore[attr-defined]
     image = site.image(site.src, 0)
     assert mirror.read_bytes()[: len(image)] == image and len(image) == 8 * MIB - 512
-    site.src.resize("vm1", disk=9 * MIB)
+    resize_vm(site.src, "vm1", disk=9 * MIB)
     with pytest.raises(SizeError, match=rf"holds {8 * MIB} bytes; LUN 0 of VM 'vm1' is {9 * MIB}"):
         mirror_round()
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.server.snapshot_luns import snapshot_identity
+from iscsi_vmtarget.server.vm_luns import export_vm
 from iscsi_vmtarget.vm import Mode, VmError, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN, is_zero
-from iscsi_vmtarget.vm.export import export_vm
+from iscsi_vmtarget.vm.layers.cow import GRAIN, is_zero
+from iscsi_vmtarget.vm.operations import snapshot as snaps
 
 MIB = 1 << 20
 DISK = 4 * MIB
@@ -119,7 +120,7 @@ def test_live_lun_keeps_identity_and_snapshot_has_its_own(manager: VmManager) ->
     finally:
         luns.close()
     record = manager.find("idv").records[0]
-    own = snaps.snapshot_identity(record.header, vm.base.header.naa)
+    own = snapshot_identity(record.header, vm.base.header.naa)
     assert own.naa != before.naa and own.serial != before.serial
     assert record.header.naa != before.naa
 
@@ -127,7 +128,7 @@ def test_live_lun_keeps_identity_and_snapshot_has_its_own(manager: VmManager) ->
 def test_an_exported_snapshot_is_not_deleted(manager: VmManager) -> None:
     """Deleting a snapshot that is exported as a LUN is refused with the command that
     stops the export; once stopped, the delete goes through."""
-    from iscsi_vmtarget.vm import snapshot_export as exports
+    from iscsi_vmtarget.vm.operations import export_marks as exports
 
     manager.create("vm1", disk=DISK, memory=MEMORY)
     _write(manager, "vm1", 0, b"A" * 1000)

@@ -10,8 +10,8 @@ import pytest
 
 from iscsi_vmtarget.testing import snapshot_chain
 from iscsi_vmtarget.vm import StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN, ChainBackend
+from iscsi_vmtarget.vm.layers.cow import GRAIN, ChainBackend
+from iscsi_vmtarget.vm.operations import snapshot as snaps
 
 DEPTH = 4
 GRAINS = 32  # the smallest disk a VM may have (2 MiB)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.vm import StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN
+from iscsi_vmtarget.vm.layers.cow import GRAIN
+from iscsi_vmtarget.vm.operations import snapshot as snaps
 from tests.vm.helpers import run_killed
 
 MIB = 1 << 20
@@ -135,7 +135,7 @@ def test_kill_during_clone(tmp_path: Path, point: str, how: str) -> None:
 
 @pytest.mark.parametrize("point", ["unlink.copying", "unlink.committed"])
 def test_kill_during_unlink(tmp_path: Path, point: str) -> None:
-    from iscsi_vmtarget.vm.clone import clone, unlink
+    from iscsi_vmtarget.vm.operations.clone import clone, unlink
 
     state = tmp_path / "state"
     images = _setup(state, ("s1",))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.vm import StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN, DeltaLayer, grains_of
-from iscsi_vmtarget.vm.snapshot_fill import FLUSH_EVERY, fill_snapshot
+from iscsi_vmtarget.vm.layers.cow import GRAIN, DeltaLayer, grains_of
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.snapshot_fill import FLUSH_EVERY, fill_snapshot
 from tests.vm.helpers import run_cli
 from tests.vm.test_snapshot_crash import _write
 

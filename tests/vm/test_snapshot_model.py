@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from iscsi_vmtarget.vm import InUseError, StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.clone import clone, unlink
-from iscsi_vmtarget.vm.cow import GRAIN
-from iscsi_vmtarget.vm.snapshot_fill import fill_snapshot
+from iscsi_vmtarget.vm.layers.cow import GRAIN
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.clone import clone, unlink
+from iscsi_vmtarget.vm.operations.resize import resize_vm
+from iscsi_vmtarget.vm.operations.snapshot_fill import fill_snapshot
 
 MIB = 1 << 20
 SIZES = (2 * MIB, 2 * MIB)  # LUN 0 and one secondary
@@ -168,9 +169,9 @@ class SnapshotModel(RuleBasedStateMachine):
         vm = data.draw(st.sampled_from(sorted(self.live)))
         size = len(self.live[vm][lun]) + growth
         if lun == 0:
-            self.manager.resize(vm, disk=size)
+            resize_vm(self.manager, vm, disk=size)
         else:
-            self.manager.resize(vm, secondaries={lun: size})
+            resize_vm(self.manager, vm, secondaries={lun: size})
         self.live[vm][lun] += bytes(growth)
 
     @invariant()

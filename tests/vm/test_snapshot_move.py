@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.vm import StateDir, VmManager
-from iscsi_vmtarget.vm import snapshot as snaps
 from iscsi_vmtarget.vm.faults import ENV
-from iscsi_vmtarget.vm.move import move
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.move import move
 
 MIB = 1 << 20
 

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.scsi import Nexus, ScsiTarget, Status
-from iscsi_vmtarget.vm import Mode, SizeError, StateDir, VmManager, resize_live, serve_vms
-from iscsi_vmtarget.vm import snapshot as snaps
-from iscsi_vmtarget.vm.cow import GRAIN
-from iscsi_vmtarget.vm.format import RegionKind
+from iscsi_vmtarget.server.vm_luns import resize_live
+from iscsi_vmtarget.server.vm_startup import serve_vms
+from iscsi_vmtarget.vm import Mode, SizeError, StateDir, VmManager
+from iscsi_vmtarget.vm.format.header import RegionKind
+from iscsi_vmtarget.vm.layers.cow import GRAIN
+from iscsi_vmtarget.vm.operations import snapshot as snaps
+from iscsi_vmtarget.vm.operations.resize import resize_vm
 from tests.vm.helpers import make_nexus, run_killed, sense_triplet
 from tests.vm.test_snapshot_crash import _live, _snap, _write
 
@@ -38,7 +41,7 @@ def _setup(manager: VmManager, mode: Mode = Mode.TRUNCATE) -> None:
 def test_grow_with_snapshots_keeps_each_snapshot_size(manager: VmManager, mode: Mode) -> None:
     _setup(manager, mode)
     s1 = (_live(manager), _live(manager, 1))
-    vm = manager.resize("vm1", disk=NEW[0], secondaries={1: NEW[1]})
+    vm = resize_vm(manager, "vm1", disk=NEW[0], secondaries={1: NEW[1]})
     assert [vm.disk_size(u) for u in vm.units] == list(NEW)  # what vm show/list print
     assert [lun["disk_bytes"] for lun in vm.to_json()["luns"]] == list(NEW)  # type: ignore[index]
     grown = _live(manager)
@@ -54,7 +57,7 @@ def test_grow_with_snapshots_keeps_each_snapshot_size(manager: VmManager, mode: 
     assert (_live(manager), _live(manager, 1)) == s1  # the old size is back
     assert manager.config("vm1")["disks"] == list(OLD)
     middle = 5 * MIB
-    manager.resize("vm1", disk=middle)  # where s2 had B: zeros in this image
+    resize_vm(manager, "vm1", disk=middle)  # where s2 had B: zeros in this image
     assert _live(manager) == s1[0] + bytes(middle - OLD[0])
     snaps.revert(manager, "vm1", "s2")
     assert _live(manager) == s2
@@ -70,11 +73,11 @@ def test_grow_with_snapshots_keeps_each_snapshot_size(manager: VmManager, mode: 
 
 def test_shrinking_is_refused_and_equal_size_changes_nothing(manager: VmManager) -> None:
     _setup(manager)
-    manager.resize("vm1", disk=NEW[0])
+    resize_vm(manager, "vm1", disk=NEW[0])
     layers = len(manager.find("vm1").layers)
     with pytest.raises(SizeError, match="shrinking"):
-        manager.resize("vm1", disk=OLD[0])
-    manager.resize("vm1", disk=NEW[0], secondaries={1: OLD[1]})
+        resize_vm(manager, "vm1", disk=OLD[0])
+    resize_vm(manager, "vm1", disk=NEW[0], secondaries={1: OLD[1]})
     assert len(manager.find("vm1").layers) == layers  # no new top for an equal size
 
 
@@ -84,7 +87,7 @@ def test_memory_grows_with_snapshots(manager: VmManager) -> None:
     manager.write_state("vm1", io.BytesIO(state), len(state))
     before = (_live(manager), _snap(manager, "s1"))
     region = manager.find("vm1").base.header.require_region(RegionKind.STATE).length
-    manager.resize("vm1", memory=64 * MIB)
+    resize_vm(manager, "vm1", memory=64 * MIB)
     assert manager.find("vm1").base.header.require_region(RegionKind.STATE).length > region
     assert (_live(manager), _snap(manager, "s1")) == before
     assert b"".join(manager.read_state("vm1")) == state
@@ -96,14 +99,14 @@ def test_layers_written_before_sizes_were_recorded(manager: VmManager) -> None:
     _setup(manager)
     _write(manager, 77, b"between" * 99)
     snaps.create_snapshot(manager, "vm1", "s2")
-    with manager._locked(manager.catalog.all()):
+    with manager.locked(manager.catalog.all()):
         for found in manager.find("vm1").layers:  # as the older version wrote them
-            unit = manager._open(found)
+            unit = manager.open_unit(found)
             disk = unit.header.require_region(RegionKind.DISK)
             unit.commit(unit.header.with_region(replace(disk, used=0)))
             unit.close()
     s1, s2 = _snap(manager, "s1"), _snap(manager, "s2")
-    manager.resize("vm1", disk=NEW[0])
+    resize_vm(manager, "vm1", disk=NEW[0])
     _write(manager, NEW[0] - 100, b"N" * 100)
     grown = _live(manager)
     assert grown[: OLD[0]] == s2 and grown[-100:] == b"N" * 100
@@ -169,14 +172,14 @@ def test_kill_during_resize_with_snapshots(state_dir: Path, point: str) -> None:
         assert _live(manager) == expected
         assert not manager.discover().repaired
         if point == "resize.deltas":  # not committed: it can simply run again
-            manager.resize("vm1", disk=NEW[0])
+            resize_vm(manager, "vm1", disk=NEW[0])
             assert _live(manager) == live + bytes(NEW[0] - OLD[0])
 
 
 def test_kill_while_the_unit_grows_under_its_last_layer(state_dir: Path) -> None:
     with VmManager(StateDir.at(str(state_dir))) as manager:
         _setup(manager)
-        manager.resize("vm1", disk=NEW[0])
+        resize_vm(manager, "vm1", disk=NEW[0])
         live = _live(manager)
     run_killed(state_dir, "merge.grown", "vm", "snapshot", "delete", "vm1", "s1")
     with VmManager(StateDir.at(str(state_dir))) as manager:

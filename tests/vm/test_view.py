@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iscsi_vmtarget.storage import BackendError, MemoryBackend
-from iscsi_vmtarget.vm.format import LABEL_SIZE, Mode, RegionKind, UnitState
-from iscsi_vmtarget.vm.layout import plan_growth
-from iscsi_vmtarget.vm.view import GuestView, RawView, SliceBackend
+from iscsi_vmtarget.vm.format.header import LABEL_SIZE, Mode, RegionKind, UnitState
+from iscsi_vmtarget.vm.format.layout import plan_growth
+from iscsi_vmtarget.vm.layers.view import GuestView, RawView, SliceBackend
 from tests.vm.helpers import HIDDEN_BYTE, ViewUnit
 
 MIB = 1 << 20

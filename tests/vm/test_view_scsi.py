@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from iscsi_vmtarget.scsi import Status
 from iscsi_vmtarget.scsi.opcodes import find_row
-from iscsi_vmtarget.vm.format import Mode
+from iscsi_vmtarget.vm.format.header import Mode
 from tests.vm.helpers import (
     BLOCK,
     HIDDEN_BYTE,

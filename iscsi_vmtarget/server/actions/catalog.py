@@ -22,10 +22,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ...vm import Mode, StateDir, VmError, VmManager, vm_target_name
-from ...vm import snapshot as snaps
-from ...vm.discovery import FoundVm
+from ...vm import Mode, StateDir, VmError, VmManager
+from ...vm.operations import snapshot as snaps
+from ...vm.units.scan import FoundVm
 from ..runtime import Args, Runtime
+from ..vm_luns import vm_target_name
 from .serve_vm import serve_vm_live
 from .served import key_args
 

@@ -1,7 +1,7 @@
 """The daemon's ``vm.clone`` and ``vm.unlink`` actions, for VMs it exports.
 
 * ``vm.clone`` ``{src, dst, from_snapshot?, full?, key_file?}``: clone VM ``src`` as
-  ``dst`` (:func:`iscsi_vmtarget.vm.clone.clone` with ``src``'s served chains). Of the
+  ``dst`` (:func:`iscsi_vmtarget.vm.operations.clone.clone` with ``src``'s served chains). Of the
   live disks, the clone first snapshots ``src`` with its LUNs quiesced, as
   ``vm snapshot`` does (in-flight commands drain, new ones wait, the guest notices
   nothing and its LUNs keep their VPD 0x83 identities), then links to that snapshot,
@@ -21,7 +21,7 @@ import logging
 from typing import Any
 
 from ...vm import StateDir, VmError, VmManager
-from ...vm.clone import clone, unlink
+from ...vm.operations.clone import clone, unlink
 from ..runtime import Args, Runtime
 from .serve_vm import serve_vm_live
 from .served import PROGRESS_ARG, key_args, other_chains, served_vm_target, vm_chains

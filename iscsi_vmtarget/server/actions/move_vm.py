@@ -2,7 +2,7 @@
 LUNs serve.
 
 Copy, catch up on the writes made meanwhile, then switch with the LUNs quiesced; see
-:func:`iscsi_vmtarget.vm.move.move_live`. Other served chains reading the VM's units
+:func:`iscsi_vmtarget.vm.operations.move.move_live`. Other served chains reading the VM's units
 (linked clones, exported snapshots) follow, and the units' leases move with them.
 """
 
@@ -12,9 +12,9 @@ import logging
 from typing import Any
 
 from ...vm import StateDir, VmManager
-from ...vm.lease import LeaseHeldError
-from ...vm.lease_device import keeper as lease_keeper
-from ...vm.move import move_live
+from ...vm.operations.move import move_live
+from ...vm.units.device_lease import keeper as lease_keeper
+from ...vm.units.lease import LeaseHeldError
 from ..runtime import Args, Runtime
 from .served import PROGRESS_ARG, other_chains, served_vm_target, vm_chains
 
@@ -43,7 +43,7 @@ def move_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]
 
 
 def _lease_moved(state_dir: str, runtime: Runtime, manager: VmManager, name: str) -> None:
-    """A unit's lease lives in its own META region (:mod:`...vm.lease_device`), so it
+    """A unit's lease lives in its own META region (:mod:`...vm.units.device_lease`), so it
     moves with the unit: given up at the old places, taken at the new ones (a unit
     moved into a device pool is leased from then on). Should another host hold it
     there, this daemon stops serving the VM, as when a lease is lost."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ...vm import resize_live
 from ..runtime import Args, Runtime
+from ..vm_luns import resize_live
 from .served import served_vm_target
 
 log = logging.getLogger("iscsi_vmtarget")

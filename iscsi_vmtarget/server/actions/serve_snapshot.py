@@ -1,7 +1,7 @@
 """The daemon's ``vm.snapshot.export`` action: a snapshot's read-only target, live.
 
 ``vm snapshot export NAME SNAP`` marks the snapshot for every later ``serve``
-(:mod:`iscsi_vmtarget.vm.snapshot_export`); a running daemon that exports the VM
+(:mod:`iscsi_vmtarget.vm.operations.export_marks`); a running daemon that exports the VM
 also opens the snapshot's LUNs and adds its target at once - SendTargets lists it
 from then on (RFC 7143 §12.3) to the initiators the VM is granted (its grants
 follow it into the export, :mod:`..grants`), read-only. ``--stop`` unmarks it and
@@ -14,7 +14,8 @@ import logging
 from typing import Any
 
 from ...vm import StateDir, VmManager
-from ...vm import snapshot_export as exports
+from ...vm.operations.export_marks import set_exported
+from .. import snapshot_luns as exports
 from ..runtime import Args, Runtime
 from .serve_vm import add_vm_target
 from .served import served_vm_target
@@ -30,16 +31,16 @@ def export_snapshot_live(state_dir: str, runtime: Runtime, args: Args) -> dict[s
     iqn = exports.snapshot_target_name(name, snap)
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         if stop:
-            exports.set_exported(manager, name, snap, False)
+            set_exported(manager, name, snap, False)
             removed = runtime.on_loop(lambda: runtime.remove_pool_target(iqn))
             log.info("vm %s: export of snapshot %s stopped", name, snap)
             return {"target": iqn, "exported": False, "was_served": removed}
         if iqn.lower() in runtime.registry.targets:  # exported already: mark it only
-            exports.set_exported(manager, name, snap, True)
+            set_exported(manager, name, snap, True)
             return {"target": iqn, "exported": True, "was_served": True}
         add_vm_target(state_dir, runtime, exports.open_exported(manager, name, snap))
         try:
-            exports.set_exported(manager, name, snap, True)
+            set_exported(manager, name, snap, True)
         except BaseException:  # not marked: not served either
             runtime.on_loop(lambda: runtime.remove_pool_target(iqn))
             raise

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ...vm import StateDir, VmManager, vm_target_name
-from ...vm.export import VmLuns, export_vm
+from ...vm import StateDir, VmManager
 from ..config import vm_target
 from ..persist import ConfigStore
 from ..runtime import Args, Runtime
+from ..vm_luns import VmLuns, export_vm, vm_target_name
 
 log = logging.getLogger("iscsi_vmtarget")
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...vm import vm_target_name
-from ...vm.cow import ChainBackend
-from ...vm.flat import FlatView
+from ...vm.layers.cow import ChainBackend
+from ...vm.layers.flat import FlatView
 from ..registry import Target
 from ..runtime import AdminError, Args, Runtime
+from ..vm_luns import vm_target_name
 
 #: The args key under which an action gets a ``progress(done, total)`` callback when
 #: the request asked for progress (``"progress": true``); the daemon then sends
@@ -33,7 +33,7 @@ def served_vm_target(runtime: Runtime, name: str) -> Target:
 
 
 def vm_chains(runtime: Runtime, name: str) -> dict[int, Any]:
-    """The copy-on-write chains (:class:`iscsi_vmtarget.vm.cow.ChainBackend`) behind
+    """The copy-on-write chains (:class:`iscsi_vmtarget.vm.layers.cow.ChainBackend`) behind
     the guest LUNs of the VM ``name`` this daemon exports, by LUN number."""
     luns = served_vm_target(runtime, name).scsi.luns
     return {n: lu.backend for n, lu in luns.items() if isinstance(lu.backend, ChainBackend)}

@@ -4,7 +4,7 @@
 Each works on the VM's served copy-on-write chains (:func:`.served.vm_chains`), so
 the LUNs keep serving: a snapshot or a revert quiesces them (in-flight commands
 drain, new ones wait), flushes and gives them new tops; see
-:mod:`iscsi_vmtarget.vm.snapshot`.
+:mod:`iscsi_vmtarget.vm.operations.snapshot`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import logging
 from typing import Any
 
 from ...vm import StateDir, VmManager
-from ...vm import snapshot as snaps
-from ...vm.snapshot_fill import fill_snapshot
+from ...vm.operations import snapshot as snaps
+from ...vm.operations.snapshot_fill import fill_snapshot
 from ..runtime import Args, Runtime
 from .served import PROGRESS_ARG, vm_chains
 
@@ -28,7 +28,7 @@ def _manager(state_dir: str, args: Args) -> VmManager:
 def snapshot_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """Snapshot a VM the daemon exports: its LUNs are quiesced, flushed, frozen and
     given new tops, then resume; with ``full``, the frozen layers are then filled
-    while the LUNs serve; see :func:`iscsi_vmtarget.vm.snapshot.create_snapshot`."""
+    while the LUNs serve; see :func:`iscsi_vmtarget.vm.operations.snapshot.create_snapshot`."""
     name, snap = str(args["name"]), str(args["snapshot"])
     chains = vm_chains(runtime, name)
     with _manager(state_dir, args) as manager:
@@ -47,7 +47,7 @@ def snapshot_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, 
 
 def fill_snapshot_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """Make a snapshot of a VM the daemon exports full while its LUNs serve (the
-    snapshot's image does not change); see :mod:`iscsi_vmtarget.vm.snapshot_fill`."""
+    snapshot's image does not change); see :mod:`iscsi_vmtarget.vm.operations.snapshot_fill`."""
     name, snap = str(args["name"]), str(args["snapshot"])
     vm_chains(runtime, name)  # refuses a VM this daemon does not export
     with _manager(state_dir, args) as manager:

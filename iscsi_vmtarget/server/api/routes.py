@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ... import __version__
+from ...errors import IscsiVmtargetError
 
 Run = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 #: ``(run, path parameters, query, body) -> JSON result``
@@ -47,7 +48,7 @@ class Route:
     status: int = 200  # of success
 
 
-class BadRequest(ValueError):
+class BadRequest(IscsiVmtargetError, ValueError):
     """A request body that does not fit the route (HTTP 400)."""
 
 
