@@ -144,7 +144,7 @@ class ConnectionHandler(asyncio.Protocol):
         assert scsi is not None and nexus is not None
         data = memoryview(task.buffer) if task.buffer is not None else None
         start = time.perf_counter()
-        if scsi.may_block(task.cdb):
+        if scsi.may_block(task.cdb, task.lun):
             self.running += 1
             fut = asyncio.get_running_loop().run_in_executor(
                 self.server.executor, scsi.execute, nexus, task.lun, task.cdb, data
