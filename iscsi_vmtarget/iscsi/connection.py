@@ -137,7 +137,7 @@ class TargetConnection:
     # ------------------------------------------------------------------ public API
     @property
     def maxcmdsn(self) -> int:
-        return sn_add(self.expcmdsn, self.settings.cmd_window - 1)
+        return (self.expcmdsn + self.settings.cmd_window - 1) & 0xFFFFFFFF  # sn_add, inline
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the socket; handles every complete PDU in them."""
