@@ -258,14 +258,14 @@ class TargetConnection:
             self._deliver(pdu, bhs)
             return
         cmdsn: int = pdu.cmdsn  # type: ignore[attr-defined]
-        if not in_window(cmdsn, self.expcmdsn, self.maxcmdsn):
-            return  # outside the window: silently discarded (§4.2.2.1)
-        if cmdsn != self.expcmdsn:
+        if cmdsn != self.expcmdsn:  # (ExpCmdSN itself is always in the window)
+            if not in_window(cmdsn, self.expcmdsn, self.maxcmdsn):
+                return  # outside the window: silently discarded (§4.2.2.1)
             self._pending.setdefault(cmdsn, pdu)
             if isinstance(pdu, P.ScsiCommand):
                 self._start_command(pdu, bhs, delivered=False)
             return
-        self.expcmdsn = sn_add(self.expcmdsn, 1)
+        self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF  # sn_add, inline
         self._deliver(pdu, bhs)
         while self.expcmdsn in self._pending and self.phase is Phase.FULL_FEATURE:
             nxt = self._pending.pop(self.expcmdsn)

@@ -74,7 +74,8 @@ class PduReader:
                 )
             hd = DIGEST_LEN if self.header_digest else 0
             dd = DIGEST_LEN if (self.data_digest and data_len) else 0
-            total = BHS_LEN + ahs_len + hd + data_len + pad_len(data_len) + dd
+            pad = -data_len & 3  # pad_len(), inline
+            total = BHS_LEN + ahs_len + hd + data_len + pad + dd
             if avail < total:
                 return None
             p = pos + BHS_LEN
@@ -86,7 +87,7 @@ class PduReader:
                     raise FramingError("header digest mismatch")
                 p += hd
             data = bytes(view[p : p + data_len]) if data_len else b""
-        p += data_len + pad_len(data_len)
+        p += data_len + pad
         bad = False
         if dd:
             bad = unpack_digest(buf, p)[0] != crc32c(_PAD[data_len & 3], crc32c(data))

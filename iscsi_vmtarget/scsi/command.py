@@ -61,6 +61,9 @@ class BlockRange(NamedTuple):
     length_byte: int  # where the length field starts, for field pointers
 
 
+_range = tuple.__new__
+
+
 def parse_block_range(cdb: bytes) -> BlockRange:
     """LBA and length for the 6/10/12/16-byte block CDB layouts (SBC-3 §5).
 
@@ -70,10 +73,12 @@ def parse_block_range(cdb: bytes) -> BlockRange:
     """
     # int.from_bytes inline, not be(): this runs twice for every READ and WRITE.
     size = len(cdb)
+    # tuple.__new__: BlockRange(...) would run the namedtuple's Python-level __new__.
     if size == 10:
-        return BlockRange(int.from_bytes(cdb[2:6], "big"), (cdb[7] << 8) | cdb[8], 7)
+        return _range(BlockRange, (int.from_bytes(cdb[2:6], "big"), (cdb[7] << 8) | cdb[8], 7))
     if size == 16:
-        return BlockRange(int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big"), 10)
+        lba, blocks = int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big")
+        return _range(BlockRange, (lba, blocks, 10))
     if size == 6:
         blocks = cdb[4]
         return BlockRange(be(cdb, 1, 3) & 0x1FFFFF, blocks or 256, 4)
