@@ -19,6 +19,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from . import pdu as P
+from .completion import command_end, residual_flags
 from .events import ConnectionClosing, Event, ExecuteCommand, LoginComplete, ResetRequested
 from .framing import FramingError, PduReader, encode_pdu
 from .serial import in_window, sn_add, sn_lt
@@ -119,6 +120,7 @@ class TargetConnection:
         self._events: deque[Event] = deque()
         self._header_digest = False
         self._data_digest = False
+        self._discovery = False
         self.statsn = 0
         self.expcmdsn = 0
         self._pending: dict[int, P.Pdu] = {}  # out-of-order non-immediate PDUs by CmdSN
@@ -135,7 +137,7 @@ class TargetConnection:
     # ------------------------------------------------------------------ public API
     @property
     def maxcmdsn(self) -> int:
-        return sn_add(self.expcmdsn, self.settings.cmd_window - 1)
+        return (self.expcmdsn + self.settings.cmd_window - 1) & 0xFFFFFFFF  # sn_add, inline
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the socket; handles every complete PDU in them."""
@@ -246,6 +248,7 @@ class TargetConnection:
             self.reader.header_digest = params.header_digest
             self.reader.data_digest = params.data_digest
             self.reader.max_data_length = params.target_max_recv_data_segment_length
+            self._discovery = params.session_type.lower() == "discovery"
             self.phase = Phase.FULL_FEATURE
             self._events.append(LoginComplete(result))
 
@@ -255,14 +258,14 @@ class TargetConnection:
             self._deliver(pdu, bhs)
             return
         cmdsn: int = pdu.cmdsn  # type: ignore[attr-defined]
-        if not in_window(cmdsn, self.expcmdsn, self.maxcmdsn):
-            return  # outside the window: silently discarded (§4.2.2.1)
-        if cmdsn != self.expcmdsn:
+        if cmdsn != self.expcmdsn:  # (ExpCmdSN itself is always in the window)
+            if not in_window(cmdsn, self.expcmdsn, self.maxcmdsn):
+                return  # outside the window: silently discarded (§4.2.2.1)
             self._pending.setdefault(cmdsn, pdu)
             if isinstance(pdu, P.ScsiCommand):
                 self._start_command(pdu, bhs, delivered=False)
             return
-        self.expcmdsn = sn_add(self.expcmdsn, 1)
+        self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF  # sn_add, inline
         self._deliver(pdu, bhs)
         while self.expcmdsn in self._pending and self.phase is Phase.FULL_FEATURE:
             nxt = self._pending.pop(self.expcmdsn)
@@ -292,7 +295,7 @@ class TargetConnection:
         result = self.result
         assert result is not None
         params = result.params
-        if params.session_type.lower() == "discovery":
+        if self._discovery:
             self._reject(bhs, P.RejectReason.PROTOCOL_ERROR)
             return
         if cmd.itt in self.tasks:
@@ -332,7 +335,13 @@ class TargetConnection:
             immediate=cmd.immediate,
             delivered=delivered,
         )
-        if cmd.write and edtl:
+        if cmd.write and edtl and immediate_len == edtl:
+            # All the data came as immediate data: the SCSI layer gets the PDU's own
+            # data segment, no buffer and no copy (checked above: within FirstBurstLength).
+            task.buffer = cmd.data
+            task.unsolicited_end = task.unsolicited_received = task.received = edtl
+            task.next_r2t_offset = edtl  # nothing to solicit
+        elif cmd.write and edtl:
             task.buffer = bytearray(edtl)
             if params.initial_r2t:
                 task.unsolicited_end = immediate_len
@@ -439,7 +448,17 @@ class TargetConnection:
         # Residual Count (§11.4.5) saturates instead of failing to encode.
         residual = min(residual, 0xFFFFFFFF)
         status = int(rsp.status)
-        collapse = status == 0 and not rsp.sense
+        sense = rsp.sense
+        collapse = status == 0 and not sense
+        burst_length = params.max_burst_length
+        # The common ends, packed directly (iscsi/completion.py): no data, or all of it
+        # in one Data-In that also carries GOOD status.
+        one_pdu = produced <= params.max_recv_data_segment_length and produced <= burst_length
+        if not sense and (not produced or (collapse and one_pdu)):
+            if len(data) != produced:
+                data = memoryview(data).cast("B")[:produced]
+            self._end_without_sense(task, status, overflow, underflow, residual, data)
+            return
         if produced:
             view = (
                 memoryview(data).cast("B")[:produced]
@@ -481,7 +500,6 @@ class TargetConnection:
             expdatasn = datasn
         else:
             expdatasn = 0
-        sense = rsp.sense
         body = len(sense).to_bytes(2, "big") + sense if sense else b""
         self._send(
             P.ScsiResponsePdu(
@@ -495,6 +513,28 @@ class TargetConnection:
                 **self._status_fields(),
             )
         )
+
+    def _end_without_sense(
+        self,
+        task: Task,
+        status: int,
+        overflow: bool,
+        underflow: bool,
+        residual: int,
+        data: bytes | bytearray | memoryview,
+    ) -> None:
+        """The common ends: a read's data and status in one Data-In (§11.7.4), or a
+        SCSI Response without sense (a write, most often; §11.4)."""
+        statsn = self.statsn
+        self.statsn = (statsn + 1) & 0xFFFFFFFF
+        self._emit(
+            command_end(
+                task.itt, status, residual_flags(overflow, underflow), residual, statsn,
+                self.expcmdsn, self.maxcmdsn, data, 0 if task.read else task.r2tsn,
+                self._header_digest, self._data_digest,
+            ),
+            P.BHS_LEN + len(data),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ other requests
     def _nop_out(self, pdu: P.NopOut) -> None:
@@ -665,8 +705,14 @@ class TargetConnection:
         self._send(P.Reject(reason=reason, data=bytes(bhs), **self._status_fields()))
 
     def _send(self, pdu: P.Pdu) -> None:
-        self._out += encode_pdu(pdu, self._header_digest, self._data_digest)
-        self._queued += P.BHS_LEN + len(pdu.data)
+        self._emit(
+            encode_pdu(pdu, self._header_digest, self._data_digest), P.BHS_LEN + len(pdu.data)
+        )
+
+    def _emit(self, buffers: list[P.Payload], size: int) -> None:
+        """Queue one encoded PDU (``size``: BHS + data segment, for back-pressure)."""
+        self._out += buffers
+        self._queued += size
 
     def _new_ttt(self) -> int:
         ttt = self._next_ttt

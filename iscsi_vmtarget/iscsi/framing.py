@@ -63,28 +63,31 @@ class PduReader:
         avail = len(buf) - pos
         if avail < BHS_LEN:
             return None
-        bhs = bytes(buf[pos : pos + BHS_LEN])
-        ahs_len, data_len = peek_lengths(bhs)
-        if data_len > self.max_data_length:
-            raise FramingError(
-                f"data segment of {data_len} bytes exceeds MaxRecvDataSegmentLength "
-                f"{self.max_data_length}"
-            )
-        hd = DIGEST_LEN if self.header_digest else 0
-        dd = DIGEST_LEN if (self.data_digest and data_len) else 0
-        total = BHS_LEN + ahs_len + hd + data_len + pad_len(data_len) + dd
-        if avail < total:
-            return None
-        p = pos + BHS_LEN
-        ahs = bytes(buf[p : p + ahs_len])
-        p += ahs_len
-        if hd:
-            expected = crc32c(ahs, crc32c(bhs)) if ahs else crc32c(bhs)
-            if unpack_digest(buf, p)[0] != expected:
-                raise FramingError("header digest mismatch")
-            p += hd
-        data = bytes(buf[p : p + data_len])
-        p += data_len + pad_len(data_len)
+        # One copy of each part, out of a view (a bytearray slice would copy twice).
+        with memoryview(buf) as view:
+            bhs = bytes(view[pos : pos + BHS_LEN])
+            ahs_len, data_len = peek_lengths(bhs)
+            if data_len > self.max_data_length:
+                raise FramingError(
+                    f"data segment of {data_len} bytes exceeds MaxRecvDataSegmentLength "
+                    f"{self.max_data_length}"
+                )
+            hd = DIGEST_LEN if self.header_digest else 0
+            dd = DIGEST_LEN if (self.data_digest and data_len) else 0
+            pad = -data_len & 3  # pad_len(), inline
+            total = BHS_LEN + ahs_len + hd + data_len + pad + dd
+            if avail < total:
+                return None
+            p = pos + BHS_LEN
+            ahs = bytes(view[p : p + ahs_len]) if ahs_len else b""
+            p += ahs_len
+            if hd:
+                expected = crc32c(ahs, crc32c(bhs)) if ahs else crc32c(bhs)
+                if unpack_digest(buf, p)[0] != expected:
+                    raise FramingError("header digest mismatch")
+                p += hd
+            data = bytes(view[p : p + data_len]) if data_len else b""
+        p += data_len + pad
         bad = False
         if dd:
             bad = unpack_digest(buf, p)[0] != crc32c(_PAD[data_len & 3], crc32c(data))
@@ -95,10 +98,14 @@ class PduReader:
 def encode_pdu(pdu: Pdu, header_digest: bool = False, data_digest: bool = False) -> list[Payload]:
     """The buffers that put ``pdu`` on the wire, in order (no joining of payload)."""
     bhs = pdu.encode_bhs()
-    head: bytes = bhs + pdu.ahs if pdu.ahs else bhs
+    return frame(bhs + pdu.ahs if pdu.ahs else bhs, pdu.data, header_digest, data_digest)
+
+
+def frame(head: bytes, data: Payload, header_digest: bool, data_digest: bool) -> list[Payload]:
+    """The wire buffers of an encoded BHS (+ AHS) and its data segment: header digest,
+    padding to 4 bytes and data digest added (§11.2, §13.1)."""
     if header_digest:
         head += crc32c(head).to_bytes(DIGEST_LEN, "little")
-    data = pdu.data
     n = len(data)
     if not n:
         return [head]

@@ -46,7 +46,9 @@ class Task:
     write: bool
     expected_length: int
     immediate: bool = False
-    buffer: bytearray | None = None
+    # Data-Out lands here; the PDU's own data segment (bytes) when the command
+    # carried all of its data as immediate data (nothing more may arrive then).
+    buffer: bytearray | bytes | None = None
     received: int = 0
     unsolicited_end: int = 0
     unsolicited_received: int = 0
@@ -76,6 +78,8 @@ class Task:
         n = len(data)
         if self.buffer is None:
             raise DataOutError("Data-Out for a command that expects no data")
+        if self.received >= self.expected_length:
+            raise DataOutError("Data-Out after all the expected data arrived")
         if offset + n > self.expected_length:
             raise DataOutError(
                 f"Data-Out offset {offset}+{n} beyond expected length {self.expected_length}"
@@ -99,5 +103,5 @@ class Task:
                     raise DataSequenceError(f"DataSN {datasn}, expected {burst.next_datasn}")
                 burst.next_datasn += 1
             burst.received += n
-        self.buffer[offset : offset + n] = data
+        self.buffer[offset : offset + n] = data  # type: ignore[index]  # bytearray here
         self.received += n

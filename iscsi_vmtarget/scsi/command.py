@@ -16,7 +16,7 @@ from .sense import Reason, ScsiError, cdb_field
 from .task import Nexus
 
 
-@dataclass
+@dataclass(slots=True)
 class Command:
     """Everything a handler may use: the nexus, the LU (None for an unknown LUN),
     the CDB cut to its length, the Data-Out bytes received and the LUN map."""
@@ -49,6 +49,9 @@ class BlockRange(NamedTuple):
     length_byte: int  # where the length field starts, for field pointers
 
 
+_range = tuple.__new__
+
+
 def parse_block_range(cdb: bytes) -> BlockRange:
     """LBA and length for the 6/10/12/16-byte block CDB layouts (SBC-3 §5).
 
@@ -56,16 +59,19 @@ def parse_block_range(cdb: bytes) -> BlockRange:
     (READ(6)/WRITE(6), SBC-3 §5.8, §5.32). 10-byte: LBA bytes 2-5, length 7-8.
     12-byte: LBA 2-5, length 6-9. 16-byte: LBA 2-9, length 10-13.
     """
+    # int.from_bytes inline, not be(): this runs twice for every READ and WRITE.
     size = len(cdb)
+    # tuple.__new__: BlockRange(...) would run the namedtuple's Python-level __new__.
+    if size == 10:
+        return _range(BlockRange, (int.from_bytes(cdb[2:6], "big"), (cdb[7] << 8) | cdb[8], 7))
+    if size == 16:
+        lba, blocks = int.from_bytes(cdb[2:10], "big"), int.from_bytes(cdb[10:14], "big")
+        return _range(BlockRange, (lba, blocks, 10))
     if size == 6:
         blocks = cdb[4]
         return BlockRange(be(cdb, 1, 3) & 0x1FFFFF, blocks or 256, 4)
-    if size == 10:
-        return BlockRange(be(cdb, 2, 4), be(cdb, 7, 2), 7)
     if size == 12:
         return BlockRange(be(cdb, 2, 4), be(cdb, 6, 4), 6)
-    if size == 16:
-        return BlockRange(be(cdb, 2, 8), be(cdb, 10, 4), 10)
     raise ValueError(f"no block range layout for a {size}-byte CDB")
 
 

@@ -126,7 +126,9 @@ class ScsiTarget:
             _check_reservations(lu, nexus, row, cdb)
             if row.writes_medium:
                 lu.check_writable()
-        view = _EMPTY if data_out is None else memoryview(data_out).cast("B")
+        view = _EMPTY if data_out is None else memoryview(data_out)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         command = Command(nexus, lun, lu, cdb, view, self._luns)
         result = row.handler(command)
         if isinstance(result, ScsiResponse):

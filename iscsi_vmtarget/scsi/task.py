@@ -8,7 +8,7 @@ the CDB and the data; it gets back status, Data-In and sense (SAM-5 §5.1, the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, IntEnum
 
 
@@ -69,7 +69,7 @@ class Nexus:
     transport_id: bytes = b""  # SPC-4 §7.6.4.6 iSCSI TransportID, for PR
 
 
-@dataclass
+@dataclass(slots=True)
 class ScsiResponse:
     """Completion of one command.
 
@@ -83,7 +83,6 @@ class ScsiResponse:
     data_in: bytes | bytearray | memoryview = b""
     sense: bytes = b""
     data_out_length: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 #: Task management functions the target performs, with their bit in the REPORT

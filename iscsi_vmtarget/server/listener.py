@@ -142,9 +142,9 @@ class ConnectionHandler(asyncio.Protocol):
     def _execute(self, task: Task) -> None:
         scsi, nexus = self.scsi, self.nexus
         assert scsi is not None and nexus is not None
-        data = memoryview(task.buffer) if task.buffer is not None else None
+        data = task.buffer  # the SCSI layer takes a memoryview of it
         start = time.perf_counter()
-        if scsi.may_block(task.cdb):
+        if scsi.may_block(task.cdb, task.lun):
             self.running += 1
             fut = asyncio.get_running_loop().run_in_executor(
                 self.server.executor, scsi.execute, nexus, task.lun, task.cdb, data

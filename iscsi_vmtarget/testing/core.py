@@ -18,7 +18,7 @@ from ..iscsi import send_targets
 from ..iscsi.connection import ConnectionSettings, Phase, TargetConnection
 from ..iscsi.directory import Portal, StaticDirectory, TargetEntry
 from ..iscsi.events import ConnectionClosing, ExecuteCommand, LoginComplete, ResetRequested
-from ..iscsi.framing import encode_pdu
+from ..iscsi.framing import PduReader, encode_pdu
 from ..iscsi.login import LoginMachine, SessionTable
 from ..iscsi.params import TargetPreferences
 from ..iscsi.text import encode_text
@@ -44,15 +44,25 @@ class _Counter:
 
 
 class RecordingConnection(TargetConnection):
-    """A TargetConnection that also keeps every PDU it queued, as objects."""
+    """A TargetConnection that also keeps every PDU it queued, as objects decoded back
+    from the wire bytes (so the packed fast paths of iscsi/completion.py are checked too)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.sent: list[P.Pdu] = []
 
-    def _send(self, pdu: P.Pdu) -> None:
-        self.sent.append(pdu)
-        super()._send(pdu)
+    def _emit(self, buffers: list[P.Payload], size: int) -> None:
+        reader = PduReader(
+            max_data_length=1 << 24,
+            header_digest=self._header_digest,
+            data_digest=self._data_digest,
+        )
+        reader.feed(b"".join(bytes(b) for b in buffers))
+        raw = reader.next_pdu()
+        assert raw is not None and not raw.digest_error and not reader.buffered, buffers
+        assert size == P.BHS_LEN + len(raw.data), (size, raw)
+        self.sent.append(raw.decode())
+        super()._emit(buffers, size)
 
 
 @dataclass

@@ -182,6 +182,42 @@ def test_write_with_immediate_unsolicited_and_r2t_data() -> None:
     assert bytes(ev.task.buffer) == payload
 
 
+def test_write_with_all_its_data_immediate_needs_no_r2t_and_no_copy() -> None:
+    h = Harness()
+    payload = bytes(i % 253 for i in range(4096))
+    h.send(
+        P.ScsiCommand(
+            itt=8, write=True, expected_length=4096, cmdsn=10, cdb=b"\x2a" + bytes(9),
+            data=payload,
+        )
+    )  # fmt: skip
+    (ev,) = h.events()
+    assert isinstance(ev, ExecuteCommand) and bytes(ev.task.buffer) == payload
+    assert h.recv() == []  # no R2T: every byte is there
+    # A Data-Out for data that already arrived in full is a protocol error (Reject),
+    # and it must not touch the buffer the SCSI layer is writing from.
+    h.send(P.DataOut(itt=8, buffer_offset=0, datasn=0, final=True, data=bytes(4096)))
+    (rej,) = h.recv()
+    assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.PROTOCOL_ERROR
+    assert bytes(ev.task.buffer) == payload
+    h.conn.command_completed(ev.task, ScsiResponse(data_out_length=4096))
+    (rsp,) = h.recv()
+    assert isinstance(rsp, P.ScsiResponsePdu) and rsp.status == 0 and rsp.itt == 8
+    assert not rsp.underflow and not rsp.overflow and rsp.expdatasn == 0
+
+
+def test_a_read_that_fits_one_pdu_ends_in_one_data_in() -> None:
+    h = Harness()
+    h.send(P.ScsiCommand(itt=9, read=True, expected_length=8192, cmdsn=10, cdb=read10(0, 16)))
+    (ev,) = h.events()
+    h.conn.command_completed(ev.task, ScsiResponse(data_in=bytearray(b"\x5a" * 4096)))
+    (din,) = h.recv()
+    assert isinstance(din, P.DataIn) and din.status_present and din.final
+    assert din.data == b"\x5a" * 4096 and din.buffer_offset == 0 and din.datasn == 0
+    assert din.underflow and din.residual == 4096 and din.statsn == 100
+    assert din.ttt == P.RESERVED_TAG and din.lun == bytes(8)
+
+
 def test_datasn_out_of_order_ends_the_task_with_check_condition() -> None:
     h = Harness(replace(PARAMS, immediate_data=False, initial_r2t=True))
     h.send(P.ScsiCommand(itt=8, write=True, expected_length=1024, cmdsn=10, cdb=b"\x2a" + bytes(9)))
