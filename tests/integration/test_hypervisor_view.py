@@ -5,11 +5,20 @@ do (the enumeration attack of :mod:`tests.integration.test_masking_vms`)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 
+from iscsi_vmtarget.cli.main import main
 from iscsi_vmtarget.client import Initiator
 from iscsi_vmtarget.server.hypervisor_view import CONFIG_LUN, STATE_LUN
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, StateDir, VmManager
@@ -23,6 +32,27 @@ BACKUP = "iqn.2026-11.test:backup"
 OWN = f"{DEFAULT_BASE_IQN}:vm.h"
 MARKER = b"STATE-PLAINTEXT-MARKER-7d1e"
 LBA_OUT_OF_RANGE = (2, 5, (0x21, 0x00))
+CHAP = ("--chap-user", "host-a", "--chap-secret", "sekrit-of-host-a")
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+def stream(verb: str, url: str, data: bytes = b"", *extra: str, who: str = HOST_A) -> Ran:
+    """``iscsi-vmtarget state|config push|pull URL`` as a hypervisor runs it (in this
+    process: a CLI start costs seconds here; the QEMU test runs the real command)."""
+    out, err = io.BytesIO(), io.StringIO()
+    with (
+        mock.patch.object(sys, "stdin", SimpleNamespace(buffer=io.BytesIO(data))),
+        mock.patch.object(sys, "stdout", SimpleNamespace(buffer=out)),
+        contextlib.redirect_stderr(err),
+    ):
+        code = main([*verb.split(), url, "--initiator-name", who, *extra])
+    return Ran(code, out.getvalue(), err.getvalue().encode())
 
 
 def vpd_83(ini: Initiator, lun: int) -> bytes:
@@ -33,6 +63,12 @@ def vpd_80(ini: Initiator, lun: int) -> bytes:
     return ini.scsi("INQUIRY", bytes([0x12, 1, 0x80, 0, 255, 0]), lun, read_length=255)
 
 
+def grant(state: Path, *args: str) -> None:
+    """An offline ``acl add`` (in this process: quicker than a CLI start)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*args, "--state-dir", str(state)]) == 0
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, RunningTarget]]:
     """One daemon for the module: VM ``h`` granted to HOST_A (hypervisor view), GOOD
@@ -41,9 +77,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Run
     state = tmp_path / "state"
     with VmManager(StateDir.at(str(state))) as manager:
         manager.create("h", disk=4 * MIB, memory=2 * MIB)
-    ivt(state, "acl", "add", "--vm", "h", HOST_A, "--view", "hypervisor")
-    ivt(state, "acl", "add", "--vm", "h", GOOD)
-    ivt(state, "acl", "add", "--vm", "h", BACKUP, "--view", "raw")
+        manager.create("c", disk=4 * MIB, memory=2 * MIB)
+    grant(state, "acl", "add", "--vm", "h", HOST_A, "--view", "hypervisor")
+    grant(state, "acl", "add", "--vm", "c", HOST_A, "--view", "hypervisor", *CHAP)
+    grant(state, "acl", "add", "--vm", "h", GOOD)
+    grant(state, "acl", "add", "--vm", "h", BACKUP, "--view", "raw")
     config = f'state_dir = "{state}"\nexport_vms = true\n'
     target = start_with_config(tmp_path / "serve", config, "--state-dir", str(state))
     yield state, target
@@ -94,3 +132,32 @@ def test_region_luns_read_plaintext_and_seal_writes(
             ini.read16(lba, min(2048, blocks - lba), size) for lba in range(0, blocks, 2048)
         )
         assert MARKER not in whole
+
+
+def test_push_and_pull_return_exactly_the_stream(served: tuple[Path, RunningTarget]) -> None:
+    target = served[1]
+    url = f"iscsi://127.0.0.1:{target.port}/{OWN}"
+    image = os.urandom(3 * MIB + 12345)  # more than the 2 MiB of memory: the headroom
+    assert stream("state push", url, image).returncode == 0
+    pulled = stream("state pull", url)
+    assert pulled.returncode == 0 and pulled.stdout == image
+    too_big = stream("state push", url, bytes(64 * MIB))
+    assert too_big.returncode == 1
+    assert b"larger than the state region" in too_big.stderr
+    assert b"previous image is kept" in too_big.stderr
+    assert stream("state pull", url).stdout == image  # still readable
+    machine = json.dumps({"name": "h", "args": ["-m", "64"]}).encode()
+    assert stream("config push", url, machine).returncode == 0
+    assert stream("config pull", url).stdout == machine
+    assert stream("state pull", url).stdout == image  # a region of its own
+    refused = stream("state pull", url, who=GOOD)  # a guest-view host: no such LUN
+    assert refused.returncode == 1 and b"has no LUN 254" in refused.stderr
+
+
+def test_push_and_pull_take_chap_options(served: tuple[Path, RunningTarget]) -> None:
+    target = served[1]
+    url = f"iscsi://127.0.0.1:{target.port}/{DEFAULT_BASE_IQN}:vm.c"
+    assert stream("state push", url, b"suspended", *CHAP).returncode == 0
+    assert stream("state pull", url, b"", *CHAP).stdout == b"suspended"
+    wrong = stream("state pull", url, b"", "--chap-user", "host-a", "--chap-secret", "x" * 16)
+    assert wrong.returncode == 1 and b"authentication failed" in wrong.stderr
