@@ -33,7 +33,7 @@ from ..storage.backend import BackendError
 from . import sealed
 from .crypto import Keyring, RandomSource
 from .errors import IntegrityError, VmError
-from .format import Region, RegionKind, RegionStatus, scan_slots
+from .format import SLOT_SIZE, TAIL_SIZE, Region, RegionKind, RegionStatus, UnitHeader, scan_slots
 from .pool import Pool, UnitRef
 from .sealed_blocks import CHUNK, BlockCodec, BlockMap, block_capacity, convert
 from .unit import Unit
@@ -68,6 +68,8 @@ class RegionBlockBackend:
         self._pool, self._ref, self.kind = pool, ref, kind
         self._backend = pool.open(ref)
         self._lock = threading.Lock()
+        self._header: UnitHeader | None = None
+        self._slot, self._stamp = 0, b""
         try:
             unit = self._unit()
             region = unit.header.require_region(kind)
@@ -90,10 +92,18 @@ class RegionBlockBackend:
     # -- the unit ------------------------------------------------------------------------
 
     def _unit(self) -> Unit:
-        scan = scan_slots(self._backend)
-        if scan.header is None:
-            raise BackendError(f"unit {self._ref.location}: header unreadable")
-        return Unit(self._pool, self._ref, self._backend, scan.header, scan.slot)
+        """The unit with its current header: read again when a slot's generation
+        changed since the last request (any commit, by anyone, changes one)."""
+        base = self._backend.size - TAIL_SIZE
+        stamp = bytes(
+            self._backend.read(base + 16, 8) + self._backend.read(base + SLOT_SIZE + 16, 8)
+        )
+        if self._header is None or stamp != self._stamp:
+            scan = scan_slots(self._backend)
+            if scan.header is None:
+                raise BackendError(f"unit {self._ref.location}: header unreadable")
+            self._header, self._slot, self._stamp = scan.header, scan.slot, stamp
+        return Unit(self._pool, self._ref, self._backend, self._header, self._slot)
 
     def _current(self) -> tuple[Unit, Region]:
         unit = self._unit()
@@ -174,7 +184,11 @@ class RegionBlockBackend:
             while pos < min(end, self._capacity):
                 index, rel = divmod(pos, CHUNK)
                 n = min(CHUNK - rel, end - pos, self._capacity - pos)
-                self._codec.write_chunk(bmap, index, rel, view[pos - offset : pos - offset + n])
+                if not rel and n == CHUNK:  # a run of whole chunks at once
+                    n = (min(end, self._capacity) - pos) // CHUNK * CHUNK
+                    self._codec.write_chunks(bmap, index, view[pos - offset : pos - offset + n])
+                else:
+                    self._codec.write_chunk(bmap, index, rel, view[pos - offset : pos - offset + n])
                 pos += n
             if end > self._capacity:  # the descriptor: commit the length it records
                 desc = bytearray(encode_descriptor(_image_length(region)))

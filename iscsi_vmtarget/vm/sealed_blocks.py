@@ -168,24 +168,58 @@ class BlockCodec:
     ) -> None:
         """Put ``data`` at ``offset`` of logical chunk ``logical`` into a free slot."""
         if offset == 0 and len(data) == CHUNK:
-            plain = bytes(data)
+            self.write_chunks(bmap, logical, data)
+            return
+        old, current = self._open(bmap, logical)
+        buf = bytearray(old)
+        buf[offset : offset + len(data)] = data
+        self._store(bmap, [self._seal(bmap, logical, buf, current)])
+
+    def write_chunks(self, bmap: BlockMap, first: int, data: bytes | memoryview) -> None:
+        """Whole chunks from logical chunk ``first`` on: sealed one by one, written with
+        one write per run of adjacent free slots (a 1 MiB write: usually one)."""
+        view = memoryview(data).cast("B")
+        pending: list[tuple[int, bytes, bytes]] = []
+        for k in range(len(view) // CHUNK):
+            if not bmap.free:  # never flush (free old copies) before the new ones are out
+                self._store(bmap, pending)
+                pending = []
+            logical = first + k
             current = self._current_slot(bmap, logical)
-        else:
-            old, current = self._open(bmap, logical)
-            buf = bytearray(old)
-            buf[offset : offset + len(data)] = data
-            plain = bytes(buf)
+            pending.append(self._seal(bmap, logical, view[k * CHUNK : (k + 1) * CHUNK], current))
+        self._store(bmap, pending)
+
+    def _seal(
+        self,
+        bmap: BlockMap,
+        logical: int,
+        plain: bytes | bytearray | memoryview,
+        current: _Slot | None,
+    ) -> tuple[int, bytes, bytes]:
+        """Seal ``plain`` as ``logical``'s next copy into a free slot (updating the map;
+        the slots it replaces retire): (slot, ciphertext, table entry) to write."""
         slots = bmap.chunks.get(logical, [])
         sequence = max((s.sequence for s in slots), default=0) + 1
         target = self._take_free(bmap)
         nonce, ciphertext, tag = self._cipher.seal(logical, sequence, plain)
-        self.backend.write(self._data(bmap.region, target), ciphertext)
         entry = _ENTRY.pack(nonce, tag, sequence, logical, _PRESENT | _BLOCK, b"")
-        self.backend.write(bmap.region.offset + target * ENTRY, entry)
-        bmap.dirty = True
         for slot in slots:  # the old content until the flush, torn leftovers at once
             (bmap.retired if slot is current else bmap.free).append(slot.physical)
         bmap.chunks[logical] = [_Slot(target, sequence, nonce, tag)]
+        return target, ciphertext, entry
+
+    def _store(self, bmap: BlockMap, placed: list[tuple[int, bytes, bytes]]) -> None:
+        placed.sort()
+        start = 0
+        for i in range(1, len(placed) + 1):
+            if i < len(placed) and placed[i][0] == placed[i - 1][0] + 1:
+                continue
+            run = placed[start:i]
+            first = run[0][0]
+            self.backend.write(self._data(bmap.region, first), b"".join(p[1] for p in run))
+            self.backend.write(bmap.region.offset + first * ENTRY, b"".join(p[2] for p in run))
+            start = i
+        bmap.dirty = bmap.dirty or bool(placed)
 
     def _current_slot(self, bmap: BlockMap, logical: int) -> _Slot | None:
         slots = bmap.chunks.get(logical)
