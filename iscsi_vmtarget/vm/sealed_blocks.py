@@ -245,8 +245,13 @@ class BlockCodec:
         if bmap.dirty:
             self.backend.flush()
             bmap.dirty = False
-        for physical in bmap.retired:  # one copy per chunk from now on: a tampered
-            self.backend.write(bmap.region.offset + physical * ENTRY, bytes(ENTRY))  # one fails
+        retired = sorted(bmap.retired)  # one copy per chunk from now on: a tampered one fails
+        start = 0
+        for i in range(1, len(retired) + 1):
+            if i == len(retired) or retired[i] != retired[i - 1] + 1:
+                at = bmap.region.offset + retired[start] * ENTRY
+                self.backend.write(at, bytes((i - start) * ENTRY))
+                start = i
         bmap.free.extend(reversed(bmap.retired))
         bmap.retired.clear()
 
