@@ -29,7 +29,9 @@ from collections.abc import Iterable
 from typing import Final
 
 from ..scsi import LogicalUnit, UnitIdentity
-from ..vm import StateDir, VmError, VmLuns, VmManager
+from ..storage.backend import BackendError
+from ..vm import FoundVm, StateDir, VmError, VmLuns, VmManager
+from ..vm.crypto import Keyring
 from ..vm.errors import KeyFileError
 from ..vm.format import RegionKind
 from ..vm.region_backend import RegionBlockBackend
@@ -44,6 +46,39 @@ def region_identity(unit_uuid: uuid.UUID, kind: RegionKind) -> UnitIdentity:
     """The designator and serial of a region's LUN: its own, stable across restarts."""
     label = kind.name.lower()
     return UnitIdentity.from_uuid(uuid.uuid5(unit_uuid, label), f"{unit_uuid.hex}-{label}")
+
+
+def _open_regions(
+    manager: VmManager, vm: FoundVm, keyring: Keyring
+) -> dict[int, RegionBlockBackend]:
+    """The state and config block devices of ``vm``'s base unit, by LUN number."""
+    pool = manager.catalog.get(vm.base.pool)
+    out: dict[int, RegionBlockBackend] = {}
+    try:
+        for number, kind in REGION_LUNS.items():
+            out[number] = RegionBlockBackend(pool, vm.base.ref, kind, keyring)
+    except BaseException:
+        for backend in out.values():
+            backend.close()
+        raise
+    return out
+
+
+def rebind_regions(
+    state_dir: str, regions: dict[int, LogicalUnit], name: str, key_file: str | None = None
+) -> None:
+    """Point a VM's region LUNs at its base unit where it is now (after a live move to
+    another pool; capacity changes are announced). Writes pushed during the move itself
+    may land in the old copy: suspend a VM into its unit before or after a move."""
+    if not regions:
+        return
+    with VmManager(StateDir.at(state_dir, key_file)) as manager:
+        fresh = _open_regions(manager, manager.find(name), manager.keyring())
+    for number, lu in regions.items():
+        old = lu.backend
+        lu.replace_backend(fresh[number])
+        lu.check_capacity()
+        old.close()
 
 
 def attach_regions(state_dir: str, exports: Iterable[VmLuns], key_file: str | None = None) -> None:
@@ -65,15 +100,12 @@ def attach_regions(state_dir: str, exports: Iterable[VmLuns], key_file: str | No
             vm = bases.get(luns.vm_uuid)  # type: ignore[arg-type]
             if vm is None:
                 continue
-            pool = manager.catalog.get(vm.base.pool)
             try:
-                for number, kind in REGION_LUNS.items():
-                    backend = RegionBlockBackend(pool, vm.base.ref, kind, keyring)
-                    luns.regions[number] = LogicalUnit(
-                        backend, region_identity(vm.base.header.unit_uuid, kind)
-                    )
-            except (VmError, KeyFileError) as exc:
+                backends = _open_regions(manager, vm, keyring)
+            except (VmError, KeyFileError, BackendError) as exc:
                 log.warning("VM %s: no hypervisor view: %s", vm.name, exc)
-                for lu in luns.regions.values():
-                    lu.backend.close()
-                luns.regions.clear()
+                continue
+            unit_uuid = vm.base.header.unit_uuid
+            for number, backend in backends.items():
+                identity = region_identity(unit_uuid, REGION_LUNS[number])
+                luns.regions[number] = LogicalUnit(backend, identity)

@@ -78,6 +78,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Run
     with VmManager(StateDir.at(str(state))) as manager:
         manager.create("h", disk=4 * MIB, memory=2 * MIB)
         manager.create("c", disk=4 * MIB, memory=2 * MIB)
+        manager.catalog.create_directory("p2", None)
     grant(state, "acl", "add", "--vm", "h", HOST_A, "--view", "hypervisor")
     grant(state, "acl", "add", "--vm", "c", HOST_A, "--view", "hypervisor", *CHAP)
     grant(state, "acl", "add", "--vm", "h", GOOD)
@@ -161,3 +162,15 @@ def test_push_and_pull_take_chap_options(served: tuple[Path, RunningTarget]) -> 
     assert stream("state pull", url, b"", *CHAP).stdout == b"suspended"
     wrong = stream("state pull", url, b"", "--chap-user", "host-a", "--chap-secret", "x" * 16)
     assert wrong.returncode == 1 and b"authentication failed" in wrong.stderr
+
+
+def test_region_luns_follow_a_live_move(served: tuple[Path, RunningTarget]) -> None:
+    state, target = served
+    url = f"iscsi://127.0.0.1:{target.port}/{DEFAULT_BASE_IQN}:vm.c"
+    assert stream("state push", url, b"before the move", *CHAP).returncode == 0
+    ivt(state, "vm", "move", "c", "--pool", "p2")  # through the daemon, LUNs served
+    assert stream("state pull", url, b"", *CHAP).stdout == b"before the move"
+    assert stream("state push", url, b"after the move", *CHAP).returncode == 0
+    with VmManager(StateDir.at(str(state))) as manager:  # in the moved unit itself
+        assert manager.find("c").base.pool == "p2"
+        assert b"".join(manager.read_state("c")) == b"after the move"
