@@ -222,3 +222,24 @@ def test_kill_9_during_writes_leaves_every_chunk_authentic(vm: VmManager, state_
         sectors = [data[i : i + 512] for i in range(0, len(data), 512)]
         assert all(s == s[:1] * 512 for s in sectors)  # each 512 B from one write
         assert any(s != bytes(512) for s in sectors)
+
+
+def test_growing_the_state_region_keeps_a_block_image(vm: VmManager) -> None:
+    image = os.urandom(5 * CHUNK + 3)
+    dev = open_region(vm, "hv", RegionKind.STATE)
+    try:
+        dev.write(0, bytes(6 * CHUNK))
+        dev.flush()
+        dev.write(0, image.ljust(6 * CHUNK, b"\0"))  # into slots past the content's length
+        dev.write(dev.size - DESCRIPTOR_BYTES, encode_descriptor(len(image)))
+        old_size = dev.size
+    finally:
+        dev.close()
+    vm.resize("hv", memory=40 * MIB)  # the region moves and grows: all its slots go along
+    assert b"".join(vm.read_state("hv")) == image
+    dev = open_region(vm, "hv", RegionKind.STATE)
+    try:
+        assert dev.size > old_size
+        assert dev.read(0, 6 * CHUNK)[: len(image)] == image
+    finally:
+        dev.close()
