@@ -23,7 +23,7 @@ import json
 import sys
 from typing import Any
 
-from ..server.masking import AclError, parse_lun_list
+from ..server.masking import VIEWS, AclError, parse_lun_list
 from .target import add_chap, add_common, chap_args, describe_acl, done, invoke
 
 
@@ -53,8 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = verbs.add_parser(
         "remove",
         help="remove an initiator's ACL or VM grant",
-        description="Remove the ACL (or the VM's grant, --vm NAME); its sessions are "
-        "logged out.",
+        description="Remove the ACL (or the VM's grant, --vm NAME); its sessions are logged out.",
     )
     p.add_argument("names", nargs="+", metavar="[TARGET] INITIATOR")
     p.add_argument("--vm", metavar="NAME", help="the grant of VM NAME")
@@ -87,9 +86,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = default_verbs.add_parser("remove", help="remove a default grant")
     p.add_argument("initiator")
     add_common(p)
-    p.set_defaults(
-        func=lambda a: done(invoke(a, "acl.default.remove", {"initiator": a.initiator}))
-    )
+    p.set_defaults(func=lambda a: done(invoke(a, "acl.default.remove", {"initiator": a.initiator})))
     p = default_verbs.add_parser("list", help="list the default grants")
     add_common(p)
     p.set_defaults(func=lambda a: _list(a, defaults_only=True))
@@ -104,7 +101,11 @@ def add_grant_options(p: argparse.ArgumentParser) -> None:
         metavar="NET",
         help="only from this address or network (repeatable), e.g. 10.0.0.0/24",
     )
-    p.add_argument("--view", choices=("guest", "raw"), help="view of VM units (default guest)")
+    p.add_argument(
+        "--view",
+        choices=VIEWS,
+        help="view of VM units (default guest; hypervisor: also the state and config LUNs)",
+    )
     p.add_argument("--read-only", action="store_true", help="every mapped LUN read-only")
     add_chap(p)
 

@@ -17,6 +17,7 @@ import os
 import sys
 
 from ..server.persist import PersistError, read_document
+from .hypervisor_stream import add_verbs
 from .target import add_common, done, invoke
 
 
@@ -34,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--dry-run", action="store_true", help="only print what would change")
     add_common(p)
     p.set_defaults(func=_apply)
+    add_verbs(verbs, "config")  # push|pull: a VM's config region (hypervisor view)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -15,7 +15,20 @@ import sys
 
 from .. import __version__
 from ..errors import IscsiVmtargetError
-from . import acl, api, config_cmd, discover, key, lun, pool, serve, status, target, vm
+from . import (
+    acl,
+    api,
+    config_cmd,
+    discover,
+    hypervisor_stream,
+    key,
+    lun,
+    pool,
+    serve,
+    status,
+    target,
+    vm,
+)
 from . import portal as portal_cmd
 
 
@@ -35,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_parser(sub)
     discover.add_parser(sub)
     key.add_parser(sub)
+    hypervisor_stream.add_parser(sub)  # state push|pull (config push|pull: config_cmd)
     for module in (target, lun, acl, portal_cmd, status, config_cmd, api):  # management (issue 6)
         module.add_parser(sub)
     return parser

@@ -31,7 +31,7 @@ from types import FrameType
 from typing import Any
 
 from ..client.initiator import InitiatorError
-from ..client.remote import LunUrl, UrlError, open_lun, parse_url
+from ..client.remote import LunUrl, open_lun
 from ..server.admin import AdminError
 from ..server.grants import acl_from_args
 from ..server.masking import AclError
@@ -47,6 +47,7 @@ from ..vm.operations.promote import promote
 from ..vm.operations.replicate import RoundReport, replicate
 from .options import add_common, size_arg
 from .progress import add_progress_flag, progress_bar
+from .remote_options import add_login_options, login_url
 from .route import VM_VERBS, Router, print_json, router, run_offline
 from .target import add_chap, chap_args, lun_number
 from .vm_grants import add_grant_flag, set_grants
@@ -75,10 +76,7 @@ def add_parsers(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--interval", type=float, metavar="SECONDS", help="default 60 (--continuous)")
     p.add_argument("--disk-only", action="store_true", help="mirror one disk to a plain LUN")
     p.add_argument("--lun", type=lun_number, default=0, help="--disk-only: which disk (default 0)")
-    p.add_argument("--initiator-name", default=REPLICATOR, metavar="IQN")
-    p.add_argument("--chap-user", metavar="U", help="CHAP name to prove to the destination")
-    p.add_argument("--chap-secret", metavar="S", help="its CHAP secret")
-    p.add_argument("--mutual-secret", metavar="S", help="the secret the destination proves")
+    add_login_options(p, REPLICATOR, "destination")
     p.add_argument("--json", action="store_true", help="one JSON object per round")
     add_progress_flag(p)
     add_common(p)
@@ -189,13 +187,8 @@ def _replicate(args: argparse.Namespace) -> int:
     if args.interval is not None and args.interval < 0:
         print("iscsi-vmtarget: --interval must not be negative", file=sys.stderr)
         return 2
-    try:
-        url = parse_url(args.to)
-    except UrlError as exc:
-        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
-        return 2
-    if bool(args.chap_user) != bool(args.chap_secret) and not url.user:
-        print("iscsi-vmtarget: give both --chap-user and --chap-secret", file=sys.stderr)
+    url = login_url(args, args.to)
+    if url is None:
         return 2
     return run_offline(args, lambda a, m: _run_rounds(a, m, url))
 

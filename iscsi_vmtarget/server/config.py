@@ -22,6 +22,7 @@ from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.params import TargetPreferences
 from ..scsi import LogicalUnit, ScsiTarget
 from ..vm import VmError
+from .hypervisor_view import attach_regions
 from .masking import Acl, check_mutual, check_secret
 from .model import LunError, LunSpec, TargetSpec, open_lun, parse_portal
 from .registry import Registry, Target
@@ -216,6 +217,9 @@ def _add_vms(cfg: ServeConfig, registry: Registry, opened: list[LogicalUnit]) ->
         raise ConfigError(f"VMs in {cfg.state_dir!r}: {exc}") from exc
     for vm in exports:
         opened.extend([*vm.guest.values(), *vm.raw.values()])
+    attach_regions(cfg.state_dir, exports)
+    for vm in exports:
+        opened.extend(vm.regions.values())
     for vm in exports:
         try:
             # the no-config demo VM is open to anyone, visibly; its other exports are not
@@ -239,5 +243,6 @@ def vm_target(vm: VmLuns, *, allow_all: bool = False) -> Target:
         allow_all=allow_all,
         origin="vm",
         raw_luns=vm.raw,
+        region_luns=vm.regions,
         vm_uuid=vm.vm_uuid,
     )

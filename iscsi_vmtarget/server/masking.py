@@ -41,7 +41,8 @@ MIN_SECRET_BYTES = 12
 MAX_SECRET_BYTES = 255
 #: The LUNs flat and peripheral addressing reach (SAM-5 §4.7.7.4).
 MAX_LUN = 16383
-VIEWS = ("guest", "raw")
+#: ``hypervisor``: the guest disks plus the VM's state and config LUNs (.hypervisor_view)
+VIEWS = ("guest", "raw", "hypervisor")
 _NAME_PREFIXES = ("iqn.", "eui.", "naa.")
 
 
@@ -312,13 +313,27 @@ def build_lun_map(
     target_luns: Mapping[int, LogicalUnit],
     acl: Acl | None,
     raw_luns: Mapping[int, LogicalUnit] | None = None,
+    region_luns: Mapping[int, LogicalUnit] | None = None,
 ) -> dict[int, LogicalUnit]:
     """The LUNs one initiator sees: mapped number -> the target's shared unit (or its
-    raw view from ``raw_luns``, or a read-only stand-in). ``acl`` None: all of them."""
+    raw view from ``raw_luns``, or a read-only stand-in). ``acl`` None: all of them,
+    never the ``region_luns`` (a VM's state and config LUNs), which only an ACL with
+    a ``hypervisor`` view gets, under their own numbers."""
     if acl is None:
         return dict(target_luns)
     out: dict[int, LogicalUnit] = {}
-    for m in acl.mapped(target_luns):
+    mapped = acl.mapped(target_luns)
+    if region_luns and (acl.view == "hypervisor" or any(m.view == "hypervisor" for m in mapped)):
+        for number, region in region_luns.items():
+            if any(m.number == number for m in mapped):
+                raise AclError(
+                    f"initiator {acl.initiator}: LUN {number} is the VM's "
+                    f"{'state' if number == min(region_luns) else 'config'} LUN in the "
+                    "hypervisor view; map the disk under another number"
+                )
+            read_only = acl.read_only or any(m.read_only for m in mapped)
+            out[number] = cast(LogicalUnit, ReadOnlyUnit(region)) if read_only else region
+    for m in mapped:
         unit = target_luns[m.target_lun]
         if m.view == "raw" and raw_luns is not None:
             # a LUN that is no VM unit has no hidden region: its raw view is itself

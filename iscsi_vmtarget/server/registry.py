@@ -42,6 +42,7 @@ class Target:
     allow_all: bool = False
     origin: str = "config"
     raw_luns: dict[int, LogicalUnit] | None = None  # raw views of VM units, by LUN
+    region_luns: dict[int, LogicalUnit] | None = None  # hypervisor view: state, config
     vm_uuid: uuid.UUID | None = None
     _views: dict[str, ScsiTarget] = field(default_factory=dict, repr=False)
 
@@ -58,7 +59,7 @@ class Target:
         LUN map is built first, so a map showing one designator twice is refused
         (:func:`~.acl.check_unique_designators`) before anything changes."""
         for acl in acls.values():
-            build_lun_map(self.scsi.luns, acl, self.raw_luns)
+            build_lun_map(self.scsi.luns, acl, self.raw_luns, self.region_luns)
         self.acls = {a.key: a for a in acls.values()}
         self.allow_all = allow_all
         self.entry = replace(
@@ -71,7 +72,7 @@ class Target:
         an ACL map showing one designator twice is refused before anything changes."""
         check_unique_designators(luns, f"target {self.name}")
         for acl in self.acls.values():
-            build_lun_map(luns, acl, self.raw_luns)
+            build_lun_map(luns, acl, self.raw_luns, self.region_luns)
         self.scsi = ScsiTarget(luns)
         self._views.clear()
 
@@ -80,7 +81,7 @@ class Target:
             return self.scsi
         view = self._views.get(acl.key)
         if view is None:
-            view = ScsiTarget(build_lun_map(self.scsi.luns, acl, self.raw_luns))
+            view = ScsiTarget(build_lun_map(self.scsi.luns, acl, self.raw_luns, self.region_luns))
             self._views[acl.key] = view
         return view
 
@@ -168,8 +169,8 @@ class Registry:
         if target is None:
             return {}
         by_unit = {id(lu): n for n, lu in target.scsi.luns.items()}
-        if target.raw_luns:
-            by_unit.update({id(lu): n for n, lu in target.raw_luns.items()})
+        for extra in (target.raw_luns, target.region_luns):
+            by_unit.update({id(lu): n for n, lu in (extra or {}).items()})
         out: dict[int, int] = {}
         for shown, lu in scsi.luns.items():
             shared = getattr(lu, "shared", lu)  # a read-only mapping's unit

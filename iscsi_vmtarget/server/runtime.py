@@ -268,8 +268,9 @@ class Runtime:
         target = registry.targets.pop(key)
         for handler in registry.connections_of(key):
             handler.abort_session("target deleted")
-        for lu in (*target.scsi.luns.values(), *(target.raw_luns or {}).values()):
-            lu.backend.close()
+        for extra in (target.scsi.luns, target.raw_luns or {}, target.region_luns or {}):
+            for lu in extra.values():
+                lu.backend.close()
         if self.server is not None:
             self.server.metrics.forget_target(key)
         log.info("target %s deleted", target.name)

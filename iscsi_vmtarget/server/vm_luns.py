@@ -76,9 +76,11 @@ class VmLuns:
     vm_uuid: uuid.UUID | None = (
         None  # the VM's identity (base unit UUID): whose grants mask this export
     )
+    #: the state and config LUNs of a hypervisor view (server/hypervisor_view.py)
+    regions: dict[int, LogicalUnit] = field(default_factory=dict)
 
     def close(self) -> None:
-        for lu in (*self.guest.values(), *self.raw.values()):
+        for lu in (*self.guest.values(), *self.raw.values(), *self.regions.values()):
             lu.backend.close()
 
 

@@ -93,9 +93,10 @@ class Attack:
                 self.sweep(name, {0} if one_disk else {0, 1})
                 self.swept.add(name)
 
-    def sweep(self, name: str, mapped: set[int]) -> None:
-        """The owner's session: LUN 0..255 in every method; only ``mapped`` answer."""
-        with self.session(owner(name) or "", name) as ini:
+    def sweep(self, name: str, mapped: set[int], who: str | None = None) -> None:
+        """The owner's (or ``who``'s) session: LUN 0..255 in every method; only
+        ``mapped`` answer."""
+        with self.session(who or owner(name) or "", name) as ini:
             for n in mapped:
                 ini.command(bytes(6), lun=n)  # the power-on unit attention
             for n in range(256):

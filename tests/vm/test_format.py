@@ -71,8 +71,8 @@ def _rechecksum(slot: bytearray) -> bytearray:
 
 def test_newer_format_version_is_named() -> None:
     slot = bytearray(encode_header(make_header(Mode.TRUNCATE, 8 * MIB)))
-    struct.pack_into("<H", slot, 8, 3)
-    with pytest.raises(NewerFormatError, match="format version 3"):
+    struct.pack_into("<H", slot, 8, 4)
+    with pytest.raises(NewerFormatError, match="format version 4"):
         decode_header(_rechecksum(slot))
 
 
@@ -118,7 +118,7 @@ def test_scan_refuses_a_newer_unit_even_next_to_an_older_slot() -> None:
     backend, header = _unit()
     write_slot(backend, header, 0)
     slot = bytearray(encode_header(replace(header, generation=9)))
-    struct.pack_into("<H", slot, 8, 3)
+    struct.pack_into("<H", slot, 8, 4)
     backend.write(header.meta_offset + SLOT_OFFSETS[1], _rechecksum(slot))  # type: ignore[attr-defined]
     with pytest.raises(NewerFormatError):
         scan_slots(backend)

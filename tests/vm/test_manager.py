@@ -128,7 +128,7 @@ def test_newer_format_unit_is_reported_and_left_alone(manager: VmManager, state_
     for rel in SLOT_OFFSETS:
         slot = meta + rel
         if data[slot : slot + 8] == b"IVMTUNIT":
-            struct.pack_into("<H", data, slot + 8, 3)  # format version 3
+            struct.pack_into("<H", data, slot + 8, 4)  # format version 4
             (length,) = struct.unpack_from("<H", data, slot + 10)
             data[slot + length : slot + length + 32] = hashlib.sha256(
                 data[slot : slot + length]
@@ -136,13 +136,13 @@ def test_newer_format_unit_is_reported_and_left_alone(manager: VmManager, state_
     path.write_bytes(data)
     before = snapshot(state_dir)
     found = manager.discover()
-    assert not found.vms and "format version 3" in found.damaged[0]["reason"]
+    assert not found.vms and "format version 4" in found.damaged[0]["reason"]
     for action in (
         lambda: resize_vm(manager, "old", disk=2 * DISK),
         lambda: write_state(manager, "old", b"x"),
         lambda: manager.delete("old"),
     ):
-        with pytest.raises(NotFoundError, match="format version 3"):
+        with pytest.raises(NotFoundError, match="format version 4"):
             action()
     assert snapshot(state_dir) == before
 

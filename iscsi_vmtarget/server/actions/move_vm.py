@@ -15,6 +15,7 @@ from ...vm import StateDir, VmManager
 from ...vm.operations.move import move_live
 from ...vm.units.device_lease import keeper as lease_keeper
 from ...vm.units.lease import LeaseHeldError
+from ..hypervisor_view import rebind_regions
 from ..runtime import Args, Runtime
 from .served import PROGRESS_ARG, other_chains, served_vm_target, vm_chains
 
@@ -38,6 +39,7 @@ def move_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]
             progress=args.get(PROGRESS_ARG),
         )
         _lease_moved(state_dir, runtime, manager, name)
+    rebind_regions(state_dir, own.region_luns or {}, name, args.get("key_file"))
     log.info("vm %s moved live to pool %s: %s", name, pool, report)
     return {"moved": report.to_json()}
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ...vm import StateDir, VmManager
 from ..config import vm_target
+from ..hypervisor_view import attach_regions
 from ..persist import ConfigStore
 from ..runtime import Args, Runtime
 from ..vm_luns import VmLuns, export_vm, vm_target_name
@@ -31,7 +32,13 @@ def serve_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any
         return {"target": iqn, "was_served": True}
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         vm = manager.find(name, manager.discover(repair=False))
-        add_vm_target(state_dir, runtime, export_vm(vm, manager.catalog, manager.state.root))
+        luns = export_vm(vm, manager.catalog, manager.state.root)
+    try:
+        attach_regions(state_dir, [luns], args.get("key_file"))
+    except BaseException:
+        luns.close()
+        raise
+    add_vm_target(state_dir, runtime, luns)
     log.info("vm %s: now served as %s", name, iqn)
     return {"target": iqn, "was_served": False}
 

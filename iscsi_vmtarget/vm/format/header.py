@@ -64,6 +64,11 @@ and config when the snapshot was taken, and its sealed snapshot metadata), the p
 layer UUID and the tops list. A unit that needs none of them is still written as
 version 1, so VMs without snapshots stay readable by version-1 readers; version-1
 readers report a version-2 unit as newer and leave it alone.
+
+Version 3 (issue 14) is version 2 plus one region status, BLOCKS (4): a state or config
+region a hypervisor writes through its LUN, in the block format of :mod:`.sealed_blocks`.
+Only a unit with such a region is written as version 3; version-2 readers refuse it as
+newer instead of misreading its chunks.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ from ...storage.backend import BlockBackend
 from ..vm_errors import FormatError, NewerFormatError
 
 MAGIC: Final = b"IVMTUNIT"
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
 BLOCK: Final = 512
 MIB: Final = 1 << 20
 #: Every region starts on a MiB boundary (the alignment partitioning tools use).
@@ -149,6 +154,7 @@ class RegionStatus(IntEnum):
     VALID = 1
     WRITING = 2  # a write was started and not finished: the content is unusable
     STAGED = 3  # complete in the staging chunks (sealed.py); the copy to chunk 0 is owed
+    BLOCKS = 4  # version 3: chunks in the block format of sealed_blocks.py (hypervisor view)
 
 
 ENCRYPTED_KINDS: Final = frozenset({RegionKind.STATE, RegionKind.CONFIG, RegionKind.SNAPMETA})
@@ -274,11 +280,12 @@ def encode_header(h: UnitHeader) -> bytes:
         raise ValueError(f"name {h.name!r} is longer than {MAX_NAME_BYTES} bytes")
     if len(h.wrapped_key) > 48 or len(h.key_id) != 8 or len(h.naa) != 16:
         raise ValueError("bad key or designator length")
-    v2 = h.needs_v2
+    v3 = any(r.status is RegionStatus.BLOCKS for r in h.regions)
+    v2 = h.needs_v2 or v3
     reserved = _V2.pack((h.parent_uuid or uuid.UUID(int=0)).bytes, len(h.tops), b"") if v2 else b""
     fixed = _FIXED.pack(
         MAGIC,  # marker
-        2 if v2 else 1,  # format version: 1 unless a version-2 feature is used
+        3 if v3 else 2 if v2 else 1,  # format version: the oldest that holds h
         0,  # header length, patched below
         0,  # flags
         h.generation,  # generation

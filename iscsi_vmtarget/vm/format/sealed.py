@@ -71,6 +71,8 @@ def staging_slot(region: Region, length: int) -> int | None:
     """The first staging chunk for a rewrite of ``length`` bytes: the last chunks of
     the region, clear of the chunks the committed content uses and of those the copy
     will fill. None: too large to stage, the rewrite goes in place."""
+    if region.status is RegionStatus.BLOCKS:
+        return None  # block format (sealed_blocks.py): any slot may hold live content
     new = chunks_of(length)
     old = chunks_of(region.used) if region.status is RegionStatus.VALID else 0
     first = capacity(region.length) // CHUNK - new
@@ -87,10 +89,12 @@ def first_slot(region: Region) -> int:
 def move_plan(old: Region, new: Region) -> list[Move]:
     """Copies that carry ``old``'s table entries and used chunks into ``new`` (the same
     status and length of content; staged content lands in ``new``'s staging chunks)."""
-    if not old.used:
+    if not old.used and old.status is not RegionStatus.BLOCKS:
         return []
     used_chunks = chunks_of(old.used)
     src, dst = first_slot(old), first_slot(new)
+    if old.status is RegionStatus.BLOCKS:  # chunks anywhere (sealed_blocks.py): all slots
+        used_chunks = capacity(old.length) // CHUNK
     return [
         Move(old.offset + src * ENTRY, new.offset + dst * ENTRY, used_chunks * ENTRY),
         Move(
@@ -163,3 +167,22 @@ def read_chunks(
             )
         ciphertext = bytes(backend.read(data_base + index * CHUNK, length))
         yield cipher.open(index, region.generation, nonce, ciphertext, tag, what)
+
+
+def read_chunk(
+    backend: BlockBackend, region: Region, cipher: RegionCipher, index: int, what: str
+) -> bytes:
+    """Chunk ``index`` of ``region``'s content alone (what :func:`read_chunks` yields
+    for it): random access for a region's block view (:mod:`.region_backend`)."""
+    first = first_slot(region)
+    entry = backend.read(region.offset + (first + index) * ENTRY, ENTRY)
+    nonce, tag, generation, length, flags, _ = _ENTRY.unpack(entry)
+    expected = min(CHUNK, region.used - index * CHUNK)
+    if not flags & _PRESENT or length != expected or generation != region.generation:
+        raise IntegrityError(
+            f"{what}: chunk {index} is missing, stale or has the wrong length "
+            "(tampered or torn); refusing to return its bytes"
+        )
+    data_base = region.offset + table_bytes(region.length) + first * CHUNK
+    ciphertext = bytes(backend.read(data_base + index * CHUNK, length))
+    return cipher.open(index, region.generation, nonce, ciphertext, tag, what)

@@ -27,7 +27,7 @@ from dataclasses import replace
 from ...scsi.logical_unit import UnitIdentity
 from ...storage.backend import BlockBackend
 from .. import faults
-from ..format import sealed
+from ..format import sealed, sealed_blocks
 from ..format.crypto import Keyring, MasterKey, RandomSource, RegionCipher, new_data_key
 from ..format.gpt import write_gpt
 from ..format.header import (
@@ -160,6 +160,11 @@ class Unit:
             )
         if region.status is RegionStatus.EMPTY:
             return iter(())
+        if region.status is RegionStatus.BLOCKS:  # written through a hypervisor view
+            key = self.data_key(keyring)
+            return sealed_blocks.read_image(
+                self.backend, region, key, self.header.unit_uuid, kind, what
+            )
         cipher = self._cipher(keyring, kind, os.urandom)
         return sealed.read_chunks(self.backend, region, cipher, what)
 

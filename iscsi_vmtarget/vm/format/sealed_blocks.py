@@ -1,0 +1,297 @@
+"""Block access to a sealed region: any 512-byte write, atomic per chunk (issue 14).
+
+The hypervisor view (:mod:`iscsi_vmtarget.server.hypervisor_view`) shows the state and
+config regions as LUNs a hypervisor writes like a disk. The whole-region rewrite of
+:mod:`.sealed` (stage, then switch with a header commit) is no use there: every write
+would rewrite the region. A region in status BLOCKS keeps its chunks log-structured
+instead, with the region's chunk table and chunk slots laid out as in :mod:`.sealed`:
+
+* a *logical* chunk (64 KiB of the LUN) lives in any physical slot; the slot's table
+  entry names it: nonce (12), tag (16), sequence u64, logical index u32, flags u32
+  (bit 0 present, bit 1 block format), 20 reserved - the same 64 bytes as a
+  :mod:`.sealed` entry;
+* a write seals the chunk's new content (read-modify-write for a partial chunk) into a
+  *free* slot with sequence + 1; the slot that held the old content is freed only after
+  the next flush, and its table entry is cleared then (so a tampered chunk has no
+  older copy to fall back on: it fails). AES-256-GCM binds the unit, the region kind
+  (with bit 7 set: the block format), the logical index, the sequence and the length,
+  so a kill -9 in the middle of a write leaves a slot that fails authentication beside
+  the old one that passes: every chunk reads back as its old or its new content,
+  never as a tag failure;
+* ``SPARE`` slots (2 to 64, 1/16 of the region) are kept free for that, so the LUN holds
+  ``capacity(length) - SPARE`` chunks;
+* a region written by :meth:`.unit.Unit.write_region` (status VALID: ``vm state write``,
+  a revert) converts in place: its chunk ``i`` is logical chunk ``i`` with sequence 0,
+  authenticated the old way; the conversion only clears the table entries past the
+  content and commits status BLOCKS (format version 3, :mod:`.format`), so it is
+  crash-atomic too.
+
+The header's ``used`` of a BLOCKS region is the length of the image a hypervisor
+recorded (the stream descriptor of :mod:`iscsi_vmtarget.server.hypervisor_view`);
+:func:`read_image` returns those bytes, so snapshots, clones and ``vm state read`` see
+exactly what was pushed.
+
+A replay of a whole older slot (both ciphertext and entry) by someone who can write the
+pool is not detected (the sequence is per chunk, not in the header).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+from ...storage.backend import BlockBackend
+from ..vm_errors import IntegrityError
+from . import sealed
+from .crypto import RandomSource, RegionCipher
+from .header import Region, RegionKind, RegionStatus
+
+CHUNK: Final = sealed.CHUNK
+ENTRY: Final = sealed.ENTRY
+BLOCK_FORMAT: Final = 0x80  # or-ed into the region kind of the AEAD's associated data
+_ENTRY = struct.Struct("<12s16sQII20s")
+_PRESENT: Final = 0x01
+_BLOCK: Final = 0x02
+
+
+def slots_of(length: int) -> int:
+    """Physical chunk slots of a region of ``length`` bytes."""
+    return sealed.capacity(length) // CHUNK
+
+
+def spare_of(length: int) -> int:
+    return max(2, min(64, slots_of(length) // 16))
+
+
+def block_capacity(length: int) -> int:
+    """Bytes of a region of ``length`` bytes a block-format LUN offers."""
+    return max(0, slots_of(length) - spare_of(length)) * CHUNK
+
+
+@dataclass
+class _Slot:
+    physical: int
+    sequence: int
+    nonce: bytes
+    tag: bytes
+    legacy_length: int = 0  # > 0: a chunk sealed by sealed.write_chunks (sequence 0)
+
+
+@dataclass
+class BlockMap:
+    """Where each logical chunk of a BLOCKS region is: its slots, newest first."""
+
+    region: Region
+    chunks: dict[int, list[_Slot]] = field(default_factory=dict)
+    free: list[int] = field(default_factory=list)
+    retired: list[int] = field(default_factory=list)  # free after the next flush
+    dirty: bool = False
+
+    @classmethod
+    def scan(cls, backend: BlockBackend, region: Region) -> BlockMap:
+        out = cls(region)
+        count = slots_of(region.length)
+        table = backend.read(region.offset, count * ENTRY)
+        for p in range(count):
+            nonce, tag, seq, logical, flags, _ = _ENTRY.unpack_from(table, p * ENTRY)
+            if flags & _BLOCK and logical < count:
+                out.chunks.setdefault(logical, []).append(_Slot(p, seq, nonce, tag))
+            elif flags & _PRESENT and seq == region.generation and 0 < logical <= CHUNK:
+                out.chunks.setdefault(p, []).append(_Slot(p, 0, nonce, tag, logical))
+            else:
+                out.free.append(p)
+        for slots in out.chunks.values():
+            slots.sort(key=lambda s: s.sequence, reverse=True)
+        out.free.reverse()  # pop() takes the lowest slot first
+        return out
+
+
+class BlockCodec:
+    """Read and write logical chunks of one BLOCKS region (the caller serializes)."""
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        data_key: bytes,
+        unit_uuid: uuid.UUID,
+        kind: RegionKind,
+        what: str,
+        random: RandomSource = os.urandom,
+    ) -> None:
+        self.backend = backend
+        self.what = what
+        self.legacy = RegionCipher(data_key, unit_uuid, kind, random)
+        self._cipher = RegionCipher(data_key, unit_uuid, kind | BLOCK_FORMAT, random)
+
+    def _data(self, region: Region, physical: int) -> int:
+        return region.offset + sealed.table_bytes(region.length) + physical * CHUNK
+
+    def _open(self, bmap: BlockMap, logical: int) -> tuple[bytes, _Slot | None]:
+        """The newest slot of ``logical`` that authenticates (and its plaintext)."""
+        slots = bmap.chunks.get(logical)
+        if not slots:
+            return bytes(CHUNK), None
+        region = bmap.region
+        for slot in slots:
+            if slot.legacy_length:
+                data = bytes(
+                    self.backend.read(self._data(region, slot.physical), slot.legacy_length)
+                )
+                try:
+                    plain = self.legacy.open(
+                        logical, region.generation, slot.nonce, data, slot.tag, self.what
+                    )
+                except IntegrityError:
+                    continue
+                return plain.ljust(CHUNK, b"\0"), slot
+            data = bytes(self.backend.read(self._data(region, slot.physical), CHUNK))
+            try:
+                return self._cipher.open(
+                    logical, slot.sequence, slot.nonce, data, slot.tag, self.what
+                ), slot
+            except IntegrityError:
+                continue  # torn by a crash mid-write: an older slot holds the content
+        raise IntegrityError(
+            f"{self.what}: chunk {logical} failed authentication in every slot "
+            "(tampered or corrupted); refusing to return its bytes"
+        )
+
+    def read_chunk(self, bmap: BlockMap, logical: int) -> bytes:
+        return self._open(bmap, logical)[0]
+
+    def write_chunk(
+        self, bmap: BlockMap, logical: int, offset: int, data: bytes | memoryview
+    ) -> None:
+        """Put ``data`` at ``offset`` of logical chunk ``logical`` into a free slot."""
+        if offset == 0 and len(data) == CHUNK:
+            self.write_chunks(bmap, logical, data)
+            return
+        old, current = self._open(bmap, logical)
+        buf = bytearray(old)
+        buf[offset : offset + len(data)] = data
+        self._store(bmap, [self._seal(bmap, logical, buf, current)])
+
+    def write_chunks(self, bmap: BlockMap, first: int, data: bytes | memoryview) -> None:
+        """Whole chunks from logical chunk ``first`` on: sealed one by one, written with
+        one write per run of adjacent free slots (a 1 MiB write: usually one)."""
+        view = memoryview(data).cast("B")
+        pending: list[tuple[int, bytes, bytes]] = []
+        for k in range(len(view) // CHUNK):
+            if not bmap.free:  # never flush (free old copies) before the new ones are out
+                self._store(bmap, pending)
+                pending = []
+            logical = first + k
+            current = self._current_slot(bmap, logical)
+            pending.append(self._seal(bmap, logical, view[k * CHUNK : (k + 1) * CHUNK], current))
+        self._store(bmap, pending)
+
+    def _seal(
+        self,
+        bmap: BlockMap,
+        logical: int,
+        plain: bytes | bytearray | memoryview,
+        current: _Slot | None,
+    ) -> tuple[int, bytes, bytes]:
+        """Seal ``plain`` as ``logical``'s next copy into a free slot (updating the map;
+        the slots it replaces retire): (slot, ciphertext, table entry) to write."""
+        slots = bmap.chunks.get(logical, [])
+        sequence = max((s.sequence for s in slots), default=0) + 1
+        target = self._take_free(bmap)
+        nonce, ciphertext, tag = self._cipher.seal(logical, sequence, plain)
+        entry = _ENTRY.pack(nonce, tag, sequence, logical, _PRESENT | _BLOCK, b"")
+        for slot in slots:  # the old content until the flush, torn leftovers at once
+            (bmap.retired if slot is current else bmap.free).append(slot.physical)
+        bmap.chunks[logical] = [_Slot(target, sequence, nonce, tag)]
+        return target, ciphertext, entry
+
+    def _store(self, bmap: BlockMap, placed: list[tuple[int, bytes, bytes]]) -> None:
+        placed.sort()
+        start = 0
+        for i in range(1, len(placed) + 1):
+            if i < len(placed) and placed[i][0] == placed[i - 1][0] + 1:
+                continue
+            run = placed[start:i]
+            first = run[0][0]
+            self.backend.write(self._data(bmap.region, first), b"".join(p[1] for p in run))
+            self.backend.write(bmap.region.offset + first * ENTRY, b"".join(p[2] for p in run))
+            start = i
+        bmap.dirty = bmap.dirty or bool(placed)
+
+    def _current_slot(self, bmap: BlockMap, logical: int) -> _Slot | None:
+        slots = bmap.chunks.get(logical)
+        if not slots:
+            return None
+        if len(slots) == 1:
+            return slots[0]  # nothing newer was ever torn over it
+        try:
+            return self._open(bmap, logical)[1]
+        except IntegrityError:
+            return None  # every slot is damaged: the whole chunk is replaced anyway
+
+    def _take_free(self, bmap: BlockMap) -> int:
+        if not bmap.free:
+            self.flush(bmap)
+        if not bmap.free:
+            raise IntegrityError(f"{self.what}: no free chunk slot (table damaged)")
+        return bmap.free.pop()
+
+    def flush(self, bmap: BlockMap) -> None:
+        """Make the written slots durable, then let the slots they replace be reused
+        (never overwrite the only durable copy of a chunk)."""
+        if bmap.dirty:
+            self.backend.flush()
+            bmap.dirty = False
+        retired = sorted(bmap.retired)  # one copy per chunk from now on: a tampered one fails
+        start = 0
+        for i in range(1, len(retired) + 1):
+            if i == len(retired) or retired[i] != retired[i - 1] + 1:
+                at = bmap.region.offset + retired[start] * ENTRY
+                self.backend.write(at, bytes((i - start) * ENTRY))
+                start = i
+        bmap.free.extend(reversed(bmap.retired))
+        bmap.retired.clear()
+
+
+def convert(backend: BlockBackend, region: Region) -> Region:
+    """Make a VALID (or EMPTY, or WRITING) region's table a block-format table: entries
+    past the content (staging leftovers, older content) are cleared, the content's own
+    chunks stay as they are. Returns the region to commit (status BLOCKS); the caller
+    flushes and commits. Crash-safe: nothing the old status reads is touched."""
+    keep = sealed.chunks_of(region.used) if region.status is RegionStatus.VALID else 0
+    count = slots_of(region.length)
+    if keep > count - spare_of(region.length):
+        raise IntegrityError(
+            f"the region holds {region.used} bytes, more than its block view's "
+            f"{block_capacity(region.length)}; grow it first"
+        )
+    backend.write(region.offset + keep * ENTRY, bytes((count - keep) * ENTRY))
+    used = region.used if keep else 0
+    return Region(
+        region.kind,
+        region.offset,
+        region.length,
+        region.encrypted,
+        RegionStatus.BLOCKS,
+        region.generation if keep else region.generation + 1,
+        used,
+    )
+
+
+def read_image(
+    backend: BlockBackend,
+    region: Region,
+    data_key: bytes,
+    unit_uuid: uuid.UUID,
+    kind: RegionKind,
+    what: str,
+) -> Iterator[bytes]:
+    """The ``region.used`` bytes of a BLOCKS region, chunk by chunk (authenticated)."""
+    codec = BlockCodec(backend, data_key, unit_uuid, kind, what)
+    bmap = BlockMap.scan(backend, region)
+    for index in range(sealed.chunks_of(region.used)):
+        plain = codec.read_chunk(bmap, index)
+        yield plain[: min(CHUNK, region.used - index * CHUNK)]
