@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 import sys
@@ -29,11 +30,16 @@ def need(*tools: str) -> None:
 def build_guest() -> Path:
     """The guest (kernel + initramfs), built once and cached between runs."""
     need("qemu-system-x86_64", "apt-get", "dpkg-deb", "ldd")
-    try:
-        return guest_tools.build()
-    except (subprocess.CalledProcessError, RuntimeError) as e:
-        detail = getattr(e, "stderr", "") or ""
-        pytest.fail(f"building the guest failed: {e}\n{detail}")
+    guest_tools.cache_root().mkdir(parents=True, exist_ok=True)
+    # one build at a time: pytest-xdist workers share the cache (and a build prunes
+    # the older ones)
+    with open(guest_tools.cache_root() / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return guest_tools.build()
+        except (subprocess.CalledProcessError, RuntimeError) as e:
+            detail = getattr(e, "stderr", "") or ""
+            pytest.fail(f"building the guest failed: {e}\n{detail}")
 
 
 def step_output(run: guest_tools.GuestRun, name: str, rc: int | None = 0) -> str:
