@@ -64,7 +64,7 @@ def read_log_offsets(path: str) -> Iterator[tuple[int, Record]]:
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, bytes]]:
-    """The data (non-hole) extents of an open file, as (offset, bytes)."""
+    """The data (non-hole, non-zero) extents of an open file, as (offset, bytes)."""
     out: list[tuple[int, bytes]] = []
     pos = 0
     while pos < size:
@@ -73,7 +73,10 @@ def data_extents(fd: int, size: int) -> list[tuple[int, bytes]]:
         except OSError:
             break  # ENXIO: only a hole remains
         end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out.append((start, os.pread(fd, end - start, start)))
+        for at in range(start, end, 1 << 16):  # zeros left out: a copy may be dense
+            piece = os.pread(fd, min(1 << 16, end - at), at)
+            if piece.count(0) != len(piece):
+                out.append((at, piece))
         pos = end
     return out
 

@@ -92,7 +92,7 @@ class Sparse:
         try:
             os.ftruncate(fd, self.size)
             for page, buf in self.pages.items():
-                if any(buf):
+                if buf.count(0) != PAGE:
                     os.pwrite(fd, bytes(buf[: max(0, min(PAGE, self.size - page * PAGE))]),
                               page * PAGE)  # fmt: skip
         finally:
@@ -226,7 +226,7 @@ def _digest(dirs: dict[str, int], names: dict[str, int], inodes: dict[int, Spars
         content = inodes.get(ino, Sparse())
         h.update(f"{path}\0{ino}\0{content.size}\0".encode())
         for page in sorted(content.pages):
-            if any(content.pages[page]):
+            if content.pages[page].count(0) != PAGE:
                 h.update(page.to_bytes(8, "little") + content.pages[page])
     return h.hexdigest()
 

@@ -17,8 +17,9 @@ check the invariants of issue 17:
   block of VM ``b`` in ``a`` (a freed copy-on-write grain handed out twice) fails.
 
 The state every operation starts from (:func:`setup`): VM ``a`` (2 MiB disk, a 2 MiB
-secondary, encrypted state) with snapshot ``s1`` taken between two generations of
-writes, VM ``b`` with its own blocks, a grant, and a second pool ``p2``.
+secondary, encrypted state) with snapshot ``s1`` (full) taken between two generations
+of writes and ``s2`` (delta) after them, VM ``b`` with its own blocks and a grant
+(``move`` creates its second pool ``p2`` first, unrecorded).
 """
 
 from __future__ import annotations
@@ -143,7 +144,6 @@ def setup(state: Path) -> None:
     """The state every operation starts from (module docstring)."""
     run_cli(state, "vm", "create", "a", "--disk", "2M", "--memory", "1M", "--secondary", "2M")
     run_cli(state, "vm", "create", "b", "--disk", "2M", "--memory", "1M")
-    run_cli(state, "pool", "create", "p2", "--path", str(state / "p2"))
     run_cli(state, "acl", "add", "--vm", "a", HOST)
     with VmManager(StateDir.at(str(state))) as manager:
         manager.write_state("a", io.BytesIO(STATE), len(STATE))
@@ -153,6 +153,7 @@ def setup(state: Path) -> None:
     run_cli(state, "vm", "snapshot", "a", "s1")
     with VmManager(StateDir.at(str(state))) as manager:
         write_blocks(manager, "a", GEN2)
+    run_cli(state, "vm", "snapshot", "a", "s2")  # a delta one ('fill' makes it full)
 
 
 @dataclass
@@ -172,6 +173,7 @@ class Scenario:
     name: str
     args: tuple[str, ...]
     after: Callable[[World], World]
+    before: tuple[str, ...] = ()  # a CLI command run first, not recorded ({state})
 
 
 def _with(world: World, **changes: object) -> World:
@@ -186,28 +188,30 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("create", ("vm", "create", "c", "--disk", "2M", "--memory", "1M"),
                  lambda w: _with(w, vms={"c": image({}, {0: 2 * MIB})}, snapshots={"c": ()})),
-        Scenario("snapshot", ("vm", "snapshot", "a", "s2"),
-                 lambda w: _with(w, snapshots={"a": ("s1", "s2")})),
-        Scenario("snapshot-full", ("vm", "snapshot", "a", "s2", "--full"),
-                 lambda w: _with(w, snapshots={"a": ("s1", "s2")})),
-        Scenario("fill", ("vm", "snapshot", "fill", "a", "s1"), lambda w: w),
+        Scenario("snapshot", ("vm", "snapshot", "a", "s3"),
+                 lambda w: _with(w, snapshots={"a": ("s1", "s2", "s3")})),
+        Scenario("snapshot-full", ("vm", "snapshot", "a", "s3", "--full"),
+                 lambda w: _with(w, snapshots={"a": ("s1", "s2", "s3")})),
+        Scenario("fill", ("vm", "snapshot", "fill", "a", "s2"), lambda w: w),
         Scenario("revert", ("vm", "revert", "a", "s1"), lambda w: _with(w, vms={"a": A_S1})),
         Scenario("delete-snapshot", ("vm", "snapshot", "delete", "a", "s1"),
-                 lambda w: _with(w, snapshots={"a": ()})),
+                 lambda w: _with(w, snapshots={"a": ("s2",)})),
         Scenario("resize", ("vm", "resize", "a", "--disk", "3M"),
                  lambda w: _with(w, vms={"a": {**A_NOW, 0: (3 * MIB, A_NOW[0][1])}})),
         Scenario("resize-memory", ("vm", "resize", "b", "--memory", "2M"), lambda w: w),
-        Scenario("clone", ("vm", "clone", "a", "c"),
-                 lambda w: _with(w, vms={"c": A_NOW}, snapshots={"c": ()})),
+        Scenario("clone", ("vm", "clone", "a", "c"),  # a linked clone rests on a snapshot
+                 lambda w: _with(w, vms={"c": A_NOW},
+                                 snapshots={"a": ("clone-c", "s1", "s2"), "c": ()})),
         Scenario("clone-full", ("vm", "clone", "a", "c", "--from-snapshot", "s1", "--full"),
                  lambda w: _with(w, vms={"c": A_S1}, snapshots={"c": ()})),
-        Scenario("move", ("vm", "move", "b", "--pool", "p2"), lambda w: w),
+        Scenario("move", ("vm", "move", "b", "--pool", "p2"), lambda w: w,
+                 ("pool", "create", "p2", "--path", "{state}/p2")),
         Scenario("delete-vm", ("vm", "delete", "b"),
                  lambda w: _with(w, vms={"b": None}, snapshots={"b": ()})),
         Scenario("key-rotate", ("key", "rotate"), lambda w: w),
         Scenario("acl", ("acl", "add", "--vm", "b", HOST), lambda w: w),
         Scenario("config", ("vm", "config", "set", "a", "cpus=4"), lambda w: w),
-        Scenario("state-write", ("vm", "state", "write", "b", "-"), lambda w: w),  # STATE[::-1]
+        Scenario("state-write", ("vm", "state", "write", "b", "{work}/state.img"), lambda w: w),
     )
 }  # fmt: skip
 
@@ -218,11 +222,16 @@ def observe(state: Path, names: tuple[str, ...]) -> tuple[World, list[str]]:
     world = World({})
     with VmManager(StateDir.at(str(state))) as manager:
         found = manager.discover()
-        if found.damaged or found.orphans:
-            failures.append(f"discover: damaged {found.damaged} orphans {found.orphans}")
+        # An orphan secondary of a cut 'vm create' is reported, not removed (its base
+        # may sit in a pool not attached now); a clone's temporary ones are removed.
+        leftovers = [u.ref.location for u in found.orphans if u.header.name.startswith("c-")]
+        if found.damaged or leftovers:
+            failures.append(f"discover: damaged {found.damaged}, clone leftovers {leftovers}")
         again = manager.discover()
         if again.repaired or again.damaged:
-            failures.append(f"a second discover still repaired {again.repaired}")
+            failures.append(
+                f"a second discover still repaired {again.repaired} or found {again.damaged}"
+            )
         present = {vm.name for vm in found.vms}
         for name in names:
             if name not in present:
@@ -326,6 +335,12 @@ def _tmp(parent: Path, prefix: str) -> Iterator[Path]:
 NAMES = ("a", "b", "c")
 
 
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a state directory keeping its files sparse (units are mostly holes)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-a", "--sparse=always", f"{src}/.", str(dst)], check=True)
+
+
 def prepare(workdir: Path) -> tuple[Path, World]:
     """The starting state, once per work directory, and its world."""
     base = workdir / "base"
@@ -335,7 +350,7 @@ def prepare(workdir: Path) -> tuple[Path, World]:
         setup(build)
         build.rename(base)
     with _tmp(workdir, "observe-") as copy:
-        shutil.copytree(base, copy, dirs_exist_ok=True, symlinks=True)
+        copy_tree(base, copy)
         world, failures = observe(copy, NAMES)
     if failures:
         raise RuntimeError(f"the starting state is already wrong: {failures}")
@@ -347,21 +362,23 @@ def record(scenario: Scenario, base: Path, before: World, workdir: Path) -> tupl
     world it leaves (read from a copy, so the recorded tree is not touched)."""
     state = workdir / f"rec-{scenario.name}"
     shutil.rmtree(state, ignore_errors=True)
-    shutil.copytree(base, state, symlinks=True)
+    copy_tree(base, state)
+    if scenario.before:  # a pool path is absolute: made in the copy, not in base
+        run_cli(state, *(a.replace("{state}", str(state)) for a in scenario.before))
     logfile = workdir / f"{scenario.name}.log"
     logfile.unlink(missing_ok=True)
-    args = [*scenario.args, "--state-dir", str(state)]
+    (workdir / "state.img").write_bytes(STATE[::-1])  # what 'state-write' stores
+    args = [*(a.replace("{work}", str(workdir)) for a in scenario.args), "--state-dir", str(state)]
     done = subprocess.run(
         [sys.executable, "-m", "iscsi_vmtarget.testing.fsrecord", str(logfile), str(state),
          "--", *args],
-        input=STATE[::-1] if scenario.name == "state-write" else b"",
         capture_output=True, env=python_env(),
     )  # fmt: skip
     if done.returncode:
         raise RuntimeError(f"{scenario.name}: {done.stderr.decode()[-2000:]}")
     log = Log.parse(read_log(str(logfile)))
     with _tmp(workdir, "after-") as copy:
-        shutil.copytree(state, copy, dirs_exist_ok=True, symlinks=True)
+        copy_tree(state, copy)
         after, failures = observe(copy, NAMES)
     expected = scenario.after(before)
     for name in NAMES:
@@ -369,7 +386,10 @@ def record(scenario: Scenario, base: Path, before: World, workdir: Path) -> tupl
         if want is not None and isinstance(next(iter(want.values())), tuple):
             want = expand(want)  # a hand-written image (the rest are read ones)
         if after.vms.get(name) != want or after.snapshots.get(name) != expected.snapshots.get(name):
-            failures.append(f"VM {name} is not as the operation promises")
+            failures.append(
+                f"VM {name} is not as the operation promises "
+                f"(snapshots {after.snapshots.get(name)})"
+            )
     if failures:
         raise RuntimeError(f"{scenario.name} without a cut already fails: {failures}")
     return log, after
@@ -381,6 +401,7 @@ def run_scenario(
     limit: int | None = None,
     seeds: int = 2,
     spread: int | None = None,
+    select: Callable[[Log], set[int]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Run:
     """Every cut point of the first ``limit`` mutations (or ``spread`` cut points evenly
@@ -393,6 +414,8 @@ def run_scenario(
     cuts = set()
     total = len(log.ops)
     points = {total * (i + 1) // (spread + 1) for i in range(spread)} if spread else None
+    if select is not None:
+        points = select(log)
     for n, choice, seed in plan(log, limit, seeds):
         if points is not None and n not in points and n != total:
             continue

@@ -111,7 +111,7 @@ def test_admin_operation_survives_power_cuts(name: str, workdir: Path) -> None:
     spread = int(os.environ.get("ISCSI_POWERCUT_POINTS", "2"))
     run = run_scenario(scenario, workdir, seeds=1, spread=spread)
     assert run.failures == [], run.summary()
-    assert run.checked >= 3, run.summary()
+    assert run.checked >= 2, run.summary()  # the old state and the new at least
 
 
 @pytest.mark.slow
@@ -122,3 +122,19 @@ def test_acknowledged_writes_survive_power_cuts(wce: bool, tmp_path: Path) -> No
     run = powercut_io.run(tmp_path, wce, groups=25, limit=None, seeds=1)
     assert run.failures == [], run.summary()
     assert run.acknowledged >= 25 and run.checked >= run.cut_points
+
+
+def _between_unit_creations(log: Log) -> set[int]:
+    """The cut points between the first and the last unit made (renamed into place)."""
+    made = [i for i, op in enumerate(log.ops) if op[0] == "rename" and op[2].endswith(".unit")]
+    return set(range(made[0] + 1, made[-1] + 1)) if made else set()
+
+
+@pytest.mark.slow
+def test_a_clone_cut_between_its_units_leaves_no_orphan(workdir: Path) -> None:
+    """Found by the simulator: a full clone cut after its secondary unit was made but
+    before its base unit left the secondary behind as an orphan (the intent's cleanup
+    looked for the temporary VM by its base unit only)."""
+    run = run_scenario(SCENARIOS["clone-full"], workdir, seeds=1, select=_between_unit_creations)
+    assert run.failures == [], run.failures[:3]
+    assert run.cut_points >= 2, run.summary()
