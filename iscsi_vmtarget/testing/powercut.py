@@ -103,7 +103,8 @@ class Sparse:
 class Log:
     """A recorded operation: the tree it started from and its mutations, in order."""
 
-    dirs: dict[str, int] = field(default_factory=dict)  # path -> inode
+    # path -> inode, as (number, generation): a number freed and reused is a new inode
+    dirs: dict[str, int] = field(default_factory=dict)
     files: dict[str, int] = field(default_factory=dict)
     inodes: dict[int, Sparse] = field(default_factory=dict)
     ops: list[Record] = field(default_factory=list)
@@ -111,17 +112,28 @@ class Log:
     @classmethod
     def parse(cls, records: list[Record]) -> Log:
         log = cls()
+        generation: dict[int, int] = {}  # a freed inode number is reused by a new file
+
+        def ident(ino: int) -> tuple[int, int]:
+            return (ino, generation.get(ino, 0))
+
         for rec in records:
-            if rec[0] == "base_dir":
-                log.dirs[rec[1]] = rec[2]
-            elif rec[0] == "base_file":
+            kind = rec[0]
+            if kind == "base_dir":
+                log.dirs[rec[1]] = ident(rec[2])  # type: ignore[assignment]
+            elif kind == "base_file":
                 _, path, ino, size, extents = rec
-                log.files[path] = ino
-                if ino not in log.inodes:
-                    content = log.inodes[ino] = Sparse()
+                log.files[path] = ident(ino)  # type: ignore[assignment]
+                if ident(ino) not in log.inodes:
+                    content = log.inodes[ident(ino)] = Sparse()  # type: ignore[index]
                     for offset, data in extents:
                         content.write(offset, data)
                     content.truncate(size)
+            elif kind in ("create", "mkdir"):
+                generation[rec[2]] = generation.get(rec[2], 0) + 1
+                log.ops.append((kind, rec[1], ident(rec[2])))
+            elif kind in DATA_OPS or kind in FLUSH_OPS:
+                log.ops.append((kind, ident(rec[1]), *rec[2:]))
             else:
                 log.ops.append(rec)
         return log
@@ -236,7 +248,7 @@ def _rename_etc(rec: Record, dirs: dict[str, int], names: dict[str, int],
     kind = rec[0]
     if kind == "create":
         names[rec[1]] = rec[2]
-        inodes.setdefault(rec[2], Sparse())
+        inodes[rec[2]] = inodes.get(rec[2]) or Sparse()
     elif kind == "mkdir":
         dirs[rec[1]] = rec[2]
     elif kind == "unlink":

@@ -284,6 +284,8 @@ def managed_files(state: Path) -> dict[str, str]:
     the master key, by content hash; leftover temporaries left out (not torn)."""
     out = {}
     for path in [state / "master.key", *sorted((state / "conf").rglob("*"))]:
+        if "pools" in path.parts[-2:-1]:  # pool definitions name absolute paths
+            continue
         if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".tmp"):
             out[str(path.relative_to(state))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
@@ -421,6 +423,7 @@ def run_scenario(
             continue
         with _tmp(workdir, "cut-") as state:
             outcome = materialize(log, n, choice, seed, str(state))
+            _relocate(state, workdir / f"rec-{scenario.name}")
             cuts.add(n)
             key = f"{outcome.digest}:{n == total}"  # once finished, only 'new' is right
             if key in seen:
@@ -437,6 +440,15 @@ def run_scenario(
             progress(run.failures[-1])
     run.cut_points = len(cuts)
     return run
+
+
+def _relocate(state: Path, recorded: Path) -> None:
+    """Pool definitions name their directory by absolute path: point the ones made in
+    the recorded tree (``move``'s ``p2``) at the rebuilt tree instead."""
+    for definition in (state / "conf" / "pools").glob("*.toml"):
+        text = definition.read_text()
+        if str(recorded) in text:
+            definition.write_text(text.replace(str(recorded), str(state)))
 
 
 def check(state: Path, before: World, after: World, outcome: Outcome, total: int,
