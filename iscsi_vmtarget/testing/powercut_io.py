@@ -6,7 +6,9 @@ rebuilt (:mod:`.powercut`) and every acknowledged write is checked, sector by se
 
 * WCE=1: a write acknowledged with FUA, or followed by an acknowledged SYNCHRONIZE
   CACHE, reads back (or a later write's data), whatever else the cut lost;
-* WCE=0 (set with MODE SELECT): every acknowledged write reads back.
+* WCE=0 (set with MODE SELECT): every acknowledged write reads back;
+* every 10 groups a PERSISTENT RESERVE OUT registers a new key with APTPL=1: the APTPL
+  file (``lun0.img.pr``) is whole JSON holding the last acknowledged key or a later one.
 
 Writes are 4 KiB (8 sectors) over a few aligned places, so they overwrite each other and
 a torn write shows. An acknowledgement counts for a cut point when the recorder's log
@@ -17,6 +19,7 @@ every flush the target made before sending it is then inside the cut.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
 import tempfile
@@ -33,6 +36,14 @@ WRITE_BLOCKS = 8  # 4 KiB writes
 PLACES = 16  # aligned 4 KiB places the writer overwrites
 LUN_BYTES = 1 << 20
 SYNC10 = bytes([0x35]) + bytes(9)
+PR_EVERY = 10  # groups between two PERSISTENT RESERVE OUT registrations with APTPL
+
+
+def register_aptpl(key: int) -> tuple[bytes, bytes]:
+    """PERSISTENT RESERVE OUT, REGISTER AND IGNORE EXISTING KEY with APTPL=1 (SPC-4
+    §6.16.2, §6.16.3): the CDB and its 24-byte parameter list."""
+    params = bytes(8) + key.to_bytes(8, "big") + bytes(4) + b"\x01" + bytes(3)
+    return bytes([0x5F, 0x06, 0, 0, 0, 0, 0, 0, len(params), 0]), params
 
 
 def sector(seq: int, lba: int) -> bytes:
@@ -51,6 +62,7 @@ class History:
     acknowledged as durable (None while it was not)."""
 
     writes: dict[int, list[tuple[bytes, int | None]]] = field(default_factory=dict)
+    keys: list[tuple[int, int]] = field(default_factory=list)  # APTPL key, log size at ack
 
     def sent(self, lba: int, data: bytes) -> None:
         self.writes.setdefault(lba, []).append((data, None))
@@ -110,7 +122,13 @@ def drive(workdir: Path, wce: bool, groups: int, seed: int) -> tuple[Path, Histo
         ini.command(bytes(6))  # the power-on unit attention
         set_wce(ini, wce)
         seq = 0
-        for _ in range(groups):
+        for group in range(groups):
+            if group % PR_EVERY == 0:  # APTPL state: the acknowledged key survives
+                cdb, params = register_aptpl(0x1000 + group)
+                rsp = ini.command(cdb, data_out=params)
+                if rsp.status:
+                    raise RuntimeError(f"PERSISTENT RESERVE OUT status {rsp.status}")
+                history.keys.append((0x1000 + group, mark(str(logfile))))
             fua = rng.random() < 0.5
             batch: list[int] = []
             for _ in range(1 if fua else rng.randint(1, 3)):
@@ -180,8 +198,12 @@ def run(workdir: Path, wce: bool, groups: int = 80, limit: int | None = 200,
             seen.add(key)
             out.checked += 1
             image = (state / lun).read_bytes() if (state / lun).exists() else b""
+            pr = (state / "lun0.img.pr").read_bytes() if (state / "lun0.img.pr").exists() else None
         finally:
             shutil.rmtree(state, ignore_errors=True)
+        aptpl = _check_aptpl(pr, history, bound)
+        if aptpl:
+            out.failures.append(f"cut {n}/{total} {choice}/{s}: {aptpl}")
         if len(image) != LUN_BYTES:  # the target's start cut: it creates it again
             if image or acks:
                 out.failures.append(f"cut {n} {choice}/{s}: the LUN file is {len(image)} bytes")
@@ -194,6 +216,20 @@ def run(workdir: Path, wce: bool, groups: int = 80, limit: int | None = 200,
                 break
     out.cut_points = len(cuts)
     return out
+
+
+def _check_aptpl(pr: bytes | None, history: History, bound: int) -> str | None:
+    """The APTPL file: whole JSON holding the last key acknowledged by then, or a later
+    one (none before the first acknowledgement)."""
+    acked = [i for i, (_, at) in enumerate(history.keys) if at <= bound]
+    if pr is None:
+        return "the APTPL file is gone" if acked else None
+    try:
+        keys = {int(r["key"]) for r in json.loads(pr)["registrations"]}
+    except (ValueError, KeyError, TypeError):
+        return f"the APTPL file is torn ({len(pr)} bytes)"
+    allowed = {k for k, _ in history.keys[acked[-1] :]} if acked else {k for k, _ in history.keys}
+    return None if keys & allowed or (not acked and not keys) else f"APTPL keys {keys}"
 
 
 __all__ = ["IoRun", "run"]
