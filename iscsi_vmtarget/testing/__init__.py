@@ -19,6 +19,7 @@ only extra needs (hypothesis, scapy) come with the ``[test]`` extra.
   (``tools/powercut-test``).
 * :mod:`.fuzz_campaign` - fuzzing the running target over TCP beside a verifying
   session (``tools/fuzz-campaign``).
+* :mod:`.soak` - verifying sessions on served VMs under admin churn (``tools/soak``).
 * :mod:`.load` - many concurrent sessions checking their own blocks (``tools/load-test``).
 * :mod:`.process` - RSS and liveness of a target process.
 * :mod:`.snapshot_chain` - a VM disk behind a chain of snapshots (the benchmarks).
