@@ -12,6 +12,7 @@ block device on a file or block device).
 from __future__ import annotations
 
 import os
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -228,6 +229,17 @@ def acl_list(docs: Any, where: str) -> tuple[Acl, ...]:
     return tuple(sorted(acls, key=lambda a: a.key))
 
 
+def _interrupted_creation(path: str) -> bool:
+    """An empty regular file where the config gives a size: the target's own creation
+    of it was cut by a crash (the size is set right after the name, and both reach the
+    disk at the fsync that ends the creation), so it is created again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def open_lun(target: str, lun: LunSpec) -> LogicalUnit:
     """The logical unit LUN ``lun`` of target ``target`` describes: its backing file
     created sparse (or its RBD image thin) when missing and ``size`` is given, a file
@@ -286,6 +298,8 @@ PR_METADATA_KEY = "iscsi_vmtarget.pr"
 
 
 def _open_file(where: str, lun: LunSpec) -> FileBackend:
+    if lun.size is not None and _interrupted_creation(lun.path):
+        os.unlink(lun.path)  # a power cut inside create_sparse_file: nothing was stored
     if not os.path.exists(lun.path):
         if lun.size is None:
             raise LunError(
