@@ -121,8 +121,9 @@ def test_owner_active_standby_refuses_and_takeover_fences_a_paused_owner(
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
         # the woken owner is fenced: its writes fail, the data stays B's
-        status, _ = write(ia, 0, b"X" * 4 * BLOCK)
-        assert status != 0
+        status, sense = write(ia, 0, b"X" * 4 * BLOCK)
+        assert status == 2 and sense == (0x3, 0x0C, 0x00)  # MEDIUM ERROR, WRITE ERROR
+        wait_for("A standby", lambda: groups(ia).get(1) == 0x2)  # it noticed, too
         assert b"fencing" in Path(str(b.log_path)).read_bytes()
         direct = open_image(image, None, read_only=True)
         try:
