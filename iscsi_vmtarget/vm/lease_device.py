@@ -60,7 +60,9 @@ from .lease import (
     Unreadable,
     decode_record,
 )
+from .lease_rbd import RbdUnitLease
 from .pool import Pool, PoolCatalog, UnitRef
+from .rbd_pool import RbdPool
 
 #: Where a unit's lease block lies inside its META region (the header slots use 16 KiB).
 LEASE_AT: Final = 512 * 1024
@@ -131,7 +133,7 @@ def _what(vm_name: str, unit_uuid: uuid.UUID) -> str:
 
 @dataclass
 class _Lease:
-    lease: UnitLease
+    lease: UnitLease | RbdUnitLease
     vm: str
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -169,15 +171,19 @@ class LeaseKeeper:
 
     # -- acquiring -------------------------------------------------------------------------
 
-    def _lease_for(self, vm: str, unit_uuid: uuid.UUID, path: str, offset: int) -> _Lease:
+    def _lease_for(self, vm: str, unit_uuid: uuid.UUID, pool: Pool, ref: UnitRef) -> _Lease:
         with self._mutex:
             held = self._leases.get(unit_uuid)
             if held is None or held.lease.state in (State.LOST, State.RELEASED):
-                machine = LeaseMachine(unit_uuid, self.me, self.duration)
-                lease = UnitLease(
-                    DirectBlockIO(path, offset), machine, _what(vm, unit_uuid),
-                    self._clock, self._sleep,
-                )  # fmt: skip
+                lease: Any
+                if isinstance(pool, RbdPool):  # the lease is RBD's lock (:mod:`.lease_rbd`)
+                    lease = RbdUnitLease(pool.where, unit_uuid, _what(vm, unit_uuid))
+                else:
+                    machine = LeaseMachine(unit_uuid, self.me, self.duration)
+                    lease = UnitLease(
+                        DirectBlockIO(*_unit_block(pool, ref)), machine, _what(vm, unit_uuid),
+                        self._clock, self._sleep,
+                    )  # fmt: skip
                 held = self._leases[unit_uuid] = _Lease(lease, vm)
             return held
 
@@ -188,14 +194,14 @@ class LeaseKeeper:
         units = []
         for found in vm.lun_map().values():
             pool = catalog.get(found.pool)
-            if pool.kind == "device":
-                units.append((found.header.unit_uuid, *_unit_block(pool, found.ref)))
+            if pool.kind in ("device", "rbd"):
+                units.append((found.header.unit_uuid, pool, found.ref))
         got: list[uuid.UUID] = []
         if units:
             self.start()
         try:
-            for unit_uuid, path, offset in units:
-                held = self._lease_for(vm.name, unit_uuid, path, offset)
+            for unit_uuid, pool, ref in units:
+                held = self._lease_for(vm.name, unit_uuid, pool, ref)
                 with held.lock:
                     ok = held.lease.attempt()
                 if not ok:

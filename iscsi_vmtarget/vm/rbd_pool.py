@@ -120,8 +120,11 @@ class RbdPool:
             self.delete(ref)
 
     def delete(self, ref: UnitRef) -> None:
+        lease = f".{ref.key.removesuffix(UNIT_SUFFIX)}.lease"  # its lease image (.lease_rbd)
         try:
             remove_image(self._image(ref))
+            if lease in self._names():
+                remove_image(self._image(UnitRef(self.name, lease)))
         except BackendError as exc:
             raise VmError(f"pool {self.name}: {exc}") from exc
 
