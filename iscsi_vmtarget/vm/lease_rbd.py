@@ -30,8 +30,13 @@ from .lease import State
 LEASE_IMAGE_SIZE = 4096
 
 
+def lease_name(unit_uuid: uuid.UUID | str) -> str:
+    """The name of a unit's lease image (a leading dot: the pool's scan skips it)."""
+    return f".{unit_uuid}.lease"
+
+
 def lease_image(where: RbdPoolSpec, unit_uuid: uuid.UUID) -> RbdImageSpec:
-    return RbdImageSpec(where, f".{unit_uuid}.lease")
+    return RbdImageSpec(where, lease_name(unit_uuid))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from ..storage.rbd import (
     rename_image,
 )
 from .errors import VmError
+from .lease_rbd import lease_name
 from .pool import (
     UNIT_SUFFIX,
     Pool,
@@ -120,7 +121,7 @@ class RbdPool:
             self.delete(ref)
 
     def delete(self, ref: UnitRef) -> None:
-        lease = f".{ref.key.removesuffix(UNIT_SUFFIX)}.lease"  # its lease image (.lease_rbd)
+        lease = lease_name(ref.key.removesuffix(UNIT_SUFFIX))  # its lease, if it was served
         try:
             remove_image(self._image(ref))
             if lease in self._names():

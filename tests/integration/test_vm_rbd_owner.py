@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator, InitiatorError, LoginFailed
+from iscsi_vmtarget.storage.rbd import RbdPoolSpec, list_images
 from iscsi_vmtarget.testing.ceph import CephCluster
 from iscsi_vmtarget.vm import DEFAULT_BASE_IQN, Mode, StateDir, VmManager
 from iscsi_vmtarget.vm.rbd_pool import create_rbd_pool
@@ -80,3 +81,7 @@ def test_one_owner_per_vm_and_fenced_takeover(ceph_cluster: CephCluster, tmp_pat
     finally:
         a.stop()
         b.stop()
+    where = RbdPoolSpec.parse(namespace, conf=ceph_cluster.conf)
+    assert any(n.endswith(".lease") for n in list_images(where))
+    ivt(b_state, "vm", "delete", "web")
+    assert list_images(where) == []  # the unit went, and its lease image with it
