@@ -60,7 +60,7 @@ from .lease import (
     Unreadable,
     decode_record,
 )
-from .lease_rbd import RbdUnitLease
+from .lease_rbd import RbdUnitLease, held_elsewhere
 from .pool import Pool, PoolCatalog, UnitRef
 from .rbd_pool import RbdPool
 
@@ -360,6 +360,10 @@ def leased_elsewhere(state_dir: str, catalog: PoolCatalog, header: UnitHeader) -
     is left to whoever takes it over."""
     wanted = {header.unit_uuid, header.owner_uuid or header.unit_uuid}
     for pool in catalog.all():
+        if isinstance(pool, RbdPool):
+            if any(held_elsewhere(pool.where, u) for u in wanted):
+                return True
+            continue
         if not isinstance(pool, DevicePool):
             continue
         for unit_uuid in wanted:
@@ -386,6 +390,14 @@ def check_not_leased(state_dir: str, pool: Pool, ref: UnitRef, unit_uuid: uuid.U
     """For a management command about to write a unit: LeaseHeldError if another
     owner's lease on it is live (its block changes within a lease duration). A lease
     left by a dead owner costs one duration of watching; ours passes at once."""
+    if isinstance(pool, RbdPool):
+        holder = held_elsewhere(pool.where, unit_uuid)
+        if holder is not None:
+            raise LeaseHeldError(
+                f"{_what(vm, unit_uuid)} is leased by the RBD client at {holder}; it is "
+                "served by that daemon, stop it there first"
+            )
+        return
     if pool.kind != "device":
         return
     path, offset = _unit_block(pool, ref)

@@ -106,3 +106,21 @@ class RbdUnitLease:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+def held_elsewhere(where: RbdPoolSpec, unit_uuid: uuid.UUID) -> str | None:
+    """The client address of another process holding a live lease on the unit (its
+    lock owner still watches the lease image), or None: never leased, released, its
+    owner dead, or this very process (a command run inside the serving daemon)."""
+    spec = lease_image(where, unit_uuid)
+    if not image_exists(spec):
+        return None
+    backend = RbdBackend(spec)  # librbd lists lock owners through writable handles only
+    try:
+        lock = ImageLock(backend)
+        owner = lock.owner()
+        if owner is None or owner == str(backend.cluster.get_addrs()):
+            return None
+        return owner if lock.alive(owner) else None
+    finally:
+        backend.close()

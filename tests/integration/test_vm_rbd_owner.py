@@ -58,6 +58,8 @@ def test_one_owner_per_vm_and_fenced_takeover(ceph_cluster: CephCluster, tmp_pat
         assert ia is not None
         assert serving(b) is None  # B waits: no target, nothing written
         assert "is leased by the RBD client" in b.log()
+        refused = ivt(b_state, "vm", "resize", "web", "--disk", str(16 * MIB), check=False)
+        assert refused.returncode == 1 and "leased by the RBD client" in refused.stderr
         first = b"A" * 4 * BLOCK
         assert write(ia, 0, first) == (0, (0, 0, 0))
 
