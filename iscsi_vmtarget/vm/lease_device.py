@@ -19,6 +19,10 @@ VM's lease (:func:`leased_elsewhere`). Not covered: the pool's unit table itself
 serialised per host only (``pool.<name>.lock``), so units must not be created or
 deleted in one device pool from two hosts at the same time.
 
+Rbd pools lease their units through RBD's exclusive lock instead (:mod:`.lease_rbd`),
+driven by the same :class:`LeaseKeeper`; :func:`check_not_leased` and
+:func:`leased_elsewhere` ask the lock's owner and its watch there.
+
 Directory pools are per host: the state-directory lock of ``serve`` and the per-unit
 serve locks (:mod:`.locks`) already give each of their units a single owner, so their
 units carry no lease.
