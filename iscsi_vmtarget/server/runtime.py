@@ -210,7 +210,7 @@ class Runtime:
                     if live is not None and same and lun.number in live.scsi.luns:
                         units[lun.number] = live.scsi.luns[lun.number]
                         continue
-                    lu = open_lun(spec.name, lun)
+                    lu = open_lun(spec.name, lun, spec.tpgt)
                     opened.append(lu)
                     units[lun.number] = lu
                 out[spec.key] = units
