@@ -15,7 +15,7 @@ from typing import Any
 
 from ..scsi.lun_address import MAX_FLAT_LUN
 from ..server.admin import AdminError
-from ..server.operations import CHAP_KEYS
+from ..server.config_changes import CHAP_KEYS
 from .options import add_state_dir
 from .route import router
 

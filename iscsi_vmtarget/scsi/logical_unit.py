@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..storage.backend import Abilities, BlockBackend
+from .alua import PortGroups
 from .mode_pages import ModeState
 from .pr_state import Initiator, PrStore, ReservationState
 from .pr_store import FilePrStore
@@ -228,6 +229,9 @@ class LogicalUnit:
         self.reservations = ReservationState(store=store)
         self.reservations.restore()
         self.sanitizing: SanitizeProgress | None = None
+        #: target port groups and their access states (SPC-4 §5.15), set by a server
+        #: that serves this LU through several gateways; None: no ALUA (TPGS=00b)
+        self.alua: PortGroups | None = None
         self.copy_results: dict[ItKey, dict[int, bytes]] = {}
         self._capacity = backend.size
 

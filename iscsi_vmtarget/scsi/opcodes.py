@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from . import atomic, mode, pr, provisioning, rsoc, sanitize, sbc, spc, xcopy
+from . import atomic, mode, pr, provisioning, rsoc, rtpg, sanitize, sbc, spc, xcopy
 from .command import Command, be, parse_block_range
 from .logical_unit import LogicalUnit
 from .opcode_row import (
@@ -249,6 +249,9 @@ OPCODE_TABLE: Final[tuple[OpcodeRow, ...]] = (
     _row(0xA0, "REPORT LUNS", "a0 00 ff 00 00 00 ff ff ff ff 00 00",
          spc.report_luns, _IN, _allocation(6, 4), _ALLOWED, needs_lu=False, ua_exempt=True,
          **_ALWAYS),
+    _row(0xA3, "REPORT TARGET PORT GROUPS", "a3 ff 00 00 00 00 ff ff ff ff 00 00",
+         rtpg.report_target_port_groups, _IN, _allocation(6, 4), _ALLOWED,
+         service_action=0x0A, supported=rtpg.offers_alua, **_ALWAYS),
     _row(0xA3, "REPORT SUPPORTED OPERATION CODES", "a3 1f 87 ff ff ff ff ff ff ff 00 00",
          _report_supported_operation_codes, _IN, _allocation(6, 4), _ALLOWED,
          service_action=0x0C, **_ALWAYS),

@@ -31,8 +31,9 @@ def test_unit_ready(cmd: Command) -> None:
     return None
 
 
-def standard_inquiry(identity: UnitIdentity, peripheral: int) -> bytes:
-    """Standard INQUIRY data (SPC-4 §6.6.2), 96 bytes with version descriptors."""
+def standard_inquiry(identity: UnitIdentity, peripheral: int, tpgs: int = 0) -> bytes:
+    """Standard INQUIRY data (SPC-4 §6.6.2), 96 bytes with version descriptors;
+    ``tpgs`` 01b announces implicit ALUA (§5.15)."""
     descriptors = b"".join(struct.pack(">H", d) for d in VERSION_DESCRIPTORS)
     return struct.pack(
         ">BBBBBBBB8s16s4s20sBB16s22s",
@@ -41,7 +42,7 @@ def standard_inquiry(identity: UnitIdentity, peripheral: int) -> bytes:
         0x06,  # VERSION: SPC-4
         0x12,  # NORMACA=0, HISUP=1, RESPONSE DATA FORMAT=2
         STANDARD_INQUIRY_LENGTH - 5,  # ADDITIONAL LENGTH
-        0x08,  # SCCS=0 ACC=0 TPGS=00b 3PC=1 (EXTENDED COPY) PROTECT=0
+        0x08 | tpgs << 4,  # SCCS=0 ACC=0 TPGS 3PC=1 (EXTENDED COPY) PROTECT=0
         0x00,  # ENCSERV=0, MULTIP=0
         0x02,  # CMDQUE=1
         identity.vendor.ljust(8).encode("ascii"),  # T10 VENDOR IDENTIFICATION
@@ -65,7 +66,8 @@ def inquiry(cmd: Command) -> bytes:
         require(page_code == 0, 2)
         if cmd.lu is None:
             return standard_inquiry(_NO_LU_IDENTITY, PERIPHERAL_NO_LU)
-        return standard_inquiry(cmd.lu.identity, PERIPHERAL_DIRECT_ACCESS)
+        tpgs = 0b01 if cmd.lu.alua is not None else 0b00  # implicit ALUA only
+        return standard_inquiry(cmd.lu.identity, PERIPHERAL_DIRECT_ACCESS, tpgs)
     if cmd.lu is None:
         raise ScsiError(Reason.LOGICAL_UNIT_NOT_SUPPORTED)
     page = vpd_page(cmd.lu, cmd.nexus, page_code)

@@ -115,6 +115,8 @@ class ScsiTarget:
             sanitizing = lu.sanitizing
             if sanitizing is not None and (row is None or not row.sanitize_exempt):
                 raise sanitizing.error()  # NOT READY, SANITIZE IN PROGRESS (SBC-3 §4.11)
+            if lu.alua is not None and row is not None:
+                lu.alua.check(row.opcode, row.service_action)  # SPC-4 §5.15.2.4
             if row is None or not row.ua_exempt:
                 attention = lu.pop_attention(it_key(nexus))
                 if attention is not None:

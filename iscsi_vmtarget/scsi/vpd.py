@@ -30,6 +30,7 @@ ASSOCIATION_TARGET_DEVICE: Final = 0b10
 DESIGNATOR_T10_VENDOR_ID: Final = 0x1
 DESIGNATOR_NAA: Final = 0x3
 DESIGNATOR_RELATIVE_TARGET_PORT: Final = 0x4
+DESIGNATOR_TARGET_PORT_GROUP: Final = 0x5
 DESIGNATOR_SCSI_NAME_STRING: Final = 0x8
 
 PageBuilder = Callable[["LogicalUnit", Nexus], bytes]
@@ -96,7 +97,8 @@ def _device_identification(lu: LogicalUnit, nexus: Nexus) -> bytes:
 
     LU designators: NAA 6 (the unit's identity, kept by snapshots) and T10
     vendor ID (vendor + the NAA in hex, unique whatever the serial number is).
-    Target port: its SCSI name string and its relative port. Target device:
+    Target port: its SCSI name string, its relative port and, with ALUA, its target
+    port group. Target device:
     the target's SCSI name string.
     """
     identity = lu.identity
@@ -106,6 +108,18 @@ def _device_identification(lu: LogicalUnit, nexus: Nexus) -> bytes:
         ">HH",
         0,  # obsolete
         nexus.relative_port & 0xFFFF,  # RELATIVE TARGET PORT IDENTIFIER
+    )
+    # ALUA: the target port group this port belongs to (SPC-4 §7.8.6.7)
+    group = (
+        b""
+        if lu.alua is None
+        else _designator(
+            CODE_SET_BINARY,
+            ASSOCIATION_TARGET_PORT,
+            DESIGNATOR_TARGET_PORT_GROUP,
+            struct.pack(">HH", 0, lu.alua.own),  # reserved, TARGET PORT GROUP
+            protocol,
+        )
     )
     return b"".join(
         (
@@ -125,6 +139,7 @@ def _device_identification(lu: LogicalUnit, nexus: Nexus) -> bytes:
                 relative_port,
                 protocol,
             ),
+            group,
             _designator(
                 CODE_SET_UTF8,
                 ASSOCIATION_TARGET_DEVICE,

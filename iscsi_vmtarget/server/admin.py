@@ -1,8 +1,8 @@
 """Management over the admin socket: the daemon's server, the CLI's client, and the
 :class:`Manager` that runs each request.
 
-A request is a configuration operation (:data:`.operations.OPERATIONS`), a query
-(:data:`.operations.QUERIES`) or, in the daemon only, an action on a VM it serves
+A request is a configuration operation (:data:`.config_changes.OPERATIONS`), a query
+(:data:`.config_changes.QUERIES`) or, in the daemon only, an action on a VM it serves
 (:data:`.actions.ACTIONS`). For an operation the :class:`Manager`
 
 1. computes the difference (:func:`~.persist.diff`, secrets never shown),
@@ -37,9 +37,9 @@ from ..vm.vm_errors import VmError
 from . import grants
 from .actions import ACTIONS
 from .actions.served import NOT_EXPORTED, PROGRESS_ARG
+from .config_changes import OPERATIONS, QUERIES, VM_OPERATIONS, Transform
 from .grants import summary
 from .masking import AclError
-from .operations import OPERATIONS, QUERIES, VM_OPERATIONS, Transform
 from .persist import ConfigStore, ManagedConfig, PersistError, diff, redacted
 from .runtime import AdminError, Args, Runtime
 from .vm_luns import vm_of_target, vm_target_name

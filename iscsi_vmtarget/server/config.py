@@ -181,7 +181,7 @@ def build_registry(cfg: ServeConfig) -> Registry:
                 if lun.number in luns:
                     raise ConfigError(f"target {t.name}: LUN {lun.number} defined twice")
                 try:
-                    luns[lun.number] = open_lun(t.name, lun)
+                    luns[lun.number] = open_lun(t.name, lun, t.tpgt)
                 except LunError as exc:
                     raise ConfigError(str(exc)) from exc
                 opened.append(luns[lun.number])

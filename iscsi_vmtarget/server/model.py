@@ -12,6 +12,7 @@ block device on a file or block device).
 from __future__ import annotations
 
 import os
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from ..sizes import parse_size
 from ..storage import BackendError, BlockBackend, FileBackend, RbdImageSpec, create_sparse_file
 from ..storage.rbd import RbdBackend, open_image
 from .masking import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
+from .rbd_gateway import serve_rbd_lun
 
 _ID_NAMESPACE = uuid.UUID("5b0e1c52-8f6e-4d0a-9d3e-2f1f3c6a7b10")
 BLOCK_SIZES = (512, 1024, 2048, 4096)
@@ -228,13 +230,26 @@ def acl_list(docs: Any, where: str) -> tuple[Acl, ...]:
     return tuple(sorted(acls, key=lambda a: a.key))
 
 
-def open_lun(target: str, lun: LunSpec) -> LogicalUnit:
+def _interrupted_creation(path: str) -> bool:
+    """An empty regular file where the config gives a size: the target's own creation
+    of it was cut by a crash (the size is set right after the name, and both reach the
+    disk at the fsync that ends the creation), so it is created again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
+def open_lun(target: str, lun: LunSpec, tpgt: int = 1) -> LogicalUnit:
     """The logical unit LUN ``lun`` of target ``target`` describes: its backing file
     created sparse (or its RBD image thin) when missing and ``size`` is given, a file
     preallocated for ``thick`` provisioning, never resized; its identity (VPD
     0x83/0x80) derived from the target and the path (or the RBD image's id), so it
     stays the same from one start to the next, and on every gateway serving that
-    image. LunError says what is wrong, and nothing is left open."""
+    image. A writable RBD LUN is served as target port group ``tpgt`` under the image's
+    exclusive lock (:mod:`.rbd_gateway`). LunError says what is wrong, and nothing is
+    left open."""
     where = f"LUN {lun.number} of {target}"
     if lun.block_size not in BLOCK_SIZES:
         raise LunError(f"{where}: bad block_size {lun.block_size}")
@@ -264,7 +279,7 @@ def open_lun(target: str, lun: LunSpec) -> LogicalUnit:
         pr_path = None if backend.is_block_device else f"{lun.path}.pr"
     unit_id = uuid.uuid5(_ID_NAMESPACE, key)
     identity = UnitIdentity.from_uuid(unit_id, lun.serial or unit_id.hex[:16])
-    return LogicalUnit(
+    lu = LogicalUnit(
         backend,
         identity,
         block_size=lun.block_size,
@@ -279,6 +294,9 @@ def open_lun(target: str, lun: LunSpec) -> LogicalUnit:
         clock=time.monotonic,
         sleep=time.sleep,
     )
+    if isinstance(backend, RbdBackend) and not lun.read_only:
+        serve_rbd_lun(lu, backend, tpgt)
+    return lu
 
 
 #: The RBD image metadata key holding a LUN's APTPL reservation state.
@@ -286,6 +304,8 @@ PR_METADATA_KEY = "iscsi_vmtarget.pr"
 
 
 def _open_file(where: str, lun: LunSpec) -> FileBackend:
+    if lun.size is not None and _interrupted_creation(lun.path):
+        os.unlink(lun.path)  # a power cut inside create_sparse_file: nothing was stored
     if not os.path.exists(lun.path):
         if lun.size is None:
             raise LunError(

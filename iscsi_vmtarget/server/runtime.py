@@ -2,7 +2,7 @@
 configuration.
 
 :class:`Runtime` holds the live registry (targets, LUNs, ACLs, sessions) and the
-listeners. An operation (:mod:`.operations`) turns one
+listeners. An operation (:mod:`.config_changes`) turns one
 :class:`~.persist.ManagedConfig` into another; :meth:`Runtime.apply` then makes the
 registry match it: new LUN backings are opened first (so a bad path fails before
 anything changes), then targets, LUNs and ACLs are swapped in; sessions whose access
@@ -210,7 +210,7 @@ class Runtime:
                     if live is not None and same and lun.number in live.scsi.luns:
                         units[lun.number] = live.scsi.luns[lun.number]
                         continue
-                    lu = open_lun(spec.name, lun)
+                    lu = open_lun(spec.name, lun, spec.tpgt)
                     opened.append(lu)
                     units[lun.number] = lu
                 out[spec.key] = units

@@ -399,6 +399,21 @@ class RbdBackend:
             raise self._io_error(f"resize to {size}", exc) from exc
         self._size = size
 
+    @property
+    def closed(self) -> bool:
+        return self._image is None
+
+    def handle(self) -> Any:
+        """The open ``rbd.Image`` (for :mod:`.rbd_lock`); BackendError once closed."""
+        if self._image is None:
+            raise BackendError(f"RBD image {self.spec} is closed")
+        return self._image
+
+    @property
+    def cluster(self) -> Any:
+        """The ``rados.Rados`` connection this image is reached through."""
+        return self._pool.cluster
+
     def metadata_store(self, key: str) -> RbdMetadataBlob:
         """A small blob kept in this image's own metadata under ``key``."""
         return RbdMetadataBlob(self, key)

@@ -13,6 +13,13 @@ only extra needs (hypothesis, scapy) come with the ``[test]`` extra.
 * :mod:`.scapy_iscsi` - an iSCSI layer for scapy (BHS and every opcode's fields).
 * :mod:`.crash`, :mod:`.vm_crash` - kill -9 cycles against a served LUN and a served VM
   under admin operations (``tools/crash-test``).
+* :mod:`.fsrecord`, :mod:`.powercut`, :mod:`.powercut_ops`, :mod:`.powercut_io` - the
+  power-cut simulator: record a process's file-system mutations, rebuild what a power
+  cut leaves at each of them (ext4 model), check admin operations and the data path
+  (``tools/powercut-test``).
+* :mod:`.fuzz_campaign` - fuzzing the running target over TCP beside a verifying
+  session (``tools/fuzz-campaign``).
+* :mod:`.soak` - verifying sessions on served VMs under admin churn (``tools/soak``).
 * :mod:`.load` - many concurrent sessions checking their own blocks (``tools/load-test``).
 * :mod:`.process` - RSS and liveness of a target process.
 * :mod:`.snapshot_chain` - a VM disk behind a chain of snapshots (the benchmarks).

@@ -66,12 +66,13 @@ def python_env() -> dict[str, str]:
 
 
 def start(
-    conf: Path, log: Path, env: dict[str, str] | None = None
+    conf: Path, log: Path, env: dict[str, str] | None = None, module: list[str] | None = None
 ) -> tuple[subprocess.Popen[str], int]:
-    """Start the target (``env`` added to its environment, e.g. a crash point); return
-    it and its port once it says ``ready``."""
+    """Start the target (``env`` added to its environment, e.g. a crash point; ``module``
+    the ``-m`` arguments that run the CLI, e.g. under a recorder); return it and its port
+    once it says ``ready``."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "iscsi_vmtarget", "serve", "--config", str(conf)],
+        [sys.executable, "-m", *(module or ["iscsi_vmtarget"]), "serve", "--config", str(conf)],
         stdout=subprocess.PIPE,
         stderr=open(log, "a"),
         text=True,

@@ -22,6 +22,7 @@ from iscsi_vmtarget.scsi import (
     UnitIdentity,
     encode_lun,
 )
+from iscsi_vmtarget.scsi.alua import AccessState, PortGroups
 from iscsi_vmtarget.storage import MemoryBackend
 
 if TYPE_CHECKING:
@@ -246,7 +247,9 @@ _DISPATCH_OUTCOMES: dict[str, tuple[int, int, int] | Status] = {
 @pytest.fixture
 def every(harness_factory: type[Harness]) -> Harness:
     """A thin LU whose backend can also crypto-erase: every row of the table is offered."""
-    return harness_factory.create(thin=True, crypto_erase=lambda: None)
+    harness = harness_factory.create(thin=True, crypto_erase=lambda: None)
+    harness.lu.alua = PortGroups(1, AccessState.ACTIVE_OPTIMIZED)  # REPORT TARGET PORT GROUPS
+    return harness
 
 
 @pytest.mark.parametrize("row", OPCODE_TABLE, ids=lambda row: row.name)

@@ -58,3 +58,23 @@ def test_a_managed_document_is_written_back_unchanged(tmp_path: Path) -> None:
     }  # fmt: skip
     assert ManagedConfig.from_dict(doc).to_dict() == doc
     assert TargetSpec.from_dict(doc["targets"][0]).to_dict() == doc["targets"][0]  # type: ignore[index]
+
+
+def test_an_empty_backing_file_is_a_creation_a_power_cut_interrupted(tmp_path: Path) -> None:
+    """Found by the power-cut simulator (issue 17): the target creates a missing LUN
+    file at start; a power cut before that creation reached the disk leaves the name
+    with 0 bytes, and the next start refused it ('holds 0 bytes, config says ...')."""
+    path = tmp_path / "lun.img"
+    path.write_bytes(b"")
+    lu = open_lun("iqn.2026-11.test:t", LunSpec(0, str(path), MIB))
+    try:
+        assert lu.backend.size == MIB
+    finally:
+        lu.backend.close()
+    path.write_bytes(b"x" * 512)  # a file holding data is never replaced
+    try:
+        open_lun("iqn.2026-11.test:t", LunSpec(0, str(path), MIB))
+    except Exception as exc:
+        assert "refusing to resize" in str(exc)
+    else:
+        raise AssertionError("a 512-byte file was resized")

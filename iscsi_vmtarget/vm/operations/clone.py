@@ -258,6 +258,10 @@ def finish_clones(manager: VmManager) -> list[str]:
             for unit in vm.all_units:  # base first: the rest is unreachable after it
                 manager.catalog.get(unit.pool).delete(unit.ref)
             notes.append(f"unfinished clone {temp} of VM {intent['src']} removed")
+        for unit in found.orphans:  # secondaries a power cut left before their base unit
+            if unit.header.name == temp:
+                manager.catalog.get(unit.pool).delete(unit.ref)
+                notes.append(f"secondary {unit.ref.location} of unfinished clone {temp} removed")
         source = found.find(str(intent["src"]))
         taken = [
             r

@@ -19,6 +19,10 @@ VM's lease (:func:`leased_elsewhere`). Not covered: the pool's unit table itself
 serialised per host only (``pool.<name>.lock``), so units must not be created or
 deleted in one device pool from two hosts at the same time.
 
+Rbd pools lease their units through RBD's exclusive lock instead (:mod:`.lease_rbd`),
+driven by the same :class:`LeaseKeeper`; :func:`check_not_leased` and
+:func:`leased_elsewhere` ask the lock's owner and its watch there.
+
 Directory pools are per host: the state-directory lock of ``serve`` and the per-unit
 serve locks (:mod:`.locks`) already give each of their units a single owner, so their
 units carry no lease.
@@ -59,6 +63,8 @@ from .lease import (
     Unreadable,
     decode_record,
 )
+from .lease_rbd import RbdUnitLease, held_elsewhere
+from .rbd_pool import RbdPool
 from .scan import FoundVm
 from .unit_pools import Pool, PoolCatalog, UnitRef
 
@@ -124,7 +130,7 @@ def _what(vm_name: str, unit_uuid: uuid.UUID) -> str:
 
 @dataclass
 class _Lease:
-    lease: UnitLease
+    lease: UnitLease | RbdUnitLease
     vm: str
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -162,15 +168,19 @@ class LeaseKeeper:
 
     # -- acquiring -------------------------------------------------------------------------
 
-    def _lease_for(self, vm: str, unit_uuid: uuid.UUID, path: str, offset: int) -> _Lease:
+    def _lease_for(self, vm: str, unit_uuid: uuid.UUID, pool: Pool, ref: UnitRef) -> _Lease:
         with self._mutex:
             held = self._leases.get(unit_uuid)
             if held is None or held.lease.state in (State.LOST, State.RELEASED):
-                machine = LeaseMachine(unit_uuid, self.me, self.duration)
-                lease = UnitLease(
-                    DirectBlockIO(path, offset), machine, _what(vm, unit_uuid),
-                    self._clock, self._sleep,
-                )  # fmt: skip
+                lease: Any
+                if isinstance(pool, RbdPool):  # the lease is RBD's lock (:mod:`.lease_rbd`)
+                    lease = RbdUnitLease(pool.where, unit_uuid, _what(vm, unit_uuid))
+                else:
+                    machine = LeaseMachine(unit_uuid, self.me, self.duration)
+                    lease = UnitLease(
+                        DirectBlockIO(*_unit_block(pool, ref)), machine, _what(vm, unit_uuid),
+                        self._clock, self._sleep,
+                    )  # fmt: skip
                 held = self._leases[unit_uuid] = _Lease(lease, vm)
             return held
 
@@ -181,14 +191,14 @@ class LeaseKeeper:
         units = []
         for found in vm.lun_map().values():
             pool = catalog.get(found.pool)
-            if pool.kind == "device":
-                units.append((found.header.unit_uuid, *_unit_block(pool, found.ref)))
+            if pool.kind in ("device", "rbd"):
+                units.append((found.header.unit_uuid, pool, found.ref))
         got: list[uuid.UUID] = []
         if units:
             self.start()
         try:
-            for unit_uuid, path, offset in units:
-                held = self._lease_for(vm.name, unit_uuid, path, offset)
+            for unit_uuid, pool, ref in units:
+                held = self._lease_for(vm.name, unit_uuid, pool, ref)
                 with held.lock:
                     ok = held.lease.attempt()
                 if not ok:
@@ -347,6 +357,10 @@ def leased_elsewhere(state_dir: str, catalog: PoolCatalog, header: UnitHeader) -
     is left to whoever takes it over."""
     wanted = {header.unit_uuid, header.owner_uuid or header.unit_uuid}
     for pool in catalog.all():
+        if isinstance(pool, RbdPool):
+            if any(held_elsewhere(pool.where, u) for u in wanted):
+                return True
+            continue
         if not isinstance(pool, DevicePool):
             continue
         for unit_uuid in wanted:
@@ -373,6 +387,14 @@ def check_not_leased(state_dir: str, pool: Pool, ref: UnitRef, unit_uuid: uuid.U
     """For a management command about to write a unit: LeaseHeldError if another
     owner's lease on it is live (its block changes within a lease duration). A lease
     left by a dead owner costs one duration of watching; ours passes at once."""
+    if isinstance(pool, RbdPool):
+        holder = held_elsewhere(pool.where, unit_uuid)
+        if holder is not None:
+            raise LeaseHeldError(
+                f"{_what(vm, unit_uuid)} is leased by the RBD client at {holder}; it is "
+                "served by that daemon, stop it there first"
+            )
+        return
     if pool.kind != "device":
         return
     path, offset = _unit_block(pool, ref)

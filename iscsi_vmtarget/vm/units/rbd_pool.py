@@ -34,6 +34,7 @@ from ...storage.rbd import (
     rename_image,
 )
 from ..vm_errors import VmError
+from .lease_rbd import lease_name
 from .pool_common import UNIT_SUFFIX, slots_valid
 from .pool_protocol import UnitRef
 
@@ -113,8 +114,11 @@ class RbdPool:
             self.delete(ref)
 
     def delete(self, ref: UnitRef) -> None:
+        lease = lease_name(ref.key.removesuffix(UNIT_SUFFIX))  # its lease, if it was served
         try:
             remove_image(self._image(ref))
+            if lease in self._names():
+                remove_image(self._image(UnitRef(self.name, lease)))
         except BackendError as exc:
             raise VmError(f"pool {self.name}: {exc}") from exc
 

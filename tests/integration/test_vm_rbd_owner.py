@@ -1,0 +1,89 @@
+"""VM units of one rbd pool seen by two daemons (own state directories, own ports):
+only the holder of a unit's lease - RBD's exclusive lock on its lease image - serves
+(writes) the VM; the other waits, and takes over once the owner is gone, fencing it
+first (OSD blocklist): a paused owner that wakes up cannot write."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from iscsi_vmtarget.client.initiator import Initiator, InitiatorError, LoginFailed
+from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
+from iscsi_vmtarget.storage.rbd import RbdPoolSpec, list_images
+from iscsi_vmtarget.testing.ceph import CephCluster
+from iscsi_vmtarget.vm import Mode, StateDir, VmManager
+from tests.conftest import INITIATOR, RunningTarget, grant_vms, start_target
+from tests.integration.test_rbd_gateways import BLOCK, read, wait_for, write
+from tests.integration.test_vm_serve import ivt
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+MIB = 1 << 20
+IQN = f"{DEFAULT_BASE_IQN}:vm.web"
+
+
+def serving(t: RunningTarget) -> Initiator | None:
+    """A session to the VM's target on ``t``, or None while ``t`` does not serve it."""
+    ini = Initiator(port=t.port, initiator_name=INITIATOR, target_name=IQN)
+    try:
+        ini.login()
+    except (LoginFailed, OSError):
+        ini.close()
+        return None
+    return ini
+
+
+def test_one_owner_per_vm_and_fenced_takeover(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    namespace = f"{ceph_cluster.pool}/own{uuid.uuid4().hex[:10]}"
+    ceph_cluster.rbd("namespace", "create", namespace)
+    a_state, b_state = tmp_path / "a", tmp_path / "b"
+    ivt(a_state, "pool", "create", "ceph", "--rbd", namespace, "--ceph-conf", ceph_cluster.conf)
+    with VmManager(StateDir.at(str(a_state))) as manager:
+        manager.create("web", disk=8 * MIB, memory=4 * MIB, mode=Mode.OFFSET, pool="ceph")
+    with VmManager(StateDir.at(str(b_state))) as manager:
+        manager.catalog.create_rbd("ceph", namespace, ceph_cluster.conf)
+        assert [v.name for v in manager.discover().vms] == ["web"]
+    grant_vms(a_state)
+    grant_vms(b_state)
+    lease = ("--lease-seconds", "1")  # the waiting gateway retries every 0.25 s
+    a = start_target(tmp_path / "run-a", "--state-dir", str(a_state), *lease)
+    b = start_target(tmp_path / "run-b", "--state-dir", str(b_state), *lease)
+    try:
+        ia = serving(a)
+        assert ia is not None
+        assert serving(b) is None  # B waits: no target, nothing written
+        assert "is leased by the RBD client" in b.log()
+        refused = ivt(b_state, "vm", "resize", "web", "--disk", str(16 * MIB), check=False)
+        assert refused.returncode == 1 and "leased by the RBD client" in refused.stderr
+        first = b"A" * 4 * BLOCK
+        assert write(ia, 0, first) == (0, (0, 0, 0))
+
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            ib: list[Initiator | None] = [None]
+            wait_for("B serving", lambda: (ib.__setitem__(0, serving(b)), ib[0])[1] is not None)
+            assert ib[0] is not None
+            assert read(ib[0], 0, 4) == first
+            second = b"b" * 4 * BLOCK
+            assert write(ib[0], 0, second) == (0, (0, 0, 0))
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        try:  # fenced: the write is refused, or A dropped the VM's sessions first
+            assert write(ia, 0, b"X" * 4 * BLOCK)[0] != 0
+        except InitiatorError:
+            pass
+        wait_for("A lets the VM go", lambda: "lease lost" in a.log())
+        assert read(ib[0], 0, 4) == second
+        assert "fencing" in b.log()
+    finally:
+        a.stop()
+        b.stop()
+    where = RbdPoolSpec.parse(namespace, conf=ceph_cluster.conf)
+    assert any(n.endswith(".lease") for n in list_images(where))
+    ivt(b_state, "vm", "delete", "web")
+    assert list_images(where) == []  # the unit went, and its lease image with it
