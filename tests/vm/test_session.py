@@ -3,9 +3,6 @@ the operations register with it (:data:`iscsi_vmtarget.vm.manager.RECOVERY`)."""
 
 from __future__ import annotations
 
-import fcntl
-import os
-
 import pytest
 
 from iscsi_vmtarget.vm import NotFoundError, VmManager
@@ -19,14 +16,7 @@ MIB = 1 << 20
 
 def _held(manager: VmManager, pool: str) -> bool:
     """Whether some open file holds pool ``pool``'s lock (flock: per open file)."""
-    fd = os.open(locks.operation_path(manager.state.root, f"pool.{pool}"), os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return locks.operation_running(manager.state.root, f"pool.{pool}")
 
 
 def test_every_operation_registers_its_recovery_once() -> None:
