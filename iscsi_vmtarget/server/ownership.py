@@ -14,7 +14,6 @@ dropped and its units closed, and it waits for the lease again.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 
 from ..vm import VmError
@@ -34,7 +33,7 @@ def keep_leases(keeper: LeaseKeeper, runtime: Runtime, loop: asyncio.AbstractEve
 
     def on_tick(lost: list[str], waiting: list[str]) -> None:
         for name in lost:
-            runtime.on_loop(functools.partial(runtime.remove_pool_target, vm_target_name(name)))
+            runtime.remove_pool_target(vm_target_name(name))
             keeper.waiting[name] = "its lease was lost"
         for name in waiting:
             try:

@@ -133,12 +133,23 @@ class Runtime:
 
     def remove_pool_target(self, name: str) -> bool:
         """Remove such a target, logging its sessions out (as ``target delete`` does);
-        False if it is not served. Call on the loop (:meth:`on_loop`)."""
+        False if it is not served. Call from an action's or a keeper's thread: the
+        registry changes and the sessions end on the loop (:meth:`on_loop`), then the
+        LUs' backends close in this thread, so a close that waits (an RBD image of a
+        fenced client finishing its I/O in flight, a unit's lease released on a slow
+        cluster) never stalls the loop that serves every other target."""
         key = name.lower()
-        if key not in self.registry.targets or key not in self.static:
+
+        def detach() -> Target | None:
+            if key not in self.registry.targets or key not in self.static:
+                return None
+            del self.static[key]
+            return self._detach_target(key)
+
+        target = self.on_loop(detach)
+        if target is None:
             return False
-        del self.static[key]
-        self._remove_target(key)
+        _close_luns(target)
         return True
 
     def check(self, cfg: ManagedConfig) -> None:
@@ -264,16 +275,19 @@ class Runtime:
         self._refresh_sessions(target)
 
     def _remove_target(self, key: str) -> None:
+        _close_luns(self._detach_target(key))
+
+    def _detach_target(self, key: str) -> Target:
+        """Take a target out of the registry and end its sessions (on the loop); its
+        LUs stay open for the caller to close (:func:`_close_luns`)."""
         registry = self.registry
         target = registry.targets.pop(key)
         for handler in registry.connections_of(key):
             handler.abort_session("target deleted")
-        for extra in (target.scsi.luns, target.raw_luns or {}, target.region_luns or {}):
-            for lu in extra.values():
-                lu.backend.close()
         if self.server is not None:
             self.server.metrics.forget_target(key)
         log.info("target %s deleted", target.name)
+        return target
 
     def _refresh_sessions(self, target: Target) -> None:
         """Log out sessions that lost access; give others their new LUN map."""
@@ -365,3 +379,9 @@ def _swap(handler: Connection, scsi: ScsiTarget) -> None:
         if ident not in before:
             lu.add_nexus(key)
     handler.scsi = scsi
+
+
+def _close_luns(target: Target) -> None:
+    for extra in (target.scsi.luns, target.raw_luns or {}, target.region_luns or {}):
+        for lu in extra.values():
+            lu.backend.close()

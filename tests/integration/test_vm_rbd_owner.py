@@ -14,7 +14,7 @@ import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator, InitiatorError, LoginFailed
 from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
-from iscsi_vmtarget.storage.rbd import RbdPoolSpec, list_images
+from iscsi_vmtarget.storage.rbd import OP_TIMEOUT, RbdPoolSpec, list_images
 from iscsi_vmtarget.testing.ceph import CephCluster
 from iscsi_vmtarget.vm import Mode, StateDir, VmManager
 from tests.conftest import INITIATOR, RunningTarget, grant_vms, start_target
@@ -73,6 +73,10 @@ def test_one_owner_per_vm_and_fenced_takeover(ceph_cluster: CephCluster, tmp_pat
             assert write(ib[0], 0, second) == (0, (0, 0, 0))
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
+        # a fenced client's write may wait until the cluster refuses it (the gateways'
+        # rados_osd_op_timeout), longer than the initiator's default patience
+        assert ia.sock is not None
+        ia.sock.settimeout(OP_TIMEOUT + 15)
         try:  # fenced: the write is refused, or A dropped the VM's sessions first
             assert write(ia, 0, b"X" * 4 * BLOCK)[0] != 0
         except InitiatorError:

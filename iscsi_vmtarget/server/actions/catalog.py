@@ -88,7 +88,7 @@ def delete_vm(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
         )
     # stop serving it first: its LUNs close and their served locks go, so the units
     # can be deleted (and no session reads a deleted unit)
-    runtime.on_loop(lambda: runtime.remove_pool_target(iqn))
+    runtime.remove_pool_target(iqn)
     with _manager(state_dir, args) as manager:
         vm = manager.delete(name, force=force)
     log.info("vm %s: deleted (%d units)", name, len(vm.units))

@@ -56,4 +56,4 @@ def _lease_moved(state_dir: str, runtime: Runtime, manager: VmManager, name: str
         leases.acquire_vm(vm, manager.catalog)
     except LeaseHeldError as exc:
         log.error("vm %s: no longer serving it, its moved units are leased: %s", name, exc)
-        runtime.on_loop(lambda: runtime.remove_pool_target(served_vm_target(runtime, name).name))
+        runtime.remove_pool_target(served_vm_target(runtime, name).name)

@@ -32,7 +32,7 @@ def export_snapshot_live(state_dir: str, runtime: Runtime, args: Args) -> dict[s
     with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
         if stop:
             set_exported(manager, name, snap, False)
-            removed = runtime.on_loop(lambda: runtime.remove_pool_target(iqn))
+            removed = runtime.remove_pool_target(iqn)
             log.info("vm %s: export of snapshot %s stopped", name, snap)
             return {"target": iqn, "exported": False, "was_served": removed}
         if iqn.lower() in runtime.registry.targets:  # exported already: mark it only
@@ -42,7 +42,7 @@ def export_snapshot_live(state_dir: str, runtime: Runtime, args: Args) -> dict[s
         try:
             set_exported(manager, name, snap, True)
         except BaseException:  # not marked: not served either
-            runtime.on_loop(lambda: runtime.remove_pool_target(iqn))
+            runtime.remove_pool_target(iqn)
             raise
     log.info("vm %s: snapshot %s exported read-only as %s", name, snap, iqn)
     return {"target": iqn, "exported": True, "was_served": False}
