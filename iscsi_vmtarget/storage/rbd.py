@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import base64
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,6 +270,7 @@ class RbdBackend:
         self._rbd = rbd
         self.read_only = read_only
         self._pool = _PoolSession(spec.where)
+        self._closers: list[Callable[[], None]] = []
         try:
             self._image = rbd.Image(self._pool.ioctx, spec.name, read_only=read_only)
             self._retired: list[Any] = []
@@ -418,8 +420,15 @@ class RbdBackend:
         """A small blob kept in this image's own metadata under ``key``."""
         return RbdMetadataBlob(self, key)
 
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Call ``closer`` when the image is closed (what lives beside it goes with it)."""
+        self._closers.append(closer)
+
     def close(self) -> None:
         if self._image is not None:
+            closers, self._closers = self._closers, []
+            for closer in closers:
+                closer()
             try:
                 for image in [*self._retired, self._image]:
                     image.close()
