@@ -15,9 +15,10 @@ import pytest
 
 from iscsi_vmtarget.scsi import LogicalUnit, Nexus, ScsiTarget, Status, UnitIdentity
 from iscsi_vmtarget.scsi.pr_state import Initiator
+from iscsi_vmtarget.server.model import PR_METADATA_KEY
 from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
-from iscsi_vmtarget.storage.rbd_pr import RadosPrStore
-from iscsi_vmtarget.testing.ceph import CephCluster
+from iscsi_vmtarget.storage.rbd_pr import RadosPrStore, object_name
+from iscsi_vmtarget.testing.ceph import CephCluster, shared_reservations
 from tests.scsi.test_scsi_pr import (
     EA,
     PREEMPT_ABORT,
@@ -38,11 +39,13 @@ WRITE = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
 class Gateway:
     """One LU on its own handle of the image, shown through target port group ``tpgt``."""
 
-    def __init__(self, image: RbdImageSpec, tpgt: int) -> None:
+    def __init__(self, image: RbdImageSpec, tpgt: int, legacy: str | None = None) -> None:
         self.backend = RbdBackend(image)
         self.tpgt = tpgt
         identity = UnitIdentity.from_uuid(uuid.UUID(int=16))
-        self.lu = LogicalUnit(self.backend, identity, pr_shared=RadosPrStore(self.backend))
+        old = None if legacy is None else self.backend.metadata_store(legacy)
+        store = RadosPrStore(self.backend, legacy=old)
+        self.lu = LogicalUnit(self.backend, identity, pr_shared=store)
         self.target = ScsiTarget({0: self.lu})
         self.aborted: list[Nexus] = []
         self.nexuses: list[Nexus] = []
@@ -152,3 +155,30 @@ def test_compare_and_swap_refuses_a_stale_commit(gateways: tuple[Gateway, Gatewa
     assert not second.commit(b'{"x": 2}')  # based on what the first replaced
     assert second.load() == b'{"x": 1}' and second.commit(b'{"x": 2}')
     assert first.load() == b'{"x": 2}'
+
+
+def test_aptpl_state_of_the_image_metadata_moves_to_the_shared_object(
+    ceph_cluster: CephCluster,
+) -> None:
+    """An RBD LUN of the previous version kept APTPL state in the image's metadata: the
+    first gateway to open it takes it into the shared object."""
+    image = ceph_cluster.image(1 << 20, prefix="pr")
+    old = Gateway(image, 1)
+    who = old.login("iqn.2026-12.test:old")
+    old.out(who, REGISTER, sark=0x0D, flags=0x01)  # APTPL
+    old.out(who, RESERVE, key=0x0D, kind=WE)
+    document = old.lu.reservations.dumps()
+    old.backend.close()
+    backend = RbdBackend(image)
+    backend.metadata_store(PR_METADATA_KEY).save(document)
+    RadosPrStore(backend)._ioctx.remove_object(object_name(backend.image_id))
+    backend.close()
+
+    new = Gateway(image, 1, legacy=PR_METADATA_KEY)
+    try:
+        again = new.login("iqn.2026-12.test:old")
+        assert new.keys(again) == [0x0D]
+        assert new.run(again, WRITE, bytes(BLOCK)) == (Status.GOOD, b"")
+        assert shared_reservations(image)["aptpl"] is True
+    finally:
+        new.backend.close()
