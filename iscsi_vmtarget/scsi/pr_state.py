@@ -422,9 +422,11 @@ class ReservationState:
     def adopt(self, raw: bytes | None) -> None:
         """Take the stored state ``raw`` (None: no registrations); the SPC-2
         reservation, which is this gateway's own, stays."""
-        self.generation, self.registrations, self.reservation, self.aptpl = 0, [], None, False
-        if raw:
-            self._load(raw)
+        # parsed first, then assigned: the data path reads the reservation without the
+        # lock when there is none, so it must never see a held one go away for a moment
+        self.generation, self.registrations, self.reservation, self.aptpl = (
+            _parse(raw) if raw else (0, [], None, False)
+        )
 
     # -- persistence (APTPL, SPC-4 §5.13.5) --------------------------------------------
 
@@ -471,19 +473,25 @@ class ReservationState:
             self.registrations, self.reservation = [], None
 
     def _load(self, raw: bytes) -> None:
-        doc = json.loads(raw)
-        if doc.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported persistent reservation state version {doc!r:.40}")
-        self.generation = int(doc["generation"])
-        self.registrations = [Registration.load(r) for r in doc["registrations"]]
-        res = doc.get("reservation")
-        if res is not None:
-            holder = res["holder"]
-            self.reservation = Reservation(
-                PrType(int(res["type"])),
-                None if holder is None else self.registrations[int(holder)],
-            )
-        self.aptpl = bool(doc.get("aptpl", True))  # files of earlier versions: APTPL only
+        self.generation, self.registrations, self.reservation, self.aptpl = _parse(raw)
+
+
+def _parse(raw: bytes) -> tuple[int, list[Registration], Reservation | None, bool]:
+    """A stored state document: (generation, registrations, reservation, APTPL)."""
+    doc = json.loads(raw)
+    if doc.get("version") != STATE_VERSION:
+        raise ValueError(f"unsupported persistent reservation state version {doc!r:.40}")
+    registrations = [Registration.load(r) for r in doc["registrations"]]
+    reservation = None
+    res = doc.get("reservation")
+    if res is not None:
+        holder = res["holder"]
+        reservation = Reservation(
+            PrType(int(res["type"])),
+            None if holder is None else registrations[int(holder)],
+        )
+    aptpl = bool(doc.get("aptpl", True))  # files of earlier versions: APTPL only
+    return int(doc["generation"]), registrations, reservation, aptpl
 
 
 def matching(initiators: Iterable[Initiator], regs: Iterable[Registration]) -> list[Initiator]:
