@@ -203,14 +203,29 @@ def create_image(spec: RbdImageSpec, size: int) -> None:
             raise BackendError(f"cannot create RBD image {spec}: {exc}") from exc
 
 
+def pr_object_name(image_id: str) -> str:
+    """The RADOS object beside the image with id ``image_id`` that holds its LU's
+    persistent reservations (:mod:`.rbd_pr`)."""
+    return f"iscsi_vmtarget.pr.{image_id}"
+
+
 def remove_image(spec: RbdImageSpec) -> None:
-    """Delete an image and its data; BackendError when it cannot."""
-    _, rbd = bindings()
+    """Delete an image and its data, and the reservations kept beside it; BackendError
+    when it cannot."""
+    rados, rbd = bindings()
     with _PoolSession(spec.where) as pool:
         try:
+            with rbd.Image(pool.ioctx, spec.name, read_only=True) as image:
+                image_id = str(image.id())
             rbd.RBD().remove(pool.ioctx, spec.name)
         except rbd.Error as exc:
             raise BackendError(f"cannot remove RBD image {spec}: {exc}") from exc
+        try:
+            pool.ioctx.remove_object(pr_object_name(image_id))
+        except rados.ObjectNotFound:
+            pass
+        except rados.Error as exc:
+            raise BackendError(f"RBD image {spec} removed, not its reservations: {exc}") from exc
 
 
 def list_images(where: RbdPoolSpec) -> list[str]:

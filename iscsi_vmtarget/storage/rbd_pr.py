@@ -18,22 +18,23 @@ it follows a renamed image).
   PERSISTENT RESERVE OUT completes the live gateways enforce what it did. A gateway whose
   watch broke (it was cut off longer than the watch timeout) watches again and reads the
   state anew.
-- **Power on.** A gateway that opens the LU while no other one has the image open
-  (:meth:`RadosPrStore.alone`: the image header has no other watcher) is the LU's power
-  on: what was registered without APTPL ends there (SPC-4 §5.13.5).
+- **Power on.** A gateway that opens the LU while no other one serves it
+  (:meth:`RadosPrStore.alone`: nobody acknowledges a probe notify on the object) is
+  the LU's power on: what was registered without APTPL ends there (SPC-4 §5.13.5).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .backend import BackendError
-from .rbd import RbdBackend, RbdMetadataBlob, bindings
+from .rbd import OP_TIMEOUT, RbdBackend, bindings, pr_object_name
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,23 @@ _VERSION_MISMATCH = (34, 75)
 Listener = Callable[[bytes], None]
 
 
-def object_name(image_id: str) -> str:
-    """The RADOS object holding the reservations of the image with id ``image_id``."""
-    return f"iscsi_vmtarget.pr.{image_id}"
+class Legacy(Protocol):
+    """Where an earlier version kept the state (read once, while no object exists)."""
+
+    def load(self) -> bytes | None: ...
+
+
+#: the RADOS object holding the reservations of the image with a given id
+object_name = pr_object_name
 
 
 class RadosPrStore:
     """The shared reservation state of the LU on ``backend``'s image (the
     ``SharedPrStore`` protocol of ``scsi/pr_state.py``). ``legacy``: where an earlier
-    version kept APTPL state (the image's metadata), read once when no object exists."""
+    version kept APTPL state (the image's metadata, a file of the state directory),
+    read once when no object exists."""
 
-    def __init__(self, backend: RbdBackend, legacy: RbdMetadataBlob | None = None) -> None:
+    def __init__(self, backend: RbdBackend, legacy: Legacy | None = None) -> None:
         self._rados, _ = bindings()
         self._backend = backend
         self._spec = backend.spec
@@ -185,7 +192,7 @@ class RadosPrStore:
         listener = self._listener
         try:
             note = json.loads(data)
-            if note.get("from") == self._token or listener is None:
+            if note.get("from") == self._token or note.get("probe") or listener is None:
                 return
             version, state = note.get("version"), note.get("state")
             message = str(note.get("message", "")).encode()
@@ -221,13 +228,30 @@ class RadosPrStore:
             log.error("RBD image %s: reservations not watched: %s", self._spec, exc)
 
     def alone(self) -> bool:
+        """Whether no other gateway watches the object: a probe notify that nobody
+        acknowledges (called before this gateway watches it). A gateway that does not
+        answer (dead, its watch not yet expired) counts as there: the state is kept."""
+        rados = self._rados
+        done = threading.Event()
+        answer: dict[str, Any] = {}
+
+        def finished(completion: Any, ret: int, acks: Any, timeouts: Any) -> None:
+            answer.update(ret=ret, acks=acks or [], timeouts=timeouts or [])
+            done.set()
+
+        probe = json.dumps({"from": self._token, "probe": True})
         try:
-            watchers = list(self._backend.handle().watchers_list())
-        except Exception as exc:  # unknown: assume others are there (keep the state)
-            log.warning("RBD image %s: watchers unknown: %s", self._spec, exc)
+            self._ioctx.aio_notify(self.name, finished, msg=probe, timeout_ms=NOTIFY_TIMEOUT_MS)
+        except rados.ObjectNotFound:
+            return True
+        except rados.Error as exc:
+            log.warning("RBD image %s: other gateways unknown: %s", self._spec, exc)
             return False
-        own = 0 if self._backend.read_only else 1  # a writable handle watches the header
-        return len(watchers) <= own
+        if not done.wait(NOTIFY_TIMEOUT_MS / 1000 + OP_TIMEOUT):
+            return False
+        if answer["ret"] == -errno.ENOENT:
+            return True
+        return answer["ret"] == 0 and not answer["acks"] and not answer["timeouts"]
 
     def close(self) -> None:
         """Stop watching and close the I/O context (with the image)."""
