@@ -469,8 +469,9 @@ class ReservationState:
             self._load(raw)
 
     def _clear_volatile(self) -> None:
+        """A power on without APTPL: no registrations, PRGENERATION 0 (SPC-4 §6.15.2)."""
         if not self.aptpl:
-            self.registrations, self.reservation = [], None
+            self.registrations, self.reservation, self.generation = [], None, 0
 
     def _load(self, raw: bytes) -> None:
         self.generation, self.registrations, self.reservation, self.aptpl = _parse(raw)

@@ -36,6 +36,7 @@ from ..vm.operations.resize import resize_vm
 from ..vm.operations.snapshot_tree import open_chain
 from ..vm.units.device_lease import keeper as lease_keeper
 from ..vm.units.locks import ServeLock
+from ..vm.units.rbd_pool import KIND as RBD_KIND
 from ..vm.units.scan import FoundUnit, FoundVm
 from ..vm.units.unit import Unit
 from ..vm.units.unit_pools import PoolCatalog
@@ -202,9 +203,10 @@ def _with_shared_reservations(
     finds them, instead of under this daemon's state directory (whose file, if any, is
     taken over once). The store rides on a read-only handle of the unit's image, closed
     by the returned ``release``."""
-    if "pr_shared" not in inspect.signature(LogicalUnit).parameters:
+    pool = catalog.get(found.pool)
+    if pool.kind != RBD_KIND or "pr_shared" not in inspect.signature(LogicalUnit).parameters:
         return release
-    handle = catalog.get(found.pool).open(found.ref, read_only=True)
+    handle = pool.open(found.ref, read_only=True)
     if not isinstance(handle, RbdBackend):
         handle.close()
         return release
