@@ -257,7 +257,7 @@ def dump_events(events: Iterable[PrEvent]) -> bytes:
 
 def load_events(data: bytes) -> list[PrEvent]:
     """The events of an announcement; none from a malformed one (a gateway of another
-    version: the state itself is read again all the same)."""
+    version: the state it announced is taken all the same)."""
     try:
         return [PrEvent.load(e) for e in json.loads(data or b"[]")]
     except (ValueError, KeyError, TypeError, IndexError):
