@@ -1,7 +1,7 @@
 """Persistent reservations shared by two gateways of one RBD LUN (storage/rbd_pr.py):
 made through one gateway, enforced on the other; PREEMPT AND ABORT across them; APTPL
 state back after both gateways restart (and non-APTPL state gone); libiscsi's Prin*
-and Prout* families with their two sessions on different gateways.
+and Prout* families through the owner while the standby watches.
 
 Gateway B (target port group 2) starts first and owns the image (active/optimized);
 A is standby, which runs PERSISTENT RESERVE IN/OUT (SPC-4 §5.15.2.4.4) but no media
@@ -64,6 +64,41 @@ def write_status(ini: Initiator) -> int:
     return ini.command(WRITE, data_out=bytes(512)).status
 
 
+#: libiscsi's reservation families (20 tests)
+FAMILIES = ",".join(
+    f"SCSI.{family}"
+    for family in (
+        "PrinReadKeys",
+        "PrinServiceactionRange",
+        "PrinReportCapabilities",
+        "ProutRegister",
+        "ProutReserve",
+        "ProutClear",
+        "ProutPreempt",
+    )
+)
+
+
+def libiscsi_reservation_families(
+    owner: RunningTarget, standby: RunningTarget, image: RbdImageSpec
+) -> None:
+    """libiscsi's Prin*/Prout* families through the owner, every change going through
+    the shared object and announced to the standby. Its second session cannot be put
+    on the standby: libiscsi logs in with TEST UNIT READY, which a standby port refuses
+    (NOT READY, SPC-4 §5.15.2.4.4), and the Access tests read and write through both
+    sessions."""
+    need_tool("iscsi-test-cu")
+    done = run_tool("iscsi-test-cu", "--dataloss", "-t", FAMILIES, owner.url(IQN), check=False)
+    counts = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", done.stdout)
+    assert counts is not None and done.returncode == 0, done.stdout[-4000:]
+    total, ran, passed, failed = map(int, counts.groups())
+    assert total == ran == passed == 20 and failed == 0, done.stdout[-4000:]
+    assert shared_reservations(image)["registrations"] == []  # the suite cleans up
+    watcher = session(standby, HOST1)
+    assert read_keys(watcher) == [] and read_reservation(watcher) is None
+    watcher.close()
+
+
 def test_reservations_cross_gateways_and_survive_their_restart(
     ceph_cluster: CephCluster, image: RbdImageSpec, tmp_path: Path
 ) -> None:
@@ -73,6 +108,7 @@ def test_reservations_cross_gateways_and_survive_their_restart(
     b = start("b", 2)
     a = start("a", 1)
     try:
+        libiscsi_reservation_families(b, a, image)
         holder_a, other_a = session(a, HOST1), session(a, HOST2)
         holder_b, other_b = session(b, HOST1), session(b, HOST2)
         assert groups(holder_a) == {1: 0x2, 2: 0x0}  # B owns the image, A standby
@@ -122,45 +158,4 @@ def test_reservations_cross_gateways_and_survive_their_restart(
         assert write_status(other_b) == 0
         other_b.close()
     finally:
-        b.stop()
-
-
-#: libiscsi's reservation families; the second session of each test (the "second
-#: initiator") logs in through the other gateway's URL (iscsi-test-cu's multipath URL)
-FAMILIES = ",".join(
-    f"SCSI.{family}"
-    for family in (
-        "PrinReadKeys",
-        "PrinServiceactionRange",
-        "PrinReportCapabilities",
-        "ProutRegister",
-        "ProutReserve",
-        "ProutClear",
-        "ProutPreempt",
-    )
-)
-
-
-def test_libiscsi_reservation_families_with_a_second_gateway_watching(
-    ceph_cluster: CephCluster, image: RbdImageSpec, tmp_path: Path
-) -> None:
-    """libiscsi's Prin*/Prout* families through the owner, every change going through
-    the shared object and announced to standby A. Its second session cannot be put on
-    A: libiscsi logs in with TEST UNIT READY, which a standby port refuses (NOT READY,
-    SPC-4 §5.15.2.4.4), and the Access tests read and write through both sessions."""
-    need_tool("iscsi-test-cu")
-    b = gateway(tmp_path, "b", 2, image, ceph_cluster.conf)
-    a = gateway(tmp_path, "a", 1, image, ceph_cluster.conf)
-    try:
-        done = run_tool("iscsi-test-cu", "--dataloss", "-t", FAMILIES, b.url(IQN), check=False)
-        counts = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", done.stdout)
-        assert counts is not None and done.returncode == 0, done.stdout[-4000:]
-        total, ran, passed, failed = map(int, counts.groups())
-        assert total == ran == passed == 20 and failed == 0, done.stdout[-4000:]
-        assert shared_reservations(image)["registrations"] == []  # the suite cleans up
-        watcher = session(a, HOST1)
-        assert read_keys(watcher) == [] and read_reservation(watcher) is None
-        watcher.close()
-    finally:
-        a.stop()
         b.stop()
