@@ -17,7 +17,15 @@ from typing import Final
 from ..storage.backend import Abilities, BlockBackend
 from .alua import PortGroups
 from .mode_pages import ModeState
-from .pr_state import Initiator, PrStore, ReservationState
+from .pr_state import (
+    Initiator,
+    PrEvent,
+    PrStore,
+    ReservationState,
+    SharedPrStore,
+    dump_events,
+    load_events,
+)
 from .pr_store import FilePrStore
 from .sense import Progress, Reason, ScsiError
 from .task import ItKey
@@ -35,6 +43,9 @@ DEFAULT_SANITIZE_RATE: Final = 128 * 1024 * 1024
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
+#: Aborts the tasks of every I_T nexus the predicate accepts (PREEMPT AND ABORT); the
+#: transport, which holds the tasks, gives it to the LU.
+TaskAborter = Callable[[Callable[[Initiator], bool]], None]
 
 
 def _ascii(value: str, limit: int, what: str) -> None:
@@ -166,7 +177,9 @@ class LogicalUnit:
     later write cannot run out of space - and GET LBA STATUS reports what is not
     data (preallocated but unwritten extents) as anchored. ``pr_state_path`` (or ``pr_store``)
     is where APTPL persistent reservations are kept, conventionally
-    ``<backing file>.pr``; existing state there is restored. ``clock`` and
+    ``<backing file>.pr``; existing state there is restored. ``pr_shared`` instead
+    keeps every registration in a store the LU's other gateways share (their changes
+    are announced to it, and its to them). ``clock`` and
     ``sleep`` pace background work (SANITIZE at ``sanitize_rate`` bytes/s); without
     them it runs flat out. ``physical_block_size`` is what READ CAPACITY(16)
     reports (LBPPBE). It defaults to the logical block size: with LBPPBE > 0,
@@ -190,6 +203,7 @@ class LogicalUnit:
         resource_provisioning: bool = False,
         pr_state_path: str | None = None,
         pr_store: PrStore | None = None,
+        pr_shared: SharedPrStore | None = None,
         clock: Clock | None = None,
         sleep: Sleep | None = None,
         sanitize_rate: int = DEFAULT_SANITIZE_RATE,
@@ -201,8 +215,8 @@ class LogicalUnit:
         physical = physical_block_size or block_size
         if physical < block_size or physical & (physical - 1):
             raise ValueError("physical_block_size must be a power of two >= block_size")
-        if pr_state_path is not None and pr_store is not None:
-            raise ValueError("give pr_state_path or pr_store, not both")
+        if sum(x is not None for x in (pr_state_path, pr_store, pr_shared)) > 1:
+            raise ValueError("give one of pr_state_path, pr_store or pr_shared")
         if thin_provisioning and resource_provisioning:
             raise ValueError("an LU is thin or resource provisioned, not both")
         self.backend = backend
@@ -226,8 +240,12 @@ class LogicalUnit:
         self.ranges = RangeLock()
         self.pr_lock = threading.Lock()
         store = FilePrStore(pr_state_path) if pr_state_path is not None else pr_store
-        self.reservations = ReservationState(store=store)
+        self.reservations = ReservationState(store=store, shared=pr_shared)
         self.reservations.restore()
+        #: set by the transport: aborts the tasks PREEMPT AND ABORT names
+        self.task_aborter: TaskAborter | None = None
+        if pr_shared is not None:
+            pr_shared.listen(self._pr_announced)
         self.sanitizing: SanitizeProgress | None = None
         #: target port groups and their access states (SPC-4 §5.15), set by a server
         #: that serves this LU through several gateways; None: no ALUA (TPGS=00b)
@@ -304,6 +322,30 @@ class LogicalUnit:
             for key, queue in self._attentions.items():
                 if reason not in queue and wanted(Initiator.from_key(key)):
                     queue.append(reason)
+
+    def publish_pr_events(self, events: list[PrEvent]) -> None:
+        """What a stored reservation change implies, here and then on the LU's other
+        gateways (which have taken it when this returns): unit attentions for the I_T
+        nexuses named, their tasks aborted for PREEMPT AND ABORT."""
+        self._apply_pr_events(events)
+        shared = self.reservations.shared
+        if shared is not None:
+            shared.announce(dump_events(events))
+
+    def _apply_pr_events(self, events: list[PrEvent]) -> None:
+        for event in events:
+            self.attention_where(event.reason, event.wants)
+            if event.abort and self.task_aborter is not None:
+                self.task_aborter(event.wants)
+
+    def _pr_announced(self, message: bytes) -> None:
+        """Another gateway stored a change: take the newest state known (under the
+        lock, so never an older one over a change of this gateway's own)."""
+        shared = self.reservations.shared
+        assert shared is not None
+        with self.pr_lock:
+            self.reservations.adopt(shared.latest())
+        self._apply_pr_events(load_events(message))
 
     def known_nexuses(self) -> list[ItKey]:
         with self._lock:

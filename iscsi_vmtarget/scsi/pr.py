@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import partial
 from typing import Final
 
 from .command import Command, be, require
@@ -119,6 +120,7 @@ def persistent_reserve_in(cmd: Command) -> bytes:
     action = cmd.cdb[1] & 0x1F  # SERVICE ACTION
     with lu.pr_lock:
         state = lu.reservations
+        state.refresh()  # shared by several gateways: what the others did too
         if action == PrIn.READ_KEYS:
             keys = b"".join(struct.pack(">Q", r.key) for r in state.registrations)
             return struct.pack(">II", state.generation, len(keys)) + keys  # PRGENERATION, LENGTH
@@ -267,17 +269,21 @@ def persistent_reserve_out(cmd: Command) -> None:
         kind = _type_and_scope(cmd)
     params = _parameters(cmd, action)
     who = initiator(cmd)
-    with lu.pr_lock:
-        state = lu.reservations
+    handler = _OUT_ACTIONS[PrOut(action)]
+
+    def change() -> None:
         if state.spc2_holder is not None and state.spc2_holder != who.key:
             raise ReservationConflict()
-        handler = _OUT_ACTIONS[PrOut(action)]
-        changed = handler(lu, state, who, params, kind)
-        if changed:
+        if handler(lu, state, who, params, kind):
             state.generation = (state.generation + 1) & 0xFFFFFFFF
         if action in _APTPL_ACTIONS:
             state.aptpl = params.aptpl
-        state.persist()
+
+    with lu.pr_lock:
+        state = lu.reservations
+        state.transact(change)  # stored (APTPL, or shared with other gateways)
+        events = state.take_events()
+    lu.publish_pr_events(events)  # unit attentions here, and to the other gateways
 
 
 _APTPL_ACTIONS: Final = frozenset(
@@ -327,20 +333,10 @@ def _register(
     if params.spec_i_pt:
         raise ScsiError(Reason.INVALID_FIELD_IN_PARAMETER_LIST, field=param_field(20, 3))
     if params.sark == 0:
-        state.remove(reg, lu.attention_where)
+        state.remove(reg)
     else:
         reg.key = params.sark
     return True
-
-
-def _register_ignore(
-    lu: LogicalUnit,
-    state: ReservationState,
-    who: Initiator,
-    params: _Parameters,
-    kind: PrType | None,
-) -> bool:
-    return _register(lu, state, who, params, kind, ignore_key=True)
 
 
 def _registered(state: ReservationState, who: Initiator, params: _Parameters) -> Registration:
@@ -388,7 +384,7 @@ def _release(
         raise ScsiError(Reason.INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
     state.reservation = None
     if res.type.registrants_have_access:
-        state.notify_registrants(Reason.RESERVATIONS_RELEASED, lu.attention_where, exclude=who)
+        state.notify_registrants(Reason.RESERVATIONS_RELEASED, exclude=who)
     return False
 
 
@@ -402,7 +398,7 @@ def _clear(
     """CLEAR (SPC-4 §5.13.11.2.4): every registration and the reservation go; the
     other registered I_T nexuses get RESERVATIONS PREEMPTED."""
     _registered(state, who, params)
-    state.notify_registrants(Reason.RESERVATIONS_PREEMPTED, lu.attention_where, exclude=who)
+    state.notify_registrants(Reason.RESERVATIONS_PREEMPTED, exclude=who)
     state.registrations = []
     state.reservation = None
     return True
@@ -414,16 +410,19 @@ def _preempt(
     who: Initiator,
     params: _Parameters,
     kind: PrType | None,
+    abort: bool = False,
 ) -> bool:
-    """PREEMPT and PREEMPT AND ABORT (SPC-4 §5.13.11.2.5). Our commands complete
-    synchronously, so there are never tasks of the preempted nexuses left to abort."""
+    """PREEMPT and PREEMPT AND ABORT (SPC-4 §5.13.11.2.5, §5.13.11.2.6). With
+    ``abort`` the preempted I_T nexuses' tasks are aborted: by the LU's task aborter
+    (:meth:`~.logical_unit.LogicalUnit.publish_pr_events`), here and on every other
+    gateway of a shared LU, before this command completes."""
     assert kind is not None
     mine = _registered(state, who, params)
     res = state.reservation
     sark = params.sark
     if res is not None and res.type.all_registrants and sark == 0:
         victims = [r for r in state.registrations if r is not mine]
-        _drop(lu, state, victims)
+        _drop(state, victims, abort)
         state.reservation = Reservation(kind, None if kind.all_registrants else mine)
         return True
     if sark == 0:
@@ -431,27 +430,25 @@ def _preempt(
     holder_key = res.holder.key if res is not None and res.holder is not None else None
     if res is not None and not res.type.all_registrants and holder_key == sark:
         victims = [r for r in state.registrations if r.key == sark and r is not mine]
-        _drop(lu, state, victims)
+        _drop(state, victims, abort)
         changed_type = res.type != kind
         state.reservation = Reservation(kind, None if kind.all_registrants else mine)
         if changed_type:
-            state.notify_registrants(Reason.RESERVATIONS_RELEASED, lu.attention_where, exclude=who)
+            state.notify_registrants(Reason.RESERVATIONS_RELEASED, exclude=who)
         return True
     victims = state.registrations_for(sark)
     if not victims:
         raise ReservationConflict()
-    _drop(lu, state, victims)
+    _drop(state, victims, abort)
     return True
 
 
-def _drop(lu: LogicalUnit, state: ReservationState, victims: list[Registration]) -> None:
+def _drop(state: ReservationState, victims: list[Registration], abort: bool) -> None:
     """Remove preempted registrations and tell their I_T nexuses."""
     if not victims:
         return
     gone = list(victims)
-    lu.attention_where(
-        Reason.REGISTRATIONS_PREEMPTED, lambda other: any(r.matches(other) for r in gone)
-    )
+    state.notify(Reason.REGISTRATIONS_PREEMPTED, gone, abort=abort)
     ids = {id(r) for r in gone}
     state.registrations = [r for r in state.registrations if id(r) not in ids]
     res = state.reservation
@@ -499,8 +496,8 @@ _OUT_ACTIONS: Final = {
     PrOut.RELEASE: _release,
     PrOut.CLEAR: _clear,
     PrOut.PREEMPT: _preempt,
-    PrOut.PREEMPT_AND_ABORT: _preempt,
-    PrOut.REGISTER_AND_IGNORE_EXISTING_KEY: _register_ignore,
+    PrOut.PREEMPT_AND_ABORT: partial(_preempt, abort=True),
+    PrOut.REGISTER_AND_IGNORE_EXISTING_KEY: partial(_register, ignore_key=True),
     PrOut.REGISTER_AND_MOVE: _register_and_move,
 }
 

@@ -15,6 +15,13 @@ target port it was made through, or none when ALL_TG_PT was set.
 
 When APTPL is in effect the state is written to a :class:`PrStore` after every
 change and read back when the LU is created (SPC-4 §5.13.5).
+
+An LU served by several gateways (processes) keeps its state in a
+:class:`SharedPrStore` instead: every change is made by :meth:`ReservationState.transact`
+on the latest stored state and stored by compare-and-swap, made again on what is
+there when another gateway changed it first. The unit attentions a change implies
+are :class:`PrEvent` data (not callbacks), so the other gateways can queue them for
+their own I_T nexuses.
 """
 
 from __future__ import annotations
@@ -23,12 +30,16 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
-from .sense import Reason, ReservationConflict
+from .sense import Reason, ReservationConflict, ScsiError
 from .task import ItKey
 
 STATE_VERSION: Final = 1
+#: Attempts of one change against a shared store before giving up: each failed one
+#: means another gateway's change was stored, so the whole set of gateways progresses.
+MAX_ATTEMPTS: Final = 32
+_T = TypeVar("_T")
 
 
 class PrType(IntEnum):
@@ -168,7 +179,89 @@ class PrStore(Protocol):
     def clear(self) -> None: ...
 
 
-AttentionSink = Callable[[Reason, Callable[[Initiator], bool]], None]
+class SharedPrStore(Protocol):
+    """The state every gateway of one LU shares (``storage/rbd_pr.py`` keeps it in a
+    RADOS object). The LU calls :meth:`load` and :meth:`commit` under its reservation
+    lock, one thread at a time."""
+
+    def load(self) -> bytes | None:
+        """The latest stored state (None: none yet); a later :meth:`commit` is
+        compared against it."""
+        ...
+
+    def commit(self, data: bytes) -> bool:
+        """Store ``data`` if the state is still the one :meth:`load` returned; False
+        when another gateway stored a change in between (nothing is written)."""
+        ...
+
+    def announce(self, message: bytes) -> None:
+        """Tell the other gateways of the committed state and ``message`` (the
+        :class:`PrEvent` list); returns once they took it, or gave no answer in time."""
+        ...
+
+    def latest(self) -> bytes | None:
+        """The newest state known, without asking anyone (what was loaded, committed
+        or announced last)."""
+        ...
+
+    def listen(self, listener: Callable[[bytes], None]) -> None:
+        """Call ``listener(message)`` for each announcement of another gateway (empty:
+        the state was read again after announcements may have been missed); the
+        announced state is then :meth:`latest`."""
+        ...
+
+    def alone(self) -> bool:
+        """No other gateway serves the LU now (this one starts first: a power on for
+        the LU, which ends registrations made without APTPL, SPC-4 §5.13.5)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PrEvent:
+    """A unit attention a change implies for the I_T nexuses ``registrations`` cover,
+    except ``exclude``; ``abort``: their tasks are aborted too (PREEMPT AND ABORT,
+    SPC-4 §5.13.11.2.6). Data, so another gateway can apply it to its own nexuses."""
+
+    reason: Reason
+    registrations: tuple[Registration, ...]
+    exclude: ItKey | None = None
+    abort: bool = False
+
+    def wants(self, who: Initiator) -> bool:
+        if self.exclude is not None and who.key == self.exclude:
+            return False
+        return any(r.matches(who) for r in self.registrations)
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason.name,
+            "registrations": [r.dump() for r in self.registrations],
+            "exclude": None if self.exclude is None else list(self.exclude),
+            "abort": self.abort,
+        }
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> PrEvent:
+        exclude = data.get("exclude")
+        return cls(
+            Reason[str(data["reason"])],
+            tuple(Registration.load(r) for r in data["registrations"]),
+            None if exclude is None else (str(exclude[0]), str(exclude[1])),
+            bool(data.get("abort", False)),
+        )
+
+
+def dump_events(events: Iterable[PrEvent]) -> bytes:
+    return json.dumps([e.dump() for e in events]).encode()
+
+
+def load_events(data: bytes) -> list[PrEvent]:
+    """The events of an announcement; none from a malformed one (a gateway of another
+    version: the state it announced is taken all the same)."""
+    try:
+        return [PrEvent.load(e) for e in json.loads(data or b"[]")]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return []
 
 
 @dataclass
@@ -176,11 +269,14 @@ class ReservationState:
     """Registrations, the persistent reservation and the SPC-2 reservation of one LU."""
 
     store: PrStore | None = None
+    shared: SharedPrStore | None = None
     generation: int = 0
     registrations: list[Registration] = field(default_factory=list)
     reservation: Reservation | None = None
     aptpl: bool = False
     spc2_holder: ItKey | None = None
+    #: the unit attentions the change being made implies (see :meth:`transact`)
+    events: list[PrEvent] = field(default_factory=list)
 
     # -- lookups -----------------------------------------------------------------------
 
@@ -253,7 +349,7 @@ class ReservationState:
     def add(self, reg: Registration) -> None:
         self.registrations.append(reg)
 
-    def remove(self, reg: Registration, attention: AttentionSink | None = None) -> None:
+    def remove(self, reg: Registration) -> None:
         """Remove one registration; an unregistered holder loses its reservation
         (SPC-4 §5.13.11.2.3), the others get RESERVATIONS RELEASED for RO types."""
         self.registrations = [r for r in self.registrations if r is not reg]
@@ -265,23 +361,72 @@ class ReservationState:
                 self.reservation = None
         elif res.holder is reg:
             self.reservation = None
-            if attention is not None and res.type.registrants_have_access:
-                self.notify_registrants(Reason.RESERVATIONS_RELEASED, attention)
+            if res.type.registrants_have_access:
+                self.notify_registrants(Reason.RESERVATIONS_RELEASED)
 
-    def notify_registrants(
-        self, reason: Reason, attention: AttentionSink, *, exclude: Initiator | None = None
+    def notify_registrants(self, reason: Reason, *, exclude: Initiator | None = None) -> None:
+        """Queue ``reason`` for every registered I_T nexus (but ``exclude``)."""
+        self.notify(reason, self.registrations, exclude=exclude)
+
+    def notify(
+        self,
+        reason: Reason,
+        regs: Iterable[Registration],
+        *,
+        exclude: Initiator | None = None,
+        abort: bool = False,
     ) -> None:
-        regs = list(self.registrations)
-
-        def wanted(other: Initiator) -> bool:
-            if exclude is not None and other.key == exclude.key:
-                return False
-            return any(r.matches(other) for r in regs)
-
-        attention(reason, wanted)
+        """Queue ``reason`` for the I_T nexuses ``regs`` cover, once the change is stored."""
+        snapshot = tuple(Registration.load(r.dump()) for r in regs)
+        key = None if exclude is None else exclude.key
+        self.events.append(PrEvent(reason, snapshot, key, abort))
 
     def registrations_for(self, key: int) -> list[Registration]:
         return [r for r in self.registrations if r.key == key]
+
+    # -- changes, kept in a store ----------------------------------------------------
+
+    def transact(self, change: Callable[[], _T]) -> _T:
+        """Make ``change`` on the latest state and store it. With a shared store the
+        state is read first and written by compare-and-swap; when another gateway
+        stored a change in between, the change is made again on that one (its checks
+        too: a registration may have gone). :attr:`events` then holds what the
+        stored change implies. An error leaves the stored state as it was."""
+        for _ in range(MAX_ATTEMPTS):
+            self.refresh()
+            self.events.clear()
+            try:
+                result = change()
+            except BaseException:
+                self.events.clear()
+                if self.shared is not None:
+                    self.refresh()  # undo what the change did before it failed
+                raise
+            if self.shared is None:
+                self.persist()
+                return result
+            if self.shared.commit(self.dumps()):
+                return result
+        self.refresh()
+        raise ScsiError(Reason.INTERNAL_TARGET_FAILURE)  # no progress: a gateway loops
+
+    def take_events(self) -> list[PrEvent]:
+        events, self.events = self.events, []
+        return events
+
+    def refresh(self) -> None:
+        """Read the shared state again (nothing to do without a shared store)."""
+        if self.shared is not None:
+            self.adopt(self.shared.load())
+
+    def adopt(self, raw: bytes | None) -> None:
+        """Take the stored state ``raw`` (None: no registrations); the SPC-2
+        reservation, which is this gateway's own, stays."""
+        # parsed first, then assigned: the data path reads the reservation without the
+        # lock when there is none, so it must never see a held one go away for a moment
+        self.generation, self.registrations, self.reservation, self.aptpl = (
+            _parse(raw) if raw else (0, [], None, False)
+        )
 
     # -- persistence (APTPL, SPC-4 §5.13.5) --------------------------------------------
 
@@ -304,29 +449,50 @@ class ReservationState:
             "generation": self.generation,
             "registrations": [r.dump() for r in self.registrations],
             "reservation": None if res is None else {"type": int(res.type), "holder": holder},
+            "aptpl": self.aptpl,
         }
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     def restore(self) -> None:
-        """Load APTPL state saved by an earlier run, if any."""
+        """Load APTPL state saved by an earlier run, if any; with a shared store the
+        state the other gateways use. A gateway that starts alone clears what was
+        registered without APTPL (a power on of the LU)."""
+        if self.shared is not None:
+            self.refresh()
+            if self.registrations and not self.aptpl and self.shared.alone():
+                self.transact(self._clear_volatile)
+            return
         if self.store is None:
             return
         raw = self.store.load()
-        if not raw:
-            return
-        doc = json.loads(raw)
-        if doc.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported persistent reservation state version {doc!r:.40}")
-        self.generation = int(doc["generation"])
-        self.registrations = [Registration.load(r) for r in doc["registrations"]]
-        res = doc.get("reservation")
-        if res is not None:
-            holder = res["holder"]
-            self.reservation = Reservation(
-                PrType(int(res["type"])),
-                None if holder is None else self.registrations[int(holder)],
-            )
-        self.aptpl = True
+        if raw:
+            self._load(raw)
+
+    def _clear_volatile(self) -> None:
+        """A power on without APTPL: no registrations, PRGENERATION 0 (SPC-4 §6.15.2)."""
+        if not self.aptpl:
+            self.registrations, self.reservation, self.generation = [], None, 0
+
+    def _load(self, raw: bytes) -> None:
+        self.generation, self.registrations, self.reservation, self.aptpl = _parse(raw)
+
+
+def _parse(raw: bytes) -> tuple[int, list[Registration], Reservation | None, bool]:
+    """A stored state document: (generation, registrations, reservation, APTPL)."""
+    doc = json.loads(raw)
+    if doc.get("version") != STATE_VERSION:
+        raise ValueError(f"unsupported persistent reservation state version {doc!r:.40}")
+    registrations = [Registration.load(r) for r in doc["registrations"]]
+    reservation = None
+    res = doc.get("reservation")
+    if res is not None:
+        holder = res["holder"]
+        reservation = Reservation(
+            PrType(int(res["type"])),
+            None if holder is None else registrations[int(holder)],
+        )
+    aptpl = bool(doc.get("aptpl", True))  # files of earlier versions: APTPL only
+    return int(doc["generation"]), registrations, reservation, aptpl
 
 
 def matching(initiators: Iterable[Initiator], regs: Iterable[Registration]) -> list[Initiator]:

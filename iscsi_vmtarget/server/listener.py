@@ -24,7 +24,7 @@ from ..iscsi.pdu import TmfCode, TmfResponse
 from ..iscsi.transfer import Task
 from ..scsi import ScsiTarget
 from ..scsi.task import Nexus, ScsiResponse, Status
-from . import fabric
+from . import fabric, pr_abort
 from .metrics import Metrics, SessionInfo
 from .registry import Registry
 
@@ -212,6 +212,7 @@ class ConnectionHandler(asyncio.Protocol):
             )
             if self.scsi is not None:
                 self.scsi.nexus_added(self.nexus)
+                pr_abort.attach(registry, self.scsi, asyncio.get_running_loop())
         self.server.metrics.session_started(
             SessionInfo(self.tsih, params.initiator_name, isid, self.target_name, self.peer)
         )

@@ -24,6 +24,7 @@ from ..scsi import LogicalUnit, UnitIdentity
 from ..sizes import parse_size
 from ..storage import BackendError, BlockBackend, FileBackend, RbdImageSpec, create_sparse_file
 from ..storage.rbd import RbdBackend, open_image
+from ..storage.rbd_pr import RadosPrStore
 from .masking import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
 from .rbd_gateway import serve_rbd_lun
 
@@ -269,38 +270,53 @@ def open_lun(target: str, lun: LunSpec, tpgt: int = 1) -> LogicalUnit:
         raise LunError(f"{where}: {lun.backing!r} is empty")
     if isinstance(backend, RbdBackend):
         key = f"{target.lower()}/rbd:{backend.spec.where}/{backend.image_id}"
-        sparse, pr_store = True, backend.metadata_store(PR_METADATA_KEY)
+        sparse = True
+        # every gateway of the image shares one state, kept in RADOS beside it
+        pr_shared = _shared_reservations(where, backend)
         pr_path = None
     else:
         assert isinstance(backend, FileBackend)
         _preallocate(where, lun, backend)
         key = f"{target.lower()}/{os.path.abspath(lun.path)}"
-        sparse, pr_store = not backend.is_block_device, None
+        sparse, pr_shared = not backend.is_block_device, None
         pr_path = None if backend.is_block_device else f"{lun.path}.pr"
     unit_id = uuid.uuid5(_ID_NAMESPACE, key)
     identity = UnitIdentity.from_uuid(unit_id, lun.serial or unit_id.hex[:16])
-    lu = LogicalUnit(
-        backend,
-        identity,
-        block_size=lun.block_size,
-        read_only=lun.read_only,
-        thin_provisioning=lun.provisioning == "thin" and sparse,
-        # a preallocated file keeps its space: UNMAP zeroes in place (anchors)
-        resource_provisioning=lun.provisioning == "thick" and sparse,
-        # APTPL persistent reservations live in a file beside the unit, or in the
-        # RBD image's own metadata (every gateway of the image reads the same)
-        pr_state_path=pr_path,
-        pr_store=pr_store,
-        clock=time.monotonic,
-        sleep=time.sleep,
-    )
+    try:
+        lu = LogicalUnit(
+            backend,
+            identity,
+            block_size=lun.block_size,
+            read_only=lun.read_only,
+            thin_provisioning=lun.provisioning == "thin" and sparse,
+            # a preallocated file keeps its space: UNMAP zeroes in place (anchors)
+            resource_provisioning=lun.provisioning == "thick" and sparse,
+            # APTPL persistent reservations live in a file beside the unit; an RBD
+            # image's are in RADOS, shared by every gateway (storage/rbd_pr.py)
+            pr_state_path=pr_path,
+            pr_shared=pr_shared,
+            clock=time.monotonic,
+            sleep=time.sleep,
+        )
+    except BackendError as exc:  # the shared reservations could not be read
+        backend.close()
+        raise LunError(f"{where}: {exc}") from exc
     if isinstance(backend, RbdBackend) and not lun.read_only:
         serve_rbd_lun(lu, backend, tpgt)
     return lu
 
 
-#: The RBD image metadata key holding a LUN's APTPL reservation state.
+#: The RBD image metadata key where earlier versions kept a LUN's APTPL reservation
+#: state (taken into the shared RADOS object the first time).
 PR_METADATA_KEY = "iscsi_vmtarget.pr"
+
+
+def _shared_reservations(where: str, backend: RbdBackend) -> RadosPrStore:
+    try:
+        return RadosPrStore(backend, legacy=backend.metadata_store(PR_METADATA_KEY))
+    except BackendError as exc:
+        backend.close()
+        raise LunError(f"{where}: {exc}") from exc
 
 
 def _open_file(where: str, lun: LunSpec) -> FileBackend:

@@ -23,6 +23,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..scsi import LogicalUnit, UnitIdentity
+from ..scsi.pr_store import FilePrStore
+from ..storage import BackendError
+from ..storage.rbd import RbdBackend
+from ..storage.rbd_pr import RadosPrStore
 from ..vm.format.header import UnitHeader
 from ..vm.layers.cow import ChainBackend
 from ..vm.layers.flat import live_flat, reopen_raw
@@ -32,9 +36,11 @@ from ..vm.operations.resize import resize_vm
 from ..vm.operations.snapshot_tree import open_chain
 from ..vm.units.device_lease import keeper as lease_keeper
 from ..vm.units.locks import ServeLock
+from ..vm.units.rbd_pool import KIND as RBD_KIND
 from ..vm.units.scan import FoundUnit, FoundVm
 from ..vm.units.unit import Unit
 from ..vm.units.unit_pools import PoolCatalog
+from ..vm.vm_errors import VmError
 
 DEFAULT_BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
 log = logging.getLogger("iscsi_vmtarget")
@@ -114,6 +120,12 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
             lock = ServeLock(state_dir, found.header.unit_uuid)
             unleased.discard(found.header.unit_uuid)
             release = leases.releaser(lock.release, found.header.unit_uuid)
+            options = _lu_options(state_dir, found.header.unit_uuid)
+            try:
+                release = _with_shared_reservations(catalog, found, options, release)
+            except BaseException:
+                release()
+                raise
             try:
                 unit = Unit.open(catalog.get(found.pool), found.ref, repair=False)
                 try:
@@ -129,16 +141,21 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
             except BaseException:
                 release()
                 raise
-            options = _lu_options(state_dir, found.header.unit_uuid)
-            lu = LogicalUnit(
-                view,
-                unit_identity(unit.header),
-                block_size=unit.header.block_size,
-                **options,  # type: ignore[arg-type]
-            )
+            try:
+                lu = LogicalUnit(
+                    view,
+                    unit_identity(unit.header),
+                    block_size=unit.header.block_size,
+                    **options,  # type: ignore[arg-type]
+                )
+            except BaseException:
+                view.close()  # and with it the lock, the lease, the reservations' handle
+                raw.close()
+                raise
             view.add_capacity_listener(capacity_listener(lu))
             out.guest[number] = lu
             options.pop("pr_state_path", None)
+            options.pop("pr_shared", None)
             out.raw[number] = raw_lu = LogicalUnit(
                 raw,
                 raw_identity(unit),
@@ -175,12 +192,48 @@ def _live_view(
     return open_chain(manager, vm, volume, top, read_only=False, on_close=on_close)
 
 
+def _with_shared_reservations(
+    catalog: PoolCatalog,
+    found: FoundUnit,
+    options: dict[str, object],
+    release: Callable[[], None],
+) -> Callable[[], None]:
+    """A unit in an rbd pool keeps its LU's persistent reservations in RADOS beside its
+    image (:mod:`~iscsi_vmtarget.storage.rbd_pr`), where a daemon that takes the VM over
+    finds them, instead of under this daemon's state directory (whose file, if any, is
+    taken over once). The store rides on a read-only handle of the unit's image, closed
+    by the returned ``release``."""
+    pool = catalog.get(found.pool)
+    if pool.kind != RBD_KIND or "pr_shared" not in inspect.signature(LogicalUnit).parameters:
+        return release
+    handle = pool.open(found.ref, read_only=True)
+    if not isinstance(handle, RbdBackend):
+        handle.close()
+        return release
+    try:
+        path = options.pop("pr_state_path", None)
+        legacy = FilePrStore(path) if isinstance(path, str) else None
+        options["pr_shared"] = RadosPrStore(handle, legacy=legacy)
+    except BackendError as exc:
+        handle.close()
+        raise VmError(f"unit {found.header.unit_uuid}: {exc}") from exc
+
+    def closing() -> None:
+        try:
+            handle.close()
+        finally:
+            release()
+
+    return closing
+
+
 def _lu_options(state_dir: str, unit_uuid: uuid.UUID) -> dict[str, object]:
     """Keyword options of LogicalUnit this version of the SCSI layer offers.
 
     Guest views support UNMAP (holes read as zeros) and report allocation, so the LU is
     thin provisioned; persistent reservations persist under ``<state-dir>/pr`` (never
-    in a pool, where discovery would list them as foreign units).
+    in a pool, where discovery would list them as foreign units) - but a unit in an
+    rbd pool keeps them in RADOS beside its image (:func:`_with_shared_reservations`).
     """
     accepted = inspect.signature(LogicalUnit).parameters
     wanted: dict[str, object] = {

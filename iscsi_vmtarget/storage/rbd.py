@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import base64
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,14 +203,29 @@ def create_image(spec: RbdImageSpec, size: int) -> None:
             raise BackendError(f"cannot create RBD image {spec}: {exc}") from exc
 
 
+def pr_object_name(image_id: str) -> str:
+    """The RADOS object beside the image with id ``image_id`` that holds its LU's
+    persistent reservations (:mod:`.rbd_pr`)."""
+    return f"iscsi_vmtarget.pr.{image_id}"
+
+
 def remove_image(spec: RbdImageSpec) -> None:
-    """Delete an image and its data; BackendError when it cannot."""
-    _, rbd = bindings()
+    """Delete an image and its data, and the reservations kept beside it; BackendError
+    when it cannot."""
+    rados, rbd = bindings()
     with _PoolSession(spec.where) as pool:
         try:
+            with rbd.Image(pool.ioctx, spec.name, read_only=True) as image:
+                image_id = str(image.id())
             rbd.RBD().remove(pool.ioctx, spec.name)
         except rbd.Error as exc:
             raise BackendError(f"cannot remove RBD image {spec}: {exc}") from exc
+        try:
+            pool.ioctx.remove_object(pr_object_name(image_id))
+        except rados.ObjectNotFound:
+            pass
+        except rados.Error as exc:
+            raise BackendError(f"RBD image {spec} removed, not its reservations: {exc}") from exc
 
 
 def list_images(where: RbdPoolSpec) -> list[str]:
@@ -269,6 +285,7 @@ class RbdBackend:
         self._rbd = rbd
         self.read_only = read_only
         self._pool = _PoolSession(spec.where)
+        self._closers: list[Callable[[], None]] = []
         try:
             self._image = rbd.Image(self._pool.ioctx, spec.name, read_only=read_only)
             self._retired: list[Any] = []
@@ -418,8 +435,15 @@ class RbdBackend:
         """A small blob kept in this image's own metadata under ``key``."""
         return RbdMetadataBlob(self, key)
 
+    def on_close(self, closer: Callable[[], None]) -> None:
+        """Call ``closer`` when the image is closed (what lives beside it goes with it)."""
+        self._closers.append(closer)
+
     def close(self) -> None:
         if self._image is not None:
+            closers, self._closers = self._closers, []
+            for closer in closers:
+                closer()
             try:
                 for image in [*self._retired, self._image]:
                     image.close()

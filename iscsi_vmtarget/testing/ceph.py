@@ -4,6 +4,7 @@ started and stopped from Python, and images made on it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,9 +12,11 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import IscsiVmtargetError
-from ..storage.rbd import RbdImageSpec, RbdPoolSpec, bindings, create_image
+from ..storage.rbd import RbdBackend, RbdImageSpec, RbdPoolSpec, bindings, create_image
+from ..storage.rbd_pr import RadosPrStore
 
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "ceph-cluster"
 POOL = "rbd"
@@ -81,6 +84,17 @@ class CephCluster:
         if done.returncode:
             raise CephError(f"rbd {' '.join(args)}: {done.stderr}")
         return done.stdout
+
+
+def shared_reservations(image: RbdImageSpec) -> dict[str, Any]:
+    """The persistent reservation state every gateway of ``image`` shares, as RADOS
+    holds it (the document of scsi/pr_state.py; empty when there is none)."""
+    backend = RbdBackend(image, read_only=True)
+    try:
+        raw = RadosPrStore(backend).load()
+    finally:
+        backend.close()
+    return dict(json.loads(raw)) if raw else {}
 
 
 def fast_directory() -> Path | None:

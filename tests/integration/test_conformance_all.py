@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client import Initiator
-from iscsi_vmtarget.server.model import PR_METADATA_KEY
-from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
+from iscsi_vmtarget.storage.rbd import RbdImageSpec
+from iscsi_vmtarget.testing.ceph import shared_reservations
 from tests.conftest import RunningTarget, need_tool, start_target
 
 pytestmark = pytest.mark.interop
@@ -120,19 +120,15 @@ def test_aptpl_reservation_survives_a_restart(
 ) -> None:
     """SPC-4 §5.13.5: registered with APTPL=1, the registrations and the reservation
     are back after the target restarts; another initiator still conflicts. On a file
-    LUN the state is kept in <file>.pr, on an RBD LUN in the image's own metadata
-    (so every gateway of the image would read it)."""
+    LUN the state is kept in <file>.pr, on an RBD LUN in the RADOS object every
+    gateway of the image shares (storage/rbd_pr.py)."""
     if kind == "rbd":
         cluster = request.getfixturevalue("ceph_cluster")
         image = RbdImageSpec(cluster.pool, f"aptpl-{tmp_path.name}")
         backing = f'rbd = "{image}"\nceph_conf = "{cluster.conf}"'
 
         def saved() -> bool:
-            rbd = RbdBackend(image, read_only=True)
-            try:
-                return rbd.metadata_store(PR_METADATA_KEY).load() is not None
-            finally:
-                rbd.close()
+            return bool(shared_reservations(image).get("aptpl"))
     else:
         path = tmp_path / "aptpl.img"
         backing = f'path = "{path}"'

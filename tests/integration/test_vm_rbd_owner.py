@@ -1,12 +1,14 @@
 """VM units of one rbd pool seen by two daemons (own state directories, own ports):
 only the holder of a unit's lease - RBD's exclusive lock on its lease image - serves
 (writes) the VM; the other waits, and takes over once the owner is gone, fencing it
-first (OSD blocklist): a paused owner that wakes up cannot write."""
+first (OSD blocklist): a paused owner that wakes up cannot write. A reservation taken
+through the first owner holds on the second (it is kept in RADOS beside the unit)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -17,8 +19,16 @@ from iscsi_vmtarget.server.vm_luns import DEFAULT_BASE_IQN
 from iscsi_vmtarget.storage.rbd import OP_TIMEOUT, RbdPoolSpec, list_images
 from iscsi_vmtarget.testing.ceph import CephCluster
 from iscsi_vmtarget.vm import Mode, StateDir, VmManager
-from tests.conftest import INITIATOR, RunningTarget, grant_vms, start_target
+from tests.conftest import CLIENTS, INITIATOR, RunningTarget, grant_vms, start_target
 from tests.integration.test_rbd_gateways import BLOCK, read, wait_for, write
+from tests.integration.test_rbd_pr_gateways import (
+    APTPL,
+    CONFLICT,
+    REGISTER,
+    RESERVE,
+    prout,
+    read_keys,
+)
 from tests.integration.test_vm_serve import ivt
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -56,6 +66,10 @@ def test_one_owner_per_vm_and_fenced_takeover(ceph_cluster: CephCluster, tmp_pat
     try:
         ia = serving(a)
         assert ia is not None
+        # a reservation taken on A (APTPL) lives in RADOS beside the unit: B enforces it
+        ia.command(bytes(6))  # the power-on unit attention
+        assert prout(ia, REGISTER, sark=0xA, flags=APTPL) == 0
+        assert prout(ia, RESERVE, key=0xA) == 0
         assert serving(b) is None  # B waits: no target, nothing written
         assert "is leased by the RBD client" in b.log()
         refused = ivt(b_state, "vm", "resize", "web", "--disk", str(16 * MIB), check=False)
@@ -70,7 +84,12 @@ def test_one_owner_per_vm_and_fenced_takeover(ceph_cluster: CephCluster, tmp_pat
             assert ib[0] is not None
             assert read(ib[0], 0, 4) == first
             second = b"b" * 4 * BLOCK
-            assert write(ib[0], 0, second) == (0, (0, 0, 0))
+            assert write(ib[0], 0, second) == (0, (0, 0, 0))  # the holder, as on A
+            other = Initiator(port=b.port, initiator_name=CLIENTS[1], target_name=IQN)
+            other.login()
+            assert write(other, 8, b"o" * BLOCK)[0] == CONFLICT
+            assert read_keys(other) == [0xA]
+            other.close()
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
         # a fenced client's write may wait until the cluster refuses it (the gateways'
@@ -91,3 +110,10 @@ def test_one_owner_per_vm_and_fenced_takeover(ceph_cluster: CephCluster, tmp_pat
     assert any(n.endswith(".lease") for n in list_images(where))
     ivt(b_state, "vm", "delete", "web")
     assert list_images(where) == []  # the unit went, and its lease image with it
+    objects = subprocess.run(
+        ["rados", "-c", ceph_cluster.conf, "-p", where.pool, "-N", where.namespace, "ls"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "iscsi_vmtarget.pr." not in objects  # and its reservations
