@@ -11,10 +11,12 @@ way a destination can refuse into one sentence an operator can act on.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import IscsiVmtargetError
 from ..iscsi.names import IscsiNameError, normalize_name
+from ..iscsi.pdu import Payload
 from .initiator import (
     ILLEGAL_REQUEST,
     Initiator,
@@ -22,6 +24,7 @@ from .initiator import (
     LoginFailed,
     ScsiCommandError,
 )
+from .window import DEPTH, read_window, write_window
 
 DEFAULT_PORT = 3260
 #: Bytes per READ/WRITE command: 1 MiB, a MaxBurstLength every target accepts.
@@ -136,6 +139,32 @@ class RemoteLun:
             piece = view[pos : pos + MAX_IO]  # a view: the PDUs copy it once, into frames
             self.initiator.write16(lba + pos // self.block_size, piece, self.block_size, self.lun)
             self.bytes_written += len(piece)
+
+    def write_stream(self, offset: int, pieces: Iterable[Payload], depth: int = DEPTH) -> int:
+        """Write ``pieces`` one after the other from ``offset`` (each whole blocks, at
+        most MAX_IO bytes: one WRITE(16)), ``depth`` commands in flight; the bytes
+        written."""
+
+        def placed() -> Iterator[tuple[int, Payload]]:
+            pos = offset
+            for piece in pieces:
+                n = memoryview(piece).nbytes
+                if n > MAX_IO:
+                    raise ValueError(f"{self.what}: a {n}-byte piece is over {MAX_IO} bytes")
+                yield self._blocks(pos, n)[0], piece
+                pos += n
+
+        written = write_window(self.initiator, self.lun, self.block_size, placed(), depth)
+        self.bytes_written += written
+        return written
+
+    def read_stream(self, offset: int, length: int, depth: int = DEPTH) -> Iterator[bytes]:
+        """``length`` bytes (whole blocks) from ``offset`` in MAX_IO pieces, in order,
+        ``depth`` READ(16)s in flight."""
+        lba, blocks = self._blocks(offset, length)
+        step = MAX_IO // self.block_size
+        ranges = ((lba + n, min(step, blocks - n)) for n in range(0, blocks, step))
+        return read_window(self.initiator, self.lun, self.block_size, ranges, depth)
 
     def unmap(self, offset: int, length: int) -> None:
         """Make a range read as zeros: WRITE SAME(16) with UNMAP where the LU is thin,
