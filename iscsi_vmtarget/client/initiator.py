@@ -87,10 +87,20 @@ class Task:
     result: ScsiResult | None = None
 
     def gather(self, offset: int, data: P.Payload) -> None:
+        if offset == len(self.buf):  # in order (DataPDUInOrder=Yes): one copy
+            self.buf += data
+            return
         end = offset + len(data)
         if len(self.buf) < end:
             self.buf.extend(bytes(end - len(self.buf)))
         self.buf[offset:end] = data
+
+    def data_in(self, last: P.DataIn) -> bytes:
+        """All Data-In, ``last`` included: a single PDU's segment as it is, uncopied."""
+        if not self.buf and last.buffer_offset == 0:
+            return bytes(last.data)
+        self.gather(last.buffer_offset, last.data)
+        return bytes(self.buf)
 
 
 def _text(pairs: list[tuple[str, str]]) -> bytes:
@@ -407,11 +417,11 @@ class Initiator:
             )
             return None
         if isinstance(rsp, P.DataIn):
-            task.gather(rsp.buffer_offset, rsp.data)
             if not rsp.status_present:
+                task.gather(rsp.buffer_offset, rsp.data)
                 return None
             task.result = ScsiResult(
-                rsp.status, bytes(task.buf), b"", rsp.residual, rsp.overflow, rsp.underflow
+                rsp.status, task.data_in(rsp), b"", rsp.residual, rsp.overflow, rsp.underflow
             )
         else:
             task.result = ScsiResult(

@@ -218,7 +218,9 @@ def open_lun(
     mutual_secret: str | None = None,
     timeout: float = 60.0,
 ) -> RemoteLun:
-    """Log in to ``url``'s target and open its LUN; InitiatorError saying why not."""
+    """Log in to ``url``'s target and open its LUN; InitiatorError saying why not. The
+    session takes Data-In segments of up to MAX_IO bytes: a READ(16) of MAX_IO bytes
+    comes back as one PDU."""
     user = chap_user or url.user
     secret = chap_secret if chap_secret is not None else url.secret
     initiator = Initiator(
@@ -230,6 +232,7 @@ def open_lun(
         chap_secret=secret.encode() if secret else None,
         mutual_secret=mutual_secret.encode() if mutual_secret else None,
         timeout=timeout,
+        max_recv_data_segment_length=MAX_IO,
     )
     where = f"{url.host}:{url.port}"
     try:
