@@ -154,6 +154,7 @@ class Initiator:
         self.expstatsn = 0
         self.itt = 1
         self.maxcmdsn: int | None = None  # None until the target names its window
+        self._rx = memoryview(bytearray(1 << 20))
         self._hd = self._dd = False
 
     # -- transport ----------------------------------------------------------------------
@@ -198,10 +199,10 @@ class Initiator:
                 ):
                     self.maxcmdsn = maxcmdsn  # it only grows (§4.2.2.1)
                 return pdu
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
+            n = self.sock.recv_into(self._rx)  # a reused buffer: no new 1 MiB per call
+            if not n:
                 raise InitiatorError("connection closed by target")
-            self.reader.feed(chunk)
+            self.reader.feed(self._rx[:n])
 
     def next_itt(self) -> int:
         self.itt = (self.itt + 1) & 0x7FFFFFFF

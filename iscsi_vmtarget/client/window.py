@@ -10,7 +10,8 @@ works on the previous one.
 
 Completions may come in any order. :func:`write_window` only needs each one GOOD;
 :func:`read_window` hands the data back in the order the ranges were asked for. A
-UNIT ATTENTION is retried like :meth:`.Initiator.scsi` does (SPC-4 §6.37); any other
+UNIT ATTENTION is retried like :meth:`.Initiator.scsi` does (SPC-4 §6.37), so is BUSY
+or TASK SET FULL (a target short of buffers for so many commands); any other
 failure ends the stream: the commands still in flight are waited for (so the session
 stays usable), then :class:`.ScsiCommandError` names the failed range.
 """
@@ -39,6 +40,7 @@ from .initiator import (
 DEPTH: Final = 8
 _TRIES: Final = 4  # attempts per command (UNIT ATTENTION retries, as Initiator.scsi)
 _READ16, _WRITE16 = 0x88, 0x8A
+_LATER: Final = (0x08, 0x28)  # BUSY, TASK SET FULL (SAM-5 §5.3.1): retry it later
 
 
 @dataclass
@@ -131,10 +133,12 @@ def _run(
                 f"{what} of LBA {command.lba} returned {len(result.data)} of {expected} bytes"
             )
         sense = parse_sense(result.sense)
-        if result.status == CHECK_CONDITION and sense[0] == UNIT_ATTENTION:
-            if command.tries < _TRIES:
-                retry.append(command)
-                continue
+        again = result.status in _LATER or (
+            result.status == CHECK_CONDITION and sense[0] == UNIT_ATTENTION
+        )
+        if again and command.tries < _TRIES:
+            retry.append(command)  # once the others in flight have made room
+            continue
         _drain(ini, tasks)
         raise ScsiCommandError(
             f"{what} of {command.blocks} blocks at LBA {command.lba}", result.status, sense

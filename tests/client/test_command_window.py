@@ -1,7 +1,8 @@
 """Several commands in flight (client/window.py) against a scripted target that answers
 them in a shuffled order, interleaving their R2Ts and Data-In: a pull returns exactly
 the bytes pushed (short last piece included), an error in the middle of the window
-ends the stream naming the failed range, a UNIT ATTENTION is retried, MaxCmdSN holds."""
+ends the stream naming the failed range, a UNIT ATTENTION or TASK SET FULL is retried,
+MaxCmdSN holds."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ BS = 512
 SEGMENT = 64 * 1024  # MaxRecvDataSegmentLength both ways: 16 PDUs per 1 MiB command
 MEDIUM_ERROR = (0x3, 0x11, 0x00)
 UNIT_ATTENTION = (0x6, 0x29, 0x00)
+TASK_SET_FULL = 0x28
 
 
 def _sense(key: int, asc: int, ascq: int) -> bytes:
@@ -53,7 +55,7 @@ class ScriptedTarget(Initiator):
         self.maxcmdsn = self.target_maxcmdsn  # as a login response would set it
         self.random = random.Random(seed)
         self.pending: dict[int, dict] = {}  # itt -> the command's state
-        self.failures: dict[int, tuple[int, int, int]] = {}  # LBA -> sense, once
+        self.failures: dict[int, tuple[int, int, int] | int] = {}  # LBA -> sense or status
         self.started: list[int] = []  # LBA of each READ/WRITE(16), in order sent
         self.peak = 0
         self.last_cmdsn = self.cmdsn
@@ -116,6 +118,8 @@ class ScriptedTarget(Initiator):
             self._end(itt)
             return P.DataIn(itt=itt, data=data, final=True, status_present=True)
         self._end(itt)
+        if isinstance(sense, int):  # a status without sense (BUSY, TASK SET FULL)
+            return P.ScsiResponsePdu(itt=itt, status=sense, maxcmdsn=self.target_maxcmdsn)
         if sense is not None:
             return P.ScsiResponsePdu(itt=itt, status=0x02, data=_sense(*sense),
                                      maxcmdsn=self.target_maxcmdsn)  # fmt: skip
@@ -172,10 +176,13 @@ def test_an_error_in_the_middle_of_the_window_ends_the_stream(verb: str) -> None
     assert lun.read(0, BS) == bytes(BS)
 
 
-def test_a_unit_attention_is_retried_and_maxcmdsn_is_obeyed() -> None:
+@pytest.mark.parametrize("answer", [UNIT_ATTENTION, TASK_SET_FULL])
+def test_unit_attention_and_task_set_full_are_retried_and_maxcmdsn_is_obeyed(
+    answer: tuple[int, int, int] | int,
+) -> None:
     target = ScriptedTarget(8 * MAX_IO, window=3)
     lun = lun_of(target)
-    target.failures[2 * MAX_IO // BS] = UNIT_ATTENTION
+    target.failures[2 * MAX_IO // BS] = answer
     data = random.Random(2).randbytes(8 * MAX_IO)
     view = memoryview(data)
     lun.write_stream(0, [view[i : i + MAX_IO] for i in range(0, len(data), MAX_IO)])
