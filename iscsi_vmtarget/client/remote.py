@@ -154,7 +154,9 @@ class RemoteLun:
                 yield self._blocks(pos, n)[0], piece
                 pos += n
 
-        written = write_window(self.initiator, self.lun, self.block_size, placed(), depth)
+        written = write_window(
+            self.initiator, self.lun, self.block_size, placed(), depth, f" of {self.what}"
+        )
         self.bytes_written += written
         return written
 
@@ -164,7 +166,9 @@ class RemoteLun:
         lba, blocks = self._blocks(offset, length)
         step = MAX_IO // self.block_size
         ranges = ((lba + n, min(step, blocks - n)) for n in range(0, blocks, step))
-        return read_window(self.initiator, self.lun, self.block_size, ranges, depth)
+        return read_window(
+            self.initiator, self.lun, self.block_size, ranges, depth, f" of {self.what}"
+        )
 
     def unmap(self, offset: int, length: int) -> None:
         """Make a range read as zeros: WRITE SAME(16) with UNMAP where the LU is thin,

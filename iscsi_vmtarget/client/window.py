@@ -58,15 +58,17 @@ def write_window(
     block_size: int,
     pieces: Iterable[tuple[int, P.Payload]],
     depth: int = DEPTH,
+    where: str = "",
 ) -> int:
     """WRITE(16) each ``(lba, data)`` piece (whole blocks, at most MaxBurstLength
-    bytes), ``depth`` at a time; the bytes written."""
+    bytes), ``depth`` at a time; the bytes written. ``where``: " of <the LUN>" for
+    error messages."""
     commands = (
         _Command(i, lba, memoryview(data).nbytes // block_size, data)
         for i, (lba, data) in enumerate(pieces)
     )
     done = 0
-    for command, _ in _run(ini, lun, block_size, commands, depth, "WRITE(16)"):
+    for command, _ in _run(ini, lun, block_size, commands, depth, f"WRITE(16){where}"):
         done += command.blocks * block_size
     return done
 
@@ -77,13 +79,14 @@ def read_window(
     block_size: int,
     ranges: Iterable[tuple[int, int]],
     depth: int = DEPTH,
+    where: str = "",
 ) -> Iterator[bytes]:
     """READ(16) each ``(lba, blocks)`` range, ``depth`` at a time; their data in the
     order of ``ranges`` (a range that completes early waits for those before it)."""
     commands = (_Command(i, lba, blocks, b"") for i, (lba, blocks) in enumerate(ranges))
     early: dict[int, bytes] = {}
     following = 0
-    for command, data in _run(ini, lun, block_size, commands, depth, "READ(16)", early):
+    for command, data in _run(ini, lun, block_size, commands, depth, f"READ(16){where}", early):
         early[command.index] = data
         while following in early:
             yield early.pop(following)
@@ -130,7 +133,7 @@ def _run(
         if result.status == GOOD:
             _drain(ini, tasks)
             raise InitiatorError(
-                f"{what} of LBA {command.lba} returned {len(result.data)} of {expected} bytes"
+                f"{what} at LBA {command.lba} returned {len(result.data)} of {expected} bytes"
             )
         sense = parse_sense(result.sense)
         again = result.status in _LATER or (
@@ -141,7 +144,7 @@ def _run(
             continue
         _drain(ini, tasks)
         raise ScsiCommandError(
-            f"{what} of {command.blocks} blocks at LBA {command.lba}", result.status, sense
+            f"{what} at LBA {command.lba} ({command.blocks} blocks)", result.status, sense
         )
 
 

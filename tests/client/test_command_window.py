@@ -169,7 +169,7 @@ def test_an_error_in_the_middle_of_the_window_ends_the_stream(verb: str) -> None
             lun.write_stream(0, [bytes(MAX_IO)] * 16, depth=4)
         else:
             list(lun.read_stream(0, 16 * MAX_IO, depth=4))
-    assert f"of 2048 blocks at LBA {bad} failed" in str(caught.value)
+    assert f"(16) of the state LUN at LBA {bad} (2048 blocks) failed" in str(caught.value)
     assert caught.value.sense == MEDIUM_ERROR
     assert not target.pending  # the others in flight were waited for: the session is usable
     assert len(target.started) < 16  # nothing past the window was sent
