@@ -213,13 +213,24 @@ class RegionCipher:
         out = self._aead.encrypt(nonce, plaintext, self._aad(index, generation, len(plaintext)))
         return nonce, out[:-TAG_BYTES], out[-TAG_BYTES:]
 
+    def nonces(self, count: int) -> list[bytes]:
+        """``count`` fresh random nonces for :meth:`seal_into`, from one draw."""
+        pool = self._random(NONCE_BYTES * count)
+        return [pool[i : i + NONCE_BYTES] for i in range(0, NONCE_BYTES * count, NONCE_BYTES)]
+
     def seal_into(
-        self, index: int, generation: int, plaintext: bytes | memoryview, out: memoryview
+        self,
+        index: int,
+        generation: int,
+        plaintext: bytes | memoryview,
+        out: memoryview,
+        nonce: bytes | None = None,
     ) -> tuple[bytes, bytes]:
         """Like :meth:`seal`, the ciphertext written to ``out`` (``len(plaintext) +
         TAG_BYTES`` bytes: the tag lands in its last ones, scratch for the caller):
-        (nonce, tag). One copy less, and no allocation, with cryptography >= 45."""
-        nonce = self._random(NONCE_BYTES)
+        (nonce, tag). One copy less, and no allocation, with cryptography >= 45.
+        ``nonce``: one of :meth:`nonces` (used once), else a fresh one."""
+        nonce = nonce or self._random(NONCE_BYTES)
         aad = self._aad(index, generation, len(plaintext))
         if _INTO:
             self._aead.encrypt_into(nonce, plaintext, aad, out)

@@ -207,14 +207,17 @@ class BlockCodec:
         count = len(view) // CHUNK
         for batch in range(0, count, _BATCH):
             pending: list[tuple[int, int, bytes]] = []
-            for k in range(batch, min(count, batch + _BATCH)):
+            end = min(count, batch + _BATCH)
+            nonces = self._cipher.nonces(end - batch)  # one getrandom for the batch
+            for k in range(batch, end):
                 if not bmap.free:  # never flush (free old copies) before the new ones are out
                     self._store(bmap, pending)
                     pending = []
                 logical = first + k
                 current = self._current_slot(bmap, logical)
                 piece = view[k * CHUNK : (k + 1) * CHUNK]
-                pending.append(self._seal(bmap, logical, piece, current, k - batch))
+                at = k - batch
+                pending.append(self._seal(bmap, logical, piece, current, at, nonces[at]))
             self._store(bmap, pending)
 
     def _seal(
@@ -224,16 +227,17 @@ class BlockCodec:
         plain: bytes | bytearray | memoryview,
         current: _Slot | None,
         at: int,
+        nonce: bytes | None = None,
     ) -> tuple[int, int, bytes]:
         """Seal ``plain`` as ``logical``'s next copy into a free slot (updating the map;
         the slots it replaces retire), its ciphertext into chunk ``at`` of the scratch
         buffer: (slot, at, table entry) to write. Chunks of a batch are sealed in
         ``at`` order: each tag lands where the next one's ciphertext will go."""
         slots = bmap.chunks.get(logical, [])
-        sequence = max((s.sequence for s in slots), default=0) + 1
+        sequence = slots[0].sequence + 1 if slots else 1  # slots: newest first
         target = self._take_free(bmap)
         out = self._scratch_buffer()[at * CHUNK : (at + 1) * CHUNK + TAG_BYTES]
-        nonce, tag = self._cipher.seal_into(logical, sequence, plain, out)
+        nonce, tag = self._cipher.seal_into(logical, sequence, plain, out, nonce)
         entry = _ENTRY.pack(nonce, tag, sequence, logical, _PRESENT | _BLOCK, b"")
         for slot in slots:  # the old content until the flush, torn leftovers at once
             (bmap.retired if slot is current else bmap.free).append(slot.physical)
