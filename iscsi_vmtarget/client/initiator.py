@@ -1,8 +1,10 @@
 """A small blocking iSCSI initiator built on the sans-I/O codec (RFC 7143, client role).
 
 It logs in (AuthMethod None or CHAP, optionally mutual), negotiates digests and burst
-sizes, runs SCSI commands one at a time (immediate data, R2T/Data-Out, Data-In),
-and can send raw PDUs for protocol tests. Used by tests and tools, and by replication.
+sizes, runs SCSI commands (immediate data, R2T/Data-Out, Data-In): one at a time with
+:meth:`Initiator.command`, or several in flight with :meth:`Initiator.start_command` and
+:meth:`Initiator.handle_pdu` (:mod:`.window`), and can send raw PDUs for protocol
+tests. Used by tests and tools, by replication and by ``state push|pull``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from ..errors import IscsiVmtargetError
 from ..iscsi import pdu as P
 from ..iscsi.framing import PduReader, encode_pdu
+from ..iscsi.serial import sn_gt
 from ..scsi.lun_address import encode_lun
 from ..scsi.sense import parse_sense
 
@@ -73,6 +76,33 @@ class ScsiResult:
         return (asc, ascq)
 
 
+@dataclass
+class Task:
+    """One SCSI command in flight: what its R2Ts take Data-Out from, its Data-In so far."""
+
+    itt: int
+    lun: bytes
+    data_out: memoryview
+    buf: bytearray = field(default_factory=bytearray)
+    result: ScsiResult | None = None
+
+    def gather(self, offset: int, data: P.Payload) -> None:
+        if offset == len(self.buf):  # in order (DataPDUInOrder=Yes): one copy
+            self.buf += data
+            return
+        end = offset + len(data)
+        if len(self.buf) < end:
+            self.buf.extend(bytes(end - len(self.buf)))
+        self.buf[offset:end] = data
+
+    def data_in(self, last: P.DataIn) -> bytes:
+        """All Data-In, ``last`` included: a single PDU's segment as it is, uncopied."""
+        if not self.buf and last.buffer_offset == 0:
+            return bytes(last.data)
+        self.gather(last.buffer_offset, last.data)
+        return bytes(self.buf)
+
+
 def _text(pairs: list[tuple[str, str]]) -> bytes:
     return b"".join(f"{k}={v}".encode() + b"\x00" for k, v in pairs)
 
@@ -123,6 +153,8 @@ class Initiator:
         self.cmdsn = 1
         self.expstatsn = 0
         self.itt = 1
+        self.maxcmdsn: int | None = None  # None until the target names its window
+        self._rx = memoryview(bytearray(1 << 20))
         self._hd = self._dd = False
 
     # -- transport ----------------------------------------------------------------------
@@ -161,11 +193,16 @@ class Initiator:
                 statsn = getattr(pdu, "statsn", None)
                 if statsn is not None and not isinstance(pdu, (P.R2T,)):
                     self.expstatsn = (statsn + 1) & 0xFFFFFFFF
+                maxcmdsn = getattr(pdu, "maxcmdsn", None)
+                if maxcmdsn is not None and (
+                    self.maxcmdsn is None or sn_gt(maxcmdsn, self.maxcmdsn)
+                ):
+                    self.maxcmdsn = maxcmdsn  # it only grows (§4.2.2.1)
                 return pdu
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
+            n = self.sock.recv_into(self._rx)  # a reused buffer: no new 1 MiB per call
+            if not n:
                 raise InitiatorError("connection closed by target")
-            self.reader.feed(chunk)
+            self.reader.feed(self._rx[:n])
 
     def next_itt(self) -> int:
         self.itt = (self.itt + 1) & 0x7FFFFFFF
@@ -310,15 +347,30 @@ class Initiator:
         lun_raw: bytes | None = None,
     ) -> ScsiResult:
         """Run one SCSI command to completion (``lun_raw``: an 8-byte LUN as is)."""
+        lun_bytes = lun_raw if lun_raw is not None else encode_lun(lun)
+        task = self.start_command(cdb, lun_bytes, data_out, read_length, expected_length)
+        tasks = {task.itt: task}
+        while tasks:
+            self.handle_pdu(self.recv_pdu(), tasks)
+        assert task.result is not None
+        return task.result
+
+    def start_command(
+        self, cdb: bytes, lun_bytes: bytes, data_out: P.Payload, read_length: int, edtl: int | None
+    ) -> Task:
+        """Send a SCSI Command PDU to the 8-byte LUN ``lun_bytes`` with its immediate and
+        unsolicited data (RFC 7143 §11.3, §13.10-13.11) and return the task whose PDUs
+        :meth:`handle_pdu` handles; several may be in flight (up to MaxCmdSN,
+        :meth:`window_open`). ``edtl``: the Expected Data Transfer Length, None for
+        the data's or ``read_length``."""
         itt = self.next_itt()
         data_out = memoryview(data_out).cast("B")  # PDUs take slices of it, not copies
-        edtl = expected_length if expected_length is not None else (len(data_out) or read_length)
+        edtl = edtl if edtl is not None else (len(data_out) or read_length)
         first_burst = self._number("FirstBurstLength", 65536)
         mrdsl = self._number("MaxRecvDataSegmentLength", 8192)
         immediate: P.Payload = b""
         if data_out and self.params.get("ImmediateData") == "Yes":
             immediate = data_out[: min(first_burst, mrdsl, edtl)]
-        lun_bytes = lun_raw if lun_raw is not None else encode_lun(lun)
         self.send_pdu(
             P.ScsiCommand(
                 itt=itt,
@@ -332,39 +384,57 @@ class Initiator:
                 data=immediate,
             )
         )
-        self.cmdsn += 1
+        self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF
         sent = len(immediate)
         if data_out and self.params.get("InitialR2T") == "No" and sent < min(first_burst, edtl):
             end = min(first_burst, edtl, len(data_out))
             sent = self._send_data(itt, lun_bytes, data_out, sent, end - sent, P.RESERVED_TAG)
-        buf = bytearray()
-        while True:
-            rsp = self.recv_pdu()
-            if isinstance(rsp, P.R2T):
-                self._send_data(
-                    itt, lun_bytes, data_out, rsp.buffer_offset, rsp.desired_length, rsp.ttt
-                )
-            elif isinstance(rsp, P.DataIn):
-                end = rsp.buffer_offset + len(rsp.data)
-                if len(buf) < end:
-                    buf.extend(bytes(end - len(buf)))
-                buf[rsp.buffer_offset : end] = rsp.data
-                if rsp.status_present:
-                    return ScsiResult(
-                        rsp.status, bytes(buf), b"", rsp.residual, rsp.overflow, rsp.underflow
-                    )
-            elif isinstance(rsp, P.ScsiResponsePdu):
-                return ScsiResult(
-                    rsp.status, bytes(buf), rsp.sense, rsp.residual, rsp.overflow, rsp.underflow
-                )
-            elif isinstance(rsp, P.NopIn) and rsp.ttt != P.RESERVED_TAG:
+        return Task(itt, lun_bytes, data_out)
+
+    def handle_pdu(self, rsp: P.Pdu, tasks: dict[int, Task]) -> Task | None:
+        """Act on one PDU of a full-feature session for the tasks in flight: answer an
+        R2T with its Data-Out, gather Data-In, answer a NOP-In ping. A task that got
+        its status leaves ``tasks`` and is returned (its ``result`` set)."""
+        if isinstance(rsp, P.NopIn):
+            if rsp.ttt != P.RESERVED_TAG:
                 self.send_pdu(
                     P.NopOut(
                         immediate=True, ttt=rsp.ttt, cmdsn=self.cmdsn, expstatsn=self.expstatsn
                     )
                 )
-            elif isinstance(rsp, P.Reject):
-                raise InitiatorError(f"command rejected, reason 0x{rsp.reason:02x}")
+            return None
+        if isinstance(rsp, P.Reject):
+            raise InitiatorError(f"command rejected, reason 0x{rsp.reason:02x}")
+        if not isinstance(rsp, (P.R2T, P.DataIn, P.ScsiResponsePdu)):
+            return None
+        task = tasks.get(rsp.itt)
+        if task is None:
+            raise InitiatorError(
+                f"{type(rsp).__name__} for task 0x{rsp.itt:08x}, which is not in flight"
+            )
+        if isinstance(rsp, P.R2T):
+            self._send_data(
+                task.itt, task.lun, task.data_out, rsp.buffer_offset, rsp.desired_length, rsp.ttt
+            )
+            return None
+        if isinstance(rsp, P.DataIn):
+            if not rsp.status_present:
+                task.gather(rsp.buffer_offset, rsp.data)
+                return None
+            task.result = ScsiResult(
+                rsp.status, task.data_in(rsp), b"", rsp.residual, rsp.overflow, rsp.underflow
+            )
+        else:
+            task.result = ScsiResult(
+                rsp.status, bytes(task.buf), rsp.sense, rsp.residual, rsp.overflow, rsp.underflow
+            )
+        del tasks[task.itt]
+        return task
+
+    def window_open(self) -> bool:
+        """True while the target's command window (MaxCmdSN, RFC 7143 §4.2.2.1) admits
+        another command."""
+        return self.maxcmdsn is None or not sn_gt(self.cmdsn, self.maxcmdsn)
 
     def _number(self, key: str, default: int) -> int:
         value = self.params.get(key, "")
@@ -422,7 +492,7 @@ class Initiator:
 
     def read16(self, lba: int, blocks: int, block_size: int, lun: int = 0) -> bytes:
         """READ(16) (SBC-3 §5.11) of ``blocks`` blocks from ``lba``."""
-        cdb = _cdb16(0x88, 0, lba, blocks)
+        cdb = cdb16(0x88, 0, lba, blocks)
         data = self.scsi("READ(16)", cdb, lun, read_length=blocks * block_size)
         if len(data) != blocks * block_size:
             raise InitiatorError(f"READ(16) returned {len(data)} of {blocks * block_size} bytes")
@@ -433,7 +503,7 @@ class Initiator:
         size = memoryview(data).nbytes
         if not size or size % block_size:
             raise ValueError(f"WRITE(16) of {size} bytes: not whole {block_size}-byte blocks")
-        self.scsi("WRITE(16)", _cdb16(0x8A, 0, lba, size // block_size), lun, data)
+        self.scsi("WRITE(16)", cdb16(0x8A, 0, lba, size // block_size), lun, data)
 
     def write_same16(
         self, lba: int, blocks: int, block_size: int, lun: int = 0, unmap: bool = False
@@ -441,11 +511,11 @@ class Initiator:
         """WRITE SAME(16) (SBC-3 §5.42) of a zero block; with ``unmap`` the device
         server may deallocate the range instead (it then reads as zeros)."""
         flags = 0x08 if unmap else 0  # byte 1 bit 3: UNMAP
-        self.scsi("WRITE SAME(16)", _cdb16(0x93, flags, lba, blocks), lun, bytes(block_size))
+        self.scsi("WRITE SAME(16)", cdb16(0x93, flags, lba, blocks), lun, bytes(block_size))
 
     def synchronize_cache16(self, lun: int = 0) -> None:
         """SYNCHRONIZE CACHE(16) (SBC-3 §5.23) of the whole medium (LBA 0, 0 blocks)."""
-        self.scsi("SYNCHRONIZE CACHE(16)", _cdb16(0x91, 0, 0, 0), lun)
+        self.scsi("SYNCHRONIZE CACHE(16)", cdb16(0x91, 0, 0, 0), lun)
 
     def nop(self, data: bytes = b"") -> bytes:
         itt = self.next_itt()
@@ -474,7 +544,7 @@ class Initiator:
         return rsp.response
 
 
-def _cdb16(opcode: int, flags: int, lba: int, blocks: int) -> bytes:
+def cdb16(opcode: int, flags: int, lba: int, blocks: int) -> bytes:
     """A 16-byte block CDB (SBC-3 §5.11 layout): opcode, flags, LBA, length, group, control."""
     return (
         bytes([opcode, flags])  # OPERATION CODE; byte 1 flags (FUA, UNMAP, ...)

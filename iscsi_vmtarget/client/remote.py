@@ -11,10 +11,12 @@ way a destination can refuse into one sentence an operator can act on.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import IscsiVmtargetError
 from ..iscsi.names import IscsiNameError, normalize_name
+from ..iscsi.pdu import Payload
 from .initiator import (
     ILLEGAL_REQUEST,
     Initiator,
@@ -22,6 +24,7 @@ from .initiator import (
     LoginFailed,
     ScsiCommandError,
 )
+from .window import DEPTH, read_window, write_window
 
 DEFAULT_PORT = 3260
 #: Bytes per READ/WRITE command: 1 MiB, a MaxBurstLength every target accepts.
@@ -137,6 +140,36 @@ class RemoteLun:
             self.initiator.write16(lba + pos // self.block_size, piece, self.block_size, self.lun)
             self.bytes_written += len(piece)
 
+    def write_stream(self, offset: int, pieces: Iterable[Payload], depth: int = DEPTH) -> int:
+        """Write ``pieces`` one after the other from ``offset`` (each whole blocks, at
+        most MAX_IO bytes: one WRITE(16)), ``depth`` commands in flight; the bytes
+        written."""
+
+        def placed() -> Iterator[tuple[int, Payload]]:
+            pos = offset
+            for piece in pieces:
+                n = memoryview(piece).nbytes
+                if n > MAX_IO:
+                    raise ValueError(f"{self.what}: a {n}-byte piece is over {MAX_IO} bytes")
+                yield self._blocks(pos, n)[0], piece
+                pos += n
+
+        written = write_window(
+            self.initiator, self.lun, self.block_size, placed(), depth, f" of {self.what}"
+        )
+        self.bytes_written += written
+        return written
+
+    def read_stream(self, offset: int, length: int, depth: int = DEPTH) -> Iterator[bytes]:
+        """``length`` bytes (whole blocks) from ``offset`` in MAX_IO pieces, in order,
+        ``depth`` READ(16)s in flight."""
+        lba, blocks = self._blocks(offset, length)
+        step = MAX_IO // self.block_size
+        ranges = ((lba + n, min(step, blocks - n)) for n in range(0, blocks, step))
+        return read_window(
+            self.initiator, self.lun, self.block_size, ranges, depth, f" of {self.what}"
+        )
+
     def unmap(self, offset: int, length: int) -> None:
         """Make a range read as zeros: WRITE SAME(16) with UNMAP where the LU is thin,
         WRITE SAME of a zero block where it is not, plain zeros where neither works."""
@@ -189,7 +222,9 @@ def open_lun(
     mutual_secret: str | None = None,
     timeout: float = 60.0,
 ) -> RemoteLun:
-    """Log in to ``url``'s target and open its LUN; InitiatorError saying why not."""
+    """Log in to ``url``'s target and open its LUN; InitiatorError saying why not. The
+    session takes Data-In segments of up to MAX_IO bytes: a READ(16) of MAX_IO bytes
+    comes back as one PDU."""
     user = chap_user or url.user
     secret = chap_secret if chap_secret is not None else url.secret
     initiator = Initiator(
@@ -201,6 +236,7 @@ def open_lun(
         chap_secret=secret.encode() if secret else None,
         mutual_secret=mutual_secret.encode() if mutual_secret else None,
         timeout=timeout,
+        max_recv_data_segment_length=MAX_IO,
     )
     where = f"{url.host}:{url.port}"
     try:

@@ -159,3 +159,24 @@ def test_chunk_from_another_unit_or_region_is_detected() -> None:
     ):
         with pytest.raises(IntegrityError):
             b"".join(read_chunks(backend, region, other, "state"))
+
+
+@pytest.mark.parametrize("into", [True, False])  # cryptography >= 45, and older
+def test_sealing_into_a_buffer_is_sealing(into: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iscsi_vmtarget.vm.format import crypto
+
+    monkeypatch.setattr(crypto, "_INTO", into)
+    nonces = iter([b"n" * 12, b"n" * 12])
+    cipher = RegionCipher(b"d" * 32, UNIT, RegionKind.STATE, lambda n: next(nonces))
+    plain = bytes(range(256)) * 16
+    nonce, ciphertext, tag = cipher.seal(3, 7, plain)
+    out = memoryview(bytearray(len(plain) + 16))
+    assert cipher.seal_into(3, 7, plain, out) == (nonce, tag)
+    assert bytes(out[: len(plain)]) == ciphertext
+    back = memoryview(bytearray(len(plain)))
+    cipher.open_into(3, 7, nonce, out, back, "the state region")
+    assert bytes(back) == plain
+    out[5] ^= 1  # tampered: refused, and nothing of it left in the output
+    with pytest.raises(IntegrityError, match="chunk 3 failed authentication"):
+        cipher.open_into(3, 7, nonce, out, back, "the state region")
+    assert bytes(back) == bytes(len(plain))

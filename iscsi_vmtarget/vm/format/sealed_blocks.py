@@ -47,13 +47,14 @@ from typing import Final
 from ...storage.backend import BlockBackend
 from ..vm_errors import IntegrityError
 from . import sealed
-from .crypto import RandomSource, RegionCipher
+from .crypto import TAG_BYTES, RandomSource, RegionCipher
 from .header import Region, RegionKind, RegionStatus
 
 CHUNK: Final = sealed.CHUNK
 ENTRY: Final = sealed.ENTRY
 BLOCK_FORMAT: Final = 0x80  # or-ed into the region kind of the AEAD's associated data
 _ENTRY = struct.Struct("<12s16sQII20s")
+_BATCH: Final = 16  # chunks sealed per scratch buffer (1 MiB)
 _PRESENT: Final = 0x01
 _BLOCK: Final = 0x02
 
@@ -126,6 +127,8 @@ class BlockCodec:
         self.what = what
         self.legacy = RegionCipher(data_key, unit_uuid, kind, random)
         self._cipher = RegionCipher(data_key, unit_uuid, kind | BLOCK_FORMAT, random)
+        self._scratch: memoryview | None = None  # chunks being sealed (_BATCH + a tag)
+        self._sealed: memoryview | None = None  # one chunk being opened, with its tag
 
     def _data(self, region: Region, physical: int) -> int:
         return region.offset + sealed.table_bytes(region.length) + physical * CHUNK
@@ -163,6 +166,27 @@ class BlockCodec:
     def read_chunk(self, bmap: BlockMap, logical: int) -> bytes:
         return self._open(bmap, logical)[0]
 
+    def read_chunk_into(self, bmap: BlockMap, logical: int, out: memoryview) -> None:
+        """:meth:`read_chunk` into ``out`` (CHUNK bytes): the ciphertext is read beside
+        its tag and opened straight into ``out`` (no copy of the plaintext)."""
+        slots = bmap.chunks.get(logical, [])
+        if self._sealed is None:
+            self._sealed = memoryview(bytearray(CHUNK + TAG_BYTES))
+        sealed = self._sealed
+        for slot in slots:
+            if slot.legacy_length:
+                break  # the full path below
+            self.backend.read_into(self._data(bmap.region, slot.physical), sealed[:CHUNK])
+            sealed[CHUNK:] = slot.tag
+            try:
+                self._cipher.open_into(
+                    logical, slot.sequence, slot.nonce, sealed, out, self.what
+                )  # fmt: skip
+                return
+            except IntegrityError:
+                continue  # torn by a crash mid-write: an older slot holds the content
+        out[:] = self._open(bmap, logical)[0]  # no slot, a converted one, or none opens
+
     def write_chunk(
         self, bmap: BlockMap, logical: int, offset: int, data: bytes | memoryview
     ) -> None:
@@ -173,21 +197,28 @@ class BlockCodec:
         old, current = self._open(bmap, logical)
         buf = bytearray(old)
         buf[offset : offset + len(data)] = data
-        self._store(bmap, [self._seal(bmap, logical, buf, current)])
+        self._store(bmap, [self._seal(bmap, logical, buf, current, 0)])
 
     def write_chunks(self, bmap: BlockMap, first: int, data: bytes | memoryview) -> None:
-        """Whole chunks from logical chunk ``first`` on: sealed one by one, written with
-        one write per run of adjacent free slots (a 1 MiB write: usually one)."""
+        """Whole chunks from logical chunk ``first`` on: sealed one by one into a
+        scratch buffer, :data:`_BATCH` at a time, written with one write per run of
+        adjacent free slots (a 1 MiB write: usually one)."""
         view = memoryview(data).cast("B")
-        pending: list[tuple[int, bytes, bytes]] = []
-        for k in range(len(view) // CHUNK):
-            if not bmap.free:  # never flush (free old copies) before the new ones are out
-                self._store(bmap, pending)
-                pending = []
-            logical = first + k
-            current = self._current_slot(bmap, logical)
-            pending.append(self._seal(bmap, logical, view[k * CHUNK : (k + 1) * CHUNK], current))
-        self._store(bmap, pending)
+        count = len(view) // CHUNK
+        for batch in range(0, count, _BATCH):
+            pending: list[tuple[int, int, bytes]] = []
+            end = min(count, batch + _BATCH)
+            nonces = self._cipher.nonces(end - batch)  # one getrandom for the batch
+            for k in range(batch, end):
+                if not bmap.free:  # never flush (free old copies) before the new ones are out
+                    self._store(bmap, pending)
+                    pending = []
+                logical = first + k
+                current = self._current_slot(bmap, logical)
+                piece = view[k * CHUNK : (k + 1) * CHUNK]
+                at = k - batch
+                pending.append(self._seal(bmap, logical, piece, current, at, nonces[at]))
+            self._store(bmap, pending)
 
     def _seal(
         self,
@@ -195,28 +226,46 @@ class BlockCodec:
         logical: int,
         plain: bytes | bytearray | memoryview,
         current: _Slot | None,
-    ) -> tuple[int, bytes, bytes]:
+        at: int,
+        nonce: bytes | None = None,
+    ) -> tuple[int, int, bytes]:
         """Seal ``plain`` as ``logical``'s next copy into a free slot (updating the map;
-        the slots it replaces retire): (slot, ciphertext, table entry) to write."""
+        the slots it replaces retire), its ciphertext into chunk ``at`` of the scratch
+        buffer: (slot, at, table entry) to write. Chunks of a batch are sealed in
+        ``at`` order: each tag lands where the next one's ciphertext will go."""
         slots = bmap.chunks.get(logical, [])
-        sequence = max((s.sequence for s in slots), default=0) + 1
+        sequence = slots[0].sequence + 1 if slots else 1  # slots: newest first
         target = self._take_free(bmap)
-        nonce, ciphertext, tag = self._cipher.seal(logical, sequence, plain)
+        out = self._scratch_buffer()[at * CHUNK : (at + 1) * CHUNK + TAG_BYTES]
+        nonce, tag = self._cipher.seal_into(logical, sequence, plain, out, nonce)
         entry = _ENTRY.pack(nonce, tag, sequence, logical, _PRESENT | _BLOCK, b"")
         for slot in slots:  # the old content until the flush, torn leftovers at once
             (bmap.retired if slot is current else bmap.free).append(slot.physical)
         bmap.chunks[logical] = [_Slot(target, sequence, nonce, tag)]
-        return target, ciphertext, entry
+        return target, at, entry
 
-    def _store(self, bmap: BlockMap, placed: list[tuple[int, bytes, bytes]]) -> None:
+    def _scratch_buffer(self) -> memoryview:
+        if self._scratch is None:  # made at the first write: most regions are only read
+            self._scratch = memoryview(bytearray(_BATCH * CHUNK + TAG_BYTES))
+        return self._scratch
+
+    def _store(self, bmap: BlockMap, placed: list[tuple[int, int, bytes]]) -> None:
+        """Write sealed chunks (slot, scratch chunk, entry): one data write and one
+        table write per run adjacent both in the region and in the scratch buffer."""
         placed.sort()
+        scratch = self._scratch_buffer()
         start = 0
         for i in range(1, len(placed) + 1):
-            if i < len(placed) and placed[i][0] == placed[i - 1][0] + 1:
+            if (
+                i < len(placed)
+                and placed[i][0] == placed[i - 1][0] + 1
+                and placed[i][1] == placed[i - 1][1] + 1
+            ):
                 continue
             run = placed[start:i]
-            first = run[0][0]
-            self.backend.write(self._data(bmap.region, first), b"".join(p[1] for p in run))
+            first, at = run[0][0], run[0][1]
+            data = scratch[at * CHUNK : (at + len(run)) * CHUNK]
+            self.backend.write(self._data(bmap.region, first), data)
             self.backend.write(bmap.region.offset + first * ENTRY, b"".join(p[2] for p in run))
             start = i
         bmap.dirty = bmap.dirty or bool(placed)

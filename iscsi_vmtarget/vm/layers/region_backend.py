@@ -168,9 +168,11 @@ class RegionBlockBackend:
                     continue
                 index, rel = divmod(pos, CHUNK)
                 n = min(CHUNK - rel, end - pos, self._capacity - pos)
-                buf[pos - offset : pos - offset + n] = self._read_chunk(unit, region, index)[
-                    rel : rel + n
-                ]
+                out = buf[pos - offset : pos - offset + n]
+                if n == CHUNK and region.status is RegionStatus.BLOCKS:  # no copy
+                    self._codec.read_chunk_into(self._block_map(region), index, out)
+                else:
+                    out[:] = memoryview(self._read_chunk(unit, region, index))[rel : rel + n]
                 pos += n
 
     def _read_chunk(self, unit: Unit, region: Region, index: int) -> bytes:
