@@ -106,37 +106,63 @@ class RangeLock:
 
     Every medium access holds its range, so this is on the data path: one mutex
     acquisition when nothing overlaps, a wait on the condition only when it does.
+    :meth:`hold_all` is the whole medium, for a backend swap: it bars new holders
+    while it waits, so a stream of overlapping commands cannot starve it.
     """
 
-    __slots__ = ("_cond", "_held", "_mutex", "_waiting")
+    __slots__ = ("_barred", "_cond", "_held", "_mutex", "_waiting")
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
         self._cond = threading.Condition(self._mutex)
         self._held: list[tuple[int, int]] = []
         self._waiting = 0
+        self._barred = False  # a hold_all waits or holds: nothing new starts
 
     def hold(self, lba: int, blocks: int) -> _HeldRange:
         """``with lock.hold(lba, blocks):`` - the range is exclusive inside."""
         return _HeldRange(self, lba, lba + max(blocks, 1))
 
+    def hold_all(self) -> _HeldAll:
+        """``with lock.hold_all():`` - no medium access runs inside: those holding a
+        range finish first, new ones wait until the block ends."""
+        return _HeldAll(self)
+
     def _acquire(self, span: tuple[int, int]) -> None:
         start, end = span
         with self._mutex:
             held = self._held
-            while held and any(first < end and start < last for first, last in held):
-                self._waiting += 1
-                try:
-                    self._cond.wait()
-                finally:
-                    self._waiting -= 1
+            while self._barred or (
+                held and any(first < end and start < last for first, last in held)
+            ):
+                self._wait()
             held.append(span)
+
+    def _wait(self) -> None:
+        self._waiting += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._waiting -= 1
 
     def _release(self, span: tuple[int, int]) -> None:
         with self._mutex:
             self._held.remove(span)
             if self._waiting:
                 self._cond.notify_all()
+
+    def _acquire_all(self) -> None:
+        with self._mutex:
+            while self._barred:  # one whole-medium holder at a time
+                self._wait()
+            self._barred = True
+            while self._held:
+                self._wait()
+
+    def _release_all(self) -> None:
+        with self._mutex:
+            self._barred = False
+            self._cond.notify_all()
 
 
 class _HeldRange:
@@ -151,6 +177,19 @@ class _HeldRange:
 
     def __exit__(self, *exc: object) -> None:
         self._lock._release(self._span)
+
+
+class _HeldAll:
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: RangeLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock._acquire_all()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock._release_all()
 
 
 @dataclass
@@ -271,12 +310,18 @@ class LogicalUnit:
         return self.thin_provisioning or self.resource_provisioning
 
     def replace_backend(self, backend: BlockBackend) -> None:
-        """Serve ``backend`` from now on (a raw view reopened on a moved or grown unit):
-        its abilities are checked again, as when the LU was built."""
+        """Serve ``backend`` from now on (a raw view reopened on a moved or grown unit,
+        a VM disk that gets its first snapshot layer): its abilities are checked
+        again, as when the LU was built. Atomic for the medium: commands accessing it
+        (they read ``backend`` inside their :class:`RangeLock` hold) finish on the old
+        backend, later ones use the new one. Identity, reservations, mode pages, unit
+        attentions and ALUA states are the LU's and stay. The caller must not hold
+        anything a command waits for (a chain's quiesce), or the drain never ends."""
         abilities = Abilities.of(backend)
         if self.resource_provisioning and abilities.zero_range is None:
             raise ValueError("a resource-provisioned LU needs a backend with zero_range")
-        self.backend, self.abilities = backend, abilities
+        with self.ranges.hold_all():
+            self.backend, self.abilities = backend, abilities
 
     def check_capacity(self) -> None:
         """A grown (or shrunk) backend gives every I_T nexus CAPACITY DATA CHANGED

@@ -97,7 +97,9 @@ def _compare(lu: LogicalUnit, offset: int, expected: memoryview, base: int = 0) 
     """Byte-by-byte comparison with the medium; MISCOMPARE with INFORMATION set to
     the offset of the first differing byte (SBC-3 §5.27)."""
     actual = bytearray(len(expected))
-    _read_medium(lu, offset, memoryview(actual))
+    size = lu.block_size
+    with lu.ranges.hold(offset // size, -(-len(expected) // size)):  # as a READ does
+        _read_medium(lu, offset, memoryview(actual))
     if actual != expected:
         raise ScsiError(
             Reason.MISCOMPARE_DURING_VERIFY,

@@ -244,5 +244,6 @@ def vm_target(vm: VmLuns, *, allow_all: bool = False) -> Target:
         origin="vm",
         raw_luns=vm.raw,
         region_luns=vm.regions,
+        disks=vm.disks,
         vm_uuid=vm.vm_uuid,
     )

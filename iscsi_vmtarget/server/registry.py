@@ -18,6 +18,7 @@ from ..iscsi.connection import TargetConnection
 from ..iscsi.directory import ChapSecret, Portal, TargetEntry
 from ..iscsi.login import LoginThrottle, SessionTable
 from ..scsi import LogicalUnit, Nexus, ScsiTarget
+from .live_disk import LiveDisk
 from .masking import Acl, build_lun_map, check_unique_designators
 
 log = logging.getLogger("iscsi_vmtarget")
@@ -43,6 +44,7 @@ class Target:
     origin: str = "config"
     raw_luns: dict[int, LogicalUnit] | None = None  # raw views of VM units, by LUN
     region_luns: dict[int, LogicalUnit] | None = None  # hypervisor view: state, config
+    disks: dict[int, LiveDisk] | None = None  # a VM's live disks behind its LUNs, by LUN
     vm_uuid: uuid.UUID | None = None
     _views: dict[str, ScsiTarget] = field(default_factory=dict, repr=False)
 

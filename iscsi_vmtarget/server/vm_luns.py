@@ -2,9 +2,12 @@
 
 One target per VM, ``<base IQN>:vm.<name>``; LUN 0 the primary disk, LUN n the n-th
 secondary disk the base unit names. Each LUN is a
-:class:`~iscsi_vmtarget.scsi.LogicalUnit` over a :class:`~.view.GuestView` and reports
-the NAA designator stored in its unit header in VPD 0x83 (SPC-4 §7.8.6). The VM layer
-knows nothing of iSCSI: the server wraps these into targets.
+:class:`~iscsi_vmtarget.scsi.LogicalUnit` over a :class:`~.view.GuestView` (a disk
+without snapshots) or the copy-on-write chain of its layers over it, held as a
+:class:`~.live_disk.LiveDisk` (which makes a plain view a chain when a live operation
+needs one), and reports the NAA designator stored in its unit header in VPD 0x83
+(SPC-4 §7.8.6). The VM layer knows nothing of iSCSI: the server wraps these into
+targets.
 
 A read-only raw-view LU per unit is offered too, for ACLs that grant ``view = "raw"``:
 the unit as it would be with its disk's snapshot chain flattened now (:mod:`.flat`).
@@ -41,6 +44,7 @@ from ..vm.units.scan import FoundUnit, FoundVm
 from ..vm.units.unit import Unit
 from ..vm.units.unit_pools import PoolCatalog
 from ..vm.vm_errors import VmError
+from .live_disk import LiveDisk
 
 DEFAULT_BASE_IQN = "iqn.2026-11.org.iscsi-vmtarget"
 log = logging.getLogger("iscsi_vmtarget")
@@ -84,6 +88,8 @@ class VmLuns:
     )
     #: the state and config LUNs of a hypervisor view (server/hypervisor_view.py)
     regions: dict[int, LogicalUnit] = field(default_factory=dict)
+    #: the live disk behind each guest LU, by LUN (none for a snapshot export)
+    disks: dict[int, LiveDisk] = field(default_factory=dict)
 
     def close(self) -> None:
         for lu in (*self.guest.values(), *self.raw.values(), *self.regions.values()):
@@ -131,11 +137,10 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
                 try:
                     handle = catalog.get(found.pool).open(found.ref)
                     try:
-                        view = _live_view(vm, found, unit, catalog, state_dir, release)
+                        served = _live_backend(vm, found, unit, catalog, state_dir, release)
                     except BaseException:
                         handle.close()
                         raise
-                    raw = live_flat(handle, unit.header, view)  # reads through the chain
                 finally:
                     unit.close()
             except BaseException:
@@ -143,17 +148,19 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
                 raise
             try:
                 lu = LogicalUnit(
-                    view,
+                    served,
                     unit_identity(unit.header),
                     block_size=unit.header.block_size,
                     **options,  # type: ignore[arg-type]
                 )
             except BaseException:
-                view.close()  # and with it the lock, the lease, the reservations' handle
-                raw.close()
+                served.close()  # and with it the lock, the lease, the reservations' handle
+                handle.close()
                 raise
-            view.add_capacity_listener(capacity_listener(lu))
+            served.add_capacity_listener(capacity_listener(lu))
             out.guest[number] = lu
+            disk = out.disks[number] = LiveDisk(lu)
+            raw = live_flat(handle, unit.header, disk)  # reads what the guest LU serves
             options.pop("pr_state_path", None)
             options.pop("pr_shared", None)
             out.raw[number] = raw_lu = LogicalUnit(
@@ -163,7 +170,7 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
                 read_only=True,
                 **options,  # type: ignore[arg-type]
             )
-            view.add_capacity_listener(capacity_listener(raw_lu))  # a grown top grows it
+            served.add_capacity_listener(capacity_listener(raw_lu))  # a grown top grows it
     except BaseException:
         out.close()
         leases.release(unleased)
@@ -171,21 +178,23 @@ def export_vm(vm: FoundVm, catalog: PoolCatalog, state_dir: str) -> VmLuns:
     return out
 
 
-def _live_view(
+def _live_backend(
     vm: FoundVm,
     volume: FoundUnit,
     unit: Unit,
     catalog: PoolCatalog,
     state_dir: str,
     on_close: Callable[[], None],
-) -> ChainBackend:
-    """The guest's live disk: a copy-on-write chain (:mod:`.cow`) over the unit's guest
-    view - with no layers until the VM has snapshots - so a daemon can snapshot or
-    revert it in place. Either way the LU keeps the unit's own identity (VPD 0x83 and
-    0x80), so a guest never notices it runs on a snapshot's descendant (US 9,354,927)."""
+) -> GuestView | ChainBackend:
+    """The guest's live disk: the unit's guest view while the volume has no layers
+    (its :class:`~.live_disk.LiveDisk` makes it a chain when a live snapshot needs
+    one), else the copy-on-write chain (:mod:`.cow`) of its layers, so a daemon can
+    snapshot or revert it in place. Either way the LU keeps the unit's own identity
+    (VPD 0x83 and 0x80), so a guest never notices it runs on a snapshot's descendant
+    (US 9,354,927)."""
     top = vm.base.header.top_of(volume.header.naa, volume.header.unit_uuid)
     if top == volume.header.unit_uuid:
-        return ChainBackend([], unit.guest_view(), on_close=on_close)
+        return unit.guest_view(on_close=on_close)
     manager = VmManager(StateDir.at(state_dir))
     manager.catalog = catalog
     # its root (read-only) is only ever read: writes go on top
@@ -250,7 +259,7 @@ def _lu_options(state_dir: str, unit_uuid: uuid.UUID) -> dict[str, object]:
 def resize_live(
     state_dir: str,
     name: str,
-    guest: Mapping[int, LogicalUnit],
+    disks: Mapping[int, LiveDisk],
     raw: Mapping[int, LogicalUnit] | None = None,
     *,
     disk: int | None = None,
@@ -261,16 +270,16 @@ def resize_live(
     """Resize a VM this process exports (what a daemon's ``vm.resize`` admin operation
     runs): guest I/O pauses while a guest segment moves, the guest views take the new
     layout and their initiators get CAPACITY DATA HAS CHANGED; raw views reopen on the
-    grown unit."""
+    grown unit. ``disks``: the VM's live disks, by LUN (a disk without layers grows
+    with its unit, one with layers by a new top)."""
     views = {}
     chains = {}
-    for number, lu in guest.items():
-        backend = lu.backend
-        if isinstance(backend, ChainBackend):
-            chains[number] = backend  # a disk with snapshots grows by a new top
-            backend = backend.root
-        if isinstance(backend, GuestView):
-            views[backend.unit_uuid] = backend
+    for number, live in disks.items():
+        chain, view = live.layered, live.view
+        if chain is not None:
+            chains[number] = chain  # a disk with snapshots grows by a new top
+        if view is not None:
+            views[view.unit_uuid] = view
     with VmManager(StateDir.at(state_dir, key_file)) as manager:
         vm = resize_vm(
             manager,

@@ -120,7 +120,7 @@ def test_live_resize_of_an_exported_vm_under_guest_io(tmp_path: Path) -> None:
     worker.start()
     try:
         for size in (16 * MIB, 24 * MIB, 40 * MIB):
-            resize_live(str(tmp_path), "web", target.scsi.luns, target.raw_luns, disk=size)
+            resize_live(str(tmp_path), "web", target.disks or {}, target.raw_luns, disk=size)
     finally:
         stop.set()
         worker.join()

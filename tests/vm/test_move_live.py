@@ -67,10 +67,14 @@ def _by_name(served: list[VmLuns]) -> dict[str, VmLuns]:
 
 
 def _chains(luns: VmLuns) -> dict[int, ChainBackend]:
+    """The chains behind the guest LUNs of ``luns``: a VM disk served as its plain
+    guest view is made one, as a live operation makes it."""
     out = {}
     for number, lu in luns.guest.items():
-        assert isinstance(lu.backend, ChainBackend)
-        out[number] = lu.backend
+        disk = luns.disks.get(number)
+        backend = lu.backend if disk is None else disk.chain()
+        assert isinstance(backend, ChainBackend) and backend is lu.backend
+        out[number] = backend
     return out
 
 

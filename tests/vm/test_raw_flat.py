@@ -81,31 +81,31 @@ def test_raw_view_follows_the_live_chain(tmp_path: Path, mode: Mode) -> None:
         manager.create("vm", disk=4 * MIB, memory=4 * MIB, secondaries=(2 * MIB,), mode=mode)
         manager.write_state("vm", io.BytesIO(STATE), len(STATE))
         luns = export_vm(manager.find("vm"), manager.catalog, manager.state.root)
-        live = {n: lu.backend for n, lu in luns.guest.items()}
+        live = luns.disks  # plain guest views until the first snapshot
         try:
             _write(luns, 0, 0, 8192)  # the guest's partition table (aligned: GUEST_HEAD)
             _write(luns, 1, 4096, 4096)
             images = {}
             for index in (1, 2, 3):
                 snaps.create_snapshot(manager, "vm", f"s{index}", live=live)
-                images[index] = _guest(live[0])
+                images[index] = _guest(luns.guest[0].backend)
                 _write(luns, 0, index * 300 * 1024, 70 * 1024)  # across grains
                 _write(luns, 0, 0, 512)
                 _write(luns, 1, index * 64 * 1024, 512)
             check_flat(manager, luns)
             snaps.revert(manager, "vm", "s2", live=live)
-            assert _guest(live[0]) == images[2]
+            assert _guest(luns.guest[0].backend) == images[2]
             _write(luns, 0, 3 * MIB, 4096)
             check_flat(manager, luns)
             snaps.delete_snapshot(manager, "vm", "s1", live=live)  # a merge under it
             check_flat(manager, luns)
-            resize_live(str(tmp_path), "vm", luns.guest, luns.raw, disk=6 * MIB)
+            resize_live(str(tmp_path), "vm", luns.disks, luns.raw, disk=6 * MIB)
             _write(luns, 0, 5 * MIB, 8192)  # in the grown part
             assert luns.raw[0].backend.size > manager.find("vm").base.header.unit_size
             check_flat(manager, luns, grown=True)
             manager.write_state("vm", io.BytesIO(STATE[::-1]), len(STATE))  # served
             check_flat(manager, luns, grown=True, state=STATE[::-1])
-            resize_live(str(tmp_path), "vm", luns.guest, luns.raw, memory=24 * MIB)  # unit grows
+            resize_live(str(tmp_path), "vm", luns.disks, luns.raw, memory=24 * MIB)  # unit grows
             check_flat(manager, luns, grown=True, state=STATE[::-1])
             snaps.revert(manager, "vm", "s3", live=live)  # back to the unit's disk size
             assert luns.raw[0].backend.size == manager.find("vm").base.header.unit_size

@@ -139,7 +139,7 @@ def test_served_disk_grows_and_reverts_live(state_dir: Path) -> None:
         target.nexus_added(nexus)
         for lun in (0, 1):
             target.execute(nexus, lun, bytes(6), None)  # the power-on unit attention
-        resize_live(str(state_dir), "vm1", luns.guest, luns.raw, disk=NEW[0])
+        resize_live(str(state_dir), "vm1", luns.disks, luns.raw, disk=NEW[0])
         response = target.execute(nexus, 0, bytes(6), None)  # TEST UNIT READY
         assert response.status == Status.CHECK_CONDITION
         assert sense_triplet(response) == CAPACITY_CHANGED
@@ -147,9 +147,8 @@ def test_served_disk_grows_and_reverts_live(state_dir: Path) -> None:
         chain = luns.guest[0].backend
         chain.write(NEW[0] - 512, b"Z" * 512)  # the new space is writable at once
         assert chain.read(NEW[0] - 512, 512) == b"Z" * 512
-        chains = {n: lu.backend for n, lu in luns.guest.items()}
         with VmManager(StateDir.at(str(state_dir))) as manager:
-            snaps.revert(manager, "vm1", "s1", live=chains)  # type: ignore[arg-type]
+            snaps.revert(manager, "vm1", "s1", live=luns.disks)
         response = target.execute(nexus, 0, bytes(6), None)
         assert sense_triplet(response) == CAPACITY_CHANGED
         assert _read_capacity(target, nexus) == OLD[0]

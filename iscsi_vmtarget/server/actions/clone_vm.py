@@ -24,7 +24,7 @@ from ...vm import StateDir, VmError, VmManager
 from ...vm.operations.clone import clone, unlink
 from ..runtime import Args, Runtime
 from .serve_vm import serve_vm_live
-from .served import PROGRESS_ARG, key_args, other_chains, served_vm_target, vm_chains
+from .served import PROGRESS_ARG, key_args, other_chains, served_vm_target, vm_disks
 
 log = logging.getLogger("iscsi_vmtarget")
 
@@ -34,9 +34,11 @@ def clone_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any
     when the clone was made from a named snapshot or copied in full) and the clone's
     target, or why it could not be served now (``serve_error``)."""
     src, dst, full = str(args["src"]), str(args["dst"]), bool(args.get("full"))
-    chains = vm_chains(runtime, src)
     snapshot = args.get("from_snapshot")
-    with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
+    with (
+        vm_disks(runtime, src) as disks,
+        VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager,
+    ):
         taken = clone(
             manager,
             src,
@@ -44,7 +46,7 @@ def clone_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any
             from_snapshot=None if snapshot is None else str(snapshot),
             full=full,
             progress=args.get(PROGRESS_ARG),
-            live=chains,
+            live=disks,
         )
     log.info("vm %s: cloned live as %s (snapshot %s)", src, dst, taken or snapshot or "-")
     result: dict[str, Any] = {"src": src, "dst": dst, "full": full, "snapshot": taken}
@@ -59,9 +61,11 @@ def clone_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any
 def unlink_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """``vm.unlink`` (module docstring); ``changed`` is False if it was independent."""
     name = str(args["name"])
-    chains = vm_chains(runtime, name)
     followers = other_chains(runtime, served_vm_target(runtime, name))
-    with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
-        changed = unlink(manager, name, args.get(PROGRESS_ARG), live=chains, followers=followers)
+    with (
+        vm_disks(runtime, name) as disks,
+        VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager,
+    ):
+        changed = unlink(manager, name, args.get(PROGRESS_ARG), live=disks, followers=followers)
     log.info("vm %s: unlinked live" if changed else "vm %s: already independent", name)
     return {"name": name, "changed": changed}

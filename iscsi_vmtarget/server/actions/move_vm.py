@@ -17,7 +17,7 @@ from ...vm.units.device_lease import keeper as lease_keeper
 from ...vm.units.lease import LeaseHeldError
 from ..hypervisor_view import rebind_regions
 from ..runtime import Args, Runtime
-from .served import PROGRESS_ARG, other_chains, served_vm_target, vm_chains
+from .served import PROGRESS_ARG, other_chains, served_vm_target, vm_disks
 
 log = logging.getLogger("iscsi_vmtarget")
 
@@ -25,15 +25,17 @@ log = logging.getLogger("iscsi_vmtarget")
 def move_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, Any]:
     """``vm.move`` ``{name, pool, key_file?}``."""
     name, pool = str(args["name"]), str(args["pool"])
-    chains = vm_chains(runtime, name)
     own = served_vm_target(runtime, name)
     followers = other_chains(runtime, own, raw=True)
-    with VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager:
+    with (
+        vm_disks(runtime, name) as disks,
+        VmManager(StateDir.at(state_dir, args.get("key_file"))) as manager,
+    ):
         report = move_live(
             manager,
             name,
             pool,
-            chains,
+            disks,
             raw=own.raw_luns or {},
             followers=followers,
             progress=args.get(PROGRESS_ARG),

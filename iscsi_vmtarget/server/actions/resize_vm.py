@@ -12,7 +12,7 @@ from typing import Any
 
 from ..runtime import Args, Runtime
 from ..vm_luns import resize_live
-from .served import served_vm_target
+from .served import served_vm_target, vm_disks
 
 log = logging.getLogger("iscsi_vmtarget")
 
@@ -22,14 +22,15 @@ def resize_vm_live(state_dir: str, runtime: Runtime, args: Args) -> dict[str, An
     name = str(args["name"])
     target = served_vm_target(runtime, name)
     secondaries = {int(k): int(v) for k, v in dict(args.get("secondaries") or {}).items()}
-    vm = resize_live(
-        state_dir,
-        name,
-        target.scsi.luns,
-        target.raw_luns,
-        disk=args.get("disk"),
-        memory=args.get("memory"),
-        secondaries=secondaries or None,
-    )
+    with vm_disks(runtime, name) as disks:
+        vm = resize_live(
+            state_dir,
+            name,
+            disks,
+            target.raw_luns,
+            disk=args.get("disk"),
+            memory=args.get("memory"),
+            secondaries=secondaries or None,
+        )
     log.info("vm %s resized live", name)
     return {"vm": vm.to_json()}

@@ -29,6 +29,7 @@ import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from ...storage.backend import (
     AllocationMap,
@@ -50,7 +51,7 @@ from ..format.header import (
 from ..format.header import SLOT_OFFSETS as _SLOTS
 from ..format.layout import align_up
 from ..units.unit_pools import Pool, UnitRef
-from .view import Gate
+from .view import Gate, GuestView
 
 GRAIN = 64 * 1024
 _UNKNOWN = 0xFF  # owner cache: not looked up yet
@@ -201,14 +202,27 @@ class DeltaLayer:
         self.backend.close()
 
 
+class LiveVolume(Protocol):
+    """A volume a server in this process serves, as the live operations get it
+    (``live`` of :mod:`..operations.snapshot`, ``.move``, ``.clone``). A volume without
+    layers is served as its plain :class:`~.view.GuestView` (no chain to pay for on
+    every I/O); :meth:`chain` gives its disk as a chain, turning it into one first if
+    need be - with the guest's commands drained, so the guest notices nothing - for an
+    operation that pushes a layer, rebinds a root or tracks writes. A
+    :class:`ChainBackend` is one itself."""
+
+    def chain(self) -> ChainBackend: ...
+
+
 class ChainBackend:
     """A volume seen through its layer chain: a BlockBackend of the guest disk size.
 
     ``layers`` newest first; ``root`` the volume's own guest view. With no layers the
-    chain is the root itself (reads and writes go straight through): every exported
-    live volume is one, so a daemon can snapshot or revert it in place
-    (:meth:`quiesce` drains in-flight I/O and holds new I/O, :meth:`rebind` swaps the
-    layers). A snapshot is read through a read-only chain starting at its frozen layer.
+    chain is the root itself (reads and writes go straight through): a served volume
+    becomes one (:meth:`over`) when a live operation needs it, so a daemon can
+    snapshot, revert or move it in place (:meth:`quiesce` drains in-flight I/O and
+    holds new I/O, :meth:`rebind` swaps the layers). A snapshot is read through a
+    read-only chain starting at its frozen layer.
 
     The range check: with no layers the chain passes every request to its root, a
     :class:`~.view.GuestView` that owns the bound (the concealment check), and checks
@@ -229,7 +243,8 @@ class ChainBackend:
         self.layers = layers
         self.root = root
         self._read_only = read_only
-        self._on_close = on_close
+        #: called once when the chain is closed (a served disk's serve lock and lease)
+        self.on_close = on_close
         self._lock = threading.Lock()  # copy-on-write of one grain is read-modify-write
         self._gate = Gate()
         self._owner: bytearray | None = None  # grain -> layer index cache (_owner_of)
@@ -447,11 +462,41 @@ class ChainBackend:
             layer.close()
         self.layers = []
         self.root.close()
-        if self._on_close is not None:
-            self._on_close()
-            self._on_close = None
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
 
     # -- live snapshot support --------------------------------------------------------------
+
+    @classmethod
+    def over(cls, view: GuestView) -> ChainBackend:
+        """A chain with no layers to take the place of ``view``, a volume served as its
+        plain guest view until now: it takes over the view's close callback (closing
+        the chain closes the view, then runs it) and its capacity listeners (handed
+        on to a root a :meth:`rebind` brings; the view keeps them registered, so a
+        resize of the root notifies each once)."""
+        chain = cls([], view, on_close=view.on_close)
+        view.on_close = None
+        chain._listeners = list(view.capacity_listeners)
+        return chain
+
+    def release_root(self) -> GuestView | None:
+        """The inverse of :meth:`over`: the root, with the close callback, to be served
+        on its own again (it has every capacity listener: :meth:`over` and
+        :meth:`rebind` saw to that). None, the chain unchanged, while the chain has
+        layers, a write hook, or a root that is not a writable guest view. The chain
+        must not be used once it gave its root away."""
+        root = self.root
+        if self.layers or self.write_hook is not None or self._read_only:
+            return None
+        if not isinstance(root, GuestView) or root.read_only:
+            return None
+        root.on_close, self.on_close = self.on_close, None
+        return root
+
+    def chain(self) -> ChainBackend:
+        """A chain is its own :class:`LiveVolume`."""
+        return self
 
     def add_capacity_listener(self, listener: Callable[[int, int], None]) -> None:
         self._listeners.append(listener)  # handed on to a root :meth:`rebind` brings

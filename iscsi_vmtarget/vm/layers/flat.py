@@ -63,6 +63,17 @@ class _Source(Protocol):
     def read_into(self, offset: int, buf: memoryview) -> None: ...
 
 
+class DiskSource(Protocol):
+    """What a raw view reads the guest disk through: a chain (a snapshot's), or
+    whatever the guest LUN serves now (a server's live disk: a plain guest view while
+    the volume has no layers, a chain once a live snapshot gave it one)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read_into(self, offset: int, buf: memoryview) -> None: ...
+
+
 class _Zeros:
     @staticmethod
     def read_into(offset: int, buf: memoryview) -> None:
@@ -109,7 +120,7 @@ class _Canvas:
         out.sort(key=lambda p: p[0])
         self.pieces = out
 
-    def paint_disk(self, header: UnitHeader, disk: BlockBackend, size: int) -> None:
+    def paint_disk(self, header: UnitHeader, disk: DiskSource, size: int) -> None:
         """The guest disk's ``size`` bytes (read through ``disk``) where ``header``'s
         mode puts them; disk space past them reads zeros."""
         for guest, length, unit_off in guest_segments(header):
@@ -194,7 +205,7 @@ class FlatView:
 
     def __init__(
         self,
-        disk: BlockBackend,
+        disk: DiskSource,
         build: Callable[[int], _Canvas],
         homes: list[Home],
     ) -> None:
@@ -289,7 +300,7 @@ class FlatView:
         self._homes = []
 
 
-def _live_canvas(unit: Home, header: UnitHeader, disk: BlockBackend, size: int) -> _Canvas:
+def _live_canvas(unit: Home, header: UnitHeader, disk: DiskSource, size: int) -> _Canvas:
     if size <= header.disk_size:  # the unit's own layout: everything else as it holds it
         canvas = _Canvas(header.unit_size)
         canvas.paint(0, header.unit_size, unit, 0)
@@ -310,14 +321,14 @@ def _live_canvas(unit: Home, header: UnitHeader, disk: BlockBackend, size: int) 
     return canvas
 
 
-def live_flat(unit: BlockBackend, header: UnitHeader, disk: BlockBackend) -> FlatView:
+def live_flat(unit: BlockBackend, header: UnitHeader, disk: DiskSource) -> FlatView:
     """The raw view of a served unit (``unit``: a whole-unit handle this view owns,
-    ``header`` its layout) whose guest disk is the live chain ``disk``."""
+    ``header`` its layout) whose guest disk is the live disk ``disk``."""
     home = Home(header.unit_uuid, unit)
     return FlatView(disk, _live_builder(home, header, disk), [home])
 
 
-def _live_builder(unit: Home, header: UnitHeader, disk: BlockBackend) -> Callable[[int], _Canvas]:
+def _live_builder(unit: Home, header: UnitHeader, disk: DiskSource) -> Callable[[int], _Canvas]:
     return lambda size: _live_canvas(unit, header, disk, size)
 
 
@@ -386,7 +397,7 @@ def snapshot_flat(
     return FlatView(disk, lambda _size: canvas, homes)
 
 
-__all__ = ["FlatView", "live_flat", "reopen_live", "snapshot_flat"]
+__all__ = ["DiskSource", "FlatView", "live_flat", "reopen_live", "snapshot_flat"]
 
 
 class ServedRaw(Protocol):

@@ -193,7 +193,9 @@ class GuestView:
                 "VM layer to complete it first"
             )
         self._read_only = read_only
-        self._on_close = on_close
+        #: called once when the view is closed (a served disk's serve lock and lease);
+        #: a chain built over a served view takes it over (:meth:`~.cow.ChainBackend.over`)
+        self.on_close = on_close
         self._listeners: list[CapacityListener] = []
         self._retired: list[BlockBackend] = []
         self.unit_uuid = header.unit_uuid
@@ -322,9 +324,9 @@ class GuestView:
         for old in self._retired:
             old.close()
         self._retired.clear()
-        if self._on_close is not None:
-            self._on_close()
-            self._on_close = None
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
 
     # -- capacity changes ----------------------------------------------------------------
 
@@ -333,6 +335,10 @@ class GuestView:
         (the server turns it into a CAPACITY DATA HAS CHANGED unit attention,
         SBC-3 §4.9 / SPC-4 ASC 2Ah ASCQ 09h)."""
         self._listeners.append(listener)
+
+    @property
+    def capacity_listeners(self) -> tuple[CapacityListener, ...]:
+        return tuple(self._listeners)
 
     @contextlib.contextmanager
     def quiesce(self) -> Iterator[None]:

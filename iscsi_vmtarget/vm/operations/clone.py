@@ -46,7 +46,7 @@ from ...storage import atomic_file
 from ...storage.backend import BlockBackend
 from .. import faults
 from ..format.header import RegionKind
-from ..layers.cow import ChainBackend, is_zero
+from ..layers.cow import ChainBackend, LiveVolume, is_zero
 from ..manager import RECOVERY, VmManager, check_vm_name
 from ..units import locks
 from ..units.scan import FoundUnit, FoundVm, discover
@@ -67,7 +67,7 @@ def clone(
     from_snapshot: str | None = None,
     full: bool = True,
     progress: Progress | None = None,
-    live: Mapping[int, ChainBackend] | None = None,
+    live: Mapping[int, LiveVolume] | None = None,
 ) -> str | None:
     """Clone VM ``src`` (its live disks, or snapshot ``from_snapshot``) as ``dst``.
 
@@ -76,9 +76,10 @@ def clone(
     :func:`unlink`; a linked clone of the live disks first takes a snapshot of the
     source named ``clone-DST`` (with the time appended if that name is taken).
 
-    ``live``: the chains this process serves for ``src``, by LUN (the daemon's
-    ``vm.clone``): that snapshot is taken with them quiesced, so a served VM clones
-    too - a full clone then copies from the snapshot and deletes it afterwards.
+    ``live``: the volumes this process serves for ``src``, by LUN (the daemon's
+    ``vm.clone``, :class:`~..layers.cow.LiveVolume`): that snapshot is taken with them
+    quiesced, so a served VM clones too - a full clone then copies from the snapshot
+    and deletes it afterwards.
     Returns the name of the snapshot taken and kept (a linked clone's), else None."""
     check_vm_name(dst)
     found = discover(manager.catalog.all(), repair=False)
@@ -284,7 +285,7 @@ def unlink(
     name: str,
     progress: Progress | None = None,
     *,
-    live: Mapping[int, ChainBackend] | None = None,
+    live: Mapping[int, LiveVolume] | None = None,
     followers: Iterable[ChainBackend] = (),
 ) -> bool:
     """Make linked clone ``name`` independent: the source image each volume's chain
@@ -292,7 +293,7 @@ def unlink(
     is re-parented onto it (the commit point; a crash before it leaves an unused,
     partly written unit that the next run overwrites). False if already independent.
 
-    ``live``: the chains this process serves for VM ``name``, by LUN (the daemon's
+    ``live``: the volumes this process serves for VM ``name``, by LUN (the daemon's
     ``vm.unlink``; module docstring); ``followers``: other served chains, those that
     read through the clone's layers (an exported snapshot of it, a clone of it) are
     rebound too. Without ``live`` a served VM is refused."""
@@ -334,7 +335,7 @@ def unlink(
             finally:
                 unit.close()
                 source.close()
-            chains = [live[number], *followers] if live is not None else []
+            chains = [live[number].chain(), *followers] if live is not None else []
             _rest_on(manager, volume, lowest, chains)
             changed = True
         for other in session.rediscover().vms:

@@ -23,9 +23,10 @@ identities stay valid. A unit of a device pool is a fixed extent of the unit's s
 where a directory pool has a sparse file: the copy is the same, block for block.
 
 **Live move** (:func:`move_live`, the daemon's ``vm.move`` action): the same steps
-while the VM's LUNs serve. Before the copy, each LUN's chain is flushed and gets a
-dirty-grain hook (:mod:`..layers.dirty`); the units are copied whole, then the grains written
-meanwhile are copied again in passes until few are left (or a pass limit is hit).
+while the VM's LUNs serve. Before the copy, each LUN's chain (a LUN served as its plain
+guest view gets one first) is flushed and gets a dirty-grain hook (:mod:`..layers.dirty`);
+the units are copied whole, then the grains written meanwhile are copied again in
+passes until few are left (or a pass limit is hit).
 Then every LUN of the VM is quiesced (in-flight commands drain, new ones wait - the
 snapshot code's quiesce), the last dirty grains are copied, the copies flushed, the
 intent written and the copies published; the LUNs' chains are rebound onto the new
@@ -51,7 +52,7 @@ from ...storage import atomic_file
 from ...storage.backend import BlockBackend
 from .. import faults
 from ..format.header import UnitHeader
-from ..layers.cow import ChainBackend, DeltaLayer, is_zero
+from ..layers.cow import ChainBackend, DeltaLayer, LiveVolume, is_zero
 from ..layers.dirty import DirtyGrains, copy_dirty
 from ..layers.flat import FlatView, ServedRaw, reopen_raw
 from ..manager import RECOVERY, VmManager
@@ -381,7 +382,7 @@ def move_live(
     manager: VmManager,
     name: str,
     pool: str,
-    live: Mapping[int, ChainBackend],
+    live: Mapping[int, LiveVolume],
     *,
     raw: Mapping[int, ServedRaw] | None = None,
     followers: Iterable[ChainBackend | FlatView] = (),
@@ -389,7 +390,8 @@ def move_live(
 ) -> MoveReport:
     """Move VM ``name`` to ``pool`` while this process serves it (module docstring).
 
-    ``live``: the chains behind the VM's guest LUNs, by LUN number; ``raw``: its raw
+    ``live``: the VM's served volumes, by LUN number, each made a chain here (the
+    write hook tracks their writes, the switch rebinds their roots); ``raw``: its raw
     view LUs (rebound to the new units); ``followers``: other served chains that may
     read units of this VM (a linked clone, an exported snapshot and its raw views),
     rebound too."""
@@ -403,45 +405,46 @@ def move_live(
         units = [u for u in vm.all_units if u.pool != pool]
         if not units:
             return MoveReport(0, 0, 0, 0)
-        tracked = {n: DirtyGrains() for n in live}
-        for chain in live.values():  # most of the flush before I/O is held for the rest
+        chains = {n: volume.chain() for n, volume in live.items()}
+        tracked = {n: DirtyGrains() for n in chains}
+        for chain in chains.values():  # most of the flush before I/O is held for the rest
             chain.flush()
-        with holding_vm(manager, vm, live):  # every earlier write (and its map bits) on disk
-            for number, chain in live.items():
+        with holding_vm(manager, vm, chains):  # every earlier write (and its map bits) on disk
+            for number, chain in chains.items():
                 chain.write_hook = tracked[number].mark
         copies: dict[int, ChainBackend] = {}
         plan: list[dict[str, str]] = []
         try:
             plan = _copy_units(manager, units, dest, progress)
             temps = _locator(vm, dest.pool, plan, "temp", by_name)
-            for number, chain in live.items():
+            for number, chain in chains.items():
                 layers, root = _open_layers(chain, temps, lambda _u: False)
                 assert root is not None
                 copies[number] = ChainBackend(layers, root)
             passes = recopied = 0
             while passes < MAX_PASSES and sum(map(len, tracked.values())) > HOLD_BELOW_GRAINS:
-                for number, chain in live.items():
+                for number, chain in chains.items():
                     grains = tracked[number].take()
                     recopied += copy_dirty(chain.read_into, copies[number], grains, chain.size)
                     faults.crashpoint("move.catchup")
                 passes += 1
             for copy in copies.values():  # likewise: little left to flush while held
                 copy.flush()
-            with holding_vm(manager, vm, live):
+            with holding_vm(manager, vm, chains):
                 hold_start = time.monotonic()
                 held = 0
-                for number, chain in live.items():
+                for number, chain in chains.items():
                     grains = tracked[number].take()
                     held += copy_dirty(chain.read_quiesced, copies[number], grains, chain.size)
                     copies[number].flush()
                 dest.sync()
                 moved = {_uuid_of(u) for u in plan}
                 final = _locator(vm, dest.pool, plan, "key", by_name)
-                retired = _switch(manager, name, dest, plan, vm, live, raw or {}, final, moved)
+                retired = _switch(manager, name, dest, plan, vm, chains, raw or {}, final, moved)
                 faults.crashpoint("move.switched")
                 held_ms = (time.monotonic() - hold_start) * 1000
         except BaseException:
-            for chain in live.values():
+            for chain in chains.values():
                 chain.write_hook = None
             if not os.path.exists(_intent_path(manager, name)):
                 dest.undo(plan)

@@ -35,7 +35,7 @@ from ...storage.backend import BlockBackend
 from .. import faults
 from ..format.crypto import Keyring
 from ..format.header import RegionKind, Role
-from ..layers.cow import GRAIN, ChainBackend, DeltaLayer
+from ..layers.cow import GRAIN, ChainBackend, DeltaLayer, LiveVolume
 from ..manager import RECOVERY, VmManager
 from ..units.scan import FoundUnit, FoundVm
 from ..units.unit import Unit
@@ -86,7 +86,7 @@ def create_snapshot(
     snap: str,
     *,
     description: str = "",
-    live: Mapping[int, ChainBackend] | None = None,
+    live: Mapping[int, LiveVolume] | None = None,
     full: bool = False,
     progress: Callable[[int, int], None] | None = None,
     record_uuid: uuid.UUID | None = None,
@@ -97,10 +97,11 @@ def create_snapshot(
     only, whatever the disk size. The commit point is the base unit's header commit
     naming the new tops; a crash before it leaves only garbage (:func:`collect`).
 
-    ``live``: the chains a server in this process exports for the VM, by LUN (the
-    daemon's ``vm.snapshot`` action). Their I/O is quiesced - in-flight commands drain,
-    new ones wait - for the whole operation, their layers flushed first, and the new
-    tops are pushed onto them before I/O resumes. Without it, a served VM is refused.
+    ``live``: the volumes a server in this process exports for the VM, by LUN (the
+    daemon's ``vm.snapshot`` action), each made a chain if it is not one yet. Their
+    I/O is quiesced - in-flight commands drain, new ones wait - for the whole
+    operation, their layers flushed first, and the new tops are pushed onto them
+    before I/O resumes. Without it, a served VM is refused.
 
     ``full``: then copy into the frozen layers every grain they lack, I/O flowing
     (:func:`~.snapshot_fill.fill_snapshot`, reporting to ``progress``), so the
@@ -114,7 +115,7 @@ def create_snapshot(
         if any(s.name == snap for s in snapshots(manager, vm, keyring)):
             raise VmError(f"VM {name!r} already has a snapshot named {snap!r}")
         with (
-            holding_vm(manager, vm, live),
+            holding_vm(manager, vm, live) as chains,
             contextlib.closing(manager.open_unit(vm.base)) as base,
         ):
             base.data_key(keyring)  # a wrong key file fails before any change
@@ -134,7 +135,7 @@ def create_snapshot(
             )
             base.commit(replace(base.header, tops=new_tops))
             faults.crashpoint("snapshot.committed")
-            for number, chain in (live or {}).items():
+            for number, chain in chains.items():
                 found = deltas[number]
                 pool = manager.catalog.get(found.pool)
                 top = DeltaLayer(pool.open(found.ref), found.header, chain.size)
@@ -168,7 +169,7 @@ def revert(
     name: str,
     snap: str,
     *,
-    live: Mapping[int, ChainBackend] | None = None,
+    live: Mapping[int, LiveVolume] | None = None,
 ) -> SnapshotInfo:
     """Bind VM ``name`` to snapshot ``snap``: every volume gets a new empty top over
     the snapshot's layer (secondary disks included), the state and config come back
@@ -179,7 +180,7 @@ def revert(
     with _settled(manager, name) as (vm, keyring):
         record_found = find_snapshot(manager, vm, keyring, snap)
         with (
-            holding_vm(manager, vm, live),
+            holding_vm(manager, vm, live) as chains,
             contextlib.closing(manager.open_unit(vm.base)) as base,
             contextlib.closing(manager.open_unit(record_found)) as record,
         ):
@@ -197,9 +198,9 @@ def revert(
             faults.crashpoint("revert.committed")
             _restore(base, record, keyring)
             faults.crashpoint("revert.restored")
-            if live:
+            if chains:
                 vm = rediscover_vm(manager, name)
-                for number, chain in live.items():
+                for number, chain in chains.items():
                     volume = volumes[number]
                     fresh = open_chain(
                         manager, vm, volume, deltas[number].header.unit_uuid, read_only=False
@@ -220,7 +221,7 @@ def delete_snapshot(
     name: str,
     snap: str,
     *,
-    live: Mapping[int, ChainBackend] | None = None,
+    live: Mapping[int, LiveVolume] | None = None,
 ) -> None:
     """Delete snapshot ``snap``: its record goes, then its layer is merged into its
     only child (or dropped if nothing depends on it); every other snapshot and the
@@ -302,7 +303,7 @@ def finish_revert(manager: VmManager, vm: FoundVm, keyring: Keyring) -> str | No
 
 
 def collect(
-    manager: VmManager, name: str, *, live: Mapping[int, ChainBackend] | None = None
+    manager: VmManager, name: str, *, live: Mapping[int, LiveVolume] | None = None
 ) -> list[str]:
     """Bring VM ``name``'s layers back to the invariant (callers hold the pool locks):
 
@@ -338,13 +339,13 @@ def collect(
     return notes
 
 
-def _rebind_live(manager: VmManager, name: str, live: Mapping[int, ChainBackend]) -> None:
+def _rebind_live(manager: VmManager, name: str, live: Mapping[int, LiveVolume]) -> None:
     """Give the served chains their layers as they now are (merged layers gone), under
     quiesce, after their tops were flushed (as :func:`revert` does)."""
     vm = rediscover_vm(manager, name)
     volumes = vm_volumes(vm)
-    with holding_vm(manager, vm, live):
-        for number, chain in live.items():
+    with holding_vm(manager, vm, live) as chains:
+        for number, chain in chains.items():
             volume = volumes[number]
             fresh = open_chain(manager, vm, volume, live_top(vm, volume), read_only=False)
             layers, fresh.layers = fresh.layers, []

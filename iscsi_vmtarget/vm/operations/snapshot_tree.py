@@ -29,7 +29,14 @@ from ..format.header import (
     encode_header,
 )
 from ..format.layout import align_up
-from ..layers.cow import ChainBackend, DeltaLayer, create_delta, delta_header, layer_size
+from ..layers.cow import (
+    ChainBackend,
+    DeltaLayer,
+    LiveVolume,
+    create_delta,
+    delta_header,
+    layer_size,
+)
 from ..manager import VmManager
 from ..units import locks
 from ..units.scan import FoundUnit, FoundVm, discover
@@ -303,11 +310,14 @@ def copy_sealed(src: Unit, dst: Unit, keyring: Keyring, kind: RegionKind) -> Non
 
 @contextlib.contextmanager
 def holding_vm(
-    manager: VmManager, vm: FoundVm, live: Mapping[int, ChainBackend] | None
-) -> Iterator[None]:
-    """Offline: refuse while a server exports the VM. Live (the daemon's chains, by
-    LUN): quiesce every LUN of the VM - in-flight commands drain, new ones wait - and
-    flush, so the snapshot is consistent across all the VM's volumes (US 9,354,927)."""
+    manager: VmManager, vm: FoundVm, live: Mapping[int, LiveVolume] | None
+) -> Iterator[dict[int, ChainBackend]]:
+    """Offline: refuse while a server exports the VM; yields no chains. Live (the
+    daemon's volumes, by LUN): yields them as chains (:meth:`LiveVolume.chain`: a
+    volume served as its plain view becomes one, before any LUN is held), each
+    quiesced - in-flight commands drain, new ones wait - and flushed, so the snapshot
+    is consistent across all the VM's volumes (US 9,354,927)."""
+    chains: dict[int, ChainBackend] = {}
     with contextlib.ExitStack() as stack:
         if live is None:
             for unit in vm.units:
@@ -318,10 +328,11 @@ def holding_vm(
             missing = set(vm_volumes(vm)) - set(live)
             if missing:
                 raise VmError(f"VM {vm.name!r}: LUNs {sorted(missing)} are not served here")
-            for _number, chain in sorted(live.items()):
+            chains = {number: volume.chain() for number, volume in sorted(live.items())}
+            for chain in chains.values():
                 stack.enter_context(chain.quiesce())
                 chain.flush_quiesced()
-        yield
+        yield chains
 
 
 def rediscover_vm(manager: VmManager, name: str) -> FoundVm:
