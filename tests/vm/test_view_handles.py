@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from iscsi_vmtarget.storage import FileBackend
+from iscsi_vmtarget.storage import BackendError, FileBackend
 from iscsi_vmtarget.storage.file import create_sparse_file
 from iscsi_vmtarget.vm.format.header import MIB, Mode, UnitHeader
 from iscsi_vmtarget.vm.format.layout import plan_growth
@@ -142,3 +142,14 @@ def test_no_io_on_a_closed_handle_during_live_resizes(
     assert watched_files["violations"] == 0
     assert watched_files["closed"] == RESIZES + 1  # every handle, none twice
     assert all((tmp_path / f"decoy{i}").stat().st_size == 0 for i in range(RESIZES))
+
+
+def test_io_after_close_is_refused_not_sent_to_the_descriptor(tmp_path: Path) -> None:
+    """A view closed (its target deleted under a session) refuses I/O with an error
+    rather than using a descriptor number that may name another file by then."""
+    view, _header, _path = file_view(tmp_path, Mode.TRUNCATE)
+    view.close()
+    with pytest.raises(BackendError, match="closed"):
+        view.read(0, 512)
+    with pytest.raises(BackendError, match="closed"):
+        view.write(0, b"x" * 512)

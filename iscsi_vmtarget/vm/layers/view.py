@@ -146,10 +146,20 @@ class Gate:
         self._cond = threading.Condition(self._lock)
         self._active = 0
         self._closed = False
+        self._shut = False
         self._io = _GateIo(self)
 
     def io(self) -> _GateIo:
         return self._io
+
+    def shut(self) -> None:
+        """Refuse I/O from now on and wait for the I/O running (a backend closing: no
+        I/O may use a descriptor after its close, when the number may name another
+        file). Never waits for an :meth:`exclusive` holder: inside one no I/O runs."""
+        with self._cond:
+            self._shut = True
+            while self._active:
+                self._cond.wait()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -181,6 +191,8 @@ class _GateIo:
         with gate._lock:
             while gate._closed:
                 gate._cond.wait()
+            if gate._shut:
+                raise BackendError("the backend is closed")
             gate._active += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -245,6 +257,8 @@ class GuestView:
         with gate._lock:
             while gate._closed:
                 gate._cond.wait()
+            if gate._shut:
+                raise BackendError(f"the view of unit {self.unit_uuid} is closed")
             mapping = self._map
             mapping[2].users += 1
             gate._active += 1
@@ -371,7 +385,8 @@ class GuestView:
         raise BackendError("a guest view grows with its unit: use 'iscsi-vmtarget vm resize'")
 
     def close(self) -> None:
-        """Close the unit handle (at once, or when the I/O still on it ends)."""
+        """Refuse further I/O, let the running I/O end, close the unit handle."""
+        self._gate.shut()
         self._retire(self._map[2])
         if self._on_close is not None:
             self._on_close()
