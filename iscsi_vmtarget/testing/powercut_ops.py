@@ -53,6 +53,8 @@ MIB = 1 << 20
 BLOCK = 512
 STATE = b"".join(hashlib.sha256(b"state %d" % i).digest() for i in range(3000))
 HOST = "iqn.1994-05.com.example:powercut"
+NAMES = ("a", "b", "c")  # the VMs read after each cut
+REPLICATION = (*NAMES, "d", "e")  # those of the replication scenarios (Scenario.names)
 
 Image = dict[int, tuple[int, dict[int, bytes]]]  # LUN -> (size, LBA -> block)
 
@@ -130,6 +132,7 @@ B_NOW = image(B_BLOCKS, {0: 2 * MIB})
 D1 = pattern("d", 1, range(0, 4096, 101), (0,))
 D2 = pattern("d", 2, range(0, 4096, 103), (0,))
 E_BLOCKS = pattern("e", 1, range(0, 4096, 107), (0,))
+CHECKPOINTS = tuple(checkpoint_name(destination_tag(URL), seq) for seq in (1, 2))
 RECEIVES = {"f": "4M"}  # the receive the 'receive' scenario runs (and runs again)
 REPLICA_SIZE = "64M"  # what a replica of a 2 MiB VM needs, and room
 
@@ -191,6 +194,8 @@ class Scenario:
     after: Callable[[World], World]
     before: tuple[str, ...] = ()  # a CLI command run first, not recorded ({state})
     module: str = ""  # the program recorded, when not the CLI ({state} in args)
+    names: tuple[str, ...] = NAMES  # the VMs it may change (read after a cut)
+    between: Callable[[World], World] | None = None  # a state it passes through, whole
 
 
 def _with(world: World, **changes: object) -> World:
@@ -233,11 +238,14 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("receive", ("vm", "receive", "f", "--size", RECEIVES["f"]),
                  lambda w: _with(w, replicas={"f": EMPTY})),
         Scenario("replicate", ("{state}", "d"),
-                 lambda w: _with(w, snapshots={"d": (checkpoint_name(destination_tag(URL), 2),)}),
-                 module="iscsi_vmtarget.testing.powercut_replica"),
+                 lambda w: _with(w, snapshots={"d": CHECKPOINTS[1:]}),
+                 module="iscsi_vmtarget.testing.powercut_replica", names=REPLICATION,
+                 # the old checkpoint goes once the new one is acknowledged (next round)
+                 between=lambda w: _with(w, snapshots={"d": CHECKPOINTS})),
         Scenario("promote", ("vm", "promote", "e"),
                  lambda w: _with(w, vms={"e": image(E_BLOCKS, {0: 2 * MIB})},
-                                 snapshots={"e": ()}, replicas={"e": None})),
+                                 snapshots={"e": ()}, replicas={"e": None}),
+                 names=REPLICATION),
     )
 }  # fmt: skip
 
@@ -253,7 +261,7 @@ def observe(state: Path, names: tuple[str, ...]) -> tuple[World, list[str]]:
         leftovers = [u.ref.location for u in found.orphans if u.header.name.startswith("c-")]
         if found.damaged or leftovers:
             failures.append(f"discover: damaged {found.damaged}, clone leftovers {leftovers}")
-        strangers = sorted(vm.name for vm in found.vms if vm.name not in names)
+        strangers = sorted(vm.name for vm in found.vms if vm.name not in REPLICATION)
         if strangers:  # a temporary VM of a clone or promote cut short
             failures.append(f"discover left VMs half made: {strangers}")
         again = manager.discover()
@@ -308,11 +316,14 @@ def _receive_again(state: Path) -> tuple[dict[str, str], list[str]]:
     return worlds, failures
 
 
-def compare(got: World, before: World, after: World, finished: bool) -> list[str]:
-    """Each VM, its snapshots, its config and the ACLs: old or new (new once finished)."""
+def compare(got: World, before: World, after: World, finished: bool,
+            between: World | None = None) -> list[str]:  # fmt: skip
+    """Each VM, its snapshots, its config and the ACLs: old or new (new once finished;
+    or, unfinished, as ``between`` where the operation names a state between)."""
     failures = []
+    unfinished = [before, after] if between is None else [before, after, between]
     for name in sorted(set(before.vms) | set(after.vms)):
-        allowed = [after] if finished else [before, after]
+        allowed = [after] if finished else unfinished
         for what, key in (("vms", name), ("snapshots", name), ("configs", name),
                           ("configs", name + ".state")):  # fmt: skip
             seen = getattr(got, what).get(key)
@@ -320,7 +331,7 @@ def compare(got: World, before: World, after: World, finished: bool) -> list[str
                 detail = _diff(seen, [getattr(w, what).get(key) for w in allowed])
                 failures.append(f"{what} of {key}: neither {'new' if finished else 'old nor new'}"
                                 f" ({detail})")  # fmt: skip
-    allowed = [after] if finished else [before, after]
+    allowed = [after] if finished else unfinished
     for name in sorted(set(before.replicas) | set(after.replicas) | set(got.replicas)):
         seen = got.replicas.get(name)
         if all(seen != w.replicas.get(name) for w in allowed):
@@ -392,7 +403,6 @@ def _tmp(parent: Path, prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-NAMES = ("a", "b", "c", "d", "e")
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -401,7 +411,7 @@ def copy_tree(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "-a", "--sparse=always", f"{src}/.", str(dst)], check=True)
 
 
-def prepare(workdir: Path) -> tuple[Path, World]:
+def prepare(workdir: Path, names: tuple[str, ...] = NAMES) -> tuple[Path, World]:
     """The starting state, once per work directory, and its world."""
     base = workdir / "base"
     if not base.exists():
@@ -411,7 +421,7 @@ def prepare(workdir: Path) -> tuple[Path, World]:
         build.rename(base)
     with _tmp(workdir, "observe-") as copy:
         copy_tree(base, copy)
-        world, failures = observe(copy, NAMES)
+        world, failures = observe(copy, names)
     if failures:
         raise RuntimeError(f"the starting state is already wrong: {failures}")
     return base, world
@@ -443,9 +453,9 @@ def record(scenario: Scenario, base: Path, before: World, workdir: Path) -> tupl
     log = Log.parse(read_log(str(logfile)))
     with _tmp(workdir, "after-") as copy:
         copy_tree(state, copy)
-        after, failures = observe(copy, NAMES)
+        after, failures = observe(copy, scenario.names)
     expected = scenario.after(before)
-    for name in NAMES:
+    for name in scenario.names:
         want = expected.vms.get(name)
         if want is not None and isinstance(next(iter(want.values())), tuple):
             want = expand(want)  # a hand-written image (the rest are read ones)
@@ -471,7 +481,7 @@ def run_scenario(
     """Every cut point of the first ``limit`` mutations (or ``spread`` cut points evenly
     spread over the operation, and the one after it), each under every choice; states
     already checked (same names and kept data) skipped."""
-    base, before = prepare(workdir)
+    base, before = prepare(workdir, scenario.names)
     log, after = record(scenario, base, before, workdir)
     run = Run(scenario.name, mutations=len(log.ops))
     seen: set[str] = set()
@@ -516,7 +526,8 @@ def _relocate(state: Path, recorded: Path) -> None:
 def check(state: Path, before: World, after: World, outcome: Outcome, total: int,
           scenario: Scenario) -> list[str]:  # fmt: skip
     try:
-        got, failures = observe(state, NAMES)
+        got, failures = observe(state, scenario.names)
     except Exception as exc:  # any crash of the repair or the readers is a failure
         return [f"{type(exc).__name__}: {exc}"]
-    return failures + compare(got, before, after, outcome.n == total)
+    between = scenario.between(before) if scenario.between is not None else None
+    return failures + compare(got, before, after, outcome.n == total, between)
