@@ -31,6 +31,7 @@ def deleted_files_open(pid: int) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_deleting_served_vms_closes_their_units(tmp_path: Path, cli: Cli) -> None:  # noqa: F811
     assert cli("vm", "create", "keep", "--disk", "4M", "--memory", "1M")[0] == 0
     grant_vms(cli.state, INITIATOR)

@@ -25,6 +25,7 @@ with VmManager(StateDir.at(sys.argv[1])) as m:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crashpoint", ["promote.copying", "promote.filled"])
 def test_discover_removes_what_a_killed_promote_made(site: Site, crashpoint: str) -> None:
     site.write(0, b"A" * 4096)
