@@ -11,8 +11,10 @@ import argparse
 import json
 import os
 import sys
+import uuid
 
 from ..server.actions.catalog import vm_json
+from ..server.admin import AdminError
 from ..server.vm_luns import vm_target_name
 from ..sizes import format_size
 from ..storage import atomic_file
@@ -21,8 +23,8 @@ from ..vm.operations.resize import resize_vm
 from ..vm.units.scan import FoundVm
 from . import vm_replicate, vm_snapshot
 from .options import add_common, size_arg
-from .route import Router, print_json, run_offline, run_vm_verb
-from .vm_grants import drop_grants
+from .route import Router, print_json, router, run_offline, run_vm_verb
+from .vm_grants import drop_grants, drop_grants_of
 
 # -- the parser ---------------------------------------------------------------------------
 
@@ -75,12 +77,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "delete",
         help="delete a VM",
         description="Delete a VM's units. Refused while initiators are logged in to it "
-        "(asked of the running daemon) or a running server exports it, unless --force.",
+        "(asked of the running daemon) or a running server exports it, unless --force. "
+        "With --force, a running daemon deletes it: it stops serving the VM first (its "
+        "sessions are logged out, its units closed).",
     )
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="delete even if a server exports it")
     add_common(p, key=False)
-    p.set_defaults(func=lambda a: run_offline(a, _delete))
+    p.set_defaults(func=_delete_routed)
 
     p = verbs.add_parser(
         "resize",
@@ -197,6 +201,31 @@ def _show(args: argparse.Namespace, manager: VmManager) -> int:
     for naa in data["missing_secondaries"]:  # type: ignore[attr-defined]
         print(f"  MISSING secondary unit naa {naa}")
     return 0
+
+
+def _delete_routed(args: argparse.Namespace) -> int:
+    """``vm delete --force`` of a VM the running daemon may serve goes to the daemon
+    (``vm.delete``): it stops serving the VM, then deletes the units. Deleted offline
+    under it, the daemon would keep the units open (their space held, sessions reading
+    deleted units) until it restarts. Without --force a served VM is refused offline."""
+    if args.force:
+        try:
+            result = router(args).vm_action("vm.delete", {"name": args.name, "force": True})
+        except AdminError as exc:
+            print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+            return 1
+        if result is not None:
+            print(f"deleted VM {args.name} ({result['units']} units) by the running daemon")
+            identity = uuid.UUID(str(result["uuid"]))
+            try:
+                dropped = drop_grants_of(args.state_dir, identity, args.name)
+            except VmError as exc:
+                print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+                return 1
+            if dropped:
+                print(dropped)
+            return 0
+    return run_offline(args, _delete)
 
 
 def _delete(args: argparse.Namespace, manager: VmManager) -> int:

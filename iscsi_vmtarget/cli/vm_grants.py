@@ -75,8 +75,13 @@ def set_grants(manager: VmManager, name: str, initiators: list[str]) -> str:
 
 def drop_grants(state_dir: str, vm: FoundVm) -> str:
     """Forget the grants of deleted VM ``vm``."""
-    record = ConfigStore(state_dir).load().vm(_identity(vm))
+    return drop_grants_of(state_dir, _identity(vm), vm.name)
+
+
+def drop_grants_of(state_dir: str, identity: uuid.UUID, name: str) -> str:
+    """Forget the grants of the deleted VM whose base unit was ``identity``."""
+    record = ConfigStore(state_dir).load().vm(identity)
     if record is None:
         return ""
-    _run(state_dir, "grant.drop", {"uuid": str(record.uuid)}, f"grants of VM {vm.name}")
-    return f"dropped the grants of VM {vm.name} ({len(record.grants)} initiators)"
+    _run(state_dir, "grant.drop", {"uuid": str(record.uuid)}, f"grants of VM {name}")
+    return f"dropped the grants of VM {name} ({len(record.grants)} initiators)"

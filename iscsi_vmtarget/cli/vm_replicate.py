@@ -35,15 +35,17 @@ from ..client.remote import LunUrl, open_lun
 from ..server.admin import AdminError
 from ..server.grants import acl_from_args
 from ..server.masking import AclError
+from ..server.persist import ConfigStore
 from ..server.vm_luns import DEFAULT_BASE_IQN
 from ..sizes import format_size
-from ..storage import FileBackend, create_sparse_file
+from ..storage import FileBackend, atomic_file, create_sparse_file
 from ..storage.backend import BlockBackend
 from ..vm import VmError, VmManager
 from ..vm.format.crypto import load_key_file
 from ..vm.manager import check_vm_name
 from ..vm.operations import snapshot as snaps
 from ..vm.operations.promote import promote
+from ..vm.operations.replica import read_superblock
 from ..vm.operations.replicate import RoundReport, replicate
 from .options import add_common, size_arg
 from .progress import add_progress_flag, progress_bar
@@ -260,13 +262,17 @@ def _receive(args: argparse.Namespace) -> int:
         print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
         return 1
     path = replica_path(args.state_dir, args.name)
-    if os.path.exists(path):
-        print(f"iscsi-vmtarget: already receiving VM {args.name} ({path})", file=sys.stderr)
-        return 1
     if args.size <= 0:
         print("iscsi-vmtarget: --size must be more than 0", file=sys.stderr)
         return 1
     iqn = replica_target(args.name)
+    try:
+        undone = _undo_cut_receive(args, path, iqn)
+    except (VmError, AdminError) as exc:
+        print(f"iscsi-vmtarget: {exc}", file=sys.stderr)
+        return 1
+    if undone:
+        print(undone)
     directory = os.path.dirname(path)
     made = not os.path.isdir(directory)
     os.makedirs(directory, exist_ok=True)
@@ -305,6 +311,35 @@ def _receive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _undo_cut_receive(args: argparse.Namespace, path: str, iqn: str) -> str:
+    """A receive is three steps (the replica file, its target, LUN 0 on it): one a
+    crash cut short leaves its file without its target, or its target without that
+    LUN. Undo such a one so this receive starts afresh; refuse when VM ``name`` is
+    received already or the file holds a replica (rounds reached it: ``vm promote``
+    resumes it). Returns what was undone ("" if nothing)."""
+    spec = ConfigStore(args.state_dir).load().target(iqn)
+    lun = next((n for n in spec.luns if n.number == 0), None) if spec is not None else None
+    exists = os.path.exists(path)
+    if exists and lun is not None and os.path.basename(lun.path) == os.path.basename(path):
+        raise VmError(f"already receiving VM {args.name} ({path})")
+    if exists:
+        with contextlib.closing(FileBackend(path, read_only=True)) as held:
+            written = held.size > 0 and read_superblock(held) is not None
+        if written:
+            raise VmError(
+                f"{path} holds a replica of VM {args.name} but no target receives it: "
+                f"'vm promote {args.name}' resumes the VM from it (or remove the file)"
+            )
+    undone = []
+    if spec is not None:
+        router(args).operation("target.delete", {"name": iqn})
+        undone.append(f"target {iqn}")
+    if exists:
+        atomic_file.remove(path)
+        undone.append(path)
+    return f"undid a receive cut short: removed {' and '.join(undone)}" if undone else ""
+
+
 # -- promote -----------------------------------------------------------------------------
 
 
@@ -331,8 +366,8 @@ def _promote(args: argparse.Namespace, manager: VmManager) -> int:
     finally:
         replica.close()
         bar.close()
-    if args.replica is None:
-        os.unlink(path)
+    if args.replica is None:  # durably: a power cut must not bring a promoted replica back
+        atomic_file.remove(path)
     granted = "" if report.already else set_grants(manager, args.name, args.grant)
     if args.json:
         print_json({**report.__dict__, "replica": path, "grants": args.grant})

@@ -25,7 +25,8 @@ another process (the verifying initiator of a data-path run) can tell by the log
 which mutations happened before it received an acknowledgement (:func:`mark`).
 
 Run a command under it: ``python3 -m iscsi_vmtarget.testing.fsrecord LOG ROOT --
-ARGS...`` runs ``python3 -m iscsi_vmtarget ARGS...`` with the recorder installed.
+ARGS...`` runs ``python3 -m iscsi_vmtarget ARGS...`` with the recorder installed
+(``--module MODULE`` before ``--``: ``python3 -m MODULE ARGS...`` instead).
 """
 
 from __future__ import annotations
@@ -342,12 +343,17 @@ def mark(log: str) -> int:
 
 
 def main(argv: list[str]) -> None:
+    module = "iscsi_vmtarget"
+    if len(argv) >= 4 and argv[2] == "--module":  # another program than the CLI
+        module = argv[3]
+        argv = [*argv[:2], *argv[4:]]
     if len(argv) < 3 or argv[2] != "--":
-        sys.exit("usage: python3 -m iscsi_vmtarget.testing.fsrecord LOG ROOT -- ARGS...")
+        sys.exit("usage: python3 -m iscsi_vmtarget.testing.fsrecord LOG ROOT "
+                 "[--module MODULE] -- ARGS...")  # fmt: skip
     log, root, args = argv[0], argv[1], argv[3:]
     install(log, root)
-    sys.argv = ["iscsi-vmtarget", *args]
-    runpy.run_module("iscsi_vmtarget", run_name="__main__", alter_sys=True)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ check the invariants of issue 17:
 The state every operation starts from (:func:`setup`): VM ``a`` (2 MiB disk, a 2 MiB
 secondary, encrypted state) with snapshot ``s1`` (full) taken between two generations
 of writes and ``s2`` (delta) after them, VM ``b`` with its own blocks and a grant
-(``move`` creates its second pool ``p2`` first, unrecorded).
+(``move`` creates its second pool ``p2`` first, unrecorded); for replication
+(:mod:`.powercut_replica`): VM ``d`` replicated once into its replica (``vm receive``)
+and written since, and the replica of a VM ``e`` deleted here since its round (``vm
+promote e`` makes it again).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,17 +40,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cli.main import main as cli_main
 from ..server.vm_luns import export_vm
 from ..vm import StateDir, VmError, VmManager
 from ..vm.operations import snapshot as snaps
+from ..vm.operations.replicate import checkpoint_name, destination_tag
 from .crash import python_env
 from .fsrecord import read_log
 from .powercut import Log, Outcome, Tally, materialize, plan
+from .powercut_replica import EMPTY, URL, replica_file, replica_worlds, round_into
 
 MIB = 1 << 20
 BLOCK = 512
 STATE = b"".join(hashlib.sha256(b"state %d" % i).digest() for i in range(3000))
 HOST = "iqn.1994-05.com.example:powercut"
+NAMES = ("a", "b", "c")  # the VMs read after each cut
+REPLICATION = (*NAMES, "d", "e")  # those of the replication scenarios (Scenario.names)
 
 Image = dict[int, tuple[int, dict[int, bytes]]]  # LUN -> (size, LBA -> block)
 
@@ -121,6 +130,12 @@ A_SIZES = {0: 2 * MIB, 1: 2 * MIB}
 A_NOW = image(_merge(GEN1, GEN2), A_SIZES)
 A_S1 = image(GEN1, A_SIZES)
 B_NOW = image(B_BLOCKS, {0: 2 * MIB})
+D1 = pattern("d", 1, range(0, 4096, 101), (0,))
+D2 = pattern("d", 2, range(0, 4096, 103), (0,))
+E_BLOCKS = pattern("e", 1, range(0, 4096, 107), (0,))
+CHECKPOINTS = tuple(checkpoint_name(destination_tag(URL), seq) for seq in (1, 2))
+RECEIVES = {"f": "4M"}  # the receive the 'receive' scenario runs (and runs again)
+REPLICA_SIZE = "64M"  # what a replica of a 2 MiB VM needs, and room
 
 
 def cli(*args: str) -> list[str]:
@@ -149,6 +164,15 @@ def setup(state: Path) -> None:
     with VmManager(StateDir.at(str(state))) as manager:
         write_blocks(manager, "a", GEN2)
     run_cli(state, "vm", "snapshot", "a", "s2")  # a delta one ('fill' makes it full)
+    with VmManager(StateDir.at(str(state))) as manager:  # in this process: quicker
+        for name, blocks in (("d", D1), ("e", E_BLOCKS)):
+            manager.create(name, disk=2 * MIB, memory=MIB)
+            with contextlib.redirect_stdout(io.StringIO()):
+                cli_main(["vm", "receive", name, "--size", REPLICA_SIZE, "--state-dir", str(state)])
+            write_blocks(manager, name, blocks)
+            round_into(manager, name, replica_file(state, name))
+        manager.delete("e")
+        write_blocks(manager, "d", D2)
 
 
 @dataclass
@@ -159,6 +183,7 @@ class World:
     snapshots: dict[str, tuple[str, ...]] = field(default_factory=dict)
     acl: str = ""
     configs: dict[str, str] = field(default_factory=dict)
+    replicas: dict[str, str] = field(default_factory=dict)  # VM -> what its replica holds
 
 
 @dataclass
@@ -169,10 +194,14 @@ class Scenario:
     args: tuple[str, ...]
     after: Callable[[World], World]
     before: tuple[str, ...] = ()  # a CLI command run first, not recorded ({state})
+    module: str = ""  # the program recorded, when not the CLI ({state} in args)
+    names: tuple[str, ...] = NAMES  # the VMs it may change (read after a cut)
+    between: Callable[[World], World] | None = None  # a state it passes through, whole
 
 
 def _with(world: World, **changes: object) -> World:
-    out = World(dict(world.vms), dict(world.snapshots), world.acl, dict(world.configs))
+    out = World(dict(world.vms), dict(world.snapshots), world.acl, dict(world.configs),
+                dict(world.replicas))  # fmt: skip
     for key, value in changes.items():
         getattr(out, key).update(value) if isinstance(value, dict) else setattr(out, key, value)
     return out
@@ -207,6 +236,17 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("acl", ("acl", "add", "--vm", "b", HOST), lambda w: w),
         Scenario("config", ("vm", "config", "set", "a", "cpus=4"), lambda w: w),
         Scenario("state-write", ("vm", "state", "write", "b", "{work}/state.img"), lambda w: w),
+        Scenario("receive", ("vm", "receive", "f", "--size", RECEIVES["f"]),
+                 lambda w: _with(w, replicas={"f": EMPTY})),
+        Scenario("replicate", ("{state}", "d"),
+                 lambda w: _with(w, snapshots={"d": CHECKPOINTS[1:]}),
+                 module="iscsi_vmtarget.testing.powercut_replica", names=REPLICATION,
+                 # the old checkpoint goes once the new one is acknowledged (next round)
+                 between=lambda w: _with(w, snapshots={"d": CHECKPOINTS})),
+        Scenario("promote", ("vm", "promote", "e"),
+                 lambda w: _with(w, vms={"e": image(E_BLOCKS, {0: 2 * MIB})},
+                                 snapshots={"e": ()}, replicas={"e": None}),
+                 names=REPLICATION),
     )
 }  # fmt: skip
 
@@ -222,6 +262,9 @@ def observe(state: Path, names: tuple[str, ...]) -> tuple[World, list[str]]:
         leftovers = [u.ref.location for u in found.orphans if u.header.name.startswith("c-")]
         if found.damaged or leftovers:
             failures.append(f"discover: damaged {found.damaged}, clone leftovers {leftovers}")
+        strangers = sorted(vm.name for vm in found.vms if vm.name not in REPLICATION)
+        if strangers:  # a temporary VM of a clone or promote cut short
+            failures.append(f"discover left VMs half made: {strangers}")
         again = manager.discover()
         if again.repaired or again.damaged:
             failures.append(
@@ -253,15 +296,35 @@ def observe(state: Path, names: tuple[str, ...]) -> tuple[World, list[str]]:
                 world.configs[name] = json.dumps(manager.config(name), sort_keys=True)
             except VmError as exc:
                 failures.append(f"VM {name} does not open: {exc}")
+    world.replicas, problems = _receive_again(state)  # may change the configuration
     world.acl = json.dumps(managed_files(state), sort_keys=True)
-    return world, failures
+    return world, failures + problems
 
 
-def compare(got: World, before: World, after: World, finished: bool) -> list[str]:
-    """Each VM, its snapshots, its config and the ACLs: old or new (new once finished)."""
+def _receive_again(state: Path) -> tuple[dict[str, str], list[str]]:
+    """The replicas; a receive cut short is repaired the way a user does it, by
+    running it again (``vm receive`` undoes what the cut left and starts afresh)."""
+    worlds, half, failures = replica_worlds(state)
+    if not half:
+        return worlds, failures
+    for name, problem in half.items():
+        try:
+            run_cli(state, "vm", "receive", name, "--size", RECEIVES.get(name, "?"))
+        except RuntimeError as exc:
+            failures.append(f"half-done receive of {name} ({problem}) not repaired: {exc}")
+    worlds, half, more = replica_worlds(state)
+    failures += more + [f"receive of {n} still half-done: {p}" for n, p in half.items()]
+    return worlds, failures
+
+
+def compare(got: World, before: World, after: World, finished: bool,
+            between: World | None = None) -> list[str]:  # fmt: skip
+    """Each VM, its snapshots, its config and the ACLs: old or new (new once finished;
+    or, unfinished, as ``between`` where the operation names a state between)."""
     failures = []
+    unfinished = [before, after] if between is None else [before, after, between]
     for name in sorted(set(before.vms) | set(after.vms)):
-        allowed = [after] if finished else [before, after]
+        allowed = [after] if finished else unfinished
         for what, key in (("vms", name), ("snapshots", name), ("configs", name),
                           ("configs", name + ".state")):  # fmt: skip
             seen = getattr(got, what).get(key)
@@ -269,6 +332,12 @@ def compare(got: World, before: World, after: World, finished: bool) -> list[str
                 detail = _diff(seen, [getattr(w, what).get(key) for w in allowed])
                 failures.append(f"{what} of {key}: neither {'new' if finished else 'old nor new'}"
                                 f" ({detail})")  # fmt: skip
+    allowed = [after] if finished else unfinished
+    for name in sorted(set(before.replicas) | set(after.replicas) | set(got.replicas)):
+        seen = got.replicas.get(name)
+        if all(seen != w.replicas.get(name) for w in allowed):
+            failures.append(f"the replica of VM {name} holds {seen}, neither "
+                            f"{'new' if finished else 'old nor new'}")  # fmt: skip
     if all(got.acl != w.acl for w in ([after] if finished else [before, after])):
         failures.append("the managed configuration or the master key is neither old nor new")
     return failures
@@ -282,8 +351,14 @@ def managed_files(state: Path) -> dict[str, str]:
         if "pools" in path.parts[-2:-1]:  # pool definitions name absolute paths
             continue
         if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".tmp"):
-            out[str(path.relative_to(state))] = hashlib.sha256(path.read_bytes()).hexdigest()
+            # a receiving target names its replica file by absolute path: this tree's
+            # (a receive run again here) or the recorded tree's
+            data = _REPLICA_DIR.sub(b'"{state}/replicas/', path.read_bytes())
+            out[str(path.relative_to(state))] = hashlib.sha256(data).hexdigest()
     return out
+
+
+_REPLICA_DIR = re.compile(rb'"[^"]*/replicas/')
 
 
 def _diff(seen: object, allowed: list[object]) -> str:
@@ -329,7 +404,6 @@ def _tmp(parent: Path, prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-NAMES = ("a", "b", "c")
 
 
 def copy_tree(src: Path, dst: Path) -> None:
@@ -338,7 +412,7 @@ def copy_tree(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "-a", "--sparse=always", f"{src}/.", str(dst)], check=True)
 
 
-def prepare(workdir: Path) -> tuple[Path, World]:
+def prepare(workdir: Path, names: tuple[str, ...] = NAMES) -> tuple[Path, World]:
     """The starting state, once per work directory, and its world."""
     base = workdir / "base"
     if not base.exists():
@@ -348,7 +422,7 @@ def prepare(workdir: Path) -> tuple[Path, World]:
         build.rename(base)
     with _tmp(workdir, "observe-") as copy:
         copy_tree(base, copy)
-        world, failures = observe(copy, NAMES)
+        world, failures = observe(copy, names)
     if failures:
         raise RuntimeError(f"the starting state is already wrong: {failures}")
     return base, world
@@ -365,10 +439,14 @@ def record(scenario: Scenario, base: Path, before: World, workdir: Path) -> tupl
     logfile = workdir / f"{scenario.name}.log"
     logfile.unlink(missing_ok=True)
     (workdir / "state.img").write_bytes(STATE[::-1])  # what 'state-write' stores
-    args = [*(a.replace("{work}", str(workdir)) for a in scenario.args), "--state-dir", str(state)]
+    args = [a.replace("{work}", str(workdir)).replace("{state}", str(state))
+            for a in scenario.args]  # fmt: skip
+    program = ["--module", scenario.module] if scenario.module else []
+    if not scenario.module:
+        args += ["--state-dir", str(state)]
     done = subprocess.run(
         [sys.executable, "-m", "iscsi_vmtarget.testing.fsrecord", str(logfile), str(state),
-         "--", *args],
+         *program, "--", *args],
         capture_output=True, env=python_env(),
     )  # fmt: skip
     if done.returncode:
@@ -376,9 +454,9 @@ def record(scenario: Scenario, base: Path, before: World, workdir: Path) -> tupl
     log = Log.parse(read_log(str(logfile)))
     with _tmp(workdir, "after-") as copy:
         copy_tree(state, copy)
-        after, failures = observe(copy, NAMES)
+        after, failures = observe(copy, scenario.names)
     expected = scenario.after(before)
-    for name in NAMES:
+    for name in scenario.names:
         want = expected.vms.get(name)
         if want is not None and isinstance(next(iter(want.values())), tuple):
             want = expand(want)  # a hand-written image (the rest are read ones)
@@ -404,7 +482,7 @@ def run_scenario(
     """Every cut point of the first ``limit`` mutations (or ``spread`` cut points evenly
     spread over the operation, and the one after it), each under every choice; states
     already checked (same names and kept data) skipped."""
-    base, before = prepare(workdir)
+    base, before = prepare(workdir, scenario.names)
     log, after = record(scenario, base, before, workdir)
     run = Run(scenario.name, mutations=len(log.ops))
     seen: set[str] = set()
@@ -449,7 +527,8 @@ def _relocate(state: Path, recorded: Path) -> None:
 def check(state: Path, before: World, after: World, outcome: Outcome, total: int,
           scenario: Scenario) -> list[str]:  # fmt: skip
     try:
-        got, failures = observe(state, NAMES)
+        got, failures = observe(state, scenario.names)
     except Exception as exc:  # any crash of the repair or the readers is a failure
         return [f"{type(exc).__name__}: {exc}"]
-    return failures + compare(got, before, after, outcome.n == total)
+    between = scenario.between(before) if scenario.between is not None else None
+    return failures + compare(got, before, after, outcome.n == total, between)

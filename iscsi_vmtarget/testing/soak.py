@@ -10,7 +10,10 @@ daemon), for a set time.
   VM, deleting its oldest snapshot (a merge under writes), growing its disk by 1 MiB,
   moving it to the other pool and back, rotating the master key; and on the last two
   VMs (nobody writes them, so their content may change under nobody): a snapshot, a
-  revert to it, a clone and the clone's deletion;
+  revert to it and its deletion; a linked clone (served at once), the clone's deletion
+  and the deletion of the snapshot it came from. The soak keeps nothing it makes
+  beyond the written VMs' snapshots (one taken, the oldest deleted, in turn), so the
+  target's descriptors must be flat after warm-up;
 * every 5 s the target's RSS and open descriptors are sampled (the curve is returned).
 
 At the end: every session's errors (0 expected), the churn's failed commands, and an
@@ -129,20 +132,34 @@ def _churn(state: Path, vms: int, interval: float, stop: threading.Event,
             args = ("vm", "move", vm, "--pool", pool)
         elif step == "rotate":
             args = ("key", "rotate")
-        elif step == "revert":
+        elif step == "revert":  # snapshot, revert to it, delete it: nothing kept
             target = idle[n % 2]
-            done = cli(state, "vm", "snapshot", target, f"r{n}")
-            args = ("vm", "revert", target, f"r{n}") if not done.returncode else ("vm", "list")
-        else:
-            source = idle[n % 2]
-            done = cli(state, "vm", "clone", source, f"clone{n}")
-            args = (
-                ("vm", "delete", "--force", f"clone{n}") if not done.returncode else ("vm", "list")
-            )
+            _steps(state, stats, step, [
+                ("vm", "snapshot", target, f"r{n}"),
+                ("vm", "revert", target, f"r{n}"),
+                ("vm", "snapshot", "delete", target, f"r{n}"),
+            ])  # fmt: skip
+            continue
+        else:  # a linked clone, served at once; deleted, then the snapshot it came from
+            source, clone = idle[n % 2], f"clone{n}"
+            _steps(state, stats, step, [
+                ("vm", "clone", source, clone),
+                ("vm", "delete", "--force", clone),
+                ("vm", "snapshot", "delete", source, f"clone-{clone}"),
+            ])  # fmt: skip
+            continue
+        _steps(state, stats, step, [args])
+
+
+def _steps(state: Path, stats: SoakStats, step: str, commands: list[tuple[str, ...]]) -> None:
+    """Run one churn step's commands in order, stopping at the first that fails
+    (counted in ``churn_failures``)."""
+    stats.churn[step] = stats.churn.get(step, 0) + 1
+    for args in commands:
         done = cli(state, *args)
-        stats.churn[step] = stats.churn.get(step, 0) + 1
         if done.returncode:
             stats.churn_failures.append(f"{' '.join(args)}: {done.stderr.strip()[:200]}")
+            return
 
 
 def run_soak(workdir: Path, seconds: float, vms: int = 16, sessions: int = 64,

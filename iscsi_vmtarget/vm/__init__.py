@@ -24,7 +24,7 @@ from .format.crypto import Keyring, MasterKey, create_key_file, load_key_file
 from .format.header import Mode, RegionKind, Role, UnitHeader
 from .layers.view import GuestView, RawView, SliceBackend
 from .manager import StateDir, VmManager
-from .operations import clone, move, replicate, snapshot  # noqa: F401  (register recovery)
+from .operations import clone, move, promote, replicate, snapshot  # noqa: F401  (register recovery)
 from .units.scan import Discovery, FoundUnit, FoundVm
 from .units.unit import Unit, create_unit
 from .units.unit_pools import DEFAULT_POOL, PoolCatalog

@@ -22,7 +22,8 @@ MIB = 1 << 20
 def test_every_daemon_action_is_routed() -> None:
     """A VM verb with a daemon action is routed to it; no action goes unused
     (``vm.serve`` is the notice after a VM is made: ``Router.serve_now``; the catalog
-    actions serve the HTTPS API, the CLI does them on the pools)."""
+    actions serve the HTTPS API, the CLI does them on the pools; ``vm delete --force``
+    asks ``vm.delete`` of a running daemon, see test_vm_delete_live)."""
     routed = {op for op in VM_VERBS.values() if op is not None}
     catalog = {"vm.list", "vm.show", "vm.create", "vm.delete", "vm.snapshot.list"}
     assert routed | {"vm.serve"} | catalog == set(ACTIONS)

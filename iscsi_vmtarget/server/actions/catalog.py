@@ -13,7 +13,8 @@ under the same pool locks, and describe a VM with :func:`vm_json`, which the CLI
 * ``vm.delete`` ``{name, force?}``: refused while initiators are logged in (unless
   ``force``); the daemon stops serving it (:meth:`~..runtime.Runtime.remove_pool_target`)
   and the units are deleted. The caller drops its grants (``grant.drop``, the
-  ``uuid`` in the result), as ``vm delete`` does;
+  ``uuid`` in the result), as ``vm delete`` does. ``vm delete --force`` asks it too:
+  deleted offline under the daemon, the units would stay open in it;
 * ``vm.snapshot.list`` ``{name}`` -> ``{"snapshots": [...]}``.
 """
 

@@ -458,6 +458,9 @@ class ChainBackend:
         raise BackendError("a VM with snapshots cannot be resized (delete its snapshots)")
 
     def close(self) -> None:
+        """Refuse further I/O, let the running I/O end (a target removed under its
+        sessions), then close the layers and the root."""
+        self._gate.shut()
         for layer in self.layers:
             layer.close()
         self.layers = []

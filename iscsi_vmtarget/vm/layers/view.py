@@ -98,8 +98,28 @@ class SliceBackend:
 
 # One guest segment: (guest offset, length, unit offset).
 Segment = tuple[int, int, int]
-# What a guest view maps through: (disk size, segments, unit backend handle).
-_Map = tuple[int, tuple[Segment, ...], BlockBackend]
+
+
+class _Handle:
+    """A unit handle of a guest view and the I/O running on it now.
+
+    A live resize of a file unit replaces the view's handle (a file is measured once,
+    so the grown file is opened again). The old one may still serve I/O that read the
+    old mapping: it is closed when the last of those ends, never under one (its
+    descriptor number could by then belong to another file) and never later (one
+    descriptor kept per resize for the daemon's lifetime).
+    """
+
+    __slots__ = ("raw", "retired", "users")
+
+    def __init__(self, raw: BlockBackend) -> None:
+        self.raw = raw
+        self.users = 0
+        self.retired = False
+
+
+# What a guest view maps through: (disk size, segments, unit handle).
+_Map = tuple[int, tuple[Segment, ...], _Handle]
 
 
 def guest_segments(header: UnitHeader) -> tuple[Segment, ...]:
@@ -126,10 +146,20 @@ class Gate:
         self._cond = threading.Condition(self._lock)
         self._active = 0
         self._closed = False
+        self._shut = False
         self._io = _GateIo(self)
 
     def io(self) -> _GateIo:
         return self._io
+
+    def shut(self) -> None:
+        """Refuse I/O from now on and wait for the I/O running (a backend closing: no
+        I/O may use a descriptor after its close, when the number may name another
+        file). Never waits for an :meth:`exclusive` holder: inside one no I/O runs."""
+        with self._cond:
+            self._shut = True
+            while self._active:
+                self._cond.wait()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -161,6 +191,8 @@ class _GateIo:
         with gate._lock:
             while gate._closed:
                 gate._cond.wait()
+            if gate._shut:
+                raise BackendError("the backend is closed")
             gate._active += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -174,9 +206,11 @@ class _GateIo:
 class GuestView:
     """The guest's disk of one unit: size = disk size, offsets translated per mode.
 
-    Only ``aligned`` views have a guest segment that a resize may move (GUEST_HEAD),
-    so only they pass their I/O through a gate (:meth:`quiesce`); in the other modes
-    the disk region never moves and I/O goes straight through.
+    Every I/O takes the current mapping and counts itself on its handle under one
+    short lock (:meth:`_enter`, :meth:`_leave`), so a handle a live resize replaced is
+    closed as soon as no I/O uses it. Only ``aligned`` views have a guest segment that
+    a resize may move (GUEST_HEAD), so only they can be held off (:meth:`quiesce`); in
+    the other modes the disk region never moves and I/O never waits.
     """
 
     def __init__(
@@ -197,11 +231,13 @@ class GuestView:
         #: a chain built over a served view takes it over (:meth:`~.cow.ChainBackend.over`)
         self.on_close = on_close
         self._listeners: list[CapacityListener] = []
-        self._retired: list[BlockBackend] = []
         self.unit_uuid = header.unit_uuid
-        # size, segments and backend handle in one attribute, swapped atomically
-        self._map = (header.disk_size, guest_segments(header), raw)
-        self._gate = Gate() if header.mode is Mode.ALIGNED else None
+        # size, segments and handle in one attribute, swapped under the lock
+        self._map: _Map = (header.disk_size, guest_segments(header), _Handle(raw))
+        # counts every I/O (over every handle); only quiesce() of an aligned view closes it
+        self._gate = Gate()
+        self._lock = self._gate._lock
+        self._movable = header.mode is Mode.ALIGNED
 
     # -- BlockBackend ------------------------------------------------------------------
 
@@ -215,7 +251,32 @@ class GuestView:
 
     @property
     def _raw(self) -> BlockBackend:
-        return self._map[2]
+        return self._map[2].raw
+
+    def _enter(self) -> _Map:
+        """The mapping an I/O uses, counted on its handle until :meth:`_leave`."""
+        gate = self._gate
+        with gate._lock:
+            while gate._closed:
+                gate._cond.wait()
+            if gate._shut:
+                raise BackendError(f"the view of unit {self.unit_uuid} is closed")
+            mapping = self._map
+            mapping[2].users += 1
+            gate._active += 1
+            return mapping
+
+    def _leave(self, mapping: _Map) -> None:
+        handle = mapping[2]
+        gate = self._gate
+        with gate._lock:
+            handle.users -= 1
+            gate._active -= 1
+            if not gate._active and gate._closed:  # only a quiesce() waits for zero
+                gate._cond.notify_all()
+            last = handle.retired and not handle.users
+        if last:
+            handle.raw.close()
 
     def _pieces(self, offset: int, length: int, mapping: _Map) -> Iterator[tuple[int, int, int]]:
         """(unit offset, position in the request, byte count) covering the request.
@@ -247,9 +308,8 @@ class GuestView:
                 return unit_off + offset - start
         return -1
 
-    def _read_into(self, offset: int, buf: memoryview) -> None:
-        mapping = self._map
-        raw = mapping[2]
+    def _read_into(self, offset: int, buf: memoryview, mapping: _Map) -> None:
+        raw = mapping[2].raw
         at = self._within(offset, len(buf), mapping)
         if at >= 0:
             raw.read_into(at, buf)
@@ -258,21 +318,19 @@ class GuestView:
             raw.read_into(unit_off, buf[pos : pos + n])
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        gate = self._gate
-        if gate is None:
-            self._read_into(offset, buf)
-            return
-        with gate.io():
-            self._read_into(offset, buf)
+        mapping = self._enter()
+        try:
+            self._read_into(offset, buf, mapping)
+        finally:
+            self._leave(mapping)
 
     def read(self, offset: int, length: int) -> bytearray:
         out = bytearray(length)
         self.read_into(offset, memoryview(out))
         return out
 
-    def _write(self, offset: int, view: memoryview) -> None:
-        mapping = self._map
-        raw = mapping[2]
+    def _write(self, offset: int, view: memoryview, mapping: _Map) -> None:
+        raw = mapping[2].raw
         at = self._within(offset, len(view), mapping)
         if at >= 0:
             raw.write(at, view)
@@ -284,46 +342,54 @@ class GuestView:
         if self.read_only:
             raise BackendError("guest view is read-only")
         view = memoryview(data).cast("B")
-        gate = self._gate
-        if gate is None:
-            self._write(offset, view)
-            return
-        with gate.io():
-            self._write(offset, view)
+        mapping = self._enter()
+        try:
+            self._write(offset, view, mapping)
+        finally:
+            self._leave(mapping)
 
     def flush(self) -> None:
-        self._raw.flush()
+        """Flushes through the current handle: a handle a resize replaced is on the
+        same unit (the same file, window or image), so its writes are covered."""
+        mapping = self._enter()
+        try:
+            mapping[2].raw.flush()
+        finally:
+            self._leave(mapping)
 
     def unmap(self, offset: int, length: int) -> None:
         if self.read_only:
             return
-        with self._gate.io() if self._gate is not None else contextlib.nullcontext():
-            mapping = self._map
+        mapping = self._enter()
+        try:
             for unit_off, _at, n in self._pieces(offset, length, mapping):
-                mapping[2].unmap(unit_off, n)
+                mapping[2].raw.unmap(unit_off, n)
+        finally:
+            self._leave(mapping)
 
     def allocated_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Mapped extents (guest offsets) for GET LBA STATUS, clipped to the disk."""
         out: list[tuple[int, int]] = []
-        with self._gate.io() if self._gate is not None else contextlib.nullcontext():
-            mapping = self._map
-            ranges = _ranges_of(mapping[2])
+        mapping = self._enter()
+        try:
+            ranges = _ranges_of(mapping[2].raw)
             for unit_off, at, n in self._pieces(offset, length, mapping):
                 if ranges is None:
                     out.append((offset + at, n))
                     continue
                 for start, count in ranges(unit_off, n):
                     out.append((offset + at + start - unit_off, count))
+        finally:
+            self._leave(mapping)
         return out
 
     def resize(self, size: int) -> None:
         raise BackendError("a guest view grows with its unit: use 'iscsi-vmtarget vm resize'")
 
     def close(self) -> None:
-        self._raw.close()
-        for old in self._retired:
-            old.close()
-        self._retired.clear()
+        """Refuse further I/O, let the running I/O end, close the unit handle."""
+        self._gate.shut()
+        self._retire(self._map[2])
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
@@ -344,24 +410,38 @@ class GuestView:
     def quiesce(self) -> Iterator[None]:
         """Hold guest I/O off (after letting what runs finish) while a live resize moves
         a guest segment; a no-op for views whose segments never move."""
-        if self._gate is None:
+        if not self._movable:
             yield
             return
         with self._gate.exclusive():
             yield
 
     def update(self, header: UnitHeader) -> None:
-        """Take the layout of a committed resize; tell the listeners."""
+        """Take the layout of a committed resize; tell the listeners. A replaced
+        handle is closed when no I/O uses it any more."""
         if header.unit_uuid != self.unit_uuid or header.state is not UnitState.CLEAN:
             raise BackendError("update() needs the clean header of the same unit")
-        old_size, _segments, raw = self._map
-        grown = _follow(raw, header.unit_size)
-        if grown is not raw:
-            self._retired.append(raw)  # I/O in flight may still use it: closed with us
-        self._map = (header.disk_size, guest_segments(header), grown)
+        old_size, _segments, handle = self._map
+        grown = _follow(handle.raw, header.unit_size)
+        with self._lock:
+            if grown is not handle.raw:
+                self._map = (header.disk_size, guest_segments(header), _Handle(grown))
+            else:
+                self._map = (header.disk_size, guest_segments(header), handle)
+        if grown is not handle.raw:
+            self._retire(handle)
         if header.disk_size != old_size:
             for listener in self._listeners:
                 listener(old_size, header.disk_size)
+
+
+    def _retire(self, handle: _Handle) -> None:
+        """No new I/O takes ``handle``: close it now, or at its last I/O's end."""
+        with self._lock:
+            handle.retired = True
+            idle = not handle.users
+        if idle:
+            handle.raw.close()
 
 
 def _ranges_of(raw: BlockBackend) -> RangeFinder | None:

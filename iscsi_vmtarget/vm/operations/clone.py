@@ -35,11 +35,9 @@ served chains onto its own units under quiesce.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 from ...storage import atomic_file
@@ -48,10 +46,10 @@ from .. import faults
 from ..format.header import RegionKind
 from ..layers.cow import ChainBackend, LiveVolume, is_zero
 from ..manager import RECOVERY, VmManager, check_vm_name
-from ..units import locks
 from ..units.scan import FoundUnit, FoundVm, discover
 from ..units.unit import Unit
 from ..vm_errors import VmError
+from . import intents
 from .snapshot import collect, create_snapshot, delete_snapshot, list_snapshots, open_live
 from .snapshot_tree import chain_size, copy_sealed, find_snapshot, new_delta, open_chain, walk_chain
 
@@ -92,12 +90,13 @@ def clone(
         find_snapshot(manager, vm, keyring, from_snapshot)
     temp = f"c-{uuid.uuid4().hex[:12]}"
     snapshot_first = from_snapshot is None and (not full or live is not None)
-    with _intent(manager, temp, src, dst) as intent:
+    intent = {"temp": temp, "src": src, "dst": dst}
+    with intents.held(manager, KIND, temp, intent):
         if snapshot_first:
             from_snapshot = _snapshot_name(manager, src, dst)
             record = uuid.uuid4()  # named before it exists: no crash point escapes the intent
             intent.update(snapshot=str(record), snapshot_name=from_snapshot)
-            atomic_file.write_json(_intent_path(manager, temp), intent)
+            atomic_file.write_json(intents.intent_path(manager, KIND, temp), intent)
             create_snapshot(manager, src, from_snapshot, live=live, record_uuid=record)
             faults.crashpoint("clone.snapshotted")
         _build(manager, src, dst, temp, from_snapshot, full, progress)
@@ -214,55 +213,18 @@ def _build(
 # -- the intent: what a failed or killed clone leaves, and its removal -----------------------
 
 
-def _intent_path(manager: VmManager, temp: str) -> str:
-    return os.path.join(manager.state.root, "conf", "clones", f"{temp}.json")
-
-
-@contextlib.contextmanager
-def _intent(manager: VmManager, temp: str, src: str, dst: str) -> Iterator[dict[str, str]]:
-    """Hold the clone's operation lock and intent while it runs; drop the intent when
-    it succeeded, roll the clone back (:func:`finish_clones`) when it failed."""
-    intent = {"temp": temp, "src": src, "dst": dst}
-    try:
-        with locks.operation(manager.state.root, f"clone.{temp}"):
-            atomic_file.write_json(_intent_path(manager, temp), intent)
-            yield intent
-            atomic_file.remove(_intent_path(manager, temp))
-    except BaseException:
-        # the operation lock is released now: taking every pool lock runs finish_clones
-        with contextlib.suppress(VmError, OSError), manager.locked(manager.catalog.all()):
-            pass
-        raise
+KIND = "clones"  # the intents' directory under conf/ (:mod:`.intents`)
 
 
 def finish_clones(manager: VmManager) -> list[str]:
     """Roll back every clone that failed or was killed (callers hold all pool locks):
     delete its temporary VM and the snapshot it took of its source, unless the clone
     reached its rename (then only the intent is left to drop)."""
-    directory = os.path.join(manager.state.root, "conf", "clones")
-    if not os.path.isdir(directory):
-        return []
     notes = []
-    for entry in sorted(os.listdir(directory)):
-        path = os.path.join(directory, entry)
-        temp = entry.partition(".")[0]
-        if locks.operation_running(manager.state.root, f"clone.{temp}"):
-            continue  # a clone in progress (in this process or another)
-        if not entry.endswith(".json"):
-            os.unlink(path)  # half written: the clone had not started
-            continue
-        with open(path) as fh:
-            intent = json.load(fh)
+    for temp, intent in intents.leftovers(manager, KIND):
         found = discover(manager.catalog.all(), repair=False)
         vm = found.find(temp)
-        if vm is not None:
-            for unit in vm.all_units:  # base first: the rest is unreachable after it
-                manager.catalog.get(unit.pool).delete(unit.ref)
-            notes.append(f"unfinished clone {temp} of VM {intent['src']} removed")
-        for unit in found.orphans:  # secondaries a power cut left before their base unit
-            if unit.header.name == temp:
-                manager.catalog.get(unit.pool).delete(unit.ref)
-                notes.append(f"secondary {unit.ref.location} of unfinished clone {temp} removed")
+        notes += intents.remove_temp_vm(manager, found, temp, "clone", f"VM {intent['src']}")
         source = found.find(str(intent["src"]))
         taken = [
             r
@@ -274,9 +236,6 @@ def finish_clones(manager: VmManager) -> list[str]:
             snap = intent.get("snapshot_name", f"clone-{intent['dst']}")
             notes.append(f"snapshot {snap} of VM {intent['src']} removed")
             notes.extend(collect(manager, str(intent["src"])))
-        os.unlink(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(locks.operation_path(manager.state.root, f"clone.{temp}"))
     return notes
 
 

@@ -19,12 +19,14 @@ based on the last coherent replica". From a replica (:mod:`.replica`, usually th
    and sealed again under a new data key wrapped by this state directory's master key;
 4. renames it (the base unit's header commit last: the commit point, as for clones).
 
-A crash in 3 leaves the temporary VM, which the next promote removes first.
+A crash (or power cut) in 3 leaves the temporary VM and an intent naming it
+(``conf/promotes/<temp>.json``, :mod:`.intents`): the next repair - ``discover`` or any
+command's - removes the temporary VM; the replica is untouched, so ``vm promote``
+again resumes from it.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -35,11 +37,12 @@ from ..format import sealed
 from ..format.crypto import Keyring, MasterKey, RegionCipher
 from ..format.header import RegionKind, RegionStatus, Role
 from ..layers.cow import GRAIN, is_zero
-from ..manager import MIN_MEMORY, check_vm_name
-from ..units.scan import FoundUnit
+from ..manager import MIN_MEMORY, RECOVERY, check_vm_name
+from ..units.scan import FoundUnit, discover
 from ..units.unit import Unit, create_unit
 from ..units.unit_pools import DEFAULT_POOL
 from ..vm_errors import IntegrityError, KeyFileError, VmError
+from . import intents
 from .replica import (
     BLOCK,
     HASH_BYTES,
@@ -138,6 +141,15 @@ def _copy_volume(
             if target is not None and not is_zero(grain):  # zero grains stay holes
                 target.write(offset + i * GRAIN, grain)
         step(n)
+
+
+def check_images(
+    replica: BlockBackend, sb: Superblock, step: Callable[[int], None] | None = None
+) -> None:
+    """Check every grain of every disk image of the replica's checkpoint against its
+    hash (IntegrityError names the first that differs)."""
+    for lun, area in enumerate(sb.volumes):
+        _copy_volume(replica, area, None, lun, step or (lambda _n: None))
 
 
 def _restore_sealed(replica: BlockBackend, base: Unit, area: SealedArea, keyring: Keyring) -> None:
@@ -241,16 +253,30 @@ def promote(
         if progress is not None:
             progress(done, 2 * total)
 
-    for lun, area in enumerate(sb.volumes):  # every grain checked before any change
-        _copy_volume(replica, area, None, lun, step)
-    _create_units(manager, sb, temp, pool, keyring.current)
-    try:
+    check_images(replica, sb, step)  # every grain checked before any change
+    # a failure, kill or power cut from here on leaves the intent: the next repair
+    # (discover, any command's) removes the temporary VM (finish_promotes)
+    with intents.held(manager, KIND, temp, {"temp": temp, "name": name}):
+        _create_units(manager, sb, temp, pool, keyring.current)
         _fill(manager, sb, replica, temp, name, keyring, step)
-    except BaseException:
-        with contextlib.suppress(VmError):
-            manager.delete(temp, force=True)
-        raise
     return report
+
+
+KIND = "promotes"  # the intents' directory under conf/ (:mod:`.intents`)
+
+
+def finish_promotes(manager: VmManager) -> list[str]:
+    """Roll back every promote that failed, was killed or cut (callers hold every pool
+    lock): delete its temporary VM (unless it reached its rename). The replica is
+    untouched: ``vm promote`` again resumes the VM from it."""
+    notes = []
+    for temp, intent in intents.leftovers(manager, KIND):
+        found = discover(manager.catalog.all(), repair=False)
+        notes += intents.remove_temp_vm(manager, found, temp, "promote", f"VM {intent['name']}")
+    return notes
+
+
+RECOVERY.when_all_locked(finish_promotes, rank=3)
 
 
 def _fill(
