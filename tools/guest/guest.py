@@ -650,6 +650,10 @@ def _converse(
         proc.wait()
         rc = -9
         console.append(f"\n[qemu killed after {timeout} s]\n")
+    except BaseException:  # pytest-timeout, ^C: no guest left running behind
+        proc.kill()
+        proc.wait()
+        raise
     reader.join(timeout=30)
     stdin.close()
     return "".join(console), rc
