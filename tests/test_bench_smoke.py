@@ -55,3 +55,11 @@ def test_chain_column_is_planned_unless_no_chain() -> None:
     r = run("--quick", "--tests", "read-4k-rand-qd1", "--no-chain", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "ours+chain" not in r.stdout
+
+
+def test_rbd_help() -> None:
+    """``--rbd`` hands over to tools/bench_rbd.py (one gateway on Ceph vs librbd)."""
+    r = run("--rbd", "--help")
+    assert r.returncode == 0, r.stderr
+    for option in ("--ceph-conf", "--size", "--failovers", "--json"):
+        assert option in r.stdout

@@ -30,6 +30,8 @@ from .task import (
 
 _log = logging.getLogger(__name__)
 _EMPTY = memoryview(b"")
+#: READ(6/10/12/16) and VERIFY(10/16): the commands that read the medium
+_MEDIUM_READS = frozenset({0x08, 0x28, 0xA8, 0x88, 0x2F, 0x8F})
 
 
 class ScsiTarget:
@@ -64,10 +66,18 @@ class ScsiTarget:
     def may_block(self, cdb: bytes, lun: int | None = None) -> bool:
         """True if the command may fsync (SYNCHRONIZE CACHE, WRITE with FUA,
         WRITE AND VERIFY, a flushing STOP, or any write while the write cache
-        is disabled), so the server should run it in a worker thread."""
+        is disabled), or reads or writes the medium of a remote backend (RBD: every
+        read waits on the network), so the server should run it in a worker thread."""
         row = find_row(bytes(cdb))
         if row is None or len(cdb) < row.cdb_length:
             return False
+        own = self._luns.get(lun) if lun is not None else None
+        if (
+            own is not None
+            and own.abilities.remote
+            and (row.writes_medium or row.opcode in _MEDIUM_READS)
+        ):
+            return True
         if row.may_block(bytes(cdb)):
             return True
         if not row.writes_medium:

@@ -316,7 +316,8 @@ class TargetServer:
         self.nop_interval = nop_interval
         self.metrics = Metrics()
         self.handlers: set[ConnectionHandler] = set()
-        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scsi-io")
+        # enough for a queue of 16-32 commands on a remote (RBD) LU; made lazily
+        self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="scsi-io")
         self._servers: list[asyncio.base_events.Server] = []
         self._by_portal: dict[tuple[str, int], asyncio.base_events.Server] = {}
 

@@ -134,6 +134,9 @@ class Abilities:
     written_ranges: RangeFinder | None = None
     zero_range: Callable[[int, int], None] | None = None
     crypto_erase: Callable[[], None] | None = None
+    #: every read and write is a network round trip (``remote_io = True`` on the
+    #: backend, e.g. RBD): the server runs all its commands in worker threads
+    remote: bool = False
 
     @classmethod
     def of(cls, backend: object) -> Abilities:
@@ -144,6 +147,7 @@ class Abilities:
             written_ranges=backend.written_ranges if isinstance(backend, WrittenMap) else None,
             zero_range=backend.zero_range if isinstance(backend, Zeroing) else None,
             crypto_erase=backend.crypto_erase if isinstance(backend, CryptoErasable) else None,
+            remote=bool(getattr(backend, "remote_io", False)),
         )
 
 

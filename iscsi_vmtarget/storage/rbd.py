@@ -279,6 +279,9 @@ class RbdBackend:
     :class:`~.backend.AllocationMap`, :class:`~.backend.Zeroing` and
     :class:`~.backend.Remeasurable`."""
 
+    #: each I/O waits on OSDs (a millisecond or more): never on the server's event loop
+    remote_io = True
+
     def __init__(self, spec: RbdImageSpec, read_only: bool = False) -> None:
         _, rbd = bindings()
         self.spec = spec

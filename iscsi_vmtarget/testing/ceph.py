@@ -97,6 +97,24 @@ def shared_reservations(image: RbdImageSpec) -> dict[str, Any]:
     return dict(json.loads(raw)) if raw else {}
 
 
+#: A target exporting one RBD image as LUN 0, target port group ``tpgt`` (one gateway).
+GATEWAY_CONFIG = """
+[[target]]
+name = "{iqn}"
+tpgt = {tpgt}
+allow_all = true
+[[target.lun]]
+number = 0
+rbd = "{image}"
+ceph_conf = "{conf}"
+"""
+
+
+def gateway_config(iqn: str, tpgt: int, image: RbdImageSpec, conf: str) -> str:
+    """The configuration (TOML) of one gateway serving IMAGE as LUN 0 of IQN."""
+    return GATEWAY_CONFIG.format(iqn=iqn, tpgt=tpgt, image=image, conf=conf)
+
+
 def fast_directory() -> Path | None:
     """A new directory in /dev/shm when bluestore can run there (tmpfs takes O_DIRECT
     since Linux 6.6): an OSD's every commit then skips the disk, which makes a test's

@@ -17,7 +17,7 @@ import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator
 from iscsi_vmtarget.storage.rbd import RbdImageSpec, open_image
-from iscsi_vmtarget.testing.ceph import CephCluster
+from iscsi_vmtarget.testing.ceph import CephCluster, gateway_config
 from tests.conftest import INITIATOR, RunningTarget, run_tool, start_with_config
 from tests.integration.test_admin import login
 
@@ -25,24 +25,17 @@ pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 IQN = "iqn.2026-11.org.iscsi-vmtarget.test:gw"
 BLOCK = 512
-CONFIG = """
-[[target]]
-name = "{iqn}"
-tpgt = {tpgt}
-allow_all = true
-[[target.lun]]
-number = 0
-rbd = "{image}"
-ceph_conf = "{conf}"
-"""
 STANDBY = (0x2, 0x04, 0x0B)  # NOT READY, TARGET PORT IN STANDBY STATE
 #: the cluster's osd client watch timeout (5 s) plus the gateways' polling, with room
 TAKEOVER_SECONDS = 30
 
 
-def gateway(tmp: Path, name: str, tpgt: int, image: RbdImageSpec, conf: str) -> RunningTarget:
-    config = CONFIG.format(iqn=IQN, tpgt=tpgt, image=image, conf=conf)
-    return start_with_config(tmp / name, config)
+def gateway(
+    tmp: Path, name: str, tpgt: int, image: RbdImageSpec, conf: str, *extra: str
+) -> RunningTarget:
+    """Gateway NAME serving IMAGE as LUN 0 of IQN, target port group TPGT; EXTRA: more
+    ``serve`` arguments (e.g. a ``--portal`` to come back on)."""
+    return start_with_config(tmp / name, gateway_config(IQN, tpgt, image, conf), *extra)
 
 
 def write(ini: Initiator, lba: int, data: bytes) -> tuple[int, tuple[int, int, int]]:

@@ -27,8 +27,9 @@ def need(*tools: str) -> None:
             pytest.fail(f"{name} is not installed (tools/install-deps --test installs it)")
 
 
-def build_guest() -> Path:
-    """The guest (kernel + initramfs), built once and cached between runs."""
+def build_guest(multipath: bool = False) -> Path:
+    """The guest (kernel + initramfs), built once and cached between runs; MULTIPATH:
+    the one with multipath-tools, dm-multipath and scsi_dh_alua (tools/guest)."""
     need("qemu-system-x86_64", "apt-get", "dpkg-deb", "ldd")
     guest_tools.cache_root().mkdir(parents=True, exist_ok=True)
     # one build at a time: pytest-xdist workers share the cache (and a build prunes
@@ -36,7 +37,7 @@ def build_guest() -> Path:
     with open(guest_tools.cache_root() / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return guest_tools.build()
+            return guest_tools.build(multipath=multipath)
         except (subprocess.CalledProcessError, RuntimeError) as e:
             detail = getattr(e, "stderr", "") or ""
             pytest.fail(f"building the guest failed: {e}\n{detail}")

@@ -298,3 +298,19 @@ def test_may_block_edge_cases(scsi: Harness) -> None:
     assert not scsi.target.may_block(bytes([0xC7]))
     assert not scsi.target.may_block(bytes([0x2A, 0x08]))  # too short to be a WRITE(10)
     assert not scsi.target.may_block(bytes([0x28, 0x08]) + bytes(8))  # READ with FUA
+
+
+class _RemoteBackend(MemoryBackend):
+    remote_io = True  # as RBD's: every read waits on the network
+
+
+def test_may_block_every_command_of_a_remote_lu() -> None:
+    """Reads of an LU whose backend is remote (RBD) run in worker threads too: on the
+    event loop one 64 KiB read would stall every session for a network round trip."""
+    local = new_lu()
+    remote = LogicalUnit(_RemoteBackend(64 * 512), UnitIdentity.from_uuid(uuid.uuid4()))
+    target = ScsiTarget({0: local, 1: remote})
+    read10 = struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0)
+    assert not target.may_block(read10, 0)
+    assert target.may_block(read10, 1)
+    assert target.may_block(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0), 1)

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.testing.ceph import CephCluster
 from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm.faults import ENV
 from iscsi_vmtarget.vm.operations import snapshot as snaps
@@ -99,3 +101,21 @@ def test_kill_during_move(tmp_path: Path, point: str) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     pools = _check(state, images, naas)
     assert pools == ({"p2"} if point == "move.committed" else {"default"})
+
+
+def test_move_into_an_rbd_pool_and_back(tmp_path: Path, ceph_cluster: CephCluster) -> None:
+    """A directory pool's VM moves to an rbd pool and back: data, snapshots and every
+    unit's NAA designator (VPD 0x83) unchanged each time."""
+    state = tmp_path / "state"
+    images, naas = _setup(state)
+    namespace = f"{ceph_cluster.pool}/m{uuid.uuid4().hex[:12]}"
+    ceph_cluster.rbd("namespace", "create", namespace)
+    with VmManager(StateDir.at(str(state))) as manager:
+        manager.catalog.create_rbd("ceph", namespace, ceph_cluster.conf)
+        assert move(manager, "vm1", "ceph") == 5
+    assert _check(state, images, naas) == {"ceph"}
+    assert not os.listdir(state / "pools" / "default")
+    with VmManager(StateDir.at(str(state))) as manager:
+        assert move(manager, "vm1", "default") == 5
+    assert _check(state, images, naas) == {"default"}
+    assert ceph_cluster.rbd("ls", namespace).split() == []

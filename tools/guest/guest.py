@@ -11,7 +11,14 @@ versions, so a rebuild with nothing changed costs a few ``apt-cache`` calls.
 caller's: the guest's /init mounts /proc, /sys and /dev, loads the modules, brings up
 eth0 (10.0.2.15) when the guest has a NIC, runs the script, prints its markers and powers
 off. The only network is ``-netdev user,restrict=on`` with a guestfwd from
-10.0.2.100:3260 to a relay (``tools/guest/relay``) that connects to 127.0.0.1:PORT.
+10.0.2.100:3260 to a relay (``tools/guest/relay``) that connects to 127.0.0.1:PORT
+(given several ports, the k-th is reached at 10.0.2.(100+k):3260).
+
+``build(multipath=True)`` is a second guest, cached beside the first: Debian's generic
+kernel instead of the cloud one (the cloud kernel is built without SCSI device handlers,
+so it has no scsi_dh_alua), multipath-tools (multipath, multipathd and their checker and
+prioritizer plugins) and the dm-mod, dm-multipath, dm-round-robin and scsi_dh_alua
+modules. It costs a 70 MB kernel package more, once.
 
 Inside the script, ``step NAME COMMAND...`` runs a command and frames its combined
 output between ``@@@BEGIN NAME`` and ``@@@END NAME RC`` lines; ``parse_steps()`` turns
@@ -49,6 +56,16 @@ END = "@@@END "
 HOST = "@@@HOST "
 
 KERNEL_META = "linux-image-cloud-amd64"
+#: The multipath guest's kernel: the generic one has CONFIG_SCSI_DH (scsi_dh_alua).
+MULTIPATH_KERNEL_META = "linux-image-amd64"
+MULTIPATH_PACKAGES = ["multipath-tools"]
+MULTIPATH_BINARIES = ["sbin/multipath", "sbin/multipathd"]
+#: multipath-tools' checkers and prioritizers, loaded with dlopen (ldd does not see them).
+MULTIPATH_PLUGINS = "lib/multipath/*.so"
+#: glibc loads this with dlopen for pthread_cancel (multipathd's threads), from the host.
+MULTIPATH_HOST_LIBS = ["/lib/x86_64-linux-gnu/libgcc_s.so.1"]
+#: Loaded before the iSCSI modules: scsi_dh_alua attaches to a disk as it is found.
+MULTIPATH_MODULES = ["scsi_mod", "scsi_dh_alua", "dm_mod", "dm_multipath", "dm_round_robin"]
 PACKAGES = [
     "busybox-static",
     "open-iscsi",
@@ -160,6 +177,23 @@ iscsi_disks() {
     echo "$(cat /sys/class/iscsi_session/$s/targetname) $lun ${b##*/} $sg"
   done
 }
+# No udevd runs here: give every SCSI disk the udev database entry libudev reads to call
+# a device initialized (multipath lists only initialized ones), with the properties
+# udev's rules would give it from the NAA (the kernel shows it as wwid): ID_SERIAL, the
+# WWID multipath takes, and SCSI_IDENT_LUN_NAA_REGEXT (multipath skips a disk with
+# neither SCSI_IDENT_* nor ID_WWN as one udev could not identify).
+udev_db_disks() {
+  mkdir -p /run/udev/data
+  for b in /sys/block/sd*; do
+    [ -e "$b/dev" ] || continue
+    _f=/run/udev/data/b$(cat $b/dev)
+    echo "I:1" > $_f
+    _w=$(cat $b/device/wwid 2>/dev/null)
+    case "$_w" in naa.*)
+      printf 'E:ID_SERIAL=3%s\nE:SCSI_IDENT_LUN_NAA_REGEXT=%s\n' ${_w#naa.} ${_w#naa.} >> $_f ;;
+    esac
+  done
+}
 # Wait until N iSCSI disks are there (at most ~30 s).
 wait_disks() {
   _i=0
@@ -218,19 +252,21 @@ def _candidates(pkgs: list[str]) -> dict[str, str | None]:
     return found
 
 
-def _kernel_package() -> str:
-    out = _run("apt-cache", "depends", KERNEL_META)
+def _kernel_package(meta: str) -> str:
+    out = _run("apt-cache", "depends", meta)
     m = re.search(r"Depends:\s*(linux-image-\S+)", out)
     if not m:
-        raise RuntimeError(f"cannot resolve {KERNEL_META}: {out}")
+        raise RuntimeError(f"cannot resolve {meta}: {out}")
     return m.group(1)
 
 
-def _resolve() -> dict[str, str]:
+def _resolve(multipath: bool = False) -> dict[str, str]:
     """Package name -> candidate version for everything the guest is made of."""
+    meta = MULTIPATH_KERNEL_META if multipath else KERNEL_META
+    extra = MULTIPATH_PACKAGES if multipath else []
     for attempt in range(2):
         try:
-            pkgs = [_kernel_package(), *PACKAGES]
+            pkgs = [_kernel_package(meta), *PACKAGES, *extra]
             versions = _candidates(pkgs)
             if all(versions.values()):
                 return versions  # type: ignore[return-value]
@@ -300,7 +336,7 @@ def _modinfo_depends(ko: Path) -> list[str]:
     return []
 
 
-def _module_order(moddir: Path) -> list[Path]:
+def _module_order(moddir: Path, modules: list[str]) -> list[Path]:
     """The .ko files for MODULES and their dependencies, dependencies first."""
     index: dict[str, Path] = {}
     for ko in moddir.rglob("*.ko"):
@@ -324,7 +360,7 @@ def _module_order(moddir: Path) -> list[Path]:
             visit(dep)
         order.append(ko)
 
-    for m in MODULES:
+    for m in modules:
         key = m.replace("-", "_")
         if key in index or key in builtin:
             visit(m)
@@ -397,9 +433,11 @@ def _libraries(binaries: list[Path], libdirs: list[Path]) -> set[Path]:
     return libs
 
 
-def build(verbose: bool = False) -> Path:
-    """Build (or find in the cache) the guest; return its folder (vmlinuz, initrd.cpio)."""
-    versions = _resolve()
+def build(verbose: bool = False, multipath: bool = False) -> Path:
+    """Build (or find in the cache) the guest; return its folder (vmlinuz, initrd.cpio).
+    MULTIPATH: the multipath guest (see the module docstring)."""
+    versions = _resolve(multipath)
+    flavour = "multipath" if multipath else "plain"
     key_src = json.dumps(
         {"v": versions, "src": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()},
         sort_keys=True,
@@ -425,11 +463,13 @@ def build(verbose: bool = False) -> Path:
             cpio.dir(d)
         cpio.chardev("dev/console", 5, 1)
         cpio.chardev("dev/null", 1, 3)
-        binaries = [root / b for b in BINARIES]
-        for pattern in BINARY_GLOBS:
+        binaries = [root / b for b in BINARIES + (MULTIPATH_BINARIES if multipath else [])]
+        for pattern in BINARY_GLOBS + ([MULTIPATH_PLUGINS] if multipath else []):
             binaries += sorted(root.glob(pattern))
-        libdirs = [root / "lib/x86_64-linux-gnu", root / "usr/lib/x86_64-linux-gnu"]
+        libdirs = [root / "lib/x86_64-linux-gnu", root / "usr/lib/x86_64-linux-gnu", root / "lib"]
         libs = _libraries(binaries, libdirs)
+        if multipath:
+            libs |= {Path(lib) for lib in MULTIPATH_HOST_LIBS}
         for b in binaries:
             cpio.file(str(b.relative_to(root)), b.read_bytes(), 0o755)
         for link, target in LINKS.items():
@@ -444,7 +484,7 @@ def build(verbose: bool = False) -> Path:
             cpio.symlink(applet, "/bin/busybox")
         for d in libdirs:
             cpio.dir(str(d.relative_to(root)))
-        order = _module_order(moddir)
+        order = _module_order(moddir, (MULTIPATH_MODULES if multipath else []) + MODULES)
         for ko in order:
             cpio.file(f"lib/modules/{ko.stem}.ko", ko.read_bytes())
         cpio.file("etc/modules.load", "".join(f"{ko.stem}\n" for ko in order).encode())
@@ -457,6 +497,7 @@ def build(verbose: bool = False) -> Path:
         (staged / "initrd.cpio").write_bytes(cpio.finish())
         shutil.copy(root / "boot" / f"vmlinuz-{kver}", staged / "vmlinuz")
         manifest = {
+            "flavour": flavour,
             "packages": versions,
             "kernel": kver,
             "modules": [ko.stem for ko in order],
@@ -467,12 +508,20 @@ def build(verbose: bool = False) -> Path:
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)
-    for old in cache_root().iterdir():  # older builds
-        if old != out and (old / "manifest.json").exists():
+    for old in cache_root().iterdir():  # older builds of this flavour
+        if old != out and _flavour(old) == flavour:
             shutil.rmtree(old, ignore_errors=True)
     if verbose:
         print(f"built {out} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return out
+
+
+def _flavour(build_dir: Path) -> str | None:
+    try:
+        manifest = json.loads((build_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(manifest.get("flavour", "plain"))
 
 
 def script_cpio(script: str, files: dict[str, bytes] | None = None) -> bytes:
@@ -484,14 +533,21 @@ def script_cpio(script: str, files: dict[str, bytes] | None = None) -> bytes:
     return cpio.finish()
 
 
+def guest_portal(k: int) -> str:
+    """The guest's address of the k-th target port given to :func:`qemu_command`."""
+    return GUEST_PORTAL if k == 0 else f"10.0.2.{100 + k}:3260"
+
+
 def qemu_command(
     guest_dir: Path,
     initrd: Path,
     *,
-    port: int | None = None,
+    port: int | list[int] | None = None,
     extra: list[str] | None = None,
     memory: str = "512M",
 ) -> list[str]:
+    """The qemu command line; PORT: the target's port on 127.0.0.1, reached by the guest
+    at GUEST_PORTAL, or a list of ports reached at guest_portal(k) for the k-th."""
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", memory, "-smp", "1",
         "-nodefaults", "-nographic", "-serial", "stdio", "-no-reboot",
@@ -499,13 +555,16 @@ def qemu_command(
         "-append", "console=ttyS0 panic=-1 loglevel=1 rdinit=/init",
     ]
     if port is not None:
-        relay = f"{sys.executable} {RELAY} 127.0.0.1 {port}"
-        if os.environ.get("ISCSI_VMTARGET_RELAY_TRACE"):
-            relay += " " + os.environ["ISCSI_VMTARGET_RELAY_TRACE"]
-        if "," in relay:
-            raise RuntimeError(f"relay command may not contain commas: {relay}")
+        forwards = []
+        for k, p in enumerate([port] if isinstance(port, int) else port):
+            relay = f"{sys.executable} {RELAY} 127.0.0.1 {p}"
+            if os.environ.get("ISCSI_VMTARGET_RELAY_TRACE"):
+                relay += " " + os.environ["ISCSI_VMTARGET_RELAY_TRACE"]
+            if "," in relay:
+                raise RuntimeError(f"relay command may not contain commas: {relay}")
+            forwards.append(f"guestfwd=tcp:{guest_portal(k)}-cmd:{relay}")
         cmd += [
-            "-netdev", f"user,id=n0,restrict=on,guestfwd=tcp:{GUEST_PORTAL}-cmd:{relay}",
+            "-netdev", f"user,id=n0,restrict=on,{','.join(forwards)}",
             "-device", "virtio-net-pci,netdev=n0,romfile=",
         ]
     return cmd + (extra or [])
@@ -546,11 +605,12 @@ def _run_qemu(cmd: list[str], timeout: float) -> tuple[str, int]:
 
 
 def _converse(
-    cmd: list[str], timeout: float, on_request: Callable[[str], str]
+    cmd: list[str], timeout: float, on_request: Callable[[str], str], live: Path | None = None
 ) -> tuple[str, int]:
     """Run qemu with the console on a pipe both ways: every ``@@@HOST WORDS`` line the
     guest prints is answered with ``on_request(WORDS)`` (an exception answers ``fail``
-    and its traceback is added to the console)."""
+    and its traceback is added to the console). LIVE: a file the console is copied to
+    as it comes (to see where a guest that never ends is)."""
     proc = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -559,22 +619,27 @@ def _converse(
     console: list[str] = []
 
     def pump() -> None:
-        for raw in stdout:
-            line = raw.decode(errors="replace")
-            console.append(line)
-            words = line.rstrip("\r\n")
-            if not words.startswith(HOST):
-                continue
-            try:
-                answer = on_request(words[len(HOST):].strip())
-            except Exception as e:  # the guest must hear about it, or it waits forever
-                console.append(f"[host: {words[len(HOST):]!r} failed]\n{traceback.format_exc()}")
-                answer = f"fail {type(e).__name__}"
-            try:
-                stdin.write(answer.replace("\n", " ").encode() + b"\n")
-                stdin.flush()
-            except BrokenPipeError:
-                return
+        with open(live or os.devnull, "w", buffering=1) as copy:
+            for raw in stdout:
+                line = raw.decode(errors="replace")
+                console.append(line)
+                copy.write(line)
+                words = line.rstrip("\r\n")
+                if words.startswith(HOST) and not answer(words[len(HOST):].strip()):
+                    return
+
+    def answer(words: str) -> bool:
+        try:
+            reply = on_request(words)
+        except Exception as e:  # the guest must hear about it, or it waits forever
+            console.append(f"[host: {words!r} failed]\n{traceback.format_exc()}")
+            reply = f"fail {type(e).__name__}"
+        try:
+            stdin.write(reply.replace("\n", " ").encode() + b"\n")
+            stdin.flush()
+        except BrokenPipeError:
+            return False
+        return True
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -585,6 +650,10 @@ def _converse(
         proc.wait()
         rc = -9
         console.append(f"\n[qemu killed after {timeout} s]\n")
+    except BaseException:  # pytest-timeout, ^C: no guest left running behind
+        proc.kill()
+        proc.wait()
+        raise
     reader.join(timeout=30)
     stdin.close()
     return "".join(console), rc
@@ -593,7 +662,7 @@ def _converse(
 def boot(
     script: str,
     *,
-    port: int | None = None,
+    port: int | list[int] | None = None,
     extra: list[str] | None = None,
     timeout: float = 240,
     files: dict[str, bytes] | None = None,
@@ -613,7 +682,8 @@ def boot(
         if on_request is None:
             console, rc = _run_qemu(cmd, timeout)
         else:
-            console, rc = _converse(cmd, timeout, on_request)
+            live = Path(workdir) / "console.log" if workdir is not None else None
+            console, rc = _converse(cmd, timeout, on_request, live)
         seconds = time.monotonic() - t0
     if workdir is not None:
         (Path(workdir) / "console.log").write_text(console)
@@ -625,18 +695,26 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build", help="build the guest (or find it cached) and print its folder")
+    build_cmd = sub.add_parser("build", help="build (or find cached) the guest; print its folder")
     run = sub.add_parser("run", help="boot the guest with a script; print the console")
+    for p in (build_cmd, run):
+        p.add_argument("--multipath", action="store_true", help="the multipath guest")
     run.add_argument("script", help="shell script run in the guest (- for stdin)")
-    run.add_argument("--port", type=int, help="target port on 127.0.0.1 (guest: 10.0.2.100:3260)")
+    run.add_argument(
+        "--port", type=int, action="append",
+        help="target port on 127.0.0.1 (guest: 10.0.2.100:3260; a second: 10.0.2.101:3260 ...)",
+    )
     run.add_argument("--timeout", type=float, default=300)
     run.add_argument("qemu_args", nargs="*", help="more qemu arguments (after --)")
     args = ap.parse_args(argv)
     if args.cmd == "build":
-        print(build(verbose=True))
+        print(build(verbose=True, multipath=args.multipath))
         return 0
     text = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
-    res = boot(text, port=args.port, extra=args.qemu_args, timeout=args.timeout)
+    res = boot(
+        text, port=args.port, extra=args.qemu_args, timeout=args.timeout,
+        guest_dir=build(multipath=args.multipath),
+    )
     sys.stdout.write(res.console)
     print(f"[guest: qemu rc {res.returncode}, {res.seconds:.1f} s]", file=sys.stderr)
     return 0 if res.returncode == 0 else 1

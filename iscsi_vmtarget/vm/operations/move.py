@@ -57,6 +57,7 @@ from ..layers.dirty import DirtyGrains, copy_dirty
 from ..layers.flat import FlatView, ServedRaw, reopen_raw
 from ..manager import RECOVERY, VmManager
 from ..units.device_pool import DevicePool
+from ..units.rbd_pool import RbdPool
 from ..units.scan import FoundUnit, FoundVm
 from ..units.unit import Unit
 from ..units.unit_pools import DirectoryPool, Pool, UnitRef
@@ -182,11 +183,44 @@ class _DeviceStaging:
                 self.pool.discard(UnitRef(self.pool.name, u["temp"]))
 
 
+class _RbdStaging:
+    """Copies are hidden temporary images (``.<uuid>.unit.tmp``), renamed into place
+    (RBD renames atomically)."""
+
+    def __init__(self, pool: RbdPool) -> None:
+        self.pool = pool
+
+    def stage(self, found: FoundUnit) -> tuple[dict[str, str], BlockBackend]:
+        ref, backend = self.pool.allocate(found.header.unit_uuid, found.header.unit_size)
+        return {"key": f"{found.header.unit_uuid}.unit", "temp": ref.key}, backend
+
+    def sync(self) -> None:
+        pass  # every write is on the OSDs when it completes (the copies were flushed)
+
+    def publish(self, units: list[dict[str, str]]) -> None:
+        for u in units:
+            if not self.pool.exists(u["key"]):
+                self.pool.publish(u["temp"])
+
+    def complete(self, units: list[dict[str, str]]) -> bool:
+        """Every copy is whole once the intent names it: renamed or not yet."""
+        exists = self.pool.exists
+        return all(exists(u["key"]) or exists(u["temp"]) for u in units)
+
+    def undo(self, units: list[dict[str, str]]) -> None:
+        for u in units:
+            for key in (u["key"], u["temp"]):
+                if self.pool.exists(key):
+                    self.pool.delete(UnitRef(self.pool.name, key))
+
+
 def _staging(pool: Pool) -> _Staging:
     if isinstance(pool, DirectoryPool):
         return _DirectoryStaging(pool)
     if isinstance(pool, DevicePool):
         return _DeviceStaging(pool)
+    if isinstance(pool, RbdPool):
+        return _RbdStaging(pool)
     raise VmError(f"vm move: pool {pool.name!r} ({pool.kind}) cannot be a destination")
 
 

@@ -108,6 +108,20 @@ class RbdPool:
             raise VmError(f"pool {self.name}: {exc}") from exc
         return final
 
+    def exists(self, key: str) -> bool:
+        """Whether image ``key`` (a unit or a temporary) is in the pool."""
+        return key in self._names()
+
+    def publish(self, temp_key: str) -> str:
+        """Give the temporary ``temp_key`` (from :meth:`allocate`, fully written and
+        flushed, maybe closed) its unit name; that name. For ``vm move``."""
+        final = temp_key[1:].removesuffix(_TEMP_SUFFIX)
+        try:
+            rename_image(self.where, temp_key, final)
+        except BackendError as exc:
+            raise VmError(f"pool {self.name}: {exc}") from exc
+        return final
+
     def abandon(self, ref: UnitRef, backend: BlockBackend) -> None:
         backend.close()
         if ref.key in self._names():

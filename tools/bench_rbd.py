@@ -1,0 +1,286 @@
+"""``tools/bench --rbd``: one gateway on a local Ceph cluster against direct librbd.
+
+Starts a cluster of its own (tools/ceph-cluster: one monitor, one bluestore OSD, in
+/dev/shm where bluestore can run there) unless ``--ceph-conf`` names one, makes one
+image and fills it, then measures on the same image at the same queue depth (16):
+
+- direct librbd from Python: ``Image.aio_read`` / ``aio_write`` with 16 requests in
+  flight, time-bound;
+- through one gateway (``serve`` with the image as LUN 0): libiscsi's iscsi-perf for
+  reads, ``qemu-img bench`` for writes (as tools/bench does for file LUNs).
+
+Rows: 64 KiB sequential read and write, 4 KiB random read; the ratio gateway/librbd
+against the issue's goals (0.8, 0.8, 0.5). Then the failover time, median of
+``--failovers`` (5): two gateways, an initiator logged in to the standby, SIGKILL to
+the owner, and the time until a WRITE through the standby completes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from iscsi_vmtarget.client.initiator import Initiator  # noqa: E402
+from iscsi_vmtarget.storage.rbd import RbdImageSpec, open_image  # noqa: E402
+from iscsi_vmtarget.testing.ceph import CephCluster, fast_directory, gateway_config  # noqa: E402
+
+IQN = "iqn.2026-11.org.iscsi-vmtarget:bench-rbd"
+CLIENT_IQN = "iqn.2026-11.org.iscsi-vmtarget:bench-client"
+QD = 16
+GOALS = {"read 64K seq QD16": 0.8, "write 64K seq QD16": 0.8, "read 4K rand QD16": 0.5}
+ROWS = [  # name, request size, random, write
+    ("read 64K seq QD16", 65536, False, False),
+    ("write 64K seq QD16", 65536, False, True),
+    ("read 4K rand QD16", 4096, True, False),
+]
+PERF_RE = re.compile(r"iops average (\d+) \((\d+) MB/s\)")
+QEMU_RE = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+class BenchError(Exception):
+    pass
+
+
+# -- direct librbd --------------------------------------------------------------------
+
+
+def librbd_run(spec: RbdImageSpec, size: int, req: int, rand: bool, write: bool,
+               seconds: float) -> float:
+    """Requests per second with QD requests of REQ bytes in flight for SECONDS."""
+    backend = open_image(spec, None, read_only=not write)
+    image = backend.handle()
+    slots = threading.Semaphore(QD)
+    errors: list[int] = []
+    done = 0
+    lock = threading.Lock()
+    data = os.urandom(req)
+    blocks = size // req
+    rng = random.Random(1)
+
+    def complete(comp: object, *_: object) -> None:
+        nonlocal done
+        rv = comp.get_return_value()  # type: ignore[attr-defined]
+        with lock:
+            done += 1
+            if rv < 0:
+                errors.append(rv)
+        slots.release()
+
+    n = 0
+    start = time.perf_counter()
+    end = start + seconds
+    try:
+        while time.perf_counter() < end:
+            slots.acquire()
+            offset = (rng.randrange(blocks) if rand else n % blocks) * req
+            n += 1
+            if write:
+                image.aio_write(data, offset, complete)
+            else:
+                image.aio_read(offset, req, complete)
+        for _ in range(QD):
+            slots.acquire()
+        elapsed = time.perf_counter() - start
+    finally:
+        backend.close()
+    if errors:
+        raise BenchError(f"librbd: {len(errors)} requests failed ({errors[0]})")
+    return done / elapsed
+
+
+# -- gateways ---------------------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[str]
+    port: int
+    log: Path
+
+    def url(self) -> str:
+        return f"iscsi://127.0.0.1:{self.port}/{IQN}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()  # a clean stop hands the image's lock over at once
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_gateway(work: Path, tpgt: int, spec: RbdImageSpec, conf: str, port: int = 0) -> Gateway:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "target.toml").write_text(gateway_config(IQN, tpgt, spec, conf))
+    log = work / "target.log"
+    cmd = [sys.executable, "-m", "iscsi_vmtarget", "serve", "--portal", f"127.0.0.1:{port}",
+           "--config", str(work / "target.toml"), "--state-dir", str(work / "state")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "w"),
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    bound = port
+    for line in proc.stdout:
+        if line.startswith("listening on "):
+            bound = int(line.split()[-1].rpartition(":")[2])
+        elif line.startswith("ready"):
+            return Gateway(proc, bound, log)
+    raise BenchError(f"gateway did not start:\n{log.read_text()[-2000:]}")
+
+
+def gateway_run(gw: Gateway, size: int, req: int, rand: bool, write: bool,
+                seconds: float) -> float:
+    """Requests per second through the gateway: iscsi-perf reads (time-bound),
+    qemu-img bench writes (count-bound, the count taken from a short first run)."""
+    if not write:
+        cmd = ["iscsi-perf", "-i", CLIENT_IQN, "-t", str(int(seconds)), "-m", str(QD),
+               "-b", str(req // 512)] + (["-r"] if rand else []) + [gw.url()]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        m = PERF_RE.findall(out.stdout + out.stderr)
+        if out.returncode or not m:
+            raise BenchError(f"iscsi-perf: {out.stdout[-500:]}{out.stderr[-500:]}")
+        return float(m[-1][0])
+    opts = (f"driver=iscsi,transport=tcp,portal=127.0.0.1:{gw.port},target={IQN},lun=0,"
+            f"initiator-name={CLIENT_IQN}")
+    count = max(QD * 4, int(seconds * 200))
+    for _ in range(2):
+        cmd = ["qemu-img", "bench", "-w", "-t", "none", "-c", str(count), "-d", str(QD),
+               "-s", str(req), "--image-opts", opts]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        m = QEMU_RE.search(out.stdout)
+        if out.returncode or not m:
+            raise BenchError(f"qemu-img bench: {out.stdout[-500:]}{out.stderr[-500:]}")
+        rate = count / max(float(m.group(1)), 1e-6)
+        if float(m.group(1)) >= seconds * 0.5:
+            return rate
+        count = max(QD * 4, int(rate * seconds))
+    return rate
+
+
+# -- failover ---------------------------------------------------------------------------
+
+
+def failover_times(work: Path, spec: RbdImageSpec, conf: str, rounds: int) -> list[float]:
+    """Seconds from SIGKILL of the owner to the first WRITE completed through the other
+    gateway, ROUNDS times (the killed one restarted each time as the new standby)."""
+    owner = start_gateway(work / "g1-0", 1, spec, conf)
+    standby = start_gateway(work / "g2-0", 2, spec, conf)
+    times = []
+    block = b"f" * 512
+    try:
+        for n in range(rounds):
+            ini = Initiator(port=standby.port, initiator_name=CLIENT_IQN, target_name=IQN)
+            ini.login()
+            cdb = struct.pack(">BBIBHB", 0x2A, 0x08, n, 0, 1, 0)
+            t0 = time.monotonic()
+            owner.proc.kill()
+            owner.proc.wait()
+            while True:
+                r = ini.command(cdb, data_out=block)
+                if r.status == 0:
+                    break
+                if time.monotonic() - t0 > 120:
+                    raise BenchError(f"no takeover in 120 s:\n{standby.log.read_text()[-2000:]}")
+                time.sleep(0.05)
+            times.append(time.monotonic() - t0)
+            ini.close()
+            tpgt = 1 if n % 2 else 2  # the killed gateway's group comes back standby
+            owner, standby = standby, start_gateway(work / f"g{3 - tpgt}-{n + 1}",
+                                                    3 - tpgt, spec, conf)
+    finally:
+        owner.stop()
+        standby.stop()
+    return times
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def fill(spec: RbdImageSpec, size: int) -> None:
+    backend = open_image(spec, None)
+    chunk = os.urandom(4 << 20)
+    try:
+        for offset in range(0, size, len(chunk)):
+            backend.write(offset, chunk[: min(len(chunk), size - offset)])
+    finally:
+        backend.close()
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="tools/bench --rbd", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rbd", action="store_true")
+    ap.add_argument("--ceph-conf", help="an existing cluster's ceph.conf (pool 'rbd')")
+    ap.add_argument("--size", default="256M", help="image size (default 256M)")
+    ap.add_argument("--seconds", type=float, default=5, help="per run (default 5)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per row (default 3)")
+    ap.add_argument("--failovers", type=int, default=5, help="failover rounds (default 5)")
+    ap.add_argument("--json", metavar="OUT")
+    args = ap.parse_args(argv)
+    size = int(args.size[:-1]) << {"K": 10, "M": 20, "G": 30}[args.size[-1].upper()] \
+        if args.size[-1].isalpha() else int(args.size)
+    work = Path(tempfile.mkdtemp(prefix="iscsi-vmtarget-bench-rbd-"))
+    cluster: CephCluster | None = None
+    shm = None
+    gw: Gateway | None = None
+    try:
+        if args.ceph_conf:
+            conf = args.ceph_conf
+        else:
+            shm = fast_directory()
+            cluster = CephCluster(shm or work / "ceph").start()
+            conf = cluster.conf
+        cluster_view = CephCluster(Path(conf).parent)
+        spec = cluster_view.image(size, prefix="bench")
+        fill(spec, size)
+        rows = []
+        for name, req, rand, write in ROWS:
+            direct, through = [], []
+            for _ in range(args.reps):  # alternate, so machine noise lands on both
+                direct.append(librbd_run(spec, size, req, rand, write, args.seconds))
+                # the gateway holds the image's exclusive lock while it runs (managed:
+                # a direct writer would be refused), so it runs only for its own turn
+                gw = start_gateway(work / "gw", 1, spec, conf)
+                through.append(gateway_run(gw, size, req, rand, write, args.seconds))
+                gw.stop()
+                gw = None
+            d, g = statistics.median(direct), statistics.median(through)
+            rows.append({"row": name, "librbd": d, "gateway": g, "ratio": g / d,
+                         "goal": GOALS[name], "unit": "IOPS" if req <= 4096 else "MB/s",
+                         "mb_s": [d * req / 1e6, g * req / 1e6]})
+        times = failover_times(work, spec, conf, args.failovers) if args.failovers else []
+        print(f"{'row':22} {'librbd':>12} {'gateway':>12} {'ratio':>6} goal")
+        for r in rows:
+            if r["unit"] == "IOPS":
+                a, b = f"{r['librbd']:.0f} IOPS", f"{r['gateway']:.0f} IOPS"
+            else:
+                a, b = f"{r['mb_s'][0]:.0f} MB/s", f"{r['mb_s'][1]:.0f} MB/s"
+            ok = "ok" if r["ratio"] >= r["goal"] else "MISSED"
+            print(f"{r['row']:22} {a:>12} {b:>12} {r['ratio']:6.2f} >={r['goal']} {ok}")
+        if times:
+            print(f"failover (kill to first write through the other gateway): median "
+                  f"{statistics.median(times):.1f} s of {[round(t, 1) for t in times]}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rows": rows, "failover": times}, indent=1))
+        return 0
+    finally:
+        if gw is not None:
+            gw.stop()
+        if cluster is not None:
+            cluster.stop()
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
