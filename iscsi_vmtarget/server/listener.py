@@ -9,6 +9,7 @@ ping timer, and closes sockets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -212,7 +213,9 @@ class ConnectionHandler(asyncio.Protocol):
             )
             if self.scsi is not None:
                 self.scsi.nexus_added(self.nexus)
-                pr_abort.attach(registry, self.scsi, asyncio.get_running_loop())
+                with contextlib.suppress(RuntimeError):  # no loop: driven by hand
+                    # (tools/small-io-profile), no other gateway to abort tasks for
+                    pr_abort.attach(registry, self.scsi, asyncio.get_running_loop())
         self.server.metrics.session_started(
             SessionInfo(self.tsih, params.initiator_name, isid, self.target_name, self.peer)
         )

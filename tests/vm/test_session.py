@@ -9,6 +9,7 @@ from iscsi_vmtarget.vm import NotFoundError, VmManager
 from iscsi_vmtarget.vm.manager import RECOVERY
 from iscsi_vmtarget.vm.operations.clone import finish_clones
 from iscsi_vmtarget.vm.operations.move import finish_moves
+from iscsi_vmtarget.vm.operations.promote import finish_promotes
 from iscsi_vmtarget.vm.units import locks
 
 MIB = 1 << 20
@@ -21,8 +22,10 @@ def _held(manager: VmManager, pool: str) -> bool:
 
 def test_every_operation_registers_its_recovery_once() -> None:
     """Interrupted moves are finished before failed clones are rolled back; a repairing
-    discovery finishes snapshot changes; a deletion forgets replication records."""
-    assert [run for _rank, run in RECOVERY.all_locked] == [finish_moves, finish_clones]
+    discovery finishes snapshot changes; a deletion forgets replication records; a
+    promote cut short loses its temporary VM."""
+    expected = [finish_moves, finish_clones, finish_promotes]
+    assert [run for _rank, run in RECOVERY.all_locked] == expected
     assert len(RECOVERY.vm_found) == 1 and len(RECOVERY.deleted) == 1
 
 
