@@ -142,8 +142,10 @@ class Gate:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        #: held by :meth:`admit`/:meth:`release` callers (a view counts its handle
+        #: under the same lock)
+        self.lock = threading.Lock()
+        self._cond = threading.Condition(self.lock)
         self._active = 0
         self._closed = False
         self._shut = False
@@ -151,6 +153,21 @@ class Gate:
 
     def io(self) -> _GateIo:
         return self._io
+
+    def admit(self, what: str = "the backend") -> None:
+        """Count one I/O in, once no :meth:`exclusive` holds the gate; BackendError
+        once :meth:`shut`. Call with :attr:`lock` held."""
+        while self._closed:
+            self._cond.wait()
+        if self._shut:
+            raise BackendError(f"{what} is closed")
+        self._active += 1
+
+    def release(self) -> None:
+        """Count one I/O out (call with :attr:`lock` held)."""
+        self._active -= 1
+        if not self._active and self._closed:  # only an exclusive() waits for zero
+            self._cond.notify_all()
 
     def shut(self) -> None:
         """Refuse I/O from now on and wait for the I/O running (a backend closing: no
@@ -188,19 +205,13 @@ class _GateIo:
 
     def __enter__(self) -> None:
         gate = self._gate
-        with gate._lock:
-            while gate._closed:
-                gate._cond.wait()
-            if gate._shut:
-                raise BackendError("the backend is closed")
-            gate._active += 1
+        with gate.lock:
+            gate.admit()
 
     def __exit__(self, *exc: object) -> None:
         gate = self._gate
-        with gate._lock:
-            gate._active -= 1
-            if not gate._active and gate._closed:  # only an exclusive() waits for zero
-                gate._cond.notify_all()
+        with gate.lock:
+            gate.release()
 
 
 class GuestView:
@@ -236,7 +247,7 @@ class GuestView:
         self._map: _Map = (header.disk_size, guest_segments(header), _Handle(raw))
         # counts every I/O (over every handle); only quiesce() of an aligned view closes it
         self._gate = Gate()
-        self._lock = self._gate._lock
+        self._lock = self._gate.lock
         self._movable = header.mode is Mode.ALIGNED
 
     # -- BlockBackend ------------------------------------------------------------------
@@ -256,24 +267,18 @@ class GuestView:
     def _enter(self) -> _Map:
         """The mapping an I/O uses, counted on its handle until :meth:`_leave`."""
         gate = self._gate
-        with gate._lock:
-            while gate._closed:
-                gate._cond.wait()
-            if gate._shut:
-                raise BackendError(f"the view of unit {self.unit_uuid} is closed")
+        with gate.lock:
+            gate.admit(f"the view of unit {self.unit_uuid}")
             mapping = self._map
             mapping[2].users += 1
-            gate._active += 1
             return mapping
 
     def _leave(self, mapping: _Map) -> None:
         handle = mapping[2]
         gate = self._gate
-        with gate._lock:
+        with gate.lock:
             handle.users -= 1
-            gate._active -= 1
-            if not gate._active and gate._closed:  # only a quiesce() waits for zero
-                gate._cond.notify_all()
+            gate.release()
             last = handle.retired and not handle.users
         if last:
             handle.raw.close()
