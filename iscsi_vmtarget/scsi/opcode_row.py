@@ -68,6 +68,7 @@ class OpcodeRow:
     may_block: BlockPredicate  # may the command fsync or run long? then it runs in a thread
     pr_policy: PrPolicy
     writes_medium: bool = False  # refused with DATA PROTECT on a write-protected LU
+    reads_medium: bool = False  # reads the backend (a remote one's reads run in a thread)
     needs_lu: bool = True  # False: answered on a LUN without a logical unit too
     ua_exempt: bool = False  # SAM-5 §5.14: INQUIRY, REPORT LUNS, REQUEST SENSE
     pr_relaxed: BlockPredicate | None = None

@@ -30,8 +30,6 @@ from .task import (
 
 _log = logging.getLogger(__name__)
 _EMPTY = memoryview(b"")
-#: READ(6/10/12/16) and VERIFY(10/16): the commands that read the medium
-_MEDIUM_READS = frozenset({0x08, 0x28, 0xA8, 0x88, 0x2F, 0x8F})
 
 
 class ScsiTarget:
@@ -75,7 +73,7 @@ class ScsiTarget:
         if (
             own is not None
             and own.abilities.remote
-            and (row.writes_medium or row.opcode in _MEDIUM_READS)
+            and (row.writes_medium or row.reads_medium)
         ):
             return True
         if row.may_block(bytes(cdb)):
