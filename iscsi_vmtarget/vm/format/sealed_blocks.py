@@ -31,6 +31,15 @@ recorded (the stream descriptor of :mod:`iscsi_vmtarget.server.hypervisor_view`)
 :func:`read_image` returns those bytes, so snapshots, clones and ``vm state read`` see
 exactly what was pushed.
 
+Slots replaced by a rewrite are recycled through flushes that run in the background
+(:meth:`BlockCodec._flush_ahead`) while sealing goes on; a slot is reused only after a
+flush that began once its replacement was written has completed.
+
+A power cut (not a kill -9: the page cache keeps a dead process's writes in order) in
+the very first write of a chunk that never had a copy may leave its table entry on disk
+without its data: that chunk then fails authentication rather than reading as zeros.
+Every chunk with a durable copy keeps it until a newer one is durable.
+
 A replay of a whole older slot (both ciphertext and entry) by someone who can write the
 pool is not detected (the sequence is per chunk, not in the header).
 """
@@ -39,8 +48,10 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -129,6 +140,8 @@ class BlockCodec:
         self._cipher = RegionCipher(data_key, unit_uuid, kind | BLOCK_FORMAT, random)
         self._scratch: memoryview | None = None  # chunks being sealed (_BATCH + a tag)
         self._sealed: memoryview | None = None  # one chunk being opened, with its tag
+        # a flush running in the background: the map and the retired slots it frees
+        self._ahead: tuple[Future[None], BlockMap, list[int]] | None = None
 
     def _data(self, region: Region, physical: int) -> int:
         return region.offset + sealed.table_bytes(region.length) + physical * CHUNK
@@ -219,6 +232,7 @@ class BlockCodec:
                 at = k - batch
                 pending.append(self._seal(bmap, logical, piece, current, at, nonces[at]))
             self._store(bmap, pending)
+            self._flush_ahead(bmap)
 
     def _seal(
         self,
@@ -283,6 +297,8 @@ class BlockCodec:
 
     def _take_free(self, bmap: BlockMap) -> int:
         if not bmap.free:
+            self._collect(bmap, wait=True)
+        if not bmap.free:
             self.flush(bmap)
         if not bmap.free:
             raise IntegrityError(f"{self.what}: no free chunk slot (table damaged)")
@@ -291,18 +307,67 @@ class BlockCodec:
     def flush(self, bmap: BlockMap) -> None:
         """Make the written slots durable, then let the slots they replace be reused
         (never overwrite the only durable copy of a chunk)."""
+        self._collect(bmap, wait=True)
         if bmap.dirty:
             self.backend.flush()
             bmap.dirty = False
-        retired = sorted(bmap.retired)  # one copy per chunk from now on: a tampered one fails
+        retired, bmap.retired = bmap.retired, []
+        self._release(bmap, retired)
+
+    def _flush_ahead(self, bmap: BlockMap) -> None:
+        """Once half the reusable slots wait for a flush, start one in the background
+        for them (every chunk that replaces them is written by now), so a rewrite of a
+        whole region seals on while the disk syncs instead of stopping at each fsync."""
+        self._collect(bmap, wait=False)
+        if self._ahead is None and bmap.retired and len(bmap.retired) >= len(bmap.free):
+            waiting, bmap.retired = bmap.retired, []
+            done: Future[None] = Future()
+            self._ahead = (done, bmap, waiting)
+            threading.Thread(
+                target=_settle, args=(done, self.backend.flush), name="region-flush", daemon=True
+            ).start()
+
+    def _collect(self, bmap: BlockMap, wait: bool) -> None:
+        """Free the slots of a background flush that is over (or, ``wait``, once it
+        is). If it failed, they stay retired and the error is raised."""
+        if self._ahead is None or not (wait or self._ahead[0].done()):
+            return
+        (done, owner, waiting), self._ahead = self._ahead, None
+        try:
+            done.result()
+        except BaseException:
+            owner.retired.extend(waiting)
+            raise
+        if owner is bmap:  # a map read again since then sees them as older copies
+            self._release(bmap, waiting)
+
+    def settle(self) -> None:
+        """Wait for a background flush (before the backend closes); errors are the
+        next flush's to report, since they left its slots retired."""
+        if self._ahead is not None:
+            self._ahead[0].exception()
+
+    def _release(self, bmap: BlockMap, slots: list[int]) -> None:
+        """Clear the table entries of ``slots`` (older copies, now superseded by durable
+        ones) and make them free: one copy per chunk from then on, so a tampered one
+        fails."""
+        retired = sorted(slots)
         start = 0
         for i in range(1, len(retired) + 1):
             if i == len(retired) or retired[i] != retired[i - 1] + 1:
                 at = bmap.region.offset + retired[start] * ENTRY
                 self.backend.write(at, bytes((i - start) * ENTRY))
                 start = i
-        bmap.free.extend(reversed(bmap.retired))
-        bmap.retired.clear()
+        bmap.free.extend(reversed(slots))
+
+
+def _settle(done: Future[None], work: Callable[[], None]) -> None:
+    try:
+        work()
+    except BaseException as exc:  # handed to whoever collects it
+        done.set_exception(exc)
+    else:
+        done.set_result(None)
 
 
 def convert(backend: BlockBackend, region: Region) -> Region:

@@ -227,6 +227,7 @@ class RegionBlockBackend:
 
     def close(self) -> None:
         with self._lock:
+            self._codec.settle()  # no fsync of a closed descriptor in the background
             if self._map is not None and self._map.dirty:
                 self._backend.flush()
             self._backend.close()
