@@ -147,8 +147,14 @@ class Abilities:
             written_ranges=backend.written_ranges if isinstance(backend, WrittenMap) else None,
             zero_range=backend.zero_range if isinstance(backend, Zeroing) else None,
             crypto_erase=backend.crypto_erase if isinstance(backend, CryptoErasable) else None,
-            remote=bool(getattr(backend, "remote_io", False)),
+            remote=is_remote(backend),
         )
+
+
+def is_remote(backend: object) -> bool:
+    """True if I/O on ``backend`` is a network round trip: its own ``remote_io`` (RBD),
+    which backends layered over others (views, chains, regions) pass on from theirs."""
+    return bool(getattr(backend, "remote_io", False))
 
 
 def check_range(size: int, offset: int, length: int) -> None:

@@ -37,6 +37,7 @@ from ...storage.backend import (
     BlockBackend,
     CapacityNotifier,
     check_range,
+    is_remote,
 )
 from ..format.header import (
     ALIGN,
@@ -266,6 +267,11 @@ class ChainBackend:
     @property
     def read_only(self) -> bool:
         return self._read_only or (not self.layers and self.root.read_only)
+
+    @property
+    def remote_io(self) -> bool:
+        """Some layer (or the root) is a network round trip away (an rbd pool)."""
+        return is_remote(self.root) or any(is_remote(layer.backend) for layer in self.layers)
 
     def _source(self, grain: int, start: int = 0) -> DeltaLayer | None:
         for layer in self.layers[start:]:

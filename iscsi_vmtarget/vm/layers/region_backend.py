@@ -29,7 +29,7 @@ import threading
 from dataclasses import replace
 from typing import Final
 
-from ...storage.backend import BackendError
+from ...storage.backend import BackendError, is_remote
 from ..format import sealed
 from ..format.crypto import Keyring, RandomSource
 from ..format.header import (
@@ -75,6 +75,7 @@ class RegionBlockBackend:
     ) -> None:
         self._pool, self._ref, self.kind = pool, ref, kind
         self._backend = pool.open(ref)
+        self.remote_io = is_remote(self._backend)
         self._lock = threading.Lock()
         self._header: UnitHeader | None = None
         self._slot, self._stamp = 0, b""

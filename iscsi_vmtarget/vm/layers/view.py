@@ -28,6 +28,7 @@ from ...storage.backend import (
     RangeFinder,
     Remeasurable,
     check_range,
+    is_remote,
 )
 from ..format.header import Mode, UnitHeader, UnitState
 
@@ -43,6 +44,7 @@ class SliceBackend:
     ) -> None:
         check_range(base.size, offset, length)
         self._base = base
+        self.remote_io = is_remote(base)
         self._ranges = base.allocated_ranges if isinstance(base, AllocationMap) else None
         self._owns_base = owns_base
         self.offset = offset
@@ -264,6 +266,11 @@ class GuestView:
     def _raw(self) -> BlockBackend:
         return self._map[2].raw
 
+    @property
+    def remote_io(self) -> bool:
+        """I/O is a network round trip (a unit on an rbd pool; a live move may change it)."""
+        return is_remote(self._map[2].raw)
+
     def _enter(self) -> _Map:
         """The mapping an I/O uses, counted on its handle until :meth:`_leave`."""
         gate = self._gate
@@ -479,6 +486,7 @@ class RawView:
     def __init__(self, raw: BlockBackend, *, writable: bool = False) -> None:
         self._raw = raw
         self._writable = writable
+        self.remote_io = is_remote(raw)
 
     @property
     def size(self) -> int:
