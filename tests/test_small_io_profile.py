@@ -11,12 +11,14 @@ TOOL = Path(__file__).resolve().parent.parent / "tools" / "small-io-profile"
 
 def test_small_runs_of_reads_and_writes_report_cpu_and_calls_per_command() -> None:
     r = subprocess.run(
-        [sys.executable, str(TOOL), "--commands", "64", "--reps", "1", "--mib", "1", "--qd", "1,8"],
+        [sys.executable, str(TOOL), "--commands", "64", "--reps", "1", "--mib", "2",
+         "--qd", "1,8", "--lun", "plain,chain"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert [line.split()[:2] for line in lines] == [
-        ["read", "QD1"], ["read", "QD8"], ["write", "QD1"], ["write", "QD8"],
+    assert [line.split()[:3] for line in lines] == [
+        [lun, op, qd] for lun in ("plain", "chain") for op in ("read", "write")
+        for qd in ("QD1", "QD8")
     ]  # fmt: skip
     assert all("CPU/command" in line and "Python calls/command" in line for line in lines)
