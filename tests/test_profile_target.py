@@ -1,0 +1,25 @@
+"""tools/profile-target samples the real target under iscsi-perf with py-spy and sums
+the samples by function: our data path must show up in what it prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "profile-target"
+
+
+def test_a_short_read_profile_names_the_data_path(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, str(TOOL), "--ops", "read", "--qd", "4", "--seconds", "2",
+         "--mib", "8", "--flame", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("read 4 KiB QD4, 2 s:")
+    assert "samples on CPU" in r.stdout
+    assert "ScsiTarget.execute (target_device.py)" in r.stdout  # our READ path was sampled
+    assert "uv_run" not in r.stdout.split("our functions by inclusive share:")[1]
+    stacks = (tmp_path / "read-qd4.txt").read_text().splitlines()
+    assert stacks and all(line.rsplit(" ", 1)[1].isdigit() for line in stacks)
