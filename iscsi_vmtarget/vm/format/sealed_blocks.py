@@ -35,10 +35,13 @@ Slots replaced by a rewrite are recycled through flushes that run in the backgro
 (:meth:`BlockCodec._flush_ahead`) while sealing goes on; a slot is reused only after a
 flush that began once its replacement was written has completed.
 
-A power cut (not a kill -9: the page cache keeps a dead process's writes in order) in
-the very first write of a chunk that never had a copy may leave its table entry on disk
-without its data: that chunk then fails authentication rather than reading as zeros.
-Every chunk with a durable copy keeps it until a newer one is durable.
+A power cut (unlike a kill -9, which leaves every write in the page cache) may keep
+any subset of the writes since the last flush: a slot's table entry without its data.
+A chunk with a durable copy keeps it until a newer one is durable, so it reads old or
+new. A chunk's *first* copy has nothing older, so its entry carries flag bit 2 until a
+flush has made it durable (then the entry is written again without it): a chunk whose
+every slot fails authentication and whose oldest slot still has the bit was never
+durable and reads as zeros, what it held before; without the bit it is a MEDIUM ERROR.
 
 A replay of a whole older slot (both ciphertext and entry) by someone who can write the
 pool is not detected (the sequence is per chunk, not in the header).
@@ -68,6 +71,7 @@ _ENTRY = struct.Struct("<12s16sQII20s")
 _BATCH: Final = 16  # chunks sealed per scratch buffer (1 MiB)
 _PRESENT: Final = 0x01
 _BLOCK: Final = 0x02
+_FIRST: Final = 0x04  # a chunk's first copy, not yet known durable (module doc)
 
 
 def slots_of(length: int) -> int:
@@ -91,6 +95,7 @@ class _Slot:
     nonce: bytes
     tag: bytes
     legacy_length: int = 0  # > 0: a chunk sealed by sealed.write_chunks (sequence 0)
+    first: bool = False  # the chunk's first copy, its entry written before a flush
 
 
 @dataclass
@@ -101,6 +106,8 @@ class BlockMap:
     chunks: dict[int, list[_Slot]] = field(default_factory=dict)
     free: list[int] = field(default_factory=list)
     retired: list[int] = field(default_factory=list)  # free after the next flush
+    #: first copies (logical chunk, slot) to confirm after the next flush
+    unconfirmed: list[tuple[int, _Slot]] = field(default_factory=list)
     dirty: bool = False
 
     @classmethod
@@ -111,7 +118,8 @@ class BlockMap:
         for p in range(count):
             nonce, tag, seq, logical, flags, _ = _ENTRY.unpack_from(table, p * ENTRY)
             if flags & _BLOCK and logical < count:
-                out.chunks.setdefault(logical, []).append(_Slot(p, seq, nonce, tag))
+                slot = _Slot(p, seq, nonce, tag, first=bool(flags & _FIRST))
+                out.chunks.setdefault(logical, []).append(slot)
             elif flags & _PRESENT and seq == region.generation and 0 < logical <= CHUNK:
                 out.chunks.setdefault(p, []).append(_Slot(p, 0, nonce, tag, logical))
             else:
@@ -141,7 +149,9 @@ class BlockCodec:
         self._scratch: memoryview | None = None  # chunks being sealed (_BATCH + a tag)
         self._sealed: memoryview | None = None  # one chunk being opened, with its tag
         # a flush running in the background: the map and the retired slots it frees
-        self._ahead: tuple[Future[None], BlockMap, list[int]] | None = None
+        self._ahead: (
+            tuple[Future[None], BlockMap, list[int], list[tuple[int, _Slot]]] | None
+        ) = None
 
     def _data(self, region: Region, physical: int) -> int:
         return region.offset + sealed.table_bytes(region.length) + physical * CHUNK
@@ -171,6 +181,8 @@ class BlockCodec:
                 ), slot
             except IntegrityError:
                 continue  # torn by a crash mid-write: an older slot holds the content
+        if slots[-1].first:  # never durable: the power went before its first flush
+            return bytes(CHUNK), None
         raise IntegrityError(
             f"{self.what}: chunk {logical} failed authentication in every slot "
             "(tampered or corrupted); refusing to return its bytes"
@@ -252,10 +264,17 @@ class BlockCodec:
         target = self._take_free(bmap)
         out = self._scratch_buffer()[at * CHUNK : (at + 1) * CHUNK + TAG_BYTES]
         nonce, tag = self._cipher.seal_into(logical, sequence, plain, out, nonce)
-        entry = _ENTRY.pack(nonce, tag, sequence, logical, _PRESENT | _BLOCK, b"")
+        # the first copy of a chunk has no older one to fall back on: a power cut may
+        # keep its entry and lose its data, so it is marked until a flush confirms it
+        first = current is None and all(slot.first for slot in slots)
+        flags = _PRESENT | _BLOCK | (_FIRST if first else 0)
+        entry = _ENTRY.pack(nonce, tag, sequence, logical, flags, b"")
         for slot in slots:  # the old content until the flush, torn leftovers at once
             (bmap.retired if slot is current else bmap.free).append(slot.physical)
-        bmap.chunks[logical] = [_Slot(target, sequence, nonce, tag)]
+        new = _Slot(target, sequence, nonce, tag, first=first)
+        bmap.chunks[logical] = [new]
+        if first:
+            bmap.unconfirmed.append((logical, new))
         return target, at, entry
 
     def _scratch_buffer(self) -> memoryview:
@@ -312,7 +331,8 @@ class BlockCodec:
             self.backend.flush()
             bmap.dirty = False
         retired, bmap.retired = bmap.retired, []
-        self._release(bmap, retired)
+        unconfirmed, bmap.unconfirmed = bmap.unconfirmed, []
+        self._release(bmap, retired, unconfirmed)
 
     def _flush_ahead(self, bmap: BlockMap) -> None:
         """Once half the reusable slots wait for a flush, start one in the background
@@ -321,8 +341,9 @@ class BlockCodec:
         self._collect(bmap, wait=False)
         if self._ahead is None and bmap.retired and len(bmap.retired) >= len(bmap.free):
             waiting, bmap.retired = bmap.retired, []
+            first, bmap.unconfirmed = bmap.unconfirmed, []
             done: Future[None] = Future()
-            self._ahead = (done, bmap, waiting)
+            self._ahead = (done, bmap, waiting, first)
             threading.Thread(
                 target=_settle, args=(done, self.backend.flush), name="region-flush", daemon=True
             ).start()
@@ -332,14 +353,15 @@ class BlockCodec:
         is). If it failed, they stay retired and the error is raised."""
         if self._ahead is None or not (wait or self._ahead[0].done()):
             return
-        (done, owner, waiting), self._ahead = self._ahead, None
+        (done, owner, waiting, first), self._ahead = self._ahead, None
         try:
             done.result()
         except BaseException:
             owner.retired.extend(waiting)
+            owner.unconfirmed.extend(first)
             raise
         if owner is bmap:  # a map read again since then sees them as older copies
-            self._release(bmap, waiting)
+            self._release(bmap, waiting, first)
 
     def settle(self) -> None:
         """Wait for a background flush (before the backend closes); errors are the
@@ -347,10 +369,20 @@ class BlockCodec:
         if self._ahead is not None:
             self._ahead[0].exception()
 
-    def _release(self, bmap: BlockMap, slots: list[int]) -> None:
-        """Clear the table entries of ``slots`` (older copies, now superseded by durable
-        ones) and make them free: one copy per chunk from then on, so a tampered one
-        fails."""
+    def _release(
+        self, bmap: BlockMap, slots: list[int], first: list[tuple[int, _Slot]]
+    ) -> None:
+        """After a flush: clear the table entries of ``slots`` (older copies, now
+        superseded by durable ones) and make them free: one copy per chunk from then on,
+        so a tampered one fails. Confirm the ``first`` copies the flush made durable
+        (their entries lose the mark, so a tampered one fails too)."""
+        for logical, slot in first:
+            if slot.first and slot in bmap.chunks.get(logical, ()):  # still a copy
+                slot.first = False
+                entry = _ENTRY.pack(
+                    slot.nonce, slot.tag, slot.sequence, logical, _PRESENT | _BLOCK, b""
+                )
+                self.backend.write(bmap.region.offset + slot.physical * ENTRY, entry)
         retired = sorted(slots)
         start = 0
         for i in range(1, len(retired) + 1):
