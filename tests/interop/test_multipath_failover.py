@@ -41,7 +41,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.storage.rbd import RbdImageSpec, open_image
-from iscsi_vmtarget.testing.ceph import CephCluster
+from iscsi_vmtarget.testing.ceph import CephCluster, shared_reservations
 from tests.conftest import RunningTarget
 from tests.integration.test_rbd_gateways import IQN, gateway
 from tests.integration.test_rbd_pr_gateways import (
@@ -388,6 +388,8 @@ def guest_reservation(text: str) -> tuple[int, str] | None:
 def test_reservation_holds_through_failover_and_restart(failover: Failover) -> None:
     held = (GUEST_KEY, "Write Exclusive, registrants only")
     reserved = (GUEST_KEY, RESERVATION_TYPE)
+    for when in ("before", "after-failover", "after-restart"):
+        failover.out(f"fenced-{when}")  # the host's checks ran (else: the console)
     assert guest_reservation(failover.out("pr-before")) == held, failover.out("pr-before")
     before = failover.second["before"]
     assert (before.keys, before.reservation) == ([GUEST_KEY, GUEST_KEY], reserved), before
@@ -406,3 +408,6 @@ def test_reservation_holds_through_failover_and_restart(failover: Failover) -> N
     # A, back as standby, reads the same shared state
     assert failover.second["standby"].reservation == reserved
     assert guest_reservation(failover.out("pr-after-restart")) == held
+    stored = shared_reservations(failover.image)  # the object in RADOS, as the host reads it
+    assert stored["reservation"]["type"] == RESERVATION_TYPE
+    assert [r["key"] for r in stored["registrations"]] == [GUEST_KEY, GUEST_KEY]
