@@ -205,8 +205,12 @@ class RadosPrStore:
         except Exception:
             log.exception("RBD image %s: applying a reservation change failed", self._spec)
 
-    def _broken(self, err: int) -> None:
-        """The watch is gone (this gateway was cut off): watch again, read again."""
+    def _broken(self, watch_id: int, err: int) -> None:
+        """The watch is gone (this gateway was cut off): watch again, read again.
+        python3-rados calls this with the watch's id and the error (its ``watch``
+        annotation names one argument; a callback taking one raised TypeError inside
+        librados, so the watch stayed lost and the next gateway to start took itself
+        for the LU's power on)."""
         if self._closed:
             return
         log.warning("RBD image %s: reservation watch lost (%s); watching again", self._spec, err)

@@ -6,8 +6,10 @@ notify is taken before the change completes); concurrent changes are never lost
 
 from __future__ import annotations
 
+import errno
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -44,8 +46,8 @@ class Gateway:
         self.tpgt = tpgt
         identity = UnitIdentity.from_uuid(uuid.UUID(int=16))
         old = None if legacy is None else self.backend.metadata_store(legacy)
-        store = RadosPrStore(self.backend, legacy=old)
-        self.lu = LogicalUnit(self.backend, identity, pr_shared=store)
+        self.store = RadosPrStore(self.backend, legacy=old)
+        self.lu = LogicalUnit(self.backend, identity, pr_shared=self.store)
         self.target = ScsiTarget({0: self.lu})
         self.aborted: list[Nexus] = []
         self.nexuses: list[Nexus] = []
@@ -114,6 +116,30 @@ def test_preempt_and_abort_reaches_the_other_gateway(gateways: tuple[Gateway, Ga
     assert status == Status.CHECK_CONDITION and sense_of(sense) == REGISTRATIONS_PREEMPTED
     assert b.run(victim, WRITE, bytes(BLOCK))[0] == Status.RESERVATION_CONFLICT
     assert b.keys(victim) == [0xA1]
+
+
+def test_a_lost_watch_is_watched_again(gateways: tuple[Gateway, Gateway]) -> None:
+    """librados reports a lost watch (the gateway was cut off longer than the watch
+    timeout) through the watch's error callback, with its own arguments: the gateway
+    watches again, so it still takes the other's changes at once and a gateway that
+    starts next finds it there (no power on)."""
+    a, b = gateways
+    lost = b.store._watch
+    lost._error_callback(lost.get_id(), -errno.ENOTCONN)  # as librados calls it
+    deadline = time.monotonic() + 10
+    while b.store._watch is lost:
+        assert time.monotonic() < deadline, "no new watch"
+        time.sleep(0.05)
+    holder, other = a.login("iqn.2026-12.test:holder"), b.login("iqn.2026-12.test:other")
+    a.out(holder, REGISTER, sark=0xA1)
+    a.out(holder, RESERVE, key=0xA1, kind=WE)
+    assert b.run(other, WRITE, bytes(BLOCK))[0] == Status.RESERVATION_CONFLICT
+    a.backend.close()  # only B watches now
+    third = RbdBackend(b.backend.spec)
+    try:
+        assert not RadosPrStore(third).alone()
+    finally:
+        third.close()
 
 
 def test_concurrent_registrations_on_both_gateways_are_all_kept(
