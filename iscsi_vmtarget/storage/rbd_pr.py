@@ -19,8 +19,9 @@ it follows a renamed image).
   watch broke (it was cut off longer than the watch timeout) watches again and reads the
   state anew.
 - **Power on.** A gateway that opens the LU while no other one serves it
-  (:meth:`RadosPrStore.alone`: nobody acknowledges a probe notify on the object) is
-  the LU's power on: what was registered without APTPL ends there (SPC-4 §5.13.5).
+  (:meth:`RadosPrStore.alone`: nobody acknowledges a probe notify on the object, and
+  no other client has the image open) is the LU's power on: what was registered
+  without APTPL ends there (SPC-4 §5.13.5).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class RadosPrStore:
     read once when no object exists."""
 
     def __init__(self, backend: RbdBackend, legacy: Legacy | None = None) -> None:
-        self._rados, _ = bindings()
+        self._rados, self._rbd = bindings()
         self._backend = backend
         self._spec = backend.spec
         self._legacy = legacy
@@ -253,9 +254,21 @@ class RadosPrStore:
             return False
         if not done.wait(NOTIFY_TIMEOUT_MS / 1000 + OP_TIMEOUT):
             return False
-        if answer["ret"] == -errno.ENOENT:
+        if answer["ret"] not in (0, -errno.ENOENT) or answer["acks"] or answer["timeouts"]:
+            return False
+        return not self._image_open_elsewhere()
+
+    def _image_open_elsewhere(self) -> bool:
+        """Whether another client has the image open (watches its header): a gateway
+        whose watch on the reservation object lapsed a moment (it watches again) still
+        serves the LU, so this is no power on. Unknown counts as open: the state is kept."""
+        try:
+            me = str(self._backend.cluster.get_addrs())
+            watchers = list(self._backend.handle().watchers_list())
+        except (self._rados.Error, self._rbd.Error, BackendError) as exc:
+            log.warning("RBD image %s: other clients unknown: %s", self._spec, exc)
             return True
-        return answer["ret"] == 0 and not answer["acks"] and not answer["timeouts"]
+        return any(str(w.get("addr")) != me for w in watchers)
 
     def close(self) -> None:
         """Stop watching and close the I/O context (with the image)."""

@@ -142,6 +142,51 @@ def test_a_lost_watch_is_watched_again(gateways: tuple[Gateway, Gateway]) -> Non
         third.close()
 
 
+_HOLDER = """
+import sys
+from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
+spec = RbdImageSpec.parse(sys.argv[1], conf=sys.argv[2], client_id=sys.argv[3] or None)
+backend = RbdBackend(spec)
+print("open", flush=True)
+sys.stdin.read()
+backend.close()
+"""
+
+
+def test_an_image_another_client_has_open_is_no_power_on(
+    gateways: tuple[Gateway, Gateway],
+) -> None:
+    """A gateway whose reservation watch is gone (lapsed, being renewed) still has the
+    image open: one that starts then must not take itself for the LU's power on and
+    drop the registrations; once nobody else has the image open, it is one."""
+    import subprocess
+    import sys
+
+    a, b = gateways
+    spec = a.backend.spec
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, f"{spec.where.pool}/{spec.where.namespace}/{spec.name}"
+         if spec.where.namespace else f"{spec.where.pool}/{spec.name}",
+         spec.where.conf or "", spec.where.client_id or ""],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        a.backend.close()
+        b.backend.close()  # no reservation watch left, but the image is open elsewhere
+        third = RbdBackend(spec)
+        try:
+            assert not RadosPrStore(third).alone()
+            holder.communicate("", timeout=30)  # the other client closes the image
+            assert RadosPrStore(third).alone()
+        finally:
+            third.close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
 def test_concurrent_registrations_on_both_gateways_are_all_kept(
     gateways: tuple[Gateway, Gateway],
 ) -> None:
