@@ -28,6 +28,7 @@ from ..scsi import ScsiTarget
 from ..scsi.medium_transfer import MediumTransfer
 from ..scsi.task import Nexus, ScsiResponse, Status
 from . import fabric, pr_abort
+from .completions import Inbox
 from .metrics import Metrics, SessionInfo
 from .registry import Registry
 
@@ -167,22 +168,17 @@ class ConnectionHandler(asyncio.Protocol):
         loop. When an overlapping command holds its range, a worker thread waits
         for it instead (scsi/medium_transfer.py)."""
         self.running += 1
-        loop = asyncio.get_running_loop()
+        inbox = self.server.inbox()
 
-        def done() -> None:  # in librbd's thread
-            with contextlib.suppress(RuntimeError):  # the loop is gone: server stopping
-                loop.call_soon_threadsafe(self._transfer_done, task, transfer, start)
+        def complete() -> None:
+            self.running -= 1
+            response = transfer.response()
+            self._account(task, response, start)
+            self.conn.command_completed(task, response)
 
-        if not transfer.start(done):
-            fut = loop.run_in_executor(self.server.executor, transfer.run)
-            fut.add_done_callback(lambda f: self._transfer_done(task, transfer, start))
-
-    def _transfer_done(self, task: Task, transfer: MediumTransfer, start: float) -> None:
-        self.running -= 1
-        response = transfer.response()
-        self._account(task, response, start)
-        self.conn.command_completed(task, response)
-        self._pump()
+        if not transfer.start(lambda: inbox.post(complete, self._pump)):  # librbd's thread
+            fut = asyncio.get_running_loop().run_in_executor(self.server.executor, transfer.run)
+            fut.add_done_callback(lambda f: (complete(), self._pump()))
 
     def _threaded_done(self, task: Task, fut: asyncio.Future, start: float) -> None:  # type: ignore[type-arg]
         self.running -= 1
@@ -349,8 +345,15 @@ class TargetServer:
         self.handlers: set[ConnectionHandler] = set()
         # enough for a queue of 16-32 commands on a remote (RBD) LU; made lazily
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="scsi-io")
+        self._inbox: Inbox | None = None
         self._servers: list[asyncio.base_events.Server] = []
         self._by_portal: dict[tuple[str, int], asyncio.base_events.Server] = {}
+
+    def inbox(self) -> Inbox:
+        """Where backend threads hand completions to the running loop."""
+        if self._inbox is None:
+            self._inbox = Inbox(asyncio.get_running_loop())
+        return self._inbox
 
     async def start(self) -> list[Portal]:
         """Bind every portal; returns them with their actual ports (port 0 = any)."""
