@@ -155,7 +155,8 @@ class Abilities:
     zero_range: Callable[[int, int], None] | None = None
     crypto_erase: Callable[[], None] | None = None
     #: every read and write is a network round trip (``remote_io = True`` on the
-    #: backend, e.g. RBD): the server runs all its commands in worker threads
+    #: backend, e.g. RBD): the server runs its medium accesses in worker threads,
+    #: or, with :attr:`aio`, starts plain reads and writes without waiting
     remote: bool = False
     #: reads and writes can be started without waiting (:class:`AsyncIO`)
     aio: AsyncIO | None = None

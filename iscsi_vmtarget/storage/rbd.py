@@ -22,6 +22,10 @@ What RBD offers beyond reads and writes, and how each ability maps:
 - ``flush``: librbd's flush (the OSDs have acknowledged every write; with RBD's cache
   off, the default for an image opened here, that is already so for each write).
 - ``resize``: the image's own resize (thin).
+- :class:`~.backend.AsyncIO` (``start_read``/``start_write``): librbd's ``aio_read``
+  and ``aio_write``, so a gateway's READ or WRITE holds no thread for the round trip
+  (fencing is unchanged: the OSDs refuse a blocklisted client's request, which then
+  completes with an error).
 """
 
 from __future__ import annotations
