@@ -81,6 +81,9 @@ class ScsiTarget:
                 and own.abilities.aio is not None
                 and not row.may_block(bytes(cdb))
                 and (own.mode.wce or not row.writes_medium)
+                # a PERSISTENT RESERVE OUT holds it across a RADOS round trip (shared
+                # reservations): the reservation check would wait, so not on the loop
+                and not own.pr_lock.locked()
             )
         if row.may_block(bytes(cdb)):
             return True

@@ -97,6 +97,8 @@ def test_ability_is_seen_and_only_plain_read_write_are_started_unwaited() -> Non
         assert not target.may_block(cdb, 0)  # runs on the caller's (event loop) thread
     assert target.may_block(cdb10(WRITE10, 0, 8, FUA), 0)  # FUA: a flush, in a thread
     assert target.may_block(cdb16(0x89, 0, 1), 0)  # COMPARE AND WRITE: in a thread
+    with h.lu.pr_lock:  # a PERSISTENT RESERVE OUT storing its change in a worker thread
+        assert target.may_block(cdb10(READ10, 0, 8), 0)  # would wait for it: in a thread
     # the synchronous path keeps working for every caller of execute()
     h.good(cdb10(WRITE10, 4, 1), b"s" * BLOCK)
     assert h.good(cdb10(READ10, 4, 1)) == b"s" * BLOCK
