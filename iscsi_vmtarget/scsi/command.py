@@ -27,6 +27,8 @@ class Command:
     cdb: bytes
     data_out: memoryview
     luns: Mapping[int, LogicalUnit]
+    #: the caller can start a medium access and be called back (ScsiTarget.submit)
+    startable: bool = False
 
     @property
     def unit(self) -> LogicalUnit:

@@ -123,6 +123,23 @@ class RangeLock:
         """``with lock.hold(lba, blocks):`` - the range is exclusive inside."""
         return _HeldRange(self, lba, lba + max(blocks, 1))
 
+    def try_hold(self, lba: int, blocks: int) -> tuple[int, int] | None:
+        """Take the range if nothing holds any of it now, without waiting (for a
+        caller that must not block, :mod:`.medium_transfer`): the span to give to
+        :meth:`release`, or None when it would have to wait."""
+        span = (lba, lba + max(blocks, 1))
+        start, end = span
+        with self._mutex:
+            held = self._held
+            if self._barred or any(first < end and start < last for first, last in held):
+                return None
+            held.append(span)
+        return span
+
+    def release(self, span: tuple[int, int]) -> None:
+        """Give back a span :meth:`try_hold` took (from any thread)."""
+        self._release(span)
+
     def hold_all(self) -> _HeldAll:
         """``with lock.hold_all():`` - no medium access runs inside: those holding a
         range finish first, new ones wait until the block ends."""

@@ -12,10 +12,11 @@ from typing import Final
 
 from .command import Command
 from .logical_unit import LogicalUnit
+from .medium_transfer import MediumTransfer
 from .pr_state import PrPolicy
 from .task import ScsiResponse
 
-HandlerResult = bytes | bytearray | memoryview | ScsiResponse | None
+HandlerResult = bytes | bytearray | memoryview | ScsiResponse | MediumTransfer | None
 Handler = Callable[[Command], HandlerResult]
 TransferLength = Callable[[bytes, int], int]
 BlockPredicate = Callable[[bytes], bool]
@@ -69,6 +70,9 @@ class OpcodeRow:
     pr_policy: PrPolicy
     writes_medium: bool = False  # refused with DATA PROTECT on a write-protected LU
     reads_medium: bool = False  # reads the backend (a remote one's reads run in a thread)
+    #: a plain READ or WRITE: may be started without waiting where the backend offers
+    #: asynchronous I/O (:class:`~.medium_transfer.MediumTransfer`)
+    startable: bool = False
     needs_lu: bool = True  # False: answered on a LUN without a logical unit too
     ua_exempt: bool = False  # SAM-5 §5.14: INQUIRY, REPORT LUNS, REQUEST SENSE
     pr_relaxed: BlockPredicate | None = None

@@ -19,6 +19,7 @@ from typing import Final
 from ..storage.backend import BackendError
 from .command import Command, check_lba_range, parse_block_range, require
 from .logical_unit import LogicalUnit
+from .medium_transfer import MediumTransfer
 from .sense import Reason, ScsiError
 
 _COMPARE_CHUNK: Final = 4096
@@ -140,40 +141,55 @@ def read_capacity16(cmd: Command) -> bytes:
 # -- READ / WRITE ------------------------------------------------------------------------
 
 
-def read(cmd: Command) -> bytearray | None:
+def read(cmd: Command) -> bytearray | MediumTransfer | None:
     """READ(6/10/12/16) (SBC-3 §5.8-5.11). DPO and FUA need no action: reads
-    come from the backend, which is coherent with every completed write."""
+    come from the backend, which is coherent with every completed write. Where the
+    caller can start it (``cmd.startable``) on a backend with asynchronous I/O, the
+    read is returned unstarted (:mod:`.medium_transfer`)."""
     lu = cmd.unit
     lba, blocks, length_byte = parse_block_range(cmd.cdb)
     check_lba_range(lu.num_blocks, lba, blocks)
     _check_transfer(lu, blocks, length_byte)
     if blocks == 0:
         return None
+    if cmd.startable and lu.abilities.aio is not None:
+        return MediumTransfer(lu, lba, blocks, None)
     buf = bytearray(blocks * lu.block_size)
     with lu.ranges.hold(lba, blocks):
         _read_medium(lu, lba * lu.block_size, memoryview(buf))
     return buf
 
 
-def _write_received(cmd: Command, lu: LogicalUnit) -> tuple[int, memoryview]:
-    """Range-check a write and store the Data-Out bytes received (see module doc)."""
+def _write_checked(cmd: Command, lu: LogicalUnit) -> tuple[int, int, memoryview]:
+    """Range-check a write: its LBA, block count and the Data-Out bytes to store
+    (those received, up to what the CDB describes: see module doc)."""
     lba, blocks, length_byte = parse_block_range(cmd.cdb)
     check_lba_range(lu.num_blocks, lba, blocks)
     _check_transfer(lu, blocks, length_byte)
+    return lba, blocks, cmd.data_out[: blocks * lu.block_size]
+
+
+def _write_received(cmd: Command, lu: LogicalUnit) -> tuple[int, memoryview]:
+    """Range-check a write and store the Data-Out bytes received."""
+    lba, blocks, data = _write_checked(cmd, lu)
     offset = lba * lu.block_size
-    data = cmd.data_out[: blocks * lu.block_size]
     if len(data):
         with lu.ranges.hold(lba, blocks):
             _write_medium(lu, offset, data)
     return offset, data
 
 
-def write(cmd: Command) -> None:
+def write(cmd: Command) -> MediumTransfer | None:
     """WRITE(6/10/12/16) (SBC-3 §5.32-5.35). FUA=1, or a disabled write cache
-    (WCE=0), makes the data durable before GOOD; DPO is a hint we ignore."""
+    (WCE=0), makes the data durable before GOOD; DPO is a hint we ignore. Without
+    either, where the caller can start it (``cmd.startable``) on a backend with
+    asynchronous I/O, the write is returned unstarted (:mod:`.medium_transfer`)."""
     lu = cmd.unit
-    _, data = _write_received(cmd, lu)
     fua = len(cmd.cdb) > 6 and bool(cmd.cdb[1] & 0x08)  # FUA (WRITE(6) has none)
+    if cmd.startable and lu.abilities.aio is not None and not fua and lu.mode.wce:
+        lba, blocks, data = _write_checked(cmd, lu)
+        return MediumTransfer(lu, lba, blocks, data) if len(data) else None
+    _, data = _write_received(cmd, lu)
     if len(data) and (fua or not lu.mode.wce):
         _flush(lu)
 

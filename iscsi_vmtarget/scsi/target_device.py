@@ -14,10 +14,11 @@ from collections.abc import Mapping
 
 from .command import Command
 from .logical_unit import LogicalUnit
+from .medium_transfer import MediumTransfer, check_condition
 from .opcode_row import DataDirection, OpcodeRow
 from .opcodes import find_row, lookup, validate_cdb
 from .pr import initiator_of
-from .sense import Reason, ReservationConflict, ScsiError, build_sense
+from .sense import Reason, ReservationConflict, ScsiError
 from .task import (
     SUPPORTED_TMFS,
     Nexus,
@@ -74,8 +75,16 @@ class ScsiTarget:
             own is not None
             and own.abilities.remote
             and (row.writes_medium or row.reads_medium)
-        ):
-            return True
+        ):  # unless :meth:`submit` makes it a MediumTransfer, started without waiting
+            return not (
+                row.startable
+                and own.abilities.aio is not None
+                and not row.may_block(bytes(cdb))
+                and (own.mode.wce or not row.writes_medium)
+                # a PERSISTENT RESERVE OUT holds it across a RADOS round trip (shared
+                # reservations): the reservation check would wait, so not on the loop
+                and not own.pr_lock.locked()
+            )
         if row.may_block(bytes(cdb)):
             return True
         if not row.writes_medium:
@@ -91,19 +100,45 @@ class ScsiTarget:
         data_out: memoryview | bytes | bytearray | None,
     ) -> ScsiResponse:
         """Run one command to completion (synchronously) and return its status."""
+        response = self._run(nexus, lun, cdb, data_out, startable=False)
+        assert isinstance(response, ScsiResponse)
+        return response
+
+    def submit(
+        self,
+        nexus: Nexus,
+        lun: int,
+        cdb: bytes | bytearray | memoryview,
+        data_out: memoryview | bytes | bytearray | None,
+    ) -> ScsiResponse | MediumTransfer:
+        """As :meth:`execute`, except that a plain READ or WRITE of an LU whose
+        backend has asynchronous I/O (one :meth:`may_block` lets run here) comes
+        back checked but unstarted, as a :class:`MediumTransfer` for the caller to
+        start (:mod:`.medium_transfer`)."""
+        return self._run(nexus, lun, cdb, data_out, startable=True)
+
+    def _run(
+        self,
+        nexus: Nexus,
+        lun: int,
+        cdb: bytes | bytearray | memoryview,
+        data_out: memoryview | bytes | bytearray | None,
+        startable: bool,
+    ) -> ScsiResponse | MediumTransfer:
         raw = bytes(cdb)
         lu = self._luns.get(lun)
         row = find_row(raw)
         data_out_length = _described_data_out(row, raw, lu)
+        response: ScsiResponse | MediumTransfer
         try:
-            response = self._dispatch(nexus, lun, lu, raw, row, data_out)
+            response = self._dispatch(nexus, lun, lu, raw, row, data_out, startable)
         except ScsiError as err:
-            response = _check_condition(lu, err)
+            response = check_condition(lu, err)
         except ReservationConflict:
             response = ScsiResponse(Status.RESERVATION_CONFLICT)
         except Exception:  # a bug or an unexpected backend failure: never crash the server
             _log.exception("command %s on LUN %d failed", raw[:1].hex(), lun)
-            response = _check_condition(lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))
+            response = check_condition(lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))
         response.data_out_length = data_out_length
         return response
 
@@ -115,7 +150,8 @@ class ScsiTarget:
         raw: bytes,
         row: OpcodeRow | None,
         data_out: memoryview | bytes | bytearray | None,
-    ) -> ScsiResponse:
+        startable: bool,
+    ) -> ScsiResponse | MediumTransfer:
         if lu is None and (row is None or row.needs_lu):
             raise ScsiError(Reason.LOGICAL_UNIT_NOT_SUPPORTED)
         if lu is not None:
@@ -139,8 +175,10 @@ class ScsiTarget:
         view = _EMPTY if data_out is None else memoryview(data_out)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        command = Command(nexus, lun, lu, cdb, view, self._luns)
+        command = Command(nexus, lun, lu, cdb, view, self._luns, startable)
         result = row.handler(command)
+        if isinstance(result, MediumTransfer):
+            return result  # the Data-In is the transfer length exactly: nothing to trim
         if isinstance(result, ScsiResponse):
             response = result
         else:
@@ -192,12 +230,3 @@ def _described_data_out(row: OpcodeRow | None, cdb: bytes, lu: LogicalUnit | Non
         return 0
     return row.transfer_length(cdb[: row.cdb_length], lu.block_size if lu else 512)
 
-
-def _check_condition(lu: LogicalUnit | None, err: ScsiError) -> ScsiResponse:
-    sense = build_sense(
-        err.reason,
-        descriptor=lu.mode.d_sense if lu is not None else False,
-        field=err.field,
-        information=err.information,
-    )
-    return ScsiResponse(Status.CHECK_CONDITION, sense=sense)

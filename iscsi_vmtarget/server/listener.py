@@ -2,7 +2,8 @@
 sans-I/O :class:`~iscsi_vmtarget.iscsi.connection.TargetConnection`.
 
 Everything protocol-shaped happens in ``iscsi/``; this module only moves bytes,
-runs SCSI commands (in a thread when they may block on fsync), keeps the NOP-In
+runs SCSI commands (in a thread when they may block on fsync; a remote LU's READ
+and WRITE started on the backend's asynchronous I/O where it has some), keeps the NOP-In
 ping timer, and closes sockets.
 """
 
@@ -24,8 +25,10 @@ from ..iscsi.login import LoginMachine, TargetPreferences
 from ..iscsi.pdu import TmfCode, TmfResponse
 from ..iscsi.transfer import Task
 from ..scsi import ScsiTarget
+from ..scsi.medium_transfer import MediumTransfer
 from ..scsi.task import Nexus, ScsiResponse, Status
 from . import fabric, pr_abort
+from .completions import Inbox
 from .metrics import Metrics, SessionInfo
 from .registry import Registry
 
@@ -152,9 +155,30 @@ class ConnectionHandler(asyncio.Protocol):
             )
             fut.add_done_callback(lambda f: self._threaded_done(task, f, start))
             return
-        response = scsi.execute(nexus, task.lun, task.cdb, data)
+        response = scsi.submit(nexus, task.lun, task.cdb, data)
+        if isinstance(response, MediumTransfer):
+            self._start_transfer(task, response, start)
+            return
         self._account(task, response, start)
         self.conn.command_completed(task, response)
+
+    def _start_transfer(self, task: Task, transfer: MediumTransfer, start: float) -> None:
+        """Start a READ/WRITE on a backend with asynchronous I/O (RBD): no thread
+        waits for the round trip; the backend's completion is handed back to the
+        loop. When an overlapping command holds its range, a worker thread waits
+        for it instead (scsi/medium_transfer.py)."""
+        self.running += 1
+        inbox = self.server.inbox()
+
+        def complete() -> None:
+            self.running -= 1
+            response = transfer.response()
+            self._account(task, response, start)
+            self.conn.command_completed(task, response)
+
+        if not transfer.start(lambda: inbox.post(complete, self._pump)):  # librbd's thread
+            fut = asyncio.get_running_loop().run_in_executor(self.server.executor, transfer.run)
+            fut.add_done_callback(lambda f: (complete(), self._pump()))
 
     def _threaded_done(self, task: Task, fut: asyncio.Future, start: float) -> None:  # type: ignore[type-arg]
         self.running -= 1
@@ -321,8 +345,15 @@ class TargetServer:
         self.handlers: set[ConnectionHandler] = set()
         # enough for a queue of 16-32 commands on a remote (RBD) LU; made lazily
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="scsi-io")
+        self._inbox: Inbox | None = None
         self._servers: list[asyncio.base_events.Server] = []
         self._by_portal: dict[tuple[str, int], asyncio.base_events.Server] = {}
+
+    def inbox(self) -> Inbox:
+        """Where backend threads hand completions to the running loop."""
+        if self._inbox is None:
+            self._inbox = Inbox(asyncio.get_running_loop())
+        return self._inbox
 
     async def start(self) -> list[Portal]:
         """Bind every portal; returns them with their actual ports (port 0 = any)."""

@@ -3,6 +3,7 @@
 from .backend import (
     Abilities,
     AllocationMap,
+    AsyncIO,
     BackendError,
     BlockBackend,
     CapacityNotifier,
@@ -19,6 +20,7 @@ from .rbd import RbdBackend, RbdImageSpec, RbdPoolSpec
 __all__ = [
     "Abilities",
     "AllocationMap",
+    "AsyncIO",
     "BackendError",
     "BlockBackend",
     "CapacityNotifier",

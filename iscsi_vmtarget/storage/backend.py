@@ -31,7 +31,7 @@ class BlockBackend(Protocol):
     guest view).
     Optional abilities are the protocols below (:class:`AllocationMap`,
     :class:`WrittenMap`, :class:`Zeroing`, :class:`CryptoErasable`,
-    :class:`CapacityNotifier`), read once into :class:`Abilities` where a logical
+    :class:`CapacityNotifier`, :class:`AsyncIO`), read once into :class:`Abilities` where a logical
     unit is built, never looked up per command.
     """
 
@@ -125,6 +125,26 @@ class Remeasurable(Protocol):
     def remeasure(self) -> int: ...
 
 
+ReadDone = Callable[["bytes | BackendError"], None]
+WriteDone = Callable[["BackendError | None"], None]
+
+
+@runtime_checkable
+class AsyncIO(Protocol):
+    """Starts a read or write and returns at once (librbd's ``aio_*``): a remote
+    backend's caller then need not hold a thread for each round trip. ``done`` is
+    called exactly once, from whatever thread the backend completes in, with the data
+    read (holes as zeros, always the full length) or a :class:`BackendError`; it
+    must not block. A request the backend refuses outright raises instead (and
+    ``done`` is not called). Writes are acknowledged like :meth:`BlockBackend.write`:
+    durable only after :meth:`BlockBackend.flush`."""
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> None: ...
+
+    def start_write(self, offset: int, data: bytes | bytearray | memoryview,
+                    done: WriteDone) -> None: ...
+
+
 @dataclass(frozen=True)
 class Abilities:
     """What one backend offers beyond :class:`BlockBackend`, checked once
@@ -135,8 +155,11 @@ class Abilities:
     zero_range: Callable[[int, int], None] | None = None
     crypto_erase: Callable[[], None] | None = None
     #: every read and write is a network round trip (``remote_io = True`` on the
-    #: backend, e.g. RBD): the server runs all its commands in worker threads
+    #: backend, e.g. RBD): the server runs its medium accesses in worker threads,
+    #: or, with :attr:`aio`, starts plain reads and writes without waiting
     remote: bool = False
+    #: reads and writes can be started without waiting (:class:`AsyncIO`)
+    aio: AsyncIO | None = None
 
     @classmethod
     def of(cls, backend: object) -> Abilities:
@@ -148,6 +171,7 @@ class Abilities:
             zero_range=backend.zero_range if isinstance(backend, Zeroing) else None,
             crypto_erase=backend.crypto_erase if isinstance(backend, CryptoErasable) else None,
             remote=is_remote(backend),
+            aio=backend if isinstance(backend, AsyncIO) else None,
         )
 
 

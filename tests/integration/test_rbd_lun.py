@@ -59,7 +59,13 @@ def test_clients_see_the_image_and_write_into_it(
     pattern = tmp_path / "pattern.raw"
     blocks = [i.to_bytes(8, "little") * 512 for i in range(SIZE // (1 << 20))]
     pattern.write_bytes(b"".join(block * 256 for block in blocks))  # 1 MiB runs of 4 KiB
-    qemu_img("convert", "-n", "-f", "raw", "--target-image-opts", str(pattern), opts)
+    # 16 requests in flight, completing out of order (-W): librbd aio writes at QD16
+    qemu_img(
+        "convert", "-n", "-m", "16", "-W", "-f", "raw", "--target-image-opts", str(pattern), opts
+    )
+    back = tmp_path / "back.raw"  # and read back through the target at QD16 (aio reads)
+    qemu_img("convert", "-m", "16", "--image-opts", opts, "-O", "raw", str(back))
+    assert back.read_bytes() == pattern.read_bytes()
     # the bytes are in the cluster: librbd reads them back, past the target
     direct = RbdBackend(image, read_only=True)
     try:

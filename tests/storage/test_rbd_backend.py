@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import shutil
+import time
+from pathlib import Path
 
 import pytest
 
 from iscsi_vmtarget.storage import (
     Abilities,
     AllocationMap,
+    AsyncIO,
     BackendError,
     BlockBackend,
     Remeasurable,
@@ -24,6 +30,7 @@ from iscsi_vmtarget.storage.rbd import (
     list_images,
     remove_image,
 )
+from iscsi_vmtarget.storage.rbd_lock import ImageLock
 from iscsi_vmtarget.testing.ceph import CephCluster
 from tests.storage.test_backends import _exercise
 
@@ -136,3 +143,74 @@ def test_create_remove_and_clear_errors(ceph_cluster: CephCluster) -> None:
         RbdBackend(spec)
     with pytest.raises(BackendError, match="cannot open RADOS pool 'nopool'"):
         RbdBackend(RbdImageSpec(RbdPoolSpec("nopool", conf=ceph_cluster.conf), "x"))
+
+
+def _wait(result: queue.SimpleQueue[object]) -> object:
+    return result.get(timeout=60)
+
+
+def test_async_io_at_queue_depth_reads_back(ceph_cluster: CephCluster) -> None:
+    """librbd's aio_write / aio_read (backend.AsyncIO) with 32 requests in flight:
+    each completes once, in whatever order, and every byte reads back."""
+    spec = ceph_cluster.image(8 * MiB)
+    b = RbdBackend(spec)
+    try:
+        assert Abilities.of(b).aio is b and isinstance(b, AsyncIO)
+        chunk = 64 << 10
+        data = {n: os.urandom(chunk) for n in range(32)}
+        done: queue.SimpleQueue[object] = queue.SimpleQueue()
+        at = {n: OBJECT // 2 + n * (chunk + 4096) for n in data}  # one straddles 2 objects
+        for n, payload in data.items():
+            b.start_write(at[n], memoryview(bytearray(payload)), done.put)
+        assert [_wait(done) for _ in data] == [None] * len(data) and done.empty()
+        for n in data:
+            b.start_read(at[n], chunk, lambda got, n=n: done.put((n, got)))
+        answers = dict(_wait(done) for _ in data)  # type: ignore[misc]
+        assert answers == data
+        b.start_read(7 * MiB, 4096, done.put)  # never written: zeros, full length
+        assert _wait(done) == bytes(4096)
+    finally:
+        b.close()
+    ro = RbdBackend(spec, read_only=True)
+    try:
+        with pytest.raises(BackendError, match="read-only"):
+            ro.start_write(0, b"x" * 512, done.put)
+        assert done.empty()  # refused outright: no callback
+    finally:
+        ro.close()
+
+
+def test_async_write_of_a_fenced_client_fails_and_changes_nothing(
+    ceph_cluster: CephCluster, tmp_path: Path
+) -> None:
+    """A gateway that was fenced (its client put on the OSD blocklist, as a takeover
+    does: storage/rbd_lock.py) gets an error from its asynchronous writes, and what
+    the image holds stays as it was."""
+    spec = ceph_cluster.image(4 * MiB)
+    conf = tmp_path / "ceph.conf"  # another path to the same cluster: its own client
+    shutil.copy(ceph_cluster.conf, conf)
+    fenced = RbdBackend(RbdImageSpec.parse(str(spec), conf=str(conf)))
+    owner = RbdBackend(spec, read_only=True)
+    done: queue.SimpleQueue[object] = queue.SimpleQueue()
+    try:
+        assert ImageLock(fenced).try_take()
+        fenced.start_write(0, b"old!" * 1024, done.put)
+        assert _wait(done) is None
+        ImageLock(owner).fence(str(fenced.cluster.get_addrs()))
+        deadline = time.monotonic() + 60
+        while True:  # the OSD refuses once it has the new map: wait for that
+            fenced.start_write(0, b"new!" * 1024, done.put)
+            outcome = _wait(done)
+            if outcome is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert isinstance(outcome, BackendError) and "write failed" in str(outcome)
+        assert bytes(owner.read(0, 4096)) in (b"old!" * 1024, b"new!" * 1024)
+        settled = bytes(owner.read(0, 4096))
+        fenced.start_write(0, b"bad!" * 1024, done.put)
+        assert isinstance(_wait(done), BackendError)
+        assert bytes(owner.read(0, 4096)) == settled
+    finally:
+        owner.close()
+        with contextlib.suppress(BackendError):
+            fenced.close()
