@@ -131,6 +131,10 @@ def _connect(where: RbdPoolSpec) -> _Connection:
                 "rados_mon_op_timeout": str(OP_TIMEOUT),
                 "rados_osd_op_timeout": str(OP_TIMEOUT),
                 "client_mount_timeout": str(OP_TIMEOUT),
+                # no write-back cache in a gateway: a write is on the OSDs when it
+                # completes, so a failover to another gateway never loses or reorders
+                # an acknowledged write (librbd's default caches once it sees a flush)
+                "rbd_cache": "false",
             }
             try:
                 cluster = rados.Rados(

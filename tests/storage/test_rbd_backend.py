@@ -69,6 +69,18 @@ def test_io_unmap_flush_through_librbd(ceph_cluster: CephCluster) -> None:
         again.close()
 
 
+def test_the_gateway_has_no_write_back_cache(ceph_cluster: CephCluster) -> None:
+    """librbd's default cache (policy writearound) acknowledges a write while it is
+    still in flight to the OSDs once it has seen a flush: a gateway killed then loses
+    it, and the gateway a failover moves to never sees it. Every connection turns the
+    cache off, so a completed write is on the OSDs."""
+    b = RbdBackend(ceph_cluster.image(4 * MiB))
+    try:
+        assert b.cluster.conf_get("rbd_cache") == "false"
+    finally:
+        b.close()
+
+
 def test_allocation_map_follows_objects(ceph_cluster: CephCluster) -> None:
     """GET LBA STATUS's source: a never-written image is one hole; a write maps (at
     least) its object's extent and nothing outside that object; unmapping the whole
