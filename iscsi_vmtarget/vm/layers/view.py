@@ -25,6 +25,7 @@ from ...storage.backend import (
     AllocationMap,
     BackendError,
     BlockBackend,
+    NowaitCapable,
     RangeFinder,
     Remeasurable,
     check_range,
@@ -55,6 +56,11 @@ class SliceBackend:
     @property
     def read_only(self) -> bool:
         return self._base.read_only
+
+    @property
+    def nowait_io(self) -> bool:
+        """An offset shift: nowait I/O (storage/nowait.py) when the base does it."""
+        return _nowait_io(self._base)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         check_range(self._size, offset, len(buf))
@@ -264,6 +270,13 @@ class GuestView:
     def _raw(self) -> BlockBackend:
         return self._map[2].raw
 
+    @property
+    def nowait_io(self) -> bool:
+        """Translation is a pure offset mapping (a request cut off between segments
+        is redone whole), so nowait I/O (storage/nowait.py) when the unit handle does
+        it; a handle a resize opens again is of the same kind."""
+        return _nowait_io(self._raw)
+
     def _enter(self) -> _Map:
         """The mapping an I/O uses, counted on its handle until :meth:`_leave`."""
         gate = self._gate
@@ -447,6 +460,10 @@ class GuestView:
             idle = not handle.users
         if idle:
             handle.raw.close()
+
+
+def _nowait_io(raw: BlockBackend) -> bool:
+    return isinstance(raw, NowaitCapable) and raw.nowait_io
 
 
 def _ranges_of(raw: BlockBackend) -> RangeFinder | None:
