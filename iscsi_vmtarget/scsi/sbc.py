@@ -17,6 +17,7 @@ import struct
 from typing import Final
 
 from ..storage.backend import BackendError
+from ..storage.nowait import MODE
 from .command import Command, check_lba_range, parse_block_range, require
 from .logical_unit import LogicalUnit
 from .sense import Reason, ScsiError
@@ -142,7 +143,12 @@ def read_capacity16(cmd: Command) -> bytes:
 
 def read(cmd: Command) -> bytearray | None:
     """READ(6/10/12/16) (SBC-3 §5.8-5.11). DPO and FUA need no action: reads
-    come from the backend, which is coherent with every completed write."""
+    come from the backend, which is coherent with every completed write.
+
+    Run in nowait mode (``ScsiTarget.execute_nowait``), READ and WRITE check again
+    inside their range hold that the backend honours it: the dispatcher looked before
+    the hold, and a backend swap (``LogicalUnit.replace_backend``) may have put a
+    copy-on-write chain, which must never be cut off, in its place meanwhile."""
     lu = cmd.unit
     lba, blocks, length_byte = parse_block_range(cmd.cdb)
     check_lba_range(lu.num_blocks, lba, blocks)
@@ -151,6 +157,8 @@ def read(cmd: Command) -> bytearray | None:
         return None
     buf = bytearray(blocks * lu.block_size)
     with lu.ranges.hold(lba, blocks):
+        if MODE.flags and not lu.abilities.nowait:  # swapped meanwhile (a live snapshot)
+            MODE.flags = 0
         _read_medium(lu, lba * lu.block_size, memoryview(buf))
     return buf
 
@@ -164,6 +172,8 @@ def _write_received(cmd: Command, lu: LogicalUnit) -> tuple[int, memoryview]:
     data = cmd.data_out[: blocks * lu.block_size]
     if len(data):
         with lu.ranges.hold(lba, blocks):
+            if MODE.flags and not lu.abilities.nowait:  # see read()
+                MODE.flags = 0
             _write_medium(lu, offset, data)
     return offset, data
 

@@ -205,3 +205,35 @@ def test_file_backend_in_nowait_mode_blocks_or_says_so(tmp_path: Path) -> None:
         finally:
             backend.close()
             path.unlink()
+
+
+class _Opaque:
+    """A backend over a file that does not declare nowait I/O (as a COW chain)."""
+
+    def __init__(self, inner: FileBackend) -> None:
+        self.inner = inner
+        self.size, self.read_only = inner.size, inner.read_only
+        self.read_into, self.read, self.write = inner.read_into, inner.read, inner.write
+        self.flush, self.unmap, self.resize = inner.flush, inner.unmap, inner.resize
+
+    def close(self) -> None:
+        pass
+
+
+def test_backend_swapped_after_the_dispatcher_looked_is_not_cut_off(
+    lun: Lun, refuse_writes: None
+) -> None:
+    """The dispatcher turned nowait mode on for a file LU; a live snapshot put a chain
+    in its place before the WRITE took its range: the write must not be cut off."""
+    lun.lu.replace_backend(_Opaque(lun.backend))
+    data = os.urandom(8 * BLOCK)
+    MODE.flags = RWF_NOWAIT  # as execute_nowait left it for the file backend
+    try:
+        _good(lun.target.execute(lun.nexus, 0, cdb10(WRITE10, 72, 8), data))
+        assert (
+            bytes(_good(lun.target.execute(lun.nexus, 0, cdb10(READ10, 72, 8), None)).data_in)
+            == data
+        )
+    finally:
+        MODE.flags = 0
+    assert lun.medium(72, 8) == data
