@@ -101,9 +101,10 @@ class FileBackend:
     Opening never creates or truncates: :func:`create_sparse_file` does that, so a
     wrong path at start is a clear error and nothing existing is overwritten.
 
-    In nowait mode (:mod:`.nowait`) reads and writes ask the kernel with RWF_NOWAIT
-    and raise :class:`~.nowait.WouldBlock` instead of blocking; one plain offset
-    mapping to one descriptor, so cutting an I/O off there has no other effect.
+    In nowait mode (:mod:`.nowait`) reads (and writes if ``NOWAIT_WRITES``) ask the
+    kernel with RWF_NOWAIT and raise :class:`~.nowait.WouldBlock` instead of blocking;
+    one plain offset mapping to one descriptor, so cutting an I/O off there has no
+    other effect.
     """
 
     #: honours nowait mode (:class:`~.backend.NowaitCapable`)
@@ -125,9 +126,10 @@ class FileBackend:
                 f"backing store {path!r} is neither a regular file nor a block device"
             )
         self._size = self._measure()
-        # RWF_NOWAIT per direction, 0 once the file system refused it (EOPNOTSUPP)
+        # RWF_NOWAIT per direction, 0 once the file system refused it (EOPNOTSUPP);
+        # writes only if NOWAIT_WRITES (storage/nowait.py: measured, not worth it)
         self._nowait_read = RWF_NOWAIT
-        self._nowait_write = RWF_NOWAIT
+        self._nowait_write = RWF_NOWAIT if nowait.NOWAIT_WRITES else 0
 
     def _measure(self) -> int:
         if self.is_block_device:
