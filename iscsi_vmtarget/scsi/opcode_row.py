@@ -69,9 +69,10 @@ class OpcodeRow:
     pr_policy: PrPolicy
     writes_medium: bool = False  # refused with DATA PROTECT on a write-protected LU
     reads_medium: bool = False  # reads the backend (a remote one's reads run in a thread)
-    #: idempotent, and its handler does nothing but range checks and one medium I/O:
-    #: it may be tried inline without blocking and, cut off, run again whole (READ, WRITE)
-    retry_safe: bool = False
+    #: "read" or "write": the command is idempotent and its handler does nothing but
+    #: range checks and that one medium I/O, so it may be tried inline without blocking
+    #: and, cut off, run again whole (READ, WRITE; storage/nowait.py)
+    nowait_kind: str | None = None
     needs_lu: bool = True  # False: answered on a LUN without a logical unit too
     ua_exempt: bool = False  # SAM-5 §5.14: INQUIRY, REPORT LUNS, REQUEST SENSE
     pr_relaxed: BlockPredicate | None = None

@@ -92,7 +92,7 @@ class ScsiTarget:
         data_out: memoryview | bytes | bytearray | None,
     ) -> ScsiResponse:
         """Run one command to completion (synchronously) and return its status."""
-        response = self._execute(nexus, lun, cdb, data_out, False)
+        response = self.execute_nowait(nexus, lun, cdb, data_out, nowait=False)
         assert isinstance(response, ScsiResponse)
         return response
 
@@ -102,27 +102,20 @@ class ScsiTarget:
         lun: int,
         cdb: bytes | bytearray | memoryview,
         data_out: memoryview | bytes | bytearray | None,
+        *,
+        nowait: bool = True,
     ) -> ScsiResponse | BlockedCommand:
-        """:meth:`execute`, but a READ or WRITE (``retry_safe`` rows) of an LU whose
-        backend honours nowait mode (:class:`~..storage.backend.NowaitCapable`) does its
-        medium I/O without blocking: when the kernel would block (pages not in the page
-        cache, a throttled buffered write) it returns a :class:`BlockedCommand` whose
-        :meth:`~BlockedCommand.run` - in a thread where blocking is fine - does that I/O
-        again, whole. Everything before the medium I/O (unit attention, reservations,
-        write protection, range checks) happened once, here; a command refused by them
-        never blocks. Between the two runs the range lock is not held: a write cut off
-        part way may be seen half done by an overlapping command, as while any write
-        is in flight (SAM-5 §8.6: SIMPLE tasks have no order among themselves)."""
-        return self._execute(nexus, lun, cdb, data_out, True)
-
-    def _execute(
-        self,
-        nexus: Nexus,
-        lun: int,
-        cdb: bytes | bytearray | memoryview,
-        data_out: memoryview | bytes | bytearray | None,
-        nowait: bool,
-    ) -> ScsiResponse | BlockedCommand:
+        """:meth:`execute` (that, with ``nowait=False``), but a READ or WRITE (rows with
+        a ``nowait_kind``) of an LU whose backend tries that kind of I/O without blocking
+        (:class:`~..storage.backend.NowaitCapable`) does its medium I/O in nowait mode:
+        when the kernel would block (pages not in the page cache, a throttled write) it
+        returns a :class:`BlockedCommand` whose :meth:`~BlockedCommand.run` - in a
+        thread where blocking is fine - does that I/O again, whole. Everything before
+        the medium I/O (unit attention, reservations, write protection, range checks)
+        happened once, here; a command refused by them never blocks. Between the two
+        runs the range lock is not held: a write cut off part way may be seen half done
+        by an overlapping command, as while any write is in flight (SAM-5 §8.6: SIMPLE
+        tasks have no order among themselves)."""
         raw = bytes(cdb)
         lu = self._luns.get(lun)
         row = find_row(raw)
@@ -170,7 +163,8 @@ class ScsiTarget:
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         command = Command(nexus, lun, lu, cdb, view, self._luns)
-        if nowait and row.retry_safe and lu is not None and lu.abilities.nowait:
+        kind = row.nowait_kind
+        if nowait and kind is not None and lu is not None and kind in lu.abilities.nowait:
             MODE.flags = RWF_NOWAIT
             try:
                 result = row.handler(command)

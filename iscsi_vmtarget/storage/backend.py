@@ -127,16 +127,16 @@ class Remeasurable(Protocol):
 
 @runtime_checkable
 class NowaitCapable(Protocol):
-    """Honours nowait mode (:mod:`.nowait`) when ``nowait_io`` is true: in it a read or
-    write either completes without blocking or raises
-    :class:`~.nowait.WouldBlock`, and one cut off that way has had no effect but
-    bytes of a write written, so running the same I/O again completes it. True only
-    for a pure offset mapping onto files (a file, a window of one, a guest view over
-    them), never for a store that does other work before the medium I/O (a
-    copy-on-write chain copies up, then writes: cut off, its second run differs)."""
+    """Honours nowait mode (:mod:`.nowait`) for the kinds of I/O ``nowait_io`` names
+    ("read", "write"): in it such an I/O either completes without blocking or raises
+    :class:`~.nowait.WouldBlock`, and one cut off that way has had no effect but bytes
+    of a write written, so running the same I/O again completes it. Only for a pure
+    offset mapping onto files (a file, a window of one, a guest view over them), never
+    for a store that does other work before the medium I/O (a copy-on-write chain
+    copies up, then writes: cut off, its second run differs)."""
 
     @property
-    def nowait_io(self) -> bool: ...
+    def nowait_io(self) -> frozenset[str]: ...
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,8 @@ class Abilities:
     #: every read and write is a network round trip (``remote_io = True`` on the
     #: backend, e.g. RBD): the server runs all its commands in worker threads
     remote: bool = False
-    #: reads and writes may be tried inline without blocking (:class:`NowaitCapable`)
-    nowait: bool = False
+    #: kinds of I/O ("read", "write") tried without blocking (:class:`NowaitCapable`)
+    nowait: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, backend: object) -> Abilities:
@@ -164,7 +164,7 @@ class Abilities:
             zero_range=backend.zero_range if isinstance(backend, Zeroing) else None,
             crypto_erase=backend.crypto_erase if isinstance(backend, CryptoErasable) else None,
             remote=bool(getattr(backend, "remote_io", False)),
-            nowait=isinstance(backend, NowaitCapable) and backend.nowait_io,
+            nowait=backend.nowait_io if isinstance(backend, NowaitCapable) else frozenset(),
         )
 
 

@@ -107,8 +107,12 @@ class FileBackend:
     other effect.
     """
 
-    #: honours nowait mode (:class:`~.backend.NowaitCapable`)
-    nowait_io = True
+    @property
+    def nowait_io(self) -> frozenset[str]:
+        """Reads are tried nowait; writes only if ``NOWAIT_WRITES``, or the test seam
+        refuses them (:class:`~.backend.NowaitCapable`)."""
+        writes = nowait.NOWAIT_WRITES or "write" in nowait.refused
+        return frozenset({"read", "write"}) if writes else frozenset({"read"})
 
     def __init__(self, path: str, read_only: bool = False) -> None:
         self.path = path

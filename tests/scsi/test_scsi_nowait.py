@@ -20,9 +20,11 @@ from iscsi_vmtarget.scsi.target_device import BlockedCommand
 from iscsi_vmtarget.storage import Abilities, FileBackend, MemoryBackend, nowait
 from iscsi_vmtarget.storage.nowait import MODE, RWF_NOWAIT, WouldBlock
 from iscsi_vmtarget.testing.page_cache import evict
+from iscsi_vmtarget.vm.format.header import Mode
 from iscsi_vmtarget.vm.layers.cow import ChainBackend
-from iscsi_vmtarget.vm.layers.view import SliceBackend
+from iscsi_vmtarget.vm.layers.view import GuestView, SliceBackend
 from tests.scsi.conftest import cdb10, make_nexus
+from tests.vm.helpers import make_header
 
 BLOCK = 512
 SIZE = 1 << 20
@@ -61,9 +63,12 @@ def lun(tmp_path: Path) -> Iterator[Lun]:
 
 
 @pytest.fixture
-def refuse_writes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nowait writes refused as a throttled kernel refuses them (the backend's seam)."""
+def refuse_writes(monkeypatch: pytest.MonkeyPatch, lun: Lun) -> None:
+    """Writes tried nowait and refused as a throttled kernel refuses them (the
+    backend's seam; the LU reads its backend's abilities again)."""
     monkeypatch.setattr(nowait, "refused", frozenset({"write"}))
+    lun.lu.replace_backend(lun.backend)
+    assert lun.lu.abilities.nowait == {"read", "write"}
 
 
 def _good(response: ScsiResponse | BlockedCommand) -> ScsiResponse:
@@ -171,10 +176,20 @@ def test_backends_that_may_be_cut_off_say_so(tmp_path: Path) -> None:
     path.write_bytes(bytes(SIZE))
     backend = FileBackend(str(path))
     try:
-        assert Abilities.of(backend).nowait
-        assert Abilities.of(SliceBackend(backend, 4096, 8192)).nowait
+        # writes stay blocking (NOWAIT_WRITES: measured, not worth it)
+        assert Abilities.of(backend).nowait == {"read"}
+        assert Abilities.of(SliceBackend(backend, 4096, 8192)).nowait == {"read"}
         assert not Abilities.of(SliceBackend(MemoryBackend(SIZE), 0, 4096)).nowait
         assert not Abilities.of(MemoryBackend(SIZE)).nowait
+        # a guest view: a pure offset mapping over its unit handle
+        header = make_header(Mode.ALIGNED, 2 << 20)
+        path.write_bytes(bytes(header.unit_size))
+        unit = FileBackend(str(path))
+        try:
+            assert Abilities.of(GuestView(unit, header)).nowait == {"read"}
+        finally:
+            unit.close()
+        assert not Abilities.of(GuestView(MemoryBackend(header.unit_size), header)).nowait
         # a copy-on-write chain copies up before it writes: never cut off
         assert not hasattr(ChainBackend, "nowait_io")
     finally:

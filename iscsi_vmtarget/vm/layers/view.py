@@ -58,7 +58,7 @@ class SliceBackend:
         return self._base.read_only
 
     @property
-    def nowait_io(self) -> bool:
+    def nowait_io(self) -> frozenset[str]:
         """An offset shift: nowait I/O (storage/nowait.py) when the base does it."""
         return _nowait_io(self._base)
 
@@ -271,7 +271,7 @@ class GuestView:
         return self._map[2].raw
 
     @property
-    def nowait_io(self) -> bool:
+    def nowait_io(self) -> frozenset[str]:
         """Translation is a pure offset mapping (a request cut off between segments
         is redone whole), so nowait I/O (storage/nowait.py) when the unit handle does
         it; a handle a resize opens again is of the same kind."""
@@ -462,8 +462,8 @@ class GuestView:
             handle.raw.close()
 
 
-def _nowait_io(raw: BlockBackend) -> bool:
-    return isinstance(raw, NowaitCapable) and raw.nowait_io
+def _nowait_io(raw: BlockBackend) -> frozenset[str]:
+    return raw.nowait_io if isinstance(raw, NowaitCapable) else frozenset()
 
 
 def _ranges_of(raw: BlockBackend) -> RangeFinder | None:
