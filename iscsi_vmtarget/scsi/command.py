@@ -27,6 +27,8 @@ class Command:
     cdb: bytes
     data_out: memoryview
     luns: Mapping[int, LogicalUnit]
+    #: the medium I/O runs in nowait mode (storage/nowait.py, ScsiTarget.execute_nowait)
+    nowait: bool = False
 
     @property
     def unit(self) -> LogicalUnit:

@@ -157,7 +157,7 @@ def read(cmd: Command) -> bytearray | None:
         return None
     buf = bytearray(blocks * lu.block_size)
     with lu.ranges.hold(lba, blocks):
-        if MODE.flags and "read" not in lu.abilities.nowait:  # swapped (a live snapshot)
+        if cmd.nowait and "read" not in lu.abilities.nowait:  # swapped (a live snapshot)
             MODE.flags = 0
         _read_medium(lu, lba * lu.block_size, memoryview(buf))
     return buf
@@ -172,7 +172,7 @@ def _write_received(cmd: Command, lu: LogicalUnit) -> tuple[int, memoryview]:
     data = cmd.data_out[: blocks * lu.block_size]
     if len(data):
         with lu.ranges.hold(lba, blocks):
-            if MODE.flags and "write" not in lu.abilities.nowait:  # see read()
+            if cmd.nowait and "write" not in lu.abilities.nowait:  # see read()
                 MODE.flags = 0
             _write_medium(lu, offset, data)
     return offset, data

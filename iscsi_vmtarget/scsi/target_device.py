@@ -165,6 +165,7 @@ class ScsiTarget:
         command = Command(nexus, lun, lu, cdb, view, self._luns)
         kind = row.nowait_kind
         if nowait and kind is not None and lu is not None and kind in lu.abilities.nowait:
+            command.nowait = True
             MODE.flags = RWF_NOWAIT
             try:
                 result = row.handler(command)

@@ -184,10 +184,11 @@ class FileBackend:
             raise BackendError("backend is read-only")
         view = memoryview(data).cast("B")
         check_range(self._size, offset, len(view))
-        mode = MODE.flags
-        if mode and nowait.refused:
-            self._refuse("write", offset, view)
-        flags = mode & self._nowait_write  # 0 outside nowait mode: plain pwritev
+        flags = 0  # plain pwritev, unless nowait writes are on (or the seam) and asked for
+        if (self._nowait_write or nowait.refused) and MODE.flags:
+            if nowait.refused:
+                self._refuse("write", offset, view)
+            flags = self._nowait_write
         done = 0
         try:
             while done < len(view):

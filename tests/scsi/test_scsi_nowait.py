@@ -9,7 +9,7 @@ import os
 import struct
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -235,20 +235,30 @@ class _Opaque:
         pass
 
 
+class _SwapOnHold:
+    """An LU's range lock that runs ``swap`` once, as the first command takes a range:
+    a backend swap landing between the dispatcher's look and the handler's hold."""
+
+    def __init__(self, lu: LogicalUnit, swap: Callable[[], None]) -> None:
+        self.real, self.swap = lu.ranges, swap
+
+    def hold(self, lba: int, blocks: int) -> object:
+        swap, self.swap = self.swap, lambda: None
+        swap()
+        return self.real.hold(lba, blocks)
+
+    def hold_all(self) -> object:
+        return self.real.hold_all()
+
+
 def test_backend_swapped_after_the_dispatcher_looked_is_not_cut_off(
     lun: Lun, refuse_writes: None
 ) -> None:
     """The dispatcher turned nowait mode on for a file LU; a live snapshot put a chain
     in its place before the WRITE took its range: the write must not be cut off."""
-    lun.lu.replace_backend(_Opaque(lun.backend))
+    lu = lun.lu
+    lu.ranges = _SwapOnHold(lu, lambda: lu.replace_backend(_Opaque(lun.backend)))  # type: ignore[assignment]
     data = os.urandom(8 * BLOCK)
-    MODE.flags = RWF_NOWAIT  # as execute_nowait left it for the file backend
-    try:
-        _good(lun.target.execute(lun.nexus, 0, cdb10(WRITE10, 72, 8), data))
-        assert (
-            bytes(_good(lun.target.execute(lun.nexus, 0, cdb10(READ10, 72, 8), None)).data_in)
-            == data
-        )
-    finally:
-        MODE.flags = 0
+    _good(lun.nowait(cdb10(WRITE10, 72, 8), data))  # done blocking, not cut off
+    assert MODE.flags == 0
     assert lun.medium(72, 8) == data
