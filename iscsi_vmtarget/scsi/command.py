@@ -29,6 +29,8 @@ class Command:
     luns: Mapping[int, LogicalUnit]
     #: the caller can start a medium access and be called back (ScsiTarget.submit)
     startable: bool = False
+    #: the medium I/O runs in nowait mode (storage/nowait.py, ScsiTarget.execute_nowait)
+    nowait: bool = False
 
     @property
     def unit(self) -> LogicalUnit:

@@ -73,6 +73,10 @@ class OpcodeRow:
     #: a plain READ or WRITE: may be started without waiting where the backend offers
     #: asynchronous I/O (:class:`~.medium_transfer.MediumTransfer`)
     startable: bool = False
+    #: "read" or "write": the command is idempotent and its handler does nothing but
+    #: range checks and that one medium I/O, so it may be tried inline without blocking
+    #: and, cut off, run again whole (READ, WRITE; storage/nowait.py)
+    nowait_kind: str | None = None
     needs_lu: bool = True  # False: answered on a LUN without a logical unit too
     ua_exempt: bool = False  # SAM-5 §5.14: INQUIRY, REPORT LUNS, REQUEST SENSE
     pr_relaxed: BlockPredicate | None = None

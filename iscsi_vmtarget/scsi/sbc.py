@@ -17,6 +17,7 @@ import struct
 from typing import Final
 
 from ..storage.backend import BackendError
+from ..storage.nowait import MODE
 from .command import Command, check_lba_range, parse_block_range, require
 from .logical_unit import LogicalUnit
 from .medium_transfer import MediumTransfer
@@ -145,7 +146,12 @@ def read(cmd: Command) -> bytearray | MediumTransfer | None:
     """READ(6/10/12/16) (SBC-3 §5.8-5.11). DPO and FUA need no action: reads
     come from the backend, which is coherent with every completed write. Where the
     caller can start it (``cmd.startable``) on a backend with asynchronous I/O, the
-    read is returned unstarted (:mod:`.medium_transfer`)."""
+    read is returned unstarted (:mod:`.medium_transfer`).
+
+    Run in nowait mode (``ScsiTarget.execute_nowait``), READ and WRITE check again
+    inside their range hold that the backend honours it: the dispatcher looked before
+    the hold, and a backend swap (``LogicalUnit.replace_backend``) may have put a
+    copy-on-write chain, which must never be cut off, in its place meanwhile."""
     lu = cmd.unit
     lba, blocks, length_byte = parse_block_range(cmd.cdb)
     check_lba_range(lu.num_blocks, lba, blocks)
@@ -156,6 +162,8 @@ def read(cmd: Command) -> bytearray | MediumTransfer | None:
         return MediumTransfer(lu, lba, blocks, None)
     buf = bytearray(blocks * lu.block_size)
     with lu.ranges.hold(lba, blocks):
+        if cmd.nowait and "read" not in lu.abilities.nowait:  # swapped (a live snapshot)
+            MODE.flags = 0
         _read_medium(lu, lba * lu.block_size, memoryview(buf))
     return buf
 
@@ -175,6 +183,8 @@ def _write_received(cmd: Command, lu: LogicalUnit) -> tuple[int, memoryview]:
     offset = lba * lu.block_size
     if len(data):
         with lu.ranges.hold(lba, blocks):
+            if cmd.nowait and "write" not in lu.abilities.nowait:  # see read()
+                MODE.flags = 0
             _write_medium(lu, offset, data)
     return offset, data
 

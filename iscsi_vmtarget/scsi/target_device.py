@@ -10,12 +10,13 @@ the LU's control mode page asks for.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
+from ..storage.nowait import MODE, RWF_NOWAIT, WouldBlock
 from .command import Command
 from .logical_unit import LogicalUnit
 from .medium_transfer import MediumTransfer, check_condition
-from .opcode_row import DataDirection, OpcodeRow
+from .opcode_row import DataDirection, HandlerResult, OpcodeRow
 from .opcodes import find_row, lookup, validate_cdb
 from .pr import initiator_of
 from .sense import Reason, ReservationConflict, ScsiError
@@ -100,7 +101,7 @@ class ScsiTarget:
         data_out: memoryview | bytes | bytearray | None,
     ) -> ScsiResponse:
         """Run one command to completion (synchronously) and return its status."""
-        response = self._run(nexus, lun, cdb, data_out, startable=False)
+        response = self._run(nexus, lun, cdb, data_out, startable=False, nowait=False)
         assert isinstance(response, ScsiResponse)
         return response
 
@@ -110,12 +111,38 @@ class ScsiTarget:
         lun: int,
         cdb: bytes | bytearray | memoryview,
         data_out: memoryview | bytes | bytearray | None,
-    ) -> ScsiResponse | MediumTransfer:
-        """As :meth:`execute`, except that a plain READ or WRITE of an LU whose
-        backend has asynchronous I/O (one :meth:`may_block` lets run here) comes
-        back checked but unstarted, as a :class:`MediumTransfer` for the caller to
-        start (:mod:`.medium_transfer`)."""
-        return self._run(nexus, lun, cdb, data_out, startable=True)
+    ) -> ScsiResponse | MediumTransfer | BlockedCommand:
+        """As :meth:`execute`, for a caller that must not block (the event loop): a
+        plain READ or WRITE of an LU whose backend has asynchronous I/O (one
+        :meth:`may_block` lets run here) comes back checked but unstarted, as a
+        :class:`MediumTransfer` for the caller to start (:mod:`.medium_transfer`);
+        one whose backend tries it without blocking runs in nowait mode and may come
+        back as a :class:`BlockedCommand` (:meth:`execute_nowait`)."""
+        return self._run(nexus, lun, cdb, data_out, startable=True, nowait=True)
+
+    def execute_nowait(
+        self,
+        nexus: Nexus,
+        lun: int,
+        cdb: bytes | bytearray | memoryview,
+        data_out: memoryview | bytes | bytearray | None,
+        *,
+        nowait: bool = True,
+    ) -> ScsiResponse | BlockedCommand:
+        """:meth:`execute` (that, with ``nowait=False``), but a READ or WRITE (rows with
+        a ``nowait_kind``) of an LU whose backend tries that kind of I/O without blocking
+        (:class:`~..storage.backend.NowaitCapable`) does its medium I/O in nowait mode:
+        when the kernel would block (pages not in the page cache, a throttled write) it
+        returns a :class:`BlockedCommand` whose :meth:`~BlockedCommand.run` - in a
+        thread where blocking is fine - does that I/O again, whole. Everything before
+        the medium I/O (unit attention, reservations, write protection, range checks)
+        happened once, here; a command refused by them never blocks. Between the two
+        runs the range lock is not held: a write cut off part way may be seen half done
+        by an overlapping command, as while any write is in flight (SAM-5 §8.6: SIMPLE
+        tasks have no order among themselves)."""
+        response = self._run(nexus, lun, cdb, data_out, startable=False, nowait=nowait)
+        assert not isinstance(response, MediumTransfer)
+        return response
 
     def _run(
         self,
@@ -124,21 +151,19 @@ class ScsiTarget:
         cdb: bytes | bytearray | memoryview,
         data_out: memoryview | bytes | bytearray | None,
         startable: bool,
-    ) -> ScsiResponse | MediumTransfer:
+        nowait: bool,
+    ) -> ScsiResponse | MediumTransfer | BlockedCommand:
         raw = bytes(cdb)
         lu = self._luns.get(lun)
         row = find_row(raw)
         data_out_length = _described_data_out(row, raw, lu)
         response: ScsiResponse | MediumTransfer
         try:
-            response = self._dispatch(nexus, lun, lu, raw, row, data_out, startable)
-        except ScsiError as err:
-            response = check_condition(lu, err)
-        except ReservationConflict:
-            response = ScsiResponse(Status.RESERVATION_CONFLICT)
-        except Exception:  # a bug or an unexpected backend failure: never crash the server
-            _log.exception("command %s on LUN %d failed", raw[:1].hex(), lun)
-            response = check_condition(lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))
+            response = self._dispatch(nexus, lun, lu, raw, row, data_out, startable, nowait)
+        except _Blocked as blocked:
+            return BlockedCommand(lu, raw, lun, blocked.rerun, data_out_length)
+        except Exception as exc:
+            response = _failure(lu, raw, lun, exc)
         response.data_out_length = data_out_length
         return response
 
@@ -151,6 +176,7 @@ class ScsiTarget:
         row: OpcodeRow | None,
         data_out: memoryview | bytes | bytearray | None,
         startable: bool,
+        nowait: bool,
     ) -> ScsiResponse | MediumTransfer:
         if lu is None and (row is None or row.needs_lu):
             raise ScsiError(Reason.LOGICAL_UNIT_NOT_SUPPORTED)
@@ -176,18 +202,21 @@ class ScsiTarget:
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         command = Command(nexus, lun, lu, cdb, view, self._luns, startable)
-        result = row.handler(command)
+        kind = row.nowait_kind
+        if nowait and kind is not None and lu is not None and kind in lu.abilities.nowait:
+            command.nowait = True
+            MODE.flags = RWF_NOWAIT
+            try:
+                result = row.handler(command)
+            except WouldBlock:
+                raise _Blocked(lambda: _respond(row, command, row.handler(command))) from None
+            finally:
+                MODE.flags = 0
+        else:
+            result = row.handler(command)
         if isinstance(result, MediumTransfer):
             return result  # the Data-In is the transfer length exactly: nothing to trim
-        if isinstance(result, ScsiResponse):
-            response = result
-        else:
-            response = ScsiResponse(Status.GOOD, b"" if result is None else result)
-        if row.direction is DataDirection.IN:
-            limit = row.transfer_length(cdb, lu.block_size if lu else 512)
-            if len(response.data_in) > limit:
-                response.data_in = memoryview(response.data_in)[:limit]
-        return response
+        return _respond(row, command, result)
 
     # -- task management ------------------------------------------------------------------
 
@@ -211,6 +240,65 @@ class ScsiTarget:
         if function is TmfFunction.LOGICAL_UNIT_RESET:
             lu.reset(Reason.BUS_DEVICE_RESET)
         return TmfResult.FUNCTION_COMPLETE
+
+
+def _respond(row: OpcodeRow, command: Command, result: HandlerResult) -> ScsiResponse:
+    """A handler's result as a response, its Data-In cut to what the CDB asked for."""
+    if isinstance(result, ScsiResponse):
+        response = result
+    else:
+        response = ScsiResponse(Status.GOOD, b"" if result is None else result)
+    if row.direction is DataDirection.IN:
+        lu = command.lu
+        limit = row.transfer_length(command.cdb, lu.block_size if lu else 512)
+        if len(response.data_in) > limit:
+            response.data_in = memoryview(response.data_in)[:limit]
+    return response
+
+
+def _failure(lu: LogicalUnit | None, raw: bytes, lun: int, exc: Exception) -> ScsiResponse:
+    """The status a command that raised ends with."""
+    if isinstance(exc, ScsiError):
+        return check_condition(lu, exc)
+    if isinstance(exc, ReservationConflict):
+        return ScsiResponse(Status.RESERVATION_CONFLICT)
+    # a bug or an unexpected backend failure: never crash the server
+    _log.error("command %s on LUN %d failed", raw[:1].hex(), lun, exc_info=exc)
+    return check_condition(lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))
+
+
+class _Blocked(Exception):
+    def __init__(self, rerun: Callable[[], ScsiResponse]) -> None:
+        self.rerun = rerun
+
+
+class BlockedCommand:
+    """A command whose nowait medium I/O the kernel would have blocked
+    (:meth:`ScsiTarget.execute_nowait`): :meth:`run` completes it, blocking."""
+
+    __slots__ = ("_data_out_length", "_lu", "_lun", "_raw", "_rerun")
+
+    def __init__(
+        self,
+        lu: LogicalUnit | None,
+        raw: bytes,
+        lun: int,
+        rerun: Callable[[], ScsiResponse],
+        data_out_length: int,
+    ) -> None:
+        self._lu, self._raw, self._lun = lu, raw, lun
+        self._rerun = rerun
+        self._data_out_length = data_out_length
+
+    def run(self) -> ScsiResponse:
+        """The handler again, whole and blocking (in a worker thread): the checks
+        before it ran once, in :meth:`ScsiTarget.execute_nowait`."""
+        try:
+            response = self._rerun()
+        except Exception as exc:
+            response = _failure(self._lu, self._raw, self._lun, exc)
+        response.data_out_length = self._data_out_length
+        return response
 
 
 def _check_reservations(lu: LogicalUnit, nexus: Nexus, row: OpcodeRow, cdb: bytes) -> None:

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..iscsi import send_targets
@@ -26,7 +27,9 @@ from ..iscsi.pdu import TmfCode, TmfResponse
 from ..iscsi.transfer import Task
 from ..scsi import ScsiTarget
 from ..scsi.medium_transfer import MediumTransfer
+from ..scsi.target_device import BlockedCommand
 from ..scsi.task import Nexus, ScsiResponse, Status
+from ..vm import faults
 from . import fabric, pr_abort
 from .completions import Inbox
 from .metrics import Metrics, SessionInfo
@@ -149,15 +152,17 @@ class ConnectionHandler(asyncio.Protocol):
         data = task.buffer  # the SCSI layer takes a memoryview of it
         start = time.perf_counter()
         if scsi.may_block(task.cdb, task.lun):
-            self.running += 1
-            fut = asyncio.get_running_loop().run_in_executor(
-                self.server.executor, scsi.execute, nexus, task.lun, task.cdb, data
-            )
-            fut.add_done_callback(lambda f: self._threaded_done(task, f, start))
+            self._in_thread(task, start, scsi.execute, nexus, task.lun, task.cdb, data)
             return
+        # inline: a READ or WRITE of a file LU without blocking (storage/nowait.py), or
+        # started on a backend with asynchronous I/O (RBD; scsi/medium_transfer.py)
         response = scsi.submit(nexus, task.lun, task.cdb, data)
         if isinstance(response, MediumTransfer):
             self._start_transfer(task, response, start)
+            return
+        if isinstance(response, BlockedCommand):  # not in the page cache, or throttled
+            self._count_fallback(task)
+            self._in_thread(task, start, _run_blocked, response)
             return
         self._account(task, response, start)
         self.conn.command_completed(task, response)
@@ -180,6 +185,14 @@ class ConnectionHandler(asyncio.Protocol):
             fut = asyncio.get_running_loop().run_in_executor(self.server.executor, transfer.run)
             fut.add_done_callback(lambda f: (complete(), self._pump()))
 
+    def _in_thread(
+        self, task: Task, start: float, call: Callable[..., ScsiResponse], *args: object
+    ) -> None:
+        """Run ``call(*args)`` in a worker thread; complete ``task`` with its response."""
+        self.running += 1
+        fut = asyncio.get_running_loop().run_in_executor(self.server.executor, call, *args)
+        fut.add_done_callback(lambda f: self._threaded_done(task, f, start))
+
     def _threaded_done(self, task: Task, fut: asyncio.Future, start: float) -> None:  # type: ignore[type-arg]
         self.running -= 1
         exc = fut.exception()
@@ -190,6 +203,11 @@ class ConnectionHandler(asyncio.Protocol):
             self._account(task, fut.result(), start)
             self.conn.command_completed(task, fut.result())
         self._pump()
+
+    def _count_fallback(self, task: Task) -> None:
+        lun = self.lun_names.get(task.lun)
+        if lun is not None:
+            self.server.metrics.nowait_fallback(self.target_name, lun, self.tsih)
 
     def _account(self, task: Task, response: ScsiResponse, start: float) -> None:
         """Per-LUN and per-session counters (server/metrics.py)."""
@@ -320,6 +338,13 @@ class ConnectionHandler(asyncio.Protocol):
             self._flush()
         self._idle = True
         self._arm_ping()
+
+
+def _run_blocked(command: BlockedCommand) -> ScsiResponse:
+    """A command the kernel would have blocked inline, run again in a worker thread
+    (a test holds it at the pause point to see other sessions served meanwhile)."""
+    faults.pause("nowait.fallback")
+    return command.run()
 
 
 def _iscsi_transport_id(name: str, isid: str) -> bytes:

@@ -13,7 +13,9 @@ from them only when scraped. Series (``iscsi_vmtarget_`` prefix; ``lun_`` with
 labels target, lun; ``session_`` with target, initiator, isid, tsih):
 
 * ``{lun,session}_{read,write,other}_commands_total``, ``..._errors_total``,
-  ``..._{read,write}_bytes_total``, ``..._{read,write}_seconds_total`` (counters);
+  ``..._{read,write}_bytes_total``, ``..._{read,write}_seconds_total``,
+  ``..._nowait_fallbacks_total`` (READs and WRITEs not servable inline without
+  blocking, run again in a worker thread: storage/nowait.py) (counters);
 * ``{lun,session}_latency_seconds`` (histogram; also labels ``vm``, the VM the target
   is derived from or "", and ``op``: read, write or other; buckets :data:`BOUNDS`);
 * ``sessions`` per target (gauge), ``logins_total``.
@@ -71,6 +73,9 @@ class IoCounters:
     read_seconds: float = 0.0
     write_seconds: float = 0.0
     other_seconds: float = 0.0
+    #: READs and WRITEs the kernel would have blocked inline (not in the page cache,
+    #: a throttled write): run again in a worker thread (storage/nowait.py)
+    nowait_fallbacks: int = 0
     #: per kind (READ, WRITE, OTHER): commands by bucket of BOUNDS (last: over all)
     latency: list[list[int]] = field(default_factory=_buckets)
 
@@ -140,6 +145,17 @@ class Metrics:
         if session is not None:
             session.io.add(opcode, good, nbytes, seconds)
 
+    def nowait_fallback(self, target: str, lun: int, tsih: int) -> None:
+        """One command moved to a worker thread because it would have blocked inline
+        (counted besides :meth:`record`, which counts it once when it completes)."""
+        counters = self.luns.get((target, lun))
+        if counters is None:
+            counters = self.luns[(target, lun)] = IoCounters()
+        counters.nowait_fallbacks += 1
+        session = self.sessions.get(tsih)
+        if session is not None:
+            session.io.nowait_fallbacks += 1
+
     def forget_target(self, target: str) -> None:
         for key in [k for k in self.luns if k[0] == target]:
             del self.luns[key]
@@ -161,6 +177,11 @@ SERIES: list[tuple[str, str, Callable[[IoCounters], float]]] = [
     ("write_bytes", "bytes written", lambda c: c.write_bytes),
     ("read_seconds", "time spent in READs", lambda c: c.read_seconds),
     ("write_seconds", "time spent in WRITEs", lambda c: c.write_seconds),
+    (
+        "nowait_fallbacks",
+        "READs and WRITEs that would have blocked inline, run in a worker thread",
+        lambda c: c.nowait_fallbacks,
+    ),
 ]
 _LE = [*(repr(b) for b in BOUNDS), "+Inf"]
 

@@ -31,8 +31,8 @@ class BlockBackend(Protocol):
     guest view).
     Optional abilities are the protocols below (:class:`AllocationMap`,
     :class:`WrittenMap`, :class:`Zeroing`, :class:`CryptoErasable`,
-    :class:`CapacityNotifier`, :class:`AsyncIO`), read once into :class:`Abilities` where a logical
-    unit is built, never looked up per command.
+    :class:`CapacityNotifier`, :class:`AsyncIO`, :class:`NowaitCapable`), read once
+    into :class:`Abilities` where a logical unit is built, never looked up per command.
     """
 
     @property
@@ -145,6 +145,20 @@ class AsyncIO(Protocol):
                     done: WriteDone) -> None: ...
 
 
+@runtime_checkable
+class NowaitCapable(Protocol):
+    """Honours nowait mode (:mod:`.nowait`) for the kinds of I/O ``nowait_io`` names
+    ("read", "write"): in it such an I/O either completes without blocking or raises
+    :class:`~.nowait.WouldBlock`, and one cut off that way has had no effect but bytes
+    of a write written, so running the same I/O again completes it. Only for a pure
+    offset mapping onto files (a file, a window of one, a guest view over them), never
+    for a store that does other work before the medium I/O (a copy-on-write chain
+    copies up, then writes: cut off, its second run differs)."""
+
+    @property
+    def nowait_io(self) -> frozenset[str]: ...
+
+
 @dataclass(frozen=True)
 class Abilities:
     """What one backend offers beyond :class:`BlockBackend`, checked once
@@ -160,6 +174,8 @@ class Abilities:
     remote: bool = False
     #: reads and writes can be started without waiting (:class:`AsyncIO`)
     aio: AsyncIO | None = None
+    #: kinds of I/O ("read", "write") tried without blocking (:class:`NowaitCapable`)
+    nowait: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, backend: object) -> Abilities:
@@ -172,6 +188,7 @@ class Abilities:
             crypto_erase=backend.crypto_erase if isinstance(backend, CryptoErasable) else None,
             remote=is_remote(backend),
             aio=backend if isinstance(backend, AsyncIO) else None,
+            nowait=backend.nowait_io if isinstance(backend, NowaitCapable) else frozenset(),
         )
 
 

@@ -10,8 +10,10 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from . import nowait
 from .atomic_file import fsync_dir
 from .backend import BackendError, check_range
+from .nowait import MODE, RWF_NOWAIT, WouldBlock
 
 try:  # Linux: punch holes so UNMAP really frees space and reads zeros after.
     import fcntl
@@ -98,7 +100,19 @@ class FileBackend:
 
     Opening never creates or truncates: :func:`create_sparse_file` does that, so a
     wrong path at start is a clear error and nothing existing is overwritten.
+
+    In nowait mode (:mod:`.nowait`) reads (and writes if ``NOWAIT_WRITES``) ask the
+    kernel with RWF_NOWAIT and raise :class:`~.nowait.WouldBlock` instead of blocking;
+    one plain offset mapping to one descriptor, so cutting an I/O off there has no
+    other effect.
     """
+
+    @property
+    def nowait_io(self) -> frozenset[str]:
+        """Reads are tried nowait; writes only if ``NOWAIT_WRITES``, or the test seam
+        refuses them (:class:`~.backend.NowaitCapable`)."""
+        writes = nowait.NOWAIT_WRITES or "write" in nowait.refused
+        return frozenset({"read", "write"}) if writes else frozenset({"read"})
 
     def __init__(self, path: str, read_only: bool = False) -> None:
         self.path = path
@@ -116,6 +130,10 @@ class FileBackend:
                 f"backing store {path!r} is neither a regular file nor a block device"
             )
         self._size = self._measure()
+        # RWF_NOWAIT per direction, 0 once the file system refused it (EOPNOTSUPP);
+        # writes only if NOWAIT_WRITES (storage/nowait.py: measured, not worth it)
+        self._nowait_read = RWF_NOWAIT
+        self._nowait_write = RWF_NOWAIT if nowait.NOWAIT_WRITES else 0
 
     def _measure(self) -> int:
         if self.is_block_device:
@@ -135,14 +153,26 @@ class FileBackend:
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         check_range(self._size, offset, len(buf))
+        mode = MODE.flags
+        if mode and nowait.refused:
+            self._refuse("read", offset, buf)
+        flags = mode & self._nowait_read  # 0 outside nowait mode: plain preadv
         done = 0
         total = len(buf)
-        while done < total:
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
-            if n <= 0:  # short file (should not happen): holes past EOF read as zeros
-                buf[done:] = bytes(total - done)
-                return
-            done += n
+        try:
+            while done < total:
+                n = os.preadv(self._fd, [buf[done:]], offset + done, flags)
+                if n <= 0:  # short file (should not happen): holes past EOF read as zeros
+                    buf[done:] = bytes(total - done)
+                    return
+                done += n  # a short nowait read: the next call says EAGAIN or goes on
+        except BlockingIOError:
+            raise WouldBlock(f"read of {total} bytes at {offset}") from None
+        except OSError as exc:
+            if not (flags and exc.errno == errno.EOPNOTSUPP):
+                raise
+            self._nowait_read = 0  # this file system has no nowait reads: block
+            self.read_into(offset, buf)
 
     def read(self, offset: int, length: int) -> bytearray:
         out = bytearray(length)
@@ -154,9 +184,32 @@ class FileBackend:
             raise BackendError("backend is read-only")
         view = memoryview(data).cast("B")
         check_range(self._size, offset, len(view))
+        flags = 0  # plain pwritev, unless nowait writes are on (or the seam) and asked for
+        if (self._nowait_write or nowait.refused) and MODE.flags:
+            if nowait.refused:
+                self._refuse("write", offset, view)
+            flags = self._nowait_write
         done = 0
-        while done < len(view):
-            done += os.pwritev(self._fd, [view[done:]], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwritev(self._fd, [view[done:]], offset + done, flags)
+        except BlockingIOError:  # maybe after a short count: the caller rewrites it whole
+            raise WouldBlock(f"write of {len(view)} bytes at {offset}") from None
+        except OSError as exc:
+            if not (flags and exc.errno == errno.EOPNOTSUPP):
+                raise
+            self._nowait_write = 0  # no nowait buffered writes here (ext4): block
+            self.write(offset, view)
+
+    def _refuse(self, kind: str, offset: int, buf: memoryview) -> None:
+        """The :data:`~.nowait.REFUSE_ENV` test seam: refuse a nowait I/O of a kind it
+        names as a kernel that would block does (a write after a short count)."""
+        if kind not in nowait.refused:
+            return
+        if kind == "write":
+            half = len(buf) // 2
+            os.pwrite(self._fd, buf[:half], offset)
+        raise WouldBlock(f"{kind} of {len(buf)} bytes at {offset} refused (test seam)")
 
     def flush(self) -> None:
         if not self._read_only:

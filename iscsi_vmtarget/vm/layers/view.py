@@ -25,6 +25,7 @@ from ...storage.backend import (
     AllocationMap,
     BackendError,
     BlockBackend,
+    NowaitCapable,
     RangeFinder,
     Remeasurable,
     check_range,
@@ -57,6 +58,11 @@ class SliceBackend:
     @property
     def read_only(self) -> bool:
         return self._base.read_only
+
+    @property
+    def nowait_io(self) -> frozenset[str]:
+        """An offset shift: nowait I/O (storage/nowait.py) when the base does it."""
+        return _nowait_io(self._base)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         check_range(self._size, offset, len(buf))
@@ -271,6 +277,13 @@ class GuestView:
         """I/O is a network round trip (a unit on an rbd pool; a live move may change it)."""
         return is_remote(self._map[2].raw)
 
+    @property
+    def nowait_io(self) -> frozenset[str]:
+        """Translation is a pure offset mapping (a request cut off between segments
+        is redone whole), so nowait I/O (storage/nowait.py) when the unit handle does
+        it; a handle a resize opens again is of the same kind."""
+        return _nowait_io(self._raw)
+
     def _enter(self) -> _Map:
         """The mapping an I/O uses, counted on its handle until :meth:`_leave`."""
         gate = self._gate
@@ -454,6 +467,10 @@ class GuestView:
             idle = not handle.users
         if idle:
             handle.raw.close()
+
+
+def _nowait_io(raw: BlockBackend) -> frozenset[str]:
+    return raw.nowait_io if isinstance(raw, NowaitCapable) else frozenset()
 
 
 def _ranges_of(raw: BlockBackend) -> RangeFinder | None:
