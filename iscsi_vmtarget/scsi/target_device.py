@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+from ..errors import IscsiVmtargetError
 from ..storage.nowait import MODE, RWF_NOWAIT, WouldBlock
 from .command import Command
 from .logical_unit import LogicalUnit
@@ -267,7 +268,7 @@ def _failure(lu: LogicalUnit | None, raw: bytes, lun: int, exc: Exception) -> Sc
     return check_condition(lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))
 
 
-class _Blocked(Exception):
+class _Blocked(IscsiVmtargetError):
     def __init__(self, rerun: Callable[[], ScsiResponse]) -> None:
         self.rerun = rerun
 

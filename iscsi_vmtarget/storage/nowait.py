@@ -29,6 +29,8 @@ import os
 import threading
 from typing import Final
 
+from ..errors import IscsiVmtargetError
+
 #: 0 where the platform has no RWF_NOWAIT: nowait mode then changes nothing
 RWF_NOWAIT: Final = getattr(os, "RWF_NOWAIT", 0)
 
@@ -43,7 +45,7 @@ NOWAIT_WRITES: Final = False
 REFUSE_ENV: Final = "ISCSI_VMTARGET_NOWAIT_REFUSE"
 
 
-class WouldBlock(Exception):
+class WouldBlock(IscsiVmtargetError):
     """The kernel would have blocked this I/O. Nothing failed (not a BackendError:
     no sense data may come of it): run the same I/O again where blocking is fine.
     A write may be partly done; rerun it whole (a plain write is idempotent)."""
