@@ -29,7 +29,7 @@ class Command:
     luns: Mapping[int, LogicalUnit]
     #: the caller can start a medium access and be called back (ScsiTarget.submit)
     startable: bool = False
-    #: the medium I/O runs in nowait mode (storage/nowait.py, ScsiTarget.execute_nowait)
+    #: the medium I/O runs in nowait mode (storage/nowait.py, ScsiTarget.submit)
     nowait: bool = False
 
     @property

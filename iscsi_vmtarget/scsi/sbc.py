@@ -148,7 +148,7 @@ def read(cmd: Command) -> bytearray | MediumTransfer | None:
     caller can start it (``cmd.startable``) on a backend with asynchronous I/O, the
     read is returned unstarted (:mod:`.medium_transfer`).
 
-    Run in nowait mode (``ScsiTarget.execute_nowait``), READ and WRITE check again
+    Run in nowait mode (``ScsiTarget.submit``), READ and WRITE check again
     inside their range hold that the backend honours it: the dispatcher looked before
     the hold, and a backend swap (``LogicalUnit.replace_backend``) may have put a
     copy-on-write chain, which must never be cut off, in its place meanwhile."""

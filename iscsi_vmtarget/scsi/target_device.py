@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from ..errors import IscsiVmtargetError
 from ..storage.nowait import MODE, RWF_NOWAIT, WouldBlock
 from .command import Command
 from .logical_unit import LogicalUnit
@@ -102,7 +101,7 @@ class ScsiTarget:
         data_out: memoryview | bytes | bytearray | None,
     ) -> ScsiResponse:
         """Run one command to completion (synchronously) and return its status."""
-        response = self._run(nexus, lun, cdb, data_out, startable=False, nowait=False)
+        response = self._run(nexus, lun, cdb, data_out, inline=False)
         assert isinstance(response, ScsiResponse)
         return response
 
@@ -113,37 +112,26 @@ class ScsiTarget:
         cdb: bytes | bytearray | memoryview,
         data_out: memoryview | bytes | bytearray | None,
     ) -> ScsiResponse | MediumTransfer | BlockedCommand:
-        """As :meth:`execute`, for a caller that must not block (the event loop): a
-        plain READ or WRITE of an LU whose backend has asynchronous I/O (one
-        :meth:`may_block` lets run here) comes back checked but unstarted, as a
-        :class:`MediumTransfer` for the caller to start (:mod:`.medium_transfer`);
-        one whose backend tries it without blocking runs in nowait mode and may come
-        back as a :class:`BlockedCommand` (:meth:`execute_nowait`)."""
-        return self._run(nexus, lun, cdb, data_out, startable=True, nowait=True)
+        """As :meth:`execute`, for a caller that must not block (the event loop), for
+        the plain READ and WRITE (rows with ``startable``/``nowait_kind``) of an LU:
 
-    def execute_nowait(
-        self,
-        nexus: Nexus,
-        lun: int,
-        cdb: bytes | bytearray | memoryview,
-        data_out: memoryview | bytes | bytearray | None,
-        *,
-        nowait: bool = True,
-    ) -> ScsiResponse | BlockedCommand:
-        """:meth:`execute` (that, with ``nowait=False``), but a READ or WRITE (rows with
-        a ``nowait_kind``) of an LU whose backend tries that kind of I/O without blocking
-        (:class:`~..storage.backend.NowaitCapable`) does its medium I/O in nowait mode:
-        when the kernel would block (pages not in the page cache, a throttled write) it
-        returns a :class:`BlockedCommand` whose :meth:`~BlockedCommand.run` - in a
-        thread where blocking is fine - does that I/O again, whole. Everything before
-        the medium I/O (unit attention, reservations, write protection, range checks)
-        happened once, here; a command refused by them never blocks. Between the two
-        runs the range lock is not held: a write cut off part way may be seen half done
-        by an overlapping command, as while any write is in flight (SAM-5 §8.6: SIMPLE
-        tasks have no order among themselves)."""
-        response = self._run(nexus, lun, cdb, data_out, startable=False, nowait=nowait)
-        assert not isinstance(response, MediumTransfer)
-        return response
+        * whose backend has asynchronous I/O (one :meth:`may_block` lets run here): the
+          command comes back checked but unstarted, as a :class:`MediumTransfer` for
+          the caller to start (:mod:`.medium_transfer`);
+        * whose backend tries that kind of I/O without blocking
+          (:class:`~..storage.backend.NowaitCapable`): its medium I/O runs in nowait
+          mode, and when the kernel would block (pages not in the page cache, a
+          throttled write) it comes back as a :class:`BlockedCommand` whose
+          :meth:`~BlockedCommand.run` - in a thread where blocking is fine - does that
+          I/O again, whole.
+
+        Everything before the medium I/O (unit attention, reservations, write
+        protection, range checks) happens once, here; a command refused by them never
+        blocks. Between the two runs of a blocked command the range lock is not held:
+        a write cut off part way may be seen half done by an overlapping command, as
+        while any write is in flight (SAM-5 §8.6: SIMPLE tasks have no order among
+        themselves)."""
+        return self._run(nexus, lun, cdb, data_out, inline=True)
 
     def _run(
         self,
@@ -151,18 +139,15 @@ class ScsiTarget:
         lun: int,
         cdb: bytes | bytearray | memoryview,
         data_out: memoryview | bytes | bytearray | None,
-        startable: bool,
-        nowait: bool,
+        inline: bool,
     ) -> ScsiResponse | MediumTransfer | BlockedCommand:
         raw = bytes(cdb)
         lu = self._luns.get(lun)
         row = find_row(raw)
         data_out_length = _described_data_out(row, raw, lu)
-        response: ScsiResponse | MediumTransfer
+        response: ScsiResponse | MediumTransfer | BlockedCommand
         try:
-            response = self._dispatch(nexus, lun, lu, raw, row, data_out, startable, nowait)
-        except _Blocked as blocked:
-            return BlockedCommand(lu, raw, lun, blocked.rerun, data_out_length)
+            response = self._dispatch(nexus, lun, lu, raw, row, data_out, inline)
         except Exception as exc:
             response = _failure(lu, raw, lun, exc)
         response.data_out_length = data_out_length
@@ -176,9 +161,8 @@ class ScsiTarget:
         raw: bytes,
         row: OpcodeRow | None,
         data_out: memoryview | bytes | bytearray | None,
-        startable: bool,
-        nowait: bool,
-    ) -> ScsiResponse | MediumTransfer:
+        inline: bool,
+    ) -> ScsiResponse | MediumTransfer | BlockedCommand:
         if lu is None and (row is None or row.needs_lu):
             raise ScsiError(Reason.LOGICAL_UNIT_NOT_SUPPORTED)
         if lu is not None:
@@ -202,15 +186,16 @@ class ScsiTarget:
         view = _EMPTY if data_out is None else memoryview(data_out)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        command = Command(nexus, lun, lu, cdb, view, self._luns, startable)
+        command = Command(nexus, lun, lu, cdb, view, self._luns, inline)
         kind = row.nowait_kind
-        if nowait and kind is not None and lu is not None and kind in lu.abilities.nowait:
+        if inline and kind is not None and lu is not None and kind in lu.abilities.nowait:
             command.nowait = True
             MODE.flags = RWF_NOWAIT
             try:
                 result = row.handler(command)
-            except WouldBlock:
-                raise _Blocked(lambda: _respond(row, command, row.handler(command))) from None
+            except WouldBlock:  # rerun in a thread: the handler again, the checks not
+                rerun = lambda: _respond(row, command, row.handler(command))  # noqa: E731
+                return BlockedCommand(lu, raw, lun, rerun)
             finally:
                 MODE.flags = 0
         else:
@@ -268,37 +253,27 @@ def _failure(lu: LogicalUnit | None, raw: bytes, lun: int, exc: Exception) -> Sc
     return check_condition(lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))
 
 
-class _Blocked(IscsiVmtargetError):
-    def __init__(self, rerun: Callable[[], ScsiResponse]) -> None:
-        self.rerun = rerun
-
-
 class BlockedCommand:
     """A command whose nowait medium I/O the kernel would have blocked
-    (:meth:`ScsiTarget.execute_nowait`): :meth:`run` completes it, blocking."""
+    (:meth:`ScsiTarget.submit`): :meth:`run` completes it, blocking."""
 
-    __slots__ = ("_data_out_length", "_lu", "_lun", "_raw", "_rerun")
+    __slots__ = ("_lu", "_lun", "_raw", "_rerun", "data_out_length")
 
     def __init__(
-        self,
-        lu: LogicalUnit | None,
-        raw: bytes,
-        lun: int,
-        rerun: Callable[[], ScsiResponse],
-        data_out_length: int,
+        self, lu: LogicalUnit, raw: bytes, lun: int, rerun: Callable[[], ScsiResponse]
     ) -> None:
         self._lu, self._raw, self._lun = lu, raw, lun
         self._rerun = rerun
-        self._data_out_length = data_out_length
+        self.data_out_length = 0  # set by the dispatcher, as for a response
 
     def run(self) -> ScsiResponse:
         """The handler again, whole and blocking (in a worker thread): the checks
-        before it ran once, in :meth:`ScsiTarget.execute_nowait`."""
+        before it ran once, in :meth:`ScsiTarget.submit`."""
         try:
             response = self._rerun()
         except Exception as exc:
             response = _failure(self._lu, self._raw, self._lun, exc)
-        response.data_out_length = self._data_out_length
+        response.data_out_length = self.data_out_length
         return response
 
 

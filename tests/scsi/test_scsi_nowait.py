@@ -1,4 +1,4 @@
-"""READ and WRITE tried inline without blocking (ScsiTarget.execute_nowait, issue 18):
+"""READ and WRITE tried inline without blocking (ScsiTarget.submit, issue 18):
 what the page cache does not hold, or what the kernel refuses, comes back as a
 BlockedCommand whose run() completes it in a worker thread, exactly once, with the
 checks before the medium I/O (unit attention, reservations) done once."""
@@ -47,7 +47,7 @@ class Lun:
         self.target.execute(self.nexus, 0, bytes(6), None)
 
     def nowait(self, cdb: bytes, data: bytes | None = None, nexus: object = None):  # type: ignore[no-untyped-def]
-        return self.target.execute_nowait(nexus or self.nexus, 0, cdb, data)
+        return self.target.submit(nexus or self.nexus, 0, cdb, data)
 
     def medium(self, lba: int, blocks: int = 1) -> bytes:
         with open(self.path, "rb") as fh:
