@@ -108,6 +108,15 @@ def start_with_config(
     return start_target(workdir / "run", "--config", str(conf), *extra, nop_interval=nop_interval)
 
 
+def file_luns(name: str, *sizes: str) -> str:
+    """``[[target.lun]]`` tables for a test config: LUN n a file ``{d}/NAME<n>.img`` of
+    ``sizes[n]`` (``{d}`` is left for the config's ``.format(d=...)``)."""
+    return "".join(
+        f'[[target.lun]]\nnumber = {n}\npath = "{{d}}/{name}{n}.img"\nsize = "{size}"\n'
+        for n, size in enumerate(sizes)
+    )
+
+
 #: The initiator names this suite's clients log in with: INITIATOR, our initiator's
 #: default, libiscsi's test tools' two defaults, and QEMU's (qemu-img, no VM name).
 CLIENTS = (

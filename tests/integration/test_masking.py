@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.client import Initiator, InitiatorError, LoginFailed
-from tests.conftest import RunningTarget, run_tool, start_with_config
+from tests.conftest import RunningTarget, file_luns, run_tool, start_with_config
 
 A = "iqn.2026-11.org.iscsi-vmtarget:masked"
 B = "iqn.2026-11.org.iscsi-vmtarget:open"
@@ -22,22 +22,13 @@ H2 = "iqn.2026-11.org.example:host2"
 H3 = "iqn.2026-11.org.example:host3"
 STRANGER = "iqn.2026-11.org.example:stranger"
 GUESSER = "iqn.2026-11.org.example:guesser"
-CONFIG = """
+CONFIG = (
+    """
 [[target]]
 name = "{a}"
-[[target.lun]]
-number = 0
-path = "{d}/a0.img"
-size = "4M"
-[[target.lun]]
-number = 1
-path = "{d}/a1.img"
-size = "8M"
-[[target.lun]]
-number = 2
-path = "{d}/a2.img"
-size = "12M"
-[[target.acl]]
+"""
+    + file_luns("a", "4M", "8M", "12M")
+    + """[[target.acl]]
 initiator = "{h1}"
 luns = [0]
 [[target.acl]]
@@ -49,10 +40,9 @@ sources = ["192.0.2.0/24"]
 
 [[target]]
 name = "{b}"
-[[target.lun]]
-number = 0
-path = "{d}/b0.img"
-size = "2M"
+"""
+    + file_luns("b", "2M")
+    + """
 
 [[target]]
 name = "{c}"
@@ -76,6 +66,7 @@ secret = "host2-own-secret"
 user = "tgt-c"
 secret = "target-c-mutual-1"
 """
+)
 SIZE = {0: 4 << 20, 1: 8 << 20, 2: 12 << 20}
 
 

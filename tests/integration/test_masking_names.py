@@ -14,29 +14,20 @@ import pytest
 
 from iscsi_vmtarget.client import Initiator, LoginFailed
 from iscsi_vmtarget.client.initiator import ScsiResult
-from tests.conftest import RunningTarget, run_tool, start_with_config
+from tests.conftest import RunningTarget, file_luns, run_tool, start_with_config
 
 A = "iqn.2026-11.org.iscsi-vmtarget:masked"
 OPEN = "iqn.2026-11.org.iscsi-vmtarget:open"
 H1 = "iqn.2026-11.org.example:host1"
 EUI = "eui.02004567a425678d"
 NAA = "naa.62004567ba64678d0123456789abcdef"
-CONFIG = """
+CONFIG = (
+    """
 [[target]]
 name = "{a}"
-[[target.lun]]
-number = 0
-path = "{d}/a0.img"
-size = "1M"
-[[target.lun]]
-number = 1
-path = "{d}/a1.img"
-size = "2M"
-[[target.lun]]
-number = 2
-path = "{d}/a2.img"
-size = "3M"
-[[target.acl]]
+"""
+    + file_luns("a", "1M", "2M", "3M")
+    + """[[target.acl]]
 initiator = "{h1}"
 luns = [0]
 [[target.acl]]
@@ -53,6 +44,7 @@ number = 0
 path = "{d}/open.img"
 size = "1M"
 """
+)
 #: node -> the LUNs (number shown -> bytes) its ACL maps on target A
 VIEWS = {H1: {0: 1 << 20}, EUI: {3: 2 << 20}, NAA: {7: 3 << 20}}
 #: variants that ARE the node (RFC 3722 normal form equal)

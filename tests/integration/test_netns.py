@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from iscsi_vmtarget.cli.main import main
+from tests.conftest import file_luns
 
 pytestmark = pytest.mark.interop
 
@@ -38,22 +39,13 @@ PORTAL = f"{SUBNET}.1:3260"
 A = "iqn.2026-11.org.iscsi-vmtarget:netns-a"
 B = "iqn.2026-11.org.iscsi-vmtarget:netns-b"
 INI = {n: f"iqn.2026-11.org.example:nshost{n}" for n in HOSTS}
-CONFIG = """
+CONFIG = (
+    """
 [[target]]
 name = "{a}"
-[[target.lun]]
-number = 0
-path = "{d}/a0.img"
-size = "4M"
-[[target.lun]]
-number = 1
-path = "{d}/a1.img"
-size = "8M"
-[[target.lun]]
-number = 2
-path = "{d}/a2.img"
-size = "12M"
-[[target.acl]]
+"""
+    + file_luns("a", "4M", "8M", "12M")
+    + """[[target.acl]]
 initiator = "{i1}"
 luns = [0]
 [[target.acl]]
@@ -68,6 +60,7 @@ number = 0
 path = "{d}/b0.img"
 size = "2M"
 """
+)
 PROBE = """
 import json, sys
 from iscsi_vmtarget.client import Initiator, LoginFailed
