@@ -5,7 +5,12 @@ and Prout* families through the owner while the standby watches.
 
 Gateway B (target port group 2) starts first and owns the image (active/optimized);
 A is standby, which runs PERSISTENT RESERVE IN/OUT (SPC-4 §5.15.2.4.4) but no media
-access, so data commands go through B."""
+access, so data commands go through B.
+
+With ``alua_non_owner = "active-non-optimized"`` A serves data too: a write through A
+is read back through B with no ALUA state change and no unit attention; libiscsi's
+Prin*/Prout* families and SCSI.MultipathIO pass with one session on each gateway; a
+killed owner is fenced and A takes the owner role."""
 
 from __future__ import annotations
 
@@ -102,7 +107,7 @@ def libiscsi_reservation_families(
     the shared object and announced to the standby. Its second session cannot be put
     on the standby: libiscsi logs in with TEST UNIT READY, which a standby port refuses
     (NOT READY, SPC-4 §5.15.2.4.4), and the Access tests read and write through both
-    sessions."""
+    sessions (with active/non-optimized non-owners it can: see below)."""
     assert iscsi_test_cu(FAMILIES, owner.url(IQN)) == 20
     assert shared_reservations(image)["registrations"] == []  # the suite cleans up
     watcher = session(standby, HOST1)
