@@ -230,6 +230,9 @@ def test_libiscsi_reservations_and_multipath_across_active_gateways(
     active/non-optimized gateway and its second on the owner."""
     a, b = ano_gateways
     assert iscsi_test_cu(f"{FAMILIES},SCSI.MultipathIO", a.url(IQN), b.url(IQN)) == 24
+    # its second initiator's sessions went to B (libiscsi's mpath_sd2_get_or_clone)
+    second = "initiator=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2 "
+    assert second in b.log() and second not in a.log()
     assert shared_reservations(image)["registrations"] == []
 
 
