@@ -219,8 +219,11 @@ def test_active_non_optimized_gateway_writes_without_state_changes(
     assert groups(ia) == {1: 0x1, 2: 0x0} and groups(ib) == {2: 0x0}
     # no unit attention on either side: the reported states never changed
     assert ia.command(TUR).status == 0 and ib.command(TUR).status == 0
-    ia.close()
     ib.close()
+    b.stop()  # a clean stop gives the role up: A takes it without fencing anyone
+    wait_for("A active/optimized", lambda: groups(ia) == {1: 0x0}, timeout=3)
+    assert b"fencing" not in Path(str(a.log_path)).read_bytes()
+    ia.close()
 
 
 def test_libiscsi_reservations_and_multipath_across_active_gateways(
