@@ -70,7 +70,7 @@ def check_non_owner(text: str) -> str:
 
 def _role(record: bytes | None) -> tuple[int | None, str | None]:
     """(group, client address) of an OWNER_KEY record; the address is None in a record
-    of the standby mode, both None when there is none."""
+    of the standby mode, both are None when there is no record."""
     group, _, address = (record or b"").decode(errors="replace").partition(" ")
     return (int(group) if group.isdigit() else None), (address or None)
 
@@ -95,6 +95,9 @@ class GatewayKeeper:
     def __init__(self) -> None:
         self._served: list[_Served] = []
         self._lock = threading.Lock()
+        #: held through each round of checks: at exit, no round runs on (it could take
+        #: the ALUA owner role again once given up)
+        self._round = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def adopt(
@@ -120,30 +123,35 @@ class GatewayKeeper:
     def release_all(self) -> None:
         """Give up every lock this process holds (at exit: a gateway that stops
         cleanly hands its images over at once, not after its watch expired)."""
-        with self._lock:
+        with self._round, self._lock:
             served, self._served = self._served, []
         for s in served:
             if s.backend.closed:
                 continue
-            if s.groups.non_owner is AccessState.STANDBY:
-                if s.lock.held():
-                    s.lock.release()
-                continue
-            try:
-                record = s.backend.metadata_store(OWNER_KEY)
-                if _role(record.load()) == (s.groups.own, s.lock.address()):
-                    record.clear()
-            except BackendError:
-                pass  # fenced or cut off: the others take the role once our watch is gone
+            if s.groups.non_owner is AccessState.ACTIVE_NON_OPTIMIZED:
+                try:
+                    record = s.backend.metadata_store(OWNER_KEY)
+                    if _role(record.load()) == (s.groups.own, s.lock.address()):
+                        record.clear()
+                except BackendError as exc:  # the others take it once our watch is gone
+                    log.warning("RBD image %s: ALUA owner role kept: %s", s.backend.spec, exc)
+            if s.lock.held():
+                s.lock.release()
+            if s.groups.non_owner is AccessState.ACTIVE_NON_OPTIMIZED:
+                # and unwatch: a watch a process leaves behind lingers until it times
+                # out, and every header update of the others (librbd notifies each
+                # watcher: taking the role, moving the lock) would wait for it
+                s.backend.close()
 
     def _run(self) -> None:
         while True:
             threading.Event().wait(POLL_SECONDS)
-            with self._lock:
-                self._served = [s for s in self._served if not s.backend.closed]
-                served = list(self._served)
-            for s in served:
-                self.check(s)
+            with self._round:
+                with self._lock:
+                    self._served = [s for s in self._served if not s.backend.closed]
+                    served = list(self._served)
+                for s in served:
+                    self.check(s)
 
     def check(self, s: _Served) -> None:
         """One round for one LUN: keep, take or lose the image, set the ALUA states."""
@@ -184,8 +192,8 @@ class GatewayKeeper:
         group, holder = _role(record.load())
         if (group, holder) == (s.groups.own, me):
             return AccessState.ACTIVE_OPTIMIZED, "holds the ALUA owner role"
-        if group is not None and holder is None:
-            holder = s.lock.owner()  # recorded by a gateway in standby mode
+        # a record without an address (of the standby mode, left by a gateway that
+        # stopped) names nobody alive: taken without fencing
         if group is not None and holder is not None and s.lock.alive(holder):
             others[group] = AccessState.ACTIVE_OPTIMIZED
             return AccessState.ACTIVE_NON_OPTIMIZED, "another gateway holds the ALUA owner role"
