@@ -31,6 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--ceph-conf", metavar="FILE", help="the cluster's ceph.conf (with --rbd)")
     p.add_argument("--ceph-id", metavar="USER", help="cephx user, without client. (with --rbd)")
+    p.add_argument(
+        "--alua-non-owner",
+        choices=("standby", "active-non-optimized"),
+        help="what the gateways that do not own the image are (with --rbd; default standby)",
+    )
     p.add_argument("--size", type=parse_size, help="size of a new backing file or image (e.g. 1G)")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--block-size", type=int, default=512, choices=(512, 1024, 2048, 4096))
@@ -49,8 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def _map(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.rbd is None):
         raise IscsiVmtargetError("lun map: give a PATH or --rbd POOL/IMAGE (one of them)")
-    if args.rbd is None and (args.ceph_conf or args.ceph_id):
-        raise IscsiVmtargetError("lun map: --ceph-conf and --ceph-id go with --rbd")
+    if args.rbd is None and (args.ceph_conf or args.ceph_id or args.alua_non_owner):
+        raise IscsiVmtargetError(
+            "lun map: --ceph-conf, --ceph-id and --alua-non-owner go with --rbd"
+        )
     if args.rbd is not None:
         return done(invoke(args, "lun.map", _rbd_payload(args)))
     path = os.path.abspath(args.path)
@@ -84,6 +91,8 @@ def _rbd_payload(args: argparse.Namespace) -> dict[str, object]:
         payload["ceph_conf"] = os.path.abspath(args.ceph_conf)
     if args.ceph_id is not None:
         payload["ceph_id"] = args.ceph_id
+    if args.alua_non_owner is not None:
+        payload["alua_non_owner"] = args.alua_non_owner
     if args.size is not None:
         payload["size"] = args.size
     return payload

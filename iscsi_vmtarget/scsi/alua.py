@@ -10,6 +10,8 @@ scsi/ neither knows why (who holds a lock) nor how the groups are reached.
   states itself; SET TARGET PORT GROUPS is not offered).
 - REPORT TARGET PORT GROUPS (MAINTENANCE IN, service action 0Ah, SPC-4 §6.37) lists
   the groups, in either parameter data format.
+- A gateway that does not own the LU is standby, or active/non-optimized when its
+  server chose so (``non_owner``): it then runs every command, like the owner.
 - In the standby state only the commands of SPC-4 §5.15.2.4.4 run; the others get
   NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE (04h/0Bh), or
   ASYMMETRIC ACCESS STATE TRANSITION (04h/0Ah) while transitioning.
@@ -35,8 +37,10 @@ class AccessState(IntEnum):
     TRANSITIONING = 0xF
 
 
-#: Byte 1 of a descriptor: T_SUP, S_SUP, AO_SUP (the states this target enters).
+#: Byte 1 of a descriptor: T_SUP, S_SUP, AO_SUP (the states this target enters), and
+#: AN_SUP when the non-owners are active/non-optimized.
 _SUPPORTED_STATES: Final = 0x80 | 0x04 | 0x01
+_AN_SUP: Final = 0x02
 #: Seconds an implicit transition may take (extended header): a standby fences the
 #: dead owner and takes its lock within a few seconds.
 IMPLICIT_TRANSITION_SECONDS: Final = 30
@@ -69,13 +73,25 @@ STANDBY_ALLOWED: Final = frozenset(
 
 class PortGroups:
     """The target port groups of one LU as this gateway sees them: its own group
-    (``own``) and state, and the last known state of the others. Thread-safe: the
-    server changes states while commands run."""
+    (``own``) and state, and the last known state of the others; ``non_owner``: the
+    state of a group that does not own the LU (standby, or active/non-optimized).
+    Thread-safe: the server changes states while commands run."""
 
-    def __init__(self, own: int, state: AccessState = AccessState.STANDBY) -> None:
+    def __init__(
+        self,
+        own: int,
+        state: AccessState = AccessState.STANDBY,
+        non_owner: AccessState = AccessState.STANDBY,
+    ) -> None:
         if not 0 < own <= 0xFFFF:
             raise ValueError(f"target port group {own} is not 1..65535")
+        if non_owner not in (AccessState.STANDBY, AccessState.ACTIVE_NON_OPTIMIZED):
+            raise ValueError(f"a non-owner group cannot be {non_owner.name}")
         self.own = own
+        self.non_owner = non_owner
+        self._supported = _SUPPORTED_STATES | (
+            _AN_SUP if non_owner is AccessState.ACTIVE_NON_OPTIMIZED else 0
+        )
         self._lock = threading.Lock()
         self._states: dict[int, AccessState] = {own: state}
 
@@ -119,7 +135,7 @@ class PortGroups:
             struct.pack(
                 ">BBHBBBBHH",
                 int(state),  # PREF=0, ASYMMETRIC ACCESS STATE
-                _SUPPORTED_STATES,  # T_SUP .. AO_SUP
+                self._supported,  # T_SUP .. AO_SUP
                 group,  # TARGET PORT GROUP
                 0x00,  # reserved
                 0x02 if group == self.own else 0x00,  # STATUS CODE: altered implicitly

@@ -396,6 +396,8 @@ class LogicalUnit:
 
     def _apply_pr_events(self, events: list[PrEvent]) -> None:
         for event in events:
+            if event.reset:
+                self._reset_here(event.reason)
             self.attention_where(event.reason, event.wants)
             if event.abort and self.task_aborter is not None:
                 self.task_aborter(event.wants)
@@ -439,7 +441,15 @@ class LogicalUnit:
 
     def reset(self, reason: Reason = Reason.BUS_DEVICE_RESET) -> None:
         """Logical unit reset (SAM-5 §6.3.3): mode parameters back to their defaults
-        (nothing is saved) and a unit attention for every I_T nexus."""
+        (nothing is saved) and a unit attention for every I_T nexus - also on the LU's
+        other gateways, which abort their tasks on it (one LU however many gateways
+        reach it; they have taken it when this returns)."""
+        self._reset_here(reason)
+        shared = self.reservations.shared
+        if shared is not None:
+            shared.announce(dump_events([PrEvent(reason, (), abort=True, reset=True)]))
+
+    def _reset_here(self, reason: Reason) -> None:
         self.mode.restore_defaults()
         with self.pr_lock:
             self.reservations.reset()

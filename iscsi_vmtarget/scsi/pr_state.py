@@ -220,25 +220,31 @@ class SharedPrStore(Protocol):
 class PrEvent:
     """A unit attention a change implies for the I_T nexuses ``registrations`` cover,
     except ``exclude``; ``abort``: their tasks are aborted too (PREEMPT AND ABORT,
-    SPC-4 §5.13.11.2.6). Data, so another gateway can apply it to its own nexuses."""
+    SPC-4 §5.13.11.2.6). Data, so another gateway can apply it to its own nexuses.
+    ``reset``: a logical unit reset made through another gateway (SAM-5 §6.3.3), for
+    every I_T nexus whatever ``registrations`` says."""
 
     reason: Reason
     registrations: tuple[Registration, ...]
     exclude: ItKey | None = None
     abort: bool = False
+    reset: bool = False
 
     def wants(self, who: Initiator) -> bool:
         if self.exclude is not None and who.key == self.exclude:
             return False
-        return any(r.matches(who) for r in self.registrations)
+        return self.reset or any(r.matches(who) for r in self.registrations)
 
     def dump(self) -> dict[str, Any]:
-        return {
+        out = {
             "reason": self.reason.name,
             "registrations": [r.dump() for r in self.registrations],
             "exclude": None if self.exclude is None else list(self.exclude),
             "abort": self.abort,
         }
+        if self.reset:
+            out["reset"] = True
+        return out
 
     @classmethod
     def load(cls, data: dict[str, Any]) -> PrEvent:
@@ -248,6 +254,7 @@ class PrEvent:
             tuple(Registration.load(r) for r in data["registrations"]),
             None if exclude is None else (str(exclude[0]), str(exclude[1])),
             bool(data.get("abort", False)),
+            bool(data.get("reset", False)),
         )
 
 

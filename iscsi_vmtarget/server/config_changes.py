@@ -91,7 +91,17 @@ def op_target_set(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> Ma
 
 def op_lun_map(cfg: ManagedConfig, args: Args, runtime: Runtime | None) -> ManagedConfig:
     spec = _need_target(cfg, str(args["target"]), runtime)
-    keys = ("number", "path", "rbd", "ceph_conf", "ceph_id", "size", "read_only", "block_size")
+    keys = (
+        "number",
+        "path",
+        "rbd",
+        "ceph_conf",
+        "ceph_id",
+        "alua_non_owner",
+        "size",
+        "read_only",
+        "block_size",
+    )
     doc = {k: args[k] for k in keys if k in args}
     lun = LunSpec.from_dict(doc, os.getcwd())
     if spec.lun(lun.number) is not None:

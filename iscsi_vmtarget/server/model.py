@@ -26,7 +26,7 @@ from ..storage import BackendError, BlockBackend, FileBackend, RbdImageSpec, cre
 from ..storage.rbd import RbdBackend, open_image
 from ..storage.rbd_pr import RadosPrStore
 from .masking import Acl, AclError, chap_from_dict, chap_to_dict, check_mutual, check_name
-from .rbd_gateway import serve_rbd_lun
+from .rbd_gateway import check_non_owner, serve_rbd_lun
 
 _ID_NAMESPACE = uuid.UUID("5b0e1c52-8f6e-4d0a-9d3e-2f1f3c6a7b10")
 BLOCK_SIZES = (512, 1024, 2048, 4096)
@@ -72,7 +72,9 @@ class LunSpec:
     """A LUN of a target: a backing file or block device (SBC-3 direct-access block
     device), or an RBD image (``rbd``, then ``path`` is empty). ``size`` creates a
     missing file sparse or a missing image thin (never resizes one); ``thick``
-    provisioning preallocates a file."""
+    provisioning preallocates a file. ``alua_non_owner``: what the gateways of an RBD
+    LUN that do not own it are, ``standby`` or ``active-non-optimized``
+    (:mod:`.rbd_gateway`)."""
 
     number: int
     path: str
@@ -82,6 +84,7 @@ class LunSpec:
     serial: str | None = None
     provisioning: str = "thin"
     rbd: RbdImageSpec | None = None
+    alua_non_owner: str = "standby"
 
     @property
     def backing(self) -> str:
@@ -102,6 +105,8 @@ class LunSpec:
             out["serial"] = self.serial
         if self.provisioning != "thin":
             out["provisioning"] = self.provisioning
+        if self.alua_non_owner != "standby":
+            out["alua_non_owner"] = self.alua_non_owner
         return out
 
     @classmethod
@@ -111,6 +116,9 @@ class LunSpec:
         rbd = rbd_from_dict(doc, base)
         path = "" if rbd is not None else _absolute(str(doc["path"]), base)
         size = doc.get("size")
+        non_owner = check_non_owner(str(doc.get("alua_non_owner", "standby")))
+        if rbd is None and "alua_non_owner" in doc:
+            raise ValueError(f"LUN {doc.get('number')}: alua_non_owner is for rbd LUNs only")
         return cls(
             number=int(doc["number"]),
             path=path,
@@ -120,6 +128,7 @@ class LunSpec:
             block_size=int(doc.get("block_size", 512)),
             serial=doc.get("serial"),
             provisioning=check_provisioning(doc.get("provisioning", "thin")),
+            alua_non_owner=non_owner,
         )
 
 
@@ -302,7 +311,7 @@ def open_lun(target: str, lun: LunSpec, tpgt: int = 1) -> LogicalUnit:
         backend.close()
         raise LunError(f"{where}: {exc}") from exc
     if isinstance(backend, RbdBackend) and not lun.read_only:
-        serve_rbd_lun(lu, backend, tpgt)
+        serve_rbd_lun(lu, backend, tpgt, lun.alua_non_owner)
     return lu
 
 

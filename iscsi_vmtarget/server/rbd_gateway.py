@@ -14,6 +14,23 @@ would refuse it too: the lock is held in managed mode). A thread checks every
 blocklist), breaks its lock and becomes active; an owner that lost its lock (it was
 fenced while paused) becomes standby. Each change raises the unit attention
 ASYMMETRIC ACCESS STATE CHANGED.
+
+**Active/non-optimized non-owners** (``alua_non_owner = "active-non-optimized"`` on the
+LUN, as ceph-iscsi reported its other gateways): every gateway serves READs and WRITEs.
+Nobody takes the exclusive lock explicitly: librbd's cooperative exclusive lock moves
+to whichever handle writes (the holder releases it after its in-flight I/O when
+asked), and librbd breaks and blocklists a dead holder's lock
+(``rbd_blocklist_on_break_lock``), so only the lock's holder writes and a paused
+ex-holder cannot. Reads need no lock (RBD's cache is off on a gateway's connection:
+every acknowledged write is on the OSDs). The ALUA owner is then a *role*, not the
+lock: the gateway recorded in the metadata with its client address (``GROUP
+ADDRESS``), active/optimized while that address watches the image; the others are
+active/non-optimized. So the reported states do not change while the lock moves with
+the writes (and no unit attention is raised for that). When the role's holder died
+(its watch is gone) the next gateway fences its address first (OSD blocklist), then
+records itself: the one state change, with ASYMMETRIC ACCESS STATE CHANGED. A gateway
+that stops cleanly gives the role up at once. Every gateway of a LUN must use the same
+mode.
 """
 
 from __future__ import annotations
@@ -31,8 +48,33 @@ from ..storage.rbd_lock import ImageLock
 
 log = logging.getLogger("iscsi_vmtarget")
 
-#: Image metadata key naming the target port group of the gateway owning the image.
+#: Image metadata key naming the target port group of the gateway owning the image
+#: (and, with active/non-optimized non-owners, its client address after a space).
 OWNER_KEY = "iscsi_vmtarget.alua.owner"
+
+#: The values of a LUN's ``alua_non_owner`` and the state each gives a non-owner.
+NON_OWNER_STATES = {
+    "standby": AccessState.STANDBY,
+    "active-non-optimized": AccessState.ACTIVE_NON_OPTIMIZED,
+}
+
+
+def check_non_owner(text: str) -> str:
+    """A LUN's ``alua_non_owner``; ValueError naming a bad value."""
+    if text not in NON_OWNER_STATES:
+        raise ValueError(
+            f"alua_non_owner {text!r} is not one of: {', '.join(map(repr, NON_OWNER_STATES))}"
+        )
+    return text
+
+
+def _role(record: bytes | None) -> tuple[int | None, str | None]:
+    """(group, client address) of an OWNER_KEY record; the address is None in a record
+    of the standby mode, both are None when there is no record."""
+    group, _, address = (record or b"").decode(errors="replace").partition(" ")
+    return (int(group) if group.isdigit() else None), (address or None)
+
+
 #: How often each gateway checks its images' locks (seconds). A dead owner is
 #: noticed once its watch expired (``osd client watch timeout``, 30 s by default).
 POLL_SECONDS = 1.0
@@ -53,12 +95,22 @@ class GatewayKeeper:
     def __init__(self) -> None:
         self._served: list[_Served] = []
         self._lock = threading.Lock()
+        #: held through each round of checks: at exit, no round runs on (it could take
+        #: the ALUA owner role again once given up)
+        self._round = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def adopt(self, lu: LogicalUnit, backend: RbdBackend, group: int) -> None:
-        """Serve ``lu`` as target port group ``group``: active at once if the image is
-        free (or its owner dead), standby otherwise."""
-        served = _Served(lu, backend, PortGroups(group), ImageLock(backend))
+    def adopt(
+        self,
+        lu: LogicalUnit,
+        backend: RbdBackend,
+        group: int,
+        non_owner: AccessState = AccessState.STANDBY,
+    ) -> None:
+        """Serve ``lu`` as target port group ``group``: active/optimized at once if the
+        image is free (or its owner dead), ``non_owner`` otherwise."""
+        groups = PortGroups(group, non_owner=non_owner)
+        served = _Served(lu, backend, groups, ImageLock(backend))
         lu.alua = served.groups
         self.check(served)
         with self._lock:
@@ -71,34 +123,51 @@ class GatewayKeeper:
     def release_all(self) -> None:
         """Give up every lock this process holds (at exit: a gateway that stops
         cleanly hands its images over at once, not after its watch expired)."""
-        with self._lock:
+        with self._round, self._lock:
             served, self._served = self._served, []
         for s in served:
-            if not s.backend.closed and s.lock.held():
+            if s.backend.closed:
+                continue
+            if s.groups.non_owner is AccessState.ACTIVE_NON_OPTIMIZED:
+                try:
+                    record = s.backend.metadata_store(OWNER_KEY)
+                    if _role(record.load()) == (s.groups.own, s.lock.address()):
+                        record.clear()
+                except BackendError as exc:  # the others take it once our watch is gone
+                    log.warning("RBD image %s: ALUA owner role kept: %s", s.backend.spec, exc)
+            if s.lock.held():
                 s.lock.release()
+            if s.groups.non_owner is AccessState.ACTIVE_NON_OPTIMIZED:
+                # and unwatch: a watch a process leaves behind lingers until it times
+                # out, and every header update of the others (librbd notifies each
+                # watcher: taking the role, moving the lock) would wait for it
+                s.backend.close()
 
     def _run(self) -> None:
         while True:
             threading.Event().wait(POLL_SECONDS)
-            with self._lock:
-                self._served = [s for s in self._served if not s.backend.closed]
-                served = list(self._served)
-            for s in served:
-                self.check(s)
+            with self._round:
+                with self._lock:
+                    self._served = [s for s in self._served if not s.backend.closed]
+                    served = list(self._served)
+                for s in served:
+                    self.check(s)
 
     def check(self, s: _Served) -> None:
         """One round for one LUN: keep, take or lose the image, set the ALUA states."""
         others: dict[int, AccessState] = {}
         try:
-            if s.lock.held() or s.lock.take_over():
+            if s.groups.non_owner is AccessState.ACTIVE_NON_OPTIMIZED:
+                state, why = self._role(s, others)
+            elif s.lock.held() or s.lock.take_over():
                 state, why = AccessState.ACTIVE_OPTIMIZED, "owns the image"
                 if s.groups.state is not AccessState.ACTIVE_OPTIMIZED:
                     s.backend.metadata_store(OWNER_KEY).save(str(s.groups.own).encode())
             else:
                 state, why = AccessState.STANDBY, "another gateway owns the image"
-                owner = s.backend.metadata_store(OWNER_KEY).load()
-                if owner and owner.isdigit():
-                    others[int(owner)] = AccessState.ACTIVE_OPTIMIZED
+                owner, _ = _role(s.backend.metadata_store(OWNER_KEY).load())
+                if owner is not None:
+                    others[owner] = AccessState.ACTIVE_OPTIMIZED
         except BackendError as exc:
             if s.backend.closed:
                 return
@@ -115,11 +184,34 @@ class GatewayKeeper:
             )
             s.why = why
 
+    def _role(self, s: _Served, others: dict[int, AccessState]) -> tuple[AccessState, str]:
+        """Active/non-optimized mode: keep or take the ALUA owner role (never the lock,
+        which librbd moves with the writes); the other holder goes into ``others``."""
+        record = s.backend.metadata_store(OWNER_KEY)
+        me = s.lock.address()
+        group, holder = _role(record.load())
+        if (group, holder) == (s.groups.own, me):
+            return AccessState.ACTIVE_OPTIMIZED, "holds the ALUA owner role"
+        # a record without an address (of the standby mode, left by a gateway that
+        # stopped) names nobody alive: taken without fencing
+        if group is not None and holder is not None and s.lock.alive(holder):
+            others[group] = AccessState.ACTIVE_OPTIMIZED
+            return AccessState.ACTIVE_NON_OPTIMIZED, "another gateway holds the ALUA owner role"
+        if holder is not None and holder != me:
+            # fence first: a paused ex-holder that wakes up must not write
+            log.warning("RBD image %s: ALUA owner %s is gone; fencing it", s.backend.spec, holder)
+            s.lock.fence(holder)
+        record.save(f"{s.groups.own} {me}".encode())
+        return AccessState.ACTIVE_OPTIMIZED, "took the ALUA owner role"
+
 
 #: The keeper of this process.
 KEEPER = GatewayKeeper()
 
 
-def serve_rbd_lun(lu: LogicalUnit, backend: RbdBackend, group: int) -> None:
-    """Put a writable RBD LUN under ownership and ALUA as target port group ``group``."""
-    KEEPER.adopt(lu, backend, group)
+def serve_rbd_lun(
+    lu: LogicalUnit, backend: RbdBackend, group: int, non_owner: str = "standby"
+) -> None:
+    """Put a writable RBD LUN under ownership and ALUA as target port group ``group``;
+    ``non_owner``: what the gateways that do not own it are (:data:`NON_OWNER_STATES`)."""
+    KEEPER.adopt(lu, backend, group, NON_OWNER_STATES[check_non_owner(non_owner)])

@@ -1,10 +1,13 @@
 """RBD's exclusive lock as a gateway's ownership of an image, with fencing.
 
-The gateway that serves an image takes the lock explicitly (``lock_acquire``): librbd
-then runs it in "managed" mode and never hands it to another client that asks for it
-(a write through another handle fails with EROFS instead of moving the lock). The lock
-is the lease: it lives as long as its owner's watch on the image header, which the
-OSDs drop ``osd client watch timeout`` seconds after the owner stopped answering.
+In the standby mode of ALUA (``server/rbd_gateway.py``) the gateway that serves an
+image takes the lock explicitly (``lock_acquire``): librbd then runs it in "managed"
+mode and never hands it to another client that asks for it (a write through another
+handle fails with EROFS instead of moving the lock). The lock is the lease: it lives
+as long as its owner's watch on the image header, which the OSDs drop ``osd client
+watch timeout`` seconds after the owner stopped answering. (In the active/non-optimized
+mode nobody takes it explicitly: librbd moves it to whichever gateway writes, and only
+:meth:`ImageLock.alive`, :meth:`ImageLock.fence` and :meth:`ImageLock.address` serve.)
 
 Taking over from a dead owner (:meth:`ImageLock.take_over`): the owner's client address
 is first put on the OSD blocklist (``osd blocklist add`` through the monitors), then
@@ -31,7 +34,7 @@ class ImageLock:
 
     def __init__(self, backend: RbdBackend) -> None:
         self.backend = backend
-        _, self._rbd = bindings()
+        self._rados, self._rbd = bindings()
 
     def _image(self) -> Any:
         return self.backend.handle()
@@ -59,6 +62,14 @@ class ImageLock:
         except self._rbd.Error as exc:
             raise BackendError(f"RBD image {self.backend.spec}: lock owner unknown: {exc}") from exc
         return str(owners[0]["owner"]) if owners else None
+
+    def address(self) -> str:
+        """This client's address, as lock owners and watchers name it."""
+        try:
+            return str(self.backend.cluster.get_addrs())
+        except self._rados.Error as exc:
+            spec = self.backend.spec
+            raise BackendError(f"RBD image {spec}: own address unknown: {exc}") from exc
 
     def alive(self, address: str) -> bool:
         """Whether the client at ``address`` still watches the image (its session with

@@ -110,9 +110,14 @@ ceph_conf = "{conf}"
 """
 
 
-def gateway_config(iqn: str, tpgt: int, image: RbdImageSpec, conf: str) -> str:
-    """The configuration (TOML) of one gateway serving IMAGE as LUN 0 of IQN."""
-    return GATEWAY_CONFIG.format(iqn=iqn, tpgt=tpgt, image=image, conf=conf)
+def gateway_config(
+    iqn: str, tpgt: int, image: RbdImageSpec, conf: str, non_owner: str = "standby"
+) -> str:
+    """The configuration (TOML) of one gateway serving IMAGE as LUN 0 of IQN, the
+    gateways that do not own it being ``non_owner`` (its ``alua_non_owner``)."""
+    config = GATEWAY_CONFIG.format(iqn=iqn, tpgt=tpgt, image=image, conf=conf)
+    return config + f'alua_non_owner = "{non_owner}"\n'
+
 
 
 def fast_directory() -> Path | None:

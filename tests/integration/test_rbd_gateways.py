@@ -31,11 +31,19 @@ TAKEOVER_SECONDS = 30
 
 
 def gateway(
-    tmp: Path, name: str, tpgt: int, image: RbdImageSpec, conf: str, *extra: str
+    tmp: Path,
+    name: str,
+    tpgt: int,
+    image: RbdImageSpec,
+    conf: str,
+    *extra: str,
+    non_owner: str = "standby",
 ) -> RunningTarget:
-    """Gateway NAME serving IMAGE as LUN 0 of IQN, target port group TPGT; EXTRA: more
-    ``serve`` arguments (e.g. a ``--portal`` to come back on)."""
-    return start_with_config(tmp / name, gateway_config(IQN, tpgt, image, conf), *extra)
+    """Gateway NAME serving IMAGE as LUN 0 of IQN, target port group TPGT, the others
+    ``non_owner`` (the LUN's ``alua_non_owner``); EXTRA: more ``serve`` arguments (e.g.
+    a ``--portal`` to come back on)."""
+    config = gateway_config(IQN, tpgt, image, conf, non_owner)
+    return start_with_config(tmp / name, config, *extra)
 
 
 def write(ini: Initiator, lba: int, data: bytes) -> tuple[int, tuple[int, int, int]]:

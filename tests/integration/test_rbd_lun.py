@@ -102,6 +102,7 @@ def test_lun_map_rbd_on_a_running_daemon(
         rc, out = cli(
             capsys, state, "lun", "map", target, "0", "--rbd", image,
             "--ceph-conf", ceph_cluster.conf, "--size", "8M",
+            "--alua-non-owner", "active-non-optimized",
         )  # fmt: skip
         assert rc == 0, out
         ini = login(running, INITIATOR, target)
@@ -118,6 +119,11 @@ def test_lun_map_rbd_on_a_running_daemon(
         ini = login(again, INITIATOR, target)
         try:
             assert ini.read16(100, 8, 512) == b"\xc3" * 4096
+            # the LUN's alua_non_owner was kept: REPORT TARGET PORT GROUPS says AN_SUP
+            rtpg = ini.scsi(
+                "RTPG", bytes([0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0]), read_length=1024
+            )
+            assert rtpg[4] & 0x0F == 0x0 and rtpg[5] == 0x87
         finally:
             ini.close()
     finally:

@@ -5,21 +5,29 @@ and Prout* families through the owner while the standby watches.
 
 Gateway B (target port group 2) starts first and owns the image (active/optimized);
 A is standby, which runs PERSISTENT RESERVE IN/OUT (SPC-4 §5.15.2.4.4) but no media
-access, so data commands go through B."""
+access, so data commands go through B.
+
+With ``alua_non_owner = "active-non-optimized"`` A serves data too: a write through A
+is read back through B with no ALUA state change and no unit attention; libiscsi's
+Prin*/Prout* families and SCSI.MultipathIO pass with one session on each gateway; a
+killed owner is fenced and A takes the owner role."""
 
 from __future__ import annotations
 
+import base64
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator
+from iscsi_vmtarget.server.rbd_gateway import OWNER_KEY
 from iscsi_vmtarget.storage.rbd import RbdImageSpec
 from iscsi_vmtarget.testing.ceph import CephCluster, shared_reservations
 from tests.conftest import RunningTarget, need_tool, run_tool
-from tests.integration.test_rbd_gateways import IQN, gateway, groups
+from tests.integration.test_rbd_gateways import BLOCK, IQN, gateway, groups, read, wait_for, write
 from tests.integration.test_rbd_gateways import image as image  # the fixture
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -79,6 +87,19 @@ FAMILIES = ",".join(
 )
 
 
+def iscsi_test_cu(tests: str, *urls: str) -> int:
+    """Run libiscsi's iscsi-test-cu --dataloss on ``tests`` through ``urls`` (with
+    two, its second session goes to the second URL); every test it runs must pass:
+    how many ran."""
+    need_tool("iscsi-test-cu")
+    done = run_tool("iscsi-test-cu", "--dataloss", "-t", tests, *urls, check=False)
+    counts = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", done.stdout)
+    assert counts is not None and done.returncode == 0, done.stdout[-4000:]
+    total, ran, passed, failed = map(int, counts.groups())
+    assert total == ran == passed and failed == 0, done.stdout[-4000:]
+    return ran
+
+
 def libiscsi_reservation_families(
     owner: RunningTarget, standby: RunningTarget, image: RbdImageSpec
 ) -> None:
@@ -86,13 +107,8 @@ def libiscsi_reservation_families(
     the shared object and announced to the standby. Its second session cannot be put
     on the standby: libiscsi logs in with TEST UNIT READY, which a standby port refuses
     (NOT READY, SPC-4 §5.15.2.4.4), and the Access tests read and write through both
-    sessions."""
-    need_tool("iscsi-test-cu")
-    done = run_tool("iscsi-test-cu", "--dataloss", "-t", FAMILIES, owner.url(IQN), check=False)
-    counts = re.search(r"tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", done.stdout)
-    assert counts is not None and done.returncode == 0, done.stdout[-4000:]
-    total, ran, passed, failed = map(int, counts.groups())
-    assert total == ran == passed == 20 and failed == 0, done.stdout[-4000:]
+    sessions (with active/non-optimized non-owners it can: see below)."""
+    assert iscsi_test_cu(FAMILIES, owner.url(IQN)) == 20
     assert shared_reservations(image)["registrations"] == []  # the suite cleans up
     watcher = session(standby, HOST1)
     assert read_keys(watcher) == [] and read_reservation(watcher) is None
@@ -159,3 +175,88 @@ def test_reservations_cross_gateways_and_survive_their_restart(
         other_b.close()
     finally:
         b.stop()
+
+
+# -- active/non-optimized non-owners (alua_non_owner = "active-non-optimized") -------
+
+ANO = "active-non-optimized"
+TUR = bytes(6)
+STATE_CHANGED = (0x6, 0x2A, 0x06)  # UNIT ATTENTION, ASYMMETRIC ACCESS STATE CHANGED
+
+
+@pytest.fixture
+def ano_gateways(
+    ceph_cluster: CephCluster, image: RbdImageSpec, tmp_path: Path
+) -> Iterator[tuple[RunningTarget, RunningTarget]]:
+    """(A, B): two gateways of ``image`` in active/non-optimized mode; B (target port
+    group 2) starts first and holds the ALUA owner role, A is active/non-optimized."""
+    b = gateway(tmp_path, "b", 2, image, ceph_cluster.conf, non_owner=ANO)
+    a = gateway(tmp_path, "a", 1, image, ceph_cluster.conf, non_owner=ANO)
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def role_holder(cluster: CephCluster, image: RbdImageSpec) -> str:
+    """The client address recorded with the ALUA owner role (the image's metadata)."""
+    record = cluster.rbd("image-meta", "get", str(image), OWNER_KEY).strip()
+    return base64.b64decode(record).decode().partition(" ")[2]
+
+
+def test_active_non_optimized_gateway_writes_without_state_changes(
+    ano_gateways: tuple[RunningTarget, RunningTarget],
+) -> None:
+    a, b = ano_gateways
+    ia, ib = session(a, HOST1), session(b, HOST1)
+    assert groups(ia) == {1: 0x1, 2: 0x0}  # A active/non-optimized, B active/optimized
+    assert groups(ib) == {2: 0x0}
+    for lba, writer, reader in ((0, ia, ib), (8, ib, ia), (16, ia, ib)):
+        data = bytes([lba + 1]) * 4 * BLOCK  # librbd's lock moves with each write
+        assert write(writer, lba, data) == (0, (0, 0, 0))
+        assert read(reader, lba, 4) == data
+    assert groups(ia) == {1: 0x1, 2: 0x0} and groups(ib) == {2: 0x0}
+    # no unit attention on either side: the reported states never changed
+    assert ia.command(TUR).status == 0 and ib.command(TUR).status == 0
+    ib.close()
+    b.stop()  # a clean stop gives the role up: A takes it without fencing anyone
+    wait_for("A active/optimized", lambda: groups(ia) == {1: 0x0}, timeout=3)
+    assert b"fencing" not in Path(str(a.log_path)).read_bytes()
+    ia.close()
+
+
+def test_libiscsi_reservations_and_multipath_across_active_gateways(
+    ano_gateways: tuple[RunningTarget, RunningTarget], image: RbdImageSpec
+) -> None:
+    """libiscsi's Prin*/Prout* families and MultipathIO with its first session on the
+    active/non-optimized gateway and its second on the owner."""
+    a, b = ano_gateways
+    assert iscsi_test_cu(f"{FAMILIES},SCSI.MultipathIO", a.url(IQN), b.url(IQN)) == 24
+    # its second initiator's sessions went to B (libiscsi's mpath_sd2_get_or_clone)
+    second = "initiator=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2 "
+    assert second in b.log() and second not in a.log()
+    assert shared_reservations(image)["registrations"] == []
+
+
+def test_active_non_optimized_gateway_fences_a_killed_owner_and_takes_the_role(
+    ceph_cluster: CephCluster,
+    ano_gateways: tuple[RunningTarget, RunningTarget],
+    image: RbdImageSpec,
+) -> None:
+    a, b = ano_gateways
+    ia, watcher = session(a, HOST1), session(a, HOST2)
+    data = b"k" * 4 * BLOCK
+    assert write(session(b, HOST1), 0, data) == (0, (0, 0, 0))  # B holds the lock, too
+    killed = role_holder(ceph_cluster, image)
+    b.proc.kill()
+    b.proc.wait()
+    wait_for("A active/optimized", lambda: groups(ia) == {1: 0x0})
+    r = watcher.command(TUR)
+    assert (r.status, (r.sense_key, *r.asc_ascq)) == (2, STATE_CHANGED)
+    blocklist = run_tool("ceph", "-c", ceph_cluster.conf, "osd", "blocklist", "ls").stdout
+    assert killed and killed in blocklist, blocklist
+    assert role_holder(ceph_cluster, image) != killed
+    assert read(ia, 0, 4) == data
+    assert write(ia, 4, b"a" * BLOCK) == (0, (0, 0, 0))  # librbd breaks the dead lock
+    assert b"fencing" in Path(str(a.log_path)).read_bytes()

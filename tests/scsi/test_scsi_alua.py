@@ -83,3 +83,18 @@ def test_standby_refuses_media_access(alua: Harness) -> None:
     alua.check(alua.cdb10(0x28, 0, 1), TRANSITION)
     alua.lu.alua.set_state(AccessState.ACTIVE_OPTIMIZED)
     assert alua.good(alua.cdb10(0x28, 0, 1)) == b"\x11" * 512
+
+
+def test_active_non_optimized_non_owner_runs_media_access(scsi: Harness) -> None:
+    """A gateway whose non-owners are active/non-optimized says so (AN_SUP) and, in
+    that state, reads and writes (SPC-4 §5.15.2.4.3)."""
+    scsi.lu.alua = PortGroups(2, non_owner=AccessState.ACTIVE_NON_OPTIMIZED)
+    scsi.lu.alua.set_state(AccessState.ACTIVE_NON_OPTIMIZED, {1: AccessState.ACTIVE_OPTIMIZED})
+    data = scsi.good(rtpg())
+    assert [(data[at] & 0x0F, data[at + 1]) for at in (4, 16)] == [(0x0, 0x87), (0x1, 0x87)]
+    scsi.good(scsi.cdb10(0x2A, 0, 1), b"\x33" * 512)
+    assert scsi.good(scsi.cdb10(0x28, 0, 1)) == b"\x33" * 512
+    scsi.good(bytes(6))  # TEST UNIT READY
+    assert PortGroups(2).report(False)[5] == 0x85  # standby non-owners: no AN_SUP
+    with pytest.raises(ValueError, match="UNAVAILABLE"):
+        PortGroups(2, non_owner=AccessState.UNAVAILABLE)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from iscsi_vmtarget.server.config import load_config
 from iscsi_vmtarget.server.model import LunSpec, TargetSpec, open_lun
 from iscsi_vmtarget.server.persist import ManagedConfig
@@ -78,3 +80,15 @@ def test_an_empty_backing_file_is_a_creation_a_power_cut_interrupted(tmp_path: P
         assert "refusing to resize" in str(exc)
     else:
         raise AssertionError("a 512-byte file was resized")
+
+
+def test_alua_non_owner_is_checked_and_kept() -> None:
+    doc = {"number": 0, "rbd": "rbd/db0", "alua_non_owner": "active-non-optimized"}
+    lun = LunSpec.from_dict(doc)
+    assert lun.alua_non_owner == "active-non-optimized"
+    assert LunSpec.from_dict(lun.to_dict()) == lun
+    assert "alua_non_owner" not in LunSpec.from_dict({"number": 0, "rbd": "rbd/x"}).to_dict()
+    with pytest.raises(ValueError, match="alua_non_owner 'active' is not one of"):
+        LunSpec.from_dict({**doc, "alua_non_owner": "active"})
+    with pytest.raises(ValueError, match="for rbd LUNs only"):
+        LunSpec.from_dict({"number": 0, "path": "/x.img", "alua_non_owner": "standby"})

@@ -17,6 +17,7 @@ import pytest
 
 from iscsi_vmtarget.scsi import LogicalUnit, Nexus, ScsiTarget, Status, UnitIdentity
 from iscsi_vmtarget.scsi.pr_state import Initiator
+from iscsi_vmtarget.scsi.task import TmfFunction
 from iscsi_vmtarget.server.model import PR_METADATA_KEY
 from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
 from iscsi_vmtarget.storage.rbd_pr import RadosPrStore, object_name
@@ -116,6 +117,22 @@ def test_preempt_and_abort_reaches_the_other_gateway(gateways: tuple[Gateway, Ga
     assert status == Status.CHECK_CONDITION and sense_of(sense) == REGISTRATIONS_PREEMPTED
     assert b.run(victim, WRITE, bytes(BLOCK))[0] == Status.RESERVATION_CONFLICT
     assert b.keys(victim) == [0xA1]
+
+
+def test_a_logical_unit_reset_reaches_the_other_gateway(gateways: tuple[Gateway, Gateway]) -> None:
+    """One LU however many gateways reach it: a LOGICAL UNIT RESET through A is a unit
+    attention on B's nexuses too, whose tasks on the LU are aborted (SAM-5 §6.3.3)."""
+    a, b = gateways
+    here, there = a.login("iqn.2026-12.test:here"), b.login("iqn.2026-12.test:there")
+    assert (
+        a.target.task_management(here, TmfFunction.LOGICAL_UNIT_RESET, 0).name
+        == "FUNCTION_COMPLETE"
+    )
+    assert b.aborted == [there]
+    for gateway, who in ((a, here), (b, there)):
+        status, sense = gateway.run(who, TUR)
+        assert status == Status.CHECK_CONDITION and sense_of(sense) == (0x6, 0x29, 0x03)
+        assert gateway.run(who, TUR)[0] == Status.GOOD
 
 
 def test_a_lost_watch_is_watched_again(gateways: tuple[Gateway, Gateway]) -> None:
