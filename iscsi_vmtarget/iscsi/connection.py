@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from . import pdu as P
 from .completion import command_end, residual_flags
 from .events import ConnectionClosing, Event, ExecuteCommand, LoginComplete, ResetRequested
+from .fast_lane import SCSI_COMMAND_BYTE, FastCommands, limits
 from .framing import FramingError, PduReader, encode_pdu
 from .serial import in_window, sn_add, sn_lt
 from .transfer import Burst, DataOutError, DataSequenceError, Task
@@ -97,8 +98,9 @@ class ConnectionSettings:
     max_queued_output: int = 1 << 20
 
 
-class TargetConnection:
-    """One connection of one session (MaxConnections=1, so also the session)."""
+class TargetConnection(FastCommands):
+    """One connection of one session (MaxConnections=1, so also the session). The
+    server may set ``fast_lane`` once logged in (:mod:`.fast_lane`)."""
 
     def __init__(
         self,
@@ -158,6 +160,8 @@ class TargetConnection:
                 return
             if raw is None:
                 return
+            if raw.bhs[0] == SCSI_COMMAND_BYTE and self._fast_command(raw):
+                continue
             self._handle_raw(raw)
 
     def next_event(self) -> Event | None:
@@ -249,6 +253,7 @@ class TargetConnection:
             self.reader.data_digest = params.data_digest
             self.reader.max_data_length = params.target_max_recv_data_segment_length
             self._discovery = params.session_type.lower() == "discovery"
+            self.fast_limits = limits(params, self.settings.max_data_out_length)
             self.phase = Phase.FULL_FEATURE
             self._events.append(LoginComplete(result))
 

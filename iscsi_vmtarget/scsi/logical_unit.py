@@ -293,6 +293,8 @@ class LogicalUnit:
         self.mode = ModeState()
         self._lock = threading.Lock()
         self._attentions: dict[ItKey, list[Reason]] = {}
+        #: the same queues, for a lock-free "anything pending?" (``scsi/fast_lane.py``)
+        self.attention_queues = self._attentions
         self.ranges = RangeLock()
         self.pr_lock = threading.Lock()
         store = FilePrStore(pr_state_path) if pr_state_path is not None else pr_store
@@ -307,7 +309,7 @@ class LogicalUnit:
         #: that serves this LU through several gateways; None: no ALUA (TPGS=00b)
         self.alua: PortGroups | None = None
         self.copy_results: dict[ItKey, dict[int, bytes]] = {}
-        self._capacity = backend.size
+        self.known_size = backend.size  # what every nexus was told (check_capacity)
 
     # -- geometry ----------------------------------------------------------------------
 
@@ -344,8 +346,8 @@ class LogicalUnit:
         """A grown (or shrunk) backend gives every I_T nexus CAPACITY DATA CHANGED
         once (SBC-3 §4.10)."""
         size = self.backend.size
-        if size != self._capacity:  # rare: the common case is one comparison
-            self._capacity = size
+        if size != self.known_size:  # rare: the common case is one comparison
+            self.known_size = size
             self.establish_attention(Reason.CAPACITY_DATA_CHANGED)
 
     # -- write protection (SBC-3 §4.11) --------------------------------------------

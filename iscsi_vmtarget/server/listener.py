@@ -32,6 +32,7 @@ from ..scsi.task import Nexus, ScsiResponse, Status
 from ..vm import faults
 from . import fabric, pr_abort
 from .completions import Inbox
+from .fast_lane import session_lane
 from .metrics import Metrics, SessionInfo
 from .registry import Registry
 
@@ -255,6 +256,10 @@ class ConnectionHandler(asyncio.Protocol):
             )
             if self.scsi is not None:
                 self.scsi.nexus_added(self.nexus)
+                self.conn.fast_lane = session_lane(
+                    self.scsi, self.nexus, self.server.metrics, self.target_name,
+                    self.lun_names, self.tsih,
+                )  # fmt: skip
                 with contextlib.suppress(RuntimeError):  # no loop: driven by hand
                     # (tools/small-io-profile), no other gateway to abort tasks for
                     pr_abort.attach(registry, self.scsi, asyncio.get_running_loop())
