@@ -96,8 +96,11 @@ class FastCommands:
         if flags == _READ_SIMPLE:
             if data or edtl > read_limit:
                 return False
-        elif flags != _WRITE_SIMPLE or len(data) != edtl or edtl > write_limit or (
-            edtl + self._buffered > settings.max_buffered_data_out
+        elif (
+            flags != _WRITE_SIMPLE
+            or len(data) != edtl
+            or edtl > write_limit
+            or (edtl + self._buffered > settings.max_buffered_data_out)
         ):
             return False
         if self._logout_pdu is not None:

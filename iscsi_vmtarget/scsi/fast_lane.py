@@ -72,7 +72,7 @@ def fast_io(
     if spec is None or lu is None:
         return None
     length, reject, writing = spec
-    if int.from_bytes(cdb[1:length], "big") & reject:
+    if len(cdb) < length or int.from_bytes(cdb[1:length], "big") & reject:
         return None  # the full path names the field
     # LBA and TRANSFER LENGTH (SBC-3 §5): the layouts of parse_block_range, inline
     if length == 10:
