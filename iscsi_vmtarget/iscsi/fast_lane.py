@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Final
 
 from .completion import command_end
 from .pdu import BHS_LEN, Payload, RawPdu
+from .settings import ConnectionSettings
 
 if TYPE_CHECKING:
     from collections import deque
 
-    from .connection import ConnectionSettings
     from .events import Event
     from .params import SessionParams
     from .pdu import Pdu
