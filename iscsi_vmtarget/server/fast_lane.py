@@ -51,7 +51,10 @@ def session_lane(
                 return None
             numbers[lun_field] = lun
         start = clock()
-        result = fast_io(luns, key, lun, cdb, data, expected)
+        try:
+            result = fast_io(luns, key, lun, cdb, data, expected)
+        except Exception:  # a bug, say in a backend's property: the full path reports it
+            return None
         if result is not None:
             name = lun_names.get(lun)
             if name is not None:  # as ConnectionHandler._account

@@ -484,6 +484,15 @@ def test_short_cdb_long_transfer_and_short_data_take_the_full_path() -> None:
 # -- the transport's half: only in-order, whole, plain commands ----------------------------
 
 
+def test_lun_outside_the_sessions_view_is_not_supported() -> None:
+    """Masking: the lane sees the LUs of the session's own view, as the full path."""
+    core = harness(True)
+    clear_attention(core)
+    pdu = command(core, 10, cdb_of(10, False, 0, 1), BLOCK, read=True)
+    pdu.lun = bytes([0, 1]) + bytes(6)  # LUN 1: not in the view
+    assert sense_of(only(core.feed(core.wire(pdu)))) == (0x5, 0x25, 0x00)
+
+
 def test_commands_out_of_cmdsn_order_all_complete() -> None:
     """A command arriving before its predecessor waits for it (RFC 7143 §4.2.2.1);
     the lane must neither run it early nor strand it."""
