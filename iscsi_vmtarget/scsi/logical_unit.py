@@ -131,7 +131,9 @@ class RangeLock:
         start, end = span
         with self._mutex:
             held = self._held
-            if self._barred or any(first < end and start < last for first, last in held):
+            if self._barred or (  # empty most of the time: no generator then
+                held and any(first < end and start < last for first, last in held)
+            ):
                 return None
             held.append(span)
         return span
