@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import struct
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from iscsi_vmtarget.scsi.sense import parse_sense
 from iscsi_vmtarget.server.fast_lane import session_lane
 from iscsi_vmtarget.server.metrics import Metrics
 from iscsi_vmtarget.storage import BackendError, MemoryBackend, nowait
+from iscsi_vmtarget.storage.backend import BlockBackend
 from iscsi_vmtarget.storage.file import FileBackend
 from iscsi_vmtarget.testing.core import TARGET_NAME, CoreHarness
 
@@ -55,9 +57,13 @@ def cdb_of(
     return cdb.ljust(16, b"\x00")
 
 
-def medium(backend: MemoryBackend) -> bytes:
+def medium(backend: BlockBackend) -> bytes:
+    """The whole medium (a FlakyBackend's past its failing blocks too)."""
     buf = bytearray(backend.size)
-    MemoryBackend.read_into(backend, 0, memoryview(buf))
+    if isinstance(backend, FlakyBackend):
+        MemoryBackend.read_into(backend, 0, memoryview(buf))
+    else:
+        backend.read_into(0, memoryview(buf))
     return bytes(buf)
 
 
@@ -77,12 +83,19 @@ class FlakyBackend(MemoryBackend):
         super().write(offset, data)
 
 
-def harness(lane: bool, seed: int = 18, **unit: object) -> CoreHarness:
-    """A logged-in connection over one LU of BLOCKS blocks filled from ``seed``; with
-    ``lane`` the session's fast lane is on, as the server sets it at login."""
+def harness(
+    lane: bool, seed: int = 18, backend: BlockBackend | None = None, **unit: object
+) -> CoreHarness:
+    """A logged-in connection over one LU of BLOCKS blocks (``backend``, else a
+    FlakyBackend) filled from ``seed``; with ``lane`` the session's fast lane is on,
+    as the server sets it at login."""
     core = CoreHarness(lun_bytes=BLOCKS * BLOCK)
-    core.backend = FlakyBackend(BLOCKS * BLOCK)
-    MemoryBackend.write(core.backend, 0, random.Random(seed).randbytes(BLOCKS * BLOCK))
+    core.backend = backend or FlakyBackend(BLOCKS * BLOCK)  # type: ignore[assignment]
+    content = random.Random(seed).randbytes(BLOCKS * BLOCK)
+    if isinstance(core.backend, FlakyBackend):
+        MemoryBackend.write(core.backend, 0, content)
+    else:
+        core.backend.write(0, content)
     lu = LogicalUnit(core.backend, UnitIdentity.from_uuid(uuid.UUID(int=9), "fuzz"), **unit)  # type: ignore[arg-type]
     core.scsi = ScsiTarget({0: lu})
     core.login()
@@ -196,16 +209,43 @@ def comparable(pdu: P.Pdu) -> str:
     return repr(pdu)
 
 
+BATCHES = st.lists(st.lists(commands(), min_size=1, max_size=4), min_size=1, max_size=6)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    batches=st.lists(st.lists(commands(), min_size=1, max_size=4), min_size=1, max_size=6),
-    seed=st.integers(0, 2**16),
-)
+@given(batches=BATCHES, seed=st.integers(0, 2**16))
 def test_lane_answers_every_command_as_the_full_path(
     batches: list[list[dict[str, object]]], seed: int
 ) -> None:
-    lane, full = harness(True, seed), harness(False, seed)
-    for run in range(2):  # the second time without the power-on unit attention
+    assert_same(harness(True, seed), harness(False, seed), batches, seed)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=BATCHES, seed=st.integers(0, 2**16))
+def test_lane_answers_as_the_full_path_on_a_file(
+    batches: list[list[dict[str, object]]], seed: int
+) -> None:
+    """The same over file LUs: reads in nowait mode (RWF_NOWAIT), pwritev writes."""
+    with tempfile.TemporaryDirectory() as folder:
+        backends = []
+        for name in ("lane", "full"):
+            path = Path(folder) / name
+            path.write_bytes(bytes(BLOCKS * BLOCK))
+            backends.append(FileBackend(str(path)))
+        try:
+            lane, full = harness(True, seed, backends[0]), harness(False, seed, backends[1])
+            assert_same(lane, full, batches, seed)
+        finally:
+            for backend in backends:
+                backend.close()
+
+
+def assert_same(
+    lane: CoreHarness, full: CoreHarness, batches: list[list[dict[str, object]]], seed: int
+) -> None:
+    """Feed both connections the same PDUs, batch by batch, twice (the second time
+    without the power-on unit attention): the same PDUs back, the same media."""
+    for run in range(2):
         itt = 100 * (run + 1)
         rng_lane, rng_full = random.Random(seed), random.Random(seed)
         for batch in batches:
