@@ -564,7 +564,7 @@ def test_read_longer_than_one_data_in_is_split() -> None:
     assert [len(pdu.data) for pdu in sent] == [8192, BLOCK]
 
 
-def test_write_with_data_digest_error_is_rejected_and_not_written() -> None:
+def test_digests_bad_data_digest_is_rejected_good_ones_take_the_lane() -> None:
     core = CoreHarness(lun_bytes=BLOCKS * BLOCK)
     core.login(digests=True)
     assert core.nexus is not None
@@ -576,3 +576,11 @@ def test_write_with_data_digest_error_is_rejected_and_not_written() -> None:
     reject = only(core.feed(bytes(wire)))
     assert isinstance(reject, P.Reject) and reject.reason == P.RejectReason.DATA_DIGEST_ERROR
     assert medium(core.backend) == bytes(BLOCKS * BLOCK)
+    # the same write, its digest right, then read back: both through the lane, with
+    # the digests of what it sends checked by RecordingConnection (testing.core)
+    core.scsi.execute = None  # type: ignore[assignment,method-assign]  # the full path: gone
+    core.cmdsn -= 1  # the discarded command's CmdSN is still expected (RFC 7143 §7.8)
+    pdu = command(core, 51, cdb_of(10, True, 0, 1), BLOCK, write=True, data=b"\x55" * BLOCK)
+    assert only(core.feed(core.wire(pdu))).status == Status.GOOD  # type: ignore[attr-defined]
+    back = only(core.feed(core.wire(command(core, 52, cdb_of(10, False, 0, 1), BLOCK, read=True))))
+    assert isinstance(back, P.DataIn) and bytes(back.data) == b"\x55" * BLOCK
