@@ -40,9 +40,10 @@ if TYPE_CHECKING:
     from .pdu import Pdu
     from .transfer import Task
 
-#: (LUN field, CDB, Data-Out, Expected Data Transfer Length) -> the Data-In (a write:
-#: ``b""``) of a command that ended GOOD without residual, or None: take the full path
-FastLane = Callable[[bytes, bytes, Payload, int], "bytes | bytearray | None"]
+#: (ITT, LUN field, CDB, Data-Out, Expected Data Transfer Length) -> the Data-In (a
+#: write: ``b""``) of a command that ended GOOD without residual, or None: take the
+#: full path (the ITT names the command there, as the task's)
+FastLane = Callable[[int, bytes, bytes, Payload, int], "bytes | bytearray | None"]
 
 #: The SCSI Command BHS (§11.3): flags, LUN, ITT, EDTL, CmdSN (ExpStatSN, CDB after).
 _COMMAND: Final = struct.Struct(">xB6x8sIII4x16s").unpack
@@ -105,7 +106,7 @@ class FastCommands:
             return False
         if self._logout_pdu is not None:
             return False
-        result = lane(lun, cdb, data, edtl)
+        result = lane(itt, lun, cdb, data, edtl)
         if result is None:
             return False
         expcmdsn = self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF  # sn_add, inline

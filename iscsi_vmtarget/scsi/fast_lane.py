@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from ..storage.nowait import MODE, RWF_NOWAIT
+from ..storage.nowait import MODE, RWF_NOWAIT, WouldBlock
 from .logical_unit import LogicalUnit
 from .opcodes import find_row
 from .task import ItKey
@@ -65,8 +65,9 @@ def fast_io(
 ) -> bytes | bytearray | None:
     """Run a READ or WRITE in the common state: the data read (a WRITE: ``b""``), the
     command then being GOOD with no residual; or None when it must take the full path
-    (module doc), in which case nothing was done. ``data``: a WRITE's Data-Out, all of
-    it (``expected`` bytes); ``key``: the I_T nexus (:func:`.task.it_key`)."""
+    (module doc), in which case nothing was done; WouldBlock when the kernel would
+    block it (module doc). ``data``: a WRITE's Data-Out, all of it (``expected``
+    bytes); ``key``: the I_T nexus (:func:`.task.it_key`)."""
     spec = SPECS.get(cdb[0])
     lu = luns.get(lun)
     if spec is None or lu is None:
@@ -129,8 +130,10 @@ def fast_io(
             MODE.flags = RWF_NOWAIT
         backend.read_into(lba * size, memoryview(buf))
         return buf
-    except Exception:  # WouldBlock, a medium error, a bug: the full path runs it
-        return None  # again and reports it
+    except WouldBlock:
+        raise  # the caller runs it in a thread (trying inline again would double the I/O)
+    except Exception:  # a medium error, a bug: the full path runs it again, reports it
+        return None
     finally:
         MODE.flags = 0
         ranges.release(span)

@@ -19,6 +19,7 @@ from ..iscsi.pdu import Payload
 from ..scsi import ScsiTarget
 from ..scsi.fast_lane import fast_io
 from ..scsi.task import Nexus, it_key
+from ..storage.nowait import WouldBlock
 from . import fabric
 from .metrics import Metrics
 
@@ -30,8 +31,11 @@ def session_lane(
     target_name: str,
     lun_names: Mapping[int, int],
     tsih: int,
+    blocked: set[int],
 ) -> FastLane:
-    """The lane of one logged-in session (``TargetConnection.fast_lane``)."""
+    """The lane of one logged-in session (``TargetConnection.fast_lane``). The ITT of
+    a command the kernel would have blocked goes into ``blocked``: the full path, which
+    then gets the command, must run it in a worker thread without trying it inline."""
     luns = scsi.luns  # the session's view: fixed for its lifetime, like its ScsiTarget
     key = it_key(nexus)
     record = metrics.record
@@ -39,7 +43,7 @@ def session_lane(
     numbers: dict[bytes, int] = {}  # LUN field -> LUN, for the LUs the view shows
 
     def lane(
-        lun_field: bytes, cdb: bytes, data: Payload, expected: int
+        itt: int, lun_field: bytes, cdb: bytes, data: Payload, expected: int
     ) -> bytes | bytearray | None:
         lun = numbers.get(lun_field)
         if lun is None:
@@ -53,6 +57,9 @@ def session_lane(
         start = clock()
         try:
             result = fast_io(luns, key, lun, cdb, data, expected)
+        except WouldBlock:  # the full path runs it in a thread (ConnectionHandler._execute)
+            blocked.add(itt)
+            return None
         except Exception:  # a bug, say in a backend's property: the full path reports it
             return None
         if result is not None:

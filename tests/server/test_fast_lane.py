@@ -101,7 +101,7 @@ def harness(
     core.login()
     if lane:
         assert core.nexus is not None
-        core.conn.fast_lane = session_lane(core.scsi, core.nexus, Metrics(), "t", {0: 0}, 1)
+        core.conn.fast_lane = session_lane(core.scsi, core.nexus, Metrics(), "t", {0: 0}, 1, set())
     return core
 
 
@@ -459,19 +459,26 @@ def test_unknown_lun_and_other_opcodes_take_the_full_path() -> None:
     assert fast_io(luns, KEY, 0, bytes(16), b"", 0) is None  # TEST UNIT READY
 
 
-def test_read_the_kernel_would_block_takes_the_full_path(
+def test_read_the_kernel_would_block_goes_to_a_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Not in the page cache: the lane names the command (its ITT) for the full path
+    to run in a worker thread, rather than trying it inline twice."""
     path = tmp_path / "lun"
     path.write_bytes(bytes(BLOCKS * BLOCK))
     backend = FileBackend(str(path))
     lu = LogicalUnit(backend, UnitIdentity.from_uuid(uuid.UUID(int=2), "f"))
     if "read" not in lu.abilities.nowait:
         pytest.skip("this file system has no RWF_NOWAIT reads")
-    assert lane_read({0: lu}) == bytes(BLOCK)
+    blocked: set[int] = set()
+    lane = session_lane(ScsiTarget({0: lu}), Nexus("i", "i,i,0x1", "t", "t,t,0x0001"),
+                        Metrics(), "t", {0: 0}, 1, blocked)  # fmt: skip
+    assert lane(7, bytes(8), cdb_of(10, False, 1, 1), b"", BLOCK) == bytes(BLOCK)
     monkeypatch.setattr(nowait, "refused", frozenset({"read"}))
-    assert lane_read({0: lu}) is None
+    with pytest.raises(nowait.WouldBlock):
+        lane_read({0: lu})
     assert nowait.MODE.flags == 0  # nowait mode ended with the command
+    assert lane(8, bytes(8), cdb_of(10, False, 1, 1), b"", BLOCK) is None and blocked == {8}
     backend.close()
 
 
@@ -479,10 +486,10 @@ def test_lane_counts_commands_as_the_full_path() -> None:
     luns, _ = unit()
     metrics = Metrics()
     nexus = Nexus("i", "i,i,0x1", "t", "t,t,0x0001")
-    lane = session_lane(ScsiTarget(luns), nexus, metrics, "t", {0: 3}, 5)
-    assert lane(bytes(8), cdb_of(10, False, 0, 2), b"", 2 * BLOCK) is not None
-    assert lane(bytes(8), cdb_of(16, True, 0, 1), bytes(BLOCK), BLOCK) == b""
-    assert lane(bytes(8), cdb_of(16, True, 0, 1, FUA), bytes(BLOCK), BLOCK) is None
+    lane = session_lane(ScsiTarget(luns), nexus, metrics, "t", {0: 3}, 5, set())
+    assert lane(1, bytes(8), cdb_of(10, False, 0, 2), b"", 2 * BLOCK) is not None
+    assert lane(2, bytes(8), cdb_of(16, True, 0, 1), bytes(BLOCK), BLOCK) == b""
+    assert lane(3, bytes(8), cdb_of(16, True, 0, 1, FUA), bytes(BLOCK), BLOCK) is None
     counters = metrics.luns[("t", 3)]
     assert (counters.reads, counters.read_bytes, counters.writes, counters.write_bytes) == (
         1, 2 * BLOCK, 1, BLOCK,
@@ -568,7 +575,7 @@ def test_digests_bad_data_digest_is_rejected_good_ones_take_the_lane() -> None:
     core = CoreHarness(lun_bytes=BLOCKS * BLOCK)
     core.login(digests=True)
     assert core.nexus is not None
-    core.conn.fast_lane = session_lane(core.scsi, core.nexus, Metrics(), "t", {0: 0}, 1)
+    core.conn.fast_lane = session_lane(core.scsi, core.nexus, Metrics(), "t", {0: 0}, 1, set())
     clear_attention(core)
     pdu = command(core, 50, cdb_of(10, True, 0, 1), BLOCK, write=True, data=b"\x55" * BLOCK)
     wire = bytearray(core.wire(pdu))
