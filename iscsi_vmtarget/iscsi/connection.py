@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Protocol
 from . import pdu as P
 from .completion import command_end, residual_flags
 from .events import ConnectionClosing, Event, ExecuteCommand, LoginComplete, ResetRequested
+from .fast_lane import SCSI_COMMAND_BYTE, FastCommands, limits
 from .framing import FramingError, PduReader, encode_pdu
 from .serial import in_window, sn_add, sn_lt
+from .settings import ConnectionSettings
 from .transfer import Burst, DataOutError, DataSequenceError, Task
 
 if TYPE_CHECKING:
@@ -76,29 +78,9 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
-@dataclass(slots=True)
-class ConnectionSettings:
-    """Target-side knobs that are not negotiated."""
-
-    cmd_window: int = 128  # MaxCmdSN - ExpCmdSN + 1 (§4.2.2.1)
-    max_text_response: int = 65536
-    # Largest write buffer one command may make us allocate: twice the Block Limits
-    # MAXIMUM TRANSFER LENGTH we advertise (8 MiB). Without it a single 48-byte PDU
-    # with W=1 and EDTL=0xFFFFFFFF would allocate 4 GiB.
-    max_data_out_length: int = 16 << 20
-    # What one connection may hold for commands still collecting Data-Out; past it a
-    # command ends at once with TASK SET FULL (SAM-5 §5.3), so memory stays bounded
-    # even when an initiator sends commands and never their data.
-    max_tasks: int = 512
-    max_buffered_data_out: int = 128 << 20
-    # Stop handling PDUs while this much output waits for data_to_send (see ``stalled``):
-    # an initiator that sends READs and never reads the answers cannot make us queue
-    # gigabytes of Data-In.
-    max_queued_output: int = 1 << 20
-
-
-class TargetConnection:
-    """One connection of one session (MaxConnections=1, so also the session)."""
+class TargetConnection(FastCommands):
+    """One connection of one session (MaxConnections=1, so also the session). The
+    server may set ``fast_lane`` once logged in (:mod:`.fast_lane`)."""
 
     def __init__(
         self,
@@ -158,6 +140,8 @@ class TargetConnection:
                 return
             if raw is None:
                 return
+            if raw.bhs[0] == SCSI_COMMAND_BYTE and self._fast_command(raw):
+                continue
             self._handle_raw(raw)
 
     def next_event(self) -> Event | None:
@@ -249,6 +233,7 @@ class TargetConnection:
             self.reader.data_digest = params.data_digest
             self.reader.max_data_length = params.target_max_recv_data_segment_length
             self._discovery = params.session_type.lower() == "discovery"
+            self.fast_limits = limits(params, self.settings.max_data_out_length)
             self.phase = Phase.FULL_FEATURE
             self._events.append(LoginComplete(result))
 

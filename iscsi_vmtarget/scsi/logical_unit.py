@@ -131,7 +131,9 @@ class RangeLock:
         start, end = span
         with self._mutex:
             held = self._held
-            if self._barred or any(first < end and start < last for first, last in held):
+            if self._barred or (  # empty most of the time: no generator then
+                held and any(first < end and start < last for first, last in held)
+            ):
                 return None
             held.append(span)
         return span
@@ -293,6 +295,8 @@ class LogicalUnit:
         self.mode = ModeState()
         self._lock = threading.Lock()
         self._attentions: dict[ItKey, list[Reason]] = {}
+        #: the same queues, for a lock-free "anything pending?" (``scsi/fast_lane.py``)
+        self.attention_queues = self._attentions
         self.ranges = RangeLock()
         self.pr_lock = threading.Lock()
         store = FilePrStore(pr_state_path) if pr_state_path is not None else pr_store
@@ -307,7 +311,7 @@ class LogicalUnit:
         #: that serves this LU through several gateways; None: no ALUA (TPGS=00b)
         self.alua: PortGroups | None = None
         self.copy_results: dict[ItKey, dict[int, bytes]] = {}
-        self._capacity = backend.size
+        self.known_size = backend.size  # what every nexus was told (check_capacity)
 
     # -- geometry ----------------------------------------------------------------------
 
@@ -344,8 +348,8 @@ class LogicalUnit:
         """A grown (or shrunk) backend gives every I_T nexus CAPACITY DATA CHANGED
         once (SBC-3 §4.10)."""
         size = self.backend.size
-        if size != self._capacity:  # rare: the common case is one comparison
-            self._capacity = size
+        if size != self.known_size:  # rare: the common case is one comparison
+            self.known_size = size
             self.establish_attention(Reason.CAPACITY_DATA_CHANGED)
 
     # -- write protection (SBC-3 §4.11) --------------------------------------------

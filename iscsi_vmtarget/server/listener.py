@@ -32,6 +32,7 @@ from ..scsi.task import Nexus, ScsiResponse, Status
 from ..vm import faults
 from . import fabric, pr_abort
 from .completions import Inbox
+from .fast_lane import session_lane
 from .metrics import Metrics, SessionInfo
 from .registry import Registry
 
@@ -70,6 +71,7 @@ class ConnectionHandler(asyncio.Protocol):
         self._ping_handle: asyncio.TimerHandle | None = None
         self.running = 0
         self._writing_paused = False
+        self.lane_blocked: set[int] = set()  # ITTs the fast lane found would block
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,6 +153,11 @@ class ConnectionHandler(asyncio.Protocol):
         assert scsi is not None and nexus is not None
         data = task.buffer  # the SCSI layer takes a memoryview of it
         start = time.perf_counter()
+        if self.lane_blocked and task.itt in self.lane_blocked:  # server/fast_lane.py
+            self.lane_blocked.discard(task.itt)
+            self._count_fallback(task)
+            self._in_thread(task, start, _run_lane_blocked, scsi, nexus, task.lun, task.cdb, data)
+            return
         if scsi.may_block(task.cdb, task.lun):
             self._in_thread(task, start, scsi.execute, nexus, task.lun, task.cdb, data)
             return
@@ -255,6 +262,10 @@ class ConnectionHandler(asyncio.Protocol):
             )
             if self.scsi is not None:
                 self.scsi.nexus_added(self.nexus)
+                self.conn.fast_lane = session_lane(
+                    self.scsi, self.nexus, self.server.metrics, self.target_name,
+                    self.lun_names, self.tsih, self.lane_blocked,
+                )  # fmt: skip
                 with contextlib.suppress(RuntimeError):  # no loop: driven by hand
                     # (tools/small-io-profile), no other gateway to abort tasks for
                     pr_abort.attach(registry, self.scsi, asyncio.get_running_loop())
@@ -345,6 +356,15 @@ def _run_blocked(command: BlockedCommand) -> ScsiResponse:
     (a test holds it at the pause point to see other sessions served meanwhile)."""
     faults.pause("nowait.fallback")
     return command.run()
+
+
+def _run_lane_blocked(
+    scsi: ScsiTarget, nexus: Nexus, lun: int, cdb: bytes, data: bytes | bytearray | None
+) -> ScsiResponse:
+    """A command the fast lane found the kernel would block, run whole in a worker
+    thread (the same pause point as :func:`_run_blocked`)."""
+    faults.pause("nowait.fallback")
+    return scsi.execute(nexus, lun, cdb, data)
 
 
 def _iscsi_transport_id(name: str, isid: str) -> bytes:
