@@ -61,8 +61,9 @@ class BenchError(Exception):
 
 
 def librbd_run(spec: RbdImageSpec, size: int, req: int, rand: bool, write: bool,
-               seconds: float) -> float:
-    """Requests per second with QD requests of REQ bytes in flight for SECONDS."""
+               seconds: float, cpu: list[dict[str, float]]) -> float:
+    """Requests per second with QD requests of REQ bytes in flight for SECONDS; where
+    the CPU went is appended to CPU."""
     backend = open_image(spec, None, read_only=not write)
     image = backend.handle()
     slots = threading.Semaphore(QD)
@@ -83,6 +84,7 @@ def librbd_run(spec: RbdImageSpec, size: int, req: int, rand: bool, write: bool,
         slots.release()
 
     n = 0
+    meter = CpuMeter()
     start = time.perf_counter()
     end = start + seconds
     try:
@@ -97,6 +99,7 @@ def librbd_run(spec: RbdImageSpec, size: int, req: int, rand: bool, write: bool,
         for _ in range(QD):
             slots.acquire()
         elapsed = time.perf_counter() - start
+        cpu.append(meter.stop(done))
     finally:
         backend.close()
     if errors:
@@ -143,16 +146,21 @@ def start_gateway(work: Path, tpgt: int, spec: RbdImageSpec, conf: str, port: in
 
 
 def gateway_run(gw: Gateway, size: int, req: int, rand: bool, write: bool,
-                seconds: float) -> float:
+                seconds: float, cpu: list[dict[str, float]]) -> float:
     """Requests per second through the gateway: iscsi-perf reads (time-bound),
-    qemu-img bench writes (count-bound, the count taken from a short first run)."""
+    qemu-img bench writes (count-bound, the count taken from a short first run); where
+    the CPU went in the measured run is appended to CPU (a read's request count from
+    its rate over the whole run, login included: a slight underestimate of CPU)."""
     if not write:
         cmd = ["iscsi-perf", "-i", CLIENT_IQN, "-t", str(int(seconds)), "-m", str(QD),
                "-b", str(req // 512)] + (["-r"] if rand else []) + [gw.url()]
+        meter = CpuMeter(gw.proc.pid)
+        t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
         m = PERF_RE.findall(out.stdout + out.stderr)
         if out.returncode or not m:
             raise BenchError(f"iscsi-perf: {out.stdout[-500:]}{out.stderr[-500:]}")
+        cpu.append(meter.stop(float(m[-1][0]) * (time.perf_counter() - t0)))
         return float(m[-1][0])
     opts = (f"driver=iscsi,transport=tcp,portal=127.0.0.1:{gw.port},target={IQN},lun=0,"
             f"initiator-name={CLIENT_IQN}")
@@ -160,12 +168,14 @@ def gateway_run(gw: Gateway, size: int, req: int, rand: bool, write: bool,
     for _ in range(2):
         cmd = ["qemu-img", "bench", "-w", "-t", "none", "-c", str(count), "-d", str(QD),
                "-s", str(req), "--image-opts", opts]
+        meter = CpuMeter(gw.proc.pid)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         m = QEMU_RE.search(out.stdout)
         if out.returncode or not m:
             raise BenchError(f"qemu-img bench: {out.stdout[-500:]}{out.stderr[-500:]}")
         rate = count / max(float(m.group(1)), 1e-6)
         if float(m.group(1)) >= seconds * 0.5:
+            cpu.append(meter.stop(count))
             return rate
         count = max(QD * 4, int(rate * seconds))
     return rate
@@ -207,7 +217,60 @@ def failover_times(work: Path, spec: RbdImageSpec, conf: str, rounds: int) -> li
     return times
 
 
+# -- where the CPU goes -----------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle (all cores; /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK  # minus idle and iowait
+
+
+def _process_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes PIDS have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(stat[11]) + int(stat[12])
+    return total / _TICK
+
+
+def _osd_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-x", "ceph-osd"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+class CpuMeter:
+    """Machine and per-process CPU over one run: the machine's busy share (of all its
+    cores), and the OSDs' and the gateway's CPU seconds per request."""
+
+    def __init__(self, gateway: int | None = None) -> None:
+        self.osds, self.gateway = _osd_pids(), gateway
+        self._t0 = time.perf_counter()
+        self._busy0 = _busy_seconds()
+        self._osd0 = _process_seconds(self.osds)
+        self._gw0 = _process_seconds([gateway]) if gateway else 0.0
+
+    def stop(self, requests: float) -> dict[str, float]:
+        wall = time.perf_counter() - self._t0
+        busy = _busy_seconds() - self._busy0
+        osd = _process_seconds(self.osds) - self._osd0
+        gw = (_process_seconds([self.gateway]) - self._gw0) if self.gateway else 0.0
+        per = 1e6 / max(requests, 1)
+        return {"machine_busy": busy / wall / (os.cpu_count() or 1),
+                "machine_us": busy * per, "osd_us": osd * per, "gateway_us": gw * per}
+
+
 # -- main -------------------------------------------------------------------------------
+
+
+def _medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
 def fill(spec: RbdImageSpec, size: int) -> None:
@@ -249,18 +312,23 @@ def main(argv: list[str]) -> int:
         rows = []
         for name, req, rand, write in ROWS:
             direct, through = [], []
+            cpu_direct: list[dict[str, float]] = []
+            cpu_through: list[dict[str, float]] = []
             for _ in range(args.reps):  # alternate, so machine noise lands on both
-                direct.append(librbd_run(spec, size, req, rand, write, args.seconds))
+                direct.append(librbd_run(spec, size, req, rand, write, args.seconds,
+                                         cpu_direct))
                 # the gateway holds the image's exclusive lock while it runs (managed:
                 # a direct writer would be refused), so it runs only for its own turn
                 gw = start_gateway(work / "gw", 1, spec, conf)
-                through.append(gateway_run(gw, size, req, rand, write, args.seconds))
+                through.append(gateway_run(gw, size, req, rand, write, args.seconds,
+                                           cpu_through))
                 gw.stop()
                 gw = None
             d, g = statistics.median(direct), statistics.median(through)
             rows.append({"row": name, "librbd": d, "gateway": g, "ratio": g / d,
                          "goal": GOALS[name], "unit": "IOPS" if req <= 4096 else "MB/s",
-                         "mb_s": [d * req / 1e6, g * req / 1e6]})
+                         "mb_s": [d * req / 1e6, g * req / 1e6],
+                         "cpu": [_medians(cpu_direct), _medians(cpu_through)]})
         times = failover_times(work, spec, conf, args.failovers) if args.failovers else []
         print(f"{'row':22} {'librbd':>12} {'gateway':>12} {'ratio':>6} goal")
         for r in rows:
@@ -270,6 +338,14 @@ def main(argv: list[str]) -> int:
                 a, b = f"{r['mb_s'][0]:.0f} MB/s", f"{r['mb_s'][1]:.0f} MB/s"
             ok = "ok" if r["ratio"] >= r["goal"] else "MISSED"
             print(f"{r['row']:22} {a:>12} {b:>12} {r['ratio']:6.2f} >={r['goal']} {ok}")
+        print("\nCPU per request, medians (machine: all processes and the kernel; "
+              "busy: share of all cores)")
+        print(f"{'row':22} {'path':8} {'busy':>5} {'machine':>9} {'OSD':>8} {'gateway':>8}")
+        for r in rows:
+            for path, c in zip(("librbd", "gateway"), r["cpu"], strict=True):
+                gw_us = f"{c['gateway_us']:6.0f}us" if path == "gateway" else ""
+                print(f"{r['row']:22} {path:8} {c['machine_busy']:5.0%} "
+                      f"{c['machine_us']:7.0f}us {c['osd_us']:6.0f}us {gw_us:>8}")
         if times:
             print(f"failover (kill to first write through the other gateway): median "
                   f"{statistics.median(times):.1f} s of {[round(t, 1) for t in times]}")
