@@ -27,10 +27,12 @@ def test_quick_dry_run_plans_every_test_against_both_targets() -> None:
     assert r.returncode == 0, r.stderr
     assert "reps 1" in r.stdout
     plan = [line for line in r.stdout.splitlines() if line.startswith("rep ")]
-    assert len(plan) == 8
+    assert len(plan) == 10
     assert all("tgtd -> ours -> ours+hd" in line for line in plan)
     assert sum("iscsi-perf" in line for line in plan) == 4
     assert sum("qemu-img bench -w" in line for line in plan) == 4
+    reads = [line for line in plan if "qemu-img bench -t" in line]  # QEMU's 4 KiB reads
+    assert len(reads) == 2 and all("-s 4096" in line for line in reads)
 
 
 def test_reps_alternate_the_order() -> None:
