@@ -81,6 +81,21 @@ def test_the_gateway_has_no_write_back_cache(ceph_cluster: CephCluster) -> None:
         b.close()
 
 
+def test_the_gateway_dispatches_in_the_caller_with_room_in_flight(
+    ceph_cluster: CephCluster,
+) -> None:
+    """librbd dispatches a gateway's requests in the calling thread (no work-queue
+    hand-off), with an Objecter budget large enough that submitting never waits."""
+    b = RbdBackend(ceph_cluster.image(4 * MiB))
+    try:
+        conf = b.cluster.conf_get
+        assert conf("rbd_non_blocking_aio") == "false"
+        assert int(conf("objecter_inflight_ops")) >= 64 * 128
+        assert int(conf("objecter_inflight_op_bytes")) >= 1 << 30
+    finally:
+        b.close()
+
+
 def test_allocation_map_follows_objects(ceph_cluster: CephCluster) -> None:
     """GET LBA STATUS's source: a never-written image is one hole; a write maps (at
     least) its object's extent and nothing outside that object; unmapping the whole
