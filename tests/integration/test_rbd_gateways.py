@@ -149,3 +149,27 @@ def test_owner_active_standby_refuses_and_takeover_fences_a_paused_owner(
         for t in (a, b, c):
             if t is not None:
                 t.stop()
+
+
+def test_a_cleanly_stopped_owner_hands_over_before_its_watch_would_expire(
+    ceph_cluster: CephCluster, image: RbdImageSpec, tmp_path: Path
+) -> None:
+    """Standby mode: an owner that stops cleanly (SIGTERM) gives its lock up and
+    unwatches its image, so the standby owns it within a few seconds, well inside the
+    test cluster's 5 s watch timeout, fencing nobody."""
+    a = gateway(tmp_path, "a", 1, image, ceph_cluster.conf)
+    b = gateway(tmp_path, "b", 2, image, ceph_cluster.conf)
+    try:
+        ia, ib = login(a, INITIATOR, IQN), login(b, INITIATOR, IQN)
+        assert groups(ib) == {2: 0x2, 1: 0x0}
+        assert write(ia, 0, b"a" * BLOCK) == (0, (0, 0, 0))
+        ia.close()
+        a.stop()
+        wait_for("B active/optimized", lambda: groups(ib).get(2) == 0x0, timeout=3)
+        assert write(ib, 1, b"b" * BLOCK) == (0, (0, 0, 0))
+        assert read(ib, 0, 2) == b"a" * BLOCK + b"b" * BLOCK
+        assert b"fencing" not in Path(str(b.log_path)).read_bytes()
+        ib.close()
+    finally:
+        a.stop()
+        b.stop()
