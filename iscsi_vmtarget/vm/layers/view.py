@@ -121,10 +121,13 @@ class _Handle:
     descriptor kept per resize for the daemon's lifetime).
     """
 
-    __slots__ = ("raw", "retired", "users")
+    __slots__ = ("raw", "read_only", "retired", "users")
 
     def __init__(self, raw: BlockBackend) -> None:
         self.raw = raw
+        #: the handle's own read-only flag, fixed when it was opened (looked up once,
+        #: not on every write)
+        self.read_only = raw.read_only
         self.users = 0
         self.retired = False
 
@@ -284,7 +287,7 @@ class GuestView:
 
     @property
     def read_only(self) -> bool:
-        return self._read_only or self._map[2].raw.read_only
+        return self._read_only or self._map[2].read_only
 
     @property
     def _raw(self) -> BlockBackend:
@@ -352,7 +355,7 @@ class GuestView:
             if offset < 0 or offset + length > size:
                 check_range(size, offset, length)
             raw = handle.raw
-            if writing and (self._read_only or raw.read_only):
+            if writing and (self._read_only or handle.read_only):
                 raise BackendError("guest view is read-only")
             io = raw.write if writing else raw.read_into
             for start, seg_len, unit_off in segments:
