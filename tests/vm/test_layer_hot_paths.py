@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from iscsi_vmtarget.storage import FileBackend
+from iscsi_vmtarget.storage import BackendError, FileBackend
 from iscsi_vmtarget.storage.backend import BlockBackend
 from iscsi_vmtarget.storage.file import create_sparse_file
 from iscsi_vmtarget.vm import VmManager
@@ -242,3 +242,19 @@ def test_an_owner_looked_up_during_a_copy_up_is_not_left_stale(layered: ChainBac
         lower.bits = bytearray(lower.bits)
     assert layered.read(g * GRAIN, BLOCK) == b"W" * BLOCK
     assert layered.read(g * GRAIN + BLOCK, BLOCK) == bytes([1]) * BLOCK
+
+
+def test_a_view_over_a_read_only_handle_is_read_only_and_refuses_writes(tmp_path: Path) -> None:
+    """The handle's read-only flag is looked up once: what the LU's write protection
+    (the WP bit, the fast lane's guard) and the view's own check read."""
+    header = make_header(Mode.OFFSET, DISK)
+    path = tmp_path / "unit"
+    create_sparse_file(str(path), header.unit_size)
+    view = GuestView(FileBackend(str(path), read_only=True), header)
+    try:
+        assert view.read_only
+        with pytest.raises(BackendError, match="read-only"):
+            view.write(0, b"x" * BLOCK)
+        assert view.read(0, BLOCK) == bytes(BLOCK)
+    finally:
+        view.close()
