@@ -151,7 +151,8 @@ class DeltaLayer:
         self.size = size = layer_size(header, size)
         amap = header.require_region(RegionKind.ALLOCMAP)
         self._map_off = amap.offset
-        self._disk_off = header.require_region(RegionKind.DISK).offset
+        #: where the image starts in the unit (the chain's hot paths add it themselves)
+        self.disk_offset = header.require_region(RegionKind.DISK).offset
         nbytes = -(-grains_of(size) // 8)
         self.bits = bytearray(backend.read(self._map_off, nbytes)) if nbytes else bytearray()
         self._dirty: set[int] = set()  # map bytes changed since the last flush
@@ -177,13 +178,13 @@ class DeltaLayer:
         return count * GRAIN - (short if last >= 0 and self.has(last) else 0)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        self.backend.read_into(self._disk_off + offset, buf)
+        self.backend.read_into(self.disk_offset + offset, buf)
 
     def write(self, offset: int, data: memoryview | bytes | bytearray) -> None:
-        self.backend.write(self._disk_off + offset, data)
+        self.backend.write(self.disk_offset + offset, data)
 
     def punch(self, offset: int, length: int) -> None:
-        self.backend.unmap(self._disk_off + offset, length)
+        self.backend.unmap(self.disk_offset + offset, length)
 
     def flush(self) -> None:
         """Grain data first, then the map bytes that name it (module docstring)."""
@@ -290,14 +291,17 @@ class ChainBackend:
             owner = self._owner = bytearray(b"\xff") * grains_of(self.size)
         value = owner[grain]
         if value == _UNKNOWN:
-            value = _ROOT
-            byte, bit = grain >> 3, 1 << (grain & 7)
-            for index, layer in enumerate(self.layers):
-                bits = layer.bits
-                if byte < len(bits) and bits[byte] & bit:  # a smaller layer lacks it
-                    value = index
-                    break
-            owner[grain] = value
+            # under the copy-on-write lock: a write marking the grain in the top between
+            # this scan and the store would otherwise be undone by a stale owner
+            with self._lock:
+                value = _ROOT
+                byte, bit = grain >> 3, 1 << (grain & 7)
+                for index, layer in enumerate(self.layers):
+                    bits = layer.bits
+                    if byte < len(bits) and bits[byte] & bit:  # a smaller layer lacks it
+                        value = index
+                        break
+                owner[grain] = value
         return -1 if value == _ROOT else value
 
     def _read_from(self, offset: int, buf: memoryview, start: int) -> None:
@@ -348,26 +352,11 @@ class ChainBackend:
         buf[inside:] = bytes(len(buf) - inside)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
-        with self._gate.io():
-            self.read_quiesced(offset, buf)
+        self._io(offset, buf, False, self._gate)
 
     def read_quiesced(self, offset: int, buf: memoryview) -> None:
         """:meth:`read_into` without the gate: for a caller inside :meth:`quiesce`."""
-        layers = self.layers
-        if not layers:  # the root owns the bound (class docstring)
-            self.root.read_into(offset, buf)
-            return
-        length = len(buf)
-        check_range(layers[0].size, offset, length)
-        grain = offset // GRAIN
-        if length and (offset + length - 1) // GRAIN == grain:  # within one grain
-            owner = self._owner_of(grain)
-            if owner < 0:
-                self._read_root(offset, buf)
-            else:
-                layers[owner].read_into(offset, buf)
-            return
-        self._read_from(offset, buf, 0)
+        self._io(offset, buf, False, None)
 
     def read(self, offset: int, length: int) -> bytearray:
         out = bytearray(length)
@@ -375,16 +364,71 @@ class ChainBackend:
         return out
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self.read_only:
+        if self._read_only:
             raise BackendError("this snapshot is read-only")
-        view = memoryview(data).cast("B")
-        with self._gate.io():
-            if self.layers:  # else the root owns the bound (class docstring)
-                check_range(self.size, offset, len(view))
-            self._write(offset, view)
+        self._io(offset, memoryview(data).cast("B"), True, self._gate)
+
+    def _io(self, offset: int, buf: memoryview, writing: bool, gate: Gate | None) -> None:
+        """A read into ``buf`` or a write of it at ``offset``, counted in ``gate``
+        (None: the caller holds :meth:`quiesce`). The hot path of every guest READ
+        and WRITE in one call (issue 18): the gate's ``io()`` inline, and a request
+        within one grain served at once - a read from the layer the owner cache
+        names, a write into a grain the top holds already (no copy-up, no map bit to
+        set: no copy-on-write lock; a grain's bit is set only after its copy-up is
+        written, so a writer that sees it never races one)."""
+        if gate is not None:
+            with gate.lock:
+                if gate.open:
+                    gate.active += 1
+                else:
+                    gate.admit()
+        try:
+            layers = self.layers
+            length = len(buf)
+            if not layers:  # the root owns the bound (class docstring)
+                if not writing:
+                    self.root.read_into(offset, buf)
+                    return
+                if self.root.read_only:
+                    raise BackendError("this snapshot is read-only")
+                self.root.write(offset, buf)
+            else:
+                top = layers[0]
+                if offset < 0 or offset + length > top.size:
+                    check_range(top.size, offset, length)
+                grain = offset // GRAIN
+                if not length or (offset + length - 1) // GRAIN != grain:  # several grains
+                    if not writing:
+                        self._read_from(offset, buf, 0)
+                        return
+                    self._write(offset, buf)
+                elif not writing:
+                    owners = self._owner
+                    owner = _UNKNOWN if owners is None else owners[grain]
+                    if owner == _UNKNOWN:  # not looked up yet (or no cache: a long chain)
+                        owner = self._owner_of(grain)  # an index, -1 for the root
+                    elif owner == _ROOT:
+                        owner = -1
+                    if owner < 0:
+                        self._read_root(offset, buf)
+                    else:  # the layer's read_into, inline
+                        layer = layers[owner]
+                        layer.backend.read_into(layer.disk_offset + offset, buf)
+                    return
+                elif (grain >> 3) < len(bits := top.bits) and bits[grain >> 3] & (1 << (grain & 7)):
+                    # the top's has(), inline
+                    top.backend.write(top.disk_offset + offset, buf)
+                else:
+                    self._write(offset, buf)
             hook = self.write_hook
             if hook is not None:  # after the write: a copy reading later sees it
-                hook(offset, len(view))
+                hook(offset, length)
+        finally:
+            if gate is not None:
+                with gate.lock:
+                    gate.active -= 1
+                    if not gate.active and not gate.open:
+                        gate.wake()
 
     def _write(self, offset: int, view: memoryview) -> None:
         if not self.layers:
