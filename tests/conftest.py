@@ -13,10 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from iscsi_vmtarget.storage.rbd import close_connections
 from iscsi_vmtarget.testing import ceph
 from iscsi_vmtarget.testing.ceph import CephCluster
+
+# No per-example deadline: on the 2 CI cores shared with servers, Ceph and guests, an
+# example's first run can take 100x its usual time (a lazy import, a busy core), and
+# hypothesis then reports a flaky deadline, not a fault of the code under test.
+settings.register_profile("shared-cores", deadline=None)
+settings.load_profile("shared-cores")
 
 INITIATOR = "iqn.2026-11.org.iscsi-vmtarget.test:host1"
 

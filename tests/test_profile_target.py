@@ -19,7 +19,7 @@ def test_a_short_read_profile_names_the_data_path(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("read 4 KiB QD4, 2 s:")
     assert "samples on CPU" in r.stdout
-    assert "ScsiTarget._dispatch (target_device.py)" in r.stdout  # our READ path was sampled
+    assert "fast_io (fast_lane.py)" in r.stdout  # our READ path (the fast lane) was sampled
     assert "uv_run" not in r.stdout.split("our functions by inclusive share:")[1]
     stacks = (tmp_path / "read-qd4.txt").read_text().splitlines()
     assert stacks and all(line.rsplit(" ", 1)[1].isdigit() for line in stacks)
