@@ -18,6 +18,7 @@ the owner, and the time until a WRITE through the standby completes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -39,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from iscsi_vmtarget.client.initiator import Initiator  # noqa: E402
 from iscsi_vmtarget.storage.rbd import RbdImageSpec, open_image  # noqa: E402
 from iscsi_vmtarget.testing.ceph import CephCluster, fast_directory, gateway_config  # noqa: E402
+from iscsi_vmtarget.testing.process import cpu_seconds  # noqa: E402
 
 IQN = "iqn.2026-11.org.iscsi-vmtarget:bench-rbd"
 CLIENT_IQN = "iqn.2026-11.org.iscsi-vmtarget:bench-client"
@@ -229,15 +231,12 @@ def _busy_seconds() -> float:
 
 
 def _process_seconds(pids: list[int]) -> float:
-    """CPU seconds (user + system) the processes PIDS have used so far."""
-    total = 0
+    """CPU seconds the processes PIDS have used so far (those gone count nothing)."""
+    total = 0.0
     for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(stat[11]) + int(stat[12])
-    return total / _TICK
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
 
 
 def _osd_pids() -> list[int]:

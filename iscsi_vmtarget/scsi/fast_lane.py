@@ -86,7 +86,7 @@ def fast_io(
         lba, blocks = int.from_bytes(cdb[1:4], "big") & 0x1FFFFF, cdb[4] or 256
     state = lu.reservations
     if (
-        lu.attention_queues.get(key)
+        lu.attentions.get(key)
         or lu.sanitizing is not None
         or lu.alua is not None
         or state.registrations

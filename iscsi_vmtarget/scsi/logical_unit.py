@@ -294,9 +294,9 @@ class LogicalUnit:
         self.sanitize_rate = sanitize_rate
         self.mode = ModeState()
         self._lock = threading.Lock()
-        self._attentions: dict[ItKey, list[Reason]] = {}
-        #: the same queues, for a lock-free "anything pending?" (``scsi/fast_lane.py``)
-        self.attention_queues = self._attentions
+        #: unit attention queues per I_T nexus; changed under ``_lock``, read without
+        #: it only for "anything pending?" (``pop_attention``, ``scsi/fast_lane.py``)
+        self.attentions: dict[ItKey, list[Reason]] = {}
         self.ranges = RangeLock()
         self.pr_lock = threading.Lock()
         store = FilePrStore(pr_state_path) if pr_state_path is not None else pr_store
@@ -371,12 +371,12 @@ class LogicalUnit:
     def add_nexus(self, key: ItKey) -> None:
         """A new I_T nexus sees POWER ON, RESET, OR BUS DEVICE RESET OCCURRED once."""
         with self._lock:
-            self._attentions.setdefault(key, [Reason.POWER_ON_RESET])
+            self.attentions.setdefault(key, [Reason.POWER_ON_RESET])
 
     def remove_nexus(self, key: ItKey) -> None:
         """I_T nexus loss: its unit attentions, SPC-2 reservation and copy results go."""
         with self._lock:
-            self._attentions.pop(key, None)
+            self.attentions.pop(key, None)
         with self.pr_lock:
             self.reservations.nexus_lost(key)
             self.copy_results.pop(key, None)
@@ -385,7 +385,7 @@ class LogicalUnit:
         """Queue ``reason`` for every known I_T nexus ``wanted`` accepts (used by
         persistent reservations, whose rules name initiator ports)."""
         with self._lock:
-            for key, queue in self._attentions.items():
+            for key, queue in self.attentions.items():
                 if reason not in queue and wanted(Initiator.from_key(key)):
                     queue.append(reason)
 
@@ -417,25 +417,25 @@ class LogicalUnit:
 
     def known_nexuses(self) -> list[ItKey]:
         with self._lock:
-            return list(self._attentions)
+            return list(self.attentions)
 
     def establish_attention(self, reason: Reason, *, exclude: ItKey | None = None) -> None:
         """Queue ``reason`` for every known I_T nexus except ``exclude``."""
         with self._lock:
-            for key, queue in self._attentions.items():
+            for key, queue in self.attentions.items():
                 if key != exclude and reason not in queue:
                     queue.append(reason)
 
     def pending_attentions(self, key: ItKey) -> tuple[Reason, ...]:
         with self._lock:
-            return tuple(self._attentions.get(key, ()))
+            return tuple(self.attentions.get(key, ()))
 
     def pop_attention(self, key: ItKey) -> Reason | None:
         """Take the unit attention to report now: resets (ASC 29h) first, then oldest."""
-        if not self._attentions.get(key):  # fast path without the lock: nothing pending
+        if not self.attentions.get(key):  # fast path without the lock: nothing pending
             return None
         with self._lock:
-            queue = self._attentions.get(key)
+            queue = self.attentions.get(key)
             if not queue:
                 return None
             for index, reason in enumerate(queue):

@@ -308,9 +308,9 @@ class RbdBackend:
     remote_io = True
 
     def __init__(self, spec: RbdImageSpec, read_only: bool = False) -> None:
-        _, rbd = bindings()
+        rados, rbd = bindings()
         self.spec = spec
-        self._rbd = rbd
+        self._rados, self._rbd = rados, rbd
         self.read_only = read_only
         self._pool = _PoolSession(spec.where)
         self._closers: list[Callable[[], None]] = []
@@ -497,6 +497,21 @@ class RbdBackend:
     def cluster(self) -> Any:
         """The ``rados.Rados`` connection this image is reached through."""
         return self._pool.cluster
+
+    def client_address(self) -> str:
+        """This process's client address, as lock owners and watchers name it."""
+        try:
+            return str(self.cluster.get_addrs())
+        except self._rados.Error as exc:
+            raise BackendError(f"RBD image {self.spec}: own address unknown: {exc}") from exc
+
+    def watchers(self) -> list[str]:
+        """The client addresses watching the image header: the clients that have it
+        open (a dead one's watch lasts until ``osd client watch timeout``)."""
+        try:
+            return [str(w["addr"]) for w in self.handle().watchers_list()]
+        except self._rbd.Error as exc:
+            raise BackendError(f"RBD image {self.spec}: watchers unknown: {exc}") from exc
 
     def metadata_store(self, key: str) -> RbdMetadataBlob:
         """A small blob kept in this image's own metadata under ``key``."""

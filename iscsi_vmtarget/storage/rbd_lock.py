@@ -34,7 +34,7 @@ class ImageLock:
 
     def __init__(self, backend: RbdBackend) -> None:
         self.backend = backend
-        self._rados, self._rbd = bindings()
+        _, self._rbd = bindings()
 
     def _image(self) -> Any:
         return self.backend.handle()
@@ -65,20 +65,12 @@ class ImageLock:
 
     def address(self) -> str:
         """This client's address, as lock owners and watchers name it."""
-        try:
-            return str(self.backend.cluster.get_addrs())
-        except self._rados.Error as exc:
-            spec = self.backend.spec
-            raise BackendError(f"RBD image {spec}: own address unknown: {exc}") from exc
+        return self.backend.client_address()
 
     def alive(self, address: str) -> bool:
         """Whether the client at ``address`` still watches the image (its session with
         the OSDs is alive)."""
-        try:
-            watchers = list(self._image().watchers_list())
-        except self._rbd.Error as exc:
-            raise BackendError(f"RBD image {self.backend.spec}: watchers unknown: {exc}") from exc
-        return any(str(w["addr"]) == address for w in watchers)
+        return address in self.backend.watchers()
 
     def fence(self, address: str) -> None:
         """Put ``address`` on the OSD blocklist (SPC's "fencing": its later I/O fails)."""

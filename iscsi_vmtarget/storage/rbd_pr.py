@@ -66,7 +66,7 @@ class RadosPrStore:
     read once when no object exists."""
 
     def __init__(self, backend: RbdBackend, legacy: Legacy | None = None) -> None:
-        self._rados, self._rbd = bindings()
+        self._rados, _ = bindings()
         self._backend = backend
         self._spec = backend.spec
         self._legacy = legacy
@@ -263,12 +263,11 @@ class RadosPrStore:
         whose watch on the reservation object lapsed a moment (it watches again) still
         serves the LU, so this is no power on. Unknown counts as open: the state is kept."""
         try:
-            me = str(self._backend.cluster.get_addrs())
-            watchers = list(self._backend.handle().watchers_list())
-        except (self._rados.Error, self._rbd.Error, BackendError) as exc:
+            me = self._backend.client_address()
+            return any(address != me for address in self._backend.watchers())
+        except BackendError as exc:
             log.warning("RBD image %s: other clients unknown: %s", self._spec, exc)
             return True
-        return any(str(w.get("addr")) != me for w in watchers)
 
     def close(self) -> None:
         """Stop watching and close the I/O context (with the image)."""

@@ -119,7 +119,6 @@ def gateway_config(
     return config + f'alua_non_owner = "{non_owner}"\n'
 
 
-
 def fast_directory() -> Path | None:
     """A new directory in /dev/shm when bluestore can run there (tmpfs takes O_DIRECT
     since Linux 6.6): an OSD's every commit then skips the disk, which makes a test's

@@ -28,6 +28,7 @@ from ..server.hypervisor_view import STATE_LUN
 from ..server.vm_luns import DEFAULT_BASE_IQN
 from ..vm import StateDir, VmManager
 from .crash import start
+from .process import cpu_seconds
 
 MIB = 1 << 20
 HOST = "iqn.2026-11.org.iscsi-vmtarget:bench-hypervisor"
@@ -136,10 +137,10 @@ def run(workdir: Path, size: int = 256 * MIB, rounds: int = 3) -> StateRow:
     cpu: dict[str, list[tuple[float, float]]] = {}
 
     def timed(phase: str, work: Callable[[], object]) -> None:
-        target, client, t0 = _cpu_seconds(proc.pid), time.process_time(), time.monotonic()
+        target, client, t0 = cpu_seconds(proc.pid), time.process_time(), time.monotonic()
         work()
         seconds.setdefault(phase, []).append(time.monotonic() - t0)
-        used = (_cpu_seconds(proc.pid) - target, time.process_time() - client)
+        used = (cpu_seconds(proc.pid) - target, time.process_time() - client)
         cpu.setdefault(phase, []).append(used)
 
     def pulled() -> None:
@@ -192,10 +193,3 @@ def run(workdir: Path, size: int = 256 * MIB, rounds: int = 3) -> StateRow:
             for phase, used in cpu.items()
         },
     )
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -119,7 +119,7 @@ def held_elsewhere(where: RbdPoolSpec, unit_uuid: uuid.UUID) -> str | None:
     try:
         lock = ImageLock(backend)
         owner = lock.owner()
-        if owner is None or owner == str(backend.cluster.get_addrs()):
+        if owner is None or owner == backend.client_address():
             return None
         return owner if lock.alive(owner) else None
     finally:
