@@ -6,6 +6,8 @@ socket and wake it once per request, and the loop would then send each response 
 a system call of its own. An :class:`Inbox` collects completions and wakes the loop
 only when it held none; the loop runs the whole batch in order, then each distinct
 follow-up once (a connection's flush: every response of the batch in one send).
+Completions that finish on the loop itself (librbd's C-API path, storage/rbd_aio.py)
+are batched the same way, without the wakeup: the drain is just scheduled.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Inbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._loop_thread = threading.get_ident()  # made on the loop (TargetServer.inbox)
         self._lock = threading.Lock()
         self._items: list[tuple[Step, Step]] = []
 
@@ -33,6 +36,9 @@ class Inbox:
             self._items.append((complete, then))
             if len(self._items) > 1:
                 return  # a wakeup is already on its way
+        if threading.get_ident() == self._loop_thread:
+            self._loop.call_soon(self._drain)
+            return
         with contextlib.suppress(RuntimeError):  # the loop is gone: server stopping
             self._loop.call_soon_threadsafe(self._drain)
 

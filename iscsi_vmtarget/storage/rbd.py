@@ -25,7 +25,9 @@ What RBD offers beyond reads and writes, and how each ability maps:
 - :class:`~.backend.AsyncIO` (``start_read``/``start_write``): librbd's ``aio_read``
   and ``aio_write``, so a gateway's READ or WRITE holds no thread for the round trip
   (fencing is unchanged: the OSDs refuse a blocklisted client's request, which then
-  completes with an error).
+  completes with an error). Started on an event loop, they go through librbd's C API
+  and finish on that loop (:mod:`.rbd_aio`); elsewhere through python3-rbd's
+  callbacks.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backend import BackendError, ReadDone, WriteDone, check_range
+from .rbd_aio import ImageEvents, events_for
 
 #: How long a monitor or OSD may stay unreachable before an operation fails (seconds),
 #: instead of librados' default of waiting forever: a gateway must answer its initiator.
@@ -317,6 +320,10 @@ class RbdBackend:
         try:
             self._image = rbd.Image(self._pool.ioctx, spec.name, read_only=read_only)
             self._retired: list[Any] = []
+            # the C-API path of the open handle (rbd_aio), decided at its first aio
+            self._events: ImageEvents | None = None
+            self._events_decided = False
+            self._retired_events: list[ImageEvents] = []
             self._size = int(self._image.size())
             #: the image's own id: stays the same when the image is renamed
             self.image_id = str(self._image.id())
@@ -340,7 +347,9 @@ class RbdBackend:
             if self.read_only:
                 again = self._rbd.Image(self._pool.ioctx, image_id=self.image_id, read_only=True)
                 self._retired.append(self._image)
-                self._image = again
+                if self._events is not None:
+                    self._retired_events.append(self._events)
+                self._image, self._events, self._events_decided = again, None, False
             self._size = int(self._image.size())
         except self._rbd.Error as exc:
             raise self._io_error("size", exc) from exc
@@ -392,14 +401,26 @@ class RbdBackend:
             raise self._io_error("flush", exc) from exc
 
     # -- AsyncIO (backend.AsyncIO): librbd's aio_read / aio_write ------------------------
-    # librbd calls back from its own finisher thread (holding the GIL for the Python
-    # callback); the completion keeps the request's buffer alive until then.
+    # Started on an event loop: the C API, finished on the loop (rbd_aio). Elsewhere:
+    # python3-rbd's, whose callback runs in librbd's finisher thread (holding the GIL);
+    # its completion keeps the request's buffer alive until then. One image handle
+    # never mixes the two (rbd_aio's module doc).
 
     def _aio_failed(self, what: str, code: int) -> BackendError:
         return BackendError(f"RBD image {self.spec}: {what} failed: {os.strerror(-code)}")
 
+    def _event_path(self) -> ImageEvents | None:
+        if not self._events_decided:
+            self._events_decided = True
+            self._events = events_for(self.handle(), self._aio_failed)
+        return self._events
+
     def start_read(self, offset: int, length: int, done: ReadDone) -> None:
         check_range(self._size, offset, length)
+        events = self._events if self._events_decided else self._event_path()
+        if events is not None:
+            events.start_read(offset, length, done)
+            return
 
         def complete(completion: Any, data: bytes | None) -> None:
             code = completion.get_return_value()
@@ -418,8 +439,12 @@ class RbdBackend:
     def start_write(self, offset: int, data: bytes | bytearray | memoryview,
                     done: WriteDone) -> None:
         self._check_writable()
-        payload = data if isinstance(data, bytes) else bytes(data)  # librbd wants bytes
-        check_range(self._size, offset, len(payload))
+        check_range(self._size, offset, len(data))
+        events = self._events if self._events_decided else self._event_path()
+        if events is not None:
+            events.start_write(offset, data, done)
+            return
+        payload = data if isinstance(data, bytes) else bytes(data)  # the binding wants bytes
 
         def complete(completion: Any) -> None:
             code = completion.get_return_value()  # 0 once the whole write is stored
@@ -526,6 +551,9 @@ class RbdBackend:
             closers, self._closers = self._closers, []
             for closer in closers:
                 closer()
+            for events in [*self._retired_events, self._events]:
+                if events is not None:  # its requests finish before the handle goes
+                    events.drain(OP_TIMEOUT + 5)
             try:
                 for image in [*self._retired, self._image]:
                     image.close()

@@ -165,7 +165,9 @@ def test_a_cleanly_stopped_owner_hands_over_before_its_watch_would_expire(
         assert write(ia, 0, b"a" * BLOCK) == (0, (0, 0, 0))
         ia.close()
         a.stop()
-        wait_for("B active/optimized", lambda: groups(ib).get(2) == 0x0, timeout=3)
+        # inside the 5 s watch timeout (a loaded CI core can take 3 s); the log check
+        # below tells a handover from an expired watch and a takeover
+        wait_for("B active/optimized", lambda: groups(ib).get(2) == 0x0, timeout=4.5)
         assert write(ib, 1, b"b" * BLOCK) == (0, (0, 0, 0))
         assert read(ib, 0, 2) == b"a" * BLOCK + b"b" * BLOCK
         assert b"fencing" not in Path(str(b.log_path)).read_bytes()

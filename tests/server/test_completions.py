@@ -47,3 +47,36 @@ def test_completions_from_threads_run_on_the_loop_in_batches() -> None:
         mine = [n for n in ran if first <= n < first + 20]
         assert mine == sorted(mine)
     assert flushed == ["a"]  # 40 completions, one follow-up
+
+
+def test_completions_posted_on_the_loop_batch_without_a_wakeup() -> None:
+    """librbd's C-API completions are reaped on the loop (storage/rbd_aio.py): posted
+    there, they still run after the current callback, in one batch, and do not write
+    to the loop's wakeup socket (call_soon_threadsafe)."""
+
+    async def scenario() -> tuple[list[int], list[str], int]:
+        loop = asyncio.get_running_loop()
+        inbox = Inbox(loop)
+        ran: list[int] = []
+        flushed: list[str] = []
+        wakeups = 0
+        threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args: object, **kw: object) -> object:
+            nonlocal wakeups
+            wakeups += 1
+            return threadsafe(*args, **kw)  # type: ignore[arg-type]
+
+        def flush() -> None:
+            flushed.append("a")
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        for n in range(5):
+            inbox.post(lambda n=n: ran.append(n), flush)
+        assert ran == []  # not inline: after the callback that posted them
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return ran, flushed, wakeups
+
+    ran, flushed, wakeups = asyncio.run(scenario())
+    assert ran == [0, 1, 2, 3, 4] and flushed == ["a"] and wakeups == 0
