@@ -39,6 +39,6 @@ def test_an_rbd_gateway_profile_shows_librbd_finished_on_the_event_loop(
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("read 64 KiB QD8, 2 s:")
+    assert r.stdout.startswith("read 64 KiB QD8, 3 s:")
     assert "ImageEvents.start_read (rbd_aio.py)" in r.stdout
     assert "ImageEvents.reap (rbd_aio.py)" in r.stdout
