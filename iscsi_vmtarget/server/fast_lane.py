@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..iscsi.connection import TargetConnection
 from ..iscsi.fast_lane import STARTED, FastLane, Started
@@ -36,6 +36,7 @@ from .metrics import Metrics
 Step = Callable[[], None]
 
 
+@runtime_checkable
 class LaneHost(Protocol):
     """What the lane needs of its connection's handler
     (:class:`.listener.ConnectionHandler`) for the commands it starts."""

@@ -25,7 +25,7 @@ from iscsi_vmtarget.scsi.alua import AccessState, PortGroups
 from iscsi_vmtarget.scsi.fast_lane import fast_io
 from iscsi_vmtarget.scsi.logical_unit import SanitizeProgress
 from iscsi_vmtarget.scsi.sense import parse_sense
-from iscsi_vmtarget.server.fast_lane import session_lane
+from iscsi_vmtarget.server.fast_lane import LaneHost, session_lane
 from iscsi_vmtarget.server.metrics import Metrics
 from iscsi_vmtarget.storage import BackendError, MemoryBackend, nowait
 from iscsi_vmtarget.storage.backend import BlockBackend
@@ -84,12 +84,13 @@ class FlakyBackend(MemoryBackend):
 
 
 def harness(
-    lane: bool, seed: int = 18, backend: BlockBackend | None = None, **unit: object
-) -> CoreHarness:
+    lane: bool, seed: int = 18, backend: BlockBackend | None = None,
+    kind: type[CoreHarness] = CoreHarness, **unit: object,
+) -> CoreHarness:  # fmt: skip
     """A logged-in connection over one LU of BLOCKS blocks (``backend``, else a
     FlakyBackend) filled from ``seed``; with ``lane`` the session's fast lane is on,
-    as the server sets it at login."""
-    core = CoreHarness(lun_bytes=BLOCKS * BLOCK)
+    as the server sets it at login (its host the harness, when ``kind`` is one)."""
+    core = kind(lun_bytes=BLOCKS * BLOCK)
     core.backend = backend or FlakyBackend(BLOCKS * BLOCK)  # type: ignore[assignment]
     content = random.Random(seed).randbytes(BLOCKS * BLOCK)
     if isinstance(core.backend, FlakyBackend):
@@ -101,7 +102,10 @@ def harness(
     core.login()
     if lane:
         assert core.nexus is not None
-        core.conn.fast_lane = session_lane(core.scsi, core.nexus, Metrics(), "t", {0: 0}, 1, set())
+        host = core if isinstance(core, LaneHost) else None
+        core.conn.fast_lane = session_lane(
+            core.scsi, core.nexus, Metrics(), "t", {0: 0}, 1, set(), host
+        )
     return core
 
 
@@ -362,8 +366,10 @@ def test_medium_error_gets_sense() -> None:
 KEY = ("iqn.2026-12.test:i,i,0x1", "iqn.2026-12.test:t,t,0x0001")
 
 
-def unit(**options: object) -> tuple[dict[int, LogicalUnit], LogicalUnit]:
-    lu = LogicalUnit(MemoryBackend(BLOCKS * BLOCK), UnitIdentity.from_uuid(uuid.UUID(int=1), "u"),
+def unit(
+    kind: type[MemoryBackend] = MemoryBackend, **options: object
+) -> tuple[dict[int, LogicalUnit], LogicalUnit]:
+    lu = LogicalUnit(kind(BLOCKS * BLOCK), UnitIdentity.from_uuid(uuid.UUID(int=1), "u"),
                      **options)  # type: ignore[arg-type]  # fmt: skip
     return {0: lu}, lu
 
