@@ -16,9 +16,11 @@ blocking behaviour the full path gives. The guard falls back when:
   worker thread); DPO and the group number are hints the full path ignores too, FUA
   on a READ needs no action (SBC-3 §5.8);
 * a unit attention is queued for this I_T nexus (SAM-5 §5.14), the capacity changed
-  since every nexus was told (SBC-3 §4.10), a SANITIZE runs, the LU has ALUA port
-  groups, or any persistent reservation registration, persistent reservation or
-  SPC-2 reservation exists (SPC-4 §5.13);
+  since every nexus was told (SBC-3 §4.10), a SANITIZE runs, the LU's own target port
+  group is not active (standby, transitioning: SPC-4 §5.15.2.4; an RBD gateway's
+  LUs have ALUA groups, and the owner's is active/optimized), or any persistent
+  reservation registration, persistent reservation or SPC-2 reservation exists
+  (SPC-4 §5.13);
 * a WRITE to a write-protected LU (SBC-3 §4.11) or with the write cache off;
 * the block range is empty, beyond the capacity or the MAXIMUM TRANSFER LENGTH, or
   its byte count differs from what the transport expects (``expected``: residuals);
@@ -98,7 +100,7 @@ def _hold(
     if (
         lu.attentions.get(key)
         or lu.sanitizing is not None
-        or lu.alua is not None
+        or (lu.alua is not None and not lu.alua.active)
         or state.registrations
         or state.reservation is not None
         or state.spc2_holder is not None

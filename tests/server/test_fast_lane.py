@@ -398,7 +398,8 @@ def _spc2_reserve(lu: LogicalUnit) -> None:
 
 
 def _alua(lu: LogicalUnit) -> None:
-    lu.alua = PortGroups(1, AccessState.ACTIVE_OPTIMIZED)
+    lu.alua = PortGroups(1, AccessState.ACTIVE_OPTIMIZED)  # served: an RBD gateway's owner
+    lu.alua.set_state(AccessState.TRANSITIONING)  # refused (NOT READY) by the full path
 
 
 def _software_write_protect(lu: LogicalUnit) -> None:
@@ -429,7 +430,7 @@ GUARDS = {
     "unit attention": (_attention, True),
     "PR registration": (_registration, True),
     "SPC-2 reservation": (_spc2_reserve, True),
-    "ALUA": (_alua, True),
+    "ALUA not active": (_alua, True),
     "sanitize": (_sanitizing, True),
     "capacity changed": (_capacity_changed, True),
     "range held": (_range_held, True),
@@ -448,6 +449,24 @@ def test_each_guard_sends_the_command_to_the_full_path(name: str) -> None:
     assert lane_write(luns) is None  # ... but not now
     assert (lane_read(luns) is None) is reads_too
     assert medium(lu.backend) == before  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("state", list(AccessState))
+def test_alua_group_state_answers_as_the_full_path(state: AccessState) -> None:
+    """An LU with target port groups (an RBD gateway's) is served while its own group
+    is active (SPC-4 §5.15.2.2-3), and refused in the other states as the full path
+    refuses it (§5.15.2.4)."""
+    answers = []
+    for lane in (True, False):
+        core = harness(lane)
+        clear_attention(core)
+        core.scsi.luns[0].alua = PortGroups(1, state)
+        answers.append([comparable(first_read(core)), comparable(first_write(core))])
+    assert answers[0] == answers[1]
+    luns, lu = unit()
+    lu.alua = PortGroups(1, state, non_owner=AccessState.ACTIVE_NON_OPTIMIZED)
+    active = state in (AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON_OPTIMIZED)
+    assert (lane_read(luns) is not None) is active and (lane_write(luns) == b"") is active
 
 
 def test_read_only_unit_and_fua_write_take_the_full_path() -> None:
