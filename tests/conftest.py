@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from iscsi_vmtarget.storage.rbd import close_connections
 from iscsi_vmtarget.testing import ceph
@@ -113,6 +115,20 @@ def start_with_config(
     conf = workdir / "target.toml"
     conf.write_text(config)
     return start_target(workdir / "run", "--config", str(conf), *extra, nop_interval=nop_interval)
+
+
+def lun_counters(target: RunningTarget) -> dict[str, float]:
+    """The counters of the target's LUN (one LUN; ``serve --metrics``) by series name,
+    ``iscsi_vmtarget_lun_`` and ``_total`` left off (``read_commands``,
+    ``nowait_fallbacks``, ``fast_lane_commands``, ...)."""
+    with urllib.request.urlopen(target.metrics, timeout=10) as rsp:
+        text = rsp.read().decode()
+    return {
+        sample.name.removeprefix("iscsi_vmtarget_lun_").removesuffix("_total"): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("iscsi_vmtarget_lun_") and "le" not in sample.labels
+    }
 
 
 def file_luns(name: str, *sizes: str) -> str:

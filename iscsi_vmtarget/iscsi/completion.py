@@ -12,6 +12,7 @@ against the generic encoder, with and without digests.
 from __future__ import annotations
 
 import struct
+from typing import Protocol
 
 from .framing import frame
 from .pdu import Opcode, Payload
@@ -33,6 +34,20 @@ _UNDERFLOW = 0x02  # U
 _STATUS = 0x01  # S: the Data-In carries the status (§11.7.1)
 _NO_LUN = bytes(8)
 _RESERVED_TAG = 0xFFFFFFFF
+
+
+class CommandResult(Protocol):
+    """What the connection reads of a command's completion (SAM-5 §5.1 Execute Command
+    output): status, Data-In, sense, and how many Data-Out bytes the CDB described."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def data_in(self) -> bytes | bytearray | memoryview: ...
+    @property
+    def sense(self) -> bytes: ...
+    @property
+    def data_out_length(self) -> int: ...
 
 
 def residual_flags(overflow: bool, underflow: bool) -> int:

@@ -16,10 +16,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from . import pdu as P
-from .completion import command_end, residual_flags
+from .completion import CommandResult, command_end, residual_flags
 from .events import ConnectionClosing, Event, ExecuteCommand, LoginComplete, ResetRequested
 from .fast_lane import SCSI_COMMAND_BYTE, FastCommands, limits
 from .framing import FramingError, PduReader, encode_pdu
@@ -45,20 +45,6 @@ class Refusal(Enum):
 
 # ... and the sense data (SPC-4 §4.5) that reports a refusal.
 SenseBuilder = Callable[[Refusal], bytes]
-
-
-class CommandResult(Protocol):
-    """What the connection reads of a command's completion (SAM-5 §5.1 Execute Command
-    output): status, Data-In, sense, and how many Data-Out bytes the CDB described."""
-
-    @property
-    def status(self) -> int: ...
-    @property
-    def data_in(self) -> bytes | bytearray | memoryview: ...
-    @property
-    def sense(self) -> bytes: ...
-    @property
-    def data_out_length(self) -> int: ...
 
 
 #: The functions the connection hands to the server as :class:`ResetRequested`.

@@ -20,6 +20,12 @@ changes no protocol behaviour (RFC 7143):
 
 The lane itself may still refuse (it answers None): the PDU then takes the full path
 as if the lane did not exist.
+
+On a backend with asynchronous I/O (RBD) the lane answers :data:`STARTED`: the command
+was started and ends later, when the server calls :meth:`FastCommands.fast_completed`
+on the loop. Meanwhile it is a task as any the full path has dispatched (its CmdSN
+counted, its ITT in use, its Data-Out buffered, in the task set's count), so ABORT
+TASK, ABORT TASK SET, a reset and a logout treat it as the full path's.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from .completion import command_end
+from .completion import CommandResult, command_end
 from .pdu import BHS_LEN, Payload, RawPdu
 from .settings import ConnectionSettings
+from .transfer import Task
 
 if TYPE_CHECKING:
     from collections import deque
@@ -38,12 +45,21 @@ if TYPE_CHECKING:
     from .events import Event
     from .params import SessionParams
     from .pdu import Pdu
-    from .transfer import Task
+
+
+class Started:
+    """The type of :data:`STARTED`."""
+
+    __slots__ = ()
+
+
+#: The lane's answer for a command it started: it ends with :meth:`fast_completed`.
+STARTED: Final = Started()
 
 #: (ITT, LUN field, CDB, Data-Out, Expected Data Transfer Length) -> the Data-In (a
-#: write: ``b""``) of a command that ended GOOD without residual, or None: take the
-#: full path (the ITT names the command there, as the task's)
-FastLane = Callable[[int, bytes, bytes, Payload, int], "bytes | bytearray | None"]
+#: write: ``b""``) of a command that ended GOOD without residual, :data:`STARTED`, or
+#: None: take the full path (the ITT names the command there, as the task's)
+FastLane = Callable[[int, bytes, bytes, Payload, int], "bytes | bytearray | Started | None"]
 
 #: The SCSI Command BHS (§11.3): flags, LUN, ITT, EDTL, CmdSN (ExpStatSN, CDB after).
 _COMMAND: Final = struct.Struct(">xB6x8sIII4x16s").unpack
@@ -78,8 +94,17 @@ class FastCommands:
     _buffered: int
     _header_digest: bool
     _data_digest: bool
+    closing: bool
+    decode_lun: Callable[[bytes], int]
 
     def _emit(self, buffers: list[Payload], size: int) -> None: ...
+    def _drop_task(self, task: Task) -> None: ...
+    def _maybe_finish_logout(self) -> None: ...
+    def command_completed(self, task: Task, response: CommandResult) -> None: ...
+    def _end_without_sense(
+        self, task: Task, status: int, overflow: bool, underflow: bool, residual: int,
+        data: bytes | bytearray | memoryview,
+    ) -> None: ...  # fmt: skip
 
     def _fast_command(self, raw: RawPdu) -> bool:
         """Run ``raw`` (a SCSI Command PDU, I=0) through the lane; False when it must
@@ -110,6 +135,17 @@ class FastCommands:
         if result is None:
             return False
         expcmdsn = self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF  # sn_add, inline
+        if isinstance(result, Started):  # a task as _start_command makes, dispatched
+            task = tasks[itt] = Task(
+                itt, cmdsn, self.decode_lun(lun), lun, cdb, flags == _READ_SIMPLE,
+                flags == _WRITE_SIMPLE, edtl, delivered=True, dispatched=True,
+            )  # fmt: skip
+            if task.write:  # all its data came as immediate data (as _start_command)
+                task.buffer = data
+                task.unsolicited_end = task.unsolicited_received = task.received = edtl
+                task.next_r2t_offset = edtl
+                self._buffered += edtl
+            return True
         statsn = self.statsn
         self.statsn = (statsn + 1) & 0xFFFFFFFF
         maxcmdsn = (expcmdsn + settings.cmd_window - 1) & 0xFFFFFFFF  # as maxcmdsn
@@ -121,3 +157,22 @@ class FastCommands:
             BHS_LEN + len(result),
         )  # fmt: skip
         return True
+
+    def fast_completed(self, itt: int, outcome: bytes | bytearray | CommandResult) -> None:
+        """The server's backend ended the command the lane answered :data:`STARTED`
+        for: ``outcome`` is its Data-In (a write: ``b""``), GOOD without residual, sent
+        in one PDU with the StatSN of now (as :meth:`command_completed` would), or the
+        response of a failure, sent as the full path sends it. Nothing is sent for a
+        task aborted meanwhile (§4.2.3.3: no response for an aborted task); a logout
+        waiting for it may then end."""
+        task = self.tasks.get(itt)
+        if task is None:  # never: a dispatched task stays until it completes
+            return
+        if not isinstance(outcome, (bytes, bytearray)):
+            self.command_completed(task, outcome)
+            return
+        self._drop_task(task)
+        # ``closing``: the connection is gone (every task aborted then) or logged out
+        if not task.aborted and not self.closing:
+            self._end_without_sense(task, 0, False, False, 0, outcome)
+        self._maybe_finish_logout()

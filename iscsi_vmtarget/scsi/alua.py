@@ -71,6 +71,10 @@ STANDBY_ALLOWED: Final = frozenset(
 )
 
 
+#: the states in which a group serves every command (SPC-4 §5.15.2.2, §5.15.2.3)
+_ACTIVE = frozenset({AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON_OPTIMIZED})
+
+
 class PortGroups:
     """The target port groups of one LU as this gateway sees them: its own group
     (``own``) and state, and the last known state of the others; ``non_owner``: the
@@ -94,6 +98,9 @@ class PortGroups:
         )
         self._lock = threading.Lock()
         self._states: dict[int, AccessState] = {own: state}
+        #: this group's state lets every command through (:meth:`check`): read by
+        #: the fast lane (scsi/fast_lane.py) as one attribute
+        self.active = state in _ACTIVE
 
     @property
     def state(self) -> AccessState:
@@ -110,6 +117,7 @@ class PortGroups:
             else:
                 states.update((g, s) for g, s in self._states.items() if g != self.own)
             self._states = states
+            self.active = state in _ACTIVE
             return changed
 
     def states(self) -> dict[int, AccessState]:
@@ -119,7 +127,7 @@ class PortGroups:
     def check(self, opcode: int, service_action: int | None) -> None:
         """Refuse a command this group's state does not allow (SPC-4 §5.15.2.4)."""
         state = self._states[self.own]
-        if state in (AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON_OPTIMIZED):
+        if state in _ACTIVE:
             return
         if (opcode, service_action) in STANDBY_ALLOWED or (opcode, None) in STANDBY_ALLOWED:
             return

@@ -16,28 +16,40 @@ blocking behaviour the full path gives. The guard falls back when:
   worker thread); DPO and the group number are hints the full path ignores too, FUA
   on a READ needs no action (SBC-3 §5.8);
 * a unit attention is queued for this I_T nexus (SAM-5 §5.14), the capacity changed
-  since every nexus was told (SBC-3 §4.10), a SANITIZE runs, the LU has ALUA port
-  groups, or any persistent reservation registration, persistent reservation or
-  SPC-2 reservation exists (SPC-4 §5.13);
+  since every nexus was told (SBC-3 §4.10), a SANITIZE runs, the LU's own target port
+  group is not active (standby, transitioning: SPC-4 §5.15.2.4; an RBD gateway's
+  LUs have ALUA groups, and the owner's is active/optimized), or any persistent
+  reservation registration, persistent reservation or SPC-2 reservation exists
+  (SPC-4 §5.13);
 * a WRITE to a write-protected LU (SBC-3 §4.11) or with the write cache off;
 * the block range is empty, beyond the capacity or the MAXIMUM TRANSFER LENGTH, or
   its byte count differs from what the transport expects (``expected``: residuals);
-* the backend is remote or has asynchronous I/O (RBD: started, not run inline);
+* the backend is remote without asynchronous I/O (run in a worker thread);
 * another command holds part of the range (COMPARE AND WRITE in a thread, a
   backend swap), or the backend raises anything: a medium error, or a read the
   kernel would block on (``RWF_NOWAIT``, :mod:`..storage.nowait`). A plain read or
   write is idempotent, so the full path doing it again is harmless.
+
+A backend with asynchronous I/O (:class:`~..storage.backend.AsyncIO`: RBD) is not
+run inline but started (:func:`fast_start`), as the full path starts a
+:class:`~.medium_transfer.MediumTransfer`: after the same guards, and also not while
+a PERSISTENT RESERVE OUT holds the LU's reservation lock (the full path then runs the
+command in a thread, :meth:`.target_device.ScsiTarget.may_block`). It holds its range
+until the backend answers; a backend's failure ends the command as the full path's
+does (:func:`.medium_transfer.failure`: MEDIUM ERROR sense).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
+from ..storage.backend import BackendError
 from ..storage.nowait import MODE, RWF_NOWAIT, WouldBlock
 from .logical_unit import LogicalUnit
+from .medium_transfer import failure
 from .opcodes import find_row
-from .task import ItKey
+from .task import ItKey, ScsiResponse
 
 _READS: Final = (0x08, 0x28, 0xA8, 0x88)
 _WRITES: Final = (0x0A, 0x2A, 0xAA, 0x8A)
@@ -55,19 +67,19 @@ _FUA: Final = 0x08
 _NO_DATA: Final = b""
 
 
-def fast_io(
-    luns: Mapping[int, LogicalUnit],
-    key: ItKey,
-    lun: int,
-    cdb: bytes,
-    data: bytes | bytearray | memoryview,
-    expected: int,
-) -> bytes | bytearray | None:
-    """Run a READ or WRITE in the common state: the data read (a WRITE: ``b""``), the
-    command then being GOOD with no residual; or None when it must take the full path
-    (module doc), in which case nothing was done; WouldBlock when the kernel would
-    block it (module doc). ``data``: a WRITE's Data-Out, all of it (``expected``
-    bytes); ``key``: the I_T nexus (:func:`.task.it_key`)."""
+#: how a started command ended: a READ's data or a WRITE's ``b""`` (GOOD, no
+#: residual), or the full path's CHECK CONDITION when the backend failed
+Outcome = bytes | bytearray | ScsiResponse
+Finished = Callable[[Outcome], None]
+Data = bytes | bytearray | memoryview
+
+
+def _hold(
+    luns: Mapping[int, LogicalUnit], key: ItKey, lun: int, cdb: bytes, data: Data, expected: int
+) -> tuple[LogicalUnit, int, int, bool, tuple[int, int]] | None:
+    """The LU, LBA, block count, direction (True: a WRITE) and held range (to give
+    back: ``lu.ranges.release``) of a command every guard before the range hold lets
+    through (module doc), or None, nothing held."""
     spec = SPECS.get(cdb[0])
     lu = luns.get(lun)
     if spec is None or lu is None:
@@ -88,15 +100,14 @@ def fast_io(
     if (
         lu.attentions.get(key)
         or lu.sanitizing is not None
-        or lu.alua is not None
+        or (lu.alua is not None and not lu.alua.active)
         or state.registrations
         or state.reservation is not None
         or state.spc2_holder is not None
         or (writing and ((cdb[1] & _FUA and length != 6) or lu.write_protected or not lu.mode.wce))
     ):
         return None
-    size = lu.block_size
-    nbytes = blocks * size
+    nbytes = blocks * lu.block_size
     if (
         not blocks
         or nbytes != expected
@@ -104,28 +115,42 @@ def fast_io(
         or (writing and len(data) != nbytes)
     ):
         return None
-    ranges = lu.ranges
-    span = ranges.try_hold(lba, blocks)
-    if span is None:
+    span = lu.ranges.try_hold(lba, blocks)
+    return None if span is None else (lu, lba, blocks, writing, span)
+
+
+def _fits(lu: LogicalUnit, lba: int, blocks: int) -> bool:
+    """Inside the range hold (a backend swap, ``replace_backend``, waits for it): the
+    capacity is the one every nexus was told (else CAPACITY DATA HAS CHANGED first, in
+    the full path) and holds the range."""
+    capacity = lu.backend.size
+    return capacity == lu.known_size and lba + blocks <= capacity // lu.block_size
+
+
+def fast_io(
+    luns: Mapping[int, LogicalUnit], key: ItKey, lun: int, cdb: bytes, data: Data, expected: int
+) -> bytes | bytearray | None:
+    """Run a READ or WRITE in the common state: the data read (a WRITE: ``b""``), the
+    command then being GOOD with no residual; or None when it must take the full path
+    (module doc), in which case nothing was done; WouldBlock when the kernel would
+    block it (module doc). ``data``: a WRITE's Data-Out, all of it (``expected``
+    bytes); ``key``: the I_T nexus (:func:`.task.it_key`)."""
+    held = _hold(luns, key, lun, cdb, data, expected)
+    if held is None:
         return None
+    lu, lba, blocks, writing, span = held
     try:
-        # read inside the hold: a backend swap (replace_backend) waits for it
-        backend = lu.backend
         abilities = lu.abilities
-        capacity = backend.size
-        if (
-            capacity != lu.known_size  # CAPACITY DATA CHANGED first, in the full path
-            or lba + blocks > capacity // size
-            or abilities.remote
-            or abilities.aio is not None
-        ):
+        if not _fits(lu, lba, blocks) or abilities.remote or abilities.aio is not None:
             return None
+        backend = lu.backend
+        size = lu.block_size
         if writing:
             if "write" in abilities.nowait:
                 MODE.flags = RWF_NOWAIT
             backend.write(lba * size, data)
             return _NO_DATA
-        buf = bytearray(nbytes)
+        buf = bytearray(blocks * size)
         if "read" in abilities.nowait:
             MODE.flags = RWF_NOWAIT
         backend.read_into(lba * size, memoryview(buf))
@@ -136,4 +161,46 @@ def fast_io(
         return None
     finally:
         MODE.flags = 0
+        lu.ranges.release(span)
+
+
+def fast_start(
+    luns: Mapping[int, LogicalUnit], key: ItKey, lun: int, cdb: bytes, data: Data,
+    expected: int, done: Finished,
+) -> bool:  # fmt: skip
+    """Start a READ or WRITE in the common state on a backend with asynchronous I/O
+    (module doc): True once started, ``done(outcome)`` then being called exactly once
+    from whatever thread the backend completes in, after the range is given back;
+    False, nothing done, when it must take the full path (as :func:`fast_io`'s None;
+    also for a backend without asynchronous I/O, and when the backend refuses to start
+    it: the full path starts it again and reports that)."""
+    held = _hold(luns, key, lun, cdb, data, expected)
+    if held is None:
+        return False
+    lu, lba, blocks, writing, span = held
+    ranges = lu.ranges
+    aio = lu.abilities.aio
+    # pr_lock: as ScsiTarget.may_block, the full path would run it in a thread
+    if aio is None or lu.pr_lock.locked() or not _fits(lu, lba, blocks):
         ranges.release(span)
+        return False
+    offset = lba * lu.block_size
+
+    def finished(outcome: bytes | BackendError | None) -> None:
+        ranges.release(span)
+        if isinstance(outcome, Exception):
+            response = failure(lu, lba, writing, outcome)
+            response.data_out_length = expected if writing else 0  # as the dispatcher's
+            done(response)
+        else:
+            done(_NO_DATA if outcome is None else outcome)
+
+    try:
+        if writing:
+            aio.start_write(offset, data, finished)
+        else:
+            aio.start_read(offset, expected, finished)
+    except Exception:  # refused outright (done not called): the full path reports it
+        ranges.release(span)
+        return False
+    return True

@@ -104,16 +104,24 @@ class MediumTransfer:
         """The command's completion: GOOD (with the data read), or CHECK CONDITION
         with MEDIUM ERROR sense when the backend failed (SBC-3 §4.14)."""
         outcome = self._outcome
-        if isinstance(outcome, (BackendError, OSError)):
-            write = self.data is not None
-            reason = Reason.WRITE_ERROR if write else Reason.UNRECOVERED_READ_ERROR
-            response = check_condition(self.lu, ScsiError(reason))
-        elif isinstance(outcome, Exception):  # a bug: never crash the server
-            _log.error("medium transfer at LBA %d failed: %r", self.lba, outcome)
-            response = check_condition(self.lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))
+        if isinstance(outcome, Exception):
+            response = failure(self.lu, self.lba, self.data is not None, outcome)
         elif outcome is None:
             response = ScsiResponse(Status.GOOD)
         else:
             response = ScsiResponse(Status.GOOD, outcome)
         response.data_out_length = self.data_out_length
         return response
+
+
+def failure(lu: LogicalUnit, lba: int, write: bool, exc: Exception) -> ScsiResponse:
+    """The completion of a READ (``write`` False) or WRITE at ``lba`` whose medium
+    access failed with ``exc``: CHECK CONDITION, MEDIUM ERROR sense (UNRECOVERED READ
+    ERROR, WRITE ERROR; SBC-3 §4.14) for a backend's error, INTERNAL TARGET FAILURE for
+    anything else (a bug: logged, never crashing the server). Also the fast lane's
+    (:mod:`.fast_lane`)."""
+    if isinstance(exc, (BackendError, OSError)):
+        reason = Reason.WRITE_ERROR if write else Reason.UNRECOVERED_READ_ERROR
+        return check_condition(lu, ScsiError(reason))
+    _log.error("medium transfer at LBA %d failed: %r", lba, exc)
+    return check_condition(lu, ScsiError(Reason.INTERNAL_TARGET_FAILURE))

@@ -72,6 +72,7 @@ class ConnectionHandler(asyncio.Protocol):
         self.running = 0
         self._writing_paused = False
         self.lane_blocked: set[int] = set()  # ITTs the fast lane found would block
+        self._inbox: Inbox | None = None  # the server's, once a session runs on a loop
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -192,6 +193,12 @@ class ConnectionHandler(asyncio.Protocol):
             fut = asyncio.get_running_loop().run_in_executor(self.server.executor, transfer.run)
             fut.add_done_callback(lambda f: (complete(), self._pump()))
 
+    def post_completion(self, complete: Callable[[], None]) -> None:
+        """The end of a command the fast lane started (server/fast_lane.py), from the
+        backend's thread: run on the loop as _start_transfer's completions are."""
+        assert self._inbox is not None
+        self._inbox.post(complete, self._pump)
+
     def _in_thread(
         self, task: Task, start: float, call: Callable[..., ScsiResponse], *args: object
     ) -> None:
@@ -262,13 +269,16 @@ class ConnectionHandler(asyncio.Protocol):
             )
             if self.scsi is not None:
                 self.scsi.nexus_added(self.nexus)
+                with contextlib.suppress(RuntimeError):  # no loop: driven by hand
+                    # (tools/small-io-profile), no other gateway to abort tasks for
+                    # and no completions handed back (the lane starts nothing)
+                    self._inbox = self.server.inbox()
+                    pr_abort.attach(registry, self.scsi, asyncio.get_running_loop())
                 self.conn.fast_lane = session_lane(
                     self.scsi, self.nexus, self.server.metrics, self.target_name,
                     self.lun_names, self.tsih, self.lane_blocked,
+                    self if self._inbox is not None else None,
                 )  # fmt: skip
-                with contextlib.suppress(RuntimeError):  # no loop: driven by hand
-                    # (tools/small-io-profile), no other gateway to abort tasks for
-                    pr_abort.attach(registry, self.scsi, asyncio.get_running_loop())
         self.server.metrics.session_started(
             SessionInfo(self.tsih, params.initiator_name, isid, self.target_name, self.peer)
         )

@@ -15,7 +15,9 @@ labels target, lun; ``session_`` with target, initiator, isid, tsih):
 * ``{lun,session}_{read,write,other}_commands_total``, ``..._errors_total``,
   ``..._{read,write}_bytes_total``, ``..._{read,write}_seconds_total``,
   ``..._nowait_fallbacks_total`` (READs and WRITEs not servable inline without
-  blocking, run again in a worker thread: storage/nowait.py) (counters);
+  blocking, run again in a worker thread: storage/nowait.py),
+  ``..._fast_lane_commands_total`` (READs and WRITEs the fast lane served: issue 18,
+  server/fast_lane.py) (counters);
 * ``{lun,session}_latency_seconds`` (histogram; also labels ``vm``, the VM the target
   is derived from or "", and ``op``: read, write or other; buckets :data:`BOUNDS`);
 * ``sessions`` per target (gauge), ``logins_total``.
@@ -76,10 +78,14 @@ class IoCounters:
     #: READs and WRITEs the kernel would have blocked inline (not in the page cache,
     #: a throttled write): run again in a worker thread (storage/nowait.py)
     nowait_fallbacks: int = 0
+    #: READs and WRITEs served by the fast lane (server/fast_lane.py), not the full path
+    fast_lane_commands: int = 0
     #: per kind (READ, WRITE, OTHER): commands by bucket of BOUNDS (last: over all)
     latency: list[list[int]] = field(default_factory=_buckets)
 
-    def add(self, opcode: int, good: bool, nbytes: int, seconds: float) -> None:
+    def add(self, opcode: int, good: bool, nbytes: int, seconds: float, lane: bool = False) -> None:
+        if lane:
+            self.fast_lane_commands += 1
         if opcode in READ_OPCODES:
             self.reads += 1
             self.read_bytes += nbytes
@@ -134,16 +140,18 @@ class Metrics:
         self.sessions.pop(tsih, None)
 
     def record(
-        self, target: str, lun: int, tsih: int, opcode: int, good: bool, nbytes: int, seconds: float
-    ) -> None:
+        self, target: str, lun: int, tsih: int, opcode: int, good: bool, nbytes: int,
+        seconds: float, lane: bool = False,
+    ) -> None:  # fmt: skip
+        """One completed command (``lane``: served by the fast lane)."""
         key = (target, lun)
         counters = self.luns.get(key)
         if counters is None:
             counters = self.luns[key] = IoCounters()
-        counters.add(opcode, good, nbytes, seconds)
+        counters.add(opcode, good, nbytes, seconds, lane)
         session = self.sessions.get(tsih)
         if session is not None:
-            session.io.add(opcode, good, nbytes, seconds)
+            session.io.add(opcode, good, nbytes, seconds, lane)
 
     def nowait_fallback(self, target: str, lun: int, tsih: int) -> None:
         """One command moved to a worker thread because it would have blocked inline
@@ -182,6 +190,7 @@ SERIES: list[tuple[str, str, Callable[[IoCounters], float]]] = [
         "READs and WRITEs that would have blocked inline, run in a worker thread",
         lambda c: c.nowait_fallbacks,
     ),
+    ("fast_lane_commands", "READs and WRITEs the fast lane served", lambda c: c.fast_lane_commands),
 ]
 _LE = [*(repr(b) for b in BOUNDS), "+Inf"]
 

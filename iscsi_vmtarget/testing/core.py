@@ -22,6 +22,7 @@ from ..iscsi.framing import PduReader, encode_pdu
 from ..iscsi.login import LoginMachine, SessionTable
 from ..iscsi.params import TargetPreferences
 from ..iscsi.text import encode_text
+from ..iscsi.transfer import Task
 from ..scsi import LogicalUnit, Nexus, ScsiTarget, UnitIdentity
 from ..server import fabric
 from ..storage import MemoryBackend
@@ -120,11 +121,7 @@ class CoreHarness:
     def _pump(self) -> None:
         while (event := self.conn.next_event()) is not None:
             if isinstance(event, ExecuteCommand):
-                task = event.task
-                assert self.nexus is not None
-                data = memoryview(task.buffer) if task.buffer is not None else None
-                rsp = self.scsi.execute(self.nexus, task.lun, task.cdb, data)
-                self.conn.command_completed(task, rsp)
+                self._execute(event.task)
             elif isinstance(event, LoginComplete):
                 self.logged_in = True
                 params = event.result.params
@@ -141,6 +138,13 @@ class CoreHarness:
                 self.conn.task_management_completed(event.itt, response)
             elif isinstance(event, ConnectionClosing):
                 self.closed = event.reason
+
+    def _execute(self, task: Task) -> None:
+        """Run a command to completion, synchronously (a subclass may start it)."""
+        assert self.nexus is not None
+        data = memoryview(task.buffer) if task.buffer is not None else None
+        rsp = self.scsi.execute(self.nexus, task.lun, task.cdb, data)
+        self.conn.command_completed(task, rsp)
 
     def _send_targets(self, value: str, session_target: str | None) -> list[tuple[str, str]]:
         return send_targets.send_targets(self.directory, INITIATOR_NAME, value, session_target)

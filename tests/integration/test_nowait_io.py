@@ -8,17 +8,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from iscsi_vmtarget.client.initiator import Initiator, ScsiResult, cdb16
 from iscsi_vmtarget.storage.nowait import REFUSE_ENV
 from iscsi_vmtarget.testing.page_cache import evict
 from iscsi_vmtarget.vm.faults import PAUSE_ENV
-from tests.conftest import INITIATOR, RunningTarget, start_with_config
+from tests.conftest import INITIATOR, RunningTarget, lun_counters, start_with_config
 
 IQN = "iqn.2026-11.org.iscsi-vmtarget:nowait"
 BLOCK = 512
@@ -50,18 +48,6 @@ def _session(target: RunningTarget, isid: int) -> Initiator:
     return ini
 
 
-def _counters(target: RunningTarget) -> dict[str, float]:
-    """This LUN's counters by series name (``_total`` left off)."""
-    with urllib.request.urlopen(target.metrics, timeout=10) as rsp:
-        text = rsp.read().decode()
-    return {
-        sample.name.removeprefix("iscsi_vmtarget_lun_").removesuffix("_total"): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name.startswith("iscsi_vmtarget_lun_") and "le" not in sample.labels
-    }
-
-
 def test_read_of_blocks_not_in_the_page_cache(tmp_path: Path) -> None:
     target, path = _serve(tmp_path)
     try:
@@ -72,7 +58,7 @@ def test_read_of_blocks_not_in_the_page_cache(tmp_path: Path) -> None:
             pytest.skip("no nowait reads on this file system (tmpfs), or pages kept")
         assert ini.read16(0, 8, BLOCK) == data[:4096]  # waited for the disk in a thread
         assert ini.read16(8, 112, BLOCK) == data[4096:-4096]
-        counters = _counters(target)
+        counters = lun_counters(target)
         assert counters["read_commands"] == 2
         assert counters["errors"] == 1  # the power-on unit attention
         assert counters["nowait_fallbacks"] >= 1  # the first; readahead may cover the second
@@ -115,7 +101,7 @@ def test_refused_write_lands_once_while_other_sessions_are_served(
         with open(path, "rb") as fh:
             fh.seek(64 * BLOCK)
             assert fh.read(8 * BLOCK) == data
-        counters = _counters(target)
+        counters = lun_counters(target)
         assert counters["write_commands"] == 1 and counters["nowait_fallbacks"] == 1
         assert counters["errors"] == 2  # the power-on unit attention of each session
         writer.logout()

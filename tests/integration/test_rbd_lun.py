@@ -1,19 +1,28 @@
 """A plain LUN on a Ceph RBD image (``rbd = "POOL/IMAGE"`` in the config, ``lun map
 --rbd``), served to real clients against a real cluster (tests/conftest.py
-``ceph_cluster``): what they write lands in the image, and libiscsi's conformance
-families for the data path pass on it."""
+``ceph_cluster``): what they write lands in the image, plain READs and WRITEs are
+started from the fast lane (an abort of one in flight included), and libiscsi's
+conformance families for the data path pass on it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
+import signal
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from iscsi_vmtarget.client.initiator import Initiator, cdb16
+from iscsi_vmtarget.client.window import read_window, write_window
+from iscsi_vmtarget.iscsi import pdu as P
 from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
 from iscsi_vmtarget.testing.ceph import CephCluster
-from tests.conftest import INITIATOR, RunningTarget, run_tool, start_with_config
+from tests.conftest import INITIATOR, RunningTarget, lun_counters, run_tool, start_with_config
 from tests.integration.test_admin import cli, login, serve
 from tests.integration.test_conformance import run_family
 from tests.integration.test_qemu_img import qemu_img
@@ -41,7 +50,9 @@ def rbd_target(
     """One target for the module: LUN 0 on a new 8 MiB image the target creates."""
     image = f"{ceph_cluster.pool}/lun-{tmp_path_factory.getbasetemp().name}"
     config = CONFIG.format(iqn=IQN, image=image, conf=ceph_cluster.conf)
-    target = start_with_config(tmp_path_factory.mktemp("rbd-target"), config)
+    target = start_with_config(
+        tmp_path_factory.mktemp("rbd-target"), config, "--metrics", "127.0.0.1:0"
+    )
     target.image = RbdImageSpec.parse(image, conf=ceph_cluster.conf)  # type: ignore[attr-defined]
     yield target  # type: ignore[misc]
     target.stop()
@@ -73,6 +84,64 @@ def test_clients_see_the_image_and_write_into_it(
     finally:
         direct.close()
     assert got == hashlib.sha256(pattern.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def osds_stopped(cluster: CephCluster) -> Iterator[None]:
+    """The cluster's OSDs stopped (SIGSTOP) inside the block: a request sent to them
+    stays in flight until it ends (SIGCONT; well within the op timeouts)."""
+    pids = [int(f.read_text()) for f in (cluster.directory / "run").glob("osd.*.pid")]
+    assert pids, "no OSD pid files"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_reads_writes_and_an_abort_in_flight_take_the_fast_lane(
+    rbd_target: RunningTarget, ceph_cluster: CephCluster
+) -> None:
+    """64 KiB WRITEs and READs, 16 in flight, started from the fast lane and verified
+    in the image; a READ held in flight by a stopped OSD and aborted (ABORT TASK) gets
+    no response, and the session goes on."""
+    ini = Initiator(port=rbd_target.port, initiator_name=INITIATOR, target_name=IQN)
+    ini.login()
+    ini.command(bytes(6))  # the power-on unit attention
+    lane = lun_counters(rbd_target)["fast_lane_commands"]
+    first, blocks = 8192, 128  # the image's second half, 64 KiB commands
+    pieces = [os.urandom(blocks * 512) for _ in range(16)]
+    ranges = [(first + n * blocks, blocks) for n in range(16)]
+    at = [(first + n * blocks, data) for n, data in enumerate(pieces)]
+    assert write_window(ini, 0, 512, at, 16) == 16 * blocks * 512
+    assert list(read_window(ini, 0, 512, ranges, 16)) == pieces
+    assert lun_counters(rbd_target)["fast_lane_commands"] == lane + 32
+    with osds_stopped(ceph_cluster):
+        task = ini.start_command(cdb16(0x88, 0, first, 8), bytes(8), b"", 4096, None)
+        ini.send_pdu(P.TaskMgmtRequest(
+            itt=ini.next_itt(), function=1, lun=bytes(8), referenced_task_tag=task.itt,
+            refcmdsn=(ini.cmdsn - 1) & 0xFFFFFFFF, cmdsn=ini.cmdsn, immediate=True,
+            expstatsn=ini.expstatsn,
+        ))  # fmt: skip
+        answer = ini.recv_pdu()  # while the READ still waits for the OSD
+        assert isinstance(answer, P.TaskMgmtResponse), answer
+        assert answer.response == P.TmfResponse.COMPLETE
+    # the next command's answer is the next PDU: nothing came for the aborted READ
+    # (handle_pdu refuses a PDU for a task not in flight)
+    assert ini.read16(first + blocks, blocks, 512) == pieces[1]
+    deadline = time.monotonic() + 20
+    while lun_counters(rbd_target)["fast_lane_commands"] < lane + 34:  # the aborted one too
+        assert time.monotonic() < deadline, "the aborted READ never ended"
+        time.sleep(0.05)
+    assert ini.read16(first, blocks, 512) == pieces[0]  # its range free again
+    ini.logout()
+    direct = RbdBackend(rbd_target.image, read_only=True)  # type: ignore[attr-defined]
+    try:
+        assert direct.read(first * 512, 16 * blocks * 512) == b"".join(pieces)
+    finally:
+        direct.close()
 
 
 @pytest.mark.parametrize("family", ["Read16", "Write16", "Unmap", "WriteSame16", "GetLBAStatus"])

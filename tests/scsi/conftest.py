@@ -19,6 +19,7 @@ from iscsi_vmtarget.scsi import (
 )
 from iscsi_vmtarget.scsi.sense import parse_sense
 from iscsi_vmtarget.storage import BackendError, MemoryBackend
+from iscsi_vmtarget.storage.backend import ReadDone, WriteDone
 
 BLOCK = 512
 BLOCKS = 2048  # 1 MiB
@@ -45,6 +46,42 @@ class CountingBackend(MemoryBackend):
         if self.fail_writes:
             raise BackendError("injected write failure")
         super().write(offset, data)
+
+
+class DeferredIO:
+    """Asynchronous I/O (``storage.backend.AsyncIO``) for a test's memory backend:
+    ``start_read``/``start_write`` hand the access, as a function that does it and
+    calls ``done``, to :meth:`queue`, which answers it when the test wants."""
+
+    def queue(self, answer: Callable[[], None]) -> None:
+        raise NotImplementedError
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> None:
+        def answer() -> None:
+            buf = bytearray(length)
+            try:
+                self.read_into(offset, memoryview(buf))  # type: ignore[attr-defined]
+            except BackendError as exc:
+                done(exc)
+                return
+            done(bytes(buf))
+
+        self.queue(answer)
+
+    def start_write(
+        self, offset: int, data: bytes | bytearray | memoryview, done: WriteDone
+    ) -> None:
+        payload = bytes(data)  # as librbd: the caller's buffer may be reused at once
+
+        def answer() -> None:
+            try:
+                self.write(offset, payload)  # type: ignore[attr-defined]
+            except BackendError as exc:
+                done(exc)
+                return
+            done(None)
+
+        self.queue(answer)
 
 
 class SparseBackend(CountingBackend):

@@ -8,19 +8,29 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
+from collections.abc import Callable
 
 from iscsi_vmtarget.scsi import LogicalUnit, ScsiTarget, UnitIdentity
 from iscsi_vmtarget.scsi.medium_transfer import MediumTransfer
 from iscsi_vmtarget.scsi.task import ScsiResponse, Status
-from iscsi_vmtarget.storage import Abilities, BackendError
-from iscsi_vmtarget.storage.backend import AsyncIO, ReadDone, WriteDone
-from tests.scsi.conftest import BLOCK, CountingBackend, Harness, cdb6, cdb10, cdb16, make_nexus
+from iscsi_vmtarget.storage import Abilities
+from iscsi_vmtarget.storage.backend import AsyncIO
+from tests.scsi.conftest import (
+    BLOCK,
+    CountingBackend,
+    DeferredIO,
+    Harness,
+    cdb6,
+    cdb10,
+    cdb16,
+    make_nexus,
+)
 
 READ10, WRITE10, READ16, WRITE16 = 0x28, 0x2A, 0x88, 0x8A
 FUA = 0x08
 
 
-class AsyncBackend(CountingBackend):
+class AsyncBackend(DeferredIO, CountingBackend):
     """A remote-like memory backend: ``start_*`` complete in another thread, in the
     reverse order of their start once ``release()`` is called (as a cluster may)."""
 
@@ -30,30 +40,7 @@ class AsyncBackend(CountingBackend):
         super().__init__(size)
         self.pending: list[threading.Thread] = []
 
-    def start_read(self, offset: int, length: int, done: ReadDone) -> None:
-        def answer() -> None:
-            buf = bytearray(length)
-            try:
-                self.read_into(offset, memoryview(buf))
-                done(bytes(buf))
-            except BackendError as exc:
-                done(exc)
-
-        self.pending.append(threading.Thread(target=answer))
-
-    def start_write(
-        self, offset: int, data: bytes | bytearray | memoryview, done: WriteDone
-    ) -> None:
-        payload = bytes(data)  # as librbd: the caller's buffer may be reused at once
-
-        def answer() -> None:
-            try:
-                self.write(offset, payload)
-            except BackendError as exc:
-                done(exc)
-                return
-            done(None)
-
+    def queue(self, answer: Callable[[], None]) -> None:
         self.pending.append(threading.Thread(target=answer))
 
     def release(self) -> None:

@@ -25,7 +25,7 @@ from iscsi_vmtarget.scsi.alua import AccessState, PortGroups
 from iscsi_vmtarget.scsi.fast_lane import fast_io
 from iscsi_vmtarget.scsi.logical_unit import SanitizeProgress
 from iscsi_vmtarget.scsi.sense import parse_sense
-from iscsi_vmtarget.server.fast_lane import session_lane
+from iscsi_vmtarget.server.fast_lane import LaneHost, session_lane
 from iscsi_vmtarget.server.metrics import Metrics
 from iscsi_vmtarget.storage import BackendError, MemoryBackend, nowait
 from iscsi_vmtarget.storage.backend import BlockBackend
@@ -84,12 +84,13 @@ class FlakyBackend(MemoryBackend):
 
 
 def harness(
-    lane: bool, seed: int = 18, backend: BlockBackend | None = None, **unit: object
-) -> CoreHarness:
+    lane: bool, seed: int = 18, backend: BlockBackend | None = None,
+    kind: type[CoreHarness] = CoreHarness, **unit: object,
+) -> CoreHarness:  # fmt: skip
     """A logged-in connection over one LU of BLOCKS blocks (``backend``, else a
     FlakyBackend) filled from ``seed``; with ``lane`` the session's fast lane is on,
-    as the server sets it at login."""
-    core = CoreHarness(lun_bytes=BLOCKS * BLOCK)
+    as the server sets it at login (its host the harness, when ``kind`` is one)."""
+    core = kind(lun_bytes=BLOCKS * BLOCK)
     core.backend = backend or FlakyBackend(BLOCKS * BLOCK)  # type: ignore[assignment]
     content = random.Random(seed).randbytes(BLOCKS * BLOCK)
     if isinstance(core.backend, FlakyBackend):
@@ -101,7 +102,10 @@ def harness(
     core.login()
     if lane:
         assert core.nexus is not None
-        core.conn.fast_lane = session_lane(core.scsi, core.nexus, Metrics(), "t", {0: 0}, 1, set())
+        host = core if isinstance(core, LaneHost) else None
+        core.conn.fast_lane = session_lane(
+            core.scsi, core.nexus, Metrics(), "t", {0: 0}, 1, set(), host
+        )
     return core
 
 
@@ -362,8 +366,10 @@ def test_medium_error_gets_sense() -> None:
 KEY = ("iqn.2026-12.test:i,i,0x1", "iqn.2026-12.test:t,t,0x0001")
 
 
-def unit(**options: object) -> tuple[dict[int, LogicalUnit], LogicalUnit]:
-    lu = LogicalUnit(MemoryBackend(BLOCKS * BLOCK), UnitIdentity.from_uuid(uuid.UUID(int=1), "u"),
+def unit(
+    kind: type[MemoryBackend] = MemoryBackend, **options: object
+) -> tuple[dict[int, LogicalUnit], LogicalUnit]:
+    lu = LogicalUnit(kind(BLOCKS * BLOCK), UnitIdentity.from_uuid(uuid.UUID(int=1), "u"),
                      **options)  # type: ignore[arg-type]  # fmt: skip
     return {0: lu}, lu
 
@@ -392,7 +398,8 @@ def _spc2_reserve(lu: LogicalUnit) -> None:
 
 
 def _alua(lu: LogicalUnit) -> None:
-    lu.alua = PortGroups(1, AccessState.ACTIVE_OPTIMIZED)
+    lu.alua = PortGroups(1, AccessState.ACTIVE_OPTIMIZED)  # served: an RBD gateway's owner
+    lu.alua.set_state(AccessState.TRANSITIONING)  # refused (NOT READY) by the full path
 
 
 def _software_write_protect(lu: LogicalUnit) -> None:
@@ -423,7 +430,7 @@ GUARDS = {
     "unit attention": (_attention, True),
     "PR registration": (_registration, True),
     "SPC-2 reservation": (_spc2_reserve, True),
-    "ALUA": (_alua, True),
+    "ALUA not active": (_alua, True),
     "sanitize": (_sanitizing, True),
     "capacity changed": (_capacity_changed, True),
     "range held": (_range_held, True),
@@ -442,6 +449,24 @@ def test_each_guard_sends_the_command_to_the_full_path(name: str) -> None:
     assert lane_write(luns) is None  # ... but not now
     assert (lane_read(luns) is None) is reads_too
     assert medium(lu.backend) == before  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("state", list(AccessState))
+def test_alua_group_state_answers_as_the_full_path(state: AccessState) -> None:
+    """An LU with target port groups (an RBD gateway's) is served while its own group
+    is active (SPC-4 §5.15.2.2-3), and refused in the other states as the full path
+    refuses it (§5.15.2.4)."""
+    answers = []
+    for lane in (True, False):
+        core = harness(lane)
+        clear_attention(core)
+        core.scsi.luns[0].alua = PortGroups(1, state)
+        answers.append([comparable(first_read(core)), comparable(first_write(core))])
+    assert answers[0] == answers[1]
+    luns, lu = unit()
+    lu.alua = PortGroups(1, state, non_owner=AccessState.ACTIVE_NON_OPTIMIZED)
+    active = state in (AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON_OPTIMIZED)
+    assert (lane_read(luns) is not None) is active and (lane_write(luns) == b"") is active
 
 
 def test_read_only_unit_and_fua_write_take_the_full_path() -> None:
