@@ -16,7 +16,6 @@ session."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -217,12 +216,6 @@ def role_holder(image: RbdImageSpec) -> str | None:
         backend.close()
 
 
-def watchers(cluster: CephCluster, image: RbdImageSpec) -> list[str]:
-    """The client addresses that have ``image`` open (watch its header)."""
-    status = json.loads(cluster.rbd("status", "--format", "json", str(image)))
-    return [str(w["address"]) for w in status["watchers"]]
-
-
 def blocklisted(cluster: CephCluster) -> list[str]:
     """The client addresses on the OSD blocklist, one entry each."""
     out = run_tool("ceph", "-c", cluster.conf, "osd", "blocklist", "ls").stdout
@@ -295,6 +288,7 @@ def test_of_three_gateways_finding_the_holder_killed_exactly_one_takes_the_role(
     b = gateway(tmp_path, "b", 2, image, ceph_cluster.conf, non_owner=ANO)
     a = gateway(tmp_path, "a", 1, image, ceph_cluster.conf, non_owner=ANO)
     c = gateway(tmp_path, "c", 3, image, ceph_cluster.conf, non_owner=ANO)
+    looker = RbdBackend(image, read_only=True)  # lists the image's watchers at once
     try:
         paths = {1: session(a, HOST1), 3: session(c, HOST1)}
         assert groups(paths[1]) == {1: 0x1, 2: 0x0} and groups(paths[3]) == {3: 0x1, 2: 0x0}
@@ -307,7 +301,7 @@ def test_of_three_gateways_finding_the_holder_killed_exactly_one_takes_the_role(
         for t in (a, c):
             os.kill(t.proc.pid, signal.SIGSTOP)
         try:
-            wait_for("B's watch gone", lambda: killed not in watchers(ceph_cluster, image), 3)
+            wait_for("B's watch gone", lambda: killed not in looker.watchers(), 3)
         finally:
             for t in (a, c):
                 os.kill(t.proc.pid, signal.SIGCONT)
@@ -328,11 +322,12 @@ def test_of_three_gateways_finding_the_holder_killed_exactly_one_takes_the_role(
         assert len(took) == 1, [t.log()[-2000:] for t in (a, c)]
         listed = blocklisted(ceph_cluster)
         assert killed is not None and listed.count(killed) == 1, listed
-        alive = watchers(ceph_cluster, image)
+        alive = looker.watchers()
         assert role_holder(image) in alive and not set(alive) & set(listed)
         for ini in paths.values():
             ini.close()
     finally:
+        looker.close()
         for t in (a, b, c):
             t.stop()
 
