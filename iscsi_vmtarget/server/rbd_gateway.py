@@ -66,8 +66,8 @@ def check_non_owner(text: str) -> str:
     return text
 
 
-#: How often a gateway reads the owner role again after losing a compare-and-swap for
-#: it in one round (the winner is then read, alive, at the first).
+#: How many times a gateway reads the owner role in one round at most: after losing
+#: the compare-and-swap for it, the next read finds the winner (alive).
 _TAKE_TRIES = 3
 
 #: How often each gateway checks its images' locks (seconds). A dead owner is
