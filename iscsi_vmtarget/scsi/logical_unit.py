@@ -28,7 +28,7 @@ from .pr_state import (
 )
 from .pr_store import FilePrStore
 from .sense import Progress, Reason, ScsiError
-from .task import ItKey
+from .task import ItKey, Remainder
 
 #: IEEE company identifier put in generated NAA type 6 designators (SPC-4 §7.8.6.6.5).
 #: A placeholder in the company-ID (CID, first octet ``xA``) space until the project
@@ -448,10 +448,20 @@ class LogicalUnit:
         (nothing is saved) and a unit attention for every I_T nexus - also on the LU's
         other gateways, which abort their tasks on it (one LU however many gateways
         reach it; they have taken it when this returns)."""
+        remainder = self.begin_reset(reason)
+        if remainder is not None:
+            remainder()
+
+    def begin_reset(self, reason: Reason = Reason.BUS_DEVICE_RESET) -> Remainder | None:
+        """:meth:`reset` in two steps: here at once; then the returned call tells the
+        LU's other gateways (blocking, up to their notify timeout: a transport runs it
+        off its event loop) - None when no other gateway shares the LU."""
         self._reset_here(reason)
         shared = self.reservations.shared
-        if shared is not None:
-            shared.announce(dump_events([PrEvent(reason, (), abort=True, reset=True)]))
+        if shared is None:
+            return None
+        message = dump_events([PrEvent(reason, (), abort=True, reset=True)])
+        return lambda: shared.announce(message)
 
     def _reset_here(self, reason: Reason) -> None:
         self.mode.restore_defaults()

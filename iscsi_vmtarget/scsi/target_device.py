@@ -10,6 +10,7 @@ the LU's control mode page asks for.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 
 from ..storage.nowait import MODE, RWF_NOWAIT, WouldBlock
@@ -23,6 +24,7 @@ from .sense import Reason, ReservationConflict, ScsiError
 from .task import (
     SUPPORTED_TMFS,
     Nexus,
+    Remainder,
     ScsiResponse,
     Status,
     TmfFunction,
@@ -210,22 +212,51 @@ class ScsiTarget:
         """The SCSI side of a task management function (SAM-5 §7).
 
         Aborting tasks is the transport's work; here LOGICAL UNIT RESET and
-        TARGET RESET reset the LUs (unit attentions, default mode pages), and
-        the other functions only check that the LUN exists. A function not in
-        :data:`SUPPORTED_TMFS` is FUNCTION REJECTED (SAM-5 §7.1).
+        TARGET RESET reset the LUs (unit attentions, default mode pages; on every
+        gateway of a shared LU), and the other functions only check that the LUN
+        exists. A function not in :data:`SUPPORTED_TMFS` is FUNCTION REJECTED
+        (SAM-5 §7.1).
         """
+        result, remainder = self.begin_task_management(nexus, function, lun)
+        if remainder is not None:
+            remainder()
+        return result
+
+    def begin_task_management(
+        self, nexus: Nexus, function: TmfFunction, lun: int
+    ) -> tuple[TmfResult, Remainder | None]:
+        """:meth:`task_management` without waiting for the other gateways of shared
+        LUs: its result once the returned :data:`Remainder` (None: nothing left) ran."""
         if function not in SUPPORTED_TMFS:
-            return TmfResult.FUNCTION_REJECTED
+            return TmfResult.FUNCTION_REJECTED, None
         if function is TmfFunction.TARGET_RESET:
-            for unit in self._luns.values():
-                unit.reset(Reason.POWER_ON_RESET)
-            return TmfResult.FUNCTION_COMPLETE
+            remainders = [unit.begin_reset(Reason.POWER_ON_RESET) for unit in self._luns.values()]
+            return TmfResult.FUNCTION_COMPLETE, _all_of(remainders)
         lu = self._luns.get(lun)
         if lu is None:
-            return TmfResult.INCORRECT_LOGICAL_UNIT_NUMBER
+            return TmfResult.INCORRECT_LOGICAL_UNIT_NUMBER, None
         if function is TmfFunction.LOGICAL_UNIT_RESET:
-            lu.reset(Reason.BUS_DEVICE_RESET)
-        return TmfResult.FUNCTION_COMPLETE
+            return TmfResult.FUNCTION_COMPLETE, lu.begin_reset(Reason.BUS_DEVICE_RESET)
+        return TmfResult.FUNCTION_COMPLETE, None
+
+
+def _all_of(remainders: list[Remainder | None]) -> Remainder | None:
+    """One remainder running each of ``remainders`` at the same time (a gateway that
+    does not answer holds a TARGET RESET up once, not once per LU); None when there is
+    none."""
+    left = [r for r in remainders if r is not None]
+    if len(left) <= 1:
+        return left[0] if left else None
+
+    def run() -> None:
+        others = [threading.Thread(target=r, name="tmf-remainder") for r in left[1:]]
+        for thread in others:
+            thread.start()
+        left[0]()
+        for thread in others:
+            thread.join()
+
+    return run
 
 
 def _respond(row: OpcodeRow, command: Command, result: HandlerResult) -> ScsiResponse:

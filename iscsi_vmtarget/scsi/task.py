@@ -8,6 +8,7 @@ the CDB and the data; it gets back status, Data-In and sense (SAM-5 §5.1, the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
@@ -98,6 +99,11 @@ SUPPORTED_TMFS: dict[TmfFunction, tuple[int, int]] = {
 
 
 ItKey = tuple[str, str]
+
+#: What is left of a task management function once this target did its part: telling
+#: the LU's other gateways (blocking until they took it, or their notify timed out,
+#: so a transport runs it off its event loop); the function completes when it returned.
+Remainder = Callable[[], None]
 
 
 def it_key(nexus: Nexus) -> ItKey:

@@ -12,6 +12,7 @@ from ..iscsi.connection import Refusal
 from ..iscsi.pdu import TmfCode, TmfResponse
 from ..scsi import Nexus, Reason, ScsiTarget, TmfFunction, TmfResult, build_sense
 from ..scsi import decode_lun as decode_lun
+from ..scsi.task import Remainder
 
 #: The sense reason (SPC-4 §4.5.6) of each command the transport ends itself.
 REFUSAL_REASONS: dict[Refusal, Reason] = {
@@ -51,7 +52,20 @@ def refusal_sense(refusal: Refusal) -> bytes:
 
 def task_management(scsi: ScsiTarget, nexus: Nexus, code: TmfCode, lun: int) -> TmfResponse:
     """Run an iSCSI task management request on the SCSI layer; the wire response."""
+    response, remainder = begin_task_management(scsi, nexus, code, lun)
+    if remainder is not None:
+        remainder()
+    return response
+
+
+def begin_task_management(
+    scsi: ScsiTarget, nexus: Nexus, code: TmfCode, lun: int
+) -> tuple[TmfResponse, Remainder | None]:
+    """:func:`task_management` up to what waits for the other gateways of a shared LU:
+    the wire response, to send once the returned remainder (if any) ran - in a worker
+    thread, as it blocks (``ScsiTarget.begin_task_management``)."""
     function = TMF_FUNCTIONS.get(code)
     if function is None:
-        return TmfResponse.NOT_SUPPORTED
-    return TMF_RESPONSES[scsi.task_management(nexus, function, lun)]
+        return TmfResponse.NOT_SUPPORTED, None
+    result, remainder = scsi.begin_task_management(nexus, function, lun)
+    return TMF_RESPONSES[result], remainder

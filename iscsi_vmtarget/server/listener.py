@@ -301,12 +301,33 @@ class ConnectionHandler(asyncio.Protocol):
         if scsi is None or nexus is None:
             self.conn.task_management_completed(event.itt, TmfResponse.LUN_DOES_NOT_EXIST)
             return
-        response = fabric.task_management(scsi, nexus, event.function, event.lun)
+        response, remainder = fabric.begin_task_management(scsi, nexus, event.function, event.lun)
         if response is TmfResponse.COMPLETE:
             lun = event.lun if event.function is TmfCode.LOGICAL_UNIT_RESET else None
             for other in self.server.registry.connections_of(self.target_name):
                 if other is not self:
                     other.conn.abort_tasks(lun)
+        if remainder is None:
+            self._reset_done(event, response)
+            return
+        # the LU's other gateways take the reset before it completes, up to their notify
+        # timeout: waited for in a worker thread while the loop serves every session
+        fut = asyncio.get_running_loop().run_in_executor(self.server.executor, remainder)
+        fut.add_done_callback(lambda f: self._remainder_done(f, event, response))
+
+    def _remainder_done(
+        self,
+        fut: asyncio.Future,  # type: ignore[type-arg]
+        event: ResetRequested,
+        response: TmfResponse,
+    ) -> None:
+        exc = fut.exception()
+        if exc is not None:  # done here all the same; the others read the state again
+            log.error("telling the other gateways of a reset failed: %r", exc)
+        self._reset_done(event, response)
+        self._pump()
+
+    def _reset_done(self, event: ResetRequested, response: TmfResponse) -> None:
         self.conn.task_management_completed(event.itt, response)
         if event.function is TmfCode.TARGET_COLD_RESET and response is TmfResponse.COMPLETE:
             # A cold reset ends every session of the target (RFC 7143 §11.5.1).

@@ -311,7 +311,11 @@ def open_lun(target: str, lun: LunSpec, tpgt: int = 1) -> LogicalUnit:
         backend.close()
         raise LunError(f"{where}: {exc}") from exc
     if isinstance(backend, RbdBackend) and not lun.read_only:
-        serve_rbd_lun(lu, backend, tpgt, lun.alua_non_owner)
+        try:
+            serve_rbd_lun(lu, backend, tpgt, lun.alua_non_owner)
+        except BackendError as exc:  # the owner role's object could not be reached
+            backend.close()
+            raise LunError(f"{where}: {exc}") from exc
     return lu
 
 

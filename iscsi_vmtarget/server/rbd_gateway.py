@@ -23,14 +23,15 @@ asked), and librbd breaks and blocklists a dead holder's lock
 (``rbd_blocklist_on_break_lock``), so only the lock's holder writes and a paused
 ex-holder cannot. Reads need no lock (RBD's cache is off on a gateway's connection:
 every acknowledged write is on the OSDs). The ALUA owner is then a *role*, not the
-lock: the gateway recorded in the metadata with its client address (``GROUP
-ADDRESS``), active/optimized while that address watches the image; the others are
-active/non-optimized. So the reported states do not change while the lock moves with
-the writes (and no unit attention is raised for that). When the role's holder died
-(its watch is gone) the next gateway fences its address first (OSD blocklist), then
-records itself: the one state change, with ASYMMETRIC ACCESS STATE CHANGED. A gateway
-that stops cleanly gives the role up at once. Every gateway of a LUN must use the same
-mode.
+lock: the gateway recorded with its client address in a RADOS object beside the image
+(:mod:`.alua_role`), active/optimized while that address watches the image; the others
+are active/non-optimized. So the reported states do not change while the lock moves
+with the writes (and no unit attention is raised for that). When the role's holder
+died (its watch is gone) the gateways that notice fence its address first (OSD
+blocklist), then record themselves by compare-and-swap: exactly one succeeds, the one
+state change, with ASYMMETRIC ACCESS STATE CHANGED; the others read the winner and
+stay active/non-optimized. A gateway that stops cleanly gives the role up at once.
+Every gateway of a LUN must use the same mode.
 """
 
 from __future__ import annotations
@@ -45,12 +46,9 @@ from ..scsi.alua import AccessState, PortGroups
 from ..storage import BackendError
 from ..storage.rbd import RbdBackend
 from ..storage.rbd_lock import ImageLock
+from .alua_role import OWNER_KEY, OwnerRole, parse_record
 
 log = logging.getLogger("iscsi_vmtarget")
-
-#: Image metadata key naming the target port group of the gateway owning the image
-#: (and, with active/non-optimized non-owners, its client address after a space).
-OWNER_KEY = "iscsi_vmtarget.alua.owner"
 
 #: The values of a LUN's ``alua_non_owner`` and the state each gives a non-owner.
 NON_OWNER_STATES = {
@@ -68,12 +66,9 @@ def check_non_owner(text: str) -> str:
     return text
 
 
-def _role(record: bytes | None) -> tuple[int | None, str | None]:
-    """(group, client address) of an OWNER_KEY record; the address is None in a record
-    of the standby mode, both are None when there is no record."""
-    group, _, address = (record or b"").decode(errors="replace").partition(" ")
-    return (int(group) if group.isdigit() else None), (address or None)
-
+#: How many times a gateway reads the owner role in one round at most: after losing
+#: the compare-and-swap for it, the next read finds the winner (alive).
+_TAKE_TRIES = 3
 
 #: How often each gateway checks its images' locks (seconds). A dead owner is
 #: noticed once its watch expired (``osd client watch timeout``, 30 s by default).
@@ -86,6 +81,8 @@ class _Served:
     backend: RbdBackend
     groups: PortGroups
     lock: ImageLock
+    #: the owner role (active/non-optimized mode only)
+    role: OwnerRole | None = None
     why: str = field(default="")
 
 
@@ -110,7 +107,8 @@ class GatewayKeeper:
         """Serve ``lu`` as target port group ``group``: active/optimized at once if the
         image is free (or its owner dead), ``non_owner`` otherwise."""
         groups = PortGroups(group, non_owner=non_owner)
-        served = _Served(lu, backend, groups, ImageLock(backend))
+        role = OwnerRole(backend) if non_owner is AccessState.ACTIVE_NON_OPTIMIZED else None
+        served = _Served(lu, backend, groups, ImageLock(backend), role)
         lu.alua = served.groups
         self.check(served)
         with self._lock:
@@ -128,16 +126,14 @@ class GatewayKeeper:
         for s in served:
             if s.backend.closed:
                 continue
-            if s.groups.non_owner is AccessState.ACTIVE_NON_OPTIMIZED:
+            if s.role is not None:
                 try:
-                    record = s.backend.metadata_store(OWNER_KEY)
-                    if _role(record.load()) == (s.groups.own, s.lock.address()):
-                        record.clear()
+                    s.role.give_up(s.groups.own, s.lock.address())
                 except BackendError as exc:  # the others take it once our watch is gone
                     log.warning("RBD image %s: ALUA owner role kept: %s", s.backend.spec, exc)
             if s.lock.held():
                 s.lock.release()
-            if s.groups.non_owner is AccessState.ACTIVE_NON_OPTIMIZED:
+            if s.role is not None:
                 # and unwatch: a watch a process leaves behind lingers until it times
                 # out, and every header update of the others (librbd notifies each
                 # watcher: taking the role, moving the lock) would wait for it
@@ -157,15 +153,15 @@ class GatewayKeeper:
         """One round for one LUN: keep, take or lose the image, set the ALUA states."""
         others: dict[int, AccessState] = {}
         try:
-            if s.groups.non_owner is AccessState.ACTIVE_NON_OPTIMIZED:
-                state, why = self._role(s, others)
+            if s.role is not None:
+                state, why = self._role(s, s.role, others)
             elif s.lock.held() or s.lock.take_over():
                 state, why = AccessState.ACTIVE_OPTIMIZED, "owns the image"
                 if s.groups.state is not AccessState.ACTIVE_OPTIMIZED:
                     s.backend.metadata_store(OWNER_KEY).save(str(s.groups.own).encode())
             else:
                 state, why = AccessState.STANDBY, "another gateway owns the image"
-                owner, _ = _role(s.backend.metadata_store(OWNER_KEY).load())
+                owner, _ = parse_record(s.backend.metadata_store(OWNER_KEY).load())
                 if owner is not None:
                     others[owner] = AccessState.ACTIVE_OPTIMIZED
         except BackendError as exc:
@@ -184,25 +180,32 @@ class GatewayKeeper:
             )
             s.why = why
 
-    def _role(self, s: _Served, others: dict[int, AccessState]) -> tuple[AccessState, str]:
+    def _role(
+        self, s: _Served, role: OwnerRole, others: dict[int, AccessState]
+    ) -> tuple[AccessState, str]:
         """Active/non-optimized mode: keep or take the ALUA owner role (never the lock,
         which librbd moves with the writes); the other holder goes into ``others``."""
-        record = s.backend.metadata_store(OWNER_KEY)
         me = s.lock.address()
-        group, holder = _role(record.load())
-        if (group, holder) == (s.groups.own, me):
-            return AccessState.ACTIVE_OPTIMIZED, "holds the ALUA owner role"
-        # a record without an address (of the standby mode, left by a gateway that
-        # stopped) names nobody alive: taken without fencing
-        if group is not None and holder is not None and s.lock.alive(holder):
-            others[group] = AccessState.ACTIVE_OPTIMIZED
-            return AccessState.ACTIVE_NON_OPTIMIZED, "another gateway holds the ALUA owner role"
-        if holder is not None and holder != me:
-            # fence first: a paused ex-holder that wakes up must not write
-            log.warning("RBD image %s: ALUA owner %s is gone; fencing it", s.backend.spec, holder)
-            s.lock.fence(holder)
-        record.save(f"{s.groups.own} {me}".encode())
-        return AccessState.ACTIVE_OPTIMIZED, "took the ALUA owner role"
+        for _ in range(_TAKE_TRIES):
+            seen = role.holder()
+            if (seen.group, seen.address) == (s.groups.own, me):
+                return AccessState.ACTIVE_OPTIMIZED, "holds the ALUA owner role"
+            # a record without an address (of the standby mode, left by a gateway that
+            # stopped) names nobody alive: taken without fencing
+            if seen.group is not None and seen.address is not None and s.lock.alive(seen.address):
+                others[seen.group] = AccessState.ACTIVE_OPTIMIZED
+                return AccessState.ACTIVE_NON_OPTIMIZED, "another gateway holds the ALUA owner role"
+            if seen.address is not None and seen.address != me:
+                # fence first: a paused ex-holder that wakes up must not write (every
+                # gateway that found it dead does; blocklisting twice is harmless)
+                log.warning(
+                    "RBD image %s: ALUA owner %s is gone; fencing it", s.backend.spec, seen.address
+                )
+                s.lock.fence(seen.address)
+            if role.take(s.groups.own, me, seen):
+                return AccessState.ACTIVE_OPTIMIZED, "took the ALUA owner role"
+            # another gateway recorded itself since we read: look at the winner
+        return AccessState.ACTIVE_NON_OPTIMIZED, "the ALUA owner role is contended"
 
 
 #: The keeper of this process.

@@ -237,9 +237,15 @@ def pr_object_name(image_id: str) -> str:
     return f"iscsi_vmtarget.pr.{image_id}"
 
 
+def role_object_name(image_id: str) -> str:
+    """The RADOS object beside the image with id ``image_id`` that names the gateway
+    holding its ALUA owner role (``server/alua_role.py``)."""
+    return f"iscsi_vmtarget.alua.{image_id}"
+
+
 def remove_image(spec: RbdImageSpec) -> None:
-    """Delete an image and its data, and the reservations kept beside it; BackendError
-    when it cannot."""
+    """Delete an image and its data, and the objects kept beside it (reservations,
+    ALUA owner role); BackendError when it cannot."""
     rados, rbd = bindings()
     with _PoolSession(spec.where) as pool:
         try:
@@ -248,12 +254,13 @@ def remove_image(spec: RbdImageSpec) -> None:
             rbd.RBD().remove(pool.ioctx, spec.name)
         except rbd.Error as exc:
             raise BackendError(f"cannot remove RBD image {spec}: {exc}") from exc
-        try:
-            pool.ioctx.remove_object(pr_object_name(image_id))
-        except rados.ObjectNotFound:
-            pass
-        except rados.Error as exc:
-            raise BackendError(f"RBD image {spec} removed, not its reservations: {exc}") from exc
+        for name in (pr_object_name(image_id), role_object_name(image_id)):
+            try:
+                pool.ioctx.remove_object(name)
+            except rados.ObjectNotFound:
+                pass
+            except rados.Error as exc:
+                raise BackendError(f"RBD image {spec} removed, not {name}: {exc}") from exc
 
 
 def list_images(where: RbdPoolSpec) -> list[str]:

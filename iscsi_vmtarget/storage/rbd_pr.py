@@ -6,11 +6,10 @@ module only moves bytes) is the body of one RADOS object beside the image:
 it follows a renamed image).
 
 - **Compare-and-swap.** :meth:`RadosPrStore.load` reads the body and the object's
-  version; :meth:`RadosPrStore.commit` writes the new body in one write operation that
-  first asserts that version (``assert_version``: the OSD refuses the whole operation
-  with ERANGE/EOVERFLOW when another gateway wrote in between), or creates the object
-  exclusively when there was none (EEXIST when another gateway created it first). A
-  refused commit writes nothing; the caller reads again and makes its change anew.
+  version; :meth:`RadosPrStore.commit` writes the new body only if the object is still
+  at that version (:class:`~.rados_object.VersionedObject`: ``assert_version``, or an
+  exclusive create when there was none). A refused commit writes nothing; the caller
+  reads again and makes its change anew.
 - **Watch/notify.** Every gateway watches the object. After a commit the gateway
   notifies it with the new state and the unit attentions the change implies; each other
   gateway takes both in its watch callback before it acknowledges, and ``notify``
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .backend import BackendError
+from .rados_object import VersionedObject
 from .rbd import OP_TIMEOUT, RbdBackend, bindings, pr_object_name
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ log = logging.getLogger(__name__)
 NOTIFY_TIMEOUT_MS = 5000
 #: The largest state read (a registration takes ~300 bytes of JSON).
 _MAX_STATE = 4 << 20
-#: errnos of a refused assert_version: the object is newer (ERANGE) or older (EOVERFLOW).
-_VERSION_MISMATCH = (34, 75)
 
 Listener = Callable[[bytes], None]
 
@@ -71,16 +69,11 @@ class RadosPrStore:
         self._spec = backend.spec
         self._legacy = legacy
         self.name = object_name(backend.image_id)
-        where = backend.spec.where
-        try:
-            self._ioctx = backend.cluster.open_ioctx(where.pool)
-            if where.namespace:
-                self._ioctx.set_namespace(where.namespace)
-        except self._rados.Error as exc:
-            raise BackendError(f"cannot open RADOS pool {where.pool!r}: {exc}") from exc
+        self._object = VersionedObject(backend, self.name, _MAX_STATE)
+        self._ioctx = self._object.ioctx
         #: tells this gateway's own announcements from the others'
         self._token = uuid.uuid4().hex
-        self._io = threading.Lock()  # one operation and its get_last_version at a time
+        self._io = threading.Lock()  # one load or commit at a time (``_based_on``)
         self._based_on: int | None = None  # version load() returned; None: no object
         self._newest_lock = threading.Lock()
         self._newest_version = -1  # the newest state known (read, written or announced)
@@ -90,20 +83,12 @@ class RadosPrStore:
         self._closed = False
         backend.on_close(self.close)
 
-    def _error(self, what: str, exc: Exception) -> BackendError:
-        return BackendError(f"RBD image {self._backend.spec}: {what} {self.name}: {exc}")
-
     def _read(self) -> tuple[int | None, bytes | None]:
         """The object's (version, body); (None, None) when it does not exist."""
-        try:
-            data = self._ioctx.read(self.name, _MAX_STATE)
-            version = int(self._ioctx.get_last_version())
-        except self._rados.ObjectNotFound:
-            return None, None
-        except self._rados.Error as exc:
-            raise self._error("reading", exc) from exc
-        self._took(version, bytes(data))
-        return version, bytes(data)
+        version, data = self._object.read()
+        if version is not None and data is not None:
+            self._took(version, data)
+        return version, data
 
     def _took(self, version: int, data: bytes) -> None:
         with self._newest_lock:
@@ -127,24 +112,9 @@ class RadosPrStore:
             return self._write(data)
 
     def _write(self, data: bytes) -> bool:
-        rados = self._rados
-        op = self._ioctx.create_write_op()
-        try:
-            if self._based_on is None:
-                op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
-            else:
-                op.assert_version(self._based_on)
-            op.write_full(bytes(data))
-            self._ioctx.operate_write_op(op, self.name)
-            version = int(self._ioctx.get_last_version())
-        except rados.ObjectExists:
+        version = self._object.swap(data, self._based_on)
+        if version is None:
             return False
-        except rados.Error as exc:
-            if getattr(exc, "errno", None) in _VERSION_MISMATCH:
-                return False
-            raise self._error("writing", exc) from exc
-        finally:
-            self._ioctx.release_write_op(op)
         self._based_on = version
         self._took(version, bytes(data))
         return True
@@ -176,17 +146,11 @@ class RadosPrStore:
     def _start_watch(self) -> None:
         """Watch the object, made first (empty: no state) if it does not exist: a watch
         needs one."""
+        self._object.ensure()
         try:
-            with self._io:
-                op = self._ioctx.create_write_op()
-                try:
-                    op.new(self._rados.LIBRADOS_CREATE_IDEMPOTENT)
-                    self._ioctx.operate_write_op(op, self.name)
-                finally:
-                    self._ioctx.release_write_op(op)
             self._watch = self._ioctx.watch(self.name, self._notified, self._broken)
         except self._rados.Error as exc:
-            raise self._error("watching", exc) from exc
+            raise self._object.error("watching", exc) from exc
 
     def _notified(self, notify_id: int, notifier_id: int, watch_id: int, data: bytes) -> None:
         """A notify on the object (run by librados; the notifier waits for the return)."""
@@ -277,6 +241,6 @@ class RadosPrStore:
         try:
             if self._watch is not None:
                 self._watch.close()
-            self._ioctx.close()
         except self._rados.Error:
             pass
+        self._object.close()

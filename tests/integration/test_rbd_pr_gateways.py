@@ -10,21 +10,29 @@ access, so data commands go through B.
 With ``alua_non_owner = "active-non-optimized"`` A serves data too: a write through A
 is read back through B with no ALUA state change and no unit attention; libiscsi's
 Prin*/Prout* families and SCSI.MultipathIO pass with one session on each gateway; a
-killed owner is fenced and A takes the owner role."""
+killed owner is fenced and A takes the owner role; of three gateways, exactly one takes
+it. A LOGICAL UNIT RESET waiting for a gateway that does not answer holds up no other
+session."""
 
 from __future__ import annotations
 
-import base64
+import os
 import re
+import signal
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from iscsi_vmtarget.client.initiator import Initiator
-from iscsi_vmtarget.server.rbd_gateway import OWNER_KEY
-from iscsi_vmtarget.storage.rbd import RbdImageSpec
+from iscsi_vmtarget.iscsi import pdu as P
+from iscsi_vmtarget.server.alua_role import OwnerRole
+from iscsi_vmtarget.server.rbd_gateway import POLL_SECONDS
+from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
+from iscsi_vmtarget.storage.rbd_pr import RadosPrStore
 from iscsi_vmtarget.testing.ceph import CephCluster, shared_reservations
 from tests.conftest import RunningTarget, need_tool, run_tool
 from tests.integration.test_rbd_gateways import BLOCK, IQN, gateway, groups, read, wait_for, write
@@ -199,10 +207,19 @@ def ano_gateways(
         b.stop()
 
 
-def role_holder(cluster: CephCluster, image: RbdImageSpec) -> str:
-    """The client address recorded with the ALUA owner role (the image's metadata)."""
-    record = cluster.rbd("image-meta", "get", str(image), OWNER_KEY).strip()
-    return base64.b64decode(record).decode().partition(" ")[2]
+def role_holder(image: RbdImageSpec) -> str | None:
+    """The client address recorded with the ALUA owner role (its RADOS object)."""
+    backend = RbdBackend(image, read_only=True)
+    try:
+        return OwnerRole(backend).holder().address
+    finally:
+        backend.close()
+
+
+def blocklisted(cluster: CephCluster) -> list[str]:
+    """The client addresses on the OSD blocklist, one entry each."""
+    out = run_tool("ceph", "-c", cluster.conf, "osd", "blocklist", "ls").stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 def test_active_non_optimized_gateway_writes_without_state_changes(
@@ -248,15 +265,115 @@ def test_active_non_optimized_gateway_fences_a_killed_owner_and_takes_the_role(
     ia, watcher = session(a, HOST1), session(a, HOST2)
     data = b"k" * 4 * BLOCK
     assert write(session(b, HOST1), 0, data) == (0, (0, 0, 0))  # B holds the lock, too
-    killed = role_holder(ceph_cluster, image)
+    killed = role_holder(image)
     b.proc.kill()
     b.proc.wait()
     wait_for("A active/optimized", lambda: groups(ia) == {1: 0x0})
     r = watcher.command(TUR)
     assert (r.status, (r.sense_key, *r.asc_ascq)) == (2, STATE_CHANGED)
-    blocklist = run_tool("ceph", "-c", ceph_cluster.conf, "osd", "blocklist", "ls").stdout
-    assert killed and killed in blocklist, blocklist
-    assert role_holder(ceph_cluster, image) != killed
+    assert killed and killed in blocklisted(ceph_cluster)
+    assert role_holder(image) != killed
     assert read(ia, 0, 4) == data
     assert write(ia, 4, b"a" * BLOCK) == (0, (0, 0, 0))  # librbd breaks the dead lock
     assert b"fencing" in Path(str(a.log_path)).read_bytes()
+
+
+def test_of_three_gateways_finding_the_holder_killed_exactly_one_takes_the_role(
+    ceph_cluster: CephCluster, image: RbdImageSpec, tmp_path: Path
+) -> None:
+    """B holds the role; A and C (groups 1 and 3) both find it gone once it is killed,
+    both fence it and both try to record themselves: the role object's compare-and-swap
+    lets one through, the other reads the winner and stays active/non-optimized. A and
+    C are paused while B's watch expires and go on together, so they race."""
+    b = gateway(tmp_path, "b", 2, image, ceph_cluster.conf, non_owner=ANO)
+    a = gateway(tmp_path, "a", 1, image, ceph_cluster.conf, non_owner=ANO)
+    c = gateway(tmp_path, "c", 3, image, ceph_cluster.conf, non_owner=ANO)
+    looker = RbdBackend(image, read_only=True)  # lists the image's watchers at once
+    try:
+        paths = {1: session(a, HOST1), 3: session(c, HOST1)}
+        assert groups(paths[1]) == {1: 0x1, 2: 0x0} and groups(paths[3]) == {3: 0x1, 2: 0x0}
+        killed = role_holder(image)
+        b.proc.kill()
+        b.proc.wait()
+        # B's watch lapses 4-5 s after its last ping (each second); A's and C's must not
+        # (paused for 3 s at most)
+        time.sleep(3.5)
+        for t in (a, c):
+            os.kill(t.proc.pid, signal.SIGSTOP)
+        try:
+            wait_for("B's watch gone", lambda: killed not in looker.watchers(), 3)
+        finally:
+            for t in (a, c):
+                os.kill(t.proc.pid, signal.SIGCONT)
+
+        def optimized() -> list[int]:
+            now = [g for g, ini in paths.items() if groups(ini).get(g) == 0x0]
+            assert len(now) <= 1, now  # never two at once
+            return now
+
+        wait_for("a new holder", optimized)
+        deadline = time.monotonic() + 2 * POLL_SECONDS + 0.5  # the other had its rounds
+        while time.monotonic() < deadline:
+            (winner,) = optimized()
+        (loser,) = set(paths) - {winner}
+        assert groups(paths[winner]) == {winner: 0x0}
+        assert groups(paths[loser]) == {loser: 0x1, winner: 0x0}
+        took = [t for t in (a, c) if "took the ALUA owner role" in t.log()]
+        assert len(took) == 1, [t.log()[-2000:] for t in (a, c)]
+        listed = blocklisted(ceph_cluster)
+        assert killed is not None and listed.count(killed) == 1, listed
+        alive = looker.watchers()
+        assert role_holder(image) in alive and not set(alive) & set(listed)
+        for ini in paths.values():
+            ini.close()
+    finally:
+        looker.close()
+        for t in (a, b, c):
+            t.stop()
+
+
+def lu_reset(ini: Initiator) -> P.Pdu:
+    """LOGICAL UNIT RESET of LUN 0 (RFC 7143 §11.5.1): the target's response."""
+    ini.send_pdu(
+        P.TaskMgmtRequest(
+            itt=ini.next_itt(), function=5, immediate=True, cmdsn=ini.cmdsn, expstatsn=ini.expstatsn
+        )
+    )
+    return ini.recv_pdu()
+
+
+def test_a_reset_waiting_for_a_silent_gateway_holds_up_no_other_session(
+    ceph_cluster: CephCluster, image: RbdImageSpec, tmp_path: Path
+) -> None:
+    """A LOGICAL UNIT RESET completes once the LU's other gateways took it (up to the 5 s
+    notify timeout); while a gateway that does not answer holds it up, the resetting
+    gateway's other sessions are served as before (the wait is in a worker thread)."""
+    a = gateway(tmp_path, "a", 1, image, ceph_cluster.conf)
+    resetter, other = session(a, HOST1), session(a, HOST2)
+    asked, release = threading.Event(), threading.Event()
+
+    def silent(message: bytes) -> None:  # a peer that takes the notify, answers late
+        asked.set()
+        release.wait(10)
+
+    peer = RbdBackend(image, read_only=True)
+    answer: list[P.Pdu] = []
+    resetting = threading.Thread(target=lambda: answer.append(lu_reset(resetter)))
+    try:
+        RadosPrStore(peer).listen(silent)
+        resetting.start()
+        assert asked.wait(5)
+        start = time.monotonic()
+        r = other.command(TUR)  # reset here already: its unit attention, at once
+        assert (r.status, r.sense_key, r.asc_ascq) == (2, 0x6, (0x29, 0x03))
+        for lba in range(8):
+            assert read(other, lba, 1) == bytes(BLOCK)
+        assert time.monotonic() - start < 1.0
+        assert not answer  # the reset waits for the silent gateway
+        release.set()
+        resetting.join(10)
+        assert isinstance(answer[0], P.TaskMgmtResponse) and answer[0].response == 0
+    finally:
+        release.set()
+        peer.close()
+        a.stop()
