@@ -133,11 +133,10 @@ class GatewayKeeper:
                     log.warning("RBD image %s: ALUA owner role kept: %s", s.backend.spec, exc)
             if s.lock.held():
                 s.lock.release()
-            if s.role is not None:
-                # and unwatch: a watch a process leaves behind lingers until it times
-                # out, and every header update of the others (librbd notifies each
-                # watcher: taking the role, moving the lock) would wait for it
-                s.backend.close()
+            # and unwatch: a watch a process leaves behind lingers until it times out,
+            # and every header update of the others (librbd notifies each watcher:
+            # taking the lock or the role, moving the lock) would wait for it
+            s.backend.close()
 
     def _run(self) -> None:
         while True:
