@@ -151,12 +151,6 @@ def _connect(where: RbdPoolSpec) -> _Connection:
                 # one wait left is the Objecter's in-flight budget, raised here above
                 # what a gateway's sessions keep in flight, so it does not stall the loop
                 "rbd_non_blocking_aio": "false",
-                # an aio_write's data is handed to the OSD messenger as it is, not
-                # copied first (librbd's default copies, in case the caller changes
-                # the buffer while it is written: ours never does, a write's Data-Out
-                # is an immutable bytes object or a buffer held until completion).
-                # The copy was 11% of the event loop's time under 64 KiB writes
-                "rbd_disable_zero_copy_writes": "false",
                 "objecter_inflight_ops": str(OBJECTER_OPS),
                 "objecter_inflight_op_bytes": str(OBJECTER_BYTES),
             }

@@ -85,14 +85,11 @@ def test_the_gateway_dispatches_in_the_caller_with_room_in_flight(
     ceph_cluster: CephCluster,
 ) -> None:
     """librbd dispatches a gateway's requests in the calling thread (no work-queue
-    hand-off), with an Objecter budget large enough that submitting never waits, and
-    hands an aio write's buffer to the messenger without copying it (the requests of
-    tests/storage/test_rbd_aio.py read back with it)."""
+    hand-off), with an Objecter budget large enough that submitting never waits."""
     b = RbdBackend(ceph_cluster.image(4 * MiB))
     try:
         conf = b.cluster.conf_get
         assert conf("rbd_non_blocking_aio") == "false"
-        assert conf("rbd_disable_zero_copy_writes") == "false"
         assert int(conf("objecter_inflight_ops")) >= 64 * 128
         assert int(conf("objecter_inflight_op_bytes")) >= 1 << 30
     finally:
