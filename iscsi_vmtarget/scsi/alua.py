@@ -98,13 +98,16 @@ class PortGroups:
         )
         self._lock = threading.Lock()
         self._states: dict[int, AccessState] = {own: state}
-        #: this group's state lets every command through (:meth:`check`): read by
-        #: the fast lane (scsi/fast_lane.py) as one attribute
-        self.active = state in _ACTIVE
 
     @property
     def state(self) -> AccessState:
         return self._states[self.own]
+
+    @property
+    def active(self) -> bool:
+        """This group's state lets every command through (:meth:`check`; the fast
+        lane's test, scsi/fast_lane.py)."""
+        return self._states[self.own] in _ACTIVE
 
     def set_state(self, state: AccessState, others: dict[int, AccessState] | None = None) -> bool:
         """Set this group's state (and the others' when given); True when this group's
@@ -117,7 +120,6 @@ class PortGroups:
             else:
                 states.update((g, s) for g, s in self._states.items() if g != self.own)
             self._states = states
-            self.active = state in _ACTIVE
             return changed
 
     def states(self) -> dict[int, AccessState]:
@@ -126,7 +128,7 @@ class PortGroups:
 
     def check(self, opcode: int, service_action: int | None) -> None:
         """Refuse a command this group's state does not allow (SPC-4 §5.15.2.4)."""
-        state = self._states[self.own]
+        state = self._states[self.own]  # one read: set_state swaps the dict whole
         if state in _ACTIVE:
             return
         if (opcode, service_action) in STANDBY_ALLOWED or (opcode, None) in STANDBY_ALLOWED:
