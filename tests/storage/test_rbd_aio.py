@@ -13,7 +13,7 @@ from pathlib import Path
 
 from iscsi_vmtarget.storage import BackendError
 from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
-from iscsi_vmtarget.storage.rbd_aio import ImageEvents, image_handle
+from iscsi_vmtarget.storage.rbd_aio import ImageEvents, image_handle, read_result, uninitialized
 from iscsi_vmtarget.storage.rbd_lock import ImageLock
 from iscsi_vmtarget.testing.ceph import CephCluster
 
@@ -67,6 +67,48 @@ def test_requests_in_flight_finish_on_the_loop_and_read_back(ceph_cluster: CephC
     try:
         asyncio.run(main())
         assert bytes(b.read(at[3], chunk)) == data[3]  # the synchronous path agrees
+    finally:
+        b.close()
+
+
+def test_a_short_read_never_sends_old_memory() -> None:
+    """Read buffers are not zeroed up front; whatever librbd did not fill is zeroed
+    before the buffer leaves."""
+    for _ in range(64):  # leave freed, dirty 64 KiB blocks for the allocator to reuse
+        dirty = bytearray(b"\xa5" * (64 << 10))
+        del dirty
+    out = uninitialized(64 << 10)
+    out[:100] = b"\x01" * 100  # what librbd read
+    assert read_result(out, 100) == b"\x01" * 100 + bytes((64 << 10) - 100)
+    whole = bytearray(b"\x02" * 4096)
+    assert read_result(whole, 4096) is whole and whole == b"\x02" * 4096
+
+
+def test_holes_read_as_zeros_into_unzeroed_buffers(ceph_cluster: CephCluster) -> None:
+    """Reads of never-written objects and of the holes around a small write, many in
+    flight, into buffers the allocator hands back dirty: every byte is librbd's."""
+    spec = ceph_cluster.image(16 * MiB)
+    b = RbdBackend(spec)
+    chunk = 64 << 10
+    small = os.urandom(4096)
+
+    async def main() -> None:
+        await _started(b.start_write, OBJECT + 30000, small)  # inside object 1
+        for _ in range(3):
+            junk = [bytearray(b"\xa5" * chunk) for _ in range(64)]
+            del junk  # freed dirty: the reads' buffers come from these blocks
+            offsets = [o * OBJECT + n * chunk for o in (0, 1, 3) for n in range(16)]
+            reads = await asyncio.gather(*(_started(b.start_read, o, chunk) for o in offsets))
+            for offset, got in zip(offsets, reads, strict=True):
+                want = bytearray(chunk)
+                lo = OBJECT + 30000 - offset
+                if -4096 < lo < chunk:
+                    want[max(lo, 0) : lo + 4096] = small[max(-lo, 0) : chunk - lo]
+                assert got == want, f"read at {offset} is not what is stored"
+
+    try:
+        asyncio.run(main())
+        assert isinstance(b._events, ImageEvents)
     finally:
         b.close()
 
