@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent / "iscsi_vmtarget"
 PACKAGES = ["iscsi", "scsi", "storage", "server", "cli", "vm"]
 
 #: Top-level modules with no dependencies of their own, usable by every layer.
-LEAVES = {"errors", "sizes"}
+LEAVES = {"buffers", "errors", "sizes"}
 #: Each protocol layer and the sibling packages it may import from.
 LAYERS: dict[str, set[str]] = {
     "iscsi": set(),  # the server injects what it needs of scsi/ (server/fabric.py)

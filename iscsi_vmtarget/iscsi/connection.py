@@ -113,6 +113,22 @@ class TargetConnection(FastCommands):
         if self.phase in (Phase.CLOSED, Phase.LOGGED_OUT):
             return
         self.reader.feed(data)
+        self._handle_received()
+
+    def receive_buffer(self) -> memoryview:
+        """Where the socket should put the next bytes it receives (asyncio's
+        ``BufferedProtocol.get_buffer``); then call :meth:`received`. Large Data-Out
+        lands where the SCSI layer takes it from (:class:`.framing.PduReader`)."""
+        return self.reader.get_buffer()
+
+    def received(self, nbytes: int) -> None:
+        """``nbytes`` arrived in :meth:`receive_buffer`'s buffer; handles every
+        complete PDU, as :meth:`receive_data`."""
+        self.reader.buffer_updated(nbytes)
+        if self.phase not in (Phase.CLOSED, Phase.LOGGED_OUT):
+            self._handle_received()
+
+    def _handle_received(self) -> None:
         self.stalled = False
         while self.phase not in (Phase.CLOSED, Phase.LOGGED_OUT):
             if self._queued >= self.settings.max_queued_output:

@@ -39,7 +39,7 @@ from .registry import Registry
 log = logging.getLogger("iscsi_vmtarget")
 
 
-class ConnectionHandler(asyncio.Protocol):
+class ConnectionHandler(asyncio.BufferedProtocol):
     """One TCP connection: feeds bytes in, writes bytes out, executes commands."""
 
     def __init__(self, server: TargetServer, portal: Portal) -> None:
@@ -87,9 +87,14 @@ class ConnectionHandler(asyncio.Protocol):
         self.server.handlers.add(self)
         self._arm_ping()
 
-    def data_received(self, data: bytes) -> None:
+    # Received into the connection's own buffer (BufferedProtocol): no bytes object
+    # per receive, and large Data-Out straight into its PDU's data (iscsi/framing.py)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         self._idle = False
-        self.conn.receive_data(data)
+        self.conn.received(nbytes)
         self._pump()
         self._drain_stalled()
 

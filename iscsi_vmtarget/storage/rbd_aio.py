@@ -21,8 +21,8 @@ engine use it (``rbd_set_image_notification`` with an eventfd):
 
 No Python runs on librbd's threads. A read lands directly in the ``bytearray`` that
 becomes the Data-In; nothing is copied into a ``bytes`` first, and the buffer is not
-zeroed before librbd fills it (:func:`uninitialized`, :func:`read_result`). The calls
-that only touch memory keep the GIL (``ctypes.PyDLL``), as a C extension's would.
+zeroed before librbd fills it (:mod:`..buffers`, :func:`read_result`). The calls that
+only touch memory keep the GIL (``ctypes.PyDLL``), as a C extension's would.
 Both cut the event loop's CPU per 64 KiB read from 146 to 131 µs (tools/bench --rbd
 rows, 4 alternating runs each).
 
@@ -52,6 +52,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from ..buffers import uninitialized
 
 _log = logging.getLogger(__name__)
 
@@ -136,18 +138,6 @@ def image_handle(image: Any) -> int | None:
     return handle
 
 
-_new_bytearray = _c.pythonapi.PyByteArray_FromStringAndSize
-_new_bytearray.argtypes, _new_bytearray.restype = [_c.c_void_p, _c.c_ssize_t], _c.py_object
-
-
-def uninitialized(length: int) -> bytearray:
-    """A bytearray of ``length`` bytes, not zeroed: a read's buffer, which librbd
-    fills whole (holes as zeros). Zeroing 64 KiB first, only to overwrite it, was a
-    measurable share of the event loop's time per read (tools/bench --rbd)."""
-    out: bytearray = _new_bytearray(None, length)
-    return out
-
-
 def read_result(out: bytearray, code: int) -> bytearray:
     """A finished read's buffer (``code``: librbd's count of bytes read): whatever a
     short read did not reach is zeroed, so no old memory ever leaves in a Data-In.
@@ -199,7 +189,7 @@ class ImageEvents:
             raise self._failed("read" if read >= 0 else "write", code)
 
     def start_read(self, offset: int, length: int, done: Done) -> None:
-        """Read into a new bytearray (:func:`uninitialized`): ``done(bytearray)``, or
+        """Read into a new, unzeroed bytearray: ``done(bytearray)``, or
         ``done(error)``."""
         out = uninitialized(length)
         view = (_c.c_char * length).from_buffer(out)

@@ -11,9 +11,10 @@ import threading
 import time
 from pathlib import Path
 
+from iscsi_vmtarget.buffers import uninitialized
 from iscsi_vmtarget.storage import BackendError
 from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
-from iscsi_vmtarget.storage.rbd_aio import ImageEvents, image_handle, read_result, uninitialized
+from iscsi_vmtarget.storage.rbd_aio import ImageEvents, image_handle, read_result
 from iscsi_vmtarget.storage.rbd_lock import ImageLock
 from iscsi_vmtarget.testing.ceph import CephCluster
 
