@@ -23,3 +23,32 @@ def uninitialized(length: int) -> bytearray:
         raise ValueError(f"a buffer's length must not be negative: {length}")
     out: bytearray = _new_bytearray(None, length)
     return out
+
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: Freed memory above this stays with the process (glibc's default: 128 KiB, moving)
+TRIM_THRESHOLD = 64 << 20
+#: Allocations from this size on are mapped on their own (glibc's default: 128 KiB,
+#: moving up to 32 MiB as large blocks are freed)
+MMAP_THRESHOLD = 4 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Let freed buffers be reused instead of going back to the kernel (glibc only;
+    True when set). Every command allocates a buffer of its transfer's size (a 64 KiB
+    read's Data-In, a write's data). Under glibc's defaults, one of 128 KiB or more
+    is mapped and unmapped each time, and a smaller one often grows and trims the
+    heap's top: both fault fresh pages in again. That doubled the event loop's CPU
+    per 64 KiB read and write (``tools/loop-bench``). The price: up to
+    ``TRIM_THRESHOLD`` of freed memory stays with the serving process."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    )

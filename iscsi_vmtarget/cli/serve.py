@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from ..buffers import keep_freed_memory
 from ..server import sd_notify
 from ..server.admin import AdminError, AdminServer, Manager
 from ..server.config import (
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     """Targets come from ``--config`` (or the demo), VMs found in the pools, and the
     managed configuration ``<state-dir>/conf/config.json`` (the management commands);
     portals from ``--portal``, else the managed configuration, else the file."""
+    keep_freed_memory()  # every command's buffer reused, not faulted in again
     try:
         cfg = _load(args)
         os.makedirs(cfg.state_dir, exist_ok=True)

@@ -117,8 +117,8 @@ class TargetConnection(FastCommands):
 
     def receive_buffer(self) -> memoryview:
         """Where the socket should put the next bytes it receives (asyncio's
-        ``BufferedProtocol.get_buffer``); then call :meth:`received`. Large Data-Out
-        lands where the SCSI layer takes it from (:class:`.framing.PduReader`)."""
+        ``BufferedProtocol.get_buffer``): the reader's own buffer
+        (:class:`.framing.PduReader`); then call :meth:`received`."""
         return self.reader.get_buffer()
 
     def received(self, nbytes: int) -> None:

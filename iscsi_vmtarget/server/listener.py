@@ -88,7 +88,7 @@ class ConnectionHandler(asyncio.BufferedProtocol):
         self._arm_ping()
 
     # Received into the connection's own buffer (BufferedProtocol): no bytes object
-    # per receive, and large Data-Out straight into its PDU's data (iscsi/framing.py)
+    # per receive for framing to copy again (iscsi/framing.py)
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.conn.receive_buffer()
 
