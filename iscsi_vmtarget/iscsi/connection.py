@@ -79,7 +79,6 @@ class TargetConnection(FastCommands):
         self.phase = Phase.LOGIN
         self.login = login
         self.decode_lun = decode_lun
-        self._lun_numbers: dict[bytes, int] = {}  # the fast lane's (iscsi/fast_lane.py)
         self.refusal_sense = refusal_sense
         self.settings = settings or ConnectionSettings()
         self._send_targets = send_targets

@@ -84,8 +84,6 @@ class FastCommands:
     # set by the server once a normal session is logged in (None: no lane)
     fast_lane: FastLane | None = None
     fast_limits: tuple[int, int] = (0, 0)  # :func:`limits` of the session
-    #: LUN field -> LUN number of the fields the lane took (decoded once each)
-    _lun_numbers: dict[bytes, int]
     settings: ConnectionSettings
     tasks: dict[int, Task]
     expcmdsn: int
@@ -138,11 +136,8 @@ class FastCommands:
             return False
         expcmdsn = self.expcmdsn = (cmdsn + 1) & 0xFFFFFFFF  # sn_add, inline
         if isinstance(result, Started):  # a task as _start_command makes, dispatched
-            number = self._lun_numbers.get(lun)
-            if number is None:
-                number = self._lun_numbers[lun] = self.decode_lun(lun)  # the lane's LUN
             task = tasks[itt] = Task(
-                itt, cmdsn, number, lun, cdb, flags == _READ_SIMPLE,
+                itt, cmdsn, self.decode_lun(lun), lun, cdb, flags == _READ_SIMPLE,
                 flags == _WRITE_SIMPLE, edtl, delivered=True, dispatched=True,
             )  # fmt: skip
             if task.write:  # all its data came as immediate data (as _start_command)

@@ -27,7 +27,9 @@ class FramingError(IscsiVmtargetError):
 #: PDU): room for as much as uvloop's own reads take, so several PDUs come in one
 #: system call when they are there. 256 KiB per connection.
 BUFFER_SIZE = 256 << 10
-_MIN_ROOM = 4096  # never offer the socket less
+#: Room offered at least: below it the unframed bytes move to the buffer's front (a
+#: move at every receive would copy a partly received 64 KiB PDU again each time).
+_MIN_ROOM = 64 << 10
 
 
 class PduReader:
@@ -62,8 +64,7 @@ class PduReader:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes received, copied in."""
-        with memoryview(data) as view:
-            view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        with memoryview(data).cast("B") as view:
             while view:
                 room = self.get_buffer()
                 n = min(len(room), len(view))
@@ -73,13 +74,13 @@ class PduReader:
                 view = view[n:]
 
     def get_buffer(self) -> memoryview:
-        """Where the next bytes received go: free room in the reader's buffer, up to
-        ``BUFFER_SIZE`` with what is waiting to be framed, and enough for the whole
-        PDU whose header is in. Hand them over with :meth:`buffer_updated`."""
+        """Where the next bytes received go: free room in the reader's buffer
+        (``BUFFER_SIZE``), at least ``_MIN_ROOM`` and enough for the whole PDU whose
+        header is in. Hand them over with :meth:`buffer_updated`."""
         if self._pos == self._end:
             self._pos = self._end = 0
         left = self._end - self._pos
-        need = max(BUFFER_SIZE - left, self._want - left, _MIN_ROOM)
+        need = max(self._want - left, _MIN_ROOM)
         if len(self._buf) - self._end < need:
             self._make_room(need)
         return memoryview(self._buf)[self._end :]
@@ -92,13 +93,14 @@ class PduReader:
         """Free room for ``need`` more bytes: the unframed bytes move to the front, or
         to a larger buffer (never a resize: the socket may hold a view)."""
         left = self._end - self._pos
+        old = memoryview(self._buf)
         if left + need <= len(self._buf) and self._pos:
-            buf = self._buf
-            buf[:left] = buf[self._pos : self._end]  # same length: no resize
+            old[:left] = old[self._pos : self._end]  # one memmove, no resize
         else:
-            buf = bytearray(left + need)
-            buf[:left] = self._buf[self._pos : self._end]
+            buf = bytearray(max(BUFFER_SIZE, left + need))
+            buf[:left] = old[self._pos : self._end]
             self._buf = buf
+        old.release()
         self._pos, self._end = 0, left
 
     @property

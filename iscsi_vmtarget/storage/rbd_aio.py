@@ -23,8 +23,9 @@ No Python runs on librbd's threads. A read lands directly in the ``bytearray`` t
 becomes the Data-In; nothing is copied into a ``bytes`` first, and the buffer is not
 zeroed before librbd fills it (:mod:`..buffers`, :func:`read_result`). The calls that
 only touch memory keep the GIL (``ctypes.PyDLL``), as a C extension's would.
-Both cut the event loop's CPU per 64 KiB read from 146 to 131 µs (tools/bench --rbd
-rows, 4 alternating runs each).
+Together they measured 146 → 131 µs of the event loop's CPU per 64 KiB read (old and
+new gateway alternately on one cluster, 4 runs each); a later run could not tell the
+GIL part from noise (README, Scale-out on Ceph).
 
 The C handle: python3-rbd does not expose the ``rbd_image_t`` of an ``rbd.Image``.
 Cython keeps it as the object's first field, right after the object header.
@@ -72,9 +73,9 @@ def _load() -> Any | None:
     """librbd's C functions this module calls (the library python3-rbd loaded).
 
     The calls that only touch memory (a completion's creation, result and release,
-    polling for finished ones) keep the GIL, as a C extension would: releasing and
-    taking it back costs more than they do. The calls that may wait (starting a
-    request: the Objecter's throttle; the setup calls) release it."""
+    polling for finished ones) keep the GIL, as a C extension would: they never
+    wait. The calls that may wait (starting a request: the Objecter's throttle; the
+    setup calls) release it."""
     try:
         lib = _c.CDLL("librbd.so.1")
         quick = _c.PyDLL("librbd.so.1")
