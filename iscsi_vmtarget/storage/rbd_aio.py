@@ -35,6 +35,23 @@ verifies the handle through librbd: the same image id and size. Any other layout
 keeps the binding's callbacks, which are slower and just as correct.
 ``tests/storage/test_rbd_aio.py`` fails if CI's packages stop matching.
 
+Merging: requests started on the loop's thread while others are in flight wait for
+the end of the loop's turn (``loop.call_soon``; the commands of one receive, say)
+and go to librbd then. With nothing in flight a request goes at once, so nothing
+waits at queue depth 1. Consecutive waiting requests of one direction that are
+adjacent on the image go as one request (``rbd_aio_readv``/``rbd_aio_writev`` over
+their own buffers: nothing is copied), up to :data:`MERGE_BYTES`. This is what the
+kernel's block layer does below LIO (a plugged queue merges adjacent bios before
+krbd sees them). An OSD's cost is mostly per request, not per byte: on this
+project's single-host test cluster, ``rbd bench`` reads 64 KiB requests 16 at a
+time at 348-367 MiB/s and 256 KiB requests 4 at a time (the same bytes in flight)
+at 602-683 MiB/s. A sequential stream at queue depth 16 arrives in bursts of
+adjacent commands, so it merges (through one gateway: 5.8 reads or 4.5 writes of 64
+KiB per librbd request); random I/O does not, and pays only the wait for the end of
+the turn (no system call). Each request still holds its own range
+(:class:`..scsi.logical_unit.RangeLock`), so merged requests never overlap; a
+merged request that fails fails each of its requests.
+
 An image with notification set queues *every* C-API aio completion for polling, so
 one image never mixes the two ways: it is decided at its first asynchronous request
 (:class:`ImageEvents` needs a running event loop to watch the eventfd).
@@ -85,6 +102,8 @@ def _load() -> Any | None:
         "rbd_aio_create_completion": ([_ptr, _ptr, _c.POINTER(_ptr)], _c.c_int),
         "rbd_aio_read": ([_ptr, _c.c_uint64, _c.c_size_t, _ptr, _ptr], _c.c_int),
         "rbd_aio_write": ([_ptr, _c.c_uint64, _c.c_size_t, _ptr, _ptr], _c.c_int),
+        "rbd_aio_readv": ([_ptr, _ptr, _c.c_int, _c.c_uint64, _ptr], _c.c_int),
+        "rbd_aio_writev": ([_ptr, _ptr, _c.c_int, _c.c_uint64, _ptr], _c.c_int),
         "rbd_poll_io_events": ([_ptr, _ptr, _c.c_int], _c.c_int),
         "rbd_aio_get_return_value": ([_ptr], _c.c_ssize_t),
         "rbd_aio_release": ([_ptr], None),
@@ -152,12 +171,85 @@ Done = Callable[[Any], None]
 #: (what failed: "read" or "write", librbd's negative errno) -> the error ``done`` gets
 Failure = Callable[[str, int], Exception]
 
+#: Adjacent requests started in one turn of the event loop go to librbd as one
+#: (module doc, "Merging"): at most this many bytes and requests each.
+MERGE_BYTES = 512 << 10
+MERGE_COUNT = 64
+
+
+class _Iovec(_c.Structure):
+    _fields_ = [("base", _c.c_void_p), ("len", _c.c_size_t)]
+
+
+#: one request: offset, length, what librbd reads into or writes from (a ctypes
+#: array or ``bytes``), what must stay alive until it finishes, ``done``, and the
+#: buffer a read fills (None for a write)
+Request = tuple[int, int, Any, Any, Done, "bytearray | None"]
+
+
+def merged_runs(requests: list[tuple[int, int, bool]],
+                max_bytes: int = MERGE_BYTES, max_count: int = MERGE_COUNT) -> list[int]:
+    """Where each run of ``requests`` ((offset, length, is a write), in the order they
+    were started) ends: consecutive requests of one direction, each starting where
+    the one before ended, at most ``max_bytes`` and ``max_count`` together. The
+    run ends as indexes past its last request (the last one: ``len(requests)``)."""
+    ends: list[int] = []
+    run_end = run_bytes = run_count = 0
+    run_write = False
+    for i, (offset, length, write) in enumerate(requests):
+        if (
+            i
+            and offset == run_end
+            and write == run_write
+            and run_bytes + length <= max_bytes
+            and run_count < max_count
+        ):
+            run_end += length
+            run_bytes += length
+            run_count += 1
+            continue
+        if i:
+            ends.append(i)
+        run_end, run_bytes, run_count, run_write = offset + length, length, 1, write
+    if requests:
+        ends.append(len(requests))
+    return ends
+
+
+def _address(buf: Any) -> int:
+    """The address of a request's bytes (a ctypes array, or ``bytes``)."""
+    if isinstance(buf, bytes):
+        return _c.cast(_c.c_char_p(buf), _c.c_void_p).value or 0
+    return _c.addressof(buf)
+
+
+def finish_run(run: list[Request], code: int, failed: Failure) -> None:
+    """End the requests of one finished librbd request: ``code`` is its result (for
+    a read, the bytes read into the run's buffers in order; whatever it did not
+    reach is zeroed, :func:`read_result`). A failure fails every request of the run.
+    A ``done`` that raises (a caller's bug) is logged; the others still run."""
+    read = run[0][5] is not None
+    error = failed("read" if read else "write", code) if code < 0 else None
+    for _offset, length, _buf, _keep, done, out in run:
+        try:
+            if error is not None:
+                done(error)
+            elif out is None:
+                done(None)
+            else:
+                done(read_result(out, max(0, code)))
+                code -= length
+        except Exception:
+            _log.exception("rbd completion callback failed")
+
 
 class ImageEvents:
     """One open image's asynchronous requests, finished on one event loop.
 
     ``start_read``/``start_write`` may be called from any thread; ``done`` runs on the
-    loop's thread (or on the thread that :meth:`drain` s at close)."""
+    loop's thread (or on the thread that :meth:`drain` s at close). Requests started
+    on the loop's thread wait for the end of the loop's turn and go to librbd then,
+    adjacent ones merged (module doc, "Merging")."""
 
     def __init__(self, handle: int, loop: asyncio.AbstractEventLoop, failed: Failure) -> None:
         assert _lib is not None
@@ -168,33 +260,87 @@ class ImageEvents:
         if _lib.rbd_set_image_notification(handle, self._fd, _EVENT_TYPE_EVENTFD) != 0:
             os.close(self._fd)
             raise OSError(errno.EIO, "rbd_set_image_notification failed")
-        #: completion address -> (buffer kept alive, done, read length or -1 for a write)
-        self._pending: dict[int, tuple[Any, Done, int]] = {}
+        #: completion address -> (its requests, what librbd reads from while it runs)
+        self._pending: dict[int, tuple[list[Request], Any]] = {}
         self._reaping = threading.Lock()
         self._batch = (_c.c_void_p * _BATCH)()
+        #: requests started in this turn of the loop, not yet given to librbd
+        self._plug: list[Request] = []
+        self._plugging = threading.Lock()
+        self._loop_thread = threading.get_ident()  # made on the loop (events_for)
+        #: requests started, and the librbd requests they went out as (merged)
+        self.started = self.submitted = 0
         self.loop = loop
         loop.add_reader(self._fd, self.reap)
 
-    def _start(self, call: Any, offset: int, length: int, buf: Any, keep: Any,
-               done: Done, read: int) -> None:
+    def _queue(self, request: Request) -> None:
+        if self._closed:  # refused outright, as librbd refuses a closed image
+            raise self._failed("read" if request[5] is not None else "write", -errno.EBADF)
+        # off the loop, or nothing in flight to wait behind (queue depth 1): at once
+        if threading.get_ident() != self._loop_thread or not (self._pending or self._plug):
+            self._submit([request], refuse=True)
+            return
+        with self._plugging:
+            plug = self._plug
+            plug.append(request)
+            if len(plug) > 1:
+                return
+        self.loop.call_soon(self.unplug)
+
+    def unplug(self) -> None:
+        """Give librbd every request waiting for the end of the loop's turn, adjacent
+        ones merged (:func:`merged_runs`)."""
+        with self._plugging:
+            plug, self._plug = self._plug, []
+        if len(plug) == 1:
+            self._submit(plug)
+            return
+        begin = 0
+        for end in merged_runs([(r[0], r[1], r[5] is None) for r in plug]):
+            self._submit(plug[begin:end])
+            begin = end
+
+    def _submit(self, run: list[Request], refuse: bool = False) -> None:
+        """Start one librbd request for ``run`` (adjacent, one direction). If librbd
+        refuses it, ``refuse``: raise (nothing started); else each ``done`` gets the
+        error."""
         completion = _c.c_void_p()
         _lib.rbd_aio_create_completion(None, None, _c.byref(completion))
         key = completion.value
+        self.started += len(run)
+        self.submitted += 1
+        first = run[0]
+        read = first[5] is not None
+        iov = None
+        if len(run) > 1:
+            iov = (_Iovec * len(run))()
+            for i, request in enumerate(run):
+                iov[i].base, iov[i].len = _address(request[2]), request[1]
         # registered before starting: the loop may reap it before the call returns
-        self._pending[key] = (keep, done, read)
-        closed = self._closed
-        code = -errno.EBADF if closed else call(self._handle, offset, length, buf, completion)
+        self._pending[key] = (run, iov)
+        if self._closed:
+            code = -errno.EBADF
+        elif iov is None:
+            call = _lib.rbd_aio_read if read else _lib.rbd_aio_write
+            code = call(self._handle, first[0], first[1], first[2], completion)
+        else:
+            call = _lib.rbd_aio_readv if read else _lib.rbd_aio_writev
+            code = call(self._handle, iov, len(run), first[0], completion)
         if code < 0:  # refused before it started
             del self._pending[key]
             _lib.rbd_aio_release(completion)
-            raise self._failed("read" if read >= 0 else "write", code)
+            error = self._failed("read" if read else "write", code)
+            if refuse:
+                raise error
+            for request in run:
+                request[4](error)
 
     def start_read(self, offset: int, length: int, done: Done) -> None:
         """Read into a new, unzeroed bytearray: ``done(bytearray)``, or
         ``done(error)``."""
         out = uninitialized(length)
         view = (_c.c_char * length).from_buffer(out)
-        self._start(_lib.rbd_aio_read, offset, length, view, (out, view), done, length)
+        self._queue((offset, length, view, view, done, out))
 
     def start_write(self, offset: int, data: bytes | bytearray | memoryview,
                     done: Done) -> None:
@@ -205,12 +351,12 @@ class ImageEvents:
                 buf = (_c.c_char * len(data)).from_buffer(data)
             except TypeError:  # a read-only view: librbd gets a copy
                 buf = bytes(data)
-        self._start(_lib.rbd_aio_write, offset, len(data), buf, (data, buf), done, -1)
+        self._queue((offset, len(data), buf, data, done, None))
 
     @property
     def busy(self) -> int:
         """Requests started and not yet finished."""
-        return len(self._pending)
+        return len(self._plug) + sum(len(run) for run, _ in self._pending.values())
 
     def reap(self) -> None:
         """Call ``done`` for every finished request (the eventfd's reader)."""
@@ -229,15 +375,9 @@ class ImageEvents:
                     lib.rbd_aio_release(completion)
                     entry = pending.pop(completion, None)
                     if entry is not None:
-                        finished.append((entry, code))
-                for (keep, done, read), code in finished:
-                    try:
-                        if code < 0:
-                            done(self._failed("read" if read >= 0 else "write", code))
-                        else:
-                            done(None if read < 0 else read_result(keep[0], code))
-                    except Exception:  # a caller's bug: the other requests still finish
-                        _log.exception("rbd completion callback failed")
+                        finished.append((entry[0], code))
+                for run, code in finished:
+                    finish_run(run, code, self._failed)
                 if count < _BATCH:
                     return
 
@@ -245,6 +385,7 @@ class ImageEvents:
         """Wait (at most ``timeout`` seconds) for every started request to finish,
         reaping in this thread, then stop watching: before the image closes."""
         end = time.monotonic() + timeout
+        self.unplug()  # what waits for the loop's turn goes now: it must finish too
         while self._pending and not self._closed and time.monotonic() < end:
             select.select([self._fd], [], [], max(0.0, min(0.1, end - time.monotonic())))
             self.reap()

@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import threading
 import time
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from iscsi_vmtarget.buffers import uninitialized
 from iscsi_vmtarget.storage import BackendError
 from iscsi_vmtarget.storage.rbd import RbdBackend, RbdImageSpec
-from iscsi_vmtarget.storage.rbd_aio import ImageEvents, image_handle, read_result
+from iscsi_vmtarget.storage.rbd_aio import (
+    MERGE_BYTES,
+    ImageEvents,
+    finish_run,
+    image_handle,
+    merged_runs,
+    read_result,
+)
 from iscsi_vmtarget.storage.rbd_lock import ImageLock
 from iscsi_vmtarget.testing.ceph import CephCluster
 
@@ -157,3 +168,102 @@ def test_a_fenced_clients_writes_fail_on_the_c_path(ceph_cluster: CephCluster,
         owner.close()
         with contextlib.suppress(BackendError):  # a blocklisted client may not close cleanly
             fenced.close()
+
+
+# -- merging adjacent requests (rbd_aio module doc, "Merging") ---------------------------
+
+_request = st.tuples(
+    st.integers(0, 64).map(lambda n: n * 4096),  # offset
+    st.sampled_from([4096, 65536, 131072]),  # length
+    st.booleans(),  # a write
+)
+
+
+@given(st.lists(_request, max_size=40), st.integers(4096, 1 << 20), st.integers(1, 8))
+def test_merged_runs_are_maximal_runs_of_adjacent_requests(
+    requests: list[tuple[int, int, bool]], max_bytes: int, max_count: int
+) -> None:
+    ends = merged_runs(requests, max_bytes, max_count)
+    assert ends == sorted(set(ends)) and (ends[-1] == len(requests) if requests else not ends)
+    begin = 0
+    for end in ends:
+        run = requests[begin:end]
+        assert run, "an empty run"
+        for (o1, n1, w1), (o2, _, w2) in itertools.pairwise(run):
+            assert o2 == o1 + n1 and w2 == w1  # adjacent, one direction, in order
+        assert len(run) <= max_count
+        assert len(run) == 1 or sum(n for _, n, _ in run) <= max_bytes
+        if end < len(requests):  # the next one could not have joined
+            o, n, w = requests[end]
+            last_o, last_n, last_w = run[-1]
+            assert (
+                o != last_o + last_n
+                or w != last_w
+                or sum(x for _, x, _ in run) + n > max_bytes
+                or len(run) == max_count
+            )
+        begin = end
+
+
+def test_a_merged_read_gives_each_buffer_its_own_bytes_and_zeroes_what_was_not_read() -> None:
+    got: list[object] = []
+
+    def raises(_: object) -> None:
+        raise RuntimeError("a caller's bug")
+
+    outs = [bytearray(b"\xa5" * 100) for _ in range(3)]
+    run = [(n * 100, 100, None, None, got.append, out) for n, out in enumerate(outs)]
+    run.insert(1, (0, 0, None, None, raises, bytearray()))  # logged; the others still end
+    finish_run(run, 150, lambda what, code: BackendError(f"{what} failed ({code})"))
+    assert got == [b"\xa5" * 100, b"\xa5" * 50 + bytes(50), bytes(100)]
+    got.clear()
+    finish_run(run, -5, lambda what, code: BackendError(f"{what} failed ({code})"))
+    assert [str(e) for e in got] == ["read failed (-5)"] * 3
+
+
+def test_adjacent_requests_of_one_turn_go_to_librbd_merged(ceph_cluster: CephCluster) -> None:
+    """Requests started on the loop in one turn while others are in flight: adjacent
+    ones of one direction go as one librbd request, each still ends on its own with
+    its own data; a read between writes splits them."""
+    spec = ceph_cluster.image(8 * MiB)
+    b = RbdBackend(spec)
+    chunk = 64 << 10
+    blocks = [os.urandom(chunk) for _ in range(12)]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        outcomes: dict[int, asyncio.Future[object]] = {}
+
+        def start(n: int, write: bool) -> None:
+            fut = outcomes[n] = loop.create_future()
+            if write:  # bytes, bytearray and a writable view: each kind of buffer
+                kinds = (bytes, bytearray, lambda x: memoryview(bytearray(x)))
+                data = kinds[n % 3](blocks[n])
+                b.start_write(OBJECT - 4 * chunk + n * chunk, data, fut.set_result)
+            else:
+                b.start_read(OBJECT - 4 * chunk + n * chunk, chunk, fut.set_result)
+
+        # The first request of a turn with nothing in flight goes at once; the rest
+        # wait for the end of the turn.
+        for n in range(8):  # one turn: 8 adjacent writes across an object boundary
+            start(n, True)
+        assert [await outcomes[n] for n in range(8)] == [None] * 8
+        events = b._events
+        assert isinstance(events, ImageEvents)
+        assert (events.started, events.submitted) == (8, 1 + 1)
+        for n in (8, 9):
+            start(n, True)
+        start(10, False)  # never written: zeros, and not merged with the writes
+        start(11, True)
+        assert [await outcomes[n] for n in (8, 9, 10, 11)] == [None, None, bytes(chunk), None]
+        assert (events.started, events.submitted) == (12, 2 + 4)  # 8 | 9 | 10 | 11
+        for n in range(12):  # all adjacent reads: merged up to MERGE_BYTES
+            start(n, False)
+        want = [bytes(chunk) if n == 10 else blocks[n] for n in range(12)]  # 10: a hole
+        assert [await outcomes[n] for n in range(12)] == want
+        assert events.submitted == 6 + 1 + -(-11 * chunk // MERGE_BYTES)
+
+    try:
+        asyncio.run(main())
+    finally:
+        b.close()
