@@ -199,6 +199,17 @@ def need_tool(name: str) -> str:
     return path
 
 
+def host_naa_matches(iscsi_inq_stdout: bytes, naa: bytes) -> bool:
+    """Does iscsi-inq's VPD 0x83 output show the NAA designator NAA?
+
+    libiscsi 1.19 prints binary designators raw with ``%s``: the bytes stop at the first
+    NUL, so compare that prefix (and that the rest really starts with a NUL)."""
+    marker = b"Designator Type:(3) NAA\nDesignator:["
+    at = iscsi_inq_stdout.index(marker) + len(marker)
+    shown = naa.split(b"\0", 1)[0]
+    return iscsi_inq_stdout[at : at + len(shown) + 2] == shown + b"]\n"
+
+
 def run_tool(
     *args: str, timeout: float = 120, check: bool = True
 ) -> subprocess.CompletedProcess[str]:

@@ -136,7 +136,9 @@ class AsyncIO(Protocol):
     called exactly once, from whatever thread the backend completes in, with the data
     read (holes as zeros, always the full length) or a :class:`BackendError`; it
     must not block. A request the backend refuses outright raises instead (and
-    ``done`` is not called). Writes are acknowledged like :meth:`BlockBackend.write`:
+    ``done`` is not called); one it refuses only when it sends it on (RBD sends the
+    requests of one event-loop turn together, merged: storage/rbd_aio.py) fails
+    through ``done``. Writes are acknowledged like :meth:`BlockBackend.write`:
     durable only after :meth:`BlockBackend.flush`."""
 
     def start_read(self, offset: int, length: int, done: ReadDone) -> None: ...

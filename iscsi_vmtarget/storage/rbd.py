@@ -26,8 +26,8 @@ What RBD offers beyond reads and writes, and how each ability maps:
   and ``aio_write``, so a gateway's READ or WRITE holds no thread for the round trip
   (fencing is unchanged: the OSDs refuse a blocklisted client's request, which then
   completes with an error). Started on an event loop, they go through librbd's C API
-  and finish on that loop (:mod:`.rbd_aio`); elsewhere through python3-rbd's
-  callbacks.
+  and finish on that loop, adjacent ones of one loop turn merged into one librbd
+  request (:mod:`.rbd_aio`); elsewhere through python3-rbd's callbacks.
 """
 
 from __future__ import annotations

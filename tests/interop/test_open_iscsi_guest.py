@@ -22,11 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INITIATOR, RunningTarget, start_target
+from tests.conftest import INITIATOR, RunningTarget, host_naa_matches, start_target
 from tests.interop.guestlib import (
     GUEST_INITIATOR,
     guest_tools,
-    host_naa_matches,
     need,
     step_output,
 )

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INITIATOR, RunningTarget, start_target
+from tests.conftest import INITIATOR, RunningTarget, host_naa_matches, start_target
 from tests.interop.guestlib import (
     guest_tools,
-    host_naa_matches,
     need,
     qemu_scsi_drives,
     scsi_disks_script,
