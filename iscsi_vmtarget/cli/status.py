@@ -37,11 +37,16 @@ def _status(args: argparse.Namespace) -> int:
             f"  from {s['peer']}  conns {s['connections']}  luns {luns}"
         )
     for lun in result["luns"]:
+        merged = (
+            f"  merged reads {lun['merged_reads']} writes {lun['merged_writes']}"
+            if "merged_reads" in lun
+            else ""
+        )
         print(
             f"  lun {lun['target']}/{lun['lun']}: reads {lun['reads']} "
             f"({lun['read_bytes']} B, {lun['read_latency_ms']:.3f} ms avg)  writes "
             f"{lun['writes']} ({lun['write_bytes']} B, {lun['write_latency_ms']:.3f} ms avg)"
-            f"  other {lun['others']}  errors {lun['errors']}"
+            f"  other {lun['others']}  errors {lun['errors']}{merged}"
         )
     for lease in result.get("leases", []):
         if lease["state"] == "waiting":

@@ -344,6 +344,13 @@ class LogicalUnit:
         with self.ranges.hold_all():
             self.backend, self.abilities = backend, abilities
 
+    def refresh_abilities(self) -> None:
+        """Check the backend's abilities again, for a backend whose storage changed
+        under it (a chain whose units moved to an rbd pool is remote now): served
+        anew (:meth:`replace_backend`) if they differ."""
+        if Abilities.of(self.backend) != self.abilities:
+            self.replace_backend(self.backend)
+
     def check_capacity(self) -> None:
         """A grown (or shrunk) backend gives every I_T nexus CAPACITY DATA CHANGED
         once (SBC-3 §4.10)."""

@@ -29,6 +29,7 @@ from ..scsi import ScsiTarget
 from ..scsi.medium_transfer import MediumTransfer
 from ..scsi.target_device import BlockedCommand
 from ..scsi.task import Nexus, ScsiResponse, Status
+from ..storage import MergeCounting
 from ..vm import faults
 from . import fabric, pr_abort
 from .completions import Inbox
@@ -423,12 +424,24 @@ class TargetServer:
         self.prefs = prefs or TargetPreferences(cmdsn_window=128)
         self.nop_interval = nop_interval
         self.metrics = Metrics()
+        self.metrics.merge_source = self._merged_requests
         self.handlers: set[ConnectionHandler] = set()
         # enough for a queue of 16-32 commands on a remote (RBD) LU; made lazily
         self.executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="scsi-io")
         self._inbox: Inbox | None = None
         self._servers: list[asyncio.base_events.Server] = []
         self._by_portal: dict[tuple[str, int], asyncio.base_events.Server] = {}
+
+    def _merged_requests(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """Reads and writes each LU's backend sent on merged (server/metrics.py), for
+        the LUs whose backend merges (RBD)."""
+        out = {}
+        for key, target in self.registry.targets.items():
+            for n, lu in target.scsi.luns.items():
+                backend = lu.backend
+                if isinstance(backend, MergeCounting):
+                    out[(key, n)] = backend.merged_requests()
+        return out
 
     def inbox(self) -> Inbox:
         """Where backend threads hand completions to the running loop."""

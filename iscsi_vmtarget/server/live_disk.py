@@ -20,7 +20,9 @@ gives its view back to the LU, the same way. A chain with layers stays one while
 served: the live top, which the guest writes, is never merged into the unit under a
 served VM (:func:`~..vm.operations.snapshot.collect` merges only frozen layers live:
 folding the top would hold the guest's I/O for a whole copy), so a disk that had a
-snapshot keeps at least its top until the VM is served anew.
+snapshot keeps at least its top until the VM is served anew. Its LU then checks the
+chain's abilities again (:meth:`~..scsi.LogicalUnit.refresh_abilities`): a chain
+moved into an rbd pool is remote storage, whose commands run in worker threads.
 """
 
 from __future__ import annotations
@@ -95,8 +97,9 @@ class LiveDisk:
         finally:
             with self._lock:
                 self._users -= 1
-                if not self._users:
-                    self._settle()
+                if not self._users and not self._settle():
+                    # a chain whose units moved (into an rbd pool: remote now)
+                    self.lu.refresh_abilities()
 
     def _settle(self) -> bool:
         """Serve the plain view again if the chain has no layers; whether it did."""

@@ -20,6 +20,10 @@ labels target, lun; ``session_`` with target, initiator, isid, tsih):
   server/fast_lane.py) (counters);
 * ``{lun,session}_latency_seconds`` (histogram; also labels ``vm``, the VM the target
   is derived from or "", and ``op``: read, write or other; buckets :data:`BOUNDS`);
+* ``lun_merged_{reads,writes}_total``: READs and WRITEs the LU's backend sent on
+  merged into an adjacent one, as iostat's rrqm and wrqm count (RBD:
+  storage/rbd_aio.py; only for LUs whose backend merges); read from the backends
+  when scraped (:attr:`Metrics.merge_source`);
 * ``sessions`` per target (gauge), ``logins_total``.
 """
 
@@ -131,6 +135,13 @@ class Metrics:
         self.sessions: dict[int, SessionInfo] = {}
         self.logins = 0
         self.login_failures = 0
+        #: (target, LUN) -> reads and writes its backend sent on merged, for the LUs
+        #: whose backend merges (set by the server; asked when scraped)
+        self.merge_source: Callable[[], dict[tuple[str, int], tuple[int, int]]] | None = None
+
+    def merged(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """:attr:`merge_source`'s counts now (none without one)."""
+        return self.merge_source() if self.merge_source is not None else {}
 
     def session_started(self, info: SessionInfo) -> None:
         self.logins += 1
@@ -222,6 +233,16 @@ class Collector:
                     family.add_metric(values, get(counters))
                 yield family
             yield _histogram(scope, labels, items)
+        merged = sorted(m.merged().items())
+        for index, kind in enumerate(("reads", "writes")):
+            family = CounterMetricFamily(
+                f"{PREFIX}_lun_merged_{kind}",
+                f"{kind[:-1].upper()}s sent to the backend merged into an adjacent one",
+                labels=lun_labels,
+            )
+            for (target, n), counts in merged:
+                family.add_metric([target, str(n)], counts[index])
+            yield family
         per_target: dict[str, int] = {}
         for s in m.sessions.values():
             if s.target:

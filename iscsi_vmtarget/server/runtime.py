@@ -349,8 +349,12 @@ class Runtime:
             )
         luns = []
         if metrics is not None:
+            merged = metrics.merged()
             for (target, n), counters in sorted(metrics.luns.items()):
-                luns.append({"target": target, "lun": n, **counters.summary()})
+                lun: dict[str, Any] = {"target": target, "lun": n, **counters.summary()}
+                if (target, n) in merged:
+                    lun["merged_reads"], lun["merged_writes"] = merged[(target, n)]
+                luns.append(lun)
         return {
             "portals": [f"{p.host}:{p.port},{p.tpgt}" for p in registry.portals],
             "targets": len(registry.targets),

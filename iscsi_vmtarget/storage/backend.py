@@ -148,6 +148,16 @@ class AsyncIO(Protocol):
 
 
 @runtime_checkable
+class MergeCounting(Protocol):
+    """Sends adjacent requests on merged, and counts them: what iostat's rrqm/s and
+    wrqm/s count for a block device (RBD: storage/rbd_aio.py)."""
+
+    def merged_requests(self) -> tuple[int, int]:
+        """Reads and writes merged into an adjacent one so far."""
+        ...
+
+
+@runtime_checkable
 class NowaitCapable(Protocol):
     """Honours nowait mode (:mod:`.nowait`) for the kinds of I/O ``nowait_io`` names
     ("read", "write"): in it such an I/O either completes without blocking or raises

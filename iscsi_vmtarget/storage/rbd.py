@@ -416,6 +416,12 @@ class RbdBackend:
     def _aio_failed(self, what: str, code: int) -> BackendError:
         return BackendError(f"RBD image {self.spec}: {what} failed: {os.strerror(-code)}")
 
+    def merged_requests(self) -> tuple[int, int]:
+        """Reads and writes that went to librbd merged into an adjacent one, since the
+        image was opened (:mod:`.rbd_aio`, "Merging")."""
+        events = [e for e in (*self._retired_events, self._events) if e is not None]
+        return sum(e.merged_reads for e in events), sum(e.merged_writes for e in events)
+
     def _event_path(self) -> ImageEvents | None:
         if not self._events_decided:
             self._events_decided = True

@@ -248,8 +248,8 @@ class ImageEvents:
 
     ``start_read``/``start_write`` may be called from any thread; ``done`` runs on the
     loop's thread (or on the thread that :meth:`drain` s at close). Requests started
-    on the loop's thread wait for the end of the loop's turn and go to librbd then,
-    adjacent ones merged (module doc, "Merging")."""
+    on the loop's thread while others are in flight wait for the end of the loop's
+    turn and go to librbd then, adjacent ones merged (module doc, "Merging")."""
 
     def __init__(self, handle: int, loop: asyncio.AbstractEventLoop, failed: Failure) -> None:
         assert _lib is not None
@@ -270,6 +270,9 @@ class ImageEvents:
         self._loop_thread = threading.get_ident()  # made on the loop (events_for)
         #: requests started, and the librbd requests they went out as (merged)
         self.started = self.submitted = 0
+        #: reads and writes that went out merged into the one before them (iostat's
+        #: rrqm and wrqm)
+        self.merged_reads = self.merged_writes = 0
         self.loop = loop
         loop.add_reader(self._fd, self.reap)
 
@@ -313,6 +316,10 @@ class ImageEvents:
         read = first[5] is not None
         iov = None
         if len(run) > 1:
+            if read:
+                self.merged_reads += len(run) - 1
+            else:
+                self.merged_writes += len(run) - 1
             iov = (_Iovec * len(run))()
             for i, request in enumerate(run):
                 iov[i].base, iov[i].len = _address(request[2]), request[1]

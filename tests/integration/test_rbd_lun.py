@@ -26,6 +26,7 @@ from tests.conftest import INITIATOR, RunningTarget, lun_counters, run_tool, sta
 from tests.integration.test_admin import cli, login, serve
 from tests.integration.test_conformance import run_family
 from tests.integration.test_qemu_img import qemu_img
+from tests.integration.test_vm_serve import ivt
 
 pytestmark = pytest.mark.interop
 
@@ -50,10 +51,10 @@ def rbd_target(
     """One target for the module: LUN 0 on a new 8 MiB image the target creates."""
     image = f"{ceph_cluster.pool}/lun-{tmp_path_factory.getbasetemp().name}"
     config = CONFIG.format(iqn=IQN, image=image, conf=ceph_cluster.conf)
-    target = start_with_config(
-        tmp_path_factory.mktemp("rbd-target"), config, "--metrics", "127.0.0.1:0"
-    )
+    workdir = tmp_path_factory.mktemp("rbd-target")
+    target = start_with_config(workdir, config, "--metrics", "127.0.0.1:0")
     target.image = RbdImageSpec.parse(image, conf=ceph_cluster.conf)  # type: ignore[attr-defined]
+    target.state = workdir / "run" / "state"  # type: ignore[attr-defined]
     yield target  # type: ignore[misc]
     target.stop()
 
@@ -110,14 +111,22 @@ def test_reads_writes_and_an_abort_in_flight_take_the_fast_lane(
     ini = Initiator(port=rbd_target.port, initiator_name=INITIATOR, target_name=IQN)
     ini.login()
     ini.command(bytes(6))  # the power-on unit attention
-    lane = lun_counters(rbd_target)["fast_lane_commands"]
+    before = lun_counters(rbd_target)
+    lane = before["fast_lane_commands"]
     first, blocks = 8192, 128  # the image's second half, 64 KiB commands
     pieces = [os.urandom(blocks * 512) for _ in range(16)]
     ranges = [(first + n * blocks, blocks) for n in range(16)]
     at = [(first + n * blocks, data) for n, data in enumerate(pieces)]
     assert write_window(ini, 0, 512, at, 16) == 16 * blocks * 512
     assert list(read_window(ini, 0, 512, ranges, 16)) == pieces
-    assert lun_counters(rbd_target)["fast_lane_commands"] == lane + 32
+    after = lun_counters(rbd_target)
+    assert after["fast_lane_commands"] == lane + 32
+    # adjacent commands sent together went to librbd merged (storage/rbd_aio.py)
+    assert after["merged_writes"] > before["merged_writes"], after
+    assert after["merged_reads"] > before["merged_reads"], after
+    shown = ivt(rbd_target.state, "status").stdout  # type: ignore[attr-defined]
+    merged = re.search(r"lun \S+/0: .* merged reads (\d+) writes (\d+)", shown)
+    assert merged and int(merged[1]) >= after["merged_reads"], shown
     with osds_stopped(ceph_cluster):
         task = ini.start_command(cdb16(0x88, 0, first, 8), bytes(8), b"", 4096, None)
         ini.send_pdu(P.TaskMgmtRequest(

@@ -13,6 +13,7 @@ import random
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from iscsi_vmtarget.scsi import ScsiTarget, Status
 from iscsi_vmtarget.server.actions.served import vm_disks
 from iscsi_vmtarget.server.config import vm_target
 from iscsi_vmtarget.server.vm_luns import VmLuns, export_vm
+from iscsi_vmtarget.testing.ceph import CephCluster
 from iscsi_vmtarget.vm import StateDir, VmManager
 from iscsi_vmtarget.vm.format.header import Mode
 from iscsi_vmtarget.vm.layers.cow import ChainBackend
@@ -311,3 +313,31 @@ def test_a_chain_left_without_layers_gives_way_to_the_view(tmp_path: Path) -> No
             luns.close()
         assert not manager.served(manager.find("vm"))  # the view got its release back
         assert {u.pool for u in manager.find("vm", manager.discover()).all_units} == {"p2"}
+
+
+def test_a_chain_moved_into_an_rbd_pool_is_served_as_remote(
+    tmp_path: Path, ceph_cluster: CephCluster
+) -> None:
+    """A VM disk with a snapshot keeps its chain through a live move into an rbd pool;
+    when the action ends its LU serves it as the remote storage it now is (READs and
+    WRITEs in worker threads, never inline on the event loop), with its data."""
+    namespace = f"{ceph_cluster.pool}/l{uuid.uuid4().hex[:12]}"
+    ceph_cluster.rbd("namespace", "create", namespace)
+    with VmManager(StateDir.at(str(tmp_path / "state"))) as manager:
+        _create(manager)
+        snaps.create_snapshot(manager, "vm", "s1")
+        manager.catalog.create_rbd("ceph", namespace, ceph_cluster.conf)
+        luns = export_vm(manager.find("vm"), manager.catalog, manager.state.root)
+        runtime = _runtime(luns)
+        guest = Guest(ScsiTarget(dict(luns.guest)))
+        try:
+            assert not any(lu.abilities.remote for lu in luns.guest.values())
+            with guest.writing(), vm_disks(runtime, "vm") as disks:
+                moving.move_live(manager, "vm", "ceph", disks, raw=luns.raw)
+            for n, lu in luns.guest.items():
+                assert isinstance(lu.backend, ChainBackend) and lu.backend.layers
+                assert lu.abilities.remote, n
+                for first in range(0, THREADS * SPAN, 64):
+                    guest.check(n, first, 64, guest.run(n, cdb10(READ10, first, 64)))
+        finally:
+            luns.close()
