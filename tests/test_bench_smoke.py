@@ -1,10 +1,14 @@
-"""tools/bench parses its options and plans its runs (no timings: it starts nothing)."""
+"""tools/bench parses its options and plans its runs (no timings: it starts nothing);
+``--rbd`` once, briefly, on the test cluster."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+from iscsi_vmtarget.testing.ceph import CephCluster
 
 BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench"
 
@@ -65,3 +69,24 @@ def test_rbd_help() -> None:
     assert r.returncode == 0, r.stderr
     for option in ("--ceph-conf", "--size", "--failovers", "--json"):
         assert option in r.stdout
+
+
+def test_rbd_bench_runs_and_shows_the_merging(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    """A short ``tools/bench --rbd`` on the test cluster: every row measured on both
+    paths, and the gateway's share of commands merged into an adjacent librbd request
+    (storage/rbd_aio.py) - most 64 KiB sequential ones, few 4 KiB random ones."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [sys.executable, str(BENCH), "--rbd", "--ceph-conf", ceph_cluster.conf, "--size", "16M",
+         "--seconds", "1", "--reps", "1", "--failovers", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"read 64K seq QD16", "write 64K seq QD16", "read 4K rand QD16"}
+    for row in rows.values():
+        assert row["librbd"] > 0 and row["gateway"] > 0, row
+    merged = {name: row["cpu"][1]["merged"] for name, row in rows.items()}
+    assert merged["read 64K seq QD16"] > 0.3 and merged["write 64K seq QD16"] > 0.3, merged
+    assert merged["read 4K rand QD16"] < 0.2, merged
+    assert "merged" in r.stdout

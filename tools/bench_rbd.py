@@ -31,11 +31,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from iscsi_vmtarget.client.initiator import Initiator  # noqa: E402
 from iscsi_vmtarget.storage.rbd import RbdImageSpec, open_image  # noqa: E402
@@ -117,9 +120,27 @@ class Gateway:
     proc: subprocess.Popen[str]
     port: int
     log: Path
+    metrics: str = ""  # http://HOST:PORT/metrics (serve --metrics)
 
     def url(self) -> str:
         return f"iscsi://127.0.0.1:{self.port}/{IQN}/0"
+
+    def commands_and_merged(self) -> tuple[float, float]:
+        """READ and WRITE commands served so far, and how many of them went to librbd
+        merged into an adjacent one (server/metrics.py)."""
+        with urllib.request.urlopen(self.metrics, timeout=10) as rsp:
+            text = rsp.read().decode()
+        got = {
+            s.name: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name.startswith("iscsi_vmtarget_lun_") and "le" not in s.labels
+        }
+        lun = "iscsi_vmtarget_lun_"
+        return (
+            got.get(f"{lun}read_commands_total", 0) + got.get(f"{lun}write_commands_total", 0),
+            got.get(f"{lun}merged_reads_total", 0) + got.get(f"{lun}merged_writes_total", 0),
+        )
 
     def stop(self) -> None:
         self.proc.terminate()  # a clean stop hands the image's lock over at once
@@ -134,16 +155,19 @@ def start_gateway(work: Path, tpgt: int, spec: RbdImageSpec, conf: str, port: in
     (work / "target.toml").write_text(gateway_config(IQN, tpgt, spec, conf))
     log = work / "target.log"
     cmd = [sys.executable, "-m", "iscsi_vmtarget", "serve", "--portal", f"127.0.0.1:{port}",
-           "--config", str(work / "target.toml"), "--state-dir", str(work / "state")]
+           "--config", str(work / "target.toml"), "--state-dir", str(work / "state"),
+           "--metrics", "127.0.0.1:0"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "w"),
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
-    bound = port
+    bound, metrics = port, ""
     for line in proc.stdout:
         if line.startswith("listening on "):
             bound = int(line.split()[-1].rpartition(":")[2])
+        elif line.startswith("metrics on "):
+            metrics = line.split()[-1]
         elif line.startswith("ready"):
-            return Gateway(proc, bound, log)
+            return Gateway(proc, bound, log, metrics)
     raise BenchError(f"gateway did not start:\n{log.read_text()[-2000:]}")
 
 
@@ -157,12 +181,14 @@ def gateway_run(gw: Gateway, size: int, req: int, rand: bool, write: bool,
         cmd = ["iscsi-perf", "-i", CLIENT_IQN, "-t", str(int(seconds)), "-m", str(QD),
                "-b", str(req // 512)] + (["-r"] if rand else []) + [gw.url()]
         meter = CpuMeter(gw.proc.pid)
+        counts = gw.commands_and_merged()
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
         m = PERF_RE.findall(out.stdout + out.stderr)
         if out.returncode or not m:
             raise BenchError(f"iscsi-perf: {out.stdout[-500:]}{out.stderr[-500:]}")
         cpu.append(meter.stop(float(m[-1][0]) * (time.perf_counter() - t0)))
+        cpu[-1]["merged"] = _merged_share(counts, gw.commands_and_merged())
         return float(m[-1][0])
     opts = (f"driver=iscsi,transport=tcp,portal=127.0.0.1:{gw.port},target={IQN},lun=0,"
             f"initiator-name={CLIENT_IQN}")
@@ -171,6 +197,7 @@ def gateway_run(gw: Gateway, size: int, req: int, rand: bool, write: bool,
         cmd = ["qemu-img", "bench", "-w", "-t", "none", "-c", str(count), "-d", str(QD),
                "-s", str(req), "--image-opts", opts]
         meter = CpuMeter(gw.proc.pid)
+        counts = gw.commands_and_merged()
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         m = QEMU_RE.search(out.stdout)
         if out.returncode or not m:
@@ -178,9 +205,17 @@ def gateway_run(gw: Gateway, size: int, req: int, rand: bool, write: bool,
         rate = count / max(float(m.group(1)), 1e-6)
         if float(m.group(1)) >= seconds * 0.5:
             cpu.append(meter.stop(count))
+            cpu[-1]["merged"] = _merged_share(counts, gw.commands_and_merged())
             return rate
         count = max(QD * 4, int(rate * seconds))
     return rate
+
+
+def _merged_share(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Of the commands between two readings of :meth:`Gateway.commands_and_merged`,
+    the share that went to librbd merged into an adjacent one."""
+    commands = after[0] - before[0]
+    return (after[1] - before[1]) / commands if commands > 0 else 0.0
 
 
 # -- failover ---------------------------------------------------------------------------
@@ -339,12 +374,16 @@ def main(argv: list[str]) -> int:
             print(f"{r['row']:22} {a:>12} {b:>12} {r['ratio']:6.2f} >={r['goal']} {ok}")
         print("\nCPU per request, medians (machine: all processes and the kernel; "
               "busy: share of all cores)")
-        print(f"{'row':22} {'path':8} {'busy':>5} {'machine':>9} {'OSD':>8} {'gateway':>8}")
+        print(f"{'row':22} {'path':8} {'busy':>5} {'machine':>9} {'OSD':>8} {'gateway':>8} "
+              f"{'merged':>7}")
         for r in rows:
             for path, c in zip(("librbd", "gateway"), r["cpu"], strict=True):
                 gw_us = f"{c['gateway_us']:6.0f}us" if path == "gateway" else ""
+                merged = f"{c['merged']:7.0%}" if path == "gateway" else ""
                 print(f"{r['row']:22} {path:8} {c['machine_busy']:5.0%} "
-                      f"{c['machine_us']:7.0f}us {c['osd_us']:6.0f}us {gw_us:>8}")
+                      f"{c['machine_us']:7.0f}us {c['osd_us']:6.0f}us {gw_us:>8} {merged}")
+        print("(merged: the gateway's commands that went to librbd merged into an "
+              "adjacent one)")
         if times:
             print(f"failover (kill to first write through the other gateway): median "
                   f"{statistics.median(times):.1f} s of {[round(t, 1) for t in times]}")

@@ -23,23 +23,12 @@ import logging
 from collections.abc import Callable
 
 from ..storage.backend import BackendError
+from .check_condition import check_condition
 from .logical_unit import LogicalUnit
-from .sense import Reason, ScsiError, build_sense
+from .sense import Reason, ScsiError
 from .task import ScsiResponse, Status
 
 _log = logging.getLogger(__name__)
-
-
-def check_condition(lu: LogicalUnit | None, err: ScsiError) -> ScsiResponse:
-    """CHECK CONDITION with sense data in the format the LU's control mode page asks
-    for (D_SENSE, SPC-4 §7.5.7)."""
-    sense = build_sense(
-        err.reason,
-        descriptor=lu.mode.d_sense if lu is not None else False,
-        field=err.field,
-        information=err.information,
-    )
-    return ScsiResponse(Status.CHECK_CONDITION, sense=sense)
 
 
 class MediumTransfer:

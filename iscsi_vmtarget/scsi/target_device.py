@@ -14,9 +14,10 @@ import threading
 from collections.abc import Callable, Mapping
 
 from ..storage.nowait import MODE, RWF_NOWAIT, WouldBlock
+from .check_condition import check_condition
 from .command import Command
 from .logical_unit import LogicalUnit
-from .medium_transfer import MediumTransfer, check_condition
+from .medium_transfer import MediumTransfer
 from .opcode_row import DataDirection, HandlerResult, OpcodeRow
 from .opcodes import find_row, lookup, validate_cdb
 from .pr import initiator_of
