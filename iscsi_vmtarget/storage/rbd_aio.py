@@ -288,7 +288,10 @@ class ImageEvents:
             plug.append(request)
             if len(plug) > 1:
                 return
-        self.loop.call_soon(self.unplug)
+        try:
+            self.loop.call_soon(self.unplug)
+        except RuntimeError:  # the loop is closed: no turn will end, send it now
+            self.unplug()
 
     def unplug(self) -> None:
         """Give librbd every request waiting for the end of the loop's turn, adjacent

@@ -267,3 +267,23 @@ def test_adjacent_requests_of_one_turn_go_to_librbd_merged(ceph_cluster: CephClu
         asyncio.run(main())
     finally:
         b.close()
+
+
+def test_requests_after_the_loop_closed_still_finish_once(ceph_cluster: CephCluster) -> None:
+    """An image whose loop has closed (its first requests ran under another
+    ``asyncio.run``): later requests go to librbd at once and finish when the image
+    closes, each ``done`` exactly once, none raising at the start."""
+    b = RbdBackend(ceph_cluster.image(4 * MiB))
+    outcomes: list[object] = []
+
+    async def first() -> None:
+        assert await _started(b.start_write, 0, b"a" * 4096) is None
+
+    async def later() -> None:
+        for n in range(4):  # adjacent: would wait for a turn of the closed loop
+            b.start_write(n * 4096, b"b" * 4096, outcomes.append)
+
+    asyncio.run(first())
+    asyncio.run(later())
+    b.close()
+    assert outcomes == [None] * 4
