@@ -182,9 +182,9 @@ class _Iovec(_c.Structure):
 
 
 #: one request: offset, length, what librbd reads into or writes from (a ctypes
-#: array or ``bytes``), what must stay alive until it finishes, ``done``, and the
-#: buffer a read fills (None for a write)
-Request = tuple[int, int, Any, Any, Done, "bytearray | None"]
+#: array over the caller's buffer, which it keeps alive, or ``bytes``), ``done``, and
+#: the buffer a read fills (None for a write)
+Request = tuple[int, int, Any, Done, "bytearray | None"]
 
 
 def merged_runs(requests: list[tuple[int, int, bool]],
@@ -228,9 +228,9 @@ def finish_run(run: list[Request], code: int, failed: Failure) -> None:
     a read, the bytes read into the run's buffers in order; whatever it did not
     reach is zeroed, :func:`read_result`). A failure fails every request of the run.
     A ``done`` that raises (a caller's bug) is logged; the others still run."""
-    read = run[0][5] is not None
+    read = run[0][4] is not None
     error = failed("read" if read else "write", code) if code < 0 else None
-    for _offset, length, _buf, _keep, done, out in run:
+    for _offset, length, _buf, done, out in run:
         try:
             if error is not None:
                 done(error)
@@ -268,8 +268,6 @@ class ImageEvents:
         self._plug: list[Request] = []
         self._plugging = threading.Lock()
         self._loop_thread = threading.get_ident()  # made on the loop (events_for)
-        #: requests started, and the librbd requests they went out as (merged)
-        self.started = self.submitted = 0
         #: reads and writes that went out merged into the one before them (iostat's
         #: rrqm and wrqm)
         self.merged_reads = self.merged_writes = 0
@@ -278,7 +276,7 @@ class ImageEvents:
 
     def _queue(self, request: Request) -> None:
         if self._closed:  # refused outright, as librbd refuses a closed image
-            raise self._failed("read" if request[5] is not None else "write", -errno.EBADF)
+            raise self._failed("read" if request[4] is not None else "write", -errno.EBADF)
         # off the loop, or nothing in flight to wait behind (queue depth 1): at once
         if threading.get_ident() != self._loop_thread or not (self._pending or self._plug):
             self._submit([request], refuse=True)
@@ -302,7 +300,7 @@ class ImageEvents:
             self._submit(plug)
             return
         begin = 0
-        for end in merged_runs([(r[0], r[1], r[5] is None) for r in plug]):
+        for end in merged_runs([(r[0], r[1], r[4] is None) for r in plug]):
             self._submit(plug[begin:end])
             begin = end
 
@@ -313,10 +311,8 @@ class ImageEvents:
         completion = _c.c_void_p()
         _lib.rbd_aio_create_completion(None, None, _c.byref(completion))
         key = completion.value
-        self.started += len(run)
-        self.submitted += 1
         first = run[0]
-        read = first[5] is not None
+        read = first[4] is not None
         iov = None
         if len(run) > 1:
             if read:
@@ -343,14 +339,14 @@ class ImageEvents:
             if refuse:
                 raise error
             for request in run:
-                request[4](error)
+                request[3](error)
 
     def start_read(self, offset: int, length: int, done: Done) -> None:
         """Read into a new, unzeroed bytearray: ``done(bytearray)``, or
         ``done(error)``."""
         out = uninitialized(length)
         view = (_c.c_char * length).from_buffer(out)
-        self._queue((offset, length, view, view, done, out))
+        self._queue((offset, length, view, done, out))
 
     def start_write(self, offset: int, data: bytes | bytearray | memoryview,
                     done: Done) -> None:
@@ -361,12 +357,7 @@ class ImageEvents:
                 buf = (_c.c_char * len(data)).from_buffer(data)
             except TypeError:  # a read-only view: librbd gets a copy
                 buf = bytes(data)
-        self._queue((offset, len(data), buf, data, done, None))
-
-    @property
-    def busy(self) -> int:
-        """Requests started and not yet finished."""
-        return len(self._plug) + sum(len(run) for run, _ in self._pending.values())
+        self._queue((offset, len(data), buf, done, None))
 
     def reap(self) -> None:
         """Call ``done`` for every finished request (the eventfd's reader)."""

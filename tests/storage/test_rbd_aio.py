@@ -212,8 +212,8 @@ def test_a_merged_read_gives_each_buffer_its_own_bytes_and_zeroes_what_was_not_r
         raise RuntimeError("a caller's bug")
 
     outs = [bytearray(b"\xa5" * 100) for _ in range(3)]
-    run = [(n * 100, 100, None, None, got.append, out) for n, out in enumerate(outs)]
-    run.insert(1, (0, 0, None, None, raises, bytearray()))  # logged; the others still end
+    run = [(n * 100, 100, None, got.append, out) for n, out in enumerate(outs)]
+    run.insert(1, (0, 0, None, raises, bytearray()))  # logged; the others still end
     finish_run(run, 150, lambda what, code: BackendError(f"{what} failed ({code})"))
     assert got == [b"\xa5" * 100, b"\xa5" * 50 + bytes(50), bytes(100)]
     got.clear()
@@ -250,18 +250,22 @@ def test_adjacent_requests_of_one_turn_go_to_librbd_merged(ceph_cluster: CephClu
         assert [await outcomes[n] for n in range(8)] == [None] * 8
         events = b._events
         assert isinstance(events, ImageEvents)
-        assert (events.started, events.submitted) == (8, 1 + 1)
+        # 8 writes as 2 librbd requests: the first at once, 7 merged into one
+        assert (events.merged_reads, events.merged_writes) == (0, 8 - 2)
         for n in (8, 9):
             start(n, True)
         start(10, False)  # never written: zeros, and not merged with the writes
         start(11, True)
         assert [await outcomes[n] for n in (8, 9, 10, 11)] == [None, None, bytes(chunk), None]
-        assert (events.started, events.submitted) == (12, 2 + 4)  # 8 | 9 | 10 | 11
+        # 8 | 9 | 10 | 11: four librbd requests, none merged
+        assert (events.merged_reads, events.merged_writes) == (0, 6)
         for n in range(12):  # all adjacent reads: merged up to MERGE_BYTES
             start(n, False)
         want = [bytes(chunk) if n == 10 else blocks[n] for n in range(12)]  # 10: a hole
         assert [await outcomes[n] for n in range(12)] == want
-        assert events.submitted == 6 + 1 + -(-11 * chunk // MERGE_BYTES)
+        # the first at once, the other 11 in requests of at most MERGE_BYTES
+        requests = 1 + -(-11 * chunk // MERGE_BYTES)
+        assert (events.merged_reads, events.merged_writes) == (12 - requests, 6)
 
     try:
         asyncio.run(main())
